@@ -1,0 +1,1 @@
+"""One-sided point-to-point transfer engine with TransferEngine semantics (see DESIGN.md)."""

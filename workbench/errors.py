@@ -1,0 +1,30 @@
+"""Errors a user can act on.
+
+Every bad input raises `WorkbenchError` (a `ValueError`) whose message names the field
+and says what is allowed; the CLI prints it and exits 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(ValueError):
+    """Bad input or an unusable setting, with a message that names the field and the fix."""
+
+
+class ExtraMissing(ImportError):
+    """An optional extra (notebook, gpu-cu12, rdma, …) is needed but not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed; install the '{extra}' extra: pip install 'workbench[{extra}]'"
+        )
+
+
+def require(module: str, extra: str):  # type: ignore[no-untyped-def]
+    """Import an optional module, or raise `ExtraMissing` naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ExtraMissing(module.split(".")[0], extra) from exc
