@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,13 @@ def dataset_path(name: str) -> Path:
     return datasets_dir() / name
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_csv(name: str) -> pd.DataFrame:
     """A catalogue table from `datasets/` (comment lines start with '#'). Do not mutate it."""
     return pd.read_csv(dataset_path(name), comment="#", skipinitialspace=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_yaml(name: str) -> Any:
     with open(dataset_path(name)) as f:
         return yaml.safe_load(f)
