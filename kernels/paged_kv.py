@@ -1,0 +1,81 @@
+"""Paged KV cache: gather pages into a contiguous buffer and scatter them back.
+
+The cache is a 4-D array `(heads, pages, page_size, head_dim)` — heads before pages, so one
+page of one head is a contiguous block and the heads of a page lie a head-stride apart. Any
+non-negative head and page strides work (a pages-first cache passes `cache.transpose(1, 0, 2,
+3)`); the last two axes must be contiguous. Fold layers and K/V into the head axis.
+The packed buffer is `(n, heads, page_size, head_dim)`: page-major, ready for one write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernels._arrays import check_index, xp_of
+from kernels.blocks import flat_span, gather_blocks, scatter_blocks
+from workbench.errors import WorkbenchError
+
+
+def _layout(cache: Any) -> tuple[int, int, int, int, int]:
+    if cache.ndim != 4:
+        raise WorkbenchError(
+            f"cache: must be 4-D (heads, pages, page_size, head_dim), got shape {tuple(cache.shape)}"
+        )
+    h, p, s, d = (int(v) for v in cache.shape)
+    item = cache.itemsize
+    if cache.strides[3] != item or (s > 1 and cache.strides[2] != d * item):
+        raise WorkbenchError("cache: each page (page_size, head_dim) must be contiguous; only heads/pages may be strided")
+    return h, p, s * d, cache.strides[0] // item, cache.strides[1] // item
+
+
+def page_offsets(cache: Any, pages: Any) -> Any:
+    """Element offset of block (i, h) = h * head_stride + pages[i] * page_stride, page-major."""
+    h, p, _, sh, sp = _layout(cache)
+    xp = xp_of(cache)
+    idx = check_index("pages", pages, p)
+    if xp_of(idx) is not xp:
+        idx = xp.asarray(idx)
+    return (idx[:, None] * sp + xp.arange(h, dtype=xp.int64)[None, :] * sh).reshape(-1)
+
+
+def gather_pages(cache: Any, pages: Any, out: Any | None = None) -> Any:
+    """out[i, h] = cache[h, pages[i]]; returns `out` of shape (n, heads, page_size, head_dim)."""
+    h, _, block, sh, sp = _layout(cache)
+    xp = xp_of(cache)
+    offsets = page_offsets(cache, pages)
+    n = offsets.shape[0] // max(h, 1)
+    if out is None:
+        out = xp.empty((n, *cache.shape[0:1], *cache.shape[2:]), dtype=cache.dtype)
+    if tuple(out.shape) != (n, h, *cache.shape[2:]):
+        raise WorkbenchError(f"out: shape must be {(n, h, *cache.shape[2:])}, got {tuple(out.shape)}")
+    return gather_blocks(flat_span(cache), offsets, block, out, strides=[block, sh, sp])
+
+
+def scatter_pages(buf: Any, cache: Any, pages: Any) -> Any:
+    """cache[h, pages[i]] = buf[i, h] (pages must be distinct); returns `cache`."""
+    h, _, block, sh, sp = _layout(cache)
+    offsets = page_offsets(cache, pages)
+    n = offsets.shape[0] // max(h, 1)
+    if tuple(buf.shape) != (n, h, *cache.shape[2:]):
+        raise WorkbenchError(f"buf: shape must be {(n, h, *cache.shape[2:])}, got {tuple(buf.shape)}")
+    xp = xp_of(cache)
+    if n and int(xp.unique(xp.asarray(pages)).shape[0]) != n:
+        raise WorkbenchError("pages: must be distinct for a scatter (two writes to one page would race)")
+    scatter_blocks(buf, offsets, block, flat_span(cache), strides=[block, sh, sp])
+    return cache
+
+
+def gather_pages_reference(cache: Any, pages: Any) -> Any:
+    """Reference (numpy or torch): cache[:, pages] moved page-major."""
+    return cache[:, pages].transpose(1, 0, 2, 3).copy() if hasattr(cache, "transpose") and not hasattr(
+        cache, "permute"
+    ) else cache[:, pages].permute(1, 0, 2, 3).contiguous()
+
+
+def scatter_pages_reference(buf: Any, cache: Any, pages: Any) -> Any:
+    """Reference: cache[:, pages] = buf moved head-major."""
+    if hasattr(buf, "permute"):
+        cache[:, pages] = buf.permute(1, 0, 2, 3)
+    else:
+        cache[:, pages] = buf.transpose(1, 0, 2, 3)
+    return cache
