@@ -1,0 +1,172 @@
+"""GEMM, attention and elementwise throughput sweep on one CUDA GPU -> CSV (microbenchmark data).
+
+Usage (on a GPU machine, with the image's python3 and torch):
+
+    python3 benchmarks/gemm_sweep.py --out gemm.csv [--budget-s 300]
+
+Rows: op (gemm | gemm_fp8 | attn_fwd | attn_bwd | elementwise), dtype, the shape columns that
+apply (m, n, k for GEMMs: C[m,n] = A[m,k] @ B[k,n]; batch, heads, seq, head_dim, causal for
+attention; bytes for elementwise), the median seconds per call over timed repetitions (CUDA
+events), tflops (useful FLOPs / s; causal attention counts half the score matrix) and GBps.
+The CSV's `source` column names the GPU, torch version and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+
+import torch
+
+POW2 = [256, 512, 1024, 2048, 4096, 8192, 16384]
+FIELDS = ["op", "dtype", "m", "n", "k", "batch", "heads", "seq", "head_dim", "causal", "bytes",
+          "seconds", "tflops", "GBps", "source"]
+
+
+def timed(fn, target_s: float = 0.02, max_reps: int = 200) -> float:
+    """Median seconds of `fn()` over repetitions sized to take about `target_s`."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max(target_s / once, 3), max_reps))
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def attention_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[float, float]:
+    """(forward, backward) median seconds of scaled_dot_product_attention."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fwd = timed(lambda: sdpa(q, k, v, is_causal=causal))
+    out = sdpa(q, k, v, is_causal=causal)
+    g = torch.randn_like(out)
+    bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))
+    return fwd, bwd
+
+
+def transformer_shapes() -> list[tuple[int, int, int]]:
+    """(m, n, k) of the four linear layers of a transformer for some hidden sizes and TP degrees."""
+    out = set()
+    for h in (2048, 4096, 5120, 8192, 12288, 16384, 25600):
+        for tp in (1, 2, 4, 8):
+            for tokens in (2048, 8192):
+                for n, k in ((3 * h // tp, h), (h, h // tp), (4 * h // tp, h), (h, 4 * h // tp),
+                             (int(3.5 * h) // tp, h), (h, int(3.5 * h) // tp)):
+                    out.add((tokens, n, k))
+    return sorted(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this long")
+    ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke test)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    source = (f"measured: {name}, torch {torch.__version__} CUDA {torch.version.cuda}, "
+              f"'python3 benchmarks/gemm_sweep.py' (CUDA-event median)")
+    t_start = time.perf_counter()
+    rows: list[dict[str, object]] = []
+    f = open(args.out, "w", newline="")
+    w = csv.DictWriter(f, fieldnames=FIELDS)
+    w.writeheader()
+
+    def emit(**row: object) -> None:
+        row["source"] = source
+        w.writerow(row)
+        f.flush()
+        rows.append(row)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - t_start > args.budget_s
+
+    grid = [(m, n, k) for m in POW2 for n in POW2 for k in POW2]
+    if args.quick:
+        grid = [(1024, 1024, 1024), (4096, 4096, 4096)]
+    shapes = grid + ([] if args.quick else transformer_shapes())
+    # bf16 GEMM
+    for m, n, k in shapes:
+        if out_of_time():
+            break
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
+        s = timed(lambda a=a, b=b: torch.matmul(a, b))
+        emit(op="gemm", dtype="bf16", m=m, n=n, k=k, seconds=f"{s:.4e}", tflops=f"{2 * m * n * k / s / 1e12:.2f}",
+             GBps=f"{2 * (m * k + k * n + m * n) / s / 1e9:.1f}")
+        del a, b
+    # fp8 GEMM (e4m3 inputs, bf16 output, per-tensor scales) where torch._scaled_mm exists
+    if hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(0) >= (8, 9):
+        one = torch.tensor(1.0, device=dev)
+        for m, n, k in grid:
+            if out_of_time():
+                break
+            try:
+                a = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+                b = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn).t()
+                s = timed(lambda a=a, b=b: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+            except Exception as exc:
+                print("fp8 failed", m, n, k, exc, file=sys.stderr)
+                break
+            emit(op="gemm_fp8", dtype="fp8", m=m, n=n, k=k, seconds=f"{s:.4e}",
+                 tflops=f"{2 * m * n * k / s / 1e12:.2f}", GBps=f"{(m * k + k * n + 2 * m * n) / s / 1e9:.1f}")
+            del a, b
+    # attention (SDPA; flash kernel where available)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION])  # noqa: E731
+    except ImportError:  # pragma: no cover
+        import contextlib
+        ctx = contextlib.nullcontext
+    seqs = [512, 1024, 2048, 4096, 8192, 16384, 32768] if not args.quick else [1024]
+    for d in (128, 64):
+        for causal in (True, False):
+            for seq in seqs:
+                if out_of_time():
+                    break
+                heads = 32 if d == 128 else 64
+                batch = max(1, 16384 // seq)
+                q, k_, v = (torch.randn(batch, heads, seq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                            for _ in range(3))
+                flops = 4 * batch * heads * seq * seq * d * (0.5 if causal else 1.0)
+                with ctx():
+                    try:
+                        s, sb = attention_times(q, k_, v, causal)
+                    except Exception as exc:
+                        print("attention failed", seq, d, exc, file=sys.stderr)
+                        continue
+                common = dict(dtype="bf16", batch=batch, heads=heads, seq=seq, head_dim=d, causal=int(causal))
+                emit(op="attn_fwd", seconds=f"{s:.4e}", tflops=f"{flops / s / 1e12:.2f}", **common)
+                emit(op="attn_bwd", seconds=f"{sb:.4e}", tflops=f"{2.5 * flops / sb / 1e12:.2f}", **common)
+                del q, k_, v
+    # elementwise (z = x + y): memory-bound ops (norms, activations, residuals)
+    for mib in ([1, 4, 16, 64, 256, 1024] if not args.quick else [64]):
+        if out_of_time():
+            break
+        n = mib * 1024 * 1024 // 2
+        x, y = torch.randn(n, device=dev, dtype=torch.bfloat16), torch.randn(n, device=dev, dtype=torch.bfloat16)
+        z = torch.empty_like(x)
+        s = timed(lambda x=x, y=y, z=z: torch.add(x, y, out=z))
+        emit(op="elementwise", dtype="bf16", bytes=3 * 2 * n, seconds=f"{s:.4e}", GBps=f"{3 * 2 * n / s / 1e9:.1f}")
+    f.close()
+    print(f"{len(rows)} rows in {time.perf_counter() - t_start:.1f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
