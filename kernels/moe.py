@@ -279,3 +279,46 @@ def combine_reference(ret: np.ndarray, combine_index: np.ndarray, weights: np.nd
         sel = combine_index[:, j] >= 0
         out[sel] += weights[sel, j, None].astype(np.float32) * y[combine_index[sel, j]]
     return out
+
+
+def loopback(
+    xs: list[Any],
+    topk_ids: list[Any],
+    weights: list[Any],
+    num_experts: int,
+    expert_fn: Any,
+    bf16_return: bool = False,
+) -> tuple[list[Any], list[ExpertPlan]]:
+    """All ranks of one MoE layer in one process: the buffers move by slicing, as the writes would.
+
+    `xs[s]`, `topk_ids[s]`, `weights[s]` belong to rank s; `expert_fn(e, rows)` is expert e.
+    Returns the combined outputs per rank (fp32) and each rank's expert plan.
+    """
+    xp = xp_of(xs[0])
+    num_ranks = len(xs)
+    plans = [plan_dispatch(ids, num_experts, num_ranks) for ids in topk_ids]
+    sends = [dispatch_pack(x, p) for x, p in zip(xs, plans)]
+    metas = [xp.asarray(ids)[p.send_src] for ids, p in zip(topk_ids, plans)]
+    rets: list[Any] = []
+    eplans: list[ExpertPlan] = []
+    for r in range(num_ranks):
+        cuts = [(int(p.send_offsets[r]), int(p.send_offsets[r + 1])) for p in plans]
+        recv = xp.concatenate([s[a:b] for s, (a, b) in zip(sends, cuts)])
+        recv_ids = xp.concatenate([m[a:b] for m, (a, b) in zip(metas, cuts)])
+        counts = [b - a for a, b in cuts]
+        eplan = plan_experts(recv_ids, counts, r, num_experts, num_ranks)
+        ex = unpack(recv, eplan)
+        y = xp.empty(ex.shape, dtype=xp.uint16 if bf16_return else xp.float32)
+        for j in range(eplan.experts_per_rank):
+            a, b = int(eplan.expert_offsets[j]), int(eplan.expert_offsets[j + 1])
+            y[a:b] = expert_fn(r * eplan.experts_per_rank + j, ex[a:b])
+        rets.append(combine_pack(y, eplan))
+        eplans.append(eplan)
+    outs = []
+    for s in range(num_ranks):
+        parts = [
+            rets[r][int(eplans[r].return_offsets[s]) : int(eplans[r].return_offsets[s + 1])]
+            for r in range(num_ranks)
+        ]
+        outs.append(combine(xp.concatenate(parts), plans[s], weights[s], bf16=bf16_return))
+    return outs, eplans
