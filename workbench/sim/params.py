@@ -1,0 +1,122 @@
+"""Network cost-model parameters, loaded from `datasets/net_params.csv` and `datasets/nccl_tuning.csv`.
+
+`NetParams` is a frozen value object: `NetParams.default()` reads the datasets once;
+calibration returns a new one with `replace(...)`. Lookups are plain dict reads so the
+closed-form models stay in the microsecond range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+
+from workbench.errors import WorkbenchError
+
+PROTOCOLS = ("efa-srd", "ib-rc", "roce-rc", "tcp", "nvlink", "pcie", "loopback")
+PROTOCOL_PARAMS = (
+    "latency_us", "bw_efficiency", "op_rate_M", "overlap_p", "post_us_per_peer", "chunk_bytes", "staging_GBps",
+)
+# link kind of the topology -> the protocol whose parameters apply to it
+LINK_PROTOCOL = {
+    "efa": "efa-srd", "ib": "ib-rc", "roce": "roce-rc", "ethernet": "tcp",
+    "nvlink": "nvlink", "nvlink-bridge": "nvlink", "pcie": "pcie", "loopback": "loopback", "fabric": "",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    """Cost parameters of one transport protocol (see `datasets/net_params.csv` for meanings)."""
+
+    protocol: str
+    latency_us: float
+    bw_efficiency: float
+    op_rate_M: float
+    overlap_p: float
+    post_us_per_peer: float
+    chunk_bytes: int
+    staging_GBps: float
+
+
+@dataclass(frozen=True)
+class NetParams:
+    """All network parameters: `values[(scope, param)]`, with `sources` saying where each came from."""
+
+    values: tuple[tuple[tuple[str, str], float], ...]
+    sources: tuple[tuple[tuple[str, str], str], ...] = ()
+    nccl: tuple[tuple[tuple[str, str], tuple[float, float, float, float]], ...] = ()
+    label: str = "default"
+    _v: dict[tuple[str, str], float] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    _p: dict[str, ProtocolParams] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    _n: dict[tuple[str, str], tuple[float, float, float, float]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._v.update(dict(self.values))
+        self._n.update(dict(self.nccl))
+        for proto in PROTOCOLS:
+            if any((proto, k) not in self._v for k in PROTOCOL_PARAMS):
+                continue
+            v = {k: self._v[(proto, k)] for k in PROTOCOL_PARAMS}
+            if not 0 < v["bw_efficiency"] <= 1:
+                raise WorkbenchError(f"net_params.{proto}.bw_efficiency: must be in (0, 1], got {v['bw_efficiency']}")
+            if v["op_rate_M"] <= 0 or v["overlap_p"] < 1:
+                raise WorkbenchError(f"net_params.{proto}: op_rate_M must be > 0 and overlap_p >= 1")
+            self._p[proto] = ProtocolParams(proto, **{**v, "chunk_bytes": int(v["chunk_bytes"])})
+
+    @classmethod
+    def default(cls) -> NetParams:
+        """The parameters in `datasets/` (cached)."""
+        return _default()
+
+    def get(self, scope: str, param: str) -> float:
+        try:
+            return self._v[(scope, param)]
+        except KeyError:
+            raise WorkbenchError(f"net_params: no parameter {scope}.{param} (add it to datasets/net_params.csv)") from None
+
+    def protocol(self, name: str) -> ProtocolParams:
+        p = self._p.get(name)
+        if p is None:
+            raise WorkbenchError(f"protocol: no parameters for {name!r} (known: {', '.join(self._p)})")
+        return p
+
+    def nccl_latency(self, algo: str, proto: str) -> tuple[float, float, float, float]:
+        """(base, per NVLink step, per PCIe step, per network step) in µs, NCCL's tuning table."""
+        return self._n.get((algo, proto), (0.0, 0.0, 0.0, 0.0))
+
+    def source(self, scope: str, param: str) -> str:
+        return dict(self.sources).get((scope, param), "")
+
+    def replace(self, changes: dict[tuple[str, str], float], source: str = "calibrated",
+                label: str | None = None) -> NetParams:
+        """A copy with `changes[(scope, param)] = value`; each change's source becomes `source`."""
+        vals = dict(self.values)
+        srcs = dict(self.sources)
+        for key, value in changes.items():
+            vals[key] = float(value)
+            srcs[key] = source
+        return NetParams(tuple(vals.items()), tuple(srcs.items()), self.nccl, label or f"{self.label}+{source}")
+
+    def table(self):  # type: ignore[no-untyped-def]
+        """The parameters as a DataFrame (scope, param, value, source)."""
+        import pandas as pd
+
+        src = dict(self.sources)
+        return pd.DataFrame([{"scope": s, "param": p, "value": v, "source": src.get((s, p), "")}
+                             for (s, p), v in self.values])
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+@cache
+def _default() -> NetParams:
+    from workbench.data import read_csv
+
+    df = read_csv("net_params.csv")
+    values = tuple(((str(r.scope), str(r.param)), float(r.value)) for r in df.itertuples(index=False))
+    sources = tuple(((str(r.scope), str(r.param)), str(r.source)) for r in df.itertuples(index=False))
+    nt = read_csv("nccl_tuning.csv")
+    nccl = tuple(((str(r.algo), str(r.proto)), (float(r.base_us), float(r.nvlink_us), float(r.pci_us),
+                                                float(r.net_us))) for r in nt.itertuples(index=False))
+    return NetParams(values, sources, nccl, "default")
