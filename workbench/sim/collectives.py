@@ -140,7 +140,7 @@ def _build_shape(cluster: Cluster, ranks: tuple[str, ...]) -> GroupShape:
     multi = [(i, m) for i, m in by_node.items() if len(m) > 1]
     if multi:
         intra_GBps = math.inf
-        for i, m in multi:
+        for _i, m in multi:
             p = cluster.path(m[0], m[1])
             if p.bottleneck_GBps < intra_GBps:
                 intra_GBps, intra_lat = p.bottleneck_GBps, p.latency_us
@@ -153,7 +153,7 @@ def _build_shape(cluster: Cluster, ranks: tuple[str, ...]) -> GroupShape:
     node_nic, rank_nic, lanes = math.inf, math.inf, 0
     net_proto, net_lat, leaf_cap = "tcp", 0.0, 1.0
     if len(by_node) > 1:
-        leaves = set()
+        leaves: set[str] = set()
         nodes = sorted(by_node)
         for i in nodes:
             members = by_node[i]

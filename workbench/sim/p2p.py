@@ -111,6 +111,14 @@ def route(cluster: Cluster, src: str, dst: str) -> Route:
     return r
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _ceil_div(a, b) * b
+
+
 def _pnorm(a: float, b: float, p: float) -> float:
     if a <= 0.0:
         return b
@@ -151,8 +159,8 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
     elif nbytes:
         total = nbytes
         chunk = max(pp.chunk_bytes, 1)
-        shard = -(-(-(-nbytes // k)) // chunk) * chunk  # round_up(ceil(len / k), chunk)
-        nshards = -(-nbytes // shard)
+        shard = _round_up(_ceil_div(nbytes, k), chunk)  # TransferEngine: round_up(len / shards, 8 KiB)
+        nshards = _ceil_div(nbytes, shard)
         per_lane = []
         left = nbytes
         for i in range(k):

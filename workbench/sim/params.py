@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 from workbench.errors import WorkbenchError
 
@@ -61,7 +62,9 @@ class NetParams:
                 raise WorkbenchError(f"net_params.{proto}.bw_efficiency: must be in (0, 1], got {v['bw_efficiency']}")
             if v["op_rate_M"] <= 0 or v["overlap_p"] < 1:
                 raise WorkbenchError(f"net_params.{proto}: op_rate_M must be > 0 and overlap_p >= 1")
-            self._p[proto] = ProtocolParams(proto, **{**v, "chunk_bytes": int(v["chunk_bytes"])})
+            self._p[proto] = ProtocolParams(
+                proto, v["latency_us"], v["bw_efficiency"], v["op_rate_M"], v["overlap_p"], v["post_us_per_peer"],
+                int(v["chunk_bytes"]), v["staging_GBps"])
 
     @classmethod
     def default(cls) -> NetParams:
@@ -113,10 +116,10 @@ class NetParams:
 def _default() -> NetParams:
     from workbench.data import read_csv
 
-    df = read_csv("net_params.csv")
-    values = tuple(((str(r.scope), str(r.param)), float(r.value)) for r in df.itertuples(index=False))
-    sources = tuple(((str(r.scope), str(r.param)), str(r.source)) for r in df.itertuples(index=False))
-    nt = read_csv("nccl_tuning.csv")
-    nccl = tuple(((str(r.algo), str(r.proto)), (float(r.base_us), float(r.nvlink_us), float(r.pci_us),
-                                                float(r.net_us))) for r in nt.itertuples(index=False))
+    rows: list[dict[Any, Any]] = read_csv("net_params.csv").to_dict("records")
+    values = tuple(((str(r["scope"]), str(r["param"])), float(r["value"])) for r in rows)
+    sources = tuple(((str(r["scope"]), str(r["param"])), str(r["source"])) for r in rows)
+    nt: list[dict[Any, Any]] = read_csv("nccl_tuning.csv").to_dict("records")
+    nccl = tuple(((str(r["algo"]), str(r["proto"])), (float(r["base_us"]), float(r["nvlink_us"]),
+                                                      float(r["pci_us"]), float(r["net_us"]))) for r in nt)
     return NetParams(values, sources, nccl, "default")
