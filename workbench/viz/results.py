@@ -1,0 +1,316 @@
+"""Static plotly figures of a `Result`, and the array builders the live dashboard shares.
+
+Each `*_arrays` function turns Result tables into plain numpy arrays (what a trace
+needs); each `*_figure` function wraps them into a `go.Figure`. The live
+`workbench.widgets.Dashboard` assigns the same arrays to its FigureWidgets, so a static
+figure and the live view of the same data look the same.
+
+- `timeline_figure(result, prediction=None)`: one row per rank, a bar per event coloured
+  by kind, the simulated prediction drawn thinner just under each measured row.
+- `link_bandwidth_figure(result, top=8)`: GB/s per link over time (the busiest links).
+- `memory_figure(result, cluster=None)`: bytes per rank stacked by category at each
+  rank's peak, against the device's capacity.
+- `latency_figure(result, prediction=None)`: p50 and p99 duration per op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.errors import require
+from workbench.units import format_bytes
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from workbench.result import Result
+    from workbench.topology.model import Cluster
+
+KIND_COLORS = {"compute": "#4C78A8", "collective": "#F58518", "transfer": "#54A24B", "idle": "#BAB0AC"}
+TIMELINE_KINDS = ("compute", "collective", "transfer", "idle")
+CATEGORY_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6")
+PREDICTION_OFFSET = 0.32  # predicted rows sit this far below the measured row of the same rank
+GB = 1e9
+
+
+def _go() -> Any:
+    return require("plotly.graph_objects", "notebook")
+
+
+# ---------------------------------------------------------------- timeline
+def timeline_arrays(events: pd.DataFrame, kind: str, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Line segments for one event kind: x = [start, end, nan, ...], y = [rank+offset, same, nan, ...].
+
+    Drawing events as thick line segments separated by NaN keeps a whole kind in one trace
+    (one SVG path), which is what lets the live timeline redraw thousands of events quickly.
+    The hover texts come as a numpy string array (plotly copies those without a Python loop).
+    """
+    ev = events[events["kind"] == kind] if len(events) else events
+    n = len(ev)
+    x = np.full(3 * n, np.nan)
+    y = np.full(3 * n, np.nan)
+    text = np.full(3 * n, "", dtype=object)
+    if n == 0:
+        return x, y, text.astype(str)
+    start = ev["start"].to_numpy(float)
+    end = ev["end"].to_numpy(float)
+    rank = ev["rank"].to_numpy(float) + offset
+    x[0::3], x[1::3] = start, end
+    y[0::3], y[1::3] = rank, rank
+    label = [
+        f"{op} · {format_bytes(b)} · {(e - s) * 1e3:.3g} ms"
+        for op, b, s, e in zip(ev["op"].astype(str), ev["bytes"].fillna(0), start, end)
+    ]
+    text[0::3] = label
+    text[1::3] = label
+    return x, y, text.astype(str)
+
+
+def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """Place the predicted events under the measured ones, step by step.
+
+    When both tables have a `step` column, predicted step k (repeating the predicted steps
+    if the prediction has fewer) is shifted to start where measured step k started, so each
+    step's pattern can be compared even when the run drifts. Otherwise the prediction is
+    drawn from time 0 as it is.
+    """
+    if prediction.empty or "step" not in prediction or "step" not in measured or measured.empty:
+        return prediction
+    pred_step = prediction["step"].to_numpy()
+    pred_steps = sorted(pd.unique(prediction["step"].dropna()).tolist())
+    if not pred_steps:
+        return prediction
+    p_start = prediction.groupby("step")["start"].min()
+    m_start = measured.groupby("step")["start"].min()
+    rows = {s: np.flatnonzero(pred_step == s) for s in pred_steps}
+    idx, shift, step = [], [], []
+    for i, (m_step, t0) in enumerate(m_start.items()):
+        src = pred_steps[i % len(pred_steps)]
+        idx.append(rows[src])
+        shift.append(np.full(len(rows[src]), float(t0) - float(p_start[src])))
+        step.append(np.full(len(rows[src]), m_step))
+    out = prediction.iloc[np.concatenate(idx)].reset_index(drop=True)
+    d = np.concatenate(shift)
+    out["start"] = out["start"].to_numpy(float) + d
+    out["end"] = out["end"].to_numpy(float) + d
+    out["step"] = np.concatenate(step)
+    return out
+
+
+def rank_axis(ranks: Sequence[int], prediction: bool) -> dict[str, Any]:
+    ranks = sorted(int(r) for r in ranks)
+    vals: list[float] = [float(r) for r in ranks]
+    text = [f"rank {r}" for r in ranks]
+    if prediction:
+        vals += [r + PREDICTION_OFFSET for r in ranks]
+        text += ["  predicted"] * len(ranks)
+    return {"tickvals": vals, "ticktext": text, "autorange": "reversed", "title": None}
+
+
+def timeline_figure(result: Result, prediction: Result | None = None, title: str | None = None) -> go.Figure:
+    """Events per rank over time, coloured by kind; the prediction (if given) under each rank."""
+    go = _go()
+    fig = go.Figure()
+    measured = result.events
+    for kind in TIMELINE_KINDS:
+        x, y, text = timeline_arrays(measured, kind)
+        if len(x):
+            fig.add_trace(timeline_trace(go, kind, x, y, text, predicted=False))
+    if prediction is not None:
+        pred = align_prediction(prediction.events, measured)
+        for kind in TIMELINE_KINDS:
+            x, y, text = timeline_arrays(pred, kind, PREDICTION_OFFSET)
+            if len(x):
+                fig.add_trace(timeline_trace(go, kind, x, y, text, predicted=True))
+    ranks = sorted(set(measured["rank"].dropna().astype(int)))
+    fig.update_layout(**timeline_layout(ranks, prediction is not None, title or f"Timeline ({result.source})"))
+    return fig
+
+
+def timeline_trace(go: Any, kind: str, x: np.ndarray, y: np.ndarray, text: np.ndarray, predicted: bool) -> Any:
+    return go.Scatter(
+        x=x, y=y, text=text, mode="lines", hoverinfo="text+name", connectgaps=False,
+        name=f"predicted {kind}" if predicted else kind, legendgroup=kind,
+        line={"color": KIND_COLORS[kind], "width": 6 if predicted else 14},
+        opacity=0.55 if predicted else 1.0,
+    )
+
+
+def timeline_layout(ranks: Sequence[int], prediction: bool, title: str) -> dict[str, Any]:
+    return {
+        "title": title, "xaxis": {"title": "seconds"}, "yaxis": rank_axis(ranks, prediction),
+        "height": 140 + 45 * max(len(ranks), 1), "margin": {"l": 80, "r": 10, "t": 40, "b": 40},
+        "legend": {"orientation": "h", "y": -0.25},
+    }
+
+
+# ---------------------------------------------------------------- link bandwidth
+def busiest_links(links: pd.DataFrame, top: int = 8) -> list[str]:
+    """Link ids ordered by bytes carried (GB/s × seconds), at most `top`."""
+    if links.empty:
+        return []
+    carried = (links["GBps"] * (links["end"] - links["start"])).groupby(links["link"]).sum()
+    return [str(k) for k in carried.sort_values(ascending=False).index[:top]]
+
+
+def link_arrays(links: pd.DataFrame, link: str) -> tuple[np.ndarray, np.ndarray]:
+    """A step line of one link's rate: x = interval starts (+ last end), y = GB/s (last repeated)."""
+    rows = links[links["link"] == link].sort_values("start")
+    if rows.empty:
+        return np.empty(0), np.empty(0)
+    x = np.append(rows["start"].to_numpy(float), rows["end"].to_numpy(float)[-1])
+    gbps = rows["GBps"].to_numpy(float)
+    return x, np.append(gbps, gbps[-1])
+
+
+def link_bandwidth_figure(result: Result, top: int = 8, title: str | None = None) -> go.Figure:
+    """GB/s carried per link over time, for the `top` busiest links."""
+    go = _go()
+    fig = go.Figure()
+    for link in busiest_links(result.links, top):
+        x, y = link_arrays(result.links, link)
+        fig.add_trace(go.Scatter(x=x, y=y, name=link, mode="lines", line={"shape": "hv"}))
+    fig.update_layout(**link_layout(title or f"Link bandwidth ({result.source})"))
+    return fig
+
+
+def link_layout(title: str) -> dict[str, Any]:
+    return {"title": title, "xaxis": {"title": "seconds"}, "yaxis": {"title": "GB/s", "rangemode": "tozero"},
+            "height": 320, "margin": {"l": 60, "r": 10, "t": 40, "b": 40}}
+
+
+def link_utilisation(links: pd.DataFrame, now: float | None = None, window: float | None = None) -> dict[str, float]:
+    """Time-weighted mean utilisation per link over [now - window, now] (whole run when window is None)."""
+    if links.empty:
+        return {}
+    now = float(links["end"].max()) if now is None else now
+    lo = -np.inf if window is None else now - window
+    s = links["start"].clip(lower=lo).to_numpy(float)
+    e = links["end"].clip(upper=now).to_numpy(float)
+    span = np.clip(e - s, 0.0, None)
+    busy = pd.Series(span * links["utilisation"].to_numpy(float)).groupby(links["link"].to_numpy()).sum()
+    total = (now - lo) if window is not None else (now - float(links["start"].min()))
+    if total <= 0:
+        return {str(k): 0.0 for k in busy.index}
+    return {str(k): float(v) / total for k, v in busy.items()}
+
+
+# ---------------------------------------------------------------- memory
+def memory_snapshot(memory: pd.DataFrame, how: str = "peak") -> pd.DataFrame:
+    """Bytes per (rank, category) at each rank's peak total (`peak`) or at the last sample (`latest`)."""
+    if memory.empty:
+        return pd.DataFrame(columns=["rank", "category", "bytes"])
+    if how == "latest":
+        last = memory.sort_values("time", kind="stable").drop_duplicates(["rank", "category"], keep="last")
+        return last[["rank", "category", "bytes"]].reset_index(drop=True)
+    if how != "peak":
+        raise ValueError(f"how: {how!r} is not 'peak' or 'latest'")
+    out = []
+    for rank, rows in memory.groupby("rank"):
+        wide = rows.pivot_table(index="time", columns="category", values="bytes", aggfunc="last").sort_index().ffill()
+        wide = wide.fillna(0.0)
+        at = wide.sum(axis=1).idxmax() if how == "peak" else wide.index[-1]
+        for cat, b in wide.loc[at].items():
+            out.append({"rank": int(rank), "category": str(cat), "bytes": float(b)})
+    return pd.DataFrame(out)
+
+
+def rank_capacity(cluster: Cluster | None, ranks: Sequence[int], devices: Mapping[int, str] | None = None) -> np.ndarray:
+    """Memory capacity in bytes of each rank's device (NaN when unknown)."""
+    caps = np.full(len(ranks), np.nan)
+    if cluster is None:
+        return caps
+    gpus = cluster.gpus
+    for i, r in enumerate(ranks):
+        dev = (devices or {}).get(int(r)) or (gpus[int(r)] if 0 <= int(r) < len(gpus) else None)
+        try:
+            caps[i] = cluster.gpu_spec(dev).memory_GB * GB if dev else np.nan
+        except (ValueError, KeyError, TypeError):
+            caps[i] = np.nan
+    return caps
+
+
+def rank_devices(events: pd.DataFrame) -> dict[int, str]:
+    """rank -> device as the events name it."""
+    if events.empty:
+        return {}
+    pairs = events[["rank", "device"]].dropna().drop_duplicates("rank")
+    return {int(r): str(d) for r, d in zip(pairs["rank"], pairs["device"])}
+
+
+def memory_figure(result: Result, cluster: Cluster | None = None, how: str = "peak",
+                  title: str | None = None) -> go.Figure:
+    """Memory per rank stacked by category (at each rank's peak), with the device capacity marked."""
+    go = _go()
+    snap = memory_snapshot(result.memory, how)
+    ranks = sorted(snap["rank"].unique().tolist()) if len(snap) else []
+    fig = go.Figure()
+    for i, cat in enumerate(sorted(snap["category"].unique().tolist()) if len(snap) else []):
+        fig.add_trace(go.Bar(x=[f"rank {r}" for r in ranks], y=memory_values(snap, cat, ranks) / GB,
+                             name=cat, marker_color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)]))
+    caps = rank_capacity(cluster, ranks, rank_devices(result.events))
+    if np.isfinite(caps).any():
+        fig.add_trace(capacity_trace(go, ranks, caps))
+    fig.update_layout(**memory_layout(title or f"Memory per rank ({how}, {result.source})"))
+    return fig
+
+
+def memory_values(snap: pd.DataFrame, category: str, ranks: Sequence[int]) -> np.ndarray:
+    by_rank = snap[snap["category"] == category].set_index("rank")["bytes"]
+    return np.array([float(by_rank.get(r, 0.0)) for r in ranks])
+
+
+def capacity_trace(go: Any, ranks: Sequence[int], caps: np.ndarray) -> Any:
+    return go.Scatter(x=[f"rank {r}" for r in ranks], y=caps / GB, name="capacity", mode="markers",
+                      marker={"symbol": "line-ew-open", "size": 36, "color": "#222", "line": {"width": 3}})
+
+
+def memory_layout(title: str) -> dict[str, Any]:
+    return {"title": title, "barmode": "stack", "yaxis": {"title": "GB", "rangemode": "tozero"},
+            "height": 320, "margin": {"l": 60, "r": 10, "t": 40, "b": 40}}
+
+
+# ---------------------------------------------------------------- latency
+LATENCY_KINDS = ("collective", "transfer", "compute")
+
+
+def latency_table(events: pd.DataFrame, kinds: Sequence[str] = LATENCY_KINDS) -> pd.DataFrame:
+    """p50 / p99 / count of event duration (seconds) per op, ops of `kinds` only."""
+    ev = events[events["kind"].isin(kinds)] if len(events) else events
+    if ev.empty:
+        return pd.DataFrame(columns=["op", "kind", "count", "p50", "p99"])
+    dur = (ev["end"] - ev["start"]).astype(float)
+    g = dur.groupby([ev["op"].astype(str), ev["kind"].astype(str)])
+    out = pd.DataFrame({"count": g.size(), "p50": g.quantile(0.5), "p99": g.quantile(0.99)}).reset_index()
+    out.columns = ["op", "kind", "count", "p50", "p99"]
+    return out.sort_values(["kind", "op"]).reset_index(drop=True)
+
+
+def latency_figure(result: Result, prediction: Result | None = None, title: str | None = None) -> go.Figure:
+    """p50 and p99 duration per op (ms, log scale); predicted p50 as markers when a prediction is given."""
+    go = _go()
+    tab = latency_table(result.events)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=tab["op"].tolist(), y=tab["p50"].to_numpy(float) * 1e3, name="p50", marker_color="#4C78A8"))
+    fig.add_trace(go.Bar(x=tab["op"].tolist(), y=tab["p99"].to_numpy(float) * 1e3, name="p99", marker_color="#E45756"))
+    if prediction is not None:
+        pred = latency_table(prediction.events).set_index("op")["p50"]
+        ops = [op for op in tab["op"] if op in pred.index]
+        fig.add_trace(predicted_latency_trace(go, ops, np.array([pred[op] for op in ops]) * 1e3))
+    fig.update_layout(**latency_layout(title or f"Latency per op ({result.source})"))
+    return fig
+
+
+def predicted_latency_trace(go: Any, ops: Sequence[str], ms: np.ndarray) -> Any:
+    return go.Scatter(x=list(ops), y=ms, name="predicted p50", mode="markers",
+                      marker={"symbol": "diamond", "size": 11, "color": "#222"})
+
+
+def latency_layout(title: str) -> dict[str, Any]:
+    return {"title": title, "barmode": "group", "yaxis": {"title": "ms", "type": "log"},
+            "height": 320, "margin": {"l": 60, "r": 10, "t": 40, "b": 80}}
+
