@@ -272,9 +272,8 @@ class Graph:
             for k, nid in enumerate(nic_ids):
                 nic_ports.append((i, k, nid, nspec))
             for j, d in enumerate(gpu_ids):
-                if node.nics >= node.gpus:
-                    per = node.nics // max(node.gpus, 1)
-                    mine = nic_ids[j * per:(j + 1) * per]
+                if node.nics >= node.gpus:  # NIC k serves GPU k*gpus//nics, so every NIC serves a GPU
+                    mine = [nid for k, nid in enumerate(nic_ids) if k * node.gpus // node.nics == j]
                 else:
                     mine = [nic_ids[j * node.nics // node.gpus]] if node.nics else []
                 g._gpu_nics[d] = mine

@@ -55,14 +55,22 @@ def preset(name: str, **options: Any) -> Cluster:
         n = {k: v for k, v in t.items() if k != "share"}
         n.setdefault("gpu", gpu)
         if "nics" in options:
-            n["nics"] = int(options["nics"])
+            n["nics"] = _option(name, "nics", options["nics"], int)
         raw_nodes.append({**n, "count": count})
     fabric = dict(p.get("fabric", {}))
     for key, typ in (("oversubscription", float), ("leaf_ports", int)):
         if key in options:
-            fabric[key] = typ(options[key])
+            fabric[key] = _option(name, key, options[key], typ)
     label = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
     return from_dict({"name": label, "nodes": raw_nodes, "fabric": fabric})
+
+
+def _option(name: str, key: str, value: Any, typ: type) -> Any:
+    try:
+        return typ(value)
+    except ValueError:
+        kind = "a whole number" if typ is int else "a number"
+        raise WorkbenchError(f"{name}.{key}: expected {kind}, got {value!r}") from None
 
 
 def _split(total: int, shares: list[float]) -> list[int]:

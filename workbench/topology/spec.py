@@ -67,6 +67,7 @@ def from_dict(d: Any) -> Cluster:
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise WorkbenchError("nodes: expected a non-empty list of nodes")
     nodes: list[Node] = []
+    raw_index: list[int] = []  # the file's entry of each node, for error messages
     for i, rn in enumerate(raw_nodes):
         f = f"nodes[{i}]"
         if not isinstance(rn, dict):
@@ -95,6 +96,7 @@ def from_dict(d: Any) -> Cluster:
             specs=tuple(sorted((str(k), _num(v, f"{f}.specs.{k}")) for k, v in specs.items())),
         )
         nodes.extend([node] * _int(rn.get("count", 1), f"{f}.count", 1))
+        raw_index.extend([i] * _int(rn.get("count", 1), f"{f}.count", 1))
     rf = d.get("fabric", {}) or {}
     if not isinstance(rf, dict):
         raise WorkbenchError(f"fabric: expected a mapping, got {rf!r}")
@@ -114,7 +116,7 @@ def from_dict(d: Any) -> Cluster:
     )
     if len(nodes) > 1 and any(n.nics == 0 for n in nodes):
         i = next(i for i, n in enumerate(nodes) if n.nics == 0)
-        raise WorkbenchError(f"nodes[{i}].nics: a node of a multi-node cluster needs at least one NIC")
+        raise WorkbenchError(f"nodes[{raw_index[i]}].nics: a node of a multi-node cluster needs at least one NIC")
     return Cluster(name=str(d.get("name", "cluster")), nodes=tuple(nodes), fabric=fabric)
 
 
