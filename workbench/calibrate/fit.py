@@ -239,3 +239,28 @@ def save_params(params: NetParams, changed: Sequence[tuple[str, str]], path: str
     with open(target, "w") as f:
         f.write("\n".join(out) + "\n")
     return target
+
+
+COLLECTIVE_TARGETS = {"ring": ("nvlink", "bw_efficiency"), "nvls": ("collective", "nvls_efficiency")}
+
+
+def refit_collectives(params: NetParams | None = None) -> tuple[NetParams, pd.DataFrame]:
+    """Fit the NVLink ring and NVLS efficiencies to `datasets/measurements/nccl_tests_h100_busbw.csv`."""
+    from workbench.data import read_csv
+    from workbench.sim.collectives import bus_factor
+
+    params = params or NetParams.default()
+    table = read_csv("measurements/nccl_tests_h100_busbw.csv")
+    report = []
+    for r in table.to_dict("records"):
+        cluster = load_cluster(str(r["cluster"]))
+        size = int(r["size"])
+        t_us = size * bus_factor(str(r["op"]), cluster.num_gpus) / (float(r["busbw_GBps"]) * 1e9) * 1e6
+        scope, param = COLLECTIVE_TARGETS[str(r["algo"])]
+        eff, out = fit_collective(pd.DataFrame({"size": [size], "time_us": [t_us]}), cluster, str(r["op"]),
+                                  str(r["algo"]), scope, param, params)
+        params = params.replace({(scope, param): eff}, source=(
+            f"fitted by workbench.calibrate.fit.refit_collectives to datasets/measurements/nccl_tests_h100_busbw.csv "
+            f"({r['op']} {r['algo']} busbw {r['busbw_GBps']} GB/s)"))
+        report.append({**r, "param": f"{scope}.{param}", "value": eff, "err": float(out["err"].iloc[0])})
+    return params, pd.DataFrame(report)

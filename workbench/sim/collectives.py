@@ -199,7 +199,7 @@ def collective(cluster: Cluster, op: str, nbytes: int, group: Sequence[str] | No
     params = params or NetParams.default()
     shape = group_shape(cluster, group)
     memo = shape.__dict__.setdefault("_memo", {})
-    key = (op, int(nbytes), algo, id(params))
+    key = (op, int(nbytes), algo, params)  # params hash by identity; the key keeps it alive
     hit = memo.get(key)
     if hit is not None:
         return hit

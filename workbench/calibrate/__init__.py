@@ -1,0 +1,6 @@
+"""Calibration: fitting the simulator's cost parameters from measurements (microbenchmark level)."""
+
+from workbench.calibrate.fit import fit_collective, fit_transport, refit_transfer_engine
+from workbench.calibrate.nccl_tests import parse_nccl_tests
+
+__all__ = ["fit_collective", "fit_transport", "parse_nccl_tests", "refit_transfer_engine"]
