@@ -1,0 +1,497 @@
+"""Launch the ranks of a real run with torchrun semantics, collect their telemetry live, build the Result.
+
+`start_train` starts `world = dp × tp × pp` processes of `python -m workbench.run.worker`
+with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set (locally by default; in
+network namespaces with `hosts=`), listens on a TCP socket for their telemetry batches and
+turns them into `Update`s on the returned handle while they run. If a rank fails (error,
+exit, signal) or stops making progress, the others are stopped within seconds and `wait()`
+raises `RunFailed` naming that rank, with the partial `Result` attached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.result import Result, events_frame, links_frame, memory_frame
+from workbench.run.errors import RunFailed
+from workbench.run.gpt import GPTConfig, gpt_config
+from workbench.run.stream import RunHandle, Update
+
+PLAN_KEYS = ("dp", "tp", "pp", "mbs", "gbs", "zero")
+_SECONDARY = re.compile(r"connection|closed|reset|broken pipe|timed out|timeout|peer|gloo|nccl", re.I)
+
+
+# ------------------------------------------------------------------ job description
+def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
+    """{dp, tp, pp, mbs, gbs, zero} from a spec string `dp=2,tp=1,pp=1,mbs=2,gbs=8`, a dict or a plan object."""
+    vals: dict[str, int] = {}
+    if plan is None:
+        vals = {"dp": world or 1}
+    elif isinstance(plan, str):
+        for part in filter(None, (p.strip() for p in plan.split(","))):
+            k, sep, v = part.partition("=")
+            k = k.strip()
+            if not sep:
+                raise WorkbenchError(f"plan: {part!r} needs a value, like dp=2")
+            if k not in PLAN_KEYS:
+                if k in ("ep", "cp", "recompute", "precision", "schedule", "vpp"):
+                    continue  # options of the simulator's plan that this workload does not use
+                raise WorkbenchError(f"plan.{k}: unknown option (the run uses {', '.join(PLAN_KEYS)})")
+            if not re.fullmatch(r"\d+", v.strip()):
+                raise WorkbenchError(f"plan.{k}: expected a whole number, got {v!r}")
+            vals[k] = int(v)
+    else:
+        get = plan.get if isinstance(plan, dict) else (lambda n, _p=plan: getattr(_p, n, None))
+        for k, names in (("dp", ("dp",)), ("tp", ("tp",)), ("pp", ("pp",)), ("mbs", ("mbs", "micro_batch")),
+                         ("gbs", ("gbs", "global_batch")), ("zero", ("zero", "zero_stage"))):
+            for n in names:
+                v = get(n)
+                if v is not None:
+                    vals[k] = int(v)
+                    break
+    p = {"dp": 1, "tp": 1, "pp": 1, "zero": 0} | vals
+    p.setdefault("mbs", 2)
+    p.setdefault("gbs", p["dp"] * p["mbs"] * max(2, p["pp"]))
+    for k in ("dp", "tp", "pp", "mbs", "gbs"):
+        if p[k] < 1:
+            raise WorkbenchError(f"plan.{k}: must be at least 1, got {p[k]}")
+    if p["gbs"] % (p["dp"] * p["mbs"]):
+        raise WorkbenchError(f"plan.gbs: {p['gbs']} must be a multiple of dp*mbs = {p['dp'] * p['mbs']}")
+    return p
+
+
+def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: str, optimizer: str = "adamw",
+                lr: float = 1e-3, seed: int = 0, telemetry: bool = True) -> dict[str, Any]:
+    c = gpt_config(model)
+    p = plan_dict(plan, world)
+    if c.heads % p["tp"] or c.ffn_size % p["tp"]:
+        raise WorkbenchError(f"plan.tp: {p['tp']} must divide model.heads={c.heads} and the FFN size {c.ffn_size}")
+    if p["pp"] > c.layers:
+        raise WorkbenchError(f"plan.pp: {p['pp']} stages need at least as many layers (model.layers={c.layers})")
+    if backend not in ("gloo", "nccl"):
+        raise WorkbenchError(f"backend: {backend!r} is not gloo or nccl")
+    if steps < 1:
+        raise WorkbenchError(f"steps: must be at least 1, got {steps}")
+    return {"model": asdict(c), "plan": p, "steps": int(steps), "backend": backend, "optimizer": optimizer,
+            "lr": float(lr), "seed": int(seed), "telemetry": bool(telemetry)}
+
+
+# ------------------------------------------------------------------ telemetry → Result rows
+_FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: 2 * (n - 1) / n,
+            "all_gather": lambda n: (n - 1) / n}
+
+
+def wire_bytes(op: str, nbytes: float, n: int) -> float:
+    """Bytes each rank sends for `op` on `n` ranks (ring algorithms; point-to-point: the message)."""
+    f = _FACTORS.get(op)
+    return nbytes * (f(n) if f and n > 1 else 1.0)
+
+
+class Aggregator:
+    """Turns rank messages into Result rows; `update()` returns the rows new since the last call."""
+
+    def __init__(self, job: dict[str, Any], cluster: Any, t0_wall: float) -> None:
+        from workbench.run.parallel import Layout
+
+        self.job, self.cluster, self.t0 = job, cluster, t0_wall
+        p = job["plan"]
+        self.world = p["dp"] * p["tp"] * p["pp"]
+        self.layouts = [Layout(p["dp"], p["tp"], p["pp"], r) for r in range(self.world)]
+        gpus = list(cluster.gpus) if cluster is not None else []
+        self.devices = [gpus[r] if r < len(gpus) else f"rank{r}" for r in range(self.world)]
+        self.offset: dict[int, float] = {}
+        self.events: list[dict[str, Any]] = []
+        self.memory: list[dict[str, Any]] = []
+        self.links: list[dict[str, Any]] = []
+        self.steps: dict[int, dict[int, dict[str, Any]]] = {}
+        self.hosts: dict[int, str] = {}
+        self.done: set[int] = set()
+        self.errors: dict[int, dict[str, Any]] = {}
+        self._mark = (0, 0, 0)
+        self._link_cache: dict[tuple[int, str, int], tuple[str, ...]] = {}
+        self._cap: dict[str, float] = {}
+        if cluster is not None:
+            self._cap = {lk.name: lk.GBps for lk in cluster.graph.links}
+
+    # ----- ingest -----
+    def ingest(self, msg: dict[str, Any]) -> None:
+        r = int(msg.get("rank", -1))
+        kind = msg.get("type")
+        if kind == "hello":
+            self.offset[r] = float(msg["wall"]) - float(msg["perf"]) - self.t0
+            self.hosts[r] = str(msg.get("host", ""))
+        elif kind == "batch":
+            off = self.offset.get(r, 0.0)
+            for k, op, nb, group, peer, s, e, step, flops in msg.get("events", ()):
+                links = self._links(r, group, peer)
+                row = {"rank": r, "device": self.devices[r] if r < self.world else f"rank{r}", "kind": k, "op": op,
+                       "bytes": nb, "links": links, "start": s + off, "end": e + off, "group": group,
+                       "step": step, "flops": flops, "peer": peer}
+                self.events.append(row)
+                if k != "compute" and links and e > s:
+                    n = len(self.layouts[r].tp_ranks(0, 0)) if group == "tp" else (
+                        self.job["plan"]["dp"] if group == "dp" else 2)
+                    gbps = wire_bytes(op, nb, n) / (e - s) / 1e9
+                    for lk in links:
+                        cap = self._cap.get(lk) or float("nan")
+                        self.links.append({"link": lk, "start": s + off, "end": e + off, "GBps": gbps,
+                                           "utilisation": gbps / cap, "rank": r, "op": op})
+            mem = msg.get("memory")
+            if mem:
+                t = float(mem[0]) + off
+                for cat, b in mem[1].items():
+                    self.memory.append({"rank": r, "category": cat, "bytes": int(b), "time": t})
+            for st in msg.get("steps", ()):
+                self.steps.setdefault(int(st["step"]), {})[r] = {
+                    "start": st["start"] + off, "end": st["end"] + off, "loss": st["loss"], "cost_s": st["cost_s"]}
+        elif kind == "done":
+            self.done.add(r)
+        elif kind == "error":
+            self.errors.setdefault(r, msg)
+
+    def _links(self, rank: int, group: str, peer: int) -> tuple[str, ...]:
+        if not group or self.cluster is None:
+            return ()
+        key = (rank, group, peer)
+        if key not in self._link_cache:
+            lay = self.layouts[rank]
+            peers = [peer] if group == "pp" else (
+                lay.tp_ranks(lay.d, lay.p) if group == "tp" else lay.dp_ranks(lay.p, lay.t))
+            names: list[str] = []
+            for q in peers:
+                if q == rank or q < 0 or q >= self.world or self.devices[q].startswith("rank"):
+                    continue
+                try:
+                    path = self.cluster.path(self.devices[rank], self.devices[q])
+                except Exception:  # noqa: BLE001 - a device the cluster cannot route: no link ids
+                    continue
+                for lk in path.links:
+                    if lk.name not in names:
+                        names.append(lk.name)
+            self._link_cache[key] = tuple(names)
+        return self._link_cache[key]
+
+    # ----- views -----
+    @property
+    def steps_done(self) -> int:
+        """Steps that every rank has finished."""
+        n = 0
+        while len(self.steps.get(n, {})) == self.world:
+            n += 1
+        return n
+
+    def rank_progress(self) -> dict[int, int]:
+        return {r: sum(1 for s in self.steps.values() if r in s) for r in range(self.world)}
+
+    def update(self, t: float) -> Update:
+        e0, m0, l0 = self._mark
+        self._mark = (len(self.events), len(self.memory), len(self.links))
+        steps = self.job["steps"]
+        done = self.steps_done
+        return Update(events_frame(self.events[e0:]) if len(self.events) > e0 else events_frame(),
+                      memory_frame(self.memory[m0:]) if len(self.memory) > m0 else memory_frame(),
+                      links_frame(self.links[l0:]) if len(self.links) > l0 else links_frame(),
+                      done, steps, done / steps, t)
+
+    def result(self, updates: int = 0, duration: float = 0.0) -> Result:
+        job, p = self.job, self.job["plan"]
+        c = GPTConfig(**job["model"])
+        losses, times, costs = [], [], []
+        last_stage = [r for r, lay in enumerate(self.layouts) if lay.p == p["pp"] - 1 and lay.t == 0]
+        for s in sorted(self.steps):
+            recs = self.steps[s]
+            if len(recs) < self.world:
+                break
+            ls = [recs[r]["loss"] for r in last_stage if recs[r]["loss"] is not None]
+            losses.append(sum(ls) / len(ls) if ls else None)
+            dt = max(v["end"] for v in recs.values()) - min(v["start"] for v in recs.values())
+            times.append(dt)
+            costs.append(max(v["cost_s"] for v in recs.values()) / dt * 100 if dt > 0 else 0.0)
+        step_s = statistics.median(times) if times else float("nan")
+        tokens = p["gbs"] * c.seq
+        metrics: dict[str, Any] = {
+            "steps": len(losses), "losses": losses, "step_seconds": step_s, "step_seconds_all": times,
+            "tokens_per_s": tokens / step_s if times else float("nan"),
+            "events": len(self.events), "updates": updates,
+            "updates_per_s": updates / duration if duration > 0 else 0.0,
+            "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
+            "ranks": self.world, "backend": job["backend"], "plan": p, "model": c.as_spec(),
+            "params": c.params(), "devices": self.devices, "hosts": self.hosts,
+            "cluster": getattr(self.cluster, "name", None), "wall_seconds": duration,
+        }
+        return Result(events_frame(self.events), memory_frame(self.memory), links_frame(self.links), metrics,
+                      source="run", fidelity="measured")
+
+
+# ------------------------------------------------------------------ the launcher
+class TrainHandle(RunHandle):
+    """A `RunHandle` for a launched training job; also knows its ranks' processes."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(steps)
+        self.pids: dict[int, int] = {}
+        self.log_dir = ""
+
+    def kill_rank(self, rank: int, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a rank (failure drills and tests)."""
+        os.kill(self.pids[rank], sig)
+
+
+class _Launch:
+    def __init__(self, job: dict[str, Any], cluster: Any, hosts: list[str] | None, master_addr: str | None,
+                 telemetry_addr: str | None, timeout: float, stall_timeout: float, env: dict[str, str] | None) -> None:
+        self.job, self.cluster = job, cluster
+        p = job["plan"]
+        self.world = p["dp"] * p["tp"] * p["pp"]
+        self.hosts, self.master_addr, self.telemetry_addr = hosts, master_addr, telemetry_addr
+        self.timeout, self.stall_timeout, self.extra_env = timeout, stall_timeout, env or {}
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.readers: list[threading.Thread] = []
+        self.handle = TrainHandle(job["steps"])
+        self.handle._cancel = self._request_cancel
+        self._cancelled = threading.Event()
+        self.t0 = time.time()
+        self.agg = Aggregator(job, cluster, self.t0)
+
+    def start(self) -> TrainHandle:
+        self.server = socket.create_server(("0.0.0.0" if self.hosts else "127.0.0.1", 0), backlog=max(self.world, 8))
+        port = self.server.getsockname()[1]
+        tel_host = self.telemetry_addr or "127.0.0.1"
+        master = self.master_addr or "127.0.0.1"
+        master_port = _free_port()
+        self.log_dir = tempfile.mkdtemp(prefix="workbench-run-")
+        self.handle.log_dir = self.log_dir
+        threading.Thread(target=self._accept, daemon=True, name="workbench-accept").start()
+        threads = self.job.get("threads") or max(1, (os.cpu_count() or 1) // self.world)
+        job = dict(self.job, threads=threads)
+        per_host = -(-self.world // len(self.hosts)) if self.hosts else self.world
+        for r in range(self.world):
+            env = dict(os.environ) | self.extra_env | {
+                "RANK": str(r), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(r % per_host),
+                "LOCAL_WORLD_SIZE": str(per_host), "MASTER_ADDR": master, "MASTER_PORT": str(master_port),
+                "WORKBENCH_JOB": json.dumps(job), "WORKBENCH_TELEMETRY": f"{tel_host}:{port}",
+                "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+            cmd = [sys.executable, "-m", "workbench.run.worker"]
+            if self.hosts:
+                cmd = ["ip", "netns", "exec", self.hosts[r // per_host]] + cmd
+            log = open(os.path.join(self.log_dir, f"rank{r}.log"), "wb")  # noqa: SIM115
+            self.procs[r] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            log.close()
+            self.handle.pids[r] = self.procs[r].pid
+        threading.Thread(target=self._monitor, daemon=True, name="workbench-monitor").start()
+        return self.handle
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.5)
+        while not self.handle.done:
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._read, args=(conn,), daemon=True, name="workbench-reader")
+            t.start()
+            self.readers.append(t)
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            for line in f:
+                try:
+                    self.inbox.put(json.loads(line))
+                except ValueError:
+                    continue
+
+    def _drain(self) -> bool:
+        got = False
+        while True:
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return got
+            self.agg.ingest(msg)
+            got = True
+
+    def _request_cancel(self) -> None:
+        self._cancelled.set()
+
+    def _monitor(self) -> None:
+        last_msg = time.time()
+        first_fail: float | None = None
+        fails: dict[int, tuple[float, str, bool]] = {}  # rank -> (seen at, reason, secondary)
+        while True:
+            time.sleep(0.05)
+            now = time.time()
+            if self._drain():
+                last_msg = now
+            for r, msg in self.agg.errors.items():
+                if r not in fails:
+                    err = str(msg.get("error", "error"))
+                    fails[r] = (now, err, bool(_SECONDARY.search(err)))
+            exited = {r: p.poll() for r, p in self.procs.items()}
+            for r, rc in exited.items():
+                if rc not in (None, 0) and r not in fails:
+                    why = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
+                    fails[r] = (now, why, rc > 0)
+            if fails and first_fail is None:
+                first_fail = now
+            self.handle._emit(self.agg.update(now - self.t0))  # every ~50 ms, new rows or not
+            if first_fail is not None and now - first_fail >= 0.5:  # grace: let the root cause show
+                rank, (_, why, _) = min(fails.items(), key=lambda kv: (kv[1][2], kv[1][0]))
+                self._fail(rank, why)
+                return
+            if self._cancelled.is_set():
+                self._fail(None, "cancelled")
+                return
+            if all(rc == 0 for rc in exited.values()):
+                self._finish()
+                return
+            if now - last_msg > self.stall_timeout:
+                prog = self.agg.rank_progress()
+                slow = min(prog, key=lambda r: (prog[r], r))
+                self._fail(slow, f"no telemetry from any rank for {self.stall_timeout:.0f} s "
+                                 f"(rank {slow} finished {prog[slow]} steps; a hang)")
+                return
+            if now - self.t0 > self.timeout:
+                prog = self.agg.rank_progress()
+                slow = min(prog, key=lambda r: (prog[r], r))
+                self._fail(slow, f"the run exceeded its timeout of {self.timeout:.0f} s "
+                                 f"(rank {slow} finished {prog[slow]} of {self.job['steps']} steps)")
+                return
+
+    def _stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        deadline = time.time() + 3
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(deadline - time.time(), 0.01))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                p.wait(timeout=5)
+
+    def _close(self) -> None:
+        for t in self.readers:
+            t.join(timeout=2)
+        self._drain()
+        try:
+            self.server.close()
+        except OSError:
+            pass
+
+    def _fail(self, rank: int | None, why: str) -> None:
+        self._stop_all()
+        self._close()
+        dur = time.time() - self.t0
+        partial = self.agg.result(self.handle.updates_seen, dur)
+        partial.metrics["failed_rank"] = rank
+        log = ""
+        if rank is not None:
+            tb = self.agg.errors.get(rank, {}).get("traceback", "")
+            try:
+                log = Path(self.log_dir, f"rank{rank}.log").read_text(errors="replace")[-3000:]
+            except OSError:
+                log = ""
+            log = (tb or "") + (("\n" + log) if log and log not in tb else "")
+        self.handle._finish(error=RunFailed(rank, why, partial, log.strip()[-3000:]))
+
+    def _finish(self) -> None:
+        self._close()
+        now = time.time()
+        self.handle._emit(self.agg.update(now - self.t0))
+        res = self.agg.result(self.handle.updates_seen, now - self.t0)
+        if len(res.metrics["losses"]) < self.job["steps"]:
+            self.handle._finish(error=RunFailed(None, f"the ranks exited after {res.metrics['steps']} of "
+                                                      f"{self.job['steps']} steps", res))
+            return
+        self.handle._finish(result=res)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def default_cluster(world: int, backend: str) -> Any:
+    """This machine (`workbench.topology.discover`), with `world` CPU ranks when the backend is gloo."""
+    from workbench.topology import discover
+
+    if backend == "nccl":
+        return discover()
+    c = discover(cpu_ranks=world)
+    return c if not c.nodes[0].gpu_spec.is_cpu or c.num_gpus >= world else discover(cpu_ranks=world)
+
+
+def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
+                telemetry: bool = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
+                hosts: list[str] | None = None, master_addr: str | None = None, telemetry_addr: str | None = None,
+                timeout: float = 900.0, stall_timeout: float = 120.0, collective_timeout_s: float = 120.0,
+                threads: int | None = None, dump_params: str | None = None,
+                fail_rank_at_step: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> TrainHandle:
+    """Start a sharded GPT training run and return its handle at once (non-blocking).
+
+    `cluster`: a Cluster or spec (default: this machine); `model`: `gpt:layers=..,hidden=..`
+    (default small); `plan`: `dp=2,tp=1,pp=1,mbs=2,gbs=8` (+ `zero=1`); `backend`: gloo (CPU)
+    or nccl (GPUs); `hosts`: network namespaces to spread the ranks over (`ip netns exec`,
+    with `master_addr`/`telemetry_addr` reachable from them); `telemetry=False` records
+    only per-step times and losses (the overhead baseline).
+    """
+    from workbench.topology import load_cluster
+
+    job = resolve_job(model, plan, None, steps, backend, optimizer, lr, seed, telemetry)
+    p = job["plan"]
+    world = p["dp"] * p["tp"] * p["pp"]
+    cl = load_cluster(cluster) if cluster is not None else default_cluster(world, backend)
+    if hosts and os.geteuid() != 0:
+        raise WorkbenchError("hosts: running ranks in network namespaces needs root (ip netns exec)")
+    job |= {"collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
+            "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
+    return _Launch(job, cl, hosts, master_addr, telemetry_addr, timeout, stall_timeout, env).start()
+
+
+def run_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo",
+              **kwargs: Any) -> Result:
+    """Run `start_train(...)` to the end and return the measured `Result` (raises `RunFailed`)."""
+    return start_train(cluster, model, plan, steps, backend, **kwargs).wait()
+
+
+def load_run(out_dir: str | Path, cluster: Any = None) -> Result:
+    """The measured `Result` of a run launched by a plain `torchrun` (its `rank*.jsonl` files)."""
+    files = sorted(Path(out_dir).glob("rank*.jsonl"))
+    if not files:
+        raise WorkbenchError(f"out_dir: no rank*.jsonl files in {out_dir} (pass --out to the worker)")
+    msgs = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    hellos = [m for m in msgs if m.get("type") == "hello"]
+    job = json.loads(Path(out_dir, "job.json").read_text()) if Path(out_dir, "job.json").exists() else None
+    if job is None:
+        raise WorkbenchError(f"out_dir: {out_dir}/job.json is missing (rank 0 writes it)")
+    t0 = min(float(h["wall"]) for h in hellos) if hellos else 0.0
+    agg = Aggregator(job, cluster, t0)
+    for m in msgs:
+        agg.ingest(m)
+    return agg.result()

@@ -1,0 +1,179 @@
+"""Per-rank telemetry: timed spans of compute, collectives and transfers, and memory by category.
+
+The recorder is cheap on the hot path: a span appends one tuple to a list; a background
+thread swaps the list out every `flush_s` (50 ms) and ships it, with a memory snapshot, to
+the launcher as one JSON line over a TCP socket (or to a JSONL file under torchrun without
+a launcher). Compute spans are split around the collectives and transfers that run inside
+them, so a rank's events never overlap. On CUDA the recorder synchronises the device at
+span boundaries (that cost is part of the measured overhead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations", "buffers")
+
+
+class Recorder:
+    """Records spans for one rank; `enabled=False` makes every call a no-op (the baseline)."""
+
+    def __init__(self, rank: int, enabled: bool = True, cuda: bool = False) -> None:
+        self.rank = rank
+        self.enabled = enabled
+        self.cuda = cuda
+        self.step = 0
+        self.events: list[tuple[Any, ...]] = []
+        self.memory: dict[str, int] = dict.fromkeys(MEMORY_CATEGORIES, 0)
+        self.steps: list[dict[str, Any]] = []
+        self.cost_s = 0.0  # time spent inside the recorder on the training thread
+        self._open: list[Any] | None = None  # [op, start, flops, [segments]]
+        self._lock = threading.Lock()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    # ----- spans -----
+    @contextmanager
+    def compute(self, op: str, flops: float = 0.0) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        c0 = time.perf_counter()
+        self._sync()
+        now = time.perf_counter()
+        outer = self._open
+        if outer is not None:
+            outer[3].append((outer[1], now))
+        self._open = [op, now, flops, []]
+        self.cost_s += now - c0
+        try:
+            yield
+        finally:
+            self._sync()
+            end = time.perf_counter()
+            op_, start, fl, segs = self._open
+            segs.append((start, end))
+            total = sum(b - a for a, b in segs) or 1e-12
+            with self._lock:
+                for a, b in segs:
+                    self.events.append(("compute", op_, 0, "", -1, a, b, self.step, fl * (b - a) / total))
+            self._open = outer
+            if outer is not None:
+                outer[1] = end
+            self.cost_s += time.perf_counter() - end
+
+    @contextmanager
+    def comm(self, kind: str, op: str, nbytes: int, group: str, peer: int = -1) -> Iterator[None]:
+        """A collective (`kind="collective"`) or point-to-point transfer (`"transfer"`) of `nbytes`."""
+        if not self.enabled:
+            yield
+            return
+        c0 = time.perf_counter()
+        self._sync()
+        start = time.perf_counter()
+        if self._open is not None:
+            self._open[3].append((self._open[1], start))
+        self.cost_s += start - c0
+        try:
+            yield
+        finally:
+            self._sync()
+            end = time.perf_counter()
+            with self._lock:
+                self.events.append((kind, op, int(nbytes), group, peer, start, end, self.step, 0.0))
+            if self._open is not None:
+                self._open[1] = end
+            self.cost_s += time.perf_counter() - end
+
+    def set_memory(self, category: str, nbytes: int) -> None:
+        self.memory[category] = int(nbytes)
+
+    def add_memory(self, category: str, nbytes: int) -> None:
+        self.memory[category] += int(nbytes)
+
+    def step_done(self, step: int, start: float, end: float, loss: float | None) -> None:
+        with self._lock:
+            self.steps.append({"step": step, "start": start, "end": end, "loss": loss, "cost_s": self.cost_s})
+        self.cost_s = 0.0
+
+    def take(self) -> dict[str, Any]:
+        """The records since the last call, as one JSON-ready batch."""
+        with self._lock:
+            ev, self.events = self.events, []
+            st, self.steps = self.steps, []
+        out: dict[str, Any] = {"type": "batch", "rank": self.rank, "events": ev, "steps": st}
+        if self.enabled:
+            out["memory"] = [time.perf_counter(), dict(self.memory)]
+        return out
+
+
+class Sink:
+    """Where a rank's batches go: the launcher's socket (`host:port`) or a JSONL file."""
+
+    def __init__(self, address: str | None, path: str | None) -> None:
+        self._sock: socket.socket | None = None
+        self._file: TextIO | None = None
+        if address:
+            host, _, port = address.rpartition(":")
+            self._sock = socket.create_connection((host, int(port)), timeout=30)
+            self._sock.settimeout(None)
+        elif path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._file = open(path, "w")  # noqa: SIM115
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        line = json.dumps(msg, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._sock is not None:
+                self._sock.sendall(line.encode())
+            elif self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                self._sock.close()
+                self._sock = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class Flusher(threading.Thread):
+    """Ships the recorder's batches every `period` seconds (only step records when telemetry is off)."""
+
+    def __init__(self, rec: Recorder, sink: Sink, period: float = 0.05) -> None:
+        super().__init__(daemon=True, name="workbench-telemetry")
+        self.rec, self.sink, self.period = rec, sink, period
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.period):
+            self.flush()
+
+    def flush(self) -> None:
+        b = self.rec.take()
+        if b["events"] or b["steps"] or "memory" in b:
+            self.sink.send(b)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.flush()

@@ -1,0 +1,132 @@
+"""One rank of a real training run: `python -m workbench.run.worker` (or `torchrun -m workbench.run.worker`).
+
+The rank reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), joins the process group (gloo on CPU, NCCL on GPUs), trains the GPT with the
+plan's DP × TP × PP, and ships telemetry. The job comes from `WORKBENCH_JOB` (JSON, set by
+the launcher) or from the command line (under a plain torchrun):
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m workbench.run.worker --model gpt:layers=8,hidden=1024,heads=16,vocab=32000,seq=1024 \\
+        --plan dp=4,tp=4,pp=1,mbs=2,gbs=64 --steps 20 --backend nccl --out runs/job1
+
+Telemetry goes to the launcher's socket (`WORKBENCH_TELEMETRY=host:port`) or, without a
+launcher, to `OUT/rank<R>.jsonl` (load it with `workbench.run.load_run(OUT)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="workbench.run.worker")
+    p.add_argument("--model", default=None)
+    p.add_argument("--plan", default="dp=1")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-telemetry", action="store_true")
+    p.add_argument("--out", default="workbench-run")
+    a = p.parse_args(argv)
+    from workbench.run.launcher import resolve_job
+
+    job = resolve_job(a.model, a.plan, int(os.environ.get("WORLD_SIZE", "1")), a.steps, a.backend,
+                      a.optimizer, a.lr, a.seed, not a.no_telemetry)
+    job["out"] = a.out
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ
+    rank = int(env.get("RANK", "0"))
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    job = json.loads(env["WORKBENCH_JOB"]) if "WORKBENCH_JOB" in env else job_from_args(argv)
+    from workbench.run.telemetry import Flusher, Recorder, Sink
+
+    address = env.get("WORKBENCH_TELEMETRY")
+    if not address and rank == 0:  # under a plain torchrun: leave the job beside the rank files for load_run
+        os.makedirs(job.get("out", "workbench-run"), exist_ok=True)
+        with open(os.path.join(job.get("out", "workbench-run"), "job.json"), "w") as f:
+            json.dump(job, f)
+    sink = Sink(address, None if address else os.path.join(job.get("out", "workbench-run"), f"rank{rank}.jsonl"))
+    rec = Recorder(rank, enabled=bool(job["telemetry"]), cuda=job["backend"] == "nccl")
+    sink.send({"type": "hello", "rank": rank, "world": world, "host": socket.gethostname(), "pid": os.getpid(),
+               "perf": time.perf_counter(), "wall": time.time()})
+    flusher = Flusher(rec, sink, 0.05 if rec.enabled else 0.5)
+    flusher.start()
+    try:
+        losses = _train(job, rank, world, local_rank, rec)
+    except BaseException as exc:
+        flusher.stop()
+        sink.send({"type": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()[-4000:]})
+        sink.close()
+        print(f"workbench.run.worker rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    flusher.stop()
+    sink.send({"type": "done", "rank": rank, "losses": losses})
+    sink.close()
+    return 0
+
+
+def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any) -> list[float | None]:
+    import torch
+    import torch.distributed as dist
+
+    from workbench.run.gpt import GPTConfig
+    from workbench.run.parallel import Comm, Layout, Trainer
+
+    torch.set_num_threads(int(job.get("threads") or 1))
+    plan = job["plan"]
+    if world != plan["dp"] * plan["tp"] * plan["pp"]:
+        raise RuntimeError(f"WORLD_SIZE={world} but the plan needs dp*tp*pp={plan['dp'] * plan['tp'] * plan['pp']} ranks")
+    if job["backend"] == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=float(job.get("collective_timeout_s", 120)))
+    if world > 1 or job["backend"] == "nccl":
+        dist.init_process_group(job["backend"], rank=rank, world_size=world, timeout=timeout,
+                                **({"device_id": device} if job["backend"] == "nccl" else {}))
+    try:
+        lay = Layout(plan["dp"], plan["tp"], plan["pp"], rank)
+        comm = Comm(lay, rec, device)
+        tr = Trainer(GPTConfig(**job["model"]), lay, comm, rec, device, plan["gbs"], plan["mbs"],
+                     plan.get("zero", 0), job["optimizer"], job["lr"], job["seed"])
+        fail_at = job.get("fail_rank_at_step")  # fault injection for tests: [rank, step]
+        losses: list[float | None] = []
+        for step in range(job["steps"]):
+            if fail_at and fail_at[0] == rank and fail_at[1] == step:
+                raise RuntimeError(f"injected failure at step {step}")
+            t0 = time.perf_counter()
+            loss = tr.step(step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            rec.step_done(step, t0, t1, loss)
+            losses.append(loss)
+        if job.get("dump_params"):
+            os.makedirs(job["dump_params"], exist_ok=True)
+            torch.save(tr.reference_state(), os.path.join(job["dump_params"], f"rank{rank}.pt"))
+        if world > 1 and device.type == "cpu":
+            dist.barrier()
+        return losses
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
