@@ -1,0 +1,377 @@
+"""The embedded TCP backend: authenticated peers, several lanes (sockets) per peer, zero-copy receive.
+
+Per peer connection: one control socket (acks, imm-only writes, notices, send/recv,
+barriers) and `lanes` data sockets (writes and paged writes). Each data socket has a
+sender thread fed by a queue and a receiver thread that `recv_into`s payloads straight
+into the registered buffer (`recvmsg_into` scatters paged writes). Control receivers never
+block on sends, so the mesh cannot deadlock.
+
+Wire: every message is a 40-byte header `<BBHIQIIQQ`: type, flags, nshards, imm, tid,
+region, count, offset, length; then, for PAGED, `count` u64 destination offsets; then the
+payload. Handshake per socket: server nonce; client nonce + HMAC-SHA256(secret) + hello;
+server HMAC back (mutual challenge–response, nothing secret on the wire).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transport.errors import AuthError, PeerGone
+
+HEADER = struct.Struct("<BBHIQIIQQ")
+HEADER_SIZE = HEADER.size  # 40
+WRITE, PAGED, ACK, IMM, SEND, BARRIER, NOTICE, ABORT, BYE = range(1, 10)
+F_IMM = 1
+MAGIC = b"WBT1"
+IOV_BATCH = 512
+HANDSHAKE_TIMEOUT = 10.0
+STAGE_BYTES = 8 << 20  # pinned staging chunk for CUDA regions
+
+
+def pack(mtype: int, *, flags: int = 0, nshards: int = 1, imm: int = 0, tid: int = 0, region: int = 0,
+         count: int = 0, offset: int = 0, length: int = 0) -> bytes:
+    return HEADER.pack(mtype, flags, nshards, imm & 0xFFFFFFFF, tid, region, count, offset, length)
+
+
+def tune(sock: socket.socket, sockbuf: int | None) -> None:
+    """TCP_NODELAY, keepalive that notices a vanished host in ~15 s, optional fixed buffers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, val in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 15000)):
+        if hasattr(socket, opt):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+            except OSError:
+                pass
+    if sockbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sockbuf)
+
+
+def recv_exact(sock: socket.socket, buf: memoryview) -> None:
+    """Fill `buf` from `sock`; raise `PeerGone` on EOF."""
+    got, n = 0, len(buf)
+    while got < n:
+        k = sock.recv_into(buf[got:], n - got)
+        if k == 0:
+            raise PeerGone("connection closed by peer")
+        got += k
+
+
+def recv_bytes(sock: socket.socket, n: int) -> bytes:
+    b = bytearray(n)
+    recv_exact(sock, memoryview(b))
+    return bytes(b)
+
+
+def recv_scatter(sock: socket.socket, bufs: list[memoryview]) -> None:
+    """Fill each buffer in `bufs` in order (one `recvmsg_into` per batch of iovecs)."""
+    i = 0
+    while i < len(bufs):
+        batch = bufs[i:i + IOV_BATCH]
+        want = sum(len(b) for b in batch)
+        k = sock.recvmsg_into(batch)[0]
+        if k == 0:
+            raise PeerGone("connection closed by peer")
+        if k == want:
+            i += len(batch)
+            continue
+        # partial: skip the full buffers, finish the split one, continue after it
+        for j, b in enumerate(batch):
+            if k >= len(b):
+                k -= len(b)
+                continue
+            recv_exact(sock, b[k:])
+            i += j + 1
+            break
+
+
+def send_gather(sock: socket.socket, bufs: list[memoryview | bytes]) -> None:
+    """Send every buffer in order with `sendmsg` (gather, no copy), handling partial sends."""
+    pending = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b for b in bufs]
+    while pending:
+        batch = pending[:IOV_BATCH]
+        k = sock.sendmsg(batch)
+        drop = 0
+        for b in batch:
+            if k >= len(b):
+                k -= len(b)
+                drop += 1
+            else:
+                pending[drop] = b[k:]
+                break
+        del pending[:drop]
+
+
+def drain(sock: socket.socket, n: int) -> None:
+    scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
+    while n > 0:
+        k = min(n, len(scratch))
+        recv_exact(sock, scratch[:k])
+        n -= k
+
+
+# ---------------------------------------------------------------- handshake
+def _mac(secret: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, b"|".join(parts), hashlib.sha256).digest()
+
+
+def client_handshake(sock: socket.socket, secret: bytes, hello: dict[str, Any]) -> dict[str, Any]:
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    head = recv_bytes(sock, 4 + 16)
+    if head[:4] != MAGIC:
+        raise AuthError("peer is not a workbench transport engine (bad magic)")
+    snonce, cnonce = head[4:], os.urandom(16)
+    body = json.dumps(hello).encode()
+    sock.sendall(cnonce + _mac(secret, b"C", snonce, cnonce, body) + struct.pack("<I", len(body)) + body)
+    status = recv_bytes(sock, 2)
+    if status != b"OK":
+        raise AuthError("peer rejected our credentials: the engines do not share a secret "
+                        "(set the same secret= or WORKBENCH_TRANSPORT_SECRET on both)")
+    smac = recv_bytes(sock, 32)
+    n = struct.unpack("<I", recv_bytes(sock, 4))[0]
+    sbody = recv_bytes(sock, n)
+    if not hmac.compare_digest(smac, _mac(secret, b"S", cnonce, snonce, sbody)):
+        raise AuthError("peer failed the challenge: it does not know the shared secret")
+    sock.settimeout(None)
+    return dict(json.loads(sbody))
+
+
+def server_handshake(sock: socket.socket, secret: bytes, hello: dict[str, Any]) -> dict[str, Any]:
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    snonce = os.urandom(16)
+    sock.sendall(MAGIC + snonce)
+    cnonce = recv_bytes(sock, 16)
+    cmac = recv_bytes(sock, 32)
+    n = struct.unpack("<I", recv_bytes(sock, 4))[0]
+    if n > 1 << 16:
+        raise AuthError("oversized hello")
+    body = recv_bytes(sock, n)
+    if not hmac.compare_digest(cmac, _mac(secret, b"C", snonce, cnonce, body)):
+        sock.sendall(b"NO")
+        raise AuthError("a client failed the challenge (wrong shared secret)")
+    sbody = json.dumps(hello).encode()
+    sock.sendall(b"OK" + _mac(secret, b"S", cnonce, snonce, sbody) + struct.pack("<I", len(sbody)) + sbody)
+    sock.settimeout(None)
+    return dict(json.loads(body))
+
+
+# ---------------------------------------------------------------- links
+class Lane:
+    """One socket of a peer link with its sender thread (queue) and receiver thread."""
+
+    def __init__(self, link: Link, index: int, sock: socket.socket) -> None:
+        self.link = link
+        self.index = index  # 0 = control, 1.. = data lanes
+        self.sock = sock
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.send_lock = threading.Lock()
+        self.delay = 0.0  # fault injection: seconds slept before each data message
+        self.staging: Any = None  # pinned host buffer for CUDA regions (lazy)
+        name = f"wbt-{link.engine.name}-{link.peer}-{index}"
+        self.tx = threading.Thread(target=self._send_loop, name=name + "-tx", daemon=True)
+        self.rx = threading.Thread(target=self._recv_loop, name=name + "-rx", daemon=True)
+
+    def start(self) -> None:
+        self.tx.start()
+        self.rx.start()
+
+    def send_now(self, bufs: list[Any]) -> None:
+        """Send a small message from the calling thread (never from a control receiver)."""
+        with self.send_lock:
+            send_gather(self.sock, bufs)
+
+    def post(self, item: Any) -> None:
+        self.queue.put(item)
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                if callable(item):
+                    item(self)  # a data message: the callable sends it (holding send_lock)
+                else:
+                    self.send_now(item)
+        except (OSError, PeerGone) as exc:
+            self.link.failed(exc, self)
+        except Exception as exc:  # noqa: BLE001 - a bug must still surface as a failed link
+            self.link.failed(exc, self)
+
+    def _recv_loop(self) -> None:
+        hdr = bytearray(HEADER_SIZE)
+        mv = memoryview(hdr)
+        handler = self.link.engine._on_message
+        try:
+            while True:
+                recv_exact(self.sock, mv)
+                msg = HEADER.unpack(hdr)
+                if msg[0] == BYE:
+                    self.link.closed_by_peer()
+                    return
+                handler(self, msg)
+        except (OSError, PeerGone) as exc:
+            self.link.failed(exc, self)
+        except Exception as exc:  # noqa: BLE001
+            self.link.failed(exc, self)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class Link:
+    """A connection to one peer engine: control lane + data lanes."""
+
+    def __init__(self, engine: Any, peer: str, address: dict[str, Any], socks: list[socket.socket]) -> None:
+        self.engine = engine
+        self.peer = peer
+        self.address = address
+        self.lanes = [Lane(self, i, s) for i, s in enumerate(socks)]
+        self.ctrl = self.lanes[0]
+        self.data = self.lanes[1:]
+        self.alive = True
+        self._lock = threading.Lock()
+        self._next = 0
+        self.partial: dict[int, int] = {}  # receiver: tid -> shards landed (sharded writes with imm)
+
+    def start(self) -> None:
+        for lane in self.lanes:
+            lane.start()
+
+    def next_lane(self) -> int:
+        with self._lock:
+            i = self._next
+            self._next = (i + 1) % len(self.data)
+            return i
+
+    def failed(self, exc: BaseException, lane: Lane | None = None) -> None:
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+        where = f" (lane {lane.index})" if lane is not None else ""
+        self.engine._link_down(self, PeerGone(f"peer {self.peer!r} is gone{where}: {exc}"))
+        self.close(send_bye=False)
+
+    def closed_by_peer(self) -> None:
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+        self.engine._link_down(self, PeerGone(f"peer {self.peer!r} closed its engine"))
+        self.close(send_bye=False)
+
+    def close(self, send_bye: bool = True) -> None:
+        if send_bye:
+            with self._lock:
+                was = self.alive
+                self.alive = False
+            if was:
+                for lane in self.lanes:
+                    try:
+                        lane.sock.settimeout(1.0)
+                        lane.send_now([pack(BYE)])
+                    except OSError:
+                        pass
+        for lane in self.lanes:
+            lane.close()
+
+
+def connect_link(engine: Any, address: dict[str, Any], lanes: int, secret: bytes, hello: dict[str, Any],
+                 sockbuf: int | None, timeout: float) -> tuple[list[socket.socket], dict[str, Any]]:
+    """Open and authenticate `lanes + 1` sockets to `address`; return them and the peer's hello."""
+    socks: list[socket.socket] = []
+    peer_hello: dict[str, Any] = {}
+    conn = os.urandom(8).hex()
+    try:
+        for i in range(lanes + 1):
+            s = socket.create_connection((address["host"], address["port"]), timeout=timeout)
+            tune(s, sockbuf)
+            peer_hello = client_handshake(s, secret, dict(hello, lane=i, lanes=lanes, conn=conn))
+            socks.append(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks, peer_hello
+
+
+class Listener:
+    """Accepts connections, authenticates them, groups sockets of one connection into a `Link`."""
+
+    def __init__(self, engine: Any, host: str, port: int, secret: bytes, sockbuf: int | None,
+                 on_link: Callable[[list[socket.socket], dict[str, Any]], None]) -> None:
+        self.engine = engine
+        self.secret = secret
+        self.sockbuf = sockbuf
+        self.on_link = on_link
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self._partial: dict[str, tuple[float, dict[int, socket.socket]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.thread = threading.Thread(target=self._loop, name=f"wbt-{engine.name}-accept", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handshake, args=(s,), daemon=True).start()
+
+    def _handshake(self, s: socket.socket) -> None:
+        try:
+            tune(s, self.sockbuf)
+            hello = server_handshake(s, self.secret, self.engine._hello())
+        except (OSError, AuthError, ValueError, PeerGone) as exc:
+            self.engine._log(f"rejected a connection: {exc}")
+            s.close()
+            return
+        conn, lane, lanes = str(hello["conn"]), int(hello["lane"]), int(hello["lanes"])
+        with self._lock:
+            now = time.monotonic()
+            for key in [k for k, (t0, _) in self._partial.items() if now - t0 > 60]:
+                for old in self._partial.pop(key)[1].values():
+                    old.close()
+            _, got = self._partial.setdefault(conn, (now, {}))
+            got[lane] = s
+            if len(got) < lanes + 1:
+                return
+            del self._partial[conn]
+        self.on_link([got[i] for i in range(lanes + 1)], hello)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            for _, got in self._partial.values():
+                for s in got.values():
+                    s.close()
+            self._partial.clear()

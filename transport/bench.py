@@ -1,0 +1,459 @@
+"""Transport benchmark: single writes, paged writes and imm round trips against two baselines.
+
+The target engine runs in a separate process (spawned), so every byte crosses a real
+socket (or CUDA IPC) between processes. Each operation is timed from submission to the
+target's confirmation; the baselines move the same bytes with the same completion rule:
+
+- `raw_socket`: a plain socket pair, `sendall` + `recv_into` + a 1-byte acknowledgement;
+- `gloo`: torch.distributed gloo `isend`/`irecv` + a one-element acknowledgement.
+
+`run()` returns a `BenchReport`: rows `{backend, mode, bytes, lanes, GBps, p50_us}` (GBps = bytes over the
+median operation time, robust to the stalls of a shared VM; `GBps_mean` is kept too), the
+timed operations as events in the shared Result schema, and the soak result.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = tuple(4 * KiB * 4**i for i in range(9))  # 4 KiB ... 256 MiB
+PAGE_SIZES = (1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB)
+ROW_KEYS = ("backend", "mode", "bytes", "lanes", "GBps", "p50_us")
+
+
+def iterations(nbytes: int, budget: int = 512 * MiB, lo: int = 3, hi: int = 300) -> int:
+    """How many timed repetitions of an operation of `nbytes` (both sides agree on it)."""
+    return max(lo, min(hi, budget // max(nbytes, 1)))
+
+
+@dataclass
+class BenchReport:
+    rows: list[dict[str, Any]]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    soak: dict[str, Any] = field(default_factory=dict)
+    machine: str = ""
+
+    def frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=list(ROW_KEYS))
+
+    def result(self) -> Any:
+        """The timed operations as a `workbench.result.Result` (source=run, fidelity=measured)."""
+        from workbench.result import Result
+
+        return Result(events=self.events, source="run", fidelity="measured",
+                      metrics={**self.ratios(), **{f"soak_{k}": v for k, v in self.soak.items()}})
+
+    def ratios(self) -> dict[str, float]:
+        """Headline ratios: engine vs raw socket (>= 1 MiB), lanes vs one lane, paged 64 KiB vs single."""
+        df = self.frame()
+        out: dict[str, float] = {}
+        single = df[df["mode"] == "single"]
+        if single.empty:
+            return out
+        raw = df[df["mode"] == "raw_socket"].set_index("bytes")["GBps"]
+        gloo = df[df["mode"] == "gloo"].set_index("bytes")["GBps"]
+        best = single.groupby("bytes")["GBps"].max()
+        big = [b for b in best.index if b >= MiB and b in raw.index]
+        if big:
+            out["min_ratio_vs_raw_socket_ge_1MiB"] = float(min(best[b] / raw[b] for b in big))
+            out["mean_ratio_vs_raw_socket_ge_1MiB"] = float(statistics.mean(best[b] / raw[b] for b in big))
+        bigg = [b for b in best.index if b >= MiB and b in gloo.index]
+        if bigg:
+            out["mean_ratio_vs_gloo_ge_1MiB"] = float(statistics.mean(best[b] / gloo[b] for b in bigg))
+        lanes = sorted(single["lanes"].unique())
+        if len(lanes) > 1:
+            one = single[single["lanes"] == lanes[0]].set_index("bytes")["GBps"]
+            worst = min(float(single[single["lanes"] == n].set_index("bytes")["GBps"].loc[b] / one.loc[b])
+                        for n in lanes[1:] for b in one.index if b >= MiB)
+            out["min_ratio_more_lanes_vs_one_ge_1MiB"] = worst
+        paged = df[(df["mode"] == "paged") & (df["lanes"] == single["lanes"].max())]
+        if not paged.empty:
+            p64 = paged[paged["page_bytes"] == 64 * KiB] if "page_bytes" in paged else paged
+            tot = int(p64["bytes"].iloc[0]) if not p64.empty else 0
+            s = single[single["lanes"] == single["lanes"].max()].set_index("bytes")["GBps"]
+            if tot in s.index:
+                out["paged_64KiB_vs_single"] = float(p64["GBps"].iloc[0] / s.loc[tot])
+        return out
+
+    def table(self) -> str:
+        """A markdown table: single-write GB/s per lane count next to both baselines, with ratios."""
+        df = self.frame()
+        lines = []
+        single = df[df["mode"] == "single"]
+        lanes = sorted(single["lanes"].unique())
+        raw = df[df["mode"] == "raw_socket"].set_index("bytes")["GBps"]
+        gloo = df[df["mode"] == "gloo"].set_index("bytes")["GBps"]
+        head = ["bytes"] + [f"{single['backend'].iloc[0] if len(single) else ''} {n} lane(s) GB/s" for n in lanes]
+        head += ["raw socket GB/s", "gloo GB/s", "best/raw", "best/gloo", "p50 µs (1 lane)"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for b in sorted(single["bytes"].unique()):
+            vals = [single[(single["bytes"] == b) & (single["lanes"] == n)]["GBps"] for n in lanes]
+            g = [float(v.iloc[0]) if len(v) else float("nan") for v in vals]
+            best = max(g)
+            p50 = single[(single["bytes"] == b) & (single["lanes"] == lanes[0])]["p50_us"]
+            r, gl = raw.get(b, float("nan")), gloo.get(b, float("nan"))
+            lines.append("| " + " | ".join([_fmt_bytes(int(b))] + [f"{x:.2f}" for x in g] + [
+                f"{r:.2f}", f"{gl:.2f}", f"{best / r:.2f}", f"{best / gl:.2f}", f"{float(p50.iloc[0]):.0f}"]) + " |")
+        paged = df[df["mode"] == "paged"]
+        if not paged.empty:
+            lines += ["", "| paged write | pages | lanes | GB/s | p50 µs |", "|---|---|---|---|---|"]
+            for r_ in paged.itertuples(index=False):
+                lines.append(f"| {_fmt_bytes(int(r_.bytes))} total | {_fmt_bytes(int(getattr(r_, 'page_bytes', 0)))} "
+                             f"| {r_.lanes} | {r_.GBps:.2f} | {r_.p50_us:.0f} |")
+        imm = df[df["mode"] == "imm"]
+        if not imm.empty:
+            lines += ["", f"imm round trip p50: {float(imm['p50_us'].iloc[0]):.0f} µs"]
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, s in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+        if n >= s and n % s == 0:
+            return f"{n // s} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------- target processes
+def _serve_engine(conn: Any, backend: str, nbytes: int, device: str, shm_name: str | None, secret: str) -> None:
+    os.environ["WORKBENCH_TRANSPORT_SECRET"] = secret
+    from transport.engine import Engine
+
+    shm = None
+    if device.startswith("cuda"):
+        import torch
+
+        buf: Any = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    else:
+        from multiprocessing import shared_memory
+
+        import numpy as np
+
+        shm = shared_memory.SharedMemory(name=shm_name) if shm_name else None
+        buf = np.ndarray((nbytes,), np.uint8, buffer=shm.buf) if shm else np.zeros(nbytes, np.uint8)
+    with Engine(backend, lanes=1) as eng:
+        region = eng.register(buf)
+        eng.on_imm(lambda imm, peer: eng.write_imm(peer, imm))  # echo for round-trip latency
+        conn.send(region.descriptor.to_bytes())
+        conn.recv()  # stop
+        eng.deregister(region)
+    del buf
+    if shm is not None:
+        shm.close()
+
+
+def _serve_socket(conn: Any, nbytes: int) -> None:
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    conn.send(ls.getsockname()[1])
+    s, _ = ls.accept()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(nbytes))
+    hdr = bytearray(8)
+    while True:
+        if s.recv_into(hdr, 8, socket.MSG_WAITALL) < 8:
+            return
+        n = struct.unpack("<Q", hdr)[0]
+        got = 0
+        while got < n:
+            k = s.recv_into(buf[got:n], n - got)
+            if k == 0:
+                return
+            got += k
+        s.sendall(b"k")
+
+
+def _serve_gloo(port: int, plan: list[tuple[int, int]], nbytes: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    ack = torch.ones(1, dtype=torch.uint8)
+    for size, iters in plan:
+        for _ in range(iters + 1):
+            dist.irecv(buf[:size], src=0).wait()
+            dist.send(ack, dst=0)
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- measurements
+def _timed(fn: Any, iters: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - a)
+    return time.perf_counter() - t0, lat
+
+
+def _row(backend: str, mode: str, nbytes: int, lanes: int, total: float, lat: list[float], iters: int,
+         **extra: Any) -> dict[str, Any]:
+    p50 = statistics.median(lat)
+    return {"backend": backend, "mode": mode, "bytes": nbytes, "lanes": lanes,
+            "GBps": nbytes / p50 / 1e9 if p50 > 0 and nbytes else 0.0,
+            "p50_us": p50 * 1e6, "GBps_mean": nbytes * iters / total / 1e9 if total > 0 else 0.0,
+            "iters": iters, **extra}
+
+
+def bench_raw_socket(sizes: Sequence[int]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_serve_socket, args=(b, max(sizes)), daemon=True)
+    p.start()
+    try:
+        port = a.recv()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        src = memoryview(os.urandom(max(sizes)))
+        ackb = bytearray(1)
+        rows = []
+        for size in sizes:
+            def op(size: int = size) -> None:
+                s.sendall(struct.pack("<Q", size))
+                s.sendall(src[:size])
+                s.recv_into(ackb, 1, socket.MSG_WAITALL)
+
+            it = iterations(size)
+            total, lat = _timed(op, it)
+            rows.append(_row("baseline", "raw_socket", size, 1, total, lat, it))
+        s.close()
+        return rows
+    finally:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+
+
+def bench_gloo(sizes: Sequence[int]) -> list[dict[str, Any]]:
+    import torch
+    import torch.distributed as dist
+
+    with socket.socket() as tmp:
+        tmp.bind(("127.0.0.1", 0))
+        port = tmp.getsockname()[1]
+    plan = [(s, iterations(s)) for s in sizes]
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_serve_gloo, args=(port, plan, max(sizes)), daemon=True)
+    p.start()
+    rows = []
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+        src = torch.randint(0, 255, (max(sizes),), dtype=torch.uint8)
+        ack = torch.empty(1, dtype=torch.uint8)
+        for size, iters in plan:
+            def op(size: int = size) -> None:
+                dist.isend(src[:size], dst=1).wait()
+                dist.recv(ack, src=1)
+
+            total, lat = _timed(op, iters)
+            rows.append(_row("baseline", "gloo", size, 1, total, lat, iters))
+        dist.destroy_process_group()
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    return rows
+
+
+class _Target:
+    """A spawned process holding an engine with one registered buffer (shared memory on CPU)."""
+
+    def __init__(self, backend: str, nbytes: int, device: str = "cpu") -> None:
+        from transport.descriptors import MemoryDescriptor
+        from transport.engine import SECRET_ENV
+
+        self.shm = None
+        if not device.startswith("cuda"):
+            from multiprocessing import shared_memory
+
+            self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        secret = os.environ.setdefault(SECRET_ENV, os.urandom(16).hex())
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_engine, daemon=True,
+                                args=(child, backend, nbytes, device, self.shm.name if self.shm else None, secret))
+        self.proc.start()
+        deadline = time.monotonic() + 120
+        while not self.conn.poll(0.2):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"benchmark target engine did not start (exit code {self.proc.exitcode})")
+        self.desc = MemoryDescriptor.from_bytes(self.conn.recv())
+
+    @property
+    def view(self) -> Any:
+        import numpy as np
+
+        assert self.shm is not None
+        return np.ndarray((self.desc.nbytes,), np.uint8, buffer=self.shm.buf)
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+
+
+def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_sizes: Sequence[int],
+                 paged_total: int, device: str = "cpu", imm_iters: int = 300,
+                 events: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Single-write sweep per lane count, paged writes and imm round trips, against a spawned target."""
+    from transport.engine import Engine
+
+    nbytes = max(max(sizes), paged_total)
+    target = _Target(backend, nbytes, device)
+    rows: list[dict[str, Any]] = []
+    clock0 = time.perf_counter()
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            src_buf: Any = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        else:
+            import numpy as np
+
+            src_buf = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        for nl in lanes:
+            with Engine(backend, lanes=nl) as eng:
+                src = eng.register(src_buf)
+                eng.connect(target.desc)
+                for size in sizes:
+                    done: list[Any] = []
+
+                    def op(size: int = size, done: list[Any] = done) -> None:  # noqa: B023 - called at once
+                        t = eng.write(src, target.desc, size)  # noqa: B023
+                        t.result(120)
+                        done.append(t)
+
+                    it = iterations(size)
+                    total, lat = _timed(op, it)
+                    rows.append(_row(backend, "single", size, nl, total, lat, it, device=device))
+                    if events is not None:
+                        events.extend(_events(done[1:], "write", nl, clock0, device))
+                if nl == max(lanes):
+                    import numpy as np
+
+                    for page in page_sizes:
+                        npages = paged_total // page
+                        rng = np.random.default_rng(page)
+                        sp, dp = rng.permutation(npages), rng.permutation(npages)
+                        done = []
+
+                        def pop(page: int = page, sp: Any = sp, dp: Any = dp, done: list[Any] = done) -> None:
+                            t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)  # noqa: B023
+                            t.result(120)
+                            done.append(t)
+
+                        it = iterations(paged_total, hi=50)
+                        total, lat = _timed(pop, it)
+                        rows.append(_row(backend, "paged", npages * page, nl, total, lat, it,
+                                         page_bytes=page, device=device))
+                        if events is not None:
+                            events.extend(_events(done[1:], f"paged {page} B", nl, clock0, device))
+                    peer = target.desc.address
+                    k = [0]
+
+                    def rt(k: list[int] = k, peer: Any = peer) -> None:
+                        k[0] += 1
+                        eng.write_imm(peer, 1)  # noqa: B023
+                        eng.counter.wait(1, k[0], timeout=10)  # noqa: B023
+
+                    total, lat = _timed(rt, imm_iters)
+                    rows.append(_row(backend, "imm", 0, nl, total, lat, imm_iters, device=device))
+                eng.deregister(src)
+    finally:
+        target.close()
+    return rows
+
+
+def _events(ts: list[Any], op: str, lanes: int, clock0: float, device: str) -> list[dict[str, Any]]:
+    return [{"rank": 0, "device": device, "kind": "transfer", "op": op, "bytes": t.nbytes,
+             "links": tuple(f"lane{i}" for i in sorted(set(t.lanes))), "start": t.submitted - clock0,
+             "end": (t.completed or t.submitted) - clock0, "lanes": lanes} for t in ts]
+
+
+def soak(n_writes: int = 100_000, backend: str = "tcp", lanes: int = 4, batch: int = 1000,
+         max_len: int = 64 * KiB, seed: int = 0, chaos: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`n_writes` random writes (1 B .. max_len, random source offsets) into disjoint slots of a
+    target process's shared-memory buffer, `batch` in flight at a time over `lanes` lanes; every
+    slot is checked against the source by CRC32. Returns counts of lost and corrupted writes."""
+    import numpy as np
+
+    from transport.engine import Engine
+
+    slot = max_len
+    nbytes = batch * slot
+    target = _Target(backend, nbytes)
+    rng = np.random.default_rng(seed)
+    src_buf = rng.integers(0, 255, 4 * nbytes, dtype=np.uint8)
+    lost = corrupted = done = 0
+    dst = target.view
+    t0 = time.perf_counter()
+    moved = 0
+    try:
+        with Engine(backend, lanes=lanes, chaos=chaos) as eng:
+            src = eng.register(src_buf)
+            left = n_writes
+            while left > 0:
+                k = min(batch, left)
+                lens = rng.integers(1, max_len + 1, k)
+                offs = rng.integers(0, src_buf.size - max_len, k)
+                dst[: k * slot] = 0
+                ts = [eng.write(src, target.desc, int(lens[i]), src_offset=int(offs[i]), dst_offset=i * slot,
+                                imm=7) for i in range(k)]
+                for i, t in enumerate(ts):
+                    try:
+                        t.result(60)
+                    except Exception:  # noqa: BLE001 - counted as lost
+                        lost += 1
+                        continue
+                    a, n = int(offs[i]), int(lens[i])
+                    if zlib.crc32(dst[i * slot:i * slot + n]) != zlib.crc32(src_buf[a:a + n]):
+                        corrupted += 1
+                    moved += n
+                done += k
+                left -= k
+    finally:
+        target.close()
+    dt = time.perf_counter() - t0
+    return {"writes": done, "lost": lost, "corrupted": corrupted, "bytes": moved, "seconds": round(dt, 2),
+            "lanes": lanes, "writes_per_s": round(done / dt, 1)}
+
+
+def run(backend: str = "tcp", lanes: int = 4, *, sizes: Sequence[int] = SIZES, page_sizes: Sequence[int] = PAGE_SIZES,
+        paged_total: int = 16 * MiB, baselines: bool = True, soak_writes: int = 100_000,
+        device: str = "cpu", machine: str = "") -> BenchReport:
+    """The whole benchmark: engine sweep over lane counts 1, 2, 4, … up to `lanes`, paged writes
+    and imm latency at `lanes`, both baselines over the same sizes, then the soak."""
+    lane_set = sorted({1, lanes} | {2**i for i in range(8) if 2**i <= lanes})
+    events: list[dict[str, Any]] = []
+    rows = bench_engine(backend, lane_set, sizes, page_sizes, paged_total, device, events=events)
+    if baselines:
+        rows += bench_raw_socket(sizes)
+        rows += bench_gloo(sizes)
+    report = BenchReport(rows, events, machine=machine)
+    if soak_writes:
+        report.soak = soak(soak_writes, backend if not device.startswith("cuda") else "tcp", lanes=lanes)
+    return report

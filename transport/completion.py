@@ -1,0 +1,202 @@
+"""Completion objects: `Transfer` (a future of one operation) and `ImmCounter` (immediates by value).
+
+Completion is by counting immediates, never by message order: `expect(imm, n)` is done
+when `n` writes (or imm-only writes) tagged `imm` have fully landed, in whatever order the
+lanes delivered them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutTimeout
+from typing import Any
+
+from transport.errors import Cancelled, PeerGone, TransferTimeout, TransportError
+
+
+class Transfer:
+    """Handle of one submitted operation (write, paged write, imm, send, expect).
+
+    `result(timeout)` blocks and raises the transport error if it failed; `add_done_callback`
+    takes `fn(transfer)`; `await transfer` works in asyncio; `cancel()` fails it with `Cancelled`.
+    """
+
+    __slots__ = ("tid", "what", "peer", "nbytes", "future", "_remaining", "_lock", "_on_cancel",
+                 "submitted", "completed", "lanes")
+
+    def __init__(self, tid: int, what: str, peer: str | None, parts: int = 1, nbytes: int = 0,
+                 on_cancel: Callable[[Transfer], None] | None = None) -> None:
+        import time
+
+        self.tid = tid
+        self.what = what
+        self.peer = peer
+        self.nbytes = nbytes
+        self.future: Future[Any] = Future()
+        self._remaining = parts
+        self._lock = threading.Lock()
+        self._on_cancel = on_cancel
+        self.submitted = time.perf_counter()
+        self.completed: float | None = None
+        self.lanes: tuple[int, ...] = ()
+
+    # -- completion (engine side) --
+    def part_done(self, n: int = 1) -> bool:
+        """Count `n` finished parts; resolve when none remain. True when this call resolved it."""
+        with self._lock:
+            if self.future.done():
+                return False
+            self._remaining -= n
+            if self._remaining > 0:
+                return False
+        return self.succeed()
+
+    def succeed(self, value: Any = None) -> bool:
+        import time
+
+        self.completed = time.perf_counter()
+        try:
+            self.future.set_result(value)
+            return True
+        except Exception:  # already resolved (failed, cancelled, timed out)
+            return False
+
+    def fail(self, exc: BaseException) -> bool:
+        try:
+            self.future.set_exception(exc)
+            return True
+        except Exception:
+            return False
+
+    # -- user side --
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for completion; raise the transfer's `TransportError`, or `TransferTimeout` after `timeout`."""
+        try:
+            return self.future.result(timeout)
+        except _FutTimeout:
+            raise TransferTimeout(f"{self.what}: not complete after {timeout} s") from None
+
+    wait = result
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return self.future.exception(timeout)
+        except _FutTimeout:
+            raise TransferTimeout(f"{self.what}: not complete after {timeout} s") from None
+
+    def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
+        self.future.add_done_callback(lambda _f: fn(self))
+
+    def cancel(self) -> bool:
+        """Fail the transfer with `Cancelled` (unsent parts are dropped); False if already done."""
+        if self.fail(Cancelled(f"{self.what}: cancelled")):
+            if self._on_cancel is not None:
+                self._on_cancel(self)
+            return True
+        return False
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.completed is None else self.completed - self.submitted
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return asyncio.wrap_future(self.future).__await__()
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self.future.exception() else "done")
+        return f"Transfer({self.what!r}, peer={self.peer!r}, bytes={self.nbytes}, {state})"
+
+
+class _Expectation:
+    __slots__ = ("imm", "n", "peer", "transfer")
+
+    def __init__(self, imm: int, n: int, peer: str | None, transfer: Transfer) -> None:
+        self.imm, self.n, self.peer, self.transfer = imm, n, peer, transfer
+
+
+class ImmCounter:
+    """Counts arrived immediates per value; expectations consume counts, waits read totals.
+
+    - `expect(imm, n)` -> `Transfer` done once `n` unconsumed arrivals of `imm` exist (they are
+      consumed then; arrivals before the call count too).
+    - `wait(imm, total, timeout)` blocks until `total(imm) >= total` (nothing consumed).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[int, int] = defaultdict(int)
+        self._total: dict[int, int] = defaultdict(int)
+        self._expect: dict[int, deque[_Expectation]] = defaultdict(deque)
+        self._seq = 0
+
+    def total(self, imm: int) -> int:
+        with self._cond:
+            return self._total.get(imm, 0)
+
+    def value(self, imm: int) -> int:
+        """Arrivals of `imm` not yet consumed by an expectation."""
+        with self._cond:
+            return self._pending.get(imm, 0)
+
+    def add(self, imm: int, n: int = 1) -> None:
+        fire: list[Transfer] = []
+        with self._cond:
+            self._pending[imm] += n
+            self._total[imm] += n
+            self._match(imm, fire)
+            self._cond.notify_all()
+        for t in fire:
+            t.succeed(imm)
+
+    def _match(self, imm: int, fire: list[Transfer]) -> None:
+        q = self._expect.get(imm)
+        while q:
+            e = q[0]
+            if e.transfer.done():
+                q.popleft()
+                continue
+            if self._pending[imm] < e.n:
+                break
+            self._pending[imm] -= e.n
+            q.popleft()
+            fire.append(e.transfer)
+
+    def expect(self, imm: int, n: int, peer: str | None = None) -> Transfer:
+        if n < 1:
+            raise ValueError(f"expect: n must be >= 1, got {n}")
+        with self._cond:
+            self._seq += 1
+            t = Transfer(-self._seq, f"expect(imm={imm}, n={n})", peer, parts=n)
+            self._expect[imm].append(_Expectation(imm, n, peer, t))
+            fire: list[Transfer] = []
+            self._match(imm, fire)
+        for f in fire:
+            f.succeed(imm)
+        return t
+
+    def wait(self, imm: int, total: int, timeout: float | None = None) -> int:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._total.get(imm, 0) >= total, timeout)
+            if not ok:
+                raise TransferTimeout(f"wait(imm={imm}): {self._total.get(imm, 0)} of {total} after {timeout} s")
+            return self._total[imm]
+
+    def fail_peer(self, peer: str, exc: TransportError) -> None:
+        """Fail the expectations tied to `peer` (it is gone)."""
+        with self._cond:
+            doomed = [e for q in self._expect.values() for e in q if e.peer == peer]
+        for e in doomed:
+            e.transfer.fail(PeerGone(f"{e.transfer.what}: {exc}"))
+
+    def fail_all(self, exc: TransportError) -> None:
+        with self._cond:
+            doomed = [e for q in self._expect.values() for e in q]
+        for e in doomed:
+            e.transfer.fail(Cancelled(f"{e.transfer.what}: {exc}"))
