@@ -14,6 +14,7 @@ and `link_colour_update(fig, utilisation)` recolours links by utilisation for li
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from collections.abc import Mapping
@@ -172,7 +173,7 @@ def _layout(c: Cluster, aggregate: bool, rail: bool) -> tuple[dict[str, tuple[fl
 # hover text
 
 
-def _vertex_hover(c: Cluster, vid: str, kind: str, aggregate: bool, rail: bool) -> str:
+def _vertex_hover(c: Cluster, vid: str, kind: str, aggregate: bool, rail: bool, degree: int) -> str:
     g = c.graph
     if kind == "node":
         i = int(vid[1:])
@@ -183,7 +184,6 @@ def _vertex_hover(c: Cluster, vid: str, kind: str, aggregate: bool, rail: bool) 
         members = [v for v in g.vertices if group_of(v, aggregate, rail) == vid]
         return f"<b>{vid}</b><br>{len(members)} rail switches ({c.fabric.switch})"
     v: Vertex = g.vertices[vid]
-    degree = sum(1 for lk in g.links if vid in (lk.a, lk.b))
     if kind in ("gpu", "cpu"):
         n = c.nodes[v.node or 0]
         s = n.gpu_spec
@@ -194,7 +194,7 @@ def _vertex_hover(c: Cluster, vid: str, kind: str, aggregate: bool, rail: bool) 
                 f"peak TFLOP/s: {peaks}{extra}<br>NICs: {nics}")
     if kind == "nic":
         s = c.nodes[v.node or 0].nic_spec
-        served = [d for d in c.gpus if vid in c.graph.nics_of(d)]
+        served = [d for d in c.gpus if c.node_of(d) == v.node and vid in c.graph.nics_of(d)]
         return (f"<b>{vid}</b> {s.name}<br>{s.Gbps:g} Gbps ({s.protocol}), {s.latency_us:g} µs<br>"
                 f"GPUDirect: {'yes' if s.gpudirect else 'no'}; serves {', '.join(served) or 'host only'}")
     if kind == "nvswitch":
@@ -233,6 +233,10 @@ def topology_figure(cluster: Cluster, utilisation: Mapping[str, float] | None = 
     pos, kinds, labels = _layout(c, agg, rail)
     edges = [e for e in _edges(c.graph.links, agg, rail) if e.a in pos and e.b in pos]
 
+    degree: dict[str, int] = {}
+    for lk in c.graph.links:
+        degree[lk.a] = degree.get(lk.a, 0) + 1
+        degree[lk.b] = degree.get(lk.b, 0) + 1
     traces: list[Any] = []
     for kind, colour in LINK_STYLE.items():
         mine = [e for e in edges if (e.kind if e.kind in LINK_STYLE else "other") == kind]
@@ -261,7 +265,7 @@ def topology_figure(cluster: Cluster, utilisation: Mapping[str, float] | None = 
         ids = [v for v, k in kinds.items() if k == kind]
         traces.append(go.Scatter(
             x=[pos[v][0] for v in ids], y=[pos[v][1] for v in ids], mode="markers", name=kind,
-            showlegend=bool(ids), hoverinfo="text", hovertext=[_vertex_hover(c, v, kind, agg, rail) for v in ids],
+            showlegend=bool(ids), hoverinfo="text", hovertext=[_vertex_hover(c, v, kind, agg, rail, degree.get(v, 0)) for v in ids],
             customdata=ids, marker={"symbol": symbol, "size": size, "color": colour,
                                     "line": {"width": 1, "color": "#ffffff"}},
             meta={"role": "vertices", "kind": kind},
@@ -279,7 +283,7 @@ def topology_figure(cluster: Cluster, utilisation: Mapping[str, float] | None = 
     annotations += [{"x": x, "y": label_y, "xref": "x", "yref": "y", "text": t, "showarrow": False,
                      "font": {"size": 10, "color": "#444"}} for x, t in labels]
     fig.update_layout(
-        title={"text": f"{c.name}: {s['nodes']} nodes, {s['gpus']} devices, {s['links']} links"
+        title={"text": f"{html.escape(c.name)}: {s['nodes']} nodes, {s['gpus']} devices, {s['links']} links"
                        + (" (one marker per node)" if agg else ""), "font": {"size": 14}},
         xaxis={"visible": False}, yaxis={"visible": False, "range": [1.2 if agg else -1.0, 5.6]},
         height=height or (380 if agg else 520), margin={"l": 110, "r": 20, "t": 50, "b": 20},
