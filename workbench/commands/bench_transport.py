@@ -1,0 +1,84 @@
+"""`workbench bench transport`: write sweep, paged writes, imm latency, raw-socket and gloo baselines, soak."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.commands import Command, emit
+from workbench.errors import WorkbenchError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="tcp", help="tcp (default), cuda_ipc or nixl")
+    p.add_argument("--lanes", type=int, default=4, help="most lanes: single writes are swept over 1, 2, 4, … up to it")
+    p.add_argument("--device", default="cpu", help="where the buffers live: cpu or cuda:N")
+    p.add_argument("--quick", action="store_true", help="a short sweep (4 KiB, 1 MiB, 16 MiB; no 256 MiB) and a 5000-write soak")
+    p.add_argument("--soak", type=int, default=None, help="random writes in the soak (default 100000; 0 skips it)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the raw-socket and gloo baselines")
+    p.add_argument("--save", metavar="MACHINE", default=None,
+                   help="also write benchmarks/results/transport-MACHINE.json and .md")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import platform
+    from pathlib import Path
+
+    from transport import bench
+    from transport.backends import BACKENDS
+
+    if args.backend not in BACKENDS:
+        raise WorkbenchError(f"--backend: unknown {args.backend!r} (choose from {', '.join(BACKENDS)})")
+    if not 1 <= args.lanes <= 64:
+        raise WorkbenchError(f"--lanes: must be 1..64, got {args.lanes}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise WorkbenchError(f"--device: use cpu or cuda:N, got {args.device!r}")
+    sizes = (4 << 10, 1 << 20, 16 << 20) if args.quick else bench.SIZES
+    soak = args.soak if args.soak is not None else (5000 if args.quick else 100_000)
+    machine = args.save or platform.node()
+    report = bench.run(args.backend, args.lanes, sizes=sizes, baselines=not args.no_baselines,
+                       soak_writes=soak, device=args.device, machine=machine)
+    rows = [{k: r[k] for k in bench.ROW_KEYS} for r in report.rows]
+    if args.save:
+        out = Path("benchmarks/results")
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": machine, "platform": platform.platform(), "cpus": _cpus(), "backend": args.backend,
+                "device": args.device, "command": "workbench bench transport " + " ".join(_argv(args))}
+        (out / f"transport-{machine}.json").write_text(json.dumps(
+            {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "soak": report.soak}, indent=1, default=str))
+        (out / f"transport-{machine}.md").write_text(
+            f"# Transport benchmark on {machine}\n\n`{meta['command']}` — {meta['platform']}, {meta['cpus']} CPUs\n\n"
+            + report.table() + "\n\nRatios: " + json.dumps(report.ratios(), indent=1)
+            + "\n\nSoak: " + json.dumps(report.soak) + "\n")
+    if args.json:
+        emit(rows, True)
+    else:
+        print(report.table())
+        print()
+        for k, v in report.ratios().items():
+            print(f"{k}: {v:.2f}")
+        if report.soak:
+            print("soak:", report.soak)
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    out = [f"--backend {args.backend}", f"--lanes {args.lanes}"]
+    if args.device != "cpu":
+        out.append(f"--device {args.device}")
+    if args.quick:
+        out.append("--quick")
+    if args.soak is not None:
+        out.append(f"--soak {args.soak}")
+    return out
+
+
+COMMANDS = [Command("bench", "transport", "benchmark the transport (writes, paged writes, imm latency) against "
+                    "a raw socket pair and torch.distributed gloo, plus a soak", add_arguments, run)]
