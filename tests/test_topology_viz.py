@@ -183,3 +183,12 @@ def test_missing_plotly_names_the_notebook_extra(module: str) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ExtraMissing") and "'notebook' extra" in r.stdout
+
+
+def test_topology_notebook_is_stored_without_outputs() -> None:
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "01_topology.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
