@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError, require
-from workbench.result import Result, events_frame, links_frame, memory_frame
+from workbench.result import Result
 from workbench.viz import results as vr
 
 if TYPE_CHECKING:
@@ -48,12 +48,12 @@ class Dashboard:
     is the simulated Result to overlay; `max_fps` bounds redraws per second; `top_links`
     how many links the bandwidth panel shows; `max_events` how many recent events the
     timeline keeps drawn; `window` the seconds of run time over which the topology averages
-    each link's utilisation.
+    each link's utilisation; `width` the dashboard's width in pixels (two panels per row).
     """
 
     def __init__(self, cluster: Cluster | None = None, prediction: Result | None = None, *,
                  max_fps: float = 10.0, top_links: int = 6, max_events: int = 4000,
-                 window: float = 0.5, title: str = "workbench · live run") -> None:
+                 window: float = 0.5, width: int = 1100, title: str = "workbench · live run") -> None:
         if max_fps <= 0:
             raise WorkbenchError(f"max_fps: must be positive, got {max_fps} (e.g. 10 redraws per second)")
         if top_links < 1:
@@ -66,6 +66,7 @@ class Dashboard:
         self.top_links = int(top_links)
         self.max_events = int(max_events)
         self.window = float(window)
+        self.width = int(width)
         self.title = title
 
         self._lock = threading.RLock()
@@ -94,9 +95,7 @@ class Dashboard:
         """Add one telemetry update; redraws now if the last redraw is older than 1/max_fps
         and no render thread is running (with `attach`, the render thread redraws)."""
         with self._lock:
-            self._pending_events.append(update.events)
-            self._pending_memory.append(update.memory)
-            self._pending_links.append(update.links)
+            self._pending.append((update.events, update.memory, update.links))
             self._step, self._steps = int(update.step), int(update.steps)
             self._progress, self._t = float(update.progress), float(update.t)
             self.updates_pushed += 1
@@ -241,29 +240,21 @@ class Dashboard:
     # ------------------------------------------------------------------ data
     def _reset_data(self) -> None:
         with self._lock:
-            self._events = events_frame()
-            self._memory = memory_frame()
-            self._links = links_frame()
-            self._pending_events: list[pd.DataFrame] = []
-            self._pending_memory: list[pd.DataFrame] = []
-            self._pending_links: list[pd.DataFrame] = []
+            self._data = LiveData(self.prediction, self.max_events)
+            self._pending: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
             self._step = self._steps = 0
             self._progress = self._t = 0.0
             self._dirty = False
             self._last_render = 0.0
             self.updates_pushed = 0
 
-    def _take(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    def _take(self) -> LiveData:
         with self._lock:
-            self._events = _concat(self._events, self._pending_events)
-            if self._pending_memory:  # only the latest sample per (rank, category) is kept and drawn
-                mem = _concat(self._memory, self._pending_memory)
-                self._memory = mem.sort_values("time", kind="stable").drop_duplicates(
-                    ["rank", "category"], keep="last").reset_index(drop=True)
-            self._links = _concat(self._links, self._pending_links)
-            self._pending_events, self._pending_memory, self._pending_links = [], [], []
+            pending, self._pending = self._pending, []
             self._dirty = False
-            return self._events, self._memory, self._links
+        for events, memory, links in pending:  # outside the lock: push() never waits for this
+            self._data.add(events, memory, links)
+        return self._data
 
     # ------------------------------------------------------------------ widgets
     def _build(self) -> None:
@@ -278,6 +269,7 @@ class Dashboard:
         self._figs["links"] = links
         self._figs["memory"] = go.FigureWidget(layout=vr.memory_layout("Memory per rank (now)"))
         self._memory_traces: dict[str, int] = {}
+        self._ranks_drawn: list[int] = []
         self._figs["memory"].add_trace(vr.capacity_trace(go, [], np.empty(0)))
         lat = go.FigureWidget(layout=vr.latency_layout("Latency per op"))
         lat.add_trace(go.Bar(x=[], y=np.empty(0), name="p50", marker_color="#4C78A8"))
@@ -297,105 +289,84 @@ class Dashboard:
                                     layout=w.Layout(width="50%"))
         self._status = w.HTML(value=self._status_html())
         header = w.HBox([self._bar, self._status])
-        half = w.Layout(width="50%")
+        half = self.width // 2 - 8
         for name in ("topology", "links", "memory", "latency"):
             if name in self._figs:
-                self._figs[name].layout.autosize = True
+                self._figs[name].layout.width = half
+        self._figs["timeline"].layout.width = self.width
         top = [self._figs[n] for n in ("topology", "links") if n in self._figs]
-        rows = [w.HTML(f"<b>{html.escape(self.title)}</b>"), header]
-        rows.append(w.HBox([w.Box([f], layout=half) for f in top]) if len(top) == 2 else top[0])
-        rows.append(w.HBox([w.Box([self._figs["memory"]], layout=half), w.Box([self._figs["latency"]], layout=half)]))
-        rows.append(self._figs["timeline"])
+        rows = [w.HTML(f"<b>{html.escape(self.title)}</b>"), header, w.HBox(top),
+                w.HBox([self._figs["memory"], self._figs["latency"]]), self._figs["timeline"]]
         self._box = w.VBox(rows)
 
     def _render(self) -> None:
-        events, memory, links = self._take()
+        data = self._take()
         with self._lock:
             step, steps, progress, t = self._step, self._steps, self._progress, self._t
-        self._render_timeline(events)
-        self._render_links(links)
-        self._render_memory(memory, events)
-        self._render_latency(events)
+        self._render_timeline(data)
+        self._render_links(data)
+        self._render_memory(data)
+        self._render_latency(data)
         if "topology" in self._figs:
-            util = vr.link_utilisation(links, window=self.window) if len(links) else {}
-            _recolour_topology(self._figs["topology"], util)
+            _recolour_topology(self._figs["topology"], data.utilisation(self.window))
         self._bar.value = min(max(progress, 0.0), 1.0)
         self._bar.bar_style = "danger" if self.error else ("success" if progress >= 1.0 else "info")
-        self._status.value = self._status_html(step, steps, t, len(events))
+        self._status.value = self._status_html(step, steps, t, data.n_events)
 
-    def _render_timeline(self, events: pd.DataFrame) -> None:
+    def _render_timeline(self, data: LiveData) -> None:
         fig = self._figs["timeline"]
-        shown = events.nlargest(self.max_events, "end") if len(events) > self.max_events else events
-        ranks = sorted(set(events["rank"].dropna().astype(int))) if len(events) else []
-        arrays = [vr.timeline_arrays(shown, k) for k in vr.TIMELINE_KINDS]
+        arrays = data.timeline()
         if self.prediction is not None:
-            arrays += self._prediction_arrays(events)
+            arrays += data.predicted_timeline()
+        ranks = sorted(data.devices)
         with fig.batch_update():
             for trace, (x, y, text) in zip(fig.data, arrays):
                 trace.x, trace.y, trace.text = x, y, text
-            fig.layout.yaxis.update(vr.rank_axis(ranks, self.prediction is not None))
-            fig.layout.height = vr.timeline_layout(ranks, self.prediction is not None, "")["height"]
+            if ranks != self._ranks_drawn:
+                fig.layout.yaxis.update(vr.rank_axis(ranks, self.prediction is not None))
+                fig.layout.height = vr.timeline_layout(ranks, self.prediction is not None, "")["height"]
+                self._ranks_drawn = ranks
 
-    def _prediction_arrays(self, events: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Timeline segments of the prediction aligned to the measured steps so far (cached per step starts)."""
-        assert self.prediction is not None
-        starts = events.groupby("step")["start"].min() if len(events) and "step" in events else pd.Series(dtype=float)
-        key = tuple(starts.items()) if len(starts) else (len(events),)
-        if getattr(self, "_pred_key", None) != key:
-            pred = vr.align_prediction(self.prediction.events, events) if len(events) else self.prediction.events.iloc[:0]
-            if len(pred) > self.max_events:
-                pred = pred.nlargest(self.max_events, "end")
-            self._pred_arrays = [vr.timeline_arrays(pred, k, vr.PREDICTION_OFFSET) for k in vr.TIMELINE_KINDS]
-            self._pred_key = key
-        return self._pred_arrays
-
-    def _render_links(self, links: pd.DataFrame) -> None:
+    def _render_links(self, data: LiveData) -> None:
         fig = self._figs["links"]
-        top = vr.busiest_links(links, self.top_links)
+        top = data.busiest_links(self.top_links)
         with fig.batch_update():
             for i, trace in enumerate(fig.data):
                 if i < len(top):
-                    x, y = vr.link_arrays(links, top[i])
-                    trace.x, trace.y, trace.name, trace.visible = x, y, top[i], True
-                else:
+                    name, x, y = top[i]
+                    trace.x, trace.y = x, y
+                    if trace.name != name or not trace.visible:
+                        trace.name, trace.visible = name, True
+                elif trace.visible:
                     trace.x, trace.y, trace.visible = np.empty(0), np.empty(0), False
 
-    def _render_memory(self, memory: pd.DataFrame, events: pd.DataFrame) -> None:
+    def _render_memory(self, data: LiveData) -> None:
         fig = self._figs["memory"]
-        snap = vr.memory_snapshot(memory, "latest")
-        if snap.empty:
+        ranks, by_cat = data.memory()
+        if not ranks:
             return
-        ranks = sorted(snap["rank"].unique().tolist())
-        for cat in sorted(snap["category"].unique().tolist()):
+        for cat in by_cat:
             if cat not in self._memory_traces:
                 color = vr.CATEGORY_COLORS[len(self._memory_traces) % len(vr.CATEGORY_COLORS)]
                 fig.add_trace(self._go.Bar(x=[], y=np.empty(0), name=cat, marker_color=color))
                 self._memory_traces[cat] = len(fig.data) - 1
         labels = [f"rank {r}" for r in ranks]
-        caps = vr.rank_capacity(self.cluster, ranks, vr.rank_devices(events))
+        caps = vr.rank_capacity(self.cluster, ranks, data.devices)
         with fig.batch_update():
             for cat, i in self._memory_traces.items():
-                fig.data[i].x, fig.data[i].y = labels, vr.memory_values(snap, cat, ranks) / vr.GB
+                fig.data[i].x, fig.data[i].y = labels, by_cat.get(cat, np.zeros(len(ranks))) / vr.GB
             fig.data[0].x, fig.data[0].y = labels, caps / vr.GB
 
-    def _render_latency(self, events: pd.DataFrame) -> None:
+    def _render_latency(self, data: LiveData) -> None:
         fig = self._figs["latency"]
-        tab = vr.latency_table(events)
-        ops = tab["op"].tolist()
+        ops, p50, p99 = data.latency()
         with fig.batch_update():
-            fig.data[0].x, fig.data[0].y = ops, tab["p50"].to_numpy(float) * 1e3
-            fig.data[1].x, fig.data[1].y = ops, tab["p99"].to_numpy(float) * 1e3
+            fig.data[0].x, fig.data[0].y = ops, p50 * 1e3
+            fig.data[1].x, fig.data[1].y = ops, p99 * 1e3
             if self.prediction is not None:
-                pred = self._predicted_p50()
+                pred = data.predicted_p50
                 have = [op for op in ops if op in pred]
                 fig.data[2].x, fig.data[2].y = have, np.array([pred[op] for op in have]) * 1e3
-
-    def _predicted_p50(self) -> dict[str, float]:
-        if not hasattr(self, "_pred_p50"):
-            assert self.prediction is not None
-            tab = vr.latency_table(self.prediction.events)
-            self._pred_p50 = dict(zip(tab["op"], tab["p50"].astype(float)))
-        return self._pred_p50
 
     def _status_html(self, step: int = 0, steps: int = 0, t: float = 0.0, events: int = 0) -> str:
         if self.error is not None:
@@ -408,12 +379,163 @@ class Dashboard:
         return f"Dashboard(panels={list(self._figs)}, {self.updates_pushed} updates, {self.renders} redraws)"
 
 
-def _concat(base: pd.DataFrame, parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    parts = [p for p in parts if p is not None and len(p)]
-    if not parts:
-        return base
-    frames = [base, *parts] if len(base) else parts
-    return pd.concat(frames, ignore_index=True)
+class LiveData:
+    """What the dashboard has received so far, kept in the shape its traces need.
+
+    Each pushed chunk is turned into numpy arrays once (`add`); a redraw only concatenates
+    them, so its cost does not grow with the events already seen: the timeline keeps the most
+    recent `max_events` segments per kind, latency keeps durations per op, links keep their
+    rows per link, memory the latest sample per (rank, category).
+    """
+
+    def __init__(self, prediction: Result | None, max_events: int) -> None:
+        self.max_events = max_events
+        self.n_events = 0
+        self.devices: dict[int, str] = {}
+        self._segments: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {k: [] for k in vr.TIMELINE_KINDS}
+        self._durations: dict[tuple[str, str], list[np.ndarray]] = {}
+        self._links: dict[str, list[np.ndarray]] = {}  # link -> chunks of (start, end, GBps, utilisation) rows
+        self._carried: dict[str, float] = {}
+        self._now = 0.0
+        self._memory: dict[tuple[int, str], tuple[float, float]] = {}
+        self._step_start: dict[Any, float] = {}
+        self._pred_cache: tuple[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = None
+        self._pred_steps: list[Any] = []
+        self._pred_base: dict[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.predicted_p50: dict[str, float] = {}
+        if prediction is not None:
+            self._prepare_prediction(prediction.events)
+
+    # ---- ingest
+    def add(self, events: pd.DataFrame, memory: pd.DataFrame, links: pd.DataFrame) -> None:
+        if events is not None and len(events):
+            self._add_events(events)
+        if memory is not None and len(memory):
+            for r, c, b, t in zip(memory["rank"].to_numpy(), memory["category"].astype(str), memory["bytes"].to_numpy(float),
+                                  memory["time"].to_numpy(float)):
+                key = (int(r), c)
+                if key not in self._memory or t >= self._memory[key][0]:
+                    self._memory[key] = (t, b)
+        if links is not None and len(links):
+            rows = np.column_stack([links[c].to_numpy(float) for c in ("start", "end", "GBps", "utilisation")])
+            names = links["link"].astype(str).to_numpy()
+            for name in pd.unique(names):
+                mine = rows[names == name]
+                self._links.setdefault(name, []).append(mine)
+                self._carried[name] = self._carried.get(name, 0.0) + float(np.sum(mine[:, 2] * (mine[:, 1] - mine[:, 0])))
+            self._now = max(self._now, float(rows[:, 1].max()))
+
+    def _add_events(self, events: pd.DataFrame) -> None:
+        self.n_events += len(events)
+        for r, d in zip(events["rank"].to_numpy(), events["device"].astype(str)):
+            self.devices.setdefault(int(r), d)
+        for kind in vr.TIMELINE_KINDS:
+            seg = vr.timeline_arrays(events, kind)
+            if len(seg[0]):
+                chunks = self._segments[kind]
+                chunks.append(seg)
+                while sum(len(c[0]) for c in chunks) - len(chunks[0][0]) >= 3 * self.max_events:
+                    chunks.pop(0)
+        lat = events[events["kind"].isin(vr.LATENCY_KINDS)]
+        if len(lat):
+            dur = (lat["end"] - lat["start"]).to_numpy(float)
+            ops, kinds = lat["op"].astype(str).to_numpy(), lat["kind"].astype(str).to_numpy()
+            for op, kind in set(zip(ops, kinds)):
+                self._durations.setdefault((op, kind), []).append(dur[(ops == op) & (kinds == kind)])
+        if "step" in events and events["step"].notna().any():
+            for step, t0 in events.groupby("step")["start"].min().items():
+                if step not in self._step_start or t0 < self._step_start[step]:
+                    self._step_start[step] = float(t0)
+
+    def _prepare_prediction(self, pred: pd.DataFrame) -> None:
+        tab = vr.latency_table(pred)
+        self.predicted_p50 = dict(zip(tab["op"], tab["p50"].astype(float)))
+        if pred.empty:
+            return
+        if "step" in pred and pred["step"].notna().any():
+            for step, rows in pred.groupby("step", sort=True):
+                t0 = float(rows["start"].min())
+                self._pred_base[step] = [_shifted(vr.timeline_arrays(rows, k, vr.PREDICTION_OFFSET), -t0)
+                                         for k in vr.TIMELINE_KINDS]
+            self._pred_steps = list(self._pred_base)
+        else:  # no steps: drawn from time 0 as it is
+            self._pred_base[None] = [vr.timeline_arrays(pred, k, vr.PREDICTION_OFFSET) for k in vr.TIMELINE_KINDS]
+
+    # ---- views
+    def timeline(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = []
+        for kind in vr.TIMELINE_KINDS:
+            chunks = self._segments[kind]
+            if not chunks:
+                out.append((np.empty(0), np.empty(0), np.empty(0, str)))
+                continue
+            x, y, t = (np.concatenate([c[i] for c in chunks]) for i in range(3))
+            keep = 3 * self.max_events
+            out.append((x[-keep:], y[-keep:], t[-keep:]))
+        return out
+
+    def predicted_timeline(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The prediction under the measured steps: predicted step k (cycling) shifted to measured step k's start."""
+        if not self._pred_base:
+            return [(np.empty(0), np.empty(0), np.empty(0, str)) for _ in vr.TIMELINE_KINDS]
+        if None in self._pred_base:
+            return self._pred_base[None]
+        key = tuple(sorted(self._step_start.items()))
+        if self._pred_cache is None or self._pred_cache[0] != key:
+            per_kind: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in vr.TIMELINE_KINDS]
+            for i, (_, t0) in enumerate(key):
+                base = self._pred_base[self._pred_steps[i % len(self._pred_steps)]]
+                for k, seg in enumerate(base):
+                    per_kind[k].append(_shifted(seg, t0))
+            keep = 3 * self.max_events
+            arrays = [tuple(np.concatenate([c[i] for c in chunks])[-keep:] for i in range(3)) if chunks
+                      else (np.empty(0), np.empty(0), np.empty(0, str)) for chunks in per_kind]
+            self._pred_cache = (key, arrays)  # type: ignore[assignment]
+        return list(self._pred_cache[1])
+
+    def latency(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        keys = sorted(self._durations, key=lambda ok: (ok[1], ok[0]))
+        p50, p99 = np.empty(len(keys)), np.empty(len(keys))
+        for i, key in enumerate(keys):
+            d = np.concatenate(self._durations[key])
+            p50[i], p99[i] = np.quantile(d, 0.5), np.quantile(d, 0.99)
+        return [op for op, _ in keys], p50, p99
+
+    def busiest_links(self, top: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        names = sorted(self._carried, key=lambda n: -self._carried[n])[:top]
+        out = []
+        for name in names:
+            rows = np.concatenate(self._links[name])
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            x = np.append(rows[:, 0], rows[-1, 1])
+            out.append((name, x, np.append(rows[:, 2], rows[-1, 2])))
+        return out
+
+    def utilisation(self, window: float) -> dict[str, float]:
+        """Mean utilisation per link over the last `window` seconds of run time."""
+        lo, out = self._now - window, {}
+        for name, chunks in self._links.items():
+            busy = 0.0
+            for rows in reversed(chunks):
+                s, e = np.clip(rows[:, 0], lo, None), np.clip(rows[:, 1], None, self._now)
+                busy += float(np.sum(np.clip(e - s, 0.0, None) * rows[:, 3]))
+                if rows[:, 0].min() < lo:
+                    break
+            out[name] = busy / window if window > 0 else 0.0
+        return out
+
+    def memory(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        ranks = sorted({r for r, _ in self._memory})
+        cats = sorted({c for _, c in self._memory})
+        pos = {r: i for i, r in enumerate(ranks)}
+        out = {c: np.zeros(len(ranks)) for c in cats}
+        for (r, c), (_, b) in self._memory.items():
+            out[c][pos[r]] = b
+        return ranks, out
+
+
+def _shifted(seg: tuple[np.ndarray, np.ndarray, np.ndarray], dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return seg[0] + dt, seg[1], seg[2]
 
 
 def replay_updates(result: Result, frames: int = 30) -> Iterable[Update]:

@@ -1,0 +1,199 @@
+"""A real browser: JupyterLab on 127.0.0.1 runs the quickstart notebook in Debian's chromium.
+
+Checks what a user sees: every cell runs without an error output, the plotly figures and the
+Dashboard's widgets render (no "Error displaying widget", no widget shown as plain text), and
+the dashboard's figures hold more data after the run cell than when they were first shown.
+Saves a screenshot to reports/browser-quickstart.png. Skips only when /usr/bin/chromium or
+Playwright is missing. Bounded in time: the server, the page and every wait have timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CELL_TIMEOUT_S = 240
+SCREENSHOT = ROOT / "reports" / "browser-quickstart.png"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _jupyter() -> str:
+    exe = Path(sys.executable).with_name("jupyter")
+    return str(exe) if exe.exists() else "jupyter"
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on 127.0.0.1 serving a copy of the notebooks; yields (base url, token, dir)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium) — the browser test needs Debian's chromium")
+    pytest.importorskip("playwright.sync_api", reason="playwright (python) is missing: pip install playwright")
+    work = tmp_path / "nb"
+    work.mkdir()
+    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+    settings = tmp_path / "settings"
+    # draw every cell (no virtual scrolling), so outputs of all cells are in the DOM; no news pop-up
+    for ext, body in (("@jupyterlab/notebook-extension/tracker", {"windowingMode": "none"}),
+                      ("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
+                                                                         "checkForUpdates": False})):
+        f = settings / f"{ext}.jupyterlab-settings"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(body))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "lab.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [_jupyter(), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
+         f"--IdentityProvider.token={token}", f"--notebook-dir={work}",
+         "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={settings}",
+         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", *(["--allow-root"] if os.geteuid() == 0 else [])],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"jupyter lab did not start within 90 s:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base, token, work
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: it and its kernels
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+# JavaScript run in the page (window.jupyterapp exists because of expose_app_in_browser)
+_JS_STATE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  if (!w || !w.content || !w.sessionContext) return null;
+  const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+  return {status: kernel ? kernel.status : 'none', active: w.content.activeCellIndex,
+          cells: w.content.widgets.map(c => ({type: c.model.type,
+            count: c.model.type === 'code' ? c.model.executionCount : null,
+            errors: c.model.type === 'code' ? Array.from({length: c.model.outputs.length},
+              (_, i) => c.model.outputs.get(i).toJSON()).filter(o => o.output_type === 'error')
+              .map(o => o.ename + ': ' + o.evalue) : []}))};
+}"""
+
+_JS_FIGURES = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  return w.content.widgets.map(c => Array.from(c.node.querySelectorAll('.js-plotly-plot')).map(gd => ({
+    traces: (gd.data || []).length,
+    points: (gd.data || []).reduce((n, t) => n + (t.x ? t.x.length : 0) + (t.y ? t.y.length : 0), 0),
+    widget: !!gd.closest('.jupyter-widgets, .widget-box, .jp-OutputArea-output')
+  })));
+}"""
+
+_JS_KERNEL_IDLE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+  return !!k && k.status === 'idle';
+}"""
+
+_JS_RUN = """(i) => {
+  const w = window.jupyterapp.shell.currentWidget;
+  w.content.activeCellIndex = i;
+  return window.jupyterapp.commands.execute('notebook:run-cell');
+}"""
+
+
+def _wait_cell(page, index: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = page.evaluate(_JS_STATE)
+        cell = st["cells"][index]
+        if cell["errors"]:
+            pytest.fail(f"cell {index} raised: {cell['errors']}")
+        if cell["count"] is not None and st["status"] == "idle":
+            return st
+        page.wait_for_timeout(250)
+    pytest.fail(f"cell {index} did not finish within {timeout} s")
+
+
+def test_quickstart_runs_in_chromium(lab):
+    from playwright.sync_api import sync_playwright
+
+    base, token, work = lab
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1800})
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?reset&token={token}", timeout=90_000)
+            page.wait_for_function(_JS_KERNEL_IDLE, timeout=120_000)
+            cells = page.evaluate(_JS_STATE)["cells"]
+            code = [i for i, c in enumerate(cells) if c["type"] == "code"]
+            assert code, "the notebook has no code cells"
+            first_seen: dict[tuple[int, int], int] = {}
+            t0 = time.monotonic()
+            for i in code:  # every cell, in order, as "Run" does; figures are read after each one
+                page.evaluate(_JS_RUN, i)
+                _wait_cell(page, i, CELL_TIMEOUT_S)
+                page.wait_for_timeout(1500)  # let widget views and plots draw
+                for ci, figs in enumerate(page.evaluate(_JS_FIGURES)):
+                    for fi, f in enumerate(figs):
+                        first_seen.setdefault((ci, fi), f["points"])
+            elapsed = time.monotonic() - t0
+            page.wait_for_timeout(2000)
+            final = page.evaluate(_JS_FIGURES)
+            text = page.inner_text("body")
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            dash = max(range(len(final)), key=lambda ci: len(final[ci]))
+            page.evaluate("(ci) => window.jupyterapp.shell.currentWidget.content.widgets[ci].node"
+                          ".scrollIntoView()", dash)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
+
+    assert "Error displaying widget" not in text
+    assert "Failed to load model class" not in text
+    for plain in ("FigureWidget(", "VBox(children", "FloatProgress(value"):
+        assert plain not in text, f"a widget was shown as plain text ({plain}…): are the labextensions installed?"
+    n_plots = sum(len(f) for f in final)
+    assert n_plots >= 5, f"expected the dashboard's 5 plotly figures and more, found {n_plots}"
+    assert len(final[dash]) >= 4, f"the dashboard cell shows {len(final[dash])} plotly figures"
+    changed = [(ci, fi) for ci, figs in enumerate(final) for fi, f in enumerate(figs)
+               if f["points"] != first_seen.get((ci, fi), f["points"])]
+    assert any(ci == dash for ci, _ in changed), (
+        f"no figure of the dashboard (cell {dash}) changed after the run cell; points first/now: "
+        f"{[(first_seen.get((dash, fi)), f['points']) for fi, f in enumerate(final[dash])]}")
+    assert SCREENSHOT.stat().st_size > 10_000
+    print(f"quickstart ran in chromium in {elapsed:.1f} s; {n_plots} plots, changed: {changed}")
