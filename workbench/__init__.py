@@ -18,12 +18,15 @@ _LAZY = {
     "discover": "workbench.topology",
     "Result": "workbench.result",
     "WorkbenchError": "workbench.errors",
+    "compare": "workbench.compare",
+    "calibrate": "workbench.calibrate",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, name, module)  # the attribute of that name, else the module itself
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
 
 

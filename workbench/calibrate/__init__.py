@@ -2,5 +2,6 @@
 
 from workbench.calibrate.fit import fit_collective, fit_transport, refit_transfer_engine
 from workbench.calibrate.nccl_tests import parse_nccl_tests
+from workbench.calibrate.run import from_run
 
-__all__ = ["fit_collective", "fit_transport", "parse_nccl_tests", "refit_transfer_engine"]
+__all__ = ["fit_collective", "fit_transport", "from_run", "parse_nccl_tests", "refit_transfer_engine"]

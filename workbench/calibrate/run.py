@@ -1,0 +1,173 @@
+"""Calibrate a cluster's compute and link parameters from a measured run (`workbench run train`).
+
+`from_run(cluster, measured)` fits, from the run's own events:
+
+- `fp32_tflops`: the FLOPs of the forward/backward spans over their seconds (median rank);
+- `link_GBps`, `link_latency_us`: a least-squares line through (bytes each rank sent, seconds)
+  of the collectives and transfers — the lower quartile at each size, so waiting for a late
+  peer is not counted as link time — split into per-step and per-hop terms;
+
+and then, when the training simulator is installed, corrects both by the ratio of the
+simulated to the measured compute and communication time per step (two passes), so the
+next `simulate_train` of this machine lands closer. Only CPU-rank nodes carry these specs
+(see `workbench.topology.model.Node`); GPU nodes keep their catalogue rates and get the fit
+recorded in `specs` for reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from workbench.result import Result
+
+_HOPS = 2  # a loopback route: rank → host → rank
+
+
+def _steps_of(op: str, n: int) -> int:
+    if op in ("all_reduce", "reduce_scatter"):
+        return max(2 * (n - 1), 1)
+    if op == "all_gather":
+        return max(n - 1, 1)
+    return 1
+
+
+def fit_compute(measured: Result) -> float | None:
+    """Achieved TFLOP/s of the forward and backward spans (median over ranks)."""
+    ev = measured.events
+    if ev.empty or "flops" not in ev.columns:
+        return None
+    c = ev[(ev["kind"] == "compute") & (ev["flops"] > 0)]
+    if c.empty:
+        return None
+    per = c.assign(s=c["end"] - c["start"]).groupby("rank").agg(f=("flops", "sum"), s=("s", "sum"))
+    return float(np.median(per["f"] / per["s"]) / 1e12)
+
+
+def fit_links(measured: Result, prior_latency_us: float = 20.0) -> tuple[float, float] | None:
+    """(GB/s per direction, latency µs per hop) from the run's collectives and transfers.
+
+    With a single message size the two cannot be told apart: the latency stays at
+    `prior_latency_us` per hop and the bandwidth takes the rest of the time.
+    """
+    from workbench.run.launcher import wire_bytes
+
+    ev = measured.events
+    if ev.empty:
+        return None
+    comm = ev[ev["kind"].isin(["collective", "transfer"]) & (ev["end"] > ev["start"])]
+    if comm.empty:
+        return None
+    plan = measured.metrics.get("plan", {})
+    sizes = {"tp": plan.get("tp", 2), "dp": plan.get("dp", 2), "pp": 2}
+    rows = []
+    for (op, group, nb), g in comm.groupby(["op", "group", "bytes"]):
+        n = int(sizes.get(str(group), 2))
+        op_n = "all_reduce" if op == "reduce_scatter" else str(op)
+        t = float(np.quantile(g["end"] - g["start"], 0.25))
+        rows.append((wire_bytes(op_n, float(nb), n), t, _steps_of(op_n, n)))
+    x = np.array([r[0] for r in rows])
+    y = np.array([r[1] for r in rows])
+    steps = np.array([r[2] for r in rows])
+    if len(rows) >= 2 and np.ptp(x) > 0:
+        A = np.stack([steps.astype(float), x], axis=1)
+        (lat, inv_bw), *_ = np.linalg.lstsq(A, y, rcond=None)
+    else:
+        lat = prior_latency_us * 1e-6 * _HOPS
+        inv_bw = float(max((y - lat * steps).sum(), y.sum() * 0.5) / max(x.sum(), 1.0))
+    if inv_bw <= 0:  # latency-bound data: take the bandwidth from the largest message
+        i = int(np.argmax(x))
+        inv_bw = max(y[i] - max(lat, 0.0) * steps[i], y[i] * 0.5) / x[i]
+    lat = max(float(lat), 1e-6)
+    return float(1.0 / inv_bw / 1e9), lat * 1e6 / _HOPS
+
+
+def _with_specs(cluster: Any, **specs: float) -> Any:
+    nodes = []
+    for n in cluster.nodes:
+        s = dict(n.specs) | {k: float(v) for k, v in specs.items() if v is not None}
+        nodes.append(dataclasses.replace(n, specs=tuple(sorted(s.items()))))
+    return dataclasses.replace(cluster, nodes=tuple(nodes), name=_calibrated_name(cluster.name))
+
+
+def _calibrated_name(name: str) -> str:
+    return name if name.endswith("(calibrated)") else f"{name} (calibrated)"
+
+
+def simulate(cluster: Any, measured: Result) -> Result | None:
+    """`simulate_train` of the measured run's model and plan on `cluster` (None without the simulator)."""
+    try:
+        from workbench.sim.train import simulate_train  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    model, plan = job_specs(measured)
+    return simulate_train(cluster, model, plan)
+
+
+def job_specs(measured: Result) -> tuple[Any, Any]:
+    """The simulator's (ModelSpec, Plan) for a measured run (fp32, no recomputation, as the runner does)."""
+    from workbench.models import load_model
+    from workbench.plan import parse_plan
+
+    p = dict(measured.metrics["plan"])
+    plan = parse_plan({**p, "precision": "fp32", "recompute": "none", "ep": 1, "cp": 1, "vpp": 1,
+                       "sp": False, "offload": False})
+    return load_model(measured.metrics["model"]), plan
+
+
+def _split(r: Result) -> tuple[float, float]:
+    from workbench.compare import per_step
+
+    t = per_step(r, ("kind",))
+    comp = float(t.loc[t["kind"] == "compute", "seconds"].sum())
+    comm = float(t.loc[t["kind"].isin(["collective", "transfer"]), "seconds"].sum())
+    return comp, comm
+
+
+def from_run(cluster: Any, measured: Result, passes: int = 2) -> Any:
+    """`cluster` with CPU-rank specs (fp32_tflops, link_GBps, link_latency_us) fitted from `measured`."""
+    tflops = fit_compute(measured)
+    links = fit_links(measured, float(dict(cluster.nodes[0].specs).get("link_latency_us", 20.0)))
+    specs: dict[str, Any] = {}
+    if tflops:
+        specs["fp32_tflops"] = tflops
+        specs["bf16_tflops"] = tflops
+    if links:
+        specs["link_GBps"], specs["link_latency_us"] = links
+    out = _with_specs(cluster, **specs)
+    m_comp, m_comm = _split(measured)
+    for _ in range(passes):
+        sim = simulate(out, measured)
+        if sim is None or sim.events.empty:
+            break
+        s_comp, s_comm = _split(sim)
+        fix: dict[str, float] = {}
+        if tflops and s_comp > 0 and m_comp > 0:
+            fix["fp32_tflops"] = dict(out.nodes[0].specs)["fp32_tflops"] * s_comp / m_comp
+            fix["bf16_tflops"] = fix["fp32_tflops"]
+        if links and s_comm > 0 and m_comm > 0:
+            fix["link_GBps"] = dict(out.nodes[0].specs)["link_GBps"] * s_comm / m_comm
+        if not fix:
+            break
+        out = _with_specs(out, **fix)
+    return out
+
+
+def before_after(cluster: Any, measured: Result) -> dict[str, Any]:
+    """Simulated step time before and after calibrating on `measured`, and the errors (%)."""
+    from workbench.compare import step_error_pct
+
+    before = simulate(cluster, measured)
+    if before is None:
+        return {"sim_step_seconds": None, "sim_error_pct_before": None, "sim_error_pct_after": None,
+                "sim_note": "workbench.sim.train.simulate_train is not available"}
+    cal = from_run(cluster, measured)
+    after = simulate(cal, measured)
+    assert after is not None
+    return {"sim_step_seconds": float(before.metrics["step_seconds"]),
+            "sim_error_pct_before": step_error_pct(before, measured),
+            "sim_step_seconds_after": float(after.metrics["step_seconds"]),
+            "sim_error_pct_after": step_error_pct(after, measured),
+            "calibrated_specs": dict(cal.nodes[0].specs), "calibrated_cluster": cal}
