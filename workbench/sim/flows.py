@@ -358,8 +358,8 @@ class FlowSet:
         for s in sets:
             parts.append((s, len(jobs)))
             jobs.extend(s.jobs or [f"job{len(jobs)}"])
-        return cls(*(np.concatenate([getattr(s, k) for s, _ in parts]) for k in ("src", "dst", "bytes", "start",
-                                                                                  "lane")),
+        cat = {k: np.concatenate([getattr(s, k) for s, _ in parts]) for k in ("src", "dst", "bytes", "start", "lane")}
+        return cls(cat["src"], cat["dst"], cat["bytes"], cat["start"], cat["lane"],
                    np.concatenate([s.job + off for s, off in parts]), jobs)
 
     def __len__(self) -> int:
@@ -548,7 +548,9 @@ def to_result(res: FlowResult, op: str = "flow", kind: str = "transfer") -> Any:
     events = [{"rank": -1, "device": f"{r.src}->{r.dst}", "kind": kind, "op": f"{op}:{r.job}:{r.signature}",
                "bytes": int(r.bytes * r.flows), "links": (), "start": float(r.start), "end": float(r.end),
                "flows": int(r.flows)} for r in cl.itertuples(index=False)]
-    return Result(events=events, links=res.links, metrics={"makespan_s": res.makespan, "flows": res.flows,
+    import pandas as pd
+
+    return Result(events=pd.DataFrame(events), links=res.links, metrics={"makespan_s": res.makespan, "flows": res.flows,
                                                           "classes": len(cl),
                                                           "max_utilisation": res.max_utilisation()},
                   source="sim", fidelity="flow")

@@ -55,7 +55,7 @@ class TransferEstimate:
 
     seconds: float
     bytes: int
-    messages: int
+    messages: int  # work requests posted (shards of a single write, pages, one per peer for imm-only)
     lanes: int
     protocol: str
     Gbps: float
@@ -192,10 +192,11 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
         if r.staged and total:
             seconds += min(total, pp.chunk_bytes) / (pp.staging_GBps * 1e9)
     moved = total * peers
+    ops = (pages or 1) * peers  # user-level operations: writes, pages, or imm-only writes
     return TransferEstimate(
         seconds=seconds, bytes=moved, messages=messages, lanes=k, protocol=r.protocol,
         Gbps=moved * 8 / seconds / 1e9 if seconds > 0 else 0.0,
-        ops_per_s=messages / seconds if seconds > 0 else 0.0,
+        ops_per_s=ops / seconds if seconds > 0 else 0.0,
     )
 
 
