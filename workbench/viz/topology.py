@@ -193,10 +193,10 @@ def _vertex_hover(c: Cluster, vid: str, kind: str, aggregate: bool, rail: bool, 
         return (f"<b>{vid}</b> {s.name}<br>{s.memory_GB:g} GB at {s.memory_GBps:g} GB/s<br>"
                 f"peak TFLOP/s: {peaks}{extra}<br>NICs: {nics}")
     if kind == "nic":
-        s = c.nodes[v.node or 0].nic_spec
+        ns = c.nodes[v.node or 0].nic_spec
         served = [d for d in c.gpus if c.node_of(d) == v.node and vid in c.graph.nics_of(d)]
-        return (f"<b>{vid}</b> {s.name}<br>{s.Gbps:g} Gbps ({s.protocol}), {s.latency_us:g} µs<br>"
-                f"GPUDirect: {'yes' if s.gpudirect else 'no'}; serves {', '.join(served) or 'host only'}")
+        return (f"<b>{vid}</b> {ns.name}<br>{ns.Gbps:g} Gbps ({ns.protocol}), {ns.latency_us:g} µs<br>"
+                f"GPUDirect: {'yes' if ns.gpudirect else 'no'}; serves {', '.join(served) or 'host only'}")
     if kind == "nvswitch":
         s = c.nodes[v.node or 0].gpu_spec
         return f"<b>{vid}</b> NVSwitch (NVLink gen {s.nvlink_gen})<br>{degree} GPUs, {s.nvlink_GBps:g} GB/s per GPU"
@@ -331,13 +331,13 @@ def link_colour_update(fig: Any, utilisation: Mapping[str, float] | None) -> Non
         raise ValueError("link_colour_update: not a topology_figure (no link traces found)")
     h = hover[0]
     edge_util: dict[str, float] = {}
-    for key, u in (utilisation or {}).items():
-        a, sep, b = str(key).partition("<->")
+    for key, value in (utilisation or {}).items():
+        end_a, sep, end_b = str(key).partition("<->")
         if not sep:
             continue
-        ga, gb = group_of(a, agg, rail), group_of(b, agg, rail)
+        ga, gb = group_of(end_a, agg, rail), group_of(end_b, agg, rail)
         for k in (f"{ga}<->{gb}", f"{gb}<->{ga}"):
-            edge_util[k] = max(edge_util.get(k, 0.0), float(u))
+            edge_util[k] = max(edge_util.get(k, 0.0), float(value))
     per_bin: list[list[tuple[tuple[float, float], tuple[float, float]]]] = [[] for _ in bins]
     texts: list[str] = []
     xs, ys = list(h.x), list(h.y)
@@ -348,11 +348,11 @@ def link_colour_update(fig: Any, utilisation: Mapping[str, float] | None) -> Non
             texts.append(text)
             continue
         texts.append(f"{text}<br><b>utilisation {u:.0%}</b>")
-        b = sum(1 for edge in UTIL_EDGES if u >= edge)
+        level = sum(1 for edge in UTIL_EDGES if u >= edge)
         seg = base_segments.get(key)
         if seg is None:  # fall back to a short tick at the midpoint
             seg = ((xs[i] - 0.1, ys[i]), (xs[i] + 0.1, ys[i]))
-        per_bin[b].append(seg)
+        per_bin[level].append(seg)
     with fig.batch_update():
         for t, segs in zip(bins, per_bin):
             sx, sy = _segments(segs)
