@@ -23,8 +23,9 @@ _ALIASES = {
     "fwd": "forward", "forward_compute": "forward", "bwd": "backward", "backward_compute": "backward",
     "allreduce": "all_reduce", "all-reduce": "all_reduce", "allgather": "all_gather", "all-gather": "all_gather",
     "reducescatter": "reduce_scatter", "reduce-scatter": "reduce_scatter", "optim": "optimizer",
-    "optimizer_step": "optimizer", "adam": "optimizer", "p2p": "send", "sendrecv": "send",
-    "send_activation": "send", "send_gradient": "send", "recv_activation": "recv", "recv_gradient": "recv",
+    "optimizer_step": "optimizer", "adam": "optimizer", "p2p": "send_recv", "sendrecv": "send_recv",
+    "send": "send_recv", "send_activation": "send_recv", "send_gradient": "send_recv",
+    "recv_activation": "recv_wait", "recv_gradient": "recv_wait", "recv": "recv_wait",
 }
 
 

@@ -117,17 +117,23 @@ def job_specs(measured: Result) -> tuple[Any, Any]:
     return load_model(measured.metrics["model"]), plan
 
 
-def _split(r: Result) -> tuple[float, float]:
+def _split(r: Result) -> dict[str, float]:
+    """Seconds per step of forward+backward compute, the optimizer, and communication."""
     from workbench.compare import per_step
 
-    t = per_step(r, ("kind",))
-    comp = float(t.loc[t["kind"] == "compute", "seconds"].sum())
-    comm = float(t.loc[t["kind"].isin(["collective", "transfer"]), "seconds"].sum())
-    return comp, comm
+    t = per_step(r, ("kind", "op"))
+    comp = t[t["kind"] == "compute"]
+    return {"matmul": float(comp.loc[comp["op"].isin(["forward", "backward"]), "seconds"].sum()),
+            "optimizer": float(comp.loc[comp["op"] == "optimizer", "seconds"].sum()),
+            "comm": float(t.loc[t["kind"].isin(["collective", "transfer"]), "seconds"].sum())}
 
 
-def from_run(cluster: Any, measured: Result, passes: int = 2) -> Any:
-    """`cluster` with CPU-rank specs (fp32_tflops, link_GBps, link_latency_us) fitted from `measured`."""
+# which specs each part of the step scales with
+_SCALES = {"matmul": ("fp32_tflops", "bf16_tflops"), "optimizer": ("memory_GBps",), "comm": ("link_GBps",)}
+
+
+def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
+    """`cluster` with CPU-rank specs (fp32_tflops, memory_GBps, link_GBps, link_latency_us) fitted from `measured`."""
     tflops = fit_compute(measured)
     links = fit_links(measured, float(dict(cluster.nodes[0].specs).get("link_latency_us", 20.0)))
     specs: dict[str, Any] = {}
@@ -137,18 +143,19 @@ def from_run(cluster: Any, measured: Result, passes: int = 2) -> Any:
     if links:
         specs["link_GBps"], specs["link_latency_us"] = links
     out = _with_specs(cluster, **specs)
-    m_comp, m_comm = _split(measured)
+    meas = _split(measured)
     for _ in range(passes):
         sim = simulate(out, measured)
         if sim is None or sim.events.empty:
             break
-        s_comp, s_comm = _split(sim)
+        got = _split(sim)
+        cur = dict(out.nodes[0].specs)
         fix: dict[str, float] = {}
-        if tflops and s_comp > 0 and m_comp > 0:
-            fix["fp32_tflops"] = dict(out.nodes[0].specs)["fp32_tflops"] * s_comp / m_comp
-            fix["bf16_tflops"] = fix["fp32_tflops"]
-        if links and s_comm > 0 and m_comm > 0:
-            fix["link_GBps"] = dict(out.nodes[0].specs)["link_GBps"] * s_comm / m_comm
+        for part, keys in _SCALES.items():
+            if got[part] > 0 and meas[part] > 0 and abs(got[part] / meas[part] - 1) > 0.01:
+                for k in keys:
+                    if k in cur:
+                        fix[k] = cur[k] * got[part] / meas[part]
         if not fix:
             break
         out = _with_specs(out, **fix)

@@ -1,0 +1,124 @@
+"""`workbench run train`: the sharded GPT training job for real, with live telemetry, sim check and calibration."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+from workbench.commands import Command, emit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default=None, help="cluster spec for device names and the simulation (default: this machine)")
+    p.add_argument("--model", default=None, help="gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64 (the default)")
+    p.add_argument("--plan", required=True, help="dp=2,tp=1,pp=1,mbs=2,gbs=8 (+ zero=1); world = dp*tp*pp ranks")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-overhead", action="store_true",
+                   help="skip the telemetry-off baseline run that measures the telemetry overhead")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulation and calibration")
+    p.add_argument("--hosts", default=None,
+                   help="network namespaces to spread the ranks over (ns1,ns2; root; see docs/running.md)")
+    p.add_argument("--master-addr", default=None, help="rendezvous address the ranks reach (with --hosts)")
+    p.add_argument("--telemetry-addr", default=None, help="this launcher's address as the ranks see it (with --hosts)")
+    p.add_argument("--trace", default=None, help="write a Perfetto/Chrome trace of the measured events here")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
+    p.add_argument("--json", action="store_true")
+
+
+def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
+    from workbench.run.launcher import start_train
+
+    kw: dict[str, Any] = {"optimizer": args.optimizer, "lr": args.lr, "timeout": args.timeout,
+                          "hosts": args.hosts.split(",") if args.hosts else None,
+                          "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr}
+    baseline = None
+    if not args.no_overhead:
+        baseline = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=False,
+                               **kw).wait()
+    h = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=True, **kw)
+    for u in h.updates():
+        if progress and not args.json and u.events.shape[0]:
+            print(f"\r  step {u.step}/{u.steps}  t={u.t:6.2f}s  +{len(u.events)} events", end="", file=sys.stderr)
+    r = h.wait()
+    if progress and not args.json:
+        print(file=sys.stderr)
+    m = r.metrics
+    out: dict[str, Any] = {
+        "losses": m["losses"], "step_seconds": m["step_seconds"], "events": m["events"],
+        "updates": m["updates"], "updates_per_s": m["updates_per_s"],
+        "telemetry_overhead_pct": None, "telemetry_cost_pct": m["telemetry_cost_pct"],
+        "step_seconds_off": None, "sim_step_seconds": None, "sim_error_pct_before": None,
+        "sim_error_pct_after": None, "ranks": m["ranks"], "backend": m["backend"], "plan": m["plan"],
+        "model": m["model"], "params": m["params"], "tokens_per_s": m["tokens_per_s"],
+        "devices": m["devices"], "cluster": m["cluster"], "step_seconds_all": m["step_seconds_all"],
+    }
+    if baseline is not None:
+        off = baseline.metrics["step_seconds"]
+        out["step_seconds_off"] = off
+        out["step_seconds_all_off"] = baseline.metrics["step_seconds_all"]
+        out["telemetry_overhead_pct"] = (m["step_seconds"] - off) / off * 100
+        out["losses_match_without_telemetry"] = baseline.metrics["losses"] == m["losses"]
+    if not args.no_sim:
+        out |= _sim(args, r)
+    if args.trace:
+        out["trace"] = str(r.to_perfetto(args.trace))
+    out["memory_peak_bytes_per_rank"] = (r.memory.groupby(["rank", "category"])["bytes"].max()
+                                         .groupby("rank").sum().astype(int).tolist() if not r.memory.empty else [])
+    out["compute_seconds_per_step"] = _kind_seconds(r, "compute")
+    out["comm_seconds_per_step"] = _kind_seconds(r, "collective") + _kind_seconds(r, "transfer")
+    return out
+
+
+def _kind_seconds(r: Any, kind: str) -> float:
+    from workbench.compare import per_step
+
+    t = per_step(r, ("kind",))
+    return float(t.loc[t["kind"] == kind, "seconds"].sum())
+
+
+def _sim(args: argparse.Namespace, r: Any) -> dict[str, Any]:
+    from workbench.calibrate.run import before_after
+    from workbench.run.launcher import default_cluster
+    from workbench.topology import load_cluster
+
+    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(r.metrics["ranks"], args.backend)
+    try:
+        ba = before_after(cluster, r)
+    except Exception as exc:  # noqa: BLE001 - the run's numbers stand even if the simulator cannot model it
+        return {"sim_note": f"simulation failed: {type(exc).__name__}: {exc}"}
+    ba.pop("calibrated_cluster", None)
+    return ba
+
+
+def run(args: argparse.Namespace) -> int:
+    out = train_report(args)
+    if args.json:
+        emit(out, True)
+        return 0
+    losses = ", ".join(f"{x:.3f}" for x in out["losses"] if x is not None)
+    lines = [f"ranks {out['ranks']} ({out['backend']}), plan {out['plan']}, model {out['model']}",
+             f"losses: {losses}",
+             f"step: {out['step_seconds'] * 1e3:.1f} ms median ({out['tokens_per_s']:.0f} tokens/s)",
+             f"telemetry: {out['events']} events, {out['updates_per_s']:.1f} updates/s, overhead "
+             + (f"{out['telemetry_overhead_pct']:.1f} %" if out["telemetry_overhead_pct"] is not None else "not measured")
+             + f" (recorder cost {out['telemetry_cost_pct']:.2f} % of the step)"]
+    if out.get("sim_step_seconds") is not None:
+        lines.append(f"simulated step {out['sim_step_seconds'] * 1e3:.1f} ms: error {out['sim_error_pct_before']:+.1f} % "
+                     f"before, {out['sim_error_pct_after']:+.1f} % after calibrating on this run")
+    elif out.get("sim_note"):
+        lines.append(out["sim_note"])
+    print("\n".join(lines))
+    return 0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+COMMANDS = [Command("run", "train", "run the sharded GPT training job for real (torchrun semantics) with live telemetry",
+                    add_arguments, run)]
