@@ -143,6 +143,13 @@ def test_utilisation_overlay_bins_and_clears() -> None:
         link_colour_update(go.Figure(), util)
 
 
+def test_utilisation_by_direction_shows_the_busier_one() -> None:
+    fig = topology_figure(load_cluster("aws-p5:nodes=2"))
+    link_colour_update(fig, {"n0.g0->n0.nvsw": 0.3, "n0.nvsw->n0.g0": 0.85, "nonsense": 1.0})
+    bins = sorted(_role(fig, "utilisation"), key=lambda t: t.meta["bin"])
+    assert [_segments(t) for t in bins] == [0, 0, 0, 0, 1]
+
+
 def test_utilisation_in_an_aggregated_figure_takes_the_max() -> None:
     c = load_cluster("aws-p5:nodes=20")
     util = {"n3.nic0<->rail0.leaf0": 0.1, "n3.nic7<->rail7.leaf0": 0.9}

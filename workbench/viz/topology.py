@@ -317,8 +317,9 @@ def _traces(fig: Any, role: str) -> list[Any]:
 def link_colour_update(fig: Any, utilisation: Mapping[str, float] | None) -> None:
     """Recolour the links of a `topology_figure` (a `go.Figure` or a displayed `FigureWidget`) in place.
 
-    `utilisation` maps link ids (`Link.name`, e.g. ``"n0.g0<->n0.nvsw"``; either order) to the
-    fraction of capacity in use (0–1; larger is clipped). Links are drawn over the base layer
+    `utilisation` maps link ids (`Link.name`, e.g. ``"n0.g0<->n0.nvsw"``, either order) or link
+    directions (``"n0.g0->n0.nvsw"``, as the simulator's links table names them; a link shows
+    its busier direction) to the fraction of capacity in use (0–1; larger shows as the top bin). Links are drawn over the base layer
     in five colour bins (blue < 20 % … red ≥ 80 %) and their hover text shows the figure; in an
     aggregated figure a drawn link shows the largest utilisation of the links it stands for.
     `None` or `{}` clears the overlay. Cheap enough for a few updates per second.
@@ -333,6 +334,8 @@ def link_colour_update(fig: Any, utilisation: Mapping[str, float] | None) -> Non
     edge_util: dict[str, float] = {}
     for key, value in (utilisation or {}).items():
         end_a, sep, end_b = str(key).partition("<->")
+        if not sep:  # a direction of a link, as the flow simulator names them: "a->b"
+            end_a, sep, end_b = str(key).partition("->")
         if not sep:
             continue
         ga, gb = group_of(end_a, agg, rail), group_of(end_b, agg, rail)
