@@ -13,22 +13,22 @@ from numba import njit, prange
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_blocks(src, offsets, dst, nt):  # type: ignore[no-untyped-def]
-    """dst[b, :] = src[offsets[b] : offsets[b] + width]; src is flat, dst is (n, width)."""
+def gather_blocks(src, index, heads, stride, head_stride, dst, nt):  # type: ignore[no-untyped-def]
+    """dst[b] = src[o : o + width], o = index[b // heads] * stride + (b % heads) * head_stride."""
     n, width = dst.shape
     for c in prange(nt):
         for b in range(n * c // nt, n * (c + 1) // nt):
-            o = offsets[b]
+            o = index[b // heads] * stride + (b % heads) * head_stride
             dst[b, :] = src[o : o + width]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def scatter_blocks(src, offsets, dst, nt):  # type: ignore[no-untyped-def]
-    """dst[offsets[b] : offsets[b] + width] = src[b, :]; src is (n, width), dst is flat."""
+def scatter_blocks(dst, index, heads, stride, head_stride, src, nt):  # type: ignore[no-untyped-def]
+    """dst[o : o + width] = src[b], o = index[b // heads] * stride + (b % heads) * head_stride."""
     n, width = src.shape
     for c in prange(nt):
         for b in range(n * c // nt, n * (c + 1) // nt):
-            o = offsets[b]
+            o = index[b // heads] * stride + (b % heads) * head_stride
             dst[o : o + width] = src[b, :]
 
 
@@ -78,7 +78,7 @@ def combine_bf16(y, index, weights, out, nt):  # type: ignore[no-untyped-def]
 def _e4m3_code(v):  # type: ignore[no-untyped-def]
     """Round a float32 with |v| <= 448 to e4m3fn (round to nearest even); returns the byte."""
     a = abs(np.float64(v))
-    sign = 0x80 if v < 0 else 0
+    sign = 0x80 if math.copysign(1.0, v) < 0 else 0  # -0.0 keeps its sign, as in torch
     if a < 0.015625:  # below 2^-6: subnormal steps of 2^-9
         return sign | int(np.rint(a * 512.0))
     m, e = math.frexp(a)  # a = m * 2^e, m in [0.5, 1)

@@ -16,29 +16,52 @@ from kernels._arrays import cupy
 _SRC = r"""
 typedef unsigned long long u64;
 
-template <typename T>
-__device__ __forceinline__ void gather_t(const T* __restrict__ src, const long long* __restrict__ off,
-                                         T* __restrict__ dst, long long n, long long width) {
-  for (long long b = blockIdx.x; b < n; b += gridDim.x) {
-    const T* s = src + off[b];
-    T* d = dst + b * width;
-    for (long long j = threadIdx.x; j < width; j += blockDim.x) d[j] = s[j];
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void scatter_t(const T* __restrict__ src, const long long* __restrict__ off,
-                                          T* __restrict__ dst, long long n, long long width) {
-  for (long long b = blockIdx.x; b < n; b += gridDim.x) {
-    const T* s = src + b * width;
-    T* d = dst + off[b];
-    for (long long j = threadIdx.x; j < width; j += blockDim.x) d[j] = s[j];
+// A CUDA block moves `rpb` (<= MAXR) consecutive blocks b, a tile of about 4096 words. Block b starts
+// at index[b / heads] * stride + (b % heads) * head_stride words into the flat array. Each
+// thread issues U independent loads before its stores, so many bytes are in flight.
+#define MAXR 256
+#define U 4
+template <typename T, bool GATHER>
+__device__ __forceinline__ void move_t(T* __restrict__ flat, const long long* __restrict__ idx, T* __restrict__ rows,
+                                       long long n, int heads, long long stride, long long head_stride,
+                                       int width, int rpb) {
+  __shared__ long long off[MAXR];
+  for (long long b0 = (long long)blockIdx.x * rpb; b0 < n; b0 += (long long)gridDim.x * rpb) {
+    const int nb = (int)(n - b0 < rpb ? n - b0 : rpb);
+    for (int r = threadIdx.x; r < nb; r += blockDim.x) {
+      long long b = b0 + r;
+      off[r] = idx[b / heads] * stride + (b % heads) * head_stride;
+    }
+    __syncthreads();
+    const int total = nb * width;
+    T* tile = rows + b0 * width;
+    for (int k0 = threadIdx.x; k0 < total; k0 += blockDim.x * U) {
+      T v[U];
+      long long at[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int k = k0 + u * blockDim.x;
+        if (k < total) {
+          int r = k / width;
+          at[u] = off[r] + (k - r * width);
+          v[u] = GATHER ? flat[at[u]] : tile[k];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int k = k0 + u * blockDim.x;
+        if (k < total) {
+          if (GATHER) tile[k] = v[u]; else flat[at[u]] = v[u];
+        }
+      }
+    }
+    __syncthreads();
   }
 }
 
 #define MOVE(W, T) \
-  extern "C" __global__ void gather_##W(const T* s, const long long* o, T* d, long long n, long long w) { gather_t<T>(s, o, d, n, w); } \
-  extern "C" __global__ void scatter_##W(const T* s, const long long* o, T* d, long long n, long long w) { scatter_t<T>(s, o, d, n, w); }
+  extern "C" __global__ void gather_##W(T* f, const long long* i, T* r, long long n, int h, long long s, long long hs, int w, int rpb) { move_t<T, true>(f, i, r, n, h, s, hs, w, rpb); } \
+  extern "C" __global__ void scatter_##W(T* f, const long long* i, T* r, long long n, int h, long long s, long long hs, int w, int rpb) { move_t<T, false>(f, i, r, n, h, s, hs, w, rpb); }
 MOVE(16, uint4)
 MOVE(8, u64)
 MOVE(4, unsigned int)
@@ -68,7 +91,8 @@ extern "C" __global__ void combine_f32x4(const float4* __restrict__ y, const lon
                                          long long T, int K, long long H4) {
   for (long long t = blockIdx.x; t < T; t += gridDim.x) {
     for (long long j = threadIdx.x; j < H4; j += blockDim.x) {
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      float4 a;
+      a.x = 0.f; a.y = 0.f; a.z = 0.f; a.w = 0.f;
       for (int k = 0; k < K; ++k) {
         long long r = idx[t * K + k];
         if (r < 0) continue;
@@ -115,8 +139,11 @@ extern "C" __global__ void combine_bf16x8(const uint4* __restrict__ y, const lon
           a[2 * q + 1] += s * __uint_as_float(u[q] & 0xFFFF0000u);
         }
       }
-      out[(t * H8 + j) * 2] = make_float4(a[0], a[1], a[2], a[3]);
-      out[(t * H8 + j) * 2 + 1] = make_float4(a[4], a[5], a[6], a[7]);
+      float4 lo, hi;
+      lo.x = a[0]; lo.y = a[1]; lo.z = a[2]; lo.w = a[3];
+      hi.x = a[4]; hi.y = a[5]; hi.z = a[6]; hi.w = a[7];
+      out[(t * H8 + j) * 2] = lo;
+      out[(t * H8 + j) * 2 + 1] = hi;
     }
   }
 }
@@ -153,7 +180,7 @@ extern "C" __global__ void quant_blocks(const float* __restrict__ x, long long m
                                         int fp8, unsigned char* __restrict__ q, float* __restrict__ scales) {
   __shared__ float red[32];
   const long long i0 = (long long)blockIdx.y * bm, j0 = (long long)blockIdx.x * bn;
-  const int rows = (int)min((long long)bm, m - i0), cols = (int)min((long long)bn, n - j0);
+  const int rows = (int)(m - i0 < bm ? m - i0 : bm), cols = (int)(n - j0 < bn ? n - j0 : bn);
   const int count = rows * cols;
   float amax = 0.f;
   for (int e = threadIdx.x; e < count; e += blockDim.x) {
@@ -178,6 +205,30 @@ extern "C" __global__ void quant_blocks(const float* __restrict__ x, long long m
     long long at = (i0 + r) * n + j0 + c;
     float v = fminf(fmaxf(__fdiv_rn(x[at], s), -qmax), qmax);
     q[at] = fp8 ? e4m3_code(v) : (unsigned char)(signed char)__float2int_rn(v);
+  }
+}
+
+// Four codes per thread (n and bn multiples of 4), values from a table in shared memory.
+extern "C" __global__ void dequant_blocks4(const unsigned int* __restrict__ q, const float* __restrict__ scales,
+                                           long long m, long long n, int bm, int bn, long long nb, int fp8,
+                                           float4* __restrict__ out) {
+  __shared__ float lut[256];
+  for (int c = threadIdx.x; c < 256; c += blockDim.x)
+    lut[c] = fp8 ? e4m3_value((unsigned char)c) : (float)(signed char)(unsigned char)c;
+  __syncthreads();
+  const int n4 = (int)(n / 4);
+  for (long long i = blockIdx.x; i < m; i += gridDim.x) {
+    const float* srow = scales + (i / bm) * nb;
+    for (int j = threadIdx.x; j < n4; j += blockDim.x) {
+      unsigned int b = q[i * n4 + j];
+      float s = srow[(4 * j) / bn];
+      float4 v;
+      v.x = __fmul_rn(lut[b & 255u], s);
+      v.y = __fmul_rn(lut[(b >> 8) & 255u], s);
+      v.z = __fmul_rn(lut[(b >> 16) & 255u], s);
+      v.w = __fmul_rn(lut[b >> 24], s);
+      out[i * n4 + j] = v;
+    }
   }
 }
 
@@ -212,20 +263,29 @@ def _threads(width: int) -> int:
     return int(min(256, max(32, (width + 31) // 32 * 32)))
 
 
-def gather_blocks(flat: Any, offsets: Any, rows: Any, word: int, n: int, width: int) -> None:
-    """rows (n blocks of `width` words) <- flat at word offsets."""
-    cp = cupy()
-    offs = cp.ascontiguousarray(offsets, dtype=cp.int64)
-    grid = (min(n, _MAX_GRID),)
-    _kernel(f"gather_{word}")(grid, (_threads(width),), (flat, offs, rows, np.int64(n), np.int64(width)))
+_TILE = 4096
 
 
-def scatter_blocks(flat: Any, offsets: Any, rows: Any, word: int, n: int, width: int) -> None:
-    """flat at word offsets <- rows (n blocks of `width` words)."""
-    cp = cupy()
-    offs = cp.ascontiguousarray(offsets, dtype=cp.int64)
-    grid = (min(n, _MAX_GRID),)
-    _kernel(f"scatter_{word}")(grid, (_threads(width),), (rows, offs, flat, np.int64(n), np.int64(width)))
+def _move(name: str, flat: Any, rows: Any, word: int, n: int, idx: Any, heads: int, stride: int,
+          head_stride: int, width: int) -> None:
+    rpb = max(1, min(256, _TILE // max(width, 1)))
+    threads = _threads(min(rpb * width, 256 * 4) // 4 or 1)
+    grid = (min(-(-n // rpb), _MAX_GRID),)
+    args = (flat, idx, rows, np.int64(n), np.int32(heads), np.int64(stride), np.int64(head_stride),
+            np.int32(width), np.int32(rpb))
+    _kernel(f"{name}_{word}")(grid, (threads,), args)
+
+
+def gather_blocks(flat: Any, rows: Any, word: int, n: int, idx: Any, heads: int, stride: int, head_stride: int,
+                  width: int) -> None:
+    """rows (n blocks of `width` words) <- flat; all sizes in words of `word` bytes."""
+    _move("gather", flat, rows, word, n, idx, heads, stride, head_stride, width)
+
+
+def scatter_blocks(flat: Any, rows: Any, word: int, n: int, idx: Any, heads: int, stride: int, head_stride: int,
+                   width: int) -> None:
+    """flat <- rows (n blocks of `width` words)."""
+    _move("scatter", flat, rows, word, n, idx, heads, stride, head_stride, width)
 
 
 def combine(y: Any, index: Any, weights: Any, out: Any, bf16: bool) -> None:
@@ -265,4 +325,7 @@ def dequantize(q: Any, scales: Any, bm: int, bn: int, fp8: bool, out: Any) -> No
         return
     nb = scales.shape[1]
     args = (q, scales, np.int64(m), np.int64(n), np.int32(bm), np.int32(bn), np.int64(nb), np.int32(fp8), out)
-    _kernel("dequant_blocks")((min(m, _MAX_GRID),), (_threads(n),), args)
+    if n % 4 == 0 and bn % 4 == 0 and q.data.ptr % 4 == 0 and out.data.ptr % 16 == 0:
+        _kernel("dequant_blocks4")((min(m, _MAX_GRID),), (256,), args)
+    else:
+        _kernel("dequant_blocks")((min(m, _MAX_GRID),), (_threads(n),), args)

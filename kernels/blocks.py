@@ -1,9 +1,11 @@
 """Block gather/scatter: the one data-movement primitive under MoE packing and paged KV.
 
-A *block* is `width` contiguous elements starting at an element offset into a flat source.
-`gather_blocks` packs blocks into the rows of a contiguous buffer, `scatter_blocks` writes
-them back. Both move raw bytes, as the widest word that divides every size and offset, with
-numba on CPU (numpy in, numpy out) and CuPy on GPU (CuPy arrays or CUDA torch tensors).
+A *block* is `width` contiguous elements of a flat array. Block `b` (b = i * heads + h) starts
+at element `index[i] * stride + h * head_stride`: rows of a matrix are `heads=1`, the pages
+of a heads-first KV cache are `heads=H`. `gather_blocks` packs blocks into the rows of a
+contiguous buffer; `scatter_blocks` writes them back. The kernels compute each offset
+themselves (no temporaries) and move raw bytes as the widest word that divides every size,
+stride and address: numba on CPU (numpy arrays), CuPy on GPU (CuPy arrays).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 from kernels._arrays import cupy, is_gpu, word_size, xp_of
 from workbench.errors import WorkbenchError
 
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
 
 def data_ptr(a: Any) -> int:
     """Address of a's first element (numpy or CuPy)."""
@@ -23,93 +27,78 @@ def data_ptr(a: Any) -> int:
 
 def flat_span(a: Any) -> Any:
     """A 1-D view of the memory from a's first element to its last (non-negative strides)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
     if any(s < 0 for s in a.strides):
         raise WorkbenchError("array: negative strides are not supported; pass a copy (np.ascontiguousarray)")
     if any(s % a.itemsize for s in a.strides):
         raise WorkbenchError("array: strides must be whole elements")
-    span = 1 + sum((n - 1) * s // a.itemsize for n, s in zip(a.shape, a.strides) if n > 0)
-    if a.size == 0:
-        span = 0
-    if a.flags.c_contiguous:
-        return a.reshape(-1)
+    span = 0 if a.size == 0 else 1 + sum((n - 1) * s // a.itemsize for n, s in zip(a.shape, a.strides))
     tricks = cupy().lib.stride_tricks if is_gpu(a) else np.lib.stride_tricks
     return tricks.as_strided(a, shape=(span,), strides=(a.itemsize,))
 
 
-def _word(src_flat: Any, out: Any, strides_bytes: list[int], width_bytes: int) -> int:
-    sizes = [width_bytes, *strides_bytes, src_flat.nbytes, out.nbytes]
-    if is_gpu(src_flat):  # vector loads on a GPU need aligned addresses too
-        return word_size(*sizes, data_ptr(src_flat), data_ptr(out), widest=16)
-    return word_size(*sizes, widest=8)
-
-
 def gather_blocks(
-    src_flat: Any, offsets: Any, width: int, out: Any, strides: list[int] | None = None
+    flat: Any, index: Any, width: int, out: Any, stride: int | None = None, heads: int = 1, head_stride: int = 0
 ) -> Any:
-    """out.reshape(n, width)[b] = src_flat[offsets[b] : offsets[b] + width] for every block b.
-
-    `offsets` are element offsets (int64); `strides` lists the element strides the offsets are
-    built from (their multiples decide the word size; default: `width`).
-    """
-    return _move(src_flat, offsets, width, out, strides, gather=True)
+    """out.reshape(n * heads, width)[i * heads + h] = flat[index[i] * stride + h * head_stride :][:width]."""
+    return _move(flat, index, width, out, stride, heads, head_stride, gather=True)
 
 
 def scatter_blocks(
-    src: Any, offsets: Any, width: int, dst_flat: Any, strides: list[int] | None = None
+    src: Any, index: Any, width: int, flat: Any, stride: int | None = None, heads: int = 1, head_stride: int = 0
 ) -> Any:
-    """dst_flat[offsets[b] : offsets[b] + width] = src.reshape(n, width)[b] for every block b."""
-    return _move(dst_flat, offsets, width, src, strides, gather=False)
+    """flat[index[i] * stride + h * head_stride :][:width] = src.reshape(n * heads, width)[i * heads + h]."""
+    return _move(flat, index, width, src, stride, heads, head_stride, gather=False)
 
 
-def _move(flat: Any, offsets: Any, width: int, rows: Any, strides: list[int] | None, gather: bool) -> Any:
+def _move(
+    flat: Any, index: Any, width: int, rows: Any, stride: int | None, heads: int, head_stride: int, gather: bool
+) -> Any:
     if flat.dtype != rows.dtype:
         raise WorkbenchError(f"out: dtype {rows.dtype} differs from the source's {flat.dtype}")
     if not rows.flags.c_contiguous:
         raise WorkbenchError("out: the packed buffer must be contiguous")
-    n = int(offsets.shape[0])
+    n = int(index.shape[0]) * heads
     if rows.size != n * width:
         raise WorkbenchError(f"out: needs {n} x {width} elements, has {rows.size}")
     if n == 0 or width == 0:
         return rows
+    stride = width if stride is None else stride
     item = flat.dtype.itemsize
-    word = _word(flat, rows, [s * item for s in (strides or [width])], width * item)
-    offs = offsets * item // word if word != item else offsets
+    sizes = [width * item, stride * item, head_stride * item]
+    xp = xp_of(flat)
+    idx = index if index.dtype == xp.int64 and index.flags.c_contiguous else xp.ascontiguousarray(index, xp.int64)
     if is_gpu(flat):
         from kernels import _cuda
 
-        move = _cuda.gather_blocks if gather else _cuda.scatter_blocks
-        move(flat, offs, rows, word, n, width * item // word)
+        word = word_size(*sizes, data_ptr(flat), data_ptr(rows), widest=16)
+        args = (idx, heads, stride * item // word, head_stride * item // word, width * item // word)
+        (_cuda.gather_blocks if gather else _cuda.scatter_blocks)(flat, rows, word, n, *args)
         return rows
     from numba import get_num_threads
 
     from kernels import _cpu
 
+    word = word_size(*sizes, flat.nbytes, widest=8)
     flat_w = flat.view(_UINT[word])
     rows_w = rows.reshape(-1).view(_UINT[word]).reshape(n, width * item // word)
-    if gather:
-        _cpu.gather_blocks(flat_w, offs, rows_w, get_num_threads())
-    else:
-        _cpu.scatter_blocks(rows_w, offs, flat_w, get_num_threads())
+    kernel = _cpu.gather_blocks if gather else _cpu.scatter_blocks
+    kernel(flat_w, idx, heads, stride * item // word, head_stride * item // word, rows_w, get_num_threads())
     return rows
 
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
 def gather_rows(src: Any, index: Any, out: Any | None = None) -> Any:
-    """out[i] = src[index[i]] for a contiguous 2-D (or more) `src`; index int64 in range."""
+    """out[i] = src[index[i]] for a contiguous `src` (rows along the first axis); index in range."""
     xp = xp_of(src)
     width = int(np.prod(src.shape[1:]))
     if out is None:
         out = xp.empty((int(index.shape[0]), *src.shape[1:]), dtype=src.dtype)
-    offsets = index.astype(xp.int64, copy=False) * width
-    return gather_blocks(src.reshape(-1), offsets, width, out)
+    return gather_blocks(src.reshape(-1), index, width, out)
 
 
 def scatter_rows(src: Any, index: Any, dst: Any) -> Any:
     """dst[index[i]] = src[i] (index entries must be distinct)."""
-    xp = xp_of(dst)
     width = int(np.prod(dst.shape[1:]))
-    offsets = index.astype(xp.int64, copy=False) * width
-    scatter_blocks(src, offsets, width, dst.reshape(-1))
+    scatter_blocks(src, index, width, dst.reshape(-1))
     return dst

@@ -44,6 +44,7 @@ class DispatchPlan:
     combine_index: Any  # (T, K) row of (t, k) in the returned buffer, -1 where ids < 0
     return_counts: Any  # (R,) returned rows expected from each rank
     return_offsets: Any  # (R + 1,)
+    return_rows: int  # rows of the returned buffer (no device sync to read it)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,15 @@ def _check_ids(name: str, ids: Any, num_experts: int) -> Any:
 
 def _offsets(xp: Any, counts: Any) -> Any:
     out = xp.zeros(int(counts.shape[0]) + 1, dtype=xp.int64)
-    xp.cumsum(counts, out=out[1:])
+    if counts.shape[0]:
+        out[1:] = xp.cumsum(counts)
     return out
+
+
+def _bincount(xp: Any, a: Any, n: int) -> Any:
+    if a.shape[0] == 0:
+        return xp.zeros(n, dtype=xp.int64)
+    return xp.bincount(a, minlength=n).astype(xp.int64)
 
 
 def plan_dispatch(topk_ids: Any, num_experts: int, num_ranks: int) -> DispatchPlan:
@@ -109,7 +117,7 @@ def plan_dispatch(topk_ids: Any, num_experts: int, num_ranks: int) -> DispatchPl
     pos[order] = xp.arange(order.shape[0], dtype=xp.int64)
     combine_index = xp.full((t, k), -1, dtype=xp.int64)
     combine_index[valid] = pos
-    return_counts = xp.bincount(rank[valid], minlength=num_ranks).astype(xp.int64)
+    return_counts = _bincount(xp, rank[valid], num_ranks)
     return DispatchPlan(
         num_tokens=t,
         top_k=k,
@@ -121,6 +129,7 @@ def plan_dispatch(topk_ids: Any, num_experts: int, num_ranks: int) -> DispatchPl
         combine_index=combine_index,
         return_counts=return_counts,
         return_offsets=_offsets(xp, return_counts),
+        return_rows=int(vkeys.shape[0]),
     )
 
 
@@ -143,13 +152,13 @@ def plan_experts(recv_ids: Any, recv_counts: Any, rank: int, num_experts: int, n
     # expert order: by local expert, then received row, then slot (pairs are already row/slot ordered)
     order = xp.argsort(pair_expert * max(m, 1) + xp.arange(m, dtype=xp.int64))
     expert_src = pair_row[order]
-    expert_counts = xp.bincount(pair_expert, minlength=epr).astype(xp.int64)
+    expert_counts = _bincount(xp, pair_expert, epr)
     return_src = xp.empty_like(order)
     return_src[order] = xp.arange(m, dtype=xp.int64)
     # rows returned to each source: the pairs of that source's received rows
     row_end = _offsets(xp, counts)[1:]
-    pairs_before = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(mine.sum(axis=1))])
-    ret_offsets = xp.concatenate([xp.zeros(1, xp.int64), pairs_before[row_end]])
+    pairs_before = _offsets(xp, mine.sum(axis=1).astype(xp.int64))
+    ret_offsets = xp.concatenate([xp.zeros(1, dtype=xp.int64), pairs_before[row_end]])
     return ExpertPlan(
         rank=rank,
         experts_per_rank=epr,
@@ -206,7 +215,7 @@ def combine(
     want = xp.uint16 if bf16 else xp.float32
     if ret.dtype != want:
         raise WorkbenchError(f"ret: dtype must be {np.dtype(want).name} (bf16={bf16}), got {ret.dtype}")
-    expected = int(plan.return_offsets[-1])
+    expected = plan.return_rows
     if ret.shape[0] != expected:
         raise WorkbenchError(f"ret: has {ret.shape[0]} rows, the plan expects {expected}")
     w = xp.ascontiguousarray(xp.asarray(weights), dtype=xp.float32)

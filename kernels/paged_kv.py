@@ -28,40 +28,45 @@ def _layout(cache: Any) -> tuple[int, int, int, int, int]:
     return h, p, s * d, cache.strides[0] // item, cache.strides[1] // item
 
 
-def page_offsets(cache: Any, pages: Any) -> Any:
-    """Element offset of block (i, h) = h * head_stride + pages[i] * page_stride, page-major."""
-    h, p, _, sh, sp = _layout(cache)
+def _pages(cache: Any, pages: Any, check: bool) -> Any:
     xp = xp_of(cache)
-    idx = check_index("pages", pages, p)
-    if xp_of(idx) is not xp:
-        idx = xp.asarray(idx)
-    return (idx[:, None] * sp + xp.arange(h, dtype=xp.int64)[None, :] * sh).reshape(-1)
+    if check:
+        return xp.asarray(check_index("pages", pages, int(cache.shape[1])))
+    pages = xp.asarray(pages)
+    return pages if pages.dtype == xp.int64 else pages.astype(xp.int64)
 
 
-def gather_pages(cache: Any, pages: Any, out: Any | None = None) -> Any:
-    """out[i, h] = cache[h, pages[i]]; returns `out` of shape (n, heads, page_size, head_dim)."""
+def gather_pages(cache: Any, pages: Any, out: Any | None = None, check: bool = True) -> Any:
+    """out[i, h] = cache[h, pages[i]]; returns `out` of shape (n, heads, page_size, head_dim).
+
+    `check=False` skips the range check of `pages` (on a GPU it costs a device sync).
+    """
     h, _, block, sh, sp = _layout(cache)
     xp = xp_of(cache)
-    offsets = page_offsets(cache, pages)
-    n = offsets.shape[0] // max(h, 1)
+    idx = _pages(cache, pages, check)
+    n = int(idx.shape[0])
     if out is None:
-        out = xp.empty((n, *cache.shape[0:1], *cache.shape[2:]), dtype=cache.dtype)
+        out = xp.empty((n, h, *cache.shape[2:]), dtype=cache.dtype)
     if tuple(out.shape) != (n, h, *cache.shape[2:]):
         raise WorkbenchError(f"out: shape must be {(n, h, *cache.shape[2:])}, got {tuple(out.shape)}")
-    return gather_blocks(flat_span(cache), offsets, block, out, strides=[block, sh, sp])
+    return gather_blocks(flat_span(cache), idx, block, out, stride=sp, heads=h, head_stride=sh)
 
 
-def scatter_pages(buf: Any, cache: Any, pages: Any) -> Any:
-    """cache[h, pages[i]] = buf[i, h] (pages must be distinct); returns `cache`."""
+def scatter_pages(buf: Any, cache: Any, pages: Any, check: bool = True) -> Any:
+    """cache[h, pages[i]] = buf[i, h]; returns `cache`.
+
+    Pages must be distinct (two writes to one page would race); `check=False` skips that
+    check and the range check.
+    """
     h, _, block, sh, sp = _layout(cache)
-    offsets = page_offsets(cache, pages)
-    n = offsets.shape[0] // max(h, 1)
+    xp = xp_of(cache)
+    idx = _pages(cache, pages, check)
+    n = int(idx.shape[0])
     if tuple(buf.shape) != (n, h, *cache.shape[2:]):
         raise WorkbenchError(f"buf: shape must be {(n, h, *cache.shape[2:])}, got {tuple(buf.shape)}")
-    xp = xp_of(cache)
-    if n and int(xp.unique(xp.asarray(pages)).shape[0]) != n:
+    if check and n and int(xp.unique(idx).shape[0]) != n:
         raise WorkbenchError("pages: must be distinct for a scatter (two writes to one page would race)")
-    scatter_blocks(buf, offsets, block, flat_span(cache), strides=[block, sh, sp])
+    scatter_blocks(buf, idx, block, flat_span(cache), stride=sp, heads=h, head_stride=sh)
     return cache
 
 
