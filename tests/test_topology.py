@@ -349,3 +349,11 @@ def test_cli_discover(capsys: pytest.CaptureFixture[str]) -> None:
 def test_node_and_fabric_defaults_are_sane() -> None:
     c = Cluster("one", (Node(gpu="H100-SXM"),), Fabric())
     assert c.num_gpus == 8 and c.path("n0.g0", "n0.g7").bottleneck_GBps == 450
+
+
+@pytest.mark.parametrize("gpu", ["RTX-3090", "H100-PCIe"])
+def test_bridge_only_gpus_cannot_sit_on_an_nvswitch(gpu: str) -> None:
+    with pytest.raises(WorkbenchError, match=rf"nodes\[0\]\.intra: {gpu} connects by NVLink bridge only"):
+        from_dict({"nodes": [{"gpu": gpu, "gpus": 2, "intra": "nvswitch"}]})
+    c = from_dict({"nodes": [{"gpu": gpu, "gpus": 2, "intra": "nvlink-bridge"}]})
+    assert [lk.kind for lk in c.path("n0.g0", "n0.g1").links] == ["nvlink-bridge"]

@@ -34,6 +34,7 @@ class GPUSpec:
     pcie_gen: int
     is_cpu: bool = False
     source: str = ""
+    nvlink_form: str = ""  # nvswitch | bridge | "" (no NVLink)
 
     def peak(self, precision: str) -> float:
         """Peak dense TFLOP/s at `precision`; raises naming what the GPU supports."""
@@ -77,6 +78,7 @@ def gpu_models() -> dict[str, GPUSpec]:
             memory_GBps=float(row["memory_GBps"]), peak_tflops=peaks,
             nvlink_gen=int(gen) if gen is not None else None, nvlink_GBps=_num(row["nvlink_GBps"]) or 0.0,
             pcie_gen=int(row["pcie_gen"]), source=str(row["source"]),
+            nvlink_form=str(row["nvlink_form"]) if gen is not None else "",
         )
     return out
 

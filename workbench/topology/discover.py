@@ -90,7 +90,7 @@ def discover(cpu_ranks: int | None = None, measure: bool = True) -> Cluster:
     models = [gpu_model_from_name(n) for n in names]
     if names and all(models):
         model = str(models[0])
-        intra = "nvswitch" if len(names) > 1 and cat.gpu(model).nvlink_gen else "pcie"
+        intra = "nvswitch" if len(names) > 1 and cat.gpu(model).nvlink_form == "nvswitch" else "pcie"
         node = Node(gpu=model, gpus=len(names), intra=intra, nic=nic_model, nics=nics)
         return Cluster(name=f"local ({len(names)}x {model})", nodes=(node,), fabric=Fabric(kind="switch", switch="ethernet"))
     ranks = cpu_ranks or max(os.cpu_count() or 1, 1)

@@ -83,8 +83,14 @@ def from_dict(d: Any) -> Cluster:
         intra = rn.get("intra", "nvswitch" if gpu != CPU_MODEL else "pcie")
         if intra not in INTRA_KINDS:
             raise WorkbenchError(f"{f}.intra: unknown {intra!r} (allowed: {', '.join(INTRA_KINDS)})")
-        if intra != "pcie" and gpu != CPU_MODEL and cat.gpu(gpu).nvlink_gen is None:
-            raise WorkbenchError(f"{f}.intra: {gpu} has no NVLink, so {intra!r} is impossible (use pcie)")
+        if intra != "pcie" and gpu != CPU_MODEL:
+            form = cat.gpu(gpu).nvlink_form
+            if form == "":
+                raise WorkbenchError(f"{f}.intra: {gpu} has no NVLink, so {intra!r} is impossible (use pcie)")
+            if intra == "nvswitch" and form != "nvswitch":
+                raise WorkbenchError(
+                    f"{f}.intra: {gpu} connects by NVLink bridge only, not an NVSwitch (use nvlink-bridge or pcie)"
+                )
         nic = str(rn.get("nic", "ETH-10G"))
         cat.nic(nic, field=f"{f}.nic")
         specs = rn.get("specs") or {}
