@@ -1,0 +1,132 @@
+"""Plan search: enumerate every plan for (cluster, model, global batch), evaluate each, rank them.
+
+`search_plans(cluster, model, gbs)` returns a pandas DataFrame with one row per candidate: the
+plan's fields, its metrics (for plans that fit), `fits`, `valid` and, for the rejected, `reason`.
+Valid plans that fit come first, fastest first. Fields given in `fixed` are not varied.
+Precision is never chosen for you (default bf16): it changes the numerics, not just the speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.plan.spec import Plan
+
+GRID: dict[str, tuple[Any, ...]] = {
+    "cp": (1, 2, 4, 8),
+    "vpp": (1, 2, 4),
+    "mbs": (1, 2, 4, 8),
+    "zero": (0, 1, 2, 3),
+    "recompute": ("none", "selective", "full"),
+    "offload": (False, True),
+}
+COLUMNS = ("tp", "pp", "dp", "ep", "cp", "sp", "vpp", "zero", "recompute", "mbs", "gbs", "precision", "offload")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(world: int, node_gpus: int, model: Any, gbs: int, fixed: dict[str, Any] | None = None,
+               grid: dict[str, tuple[Any, ...]] | None = None) -> Iterator[Plan]:
+    """Every combination of the plan fields (structurally invalid ones included: the caller rejects them)."""
+    fixed = dict(fixed or {})
+    g = {**GRID, **(grid or {})}
+
+    def opts(name: str, values: Any) -> list[Any]:
+        return [fixed[name]] if name in fixed else list(values)
+
+    tps = opts("tp", [d for d in _divisors(node_gpus) if model.heads % d == 0])
+    for tp in tps:
+        for cp in opts("cp", [c for c in g["cp"] if world % (tp * c) == 0]):
+            rest = world // (tp * cp) if world % (tp * cp) == 0 else 0
+            if not rest:
+                continue
+            pps = opts("pp", [p for p in _divisors(rest) if p <= model.layers])
+            for pp in pps:
+                if rest % pp:
+                    continue
+                dp = rest // pp
+                if "dp" in fixed and fixed["dp"] != dp:
+                    continue
+                eps = opts("ep", [e for e in _divisors(dp * cp) if model.experts % e == 0] if model.is_moe else [1])
+                vpps = opts("vpp", [v for v in g["vpp"] if v == 1 or pp > 1])
+                for ep, vpp, mbs, zero, rc, off in itertools.product(
+                        eps, vpps, opts("mbs", g["mbs"]), opts("zero", g["zero"]), opts("recompute", g["recompute"]),
+                        opts("offload", g["offload"])):
+                    if off and rc == "full":
+                        continue
+                    yield Plan(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, sp=fixed.get("sp", tp > 1), vpp=vpp, zero=zero,
+                               recompute=rc, mbs=mbs, gbs=gbs, precision=fixed.get("precision", "bf16"), offload=off)
+
+
+def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, Any] | None = None,
+                 top: int | None = None, grid: dict[str, tuple[Any, ...]] | None = None,
+                 include_rejected: bool = True) -> Any:
+    """Evaluate every candidate plan; a DataFrame ranked by tokens/s (valid and fitting first).
+
+    `cluster` may be a `TrainContext` (then `model` is taken from it). `df.attrs` holds
+    `evaluated`, `valid`, `fitting`, `seconds` and `plans_per_s`.
+    """
+    import pandas as pd
+
+    from workbench.models.presets import load_model
+    from workbench.plan.validate import problem
+    from workbench.sim.train import TrainContext, evaluate
+    from workbench.topology.presets import load_cluster
+
+    if gbs < 1:
+        raise WorkbenchError(f"gbs: must be at least 1, got {gbs}")
+    ctx = cluster if isinstance(cluster, TrainContext) else TrainContext(load_cluster(cluster), load_model(model))
+    precisions = ctx.precisions()
+    rows: list[dict[str, Any]] = []
+    nan = float("nan")
+    t0 = time.perf_counter()
+    n = 0
+    for plan in candidates(ctx.world, ctx.node_gpus, ctx.model, gbs, fixed, grid):
+        n += 1
+        why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, precisions)
+        row: dict[str, Any] = {k: getattr(plan, k) for k in COLUMNS}
+        if why:
+            if include_rejected:
+                rows.append({**row, "valid": False, "fits": False, "reason": why})
+            continue
+        try:
+            est = evaluate(ctx, None, plan, skip_unfit=True)
+        except WorkbenchError as exc:
+            if include_rejected:
+                rows.append({**row, "valid": False, "fits": False, "reason": str(exc)})
+            continue
+        mem = sum(est.memory.values()) / 1024**3  # type: ignore[union-attr]
+        reason = "" if est.fits else (  # type: ignore[union-attr]
+            f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB")  # type: ignore[union-attr]
+        if not est.fits and not include_rejected:  # type: ignore[union-attr]
+            continue
+        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,  # type: ignore[union-attr]
+                     "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,  # type: ignore[union-attr]
+                     "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu,  # type: ignore[union-attr]
+                     "memory_GiB": mem, "bubble_s": est.breakdown.get("pipeline_bubble", nan),  # type: ignore[union-attr]
+                     "tp_comm_s": est.breakdown.get("tp_comm", nan),  # type: ignore[union-attr]
+                     "dp_comm_s": est.breakdown.get("dp_comm", nan)})  # type: ignore[union-attr]  # type: ignore[union-attr]
+    seconds = time.perf_counter() - t0
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=[*COLUMNS, "valid", "fits", "reason"])
+    for col in ("step_seconds", "tokens_per_s", "tflops_per_gpu", "mfu", "memory_GiB"):
+        if col not in df.columns:
+            df[col] = float("nan")
+    df["_ok"] = df["valid"].astype(bool) & df["fits"].astype(bool)
+    df = df.sort_values(["_ok", "tokens_per_s", "memory_GiB"], ascending=[False, False, True], kind="stable")
+    df = df.drop(columns="_ok").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    attrs = {"evaluated": n, "valid": int(df["valid"].sum()), "fitting": int((df["valid"] & df["fits"]).sum()),
+             "rejected": int(n - (df["valid"] & df["fits"]).sum()), "seconds": seconds,
+             "plans_per_s": n / seconds if seconds > 0 else float("inf")}
+    if top is not None:
+        df = df.head(top)
+    df.attrs.update(attrs)
+    return df

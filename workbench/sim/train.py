@@ -1,0 +1,678 @@
+"""Training-step simulator: one sharded step of a dense or MoE transformer on a cluster.
+
+`evaluate(cluster, model, plan)` gives the metrics in well under 2 ms (one representative rank
+per pipeline stage; collective prices cached); `simulate_train(cluster, model, plan)` adds the
+events of every stage's representative rank in the shared `Result` schema.
+
+Ranks map to GPUs in Megatron order — tp fastest, then cp, then dp, then pp — so a TP group
+sits inside a node's NVLink domain and PP/DP groups cross the NICs. What is modelled:
+
+- per layer and micro-batch: forward, backward (dgrad + wgrad) and recomputation GEMMs, flash
+  attention and memory-bound ops timed by `workbench.sim.compute` (measured curves);
+- TP collectives (2 all-gathers + 2 reduce-scatters per layer and direction with sequence
+  parallelism, else 2 all-reduces), exposed; EP all-to-all (dispatch + combine), exposed; CP
+  ring exchange of K/V overlapped with the attention it feeds (only the excess is exposed);
+- the pipeline schedule (1F1B, or interleaved with `vpp` chunks) simulated op by op with the
+  point-to-point sends between stages, so bubbles are what the schedule leaves;
+- data parallelism: gradient all-reduce (ZeRO-0) or reduce-scatter (ZeRO-1/2) per layer bucket,
+  overlapped with the last micro-batch's backward as Megatron's overlap_grad_reduce does; the
+  parameter all-gather after the optimizer overlapped with the next step's first forward;
+  ZeRO-3/FSDP gathers each layer's weights before its forward and backward and reduce-scatters
+  its gradients every micro-batch, prefetched one layer ahead (exposed only beyond the layer's
+  compute);
+- the Adam step as a memory-bound op over the local (sharded) parameters;
+- activation offload: stored activations copied to host over PCIe during the op, exposed
+  beyond its compute.
+Not modelled: contention between concurrent collectives on shared NICs, stragglers, kernel
+launch gaps beyond those in the microbenchmarks, the CUDA context and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.models.costs import (
+    activation_bytes_per_token,
+    attention_core_flops,
+    backward_gemms,
+    elementwise_bytes_per_token,
+    layer_gemms,
+    layer_kinds,
+    model_flops_per_token,
+    parameter_count,
+)
+from workbench.models.spec import ModelSpec
+from workbench.plan.spec import Plan
+from workbench.plan.validate import gpus_per_node, problem, split_layers
+from workbench.sim.compute import DeviceModel, device_model
+from workbench.sim.train_schedule import in_flight, pipeline_times
+from workbench.topology.model import Cluster
+
+GiB = 1024**3
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "buffers")
+BREAKDOWN = ("forward", "backward", "recompute", "tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "offload",
+             "pipeline_bubble", "dp_comm", "embedding_sync", "optimizer", "param_gather")
+
+
+def _elem(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass
+class StageCost:
+    """Per-micro-batch durations of one virtual stage (chunk) and the parts they are made of."""
+
+    fwd: float = 0.0
+    bwd: float = 0.0
+    parts_f: dict[str, float] = field(default_factory=dict)
+    parts_b: dict[str, float] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+    params: float = 0.0  # non-expert parameters per rank
+    expert_params: float = 0.0  # expert parameters per rank
+    act_bytes: float = 0.0  # stored activations per micro-batch
+    peak_layer_bytes: float = 0.0  # one layer's full activations (live during recompute)
+    logits_bytes: float = 0.0
+    layer_grad_comm: list[float] = field(default_factory=list)
+
+    def add(self, which: str, part: str, seconds: float) -> None:
+        d = self.parts_f if which == "f" else self.parts_b
+        d[part] = d.get(part, 0.0) + seconds
+        if which == "f":
+            self.fwd += seconds
+        else:
+            self.bwd += seconds
+
+
+@dataclass(frozen=True)
+class TrainEstimate:
+    """Metrics of one simulated training step (`to_metrics()` gives the documented JSON keys)."""
+
+    plan: Plan
+    step_seconds: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+    memory: dict[str, float]  # bytes per category on the binding rank
+    capacity: float
+    fits: bool
+    breakdown: dict[str, float]
+    binding_stage: int
+    model_flops: float
+    hardware_flops: float
+    memory_by_stage: tuple[dict[str, float], ...] = ()
+
+    def to_metrics(self) -> dict[str, Any]:
+        mem = {k: round(v / GiB, 3) for k, v in self.memory.items()}
+        mem["total"] = round(sum(self.memory.values()) / GiB, 3)
+        return {
+            "step_seconds": self.step_seconds, "tokens_per_s": self.tokens_per_s,
+            "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "memory_GiB_per_gpu": mem,
+            "memory_capacity_GiB": round(self.capacity / GiB, 3), "fits": self.fits,
+            "breakdown_seconds": dict(self.breakdown), "binding_stage": self.binding_stage,
+            "plan": self.plan.to_dict(),
+        }
+
+
+class TrainContext:
+    """Everything about (cluster, model) that plans share: devices, rank→GPU map, price caches."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, params: Any = None) -> None:
+        self.cluster = cluster
+        self.model = model
+        self.params = params
+        self.world = cluster.num_gpus
+        self.node_gpus = gpus_per_node(cluster)
+        self._first = np.cumsum([0] + [n.gpus for n in cluster.nodes])[:-1]
+        self._gpus: list[str] | None = None
+        self.kinds = layer_kinds(model)
+        self.pc = parameter_count(model)
+        self.homogeneous = len(set(cluster.nodes)) == 1
+        self._spec0 = cluster.nodes[0].gpu_spec
+        self._coll: dict[tuple[Any, ...], float] = {}
+        self._stage: dict[tuple[Any, ...], StageCost] = {}
+        self._layer: dict[tuple[Any, ...], Any] = {}
+
+    @property
+    def gpus(self) -> list[str]:
+        if self._gpus is None:
+            self._gpus = self.cluster.gpus
+        return self._gpus
+
+    def node_of(self, rank: int) -> int:
+        if self.homogeneous:
+            return rank // self.node_gpus
+        return int(np.searchsorted(self._first, rank, side="right") - 1)
+
+    def spec_of(self, rank: int) -> Any:
+        if self.homogeneous:
+            return self._spec0
+        return self.cluster.nodes[self.node_of(rank)].gpu_spec
+
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(dict(self.cluster.nodes[0].gpu_spec.peak_tflops))
+
+    def coll(self, op: str, nbytes: float, ranks: tuple[int, ...]) -> float:
+        """Seconds of collective `op` of nccl-tests size `nbytes` over ranks (cached)."""
+        if len(ranks) <= 1 or nbytes <= 0:
+            return 0.0
+        key = (op, int(nbytes), ranks)
+        hit = self._coll.get(key)
+        if hit is None:
+            from workbench.sim.collectives import collective
+
+            hit = collective(self.cluster, op, int(nbytes), [self.gpus[r] for r in ranks], params=self.params).seconds
+            self._coll[key] = hit
+        return hit
+
+    def pcie_Bps(self, rank: int) -> float:
+        from workbench.topology.catalogue import node_link
+
+        spec = self.spec_of(rank)
+        return node_link("pcie", spec.pcie_gen)[0] * 1e9
+
+
+def _groups(plan: Plan, stage: int) -> dict[str, tuple[int, ...]]:
+    """Representative rank's groups (its stage's first rank) in Megatron order: tp, cp, dp, pp."""
+    return _groups_of(plan.tp or 1, plan.cp or 1, plan.dp or 1, plan.pp or 1, plan.ep or 1, stage)
+
+
+@lru_cache(maxsize=4096)
+def _groups_of(tp: int, cp: int, dp: int, pp: int, ep: int, stage: int) -> dict[str, tuple[int, ...]]:
+    base = stage * tp * cp * dp
+    return {
+        "tp": tuple(base + i for i in range(tp)),
+        "cp": tuple(base + tp * i for i in range(cp)),
+        "dp": tuple(base + tp * i for i in range(cp * dp)),  # gradient replicas: dp × cp
+        "ep": tuple(base + tp * i for i in range(ep)),
+        "edp": tuple(base + tp * ep * i for i in range(cp * dp // ep)),
+    }
+
+
+def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dict[str, tuple[int, ...]]) -> tuple:
+    """(fwd parts, bwd parts, recompute parts, non-expert params, expert params, act bytes, full act bytes,
+    grad-comm bytes) of one layer per micro-batch on a rank."""
+    m = ctx.model
+    tp, cp, ep = plan.tp or 1, plan.cp or 1, plan.ep or 1
+    sp = bool(plan.sp) and tp > 1
+    prec = str(plan.precision)
+    spec = ctx.spec_of(rank)
+    key = (kind, spec, plan.tp, plan.cp, plan.ep, sp, prec, plan.mbs, plan.recompute, plan.zero, groups["tp"],
+           groups["ep"], groups["cp"], groups["dp"], groups["edp"], plan.dp)
+    hit = ctx._layer.get(key)
+    if hit is not None:
+        return hit
+    dm: DeviceModel = device_model(spec, prec)
+    dma = device_model(spec, "fp32" if prec == "fp32" else ("bf16" if prec in ("fp8",) else prec))
+    elem = _elem(prec)
+    b = plan.mbs or 1
+    tokens = b * m.seq // cp
+    f: dict[str, float] = {}
+    bw: dict[str, float] = {}
+    rc: dict[str, float] = {}
+    gemms = layer_gemms(m, kind, tokens, tp, ep)
+    f_g = sum(dm.gemm_seconds(g.m, g.n, g.k, g.count) for g in gemms)
+    b_g = sum(dm.gemm_seconds(x.m, x.n, x.k, x.count) for g in gemms for x in backward_gemms(g))
+    heads = m.heads // tp
+    attn_flops = attention_core_flops(m, b * m.seq // cp, m.seq, heads) * 0.5  # causal: half the square
+    hd = m.qk_head_dim
+    f_a = dma.attention_seconds(attn_flops, m.seq, hd, True)
+    b_a = dma.attention_seconds(2.5 * attn_flops, m.seq, hd, True, backward=True)
+    ew = elementwise_bytes_per_token(m, kind, tp, sp, elem) * tokens
+    f_e = dm.memory_seconds(ew, ew / 8)
+    f["forward"] = f_g + f_a + f_e
+    bw["backward"] = b_g + b_a + 2 * f_e
+    # tensor parallelism (exposed)
+    full = tokens * m.hidden * elem
+    if tp > 1:
+        if sp:
+            t_comm = 2 * ctx.coll("all_gather", full, groups["tp"]) + 2 * ctx.coll("reduce_scatter", full, groups["tp"])
+        else:
+            t_comm = 2 * ctx.coll("all_reduce", full, groups["tp"])
+        f["tp_comm"] = t_comm
+        bw["tp_comm"] = t_comm
+    # expert parallelism: dispatch + combine all-to-all, forward and backward
+    if kind == "moe" and ep > 1:
+        a2a = (tokens // (tp if sp else 1)) * m.top_k * m.hidden * elem
+        t = 2 * ctx.coll("all_to_all", a2a, groups["ep"])
+        f["ep_comm"] = t
+        bw["ep_comm"] = t
+    # context parallelism: ring exchange of K and V, overlapped with the attention it feeds
+    if cp > 1:
+        kv_w = m.heads * (m.qk_head_dim + (m.v_head_dim if m.is_mla else m.head_dim)) if m.is_mla else 2 * m.kv_dim
+        chunk = tokens * kv_w // tp * elem
+        pair = (groups["cp"][0], groups["cp"][1])
+        step = ctx.coll("send_recv", chunk, pair)
+        f["cp_comm"] = (cp - 1) * max(0.0, step - f_a / cp)
+        bw["cp_comm"] = (cp - 1) * max(0.0, 2 * step - b_a / cp)
+    # recomputation
+    if plan.recompute == "full":
+        for k, v in f.items():
+            rc["recompute" if k == "forward" else k] = v
+    elif plan.recompute == "selective":
+        rc["recompute"] = f_e
+    pc = ctx.pc
+    if kind == "dense":
+        ne, ex = pc.dense_layer / tp, 0.0
+    else:
+        ne = (pc.attention + pc.norms + pc.moe_router + pc.shared) / tp
+        ex = pc.experts * pc.expert / (ep * tp)
+    # ZeRO-3 / FSDP: gather weights before forward and backward, reduce-scatter gradients, every micro-batch
+    if plan.zero == 3 and (plan.dp or 1) * cp > 1:
+        wbytes = elem
+        gbytes = 4 if prec in ("bf16", "fp8", "fp32") else 2
+        g_ne, g_ex = groups["dp"], groups["edp"]
+        ag = ctx.coll("all_gather", ne * wbytes, g_ne) + ctx.coll("all_gather", ex * wbytes, g_ex)
+        rs = ctx.coll("reduce_scatter", ne * gbytes, g_ne) + ctx.coll("reduce_scatter", ex * gbytes, g_ex)
+        f["fsdp_comm"] = max(0.0, ag - f["forward"])
+        bw["fsdp_comm"] = max(0.0, ag + rs - bw["backward"])
+        if plan.recompute == "full":
+            rc["fsdp_comm"] = f["fsdp_comm"]
+    act = activation_bytes_per_token(m, kind, tp, sp, str(plan.recompute), elem) * tokens
+    act_full = activation_bytes_per_token(m, kind, tp, sp, "none", elem) * tokens
+    out = (f, bw, rc, ne, ex, act, act_full)
+    ctx._layer[key] = out
+    return out
+
+
+def _stage_costs(ctx: TrainContext, plan: Plan) -> list[StageCost]:
+    """Costs of every virtual stage (chunk), index vs = chunk·pp + stage.
+
+    On a homogeneous cluster every stage's groups are priced as stage 0's (they differ by whole
+    nodes or by a shift inside one), so identical chunks share one `StageCost`.
+    """
+    pp, v = plan.pp or 1, plan.vpp or 1
+    counts = split_layers(ctx.model.layers, pp * v)
+    out: list[StageCost] = []
+    start = 0
+    pkey = (plan.tp, plan.cp, plan.dp, plan.ep, plan.sp, plan.precision, plan.mbs, plan.recompute, plan.zero,
+            plan.offload, pp * v)
+    for vs in range(pp * v):
+        kinds = ctx.kinds[start:start + counts[vs]]
+        start += counts[vs]
+        stage = 0 if ctx.homogeneous else vs % pp
+        edge = (vs == 0) + 2 * (vs == pp * v - 1)
+        key = (pkey, kinds, edge, stage)
+        sc = ctx._stage.get(key)
+        if sc is None:
+            sc = _one_stage(ctx, plan, kinds, edge, stage)
+            ctx._stage[key] = sc
+        out.append(sc)
+    return out
+
+
+def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int, stage: int) -> StageCost:
+    m = ctx.model
+    tp = plan.tp or 1
+    sp = bool(plan.sp) and tp > 1
+    prec = str(plan.precision)
+    elem = _elem(prec)
+    tokens = (plan.mbs or 1) * m.seq // (plan.cp or 1)
+    rank = stage * tp * (plan.cp or 1) * (plan.dp or 1)
+    groups = _groups(plan, stage)
+    sc = StageCost()
+    sc.layers = list(kinds)
+    for kind in ("dense", "moe"):
+        n = kinds.count(kind)
+        if not n:
+            continue
+        f, bw, rc, ne, ex, act, act_full = _layer_cost(ctx, plan, kind, rank, groups)
+        for k, t in f.items():
+            sc.add("f", k, n * t)
+        for k, t in bw.items():
+            sc.add("b", k, n * t)
+        for k, t in rc.items():
+            sc.add("b", k, n * t)
+        sc.params += n * ne
+        sc.expert_params += n * ex
+        sc.act_bytes += n * act
+        sc.peak_layer_bytes = max(sc.peak_layer_bytes, act_full)
+    dm = device_model(ctx.spec_of(rank), prec)
+    if edge & 1:  # embedding lookup (vocab-parallel) and its gradient
+        sc.params += m.vocab * m.hidden / tp
+        e = tokens * m.hidden * elem
+        sc.add("f", "forward", dm.memory_seconds(2 * e))
+        sc.add("b", "backward", dm.memory_seconds(4 * e))
+        sc.act_bytes += tokens * elem
+    if edge & 2:  # final norm, LM head, cross-entropy in fp32
+        if not m.tied or not edge & 1:
+            sc.params += m.vocab * m.hidden / tp
+        g = (tokens, max(m.vocab // tp, 1), m.hidden)
+        sc.add("f", "forward", dm.gemm_seconds(*g) + dm.memory_seconds(3 * 4 * tokens * g[1]))
+        sc.add("b", "backward", dm.gemm_seconds(g[0], g[2], g[1]) + dm.gemm_seconds(g[2], g[1], g[0])
+               + dm.memory_seconds(2 * 4 * tokens * g[1]))
+        if tp > 1 and sp:
+            t = ctx.coll("all_gather", tokens * m.hidden * elem, groups["tp"])
+            sc.add("f", "tp_comm", t)
+            sc.add("b", "tp_comm", t)
+        sc.logits_bytes = tokens * g[1] * (elem + 4)
+    if plan.offload:  # copies to host during forward, back during backward (exposed beyond compute)
+        t = sc.act_bytes / ctx.pcie_Bps(rank)
+        sc.add("f", "offload", max(0.0, t - sc.parts_f.get("forward", 0.0)))
+        sc.add("b", "offload", max(0.0, t - sc.parts_b.get("backward", 0.0)))
+    return sc
+
+
+def _memory(ctx: TrainContext, plan: Plan, costs: list[StageCost], stage: int, held: int) -> dict[str, float]:
+    """Bytes per category on a stage's representative rank at its peak (`held`: chunk activations in flight)."""
+    pp, v, tp = plan.pp or 1, plan.vpp or 1, plan.tp or 1
+    dp, cp, ep = plan.dp or 1, plan.cp or 1, plan.ep or 1
+    prec = str(plan.precision)
+    mine = [costs[c * pp + stage] for c in range(v)]
+    ne = sum(c.params for c in mine)
+    ex = sum(c.expert_params for c in mine)
+    shard_ne, shard_ex = dp * cp, max(dp * cp // ep, 1)
+    z = plan.zero or 0
+    w_b = {"fp32": 4.0, "fp8": 3.0}.get(prec, 2.0)  # fp8: bf16 weights + an fp8 copy
+    g_b = 4.0
+    o_b = 8.0 if prec == "fp32" else 12.0  # Adam m, v (+ fp32 master copy for mixed precision)
+    weights = ne * w_b / (shard_ne if z >= 3 else 1) + ex * w_b / (shard_ex if z >= 3 else 1)
+    grads = ne * g_b / (shard_ne if z >= 2 else 1) + ex * g_b / (shard_ex if z >= 2 else 1)
+    optim = ne * o_b / (shard_ne if z >= 1 else 1) + ex * o_b / (shard_ex if z >= 1 else 1)
+    per_chunk = max(c.act_bytes for c in mine)
+    if plan.offload:
+        held = min(held, 2)
+    acts = per_chunk * held
+    if plan.recompute == "full":
+        acts += max(c.peak_layer_bytes for c in mine)
+    acts += max(c.logits_bytes for c in mine)
+    elem = _elem(prec)
+    tokens = (plan.mbs or 1) * ctx.model.seq // cp
+    buffers = 0.0
+    if pp > 1:
+        buffers += 2 * tokens * ctx.model.hidden * elem / (tp if plan.sp else 1)
+    if tp > 1:
+        buffers += tokens * ctx.model.hidden * elem  # the all-gathered sequence-parallel input
+    if z >= 3:
+        lay = max(c.params / max(len(c.layers), 1) for c in mine) + max(
+            c.expert_params / max(len(c.layers), 1) for c in mine)
+        buffers += 2 * lay * w_b  # the gathered layer and the prefetched next one
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "buffers": buffers}
+
+
+def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: int) -> tuple[float, float, float, float]:
+    """(gradient sync seconds of all the stage's layers, tied-embedding all-reduce, optimizer, param all-gather)."""
+    m = ctx.model
+    pp, v, tp, cp, dp = plan.pp or 1, plan.vpp or 1, plan.tp or 1, plan.cp or 1, plan.dp or 1
+    prec = str(plan.precision)
+    z = plan.zero or 0
+    g_bytes = 4 if prec in ("bf16", "fp8", "fp32") else 2
+    groups = _groups(plan, 0 if ctx.homogeneous else s)
+    rank = groups["tp"][0]
+    mine = [costs[c * pp + s] for c in range(v)]
+    ne = sum(c.params for c in mine)
+    ex = sum(c.expert_params for c in mine)
+    sync = 0.0
+    if z < 3 and dp * cp > 1:
+        op = "all_reduce" if z == 0 else "reduce_scatter"
+        for c in mine:  # one bucket per layer
+            nl = max(len(c.layers), 1)
+            sync += nl * (ctx.coll(op, c.params / nl * g_bytes, groups["dp"])
+                          + ctx.coll(op, c.expert_params / nl * g_bytes, groups["edp"]))
+    emb = 0.0
+    if m.tied and pp > 1 and s in (0, pp - 1):
+        emb = ctx.coll("all_reduce", m.vocab * m.hidden / tp * g_bytes, (0, (pp - 1) * tp * cp * dp))
+    shard = dp * cp if z >= 1 else 1
+    eshard = max(dp * cp // (plan.ep or 1), 1) if z >= 1 else 1
+    local = ne / shard + ex / eshard
+    opt = device_model(ctx.spec_of(rank), prec).memory_seconds(local * (28 if prec == "fp32" else 30), 1e9)
+    ag = 0.0
+    if z in (1, 2) and dp * cp > 1:
+        elem = _elem(prec)
+        ag = ctx.coll("all_gather", ne * elem, groups["dp"]) + ctx.coll("all_gather", ex * elem, groups["edp"])
+    return sync, emb, opt, ag
+
+
+def _fill_defaults(plan: Plan) -> Plan:
+    return plan.with_defaults(sp=True, vpp=1, ep=1, cp=1, zero=1, recompute="none", mbs=1, precision="bf16",
+                              offload=False)
+
+
+def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, plan: Plan | None = None,
+             *, detail: bool = False, check_fit: bool = False,
+             skip_unfit: bool = False) -> TrainEstimate | tuple[TrainEstimate, dict[str, Any]]:
+    """Metrics of one complete plan (raises `WorkbenchError` naming the problem if the plan is invalid).
+
+    With `check_fit` a plan that does not fit in memory raises too; with `skip_unfit` (search) its
+    timing is not simulated (NaN). With `detail` also returns the schedule arrays used to draw events.
+    """
+    ctx = cluster if isinstance(cluster, TrainContext) else TrainContext(cluster, model)  # type: ignore[arg-type]
+    assert plan is not None
+    plan = _fill_defaults(plan)
+    why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
+    if why:
+        raise WorkbenchError(why)
+    m = ctx.model
+    pp, v, tp, cp, dp = plan.pp or 1, plan.vpp or 1, plan.tp or 1, plan.cp or 1, plan.dp or 1
+    nmb = plan.micro_batches
+    prec = str(plan.precision)
+    elem = _elem(prec)
+    costs = _stage_costs(ctx, plan)
+    # capacity and memory first: cheap, and search rejects most plans here
+    mem_cache: dict[tuple[int, ...], dict[str, float]] = {}
+    mems = []
+    for s in range(pp):
+        held = in_flight(pp, v, nmb, s)
+        mk = tuple(id(costs[c * pp + s]) for c in range(v))
+        base = mem_cache.get(mk)
+        if base is None:
+            base = mem_cache[mk] = _memory(ctx, plan, costs, s, 1)
+        if held == 1 or plan.offload:
+            mems.append(base)
+        else:  # only the stored activations grow with the micro-batches in flight
+            per_chunk = max(costs[c * pp + s].act_bytes for c in range(v))
+            mems.append({**base, "activations": base["activations"] + per_chunk * (held - 1)})
+    totals = [sum(x.values()) for x in mems]
+    cap = min(ctx.spec_of(s * tp * cp * dp).memory_GB for s in (range(pp) if not ctx.homogeneous else [0])) * 1e9
+    worst = int(np.argmax(totals))
+    fits = totals[worst] <= cap
+    if check_fit and not fits:
+        raise WorkbenchError(f"plan: does not fit in memory: stage {worst} needs {totals[worst] / GiB:.1f} GiB per GPU "
+                             f"of {cap / GiB:.1f} GiB ({', '.join(f'{k} {x / GiB:.1f}' for k, x in mems[worst].items())})"
+                             "; try more pp/tp, zero=3, recompute=full or a smaller mbs")
+    if skip_unfit and not fits:
+        nan = float("nan")
+        return TrainEstimate(plan=plan, step_seconds=nan, tokens_per_s=nan, tflops_per_gpu=nan, mfu=nan,
+                             memory=mems[worst], capacity=cap, fits=False, breakdown={}, binding_stage=worst,
+                             model_flops=nan, hardware_flops=nan, memory_by_stage=tuple(mems))
+    # pipeline sends
+    tokens = (plan.mbs or 1) * m.seq // cp
+    send_bytes = tokens * m.hidden * elem / (tp if (plan.sp and tp > 1) else 1)
+    pv = pp * v
+    fsend = np.zeros(pv)
+    bsend = np.zeros(pv)
+    if pp > 1:
+        for vs in range(pv):
+            s, s2 = (0, 1) if ctx.homogeneous else (vs % pp, (vs + 1) % pp)
+            r1, r2 = s * tp * cp * dp, s2 * tp * cp * dp
+            t = ctx.coll("send_recv", send_bytes, (r1, r2))
+            fsend[vs] = t
+            bsend[(vs + 1) % pv] = t
+    fdur = np.array([c.fwd for c in costs])
+    bdur = np.array([c.bwd for c in costs])
+    stage_end, last_bs, last_be = pipeline_times(pp, v, nmb, fdur, bdur, fsend, bsend, exact=detail)
+    # data-parallel gradient sync (bucketed per layer, overlapped with the last backward), optimizer, param gather
+    step_by_stage = []
+    tails = []
+    per_class: dict[tuple[Any, ...], tuple[float, float, float, float]] = {}
+    for s in range(pp):
+        ck = tuple(id(costs[c * pp + s]) for c in range(v)) + (s if not ctx.homogeneous else 0,
+                                                                 s in (0, pp - 1))
+        fixed_costs = per_class.get(ck)
+        if fixed_costs is None:
+            fixed_costs = per_class[ck] = _stage_sync_costs(ctx, plan, costs, s)
+        per_ne_ex, emb, opt, ag = fixed_costs
+        stream = 0.0
+        if per_ne_ex > 0:
+            buckets = []
+            for c in range(v):
+                nl = max(len(costs[c * pp + s].layers), 1)
+                bs, be = last_bs[c * pp + s], last_be[c * pp + s]
+                buckets += [(bs + (j + 1) / nl * (be - bs), per_ne_ex / nl) for j in range(nl)]
+            for ready, t in sorted(buckets):
+                stream = max(stream, ready) + t
+        dp_tail = max(0.0, stream - stage_end[s])
+        gather = max(0.0, ag - costs[s].fwd)
+        tails.append((dp_tail, emb, opt, gather))
+        step_by_stage.append(stage_end[s] + dp_tail + emb + opt + gather)
+    crit = int(np.argmax(step_by_stage))
+    step = float(step_by_stage[crit])
+    # breakdown on the critical stage: busy parts, the idle rest of its pipeline is the bubble
+    bd = dict.fromkeys(BREAKDOWN, 0.0)
+    for c in range(v):
+        sc = costs[c * pp + crit]
+        for k, t in sc.parts_f.items():
+            bd[k] += t * nmb
+        for k, t in sc.parts_b.items():
+            bd[k] += t * nmb
+    busy = sum(bd.values())
+    bd["pipeline_bubble"] = max(0.0, float(stage_end[crit]) - busy)
+    bd["dp_comm"], bd["embedding_sync"], bd["optimizer"], bd["param_gather"] = tails[crit]
+    tokens_step = (plan.gbs or 0) * m.seq
+    mf = model_flops_per_token(m) * tokens_step
+    hf = mf
+    if plan.recompute == "full":
+        pc = ctx.pc
+        hf += mf / 3 - 2.0 * m.vocab * m.hidden * tokens_step
+        _ = pc
+    peak = ctx.spec_of(0).peak(prec if prec in dict(ctx.spec_of(0).peak_tflops) else "bf16") * 1e12
+    est = TrainEstimate(
+        plan=plan, step_seconds=step, tokens_per_s=tokens_step / step, tflops_per_gpu=hf / step / ctx.world / 1e12,
+        mfu=mf / step / ctx.world / peak, memory=mems[worst], capacity=cap, fits=fits,
+        breakdown={k: round(x, 9) for k, x in bd.items()}, binding_stage=worst, model_flops=mf, hardware_flops=hf,
+        memory_by_stage=tuple(mems),
+    )
+    if detail:
+        return est, {"costs": costs, "fsend": fsend, "bsend": bsend, "tails": tails, "ctx": ctx}
+    return est
+
+
+def resolve_plan(ctx: TrainContext, plan: Plan) -> Plan:
+    """Fill a partial plan's missing fields with the fastest valid choice that fits (search over them)."""
+    plan = parse_plan_any(plan)
+    if plan.complete:
+        return plan
+    from workbench.plan.search import search_plans
+
+    fixed = {k: x for k, x in plan.to_dict().items() if x is not None}
+    if "gbs" not in fixed:
+        raise WorkbenchError("plan.gbs: give the global batch (gbs=...) — the simulator chooses the rest")
+    df = search_plans(ctx, int(fixed["gbs"]), fixed=fixed, top=1)
+    if df.empty or not bool(df.iloc[0]["fits"]):
+        raise WorkbenchError(f"plan: no valid plan with {plan} fits on {ctx.cluster.name} "
+                             f"({int(df.attrs.get('rejected', 0))} candidates rejected); loosen the fixed fields")
+    return Plan(**{k: (df.iloc[0][k].item() if hasattr(df.iloc[0][k], "item") else df.iloc[0][k])
+                   for k in plan.to_dict()})
+
+
+def parse_plan_any(plan: Plan | str | dict[str, Any]) -> Plan:
+    from workbench.plan.spec import parse_plan
+
+    return parse_plan(plan)
+
+
+def simulate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | str | dict[str, Any]) -> Any:
+    """Simulate one training step; a `workbench.result.Result` with events of each stage's first rank.
+
+    `metrics` holds the JSON keys of `workbench simulate train --json`; missing plan fields are
+    chosen (fastest plan that fits) and reported in `metrics["plan"]`. Events: forward/backward
+    compute per (chunk, micro-batch) with their exposed TP/EP/CP collectives after them, the
+    pipeline `send_recv`s, the data-parallel `all_reduce`/`reduce_scatter` buckets, `optimizer`
+    and the parameter `all_gather`.
+    """
+    from workbench.models.presets import load_model
+    from workbench.result import Result
+    from workbench.topology.presets import load_cluster
+
+    c = load_cluster(cluster)
+    mdl = load_model(model)
+    ctx = TrainContext(c, mdl)
+    p = resolve_plan(ctx, parse_plan_any(plan))
+    est, det = evaluate(ctx, None, p, detail=True)  # type: ignore[misc]
+    events = _events(ctx, est, det)
+    mem_rows = []
+    for s, mem in enumerate(est.memory_by_stage):
+        rank = s * (p.tp or 1) * (p.cp or 1) * (p.dp or 1)
+        for cat, b in mem.items():
+            mem_rows.append({"rank": rank, "category": cat, "bytes": b, "time": 0.0, "device": ctx.gpus[rank],
+                             "stage": s})
+    return Result(events=events, memory=mem_rows, metrics=est.to_metrics(), source="sim", fidelity="closed-form")
+
+
+_COMM_OPS = {"tp_comm": ("all_gather", "reduce_scatter"), "ep_comm": ("all_to_all",), "cp_comm": ("send_recv",),
+             "fsdp_comm": ("all_gather", "reduce_scatter"), "offload": ("offload",)}
+
+
+def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    from workbench.sim.train_schedule import run_schedule
+
+    p = est.plan
+    pp, v, tp, cp, dp = p.pp or 1, p.vpp or 1, p.tp or 1, p.cp or 1, p.dp or 1
+    m = p.micro_batches
+    costs: list[StageCost] = det["costs"]
+    fdur = np.array([c.fwd for c in costs])
+    bdur = np.array([c.bwd for c in costs])
+    fstart, fend, bstart, bend, clock = run_schedule(pp, v, m, fdur, bdur, det["fsend"], det["bsend"])
+    rows: list[dict[str, Any]] = []
+    tp_ops = ("all_gather", "reduce_scatter") if (p.sp and tp > 1) else ("all_reduce",)
+    elem = _elem(str(p.precision))
+    for vs, sc in enumerate(costs):
+        s, chunk = vs % pp, vs // pp
+        rank = s * tp * cp * dp
+        dev = ctx.gpus[rank]
+        for which, starts, parts in (("forward", fstart[vs], sc.parts_f), ("backward", bstart[vs], sc.parts_b)):
+            comp = parts.get(which, 0.0) + parts.get("recompute", 0.0)
+            for mb in range(m):
+                t = float(starts[mb])
+                base = {"rank": rank, "device": dev, "stage": s, "chunk": chunk, "microbatch": mb, "links": ()}
+                rows.append({**base, "kind": "compute", "op": which, "bytes": 0, "start": t, "end": t + comp,
+                             "group": ""})
+                t += comp
+                for part in ("tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "offload"):
+                    dur = parts.get(part, 0.0)
+                    if dur <= 0:
+                        continue
+                    ops = tp_ops if part == "tp_comm" else _COMM_OPS[part]
+                    kind = "transfer" if part in ("cp_comm", "offload") else "collective"
+                    for op in ops:
+                        d = dur / len(ops)
+                        rows.append({**base, "kind": kind, "op": op, "bytes": 0, "start": t, "end": t + d,
+                                     "group": part.split("_")[0]})
+                        t += d
+                send = det["fsend"][vs] if which == "forward" else det["bsend"][vs]
+                last = (which == "forward" and vs == pp * v - 1) or (which == "backward" and vs == 0)
+                if pp > 1 and not last and send > 0:
+                    end = float((fend if which == "forward" else bend)[vs, mb])
+                    nbytes = (p.mbs or 1) * ctx.model.seq // cp * ctx.model.hidden * elem // (tp if p.sp else 1)
+                    rows.append({**base, "kind": "transfer", "op": "send_recv", "bytes": nbytes, "start": end,
+                                 "end": end + send, "group": "pp"})
+    for s in range(pp):
+        rank = s * tp * cp * dp
+        dev = ctx.gpus[rank]
+        dp_tail, emb, opt, gather = det["tails"][s]
+        t_end = float(clock[s])
+        base = {"rank": rank, "device": dev, "stage": s, "chunk": -1, "microbatch": -1, "links": ()}
+        ne = sum(costs[c * pp + s].params for c in range(v))
+        if dp * cp > 1 and (p.zero or 0) < 3:
+            op = "all_reduce" if p.zero == 0 else "reduce_scatter"
+            b0 = float(min(bstart[c * pp + s, m - 1] for c in range(v)))
+            rows.append({**base, "kind": "collective", "op": op, "bytes": int(ne * 4), "start": b0,
+                         "end": t_end + dp_tail, "group": "dp"})
+        t = t_end + dp_tail
+        if emb > 0:
+            rows.append({**base, "kind": "collective", "op": "all_reduce", "bytes": 0, "start": t, "end": t + emb,
+                         "group": "embedding"})
+            t += emb
+        rows.append({**base, "kind": "compute", "op": "optimizer", "bytes": 0, "start": t, "end": t + opt,
+                     "group": ""})
+        t += opt
+        if gather > 0:
+            rows.append({**base, "kind": "collective", "op": "all_gather", "bytes": int(ne * elem), "start": t,
+                         "end": t + gather, "group": "dp"})
+    return pd.DataFrame(rows)
