@@ -46,7 +46,8 @@ class BenchReport:
     def frame(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=list(ROW_KEYS))
+        df = pd.DataFrame(self.rows)
+        return df if not df.empty else pd.DataFrame(columns=list(ROW_KEYS))
 
     def result(self) -> Any:
         """The timed operations as a `workbench.result.Result` (source=run, fidelity=measured)."""
@@ -105,7 +106,7 @@ class BenchReport:
             best = max(g)
             p50 = single[(single["bytes"] == b) & (single["lanes"] == lanes[0])]["p50_us"]
             r, gl = raw.get(b, float("nan")), gloo.get(b, float("nan"))
-            lines.append("| " + " | ".join([_fmt_bytes(int(b))] + [f"{x:.2f}" for x in g] + [
+            lines.append("| " + " | ".join([_fmt_bytes(int(b))] + [f"{x:.2f}" for x in g] + [  # noqa: B023
                 f"{r:.2f}", f"{gl:.2f}", f"{best / r:.2f}", f"{best / gl:.2f}", f"{float(p50.iloc[0]):.0f}"]) + " |")
         paged = df[df["mode"] == "paged"]
         if not paged.empty:

@@ -51,7 +51,7 @@ from transport.memory import Region, adapt
 
 SECRET_ENV = "WORKBENCH_TRANSPORT_SECRET"
 SHARD_ALIGN = 8 << 10  # shards are multiples of 8 KiB (as in TransferEngine)
-MIN_SHARD = 256 << 10  # writes below this go over one lane
+MIN_SHARD = 512 << 10  # shards are at least this big (smaller writes go over fewer lanes)
 MAX_SEND = 64 << 20  # two-sided messages are for control
 
 

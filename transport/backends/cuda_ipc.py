@@ -98,8 +98,7 @@ class CudaIpcPath:
                     s = self._stream(dev.index, lane)
                     s.wait_event(ready)
                     with torch.cuda.stream(s):
-                        for so, do, n in shard:
-                            remote[do:do + n].copy_(src.flat[so:so + n], non_blocking=True)
+                        _copy(torch, remote, src.flat, shard)
                         ev = torch.cuda.Event()
                         ev.record(s)
                         events.append(ev)
@@ -115,3 +114,22 @@ class CudaIpcPath:
         self._pool.shutdown(wait=False)
         with self._lock:
             self._opened.clear()
+
+
+def _copy(torch: Any, remote: Any, flat: Any, pieces: list[tuple[int, int, int]]) -> None:
+    """Copy pieces (src_off, dst_off, n) on the current stream; many equal pages in one gather/scatter."""
+    n = pieces[0][2]
+    if len(pieces) <= 4 or any(p[2] != n for p in pieces):
+        for so, do, k in pieces:
+            remote[do:do + k].copy_(flat[so:so + k], non_blocking=True)
+        return
+    dev = flat.device
+    so = torch.tensor([p[0] for p in pieces], dtype=torch.int64).to(dev, non_blocking=True)
+    do = torch.tensor([p[1] for p in pieces], dtype=torch.int64).to(dev, non_blocking=True)
+    if all(p[0] % n == 0 and p[1] % n == 0 for p in pieces):  # page-aligned: index whole rows
+        src_rows = flat[: flat.numel() // n * n].view(-1, n)
+        dst_rows = remote[: remote.numel() // n * n].view(-1, n)
+        dst_rows[do // n] = src_rows[so // n]
+        return
+    ar = torch.arange(n, device=dev)
+    remote[(do[:, None] + ar).reshape(-1)] = flat[(so[:, None] + ar).reshape(-1)]

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-socket and gloo baselines")
     p.add_argument("--save", metavar="MACHINE", default=None,
                    help="also write benchmarks/results/transport-MACHINE.json and .md")
+    p.add_argument("--out-dir", default="benchmarks/results", help="where --save writes")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                        soak_writes=soak, device=args.device, machine=machine)
     rows = [{k: r[k] for k in bench.ROW_KEYS} for r in report.rows]
     if args.save:
-        out = Path("benchmarks/results")
+        out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"machine": machine, "platform": platform.platform(), "cpus": _cpus(), "backend": args.backend,
                 "device": args.device, "command": "workbench bench transport " + " ".join(_argv(args))}
