@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         if bad:
             raise WorkbenchError(f"--only: unknown benchmark(s) {sorted(bad)} (known: {', '.join(bench.BENCHES)})")
     out = bench.run_all(args.only)
+    out["command"] = "workbench bench sim" + "".join(f" --only {o}" for o in args.only or [])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

@@ -53,7 +53,7 @@ def bench_collective() -> dict[str, Any]:
             counter[0] += 1
             collective(c, "all_reduce", (1 << 20) + counter[0], grp)
         per_group[name] = median_call_us(call)
-    cached = median_call_us(lambda: collective(c, "all_reduce", 1 << 20, groups["dp128"]))
+    cached = median_call_us(lambda: collective(c, "all_reduce", 1 << 20, groups["dp128"]))  # baseline: memo hit
     out["collective_closed_form_us"] = max(per_group.values())
     out["collective_closed_form_by_group_us"] = per_group
     out["collective_closed_form_memo_hit_us"] = cached
@@ -84,6 +84,18 @@ def bench_flows() -> dict[str, Any]:
                         "simulated_makespan_s": res.makespan, "max_utilisation": res.max_utilisation()})
     out["flow_all_to_all_1024_s"] = scaling[-1]["seconds"]
     out["flow_all_to_all_scaling"] = scaling
+    # baseline: the same kernel without flow classes (every flow on its own: exact max-min), 64 GPUs
+    c = load_cluster("aws-p5:nodes=8")
+    fs = all_to_all_flows(c, 1 << 20)
+    simulate(c, fs, aggregate=False)
+    t = time.perf_counter()
+    exact = simulate(c, fs, aggregate=False)
+    t_exact = time.perf_counter() - t
+    t = time.perf_counter()
+    agg = simulate(c, fs)
+    out["flow_all_to_all_64_baseline"] = {
+        "flows": len(fs), "exact_s": t_exact, "classes_s": time.perf_counter() - t,
+        "exact_makespan_s": exact.makespan, "classes_makespan_s": agg.makespan}
     return out
 
 

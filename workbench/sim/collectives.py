@@ -303,8 +303,7 @@ def _seconds(shape: GroupShape, op: str, nbytes: int, algo: str, proto: str, par
     if algo == "tree":
         base, li, ln = _lat(shape, params, "tree", proto)
         lat = base + 2 * ((g - 1) * li + math.ceil(math.log2(m)) * ln)
-        # a node sends (and receives) S at two nodes, → 2S for many (double binary tree)
-        return lat + max(nbytes / intra if g > 1 else 0.0, nbytes * (2 - 2 / m) / node_net) / eff
+        return lat + max(nbytes / intra if g > 1 else 0.0, nbytes * _tree_cross(m) / node_net) / eff
     if algo == "nvls":
         base, nvl, _, _ = params.nccl_latency("nvls", "simple")
         rate = shape.intra_GBps * params.get("collective", "nvls_efficiency") * 1e9
@@ -313,7 +312,7 @@ def _seconds(shape: GroupShape, op: str, nbytes: int, algo: str, proto: str, par
         base, nvl, _, net = params.nccl_latency("nvls_tree", "simple")
         rate = shape.intra_GBps * params.get("collective", "nvls_efficiency") * 1e9
         lat = (base + nvl + 2 * math.ceil(math.log2(m)) * net) * 1e-6
-        return lat + max(nbytes / rate, nbytes * (2 - 2 / m) / node_net)
+        return lat + max(nbytes / rate, nbytes * _tree_cross(m) / node_net)
     if algo == "hier":
         if op == "all_to_all":
             return _a2a(shape, nbytes, params, hier=True)
@@ -329,6 +328,13 @@ def _seconds(shape: GroupShape, op: str, nbytes: int, algo: str, proto: str, par
     if algo == "direct":  # all_to_all
         return _a2a(shape, nbytes, params, hier=False)
     raise WorkbenchError(f"algo: {algo!r} is not implemented for {op}")
+
+
+def _tree_cross(m: int) -> float:
+    """Bytes each node sends (and receives) across the network per byte reduced, NCCL's double binary tree:
+    at two nodes each is the root of one tree and a leaf of the other (S/2 up, S/2 down: S in all);
+    from three nodes on most nodes are interior in one tree (1.5 S) and a leaf in the other (0.5 S)."""
+    return 1.0 if m <= 2 else 2.0
 
 
 def _a2a(shape: GroupShape, nbytes: int, params: NetParams, hier: bool) -> float:
