@@ -42,6 +42,7 @@ class BenchReport:
     events: list[dict[str, Any]] = field(default_factory=list)
     soak: dict[str, Any] = field(default_factory=dict)
     machine: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def frame(self) -> Any:
         import pandas as pd
@@ -82,10 +83,9 @@ class BenchReport:
         paged = df[(df["mode"] == "paged") & (df["lanes"] == single["lanes"].max())]
         if not paged.empty:
             p64 = paged[paged["page_bytes"] == 64 * KiB] if "page_bytes" in paged else paged
-            tot = int(p64["bytes"].iloc[0]) if not p64.empty else 0
-            s = single[single["lanes"] == single["lanes"].max()].set_index("bytes")["GBps"]
-            if tot in s.index:
-                out["paged_64KiB_vs_single"] = float(p64["GBps"].iloc[0] / s.loc[tot])
+            ref = self.notes.get("single_reference_for_paged")
+            if ref and not p64.empty:
+                out["paged_64KiB_vs_single"] = float(p64["GBps"].iloc[0] / ref["GBps"])
         return out
 
     def table(self) -> str:
@@ -177,6 +177,94 @@ def _serve_socket(conn: Any, nbytes: int) -> None:
         s.sendall(b"k")
 
 
+# ---------------------------------------------------------------------- measurements
+ROUNDS = 5  # each mode is measured in ROUNDS slices, interleaved with the others (fair under drift)
+
+
+def _row(backend: str, mode: str, nbytes: int, lanes: int, lat: list[float], **extra: Any) -> dict[str, Any]:
+    p50 = statistics.median(lat)
+    total = sum(lat)
+    return {"backend": backend, "mode": mode, "bytes": nbytes, "lanes": lanes,
+            "GBps": nbytes / p50 / 1e9 if p50 > 0 and nbytes else 0.0,
+            "p50_us": p50 * 1e6, "GBps_mean": nbytes * len(lat) / total / 1e9 if total > 0 else 0.0,
+            "iters": len(lat), **extra}
+
+
+def _interleaved(ops: dict[Any, Any], size: int, iters: int, rounds: int = ROUNDS) -> dict[Any, list[float]]:
+    """Per-op latencies of each op in `ops` (`fn(size)`), one warm-up each, then `rounds` interleaved slices."""
+    lat: dict[Any, list[float]] = {k: [] for k in ops}
+    for fn in ops.values():
+        fn(size)
+    per = max(1, iters // rounds)
+    for _ in range(rounds):
+        for k, fn in ops.items():
+            for _ in range(per):
+                a = time.perf_counter()
+                fn(size)
+                lat[k].append(time.perf_counter() - a)
+    return lat
+
+
+def _plan(sizes: Sequence[int], rounds: int = ROUNDS) -> list[tuple[int, int]]:
+    """(size, operations) as the gloo peer will see them: one warm-up plus the interleaved slices."""
+    return [(s, 1 + rounds * max(1, iterations(s) // rounds)) for s in sizes]
+
+
+class _RawSocket:
+    """The plain socket-pair baseline: a spawned receiver doing `recv_into` and a 1-byte ack."""
+
+    def __init__(self, nbytes: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_socket, args=(child, nbytes), daemon=True)
+        self.proc.start()
+        port = self.conn.recv()
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.src = memoryview(os.urandom(nbytes))
+        self.ack = bytearray(1)
+
+    def op(self, size: int) -> None:
+        self.sock.sendall(struct.pack("<Q", size))
+        self.sock.sendall(self.src[:size])
+        self.sock.recv_into(self.ack, 1, socket.MSG_WAITALL)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _Gloo:
+    """The torch.distributed gloo baseline: `isend` to a spawned rank doing `irecv`, then an ack."""
+
+    def __init__(self, nbytes: int, plan: list[tuple[int, int]]) -> None:
+        import torch
+        import torch.distributed as dist
+
+        with socket.socket() as tmp:
+            tmp.bind(("127.0.0.1", 0))
+            port = tmp.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        self.proc = ctx.Process(target=_serve_gloo, args=(port, plan, nbytes), daemon=True)
+        self.proc.start()
+        self.dist = dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+        self.src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+        self.ack = torch.empty(1, dtype=torch.uint8)
+
+    def op(self, size: int) -> None:
+        self.dist.isend(self.src[:size], dst=1).wait()
+        self.dist.recv(self.ack, src=1)
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 def _serve_gloo(port: int, plan: list[tuple[int, int]], nbytes: int) -> None:
     import torch
     import torch.distributed as dist
@@ -184,92 +272,11 @@ def _serve_gloo(port: int, plan: list[tuple[int, int]], nbytes: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
     buf = torch.empty(nbytes, dtype=torch.uint8)
     ack = torch.ones(1, dtype=torch.uint8)
-    for size, iters in plan:
-        for _ in range(iters + 1):
+    for size, ops in plan:
+        for _ in range(ops):
             dist.irecv(buf[:size], src=0).wait()
             dist.send(ack, dst=0)
     dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------- measurements
-def _timed(fn: Any, iters: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    lat = []
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - a)
-    return time.perf_counter() - t0, lat
-
-
-def _row(backend: str, mode: str, nbytes: int, lanes: int, total: float, lat: list[float], iters: int,
-         **extra: Any) -> dict[str, Any]:
-    p50 = statistics.median(lat)
-    return {"backend": backend, "mode": mode, "bytes": nbytes, "lanes": lanes,
-            "GBps": nbytes / p50 / 1e9 if p50 > 0 and nbytes else 0.0,
-            "p50_us": p50 * 1e6, "GBps_mean": nbytes * iters / total / 1e9 if total > 0 else 0.0,
-            "iters": iters, **extra}
-
-
-def bench_raw_socket(sizes: Sequence[int]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    a, b = ctx.Pipe()
-    p = ctx.Process(target=_serve_socket, args=(b, max(sizes)), daemon=True)
-    p.start()
-    try:
-        port = a.recv()
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        src = memoryview(os.urandom(max(sizes)))
-        ackb = bytearray(1)
-        rows = []
-        for size in sizes:
-            def op(size: int = size) -> None:
-                s.sendall(struct.pack("<Q", size))
-                s.sendall(src[:size])
-                s.recv_into(ackb, 1, socket.MSG_WAITALL)
-
-            it = iterations(size)
-            total, lat = _timed(op, it)
-            rows.append(_row("baseline", "raw_socket", size, 1, total, lat, it))
-        s.close()
-        return rows
-    finally:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-
-
-def bench_gloo(sizes: Sequence[int]) -> list[dict[str, Any]]:
-    import torch
-    import torch.distributed as dist
-
-    with socket.socket() as tmp:
-        tmp.bind(("127.0.0.1", 0))
-        port = tmp.getsockname()[1]
-    plan = [(s, iterations(s)) for s in sizes]
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_serve_gloo, args=(port, plan, max(sizes)), daemon=True)
-    p.start()
-    rows = []
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
-        src = torch.randint(0, 255, (max(sizes),), dtype=torch.uint8)
-        ack = torch.empty(1, dtype=torch.uint8)
-        for size, iters in plan:
-            def op(size: int = size) -> None:
-                dist.isend(src[:size], dst=1).wait()
-                dist.recv(ack, src=1)
-
-            total, lat = _timed(op, iters)
-            rows.append(_row("baseline", "gloo", size, 1, total, lat, iters))
-        dist.destroy_process_group()
-    finally:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-    return rows
 
 
 class _Target:
@@ -317,74 +324,96 @@ class _Target:
             self.shm.unlink()
 
 
+def _source(eng: Any, nbytes: int, device: str) -> Any:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    import numpy as np
+
+    buf = eng.alloc(nbytes) if hasattr(eng, "alloc") else np.empty(nbytes, np.uint8)
+    buf[:] = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    return buf
+
+
 def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_sizes: Sequence[int],
-                 paged_total: int, device: str = "cpu", imm_iters: int = 300,
-                 events: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Single-write sweep per lane count, paged writes and imm round trips, against a spawned target."""
+                 paged_total: int, device: str = "cpu", imm_iters: int = 300, baselines: bool = True,
+                 events: list[dict[str, Any]] | None = None, notes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Single writes for every lane count and both baselines, interleaved per size; then paged writes
+    (interleaved with single writes of the same total) and the imm round trip at the most lanes."""
+    import numpy as np
+
     from transport.engine import Engine
 
     nbytes = max(max(sizes), paged_total)
     target = _Target(backend, nbytes, device)
+    engines = {n: Engine(backend, lanes=n) for n in lanes}
+    raw = _RawSocket(max(sizes)) if baselines else None
+    gloo = _Gloo(max(sizes), _plan(sizes)) if baselines else None
     rows: list[dict[str, Any]] = []
     clock0 = time.perf_counter()
+    done: dict[Any, list[Any]] = {n: [] for n in lanes}
     try:
-        if device.startswith("cuda"):
-            import torch
+        srcs = {}
+        for n, eng in engines.items():
+            srcs[n] = eng.register(_source(eng, nbytes, device))
+            eng.connect(target.desc)
 
-            src_buf: Any = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-        else:
-            import numpy as np
+        def writer(n: int) -> Any:
+            eng, src, log = engines[n], srcs[n], done[n]
 
-            src_buf = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-        for nl in lanes:
-            with Engine(backend, lanes=nl) as eng:
-                src = eng.register(src_buf)
-                eng.connect(target.desc)
-                for size in sizes:
-                    done: list[Any] = []
+            def op(size: int) -> None:
+                t = eng.write(src, target.desc, size)
+                t.result(120)
+                if len(log) < 20000:
+                    log.append(t)
+            return op
 
-                    def op(size: int = size, done: list[Any] = done) -> None:  # noqa: B023 - called at once
-                        t = eng.write(src, target.desc, size)  # noqa: B023
-                        t.result(120)
-                        done.append(t)
+        ops: dict[Any, Any] = {("single", n): writer(n) for n in lanes}
+        if raw is not None and gloo is not None:
+            ops["raw_socket"], ops["gloo"] = raw.op, gloo.op
+        for size in sizes:
+            lat = _interleaved(ops, size, iterations(size))
+            for key, ls in lat.items():
+                if isinstance(key, tuple):
+                    rows.append(_row(backend, "single", size, key[1], ls, device=device))
+                else:
+                    rows.append(_row("baseline", key, size, 1, ls, device="cpu"))
+        if events is not None:
+            for n in lanes:
+                events.extend(_events(done[n], "write", n, clock0, device))
+        nl = max(lanes)
+        eng, src = engines[nl], srcs[nl]
+        pops: dict[Any, Any] = {"single": writer(nl)}
+        for page in page_sizes:
+            npages = paged_total // page
+            rng = np.random.default_rng(page)
+            sp, dp = rng.permutation(npages), rng.permutation(npages)
 
-                    it = iterations(size)
-                    total, lat = _timed(op, it)
-                    rows.append(_row(backend, "single", size, nl, total, lat, it, device=device))
-                    if events is not None:
-                        events.extend(_events(done[1:], "write", nl, clock0, device))
-                if nl == max(lanes):
-                    import numpy as np
+            def pop(size: int, page: int = page, sp: Any = sp, dp: Any = dp) -> None:
+                eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp).result(120)
+            pops[page] = pop
+        lat = _interleaved(pops, paged_total, iterations(paged_total, hi=50))
+        for page in page_sizes:
+            rows.append(_row(backend, "paged", (paged_total // page) * page, nl, lat[page], page_bytes=page,
+                             device=device))
+        if notes is not None:
+            notes["single_reference_for_paged"] = _row(backend, "single", paged_total, nl, lat["single"])
+        peer = target.desc.address
+        k = [0]
 
-                    for page in page_sizes:
-                        npages = paged_total // page
-                        rng = np.random.default_rng(page)
-                        sp, dp = rng.permutation(npages), rng.permutation(npages)
-                        done = []
+        def rt(size: int) -> None:
+            k[0] += 1
+            eng.write_imm(peer, 1)
+            eng.counter.wait(1, k[0], timeout=10)
 
-                        def pop(page: int = page, sp: Any = sp, dp: Any = dp, done: list[Any] = done) -> None:
-                            t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)  # noqa: B023
-                            t.result(120)
-                            done.append(t)
-
-                        it = iterations(paged_total, hi=50)
-                        total, lat = _timed(pop, it)
-                        rows.append(_row(backend, "paged", npages * page, nl, total, lat, it,
-                                         page_bytes=page, device=device))
-                        if events is not None:
-                            events.extend(_events(done[1:], f"paged {page} B", nl, clock0, device))
-                    peer = target.desc.address
-                    k = [0]
-
-                    def rt(k: list[int] = k, peer: Any = peer) -> None:
-                        k[0] += 1
-                        eng.write_imm(peer, 1)  # noqa: B023
-                        eng.counter.wait(1, k[0], timeout=10)  # noqa: B023
-
-                    total, lat = _timed(rt, imm_iters)
-                    rows.append(_row(backend, "imm", 0, nl, total, lat, imm_iters, device=device))
-                eng.deregister(src)
+        rows.append(_row(backend, "imm", 0, nl, _interleaved({"imm": rt}, 0, imm_iters)["imm"], device=device))
     finally:
+        for eng in engines.values():
+            eng.close()
+        for b in (raw, gloo):
+            if b is not None:
+                b.close()
         target.close()
     return rows
 
@@ -450,11 +479,10 @@ def run(backend: str = "tcp", lanes: int = 4, *, sizes: Sequence[int] = SIZES, p
     and imm latency at `lanes`, both baselines over the same sizes, then the soak."""
     lane_set = sorted({1, lanes} | {2**i for i in range(8) if 2**i <= lanes})
     events: list[dict[str, Any]] = []
-    rows = bench_engine(backend, lane_set, sizes, page_sizes, paged_total, device, events=events)
-    if baselines:
-        rows += bench_raw_socket(sizes)
-        rows += bench_gloo(sizes)
-    report = BenchReport(rows, events, machine=machine)
+    notes: dict[str, Any] = {}
+    rows = bench_engine(backend, lane_set, sizes, page_sizes, paged_total, device, baselines=baselines,
+                        events=events, notes=notes)
+    report = BenchReport(rows, events, machine=machine, notes=notes)
     if soak_writes:
         report.soak = soak(soak_writes, backend if not device.startswith("cuda") else "tcp", lanes=lanes)
     return report

@@ -53,6 +53,7 @@ SECRET_ENV = "WORKBENCH_TRANSPORT_SECRET"
 SHARD_ALIGN = 8 << 10  # shards are multiples of 8 KiB (as in TransferEngine)
 MIN_SHARD = 512 << 10  # shards are at least this big (smaller writes go over fewer lanes)
 MAX_SEND = 64 << 20  # two-sided messages are for control
+INLINE_MAX = 64 << 10  # small writes go out from the caller's thread when their lane is idle
 
 
 def _round_up(n: int, a: int) -> int:
@@ -367,7 +368,9 @@ class Engine:
                             region=dst.region, offset=dst_offset + o, length=n)
             lane = link.data[(first + i) % nl]
             lanes.append(lane.index)
-            lane.post(_WriteJob(t, hdr, src, src_offset + o, n))
+            job = _WriteJob(t, hdr, src, src_offset + o, n)
+            if not (n <= INLINE_MAX and src.view is not None and job.inline(lane)):
+                lane.post(job)
         t.lanes = tuple(lanes)
         return t
 
@@ -739,6 +742,19 @@ class _WriteJob:
 
     def __init__(self, t: Transfer, hdr: bytes, src: Region, off: int, n: int) -> None:
         self.t, self.hdr, self.src, self.off, self.n = t, hdr, src, off, n
+
+    def inline(self, lane: wire.Lane) -> bool:
+        """Send from the calling thread if the lane is idle (no queue, no delay); False otherwise."""
+        if lane.delay or not lane.queue.empty() or not lane.send_lock.acquire(blocking=False):
+            return False
+        try:
+            assert self.src.view is not None
+            wire.send_gather(lane.sock, [self.hdr, self.src.view[self.off:self.off + self.n]])
+        except OSError as exc:
+            lane.link.failed(exc, lane)
+        finally:
+            lane.send_lock.release()
+        return True
 
     def __call__(self, lane: wire.Lane) -> None:
         if self.t.done():
