@@ -259,3 +259,50 @@ def test_cli_simulate() -> None:
     assert json.loads(r.stdout)["fidelity"] == "flow"
     bad = _cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce", "--bytes", "lots")
     assert bad.returncode == 2 and "--bytes" in bad.stderr
+
+
+def test_two_jobs_on_one_rail_through_an_oversubscribed_spine() -> None:
+    from workbench.sim.flows import ring_flows, simulate_jobs
+
+    c = from_dict({"name": "rail", "nodes": [{"gpu": "H200", "gpus": 8, "intra": "nvswitch", "nic": "EFAv3-200G",
+                                             "nics": 16, "count": 4}],
+                   "fabric": {"kind": "rail", "switch": "efa", "leaf_ports": 2, "spines": 1, "oversubscription": 2}})
+    jobs = {"A": ring_flows(c, "all_reduce", 1 << 28, ["n0.g0", "n2.g0"]),
+            "B": ring_flows(c, "all_reduce", 1 << 28, ["n1.g0", "n3.g0"])}
+    table, together = simulate_jobs(c, jobs)
+    assert (table["slowdown"] > 1.5).all()  # both rings cross rail 0's one uplink port per leaf
+    assert together.max_utilisation() <= 1.0 + 1e-9
+    far = {"A": jobs["A"], "B": ring_flows(c, "all_reduce", 1 << 28, ["n0.g4", "n1.g4"])}  # other rails, one leaf
+    assert (simulate_jobs(c, far)[0]["slowdown"] < 1.0 + 1e-9).all()
+
+
+def test_fit_recovers_efficiency_from_nccl_tests_text() -> None:
+    """Round trip: nccl-tests text written from the model with a known NVLink efficiency is parsed and fitted back."""
+    from workbench.calibrate.fit import fit_collective
+
+    c = load_cluster("dgx-h100:nodes=1")
+    truth = NetParams.default().replace({("nvlink", "bw_efficiency"): 0.7}, source="test")
+    lines = ["#       size         count      type   redop    root     time   algbw   busbw #wrong     time   algbw   "
+             "busbw #wrong"]
+    for k in range(20, 34):
+        size = 1 << k
+        e = collective(c, "all_reduce", size, algo="ring", params=truth)
+        us = e.seconds * 1e6
+        lines.append(f"{size:>12} {size // 4:>12}     float     sum      -1  {us:8.2f} {e.algbw_GBps:7.2f} "
+                     f"{e.busbw_GBps:7.2f}      0  {us:8.2f} {e.algbw_GBps:7.2f} {e.busbw_GBps:7.2f}      0")
+    rows = parse_nccl_tests("\n".join(lines), op="all_reduce")
+    eff, report = fit_collective(rows, c, "all_reduce", "ring", "nvlink", "bw_efficiency")
+    assert eff == pytest.approx(0.7, rel=2e-3)
+    assert report["err"].abs().max() < 0.01
+
+
+def test_flow_result_in_shared_schema() -> None:
+    from workbench.result import EVENT_COLUMNS, LINK_COLUMNS
+    from workbench.sim.flows import to_result
+
+    c = load_cluster("dgx-h100:nodes=2")
+    _, res = flow_collective(c, "all_to_all", 64 * MiB)
+    r = to_result(res, "all_to_all")
+    assert list(r.events.columns[:len(EVENT_COLUMNS)]) == list(EVENT_COLUMNS)
+    assert list(r.links.columns[:len(LINK_COLUMNS)]) == list(LINK_COLUMNS)
+    assert r.fidelity == "flow" and r.events["flows"].sum() == 16 * 15

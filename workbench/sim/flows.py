@@ -554,3 +554,30 @@ def to_result(res: FlowResult, op: str = "flow", kind: str = "transfer") -> Any:
                                                           "classes": len(cl),
                                                           "max_utilisation": res.max_utilisation()},
                   source="sim", fidelity="flow")
+
+
+def transfer_flows(cluster: Cluster, src: str, dst: str, nbytes: int, start: float = 0.0, job: str = "transfer",
+                   params: NetParams | None = None) -> FlowSet:
+    """One write from `src` to `dst` as flows: across nodes, one shard per NIC of `src` (as TransferEngine shards)."""
+    fg = flow_graph(cluster, params)
+    a, b = _ix(fg, [src, dst])
+    k = max(int(fg.lanes[a]), 1) if fg.node[a] != fg.node[b] else 1
+    return FlowSet(np.full(k, a), np.full(k, b), np.full(k, nbytes / k), np.full(k, start), np.arange(k),
+                   np.zeros(k, np.int64), [job])
+
+
+def simulate_jobs(cluster: Cluster, jobs: dict[str, FlowSet], params: NetParams | None = None) -> tuple[Any, FlowResult]:
+    """Run each job alone and all together; per job: seconds alone, seconds shared, slowdown."""
+    import pandas as pd
+
+    alone = {name: simulate(cluster, fs, params).makespan for name, fs in jobs.items()}
+    named = []
+    for name, fs in jobs.items():
+        named.append(FlowSet(fs.src, fs.dst, fs.bytes, fs.start, fs.lane, np.zeros(len(fs), np.int64), [name]))
+    together = simulate(cluster, FlowSet.concat(named), params)
+    end = together.classes.groupby("job")["end"].max()
+    start = together.classes.groupby("job")["start"].min()
+    table = pd.DataFrame([{"job": n, "alone_s": alone[n], "shared_s": float(end[n] - start[n]),
+                           "slowdown": float(end[n] - start[n]) / alone[n] if alone[n] else float("nan")}
+                          for n in jobs])
+    return table, together
