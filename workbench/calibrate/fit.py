@@ -32,7 +32,7 @@ from workbench.topology.model import Cluster
 PAGED_PAGES_PER_LANE = 4096  # paged rows are steady-state rates of a long stream of pages
 
 
-def nelder_mead(f: Callable[[np.ndarray], float], x0: Sequence[float], step: float = 0.5,
+def nelder_mead(f: Callable[[np.ndarray], float], x0: Sequence[float] | np.ndarray, step: float = 0.5,
                 iters: int = 2000, tol: float = 1e-10) -> np.ndarray:
     """Minimise `f` from `x0` (plain Nelder–Mead; numpy only)."""
     n = len(x0)
@@ -90,24 +90,24 @@ def predict_transport(rows: pd.DataFrame, cluster: Cluster, params: NetParams) -
     gbps, mops, post = [], [], []
     lanes = len(route(cluster, "n0.g0", "n1.g0").lanes)
     proto = route(cluster, "n0.g0", "n1.g0").protocol
-    for r in rows.itertuples(index=False):
-        if r.op == "single":
-            e = write(cluster, "n0.g0", "n1.g0", int(r.size_bytes), params=params)
+    for r in rows.to_dict("records"):
+        if r["op"] == "single":
+            e = write(cluster, "n0.g0", "n1.g0", int(r["size_bytes"]), params=params)
             gbps.append(e.Gbps)
             mops.append(math.nan)
             post.append(math.nan)
-        elif r.op == "paged":
-            e = write(cluster, "n0.g0", "n1.g0", pages=PAGED_PAGES_PER_LANE * lanes, page_bytes=int(r.size_bytes),
+        elif r["op"] == "paged":
+            e = write(cluster, "n0.g0", "n1.g0", pages=PAGED_PAGES_PER_LANE * lanes, page_bytes=int(r["size_bytes"]),
                       params=params, steady_state=True)
             gbps.append(e.Gbps)
             mops.append(e.ops_per_s / 1e6)
             post.append(math.nan)
-        elif r.op == "post":
+        elif r["op"] == "post":
             gbps.append(math.nan)
             mops.append(math.nan)
-            post.append(params.protocol(proto).post_us_per_peer * int(r.peers))
+            post.append(params.protocol(proto).post_us_per_peer * int(r["peers"]))
         else:
-            raise WorkbenchError(f"op: unknown transfer-engine row kind {r.op!r} (single, paged, post)")
+            raise WorkbenchError(f"op: unknown transfer-engine row kind {r['op']!r} (single, paged, post)")
     out["pred_Gbps"] = gbps
     out["pred_Mops"] = mops
     out["pred_post_us"] = post
