@@ -398,13 +398,18 @@ def _size(text: str, field: str) -> int:
         return int(text)
 
 
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return "python -m kernels.bench" if name in ("bench.py", "") else name
+
+
 def main_args(args: argparse.Namespace) -> int:
     sizes = tuple(_size(s, "--gpu-sizes") for s in args.gpu_sizes.split(","))
     rows = run(args.device, _size(args.size, "--size"), sizes)
     if args.out:
         info = machine()
         record = {"machine": args.machine or info.get("gpu") or info["cpu"], "machine_info": info,
-                  "command": " ".join(["python -m kernels.bench", *sys.argv[1:]]), "rows": rows}
+                  "command": " ".join([_prog(), *sys.argv[1:]]), "rows": rows}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
     if args.json:
