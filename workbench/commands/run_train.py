@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--no-overhead", action="store_true",
-                   help="skip the telemetry-off baseline run that measures the telemetry overhead")
+    p.add_argument("--overhead", choices=["ab", "separate", "none"], default="ab",
+                   help="measure the telemetry overhead: ab = one extra run with telemetry off and on in alternate "
+                        "steps (robust to other load); separate = an extra run with telemetry off; none")
     p.add_argument("--no-sim", action="store_true", help="skip the simulation and calibration")
     p.add_argument("--hosts", default=None,
                    help="network namespaces to spread the ranks over (ns1,ns2; root; see docs/running.md)")
@@ -37,8 +38,10 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
                           "hosts": args.hosts.split(",") if args.hosts else None,
                           "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr}
     baseline = None
-    if not args.no_overhead:
-        baseline = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=False,
+    if args.overhead != "none":
+        mode: bool | str = "ab" if args.overhead == "ab" else False
+        steps = max(args.steps, 6) if mode == "ab" else args.steps
+        baseline = start_train(args.cluster, args.model, args.plan, steps, args.backend, telemetry=mode,
                                **kw).wait()
     h = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=True, **kw)
     for u in h.updates():
@@ -58,11 +61,19 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
         "devices": m["devices"], "cluster": m["cluster"], "step_seconds_all": m["step_seconds_all"],
     }
     if baseline is not None:
-        off = baseline.metrics["step_seconds"]
-        out["step_seconds_off"] = off
-        out["step_seconds_all_off"] = baseline.metrics["step_seconds_all"]
-        out["telemetry_overhead_pct"] = (m["step_seconds"] - off) / off * 100
-        out["losses_match_without_telemetry"] = baseline.metrics["losses"] == m["losses"]
+        bm = baseline.metrics
+        out["overhead_method"] = args.overhead
+        if args.overhead == "ab":  # alternate steps of one run: odd steps on, even steps off
+            times = bm["step_seconds_all"]
+            out["step_seconds_off"] = statistics.median(times[2::2]) if len(times) > 2 else None
+            out["step_seconds_on"] = statistics.median(times[3::2]) if len(times) > 3 else None
+            out["telemetry_overhead_pct"] = bm["telemetry_overhead_pct"]
+        else:
+            off = bm["step_seconds"]
+            out["step_seconds_off"] = off
+            out["telemetry_overhead_pct"] = (m["step_seconds"] - off) / off * 100
+        out["step_seconds_all_overhead_run"] = bm["step_seconds_all"]
+        out["losses_match_without_telemetry"] = bm["losses"][: len(m["losses"])] == m["losses"][: len(bm["losses"])]
     if not args.no_sim:
         out |= _sim(args, r)
     if args.trace:
@@ -114,10 +125,6 @@ def run(args: argparse.Namespace) -> int:
         lines.append(out["sim_note"])
     print("\n".join(lines))
     return 0
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 COMMANDS = [Command("run", "train", "run the sharded GPT training job for real (torchrun semantics) with live telemetry",

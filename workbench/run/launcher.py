@@ -76,7 +76,7 @@ def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
 
 
 def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: str, optimizer: str = "adamw",
-                lr: float = 1e-3, seed: int = 0, telemetry: bool = True) -> dict[str, Any]:
+                lr: float = 1e-3, seed: int = 0, telemetry: bool | str = True) -> dict[str, Any]:
     c = gpt_config(model)
     p = plan_dict(plan, world)
     if c.heads % p["tp"] or c.ffn_size % p["tp"]:
@@ -88,7 +88,7 @@ def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: s
     if steps < 1:
         raise WorkbenchError(f"steps: must be at least 1, got {steps}")
     return {"model": asdict(c), "plan": p, "steps": int(steps), "backend": backend, "optimizer": optimizer,
-            "lr": float(lr), "seed": int(seed), "telemetry": bool(telemetry)}
+            "lr": float(lr), "seed": int(seed), "telemetry": telemetry if telemetry == "ab" else bool(telemetry)}
 
 
 # ------------------------------------------------------------------ telemetry → Result rows
@@ -158,7 +158,8 @@ class Aggregator:
                     self.memory.append({"rank": r, "category": cat, "bytes": int(b), "time": t})
             for st in msg.get("steps", ()):
                 self.steps.setdefault(int(st["step"]), {})[r] = {
-                    "start": st["start"] + off, "end": st["end"] + off, "loss": st["loss"], "cost_s": st["cost_s"]}
+                    "start": st["start"] + off, "end": st["end"] + off, "loss": st["loss"], "cost_s": st["cost_s"],
+                    "telemetry": st.get("telemetry", True)}
         elif kind == "done":
             self.done.add(r)
         elif kind == "error":
@@ -211,7 +212,7 @@ class Aggregator:
     def result(self, updates: int = 0, duration: float = 0.0) -> Result:
         job, p = self.job, self.job["plan"]
         c = GPTConfig(**job["model"])
-        losses, times, costs = [], [], []
+        losses, times, costs, on = [], [], [], []
         last_stage = [r for r, lay in enumerate(self.layouts) if lay.p == p["pp"] - 1 and lay.t == 0]
         for s in sorted(self.steps):
             recs = self.steps[s]
@@ -221,6 +222,7 @@ class Aggregator:
             losses.append(sum(ls) / len(ls) if ls else None)
             dt = max(v["end"] for v in recs.values()) - min(v["start"] for v in recs.values())
             times.append(dt)
+            on.append(all(v["telemetry"] for v in recs.values()))
             costs.append(max(v["cost_s"] for v in recs.values()) / dt * 100 if dt > 0 else 0.0)
         step_s = statistics.median(times) if times else float("nan")
         tokens = p["gbs"] * c.seq
@@ -230,12 +232,22 @@ class Aggregator:
             "events": len(self.events), "updates": updates,
             "updates_per_s": updates / duration if duration > 0 else 0.0,
             "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
+            "telemetry_overhead_pct": _ab_overhead(times, on),
             "ranks": self.world, "backend": job["backend"], "plan": p, "model": c.as_spec(),
             "params": c.params(), "devices": self.devices, "hosts": self.hosts,
             "cluster": getattr(self.cluster, "name", None), "wall_seconds": duration,
         }
         return Result(events_frame(self.events), memory_frame(self.memory), links_frame(self.links), metrics,
                       source="run", fidelity="measured")
+
+
+def _ab_overhead(times: list[float], on: list[bool]) -> float | None:
+    """Median step with telemetry over median step without, in percent (steps 0 and 1, warm-up, left out)."""
+    t_on = [t for i, (t, o) in enumerate(zip(times, on)) if i >= 2 and o]
+    t_off = [t for i, (t, o) in enumerate(zip(times, on)) if i >= 2 and not o]
+    if not t_on or not t_off:
+        return None
+    return (statistics.median(t_on) - statistics.median(t_off)) / statistics.median(t_off) * 100
 
 
 # ------------------------------------------------------------------ the launcher
@@ -270,12 +282,18 @@ class _Launch:
         self.agg = Aggregator(job, cluster, self.t0)
 
     def start(self) -> TrainHandle:
-        self.server = socket.create_server(("0.0.0.0" if self.hosts else "127.0.0.1", 0), backlog=max(self.world, 8))
-        port = self.server.getsockname()[1]
-        tel_host = self.telemetry_addr or "127.0.0.1"
+        self.log_dir = tempfile.mkdtemp(prefix="workbench-run-")
+        if self.hosts and not self.telemetry_addr:  # namespaces share the filesystem: a Unix socket reaches us
+            self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.server.bind(os.path.join(self.log_dir, "telemetry.sock"))
+            self.server.listen(max(self.world, 8))
+            address = "unix:" + os.path.join(self.log_dir, "telemetry.sock")
+        else:
+            self.server = socket.create_server(("0.0.0.0" if self.telemetry_addr else "127.0.0.1", 0),
+                                               backlog=max(self.world, 8))
+            address = f"{self.telemetry_addr or '127.0.0.1'}:{self.server.getsockname()[1]}"
         master = self.master_addr or "127.0.0.1"
         master_port = _free_port()
-        self.log_dir = tempfile.mkdtemp(prefix="workbench-run-")
         self.handle.log_dir = self.log_dir
         threading.Thread(target=self._accept, daemon=True, name="workbench-accept").start()
         threads = self.job.get("threads") or max(1, (os.cpu_count() or 1) // self.world)
@@ -285,7 +303,7 @@ class _Launch:
             env = dict(os.environ) | self.extra_env | {
                 "RANK": str(r), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(r % per_host),
                 "LOCAL_WORLD_SIZE": str(per_host), "MASTER_ADDR": master, "MASTER_PORT": str(master_port),
-                "WORKBENCH_JOB": json.dumps(job), "WORKBENCH_TELEMETRY": f"{tel_host}:{port}",
+                "WORKBENCH_JOB": json.dumps(job), "WORKBENCH_TELEMETRY": address,
                 "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
             cmd = [sys.executable, "-m", "workbench.run.worker"]
             if self.hosts:
@@ -448,7 +466,7 @@ def default_cluster(world: int, backend: str) -> Any:
 
 
 def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
-                telemetry: bool = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
+                telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
                 hosts: list[str] | None = None, master_addr: str | None = None, telemetry_addr: str | None = None,
                 timeout: float = 900.0, stall_timeout: float = 120.0, collective_timeout_s: float = 120.0,
                 threads: int | None = None, dump_params: str | None = None,
@@ -457,9 +475,11 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
 
     `cluster`: a Cluster or spec (default: this machine); `model`: `gpt:layers=..,hidden=..`
     (default small); `plan`: `dp=2,tp=1,pp=1,mbs=2,gbs=8` (+ `zero=1`); `backend`: gloo (CPU)
-    or nccl (GPUs); `hosts`: network namespaces to spread the ranks over (`ip netns exec`,
-    with `master_addr`/`telemetry_addr` reachable from them); `telemetry=False` records
-    only per-step times and losses (the overhead baseline).
+    or nccl (GPUs); `hosts`: network namespaces to spread the ranks over (`ip netns exec`;
+    `master_addr` is rank 0's address there; telemetry comes back over a Unix socket);
+    `telemetry=False` records only per-step times and losses (the overhead baseline);
+    `telemetry="ab"` turns it off and on in alternate steps, so `metrics["telemetry_overhead_pct"]`
+    compares interleaved steps of one run (robust to other load on the machine).
     """
     from workbench.topology import load_cluster
 

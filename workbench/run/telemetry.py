@@ -104,7 +104,8 @@ class Recorder:
 
     def step_done(self, step: int, start: float, end: float, loss: float | None) -> None:
         with self._lock:
-            self.steps.append({"step": step, "start": start, "end": end, "loss": loss, "cost_s": self.cost_s})
+            self.steps.append({"step": step, "start": start, "end": end, "loss": loss, "cost_s": self.cost_s,
+                               "telemetry": self.enabled})
         self.cost_s = 0.0
 
     def take(self) -> dict[str, Any]:
@@ -124,7 +125,10 @@ class Sink:
     def __init__(self, address: str | None, path: str | None) -> None:
         self._sock: socket.socket | None = None
         self._file: TextIO | None = None
-        if address:
+        if address and address.startswith("unix:"):  # a path: reachable from other network namespaces too
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.connect(address[5:])
+        elif address:
             host, _, port = address.rpartition(":")
             self._sock = socket.create_connection((host, int(port)), timeout=30)
             self._sock.settimeout(None)
@@ -169,6 +173,8 @@ class Flusher(threading.Thread):
             self.flush()
 
     def flush(self) -> None:
+        if not self.rec.enabled and not self.rec.steps:
+            return  # telemetry off (baseline steps): no work at all
         b = self.rec.take()
         if b["events"] or b["steps"] or "memory" in b:
             self.sink.send(b)

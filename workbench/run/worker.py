@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(job.get("out", "workbench-run"), "job.json"), "w") as f:
             json.dump(job, f)
     sink = Sink(address, None if address else os.path.join(job.get("out", "workbench-run"), f"rank{rank}.jsonl"))
-    rec = Recorder(rank, enabled=bool(job["telemetry"]), cuda=job["backend"] == "nccl")
+    rec = Recorder(rank, enabled=job["telemetry"] is True, cuda=job["backend"] == "nccl")
     sink.send({"type": "hello", "rank": rank, "world": world, "host": socket.gethostname(), "pid": os.getpid(),
                "perf": time.perf_counter(), "wall": time.time()})
-    flusher = Flusher(rec, sink, 0.05 if rec.enabled else 0.5)
+    flusher = Flusher(rec, sink, 0.5 if job["telemetry"] is False else 0.05)
     flusher.start()
     try:
         losses = _train(job, rank, world, local_rank, rec)
@@ -110,6 +110,8 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
         for step in range(job["steps"]):
             if fail_at and fail_at[0] == rank and fail_at[1] == step:
                 raise RuntimeError(f"injected failure at step {step}")
+            if job["telemetry"] == "ab":  # overhead measurement: telemetry off and on in alternate steps
+                rec.enabled = step % 2 == 1
             t0 = time.perf_counter()
             loss = tr.step(step)
             if device.type == "cuda":
