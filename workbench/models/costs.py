@@ -183,7 +183,7 @@ def activation_bytes_per_token(m: ModelSpec, kind: str, tp: int = 1, sp: bool = 
     if m.is_mla:
         qk = m.qk_nope_dim + m.qk_rope_dim
         attn_shard = elem * (m.heads * qk * 2 + m.heads * m.v_head_dim * 2) / tp
-        attn_rep = elem * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim)
+        attn_rep = float(elem * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim))
     else:
         attn_shard = elem * (m.heads * m.head_dim * 2 + 2 * m.kv_dim) / tp  # q, k, v, output
         attn_rep = 0.0

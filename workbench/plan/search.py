@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from workbench.errors import WorkbenchError
 from workbench.plan.spec import Plan
@@ -72,11 +72,12 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
     `cluster` may be a `TrainContext` (then `model` is taken from it). `df.attrs` holds
     `evaluated`, `valid`, `fitting`, `seconds` and `plans_per_s`.
     """
+    import numpy as np
     import pandas as pd
 
     from workbench.models.presets import load_model
     from workbench.plan.validate import problem
-    from workbench.sim.train import TrainContext, evaluate
+    from workbench.sim.train import TrainContext, TrainEstimate, evaluate
     from workbench.topology.presets import load_cluster
 
     if gbs < 1:
@@ -87,6 +88,8 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
     nan = float("nan")
     t0 = time.perf_counter()
     n = 0
+    if ctx.is_cpu:
+        grid = {**(grid or {}), "offload": (False,)}
     for plan in candidates(ctx.world, ctx.node_gpus, ctx.model, gbs, fixed, grid):
         n += 1
         why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, precisions)
@@ -96,22 +99,20 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
                 rows.append({**row, "valid": False, "fits": False, "reason": why})
             continue
         try:
-            est = evaluate(ctx, None, plan, skip_unfit=True)
+            est = cast(TrainEstimate, evaluate(ctx, None, plan, skip_unfit=True))
         except WorkbenchError as exc:
             if include_rejected:
                 rows.append({**row, "valid": False, "fits": False, "reason": str(exc)})
             continue
-        mem = sum(est.memory.values()) / 1024**3  # type: ignore[union-attr]
-        reason = "" if est.fits else (  # type: ignore[union-attr]
-            f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB")  # type: ignore[union-attr]
-        if not est.fits and not include_rejected:  # type: ignore[union-attr]
+        mem = sum(est.memory.values()) / 1024**3
+        reason = "" if est.fits else f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB"
+        if not est.fits and not include_rejected:
             continue
-        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,  # type: ignore[union-attr]
-                     "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,  # type: ignore[union-attr]
-                     "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu,  # type: ignore[union-attr]
-                     "memory_GiB": mem, "bubble_s": est.breakdown.get("pipeline_bubble", nan),  # type: ignore[union-attr]
-                     "tp_comm_s": est.breakdown.get("tp_comm", nan),  # type: ignore[union-attr]
-                     "dp_comm_s": est.breakdown.get("dp_comm", nan)})  # type: ignore[union-attr]  # type: ignore[union-attr]
+        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,
+                     "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,
+                     "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu, "memory_GiB": mem,
+                     "bubble_s": est.breakdown.get("pipeline_bubble", nan),
+                     "tp_comm_s": est.breakdown.get("tp_comm", nan), "dp_comm_s": est.breakdown.get("dp_comm", nan)})
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(rows)
     if df.empty:
@@ -120,8 +121,13 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
         if col not in df.columns:
             df[col] = float("nan")
     df["_ok"] = df["valid"].astype(bool) & df["fits"].astype(bool)
-    df = df.sort_values(["_ok", "tokens_per_s", "memory_GiB"], ascending=[False, False, True], kind="stable")
-    df = df.drop(columns="_ok").reset_index(drop=True)
+    # ties within 0.1 % go to the simpler plan (less sharding of state, no recompute/offload/interleave)
+    df["_speed"] = (np.log(df["tokens_per_s"].astype(float)) / np.log(1.001)).round()
+    df["_simple"] = (df["zero"].astype(int) + df["recompute"].map({"none": 0, "selective": 1, "full": 2}).fillna(0)
+                     + df["offload"].astype(int) * 2 + (df["vpp"].astype(int) > 1) + (df["cp"].astype(int) > 1))
+    df = df.sort_values(["_ok", "_speed", "_simple", "memory_GiB"], ascending=[False, False, True, True],
+                        kind="stable")
+    df = df.drop(columns=["_ok", "_speed", "_simple"]).reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     attrs = {"evaluated": n, "valid": int(df["valid"].sum()), "fitting": int((df["valid"] & df["fits"]).sum()),
              "rejected": int(n - (df["valid"] & df["fits"]).sum()), "seconds": seconds,

@@ -107,9 +107,10 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
         key = ALIASES.get(k, k)
         if key not in known:
             raise WorkbenchError(f"plan: unknown field {k!r} (known: {', '.join(sorted(known))})")
+        value: Any = v
         if k == "fsdp":
-            v = 3 if str(v).lower() in ("1", "true", "yes", "3") else 0
-        out[key] = _convert(key, v)
+            value = 3 if str(v).lower() in ("1", "true", "yes", "3") else 0
+        out[key] = _convert(key, value)
     return Plan(**out)
 
 

@@ -18,12 +18,12 @@ def problem(plan: Plan, world: int, node_gpus: int, model: ModelSpec, precisions
         return f"plan: fields {', '.join(plan.missing)} are not set (leave them out to let the simulator choose)"
     tp, pp, dp, cp, ep, v = plan.tp, plan.pp, plan.dp, plan.cp, plan.ep, plan.vpp
     assert tp and pp and dp and cp and ep and v and plan.mbs and plan.gbs
-    if tp * pp * dp * cp != world:
-        return f"plan: tp·pp·dp·cp = {tp}·{pp}·{dp}·{cp} = {tp * pp * dp * cp} but the cluster has {world} GPUs"
     if model.heads % tp:
         return f"plan.tp: {model.heads} attention heads are not divisible by tp={tp}"
     if not model.is_mla and model.kv_heads % tp:
         return f"plan.tp: {model.kv_heads} KV heads (GQA groups) are not divisible by tp={tp}"
+    if tp * pp * dp * cp != world:
+        return f"plan: tp·pp·dp·cp = {tp}·{pp}·{dp}·{cp} = {tp * pp * dp * cp} but the cluster has {world} GPUs"
     if tp > 1 and node_gpus % tp and tp % node_gpus:
         return f"plan.tp: tp={tp} does not tile the {node_gpus} GPUs of a node (use a divisor or multiple of {node_gpus})"
     if model.layers < pp * v:

@@ -133,6 +133,7 @@ class TrainContext:
         self.pc = parameter_count(model)
         self.homogeneous = len(set(cluster.nodes)) == 1
         self._spec0 = cluster.nodes[0].gpu_spec
+        self.is_cpu = any(n.gpu_spec.is_cpu for n in cluster.nodes)
         self._coll: dict[tuple[Any, ...], float] = {}
         self._stage: dict[tuple[Any, ...], StageCost] = {}
         self._layer: dict[tuple[Any, ...], Any] = {}
@@ -446,6 +447,8 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
     if why:
         raise WorkbenchError(why)
+    if plan.offload and ctx.is_cpu:
+        raise WorkbenchError("plan.offload: CPU ranks already keep activations in host memory (use offload=0)")
     m = ctx.model
     pp, v, tp, cp, dp = plan.pp or 1, plan.vpp or 1, plan.tp or 1, plan.cp or 1, plan.dp or 1
     nmb = plan.micro_batches
@@ -553,7 +556,11 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
 
 def resolve_plan(ctx: TrainContext, plan: Plan) -> Plan:
     """Fill a partial plan's missing fields with the fastest valid choice that fits (search over them)."""
-    plan = parse_plan_any(plan)
+    plan = parse_plan_any(plan).with_defaults(precision="bf16")
+    if not ctx.model.is_moe:
+        plan = plan.with_defaults(ep=1)
+    if plan.sp is None and plan.tp is not None:
+        plan = plan.with_defaults(sp=plan.tp > 1)
     if plan.complete:
         return plan
     from workbench.plan.search import search_plans
@@ -561,10 +568,18 @@ def resolve_plan(ctx: TrainContext, plan: Plan) -> Plan:
     fixed = {k: x for k, x in plan.to_dict().items() if x is not None}
     if "gbs" not in fixed:
         raise WorkbenchError("plan.gbs: give the global batch (gbs=...) — the simulator chooses the rest")
-    df = search_plans(ctx, int(fixed["gbs"]), fixed=fixed, top=1)
+    df = search_plans(ctx, int(fixed["gbs"]), fixed=fixed)
+    if df.empty or not bool(df.iloc[0]["valid"]):
+        tp, pp, cp = plan.tp or 1, plan.pp or 1, plan.cp or 1
+        guess = plan.with_defaults(tp=tp, pp=pp, cp=cp, dp=max(ctx.world // (tp * pp * cp), 1))
+        why = problem(_fill_defaults(guess), ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
+        if why:
+            raise WorkbenchError(why)
     if df.empty or not bool(df.iloc[0]["fits"]):
+        need = df.loc[df["valid"].astype(bool), "memory_GiB"].min() if not df.empty else float("nan")
         raise WorkbenchError(f"plan: no valid plan with {plan} fits on {ctx.cluster.name} "
-                             f"({int(df.attrs.get('rejected', 0))} candidates rejected); loosen the fixed fields")
+                             f"({int(df.attrs.get('rejected', 0))} candidates rejected; the leanest needs "
+                             f"{need:.1f} GiB per GPU); loosen the fixed fields or add GPUs")
     return Plan(**{k: (df.iloc[0][k].item() if hasattr(df.iloc[0][k], "item") else df.iloc[0][k])
                    for k in plan.to_dict()})
 
@@ -600,7 +615,9 @@ def simulate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | 
         for cat, b in mem.items():
             mem_rows.append({"rank": rank, "category": cat, "bytes": b, "time": 0.0, "device": ctx.gpus[rank],
                              "stage": s})
-    return Result(events=events, memory=mem_rows, metrics=est.to_metrics(), source="sim", fidelity="closed-form")
+    import pandas as pd
+
+    return Result(events=events, memory=pd.DataFrame(mem_rows), metrics=est.to_metrics(), source="sim", fidelity="closed-form")
 
 
 _COMM_OPS = {"tp_comm": ("all_gather", "reduce_scatter"), "ep_comm": ("all_to_all",), "cp_comm": ("send_recv",),

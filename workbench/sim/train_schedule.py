@@ -122,12 +122,13 @@ def pipeline_times(p: int, v: int, m: int, fdur: np.ndarray, bdur: np.ndarray, f
     """(stage_end[p], last_bstart[pv], last_bend[pv]): when each stage finishes its last op, and when the
     last micro-batch's backward of each virtual stage starts and ends.
 
-    With many micro-batches (m > 3p) and `exact` False, only 3p micro-batches are simulated: the
+    With many micro-batches (m > 3p, or 6p interleaved) and `exact` False, only that many are simulated: the
     schedule is then in its periodic steady state, and the remaining m − 3p micro-batches each add
-    the period λ measured over the last p simulated ones (max-plus systems are eventually periodic;
+    the period λ measured over p micro-batches of the steady state (max-plus systems are eventually periodic;
     tests compare this against the full simulation).
     """
-    m_sim = m if (exact or m <= 3 * p) else 3 * p
+    k = 3 if v == 1 else 6  # interleaved warm-up and cool-down each span about (v+1)/v·p micro-batches
+    m_sim = m if (exact or m <= k * p) else k * p
     fstart, fend, bstart, bend, clock = run_schedule(p, v, m_sim, fdur, bdur, fsend, bsend)
     last_bs = bstart[:, m_sim - 1].copy()
     last_be = bend[:, m_sim - 1].copy()

@@ -1,0 +1,81 @@
+"""Plans: parsing, validation messages, layer split, search."""
+
+from __future__ import annotations
+
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.models import load_model
+from workbench.plan import Plan, parse_plan, problem, split_layers
+
+
+def test_parse_round_trip() -> None:
+    p = parse_plan("tp=8,pp=64,dp=6,gbs=3072,recompute=full,fsdp,offload=0,v=2")
+    assert (p.tp, p.pp, p.dp, p.gbs, p.recompute, p.zero, p.offload, p.vpp) == (8, 64, 6, 3072, "full", 3, False, 2)
+    assert parse_plan(str(p)) == p
+    assert p.world == 8 * 64 * 6
+    assert set(p.missing) == {"ep", "cp", "sp", "mbs", "precision"}
+
+
+@pytest.mark.parametrize("text,field", [
+    ("tp=x", "plan.tp"), ("tp=1.5", "plan.tp"), ("tp=0", "plan.tp"), ("zero=4", "plan.zero"),
+    ("recompute=some", "plan.recompute"), ("precision=int4", "plan.precision"), ("foo=1", "foo"), ("tp", "tp"),
+    ("offload=maybe", "plan.offload"),
+])
+def test_bad_plans_name_the_field(text: str, field: str) -> None:
+    with pytest.raises(WorkbenchError, match=field):
+        parse_plan(text)
+
+
+def _full(**kw: object) -> Plan:
+    base = dict(tp=8, pp=4, dp=2, ep=1, cp=1, sp=True, vpp=1, zero=1, recompute="none", mbs=1, gbs=64,
+                precision="bf16", offload=False)
+    base.update(kw)
+    return Plan(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw,world,msg", [
+    ({}, 64, None),
+    ({}, 128, "cluster has 128 GPUs"),
+    ({"tp": 3, "dp": 1}, 12, "not divisible by tp=3"),
+    ({"gbs": 63}, 64, "plan.gbs"),
+    ({"vpp": 2, "gbs": 12}, 64, "divisible by pp=4"),
+    ({"ep": 2}, 64, "has no experts"),
+    ({"pp": 64, "vpp": 2, "tp": 1, "dp": 1}, 64, "cannot fill"),
+    ({"offload": True, "recompute": "full"}, 64, "plan.offload"),
+])
+def test_problem_messages(kw: dict, world: int, msg: str | None) -> None:
+    why = problem(_full(**kw), world, 8, load_model("llama3-70b"))
+    assert why is None if msg is None else (why is not None and msg in why), why
+
+
+def test_gqa_tp_limit_and_moe_ep() -> None:
+    q = load_model("qwen3-235b-a22b")  # 4 KV heads
+    assert "KV heads" in str(problem(_full(tp=8, pp=1, dp=8, gbs=64), 64, 8, q))
+    assert problem(_full(tp=4, pp=1, dp=16, ep=16, gbs=64), 64, 8, q) is None
+    assert "experts are not divisible" in str(problem(_full(tp=4, pp=1, dp=16, ep=16, gbs=64), 64, 8,
+                                                    load_model("mixtral-8x7b")))
+
+
+def test_split_layers() -> None:
+    assert split_layers(126, 16) == [8] * 14 + [7] * 2
+    assert sum(split_layers(61, 8)) == 61
+    with pytest.raises(WorkbenchError):
+        split_layers(3, 4)
+
+
+@pytest.mark.timeout(120)
+def test_search_ranks_valid_plans_first_and_explains_rejections() -> None:
+    from workbench.plan.search import search_plans
+
+    df = search_plans("aws-p5:nodes=2", 32, "llama3-8b")
+    assert df.attrs["evaluated"] == len(df) > 100
+    ok = df[df["valid"] & df["fits"]]
+    assert len(ok) > 0 and (df.index[: len(ok)] == ok.index).all()
+    assert ok["tokens_per_s"].is_monotonic_decreasing or (ok["tokens_per_s"].diff().dropna() <= 1e-3 *
+                                                          ok["tokens_per_s"].max()).all()
+    bad = df[~df["valid"] | ~df["fits"]]
+    assert (bad["reason"].str.len() > 0).all()
+    assert set(ok["tp"] * ok["pp"] * ok["dp"] * ok["cp"]) == {16}
+    top = search_plans("aws-p5:nodes=2", 32, "llama3-8b", fixed={"tp": 8, "recompute": "full"}, top=3)
+    assert len(top) == 3 and (top["tp"] == 8).all() and (top["recompute"] == "full").all()

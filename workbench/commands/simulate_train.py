@@ -1,0 +1,90 @@
+"""`workbench simulate train` and `workbench search train`: one training step, and plan search."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.commands import Command, emit
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", required=True, help="preset with options (dgx-h100:nodes=384), 'local', or YAML/JSON")
+    p.add_argument("--model", required=True,
+                   help="preset (llama3-405b:seq=131072), config.json path, or gpt:layers=..,hidden=..,heads=..,vocab=..,seq=..")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _sim_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--plan", required=True, help="e.g. tp=8,pp=64,dp=6,gbs=3072,recompute=full (left-out fields are chosen)")
+    p.add_argument("--trace", help="also write a Perfetto/Chrome trace of the step's events here")
+
+
+def _fmt_text(m: dict) -> str:
+    mem = m["memory_GiB_per_gpu"]
+    plan = ",".join(f"{k}={v}" for k, v in m["plan"].items())
+    lines = [
+        f"plan            {plan}",
+        f"step            {m['step_seconds']:.4f} s   {m['tokens_per_s']:,.0f} tokens/s",
+        f"per GPU         {m['tflops_per_gpu']:.1f} TFLOP/s (with recompute)   MFU {100 * m['mfu']:.1f} %",
+        f"memory per GPU  {mem['total']:.2f} GiB of {m['memory_capacity_GiB']:.1f} GiB  -> "
+        + ("fits" if m["fits"] else "DOES NOT FIT"),
+        "  " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total"),
+        "time (critical stage), seconds:",
+    ]
+    lines += [f"  {k:16s} {v:10.4f}" for k, v in m["breakdown_seconds"].items() if v > 0]
+    return "\n".join(lines)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from workbench.sim.train import simulate_train
+
+    res = simulate_train(args.cluster, args.model, args.plan)
+    if args.trace:
+        res.to_perfetto(args.trace)
+    emit(res.metrics, args.json, _fmt_text(res.metrics))
+    if not res.metrics["fits"]:
+        import sys
+
+        m = res.metrics
+        print(f"error: plan does not fit in memory ({m['memory_GiB_per_gpu']['total']:.1f} GiB per GPU > "
+              f"{m['memory_capacity_GiB']:.1f} GiB); try more pp/tp, zero=3, recompute=full or a smaller mbs",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--gbs", type=int, required=True, help="global batch in sequences")
+    p.add_argument("--top", type=int, default=10, help="show the best K plans (default 10)")
+    p.add_argument("--fix", default="", help="fields not to vary, e.g. tp=8,recompute=full")
+    p.add_argument("--csv", help="write every candidate (rejected ones with their reason) to this CSV")
+
+
+def _search(args: argparse.Namespace) -> int:
+    from workbench.plan.search import search_plans
+    from workbench.plan.spec import parse_plan
+
+    fixed = {k: v for k, v in parse_plan(args.fix).to_dict().items() if v is not None} if args.fix else None
+    df = search_plans(args.cluster, args.gbs, args.model, fixed=fixed)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    top = df.head(args.top)
+    attrs = dict(df.attrs)
+    out = {"evaluated": attrs["evaluated"], "fitting": attrs["fitting"], "rejected": attrs["rejected"],
+           "seconds": attrs["seconds"], "plans_per_s": attrs["plans_per_s"],
+           "top": top.to_dict(orient="records")}
+    cols = ["rank", "tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "zero", "recompute", "offload", "step_seconds",
+            "tokens_per_s", "mfu", "memory_GiB"]
+    text = (f"{attrs['evaluated']} plans evaluated in {attrs['seconds']:.2f} s ({attrs['plans_per_s']:.0f}/s), "
+            f"{attrs['fitting']} valid and fitting\n" + top[[c for c in cols if c in top]].to_string(index=False))
+    emit(out, args.json, text)
+    return 0
+
+
+COMMANDS = [
+    Command("simulate", "train", "simulate one sharded training step (time, MFU, memory per GPU)", _sim_args, _simulate),
+    Command("search", "train", "rank every valid training plan for a cluster, model and global batch", _search_args,
+            _search),
+]
