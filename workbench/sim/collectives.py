@@ -96,6 +96,7 @@ class GroupShape:
     lanes: int  # NICs per rank
     cpu: bool
     leaf_cap: float  # 1 / oversubscription when the group crosses leaf switches, else 1
+    rank_nic_solo_GBps: float = math.inf  # min over ranks of its NICs' line rate when it alone uses them
 
     @property
     def intra_hw(self) -> str:
@@ -150,7 +151,7 @@ def _build_shape(cluster: Cluster, ranks: tuple[str, ...]) -> GroupShape:
             and (cluster.nodes[i].gpu_spec.nvlink_gen or 0) >= 4
             for i, _ in multi
         )
-    node_nic, rank_nic, lanes = math.inf, math.inf, 0
+    node_nic, rank_nic, solo, lanes = math.inf, math.inf, math.inf, 0
     net_proto, net_lat, leaf_cap = "tcp", 0.0, 1.0
     if len(by_node) > 1:
         leaves: set[str] = set()
@@ -168,6 +169,7 @@ def _build_shape(cluster: Cluster, ranks: tuple[str, ...]) -> GroupShape:
             for r in members:
                 mine = g.nics_of(r)
                 rank_nic = min(rank_nic, sum(cap[nic] / users[nic] for nic in mine))
+                solo = min(solo, sum(cap[nic] for nic in mine))
                 lanes = max(lanes, len(mine))
             leaves.update(g._leaf_of[nic] for nic in users)
         a, b = by_node[nodes[0]][0], by_node[nodes[1]][0]
@@ -179,7 +181,7 @@ def _build_shape(cluster: Cluster, ranks: tuple[str, ...]) -> GroupShape:
         if len(leaves) > 1 and cluster.fabric.oversubscription > 1:
             leaf_cap = 1.0 / cluster.fabric.oversubscription
     return GroupShape(ranks, len(ranks), len(by_node), per_node, intra_GBps, intra_lat, intra_proto, nvls,
-                      node_nic, rank_nic, net_proto, net_lat, lanes, cpu, leaf_cap)
+                      node_nic, rank_nic, net_proto, net_lat, lanes, cpu, leaf_cap, solo)
 
 
 def _nic_GBps(g, nic: str) -> float:  # type: ignore[no-untyped-def]
@@ -293,10 +295,11 @@ def _ring(shape: GroupShape, op: str, nbytes: int, proto: str, params: NetParams
 def _seconds(shape: GroupShape, op: str, nbytes: int, algo: str, proto: str, params: NetParams) -> float:
     n, m, g = shape.n, shape.nodes, shape.per_node
     intra, node_net, rank_net, eff = _rates(shape, params, proto)
-    if op == "send_recv":
+    if op == "send_recv":  # nccl-tests sendrecv: a ring of transfers; one rank per node sends across
         base, li, ln = _lat(shape, params, "ring", proto)
         if m > 1:
-            return base + ln + nbytes / (rank_net * eff)
+            solo = shape.rank_nic_solo_GBps * params.protocol(shape.net_protocol).bw_efficiency * shape.leaf_cap * 1e9
+            return base + ln + nbytes / (min(solo, intra) * eff)
         return base + li + nbytes / (intra * eff)
     if algo == "ring":
         return _ring(shape, op, nbytes, proto, params, n, m, intra, node_net)
