@@ -255,3 +255,45 @@ def test_bad_arguments_name_the_field():
         Dashboard(None, max_fps=0)
     with pytest.raises(WorkbenchError, match="frames"):
         Dashboard(None).replay(synthetic_result(1), frames=0)
+
+
+def _sim_like(prediction: Result) -> Result:
+    """A prediction shaped like simulate_train's: one step, rank 0 only, no `step` column."""
+    ev = prediction.events
+    ev = ev[(ev["rank"] == 0) & (ev["step"] == 0)].drop(columns=["step"])
+    return Result(events=ev, metrics=prediction.metrics, source="sim")
+
+
+def test_one_rank_one_step_prediction_is_drawn_under_every_rank_and_step():
+    measured = synthetic_result(steps=3)
+    pred = _sim_like(synthetic_result(steps=1, scale=0.8, source="sim"))
+    aligned = vr.align_prediction(pred.events, measured.events)
+    assert sorted(aligned["rank"].unique()) == list(range(RANKS))
+    assert len(aligned) == len(pred.events) * RANKS * 3
+    m0 = measured.events.groupby("step")["start"].min()
+    assert aligned.groupby("step")["start"].min().to_dict() == pytest.approx(m0.to_dict())
+    dash = Dashboard(CLUSTER, prediction=pred, max_fps=1000)
+    for u in synthetic_updates(3):
+        dash.push(u)
+    dash.flush()
+    pc = next(t for t in dash.figures()["timeline"].data if t.name == "predicted compute")
+    assert len(pc.x) == 2 * 3 * RANKS * 3  # 2 compute events × 3 points × 4 ranks × 3 steps
+    assert set(np.unique(np.asarray(pc.y, float)[~np.isnan(np.asarray(pc.y, float))])) == {
+        r + vr.PREDICTION_OFFSET for r in range(RANKS)}
+    assert np.nanmin(np.asarray(pc.x, float)) == pytest.approx(0.0)
+    # the same, statically
+    fig = vr.timeline_figure(measured, pred)
+    pcs = next(t for t in fig.data if t.name == "predicted compute")
+    assert len(pcs.x) == 2 * 3 * RANKS * 3
+
+
+def test_memory_far_below_capacity_uses_a_readable_axis():
+    res = synthetic_result(steps=2)
+    res.memory["bytes"] = res.memory["bytes"] / 1e4  # MB-sized, as a tiny CPU run reports
+    fig = vr.memory_figure(res, cluster=CLUSTER)
+    assert fig.layout.yaxis.title.text.startswith("MB (capacity 40 GB, off scale)")
+    top = sum(t.y[0] for t in fig.data if t.type == "bar")
+    assert fig.layout.yaxis.range[1] == pytest.approx(1.15 * top)
+    dash = Dashboard(CLUSTER, max_fps=1000)
+    dash.replay(res, frames=2)
+    assert dash.figures()["memory"].layout.yaxis.title.text.startswith("MB (capacity")

@@ -70,20 +70,47 @@ def timeline_arrays(events: pd.DataFrame, kind: str, offset: float = 0.0) -> tup
     return x, y, text.astype(str)
 
 
-def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
-    """Place the predicted events under the measured ones, step by step.
+def predicted_per_rank(prediction: pd.DataFrame, ranks: Sequence[int]) -> pd.DataFrame:
+    """The predicted events for each of `ranks`.
 
-    When both tables have a `step` column, predicted step k (repeating the predicted steps
-    if the prediction has fewer) is shifted to start where measured step k started, so each
-    step's pattern can be compared even when the run drifts. Otherwise the prediction is
-    drawn from time 0 as it is.
+    The simulator draws one representative rank per pipeline stage (its first rank, in
+    Megatron order tp → cp → dp → pp), so a rank without predicted events of its own takes
+    those of the nearest predicted rank below it: the first rank of its stage.
     """
-    if prediction.empty or "step" not in prediction or "step" not in measured or measured.empty:
+    if prediction.empty or not len(ranks):
         return prediction
+    have = np.array(sorted(int(r) for r in prediction["rank"].dropna().unique()))
+    if not len(have):
+        return prediction
+    own = set(have.tolist())
+    parts = [prediction[prediction["rank"] == r] for r in ranks if r in own]
+    for r in ranks:
+        if r in own:
+            continue
+        below = have[have <= r]
+        src = int(below[-1]) if len(below) else int(have[0])
+        parts.append(prediction[prediction["rank"] == src].assign(rank=r))
+    return pd.concat(parts, ignore_index=True) if parts else prediction.iloc[:0]
+
+
+def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """Place the predicted events under the measured ones, rank by rank and step by step.
+
+    Every measured rank gets its predicted events (`predicted_per_rank`). When the measured
+    events have a `step` column, predicted step k (cycling through the predicted steps; a
+    prediction without a `step` column is one step) is shifted to start where measured step k
+    started, so each step's pattern can be compared even when the run drifts or starts late.
+    Otherwise the prediction is drawn from time 0 as it is.
+    """
+    if prediction.empty or measured.empty:
+        return prediction
+    prediction = predicted_per_rank(prediction, sorted(int(r) for r in measured["rank"].dropna().unique()))
+    if "step" not in measured or not measured["step"].notna().any():
+        return prediction
+    if "step" not in prediction or not prediction["step"].notna().any():
+        prediction = prediction.assign(step=0)
     pred_step = prediction["step"].to_numpy()
     pred_steps = sorted(pd.unique(prediction["step"].dropna()).tolist())
-    if not pred_steps:
-        return prediction
     p_start = prediction.groupby("step")["start"].min()
     m_start = measured.groupby("step")["start"].min()
     rows = {s: np.flatnonzero(pred_step == s) for s in pred_steps}
@@ -248,14 +275,19 @@ def memory_figure(result: Result, cluster: Cluster | None = None, how: str = "pe
     go = _go()
     snap = memory_snapshot(result.memory, how)
     ranks = sorted(snap["rank"].unique().tolist()) if len(snap) else []
-    fig = go.Figure()
-    for i, cat in enumerate(sorted(snap["category"].unique().tolist()) if len(snap) else []):
-        fig.add_trace(go.Bar(x=[f"rank {r}" for r in ranks], y=memory_values(snap, cat, ranks) / GB,
-                             name=cat, marker_color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)]))
+    cats = sorted(snap["category"].unique().tolist()) if len(snap) else []
+    values = {cat: memory_values(snap, cat, ranks) for cat in cats}
     caps = rank_capacity(cluster, ranks, rank_devices(result.events))
+    total = np.sum(list(values.values()), axis=0) if values else np.zeros(0)
+    scale, unit, axis = memory_axis(total, caps)
+    fig = go.Figure()
+    for i, cat in enumerate(cats):
+        fig.add_trace(go.Bar(x=[f"rank {r}" for r in ranks], y=values[cat] / scale,
+                             name=cat, marker_color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)]))
     if np.isfinite(caps).any():
-        fig.add_trace(capacity_trace(go, ranks, caps))
+        fig.add_trace(capacity_trace(go, ranks, caps / scale))
     fig.update_layout(**memory_layout(title or f"Memory per rank ({how}, {result.source})"))
+    fig.update_layout(yaxis=axis)
     return fig
 
 
@@ -264,8 +296,25 @@ def memory_values(snap: pd.DataFrame, category: str, ranks: Sequence[int]) -> np
     return np.array([float(by_rank.get(r, 0.0)) for r in ranks])
 
 
+def memory_axis(totals: np.ndarray, capacity: np.ndarray) -> tuple[float, str, dict[str, Any]]:
+    """(bytes per unit, unit, y-axis settings) for stacked memory bars.
+
+    The unit follows the largest total (GB, MB or kB). When the capacity is more than 20× the
+    largest total, the axis stops at the bars (the capacity marker would flatten them) and its
+    title names the capacity as off scale.
+    """
+    top = float(np.nanmax(totals)) if len(totals) else 0.0
+    cap = float(np.nanmax(capacity)) if len(capacity) and np.isfinite(capacity).any() else float("nan")
+    scale, unit = next(((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if top >= s), (1e3, "kB"))
+    if np.isfinite(cap) and top > 0 and cap > 20 * top:
+        return scale, unit, {"title": f"{unit} (capacity {cap / 1e9:.3g} GB, off scale)",
+                             "range": [0, 1.15 * top / scale], "autorange": False}
+    return scale, unit, {"title": unit, "autorange": True, "rangemode": "tozero"}
+
+
 def capacity_trace(go: Any, ranks: Sequence[int], caps: np.ndarray) -> Any:
-    return go.Scatter(x=[f"rank {r}" for r in ranks], y=caps / GB, name="capacity", mode="markers",
+    """Black bars at each rank's capacity (`caps` already in the axis unit)."""
+    return go.Scatter(x=[f"rank {r}" for r in ranks], y=caps, name="capacity", mode="markers",
                       marker={"symbol": "line-ew-open", "size": 36, "color": "#222", "line": {"width": 3}})
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from workbench.topology.model import Cluster
 
 PANELS = ("topology", "links", "memory", "latency", "timeline")
+Segments = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, y, hover text of one timeline trace
 
 
 class Dashboard:
@@ -352,10 +353,12 @@ class Dashboard:
                 self._memory_traces[cat] = len(fig.data) - 1
         labels = [f"rank {r}" for r in ranks]
         caps = vr.rank_capacity(self.cluster, ranks, data.devices)
+        scale, _, axis = vr.memory_axis(np.sum(list(by_cat.values()), axis=0), caps)
         with fig.batch_update():
             for cat, i in self._memory_traces.items():
-                fig.data[i].x, fig.data[i].y = labels, by_cat.get(cat, np.zeros(len(ranks))) / vr.GB
-            fig.data[0].x, fig.data[0].y = labels, caps / vr.GB
+                fig.data[i].x, fig.data[i].y = labels, by_cat.get(cat, np.zeros(len(ranks))) / scale
+            fig.data[0].x, fig.data[0].y = labels, caps / scale
+            fig.layout.yaxis.update(axis)
 
     def _render_latency(self, data: LiveData) -> None:
         fig = self._figs["latency"]
@@ -392,16 +395,16 @@ class LiveData:
         self.max_events = max_events
         self.n_events = 0
         self.devices: dict[int, str] = {}
-        self._segments: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {k: [] for k in vr.TIMELINE_KINDS}
+        self._segments: dict[str, list[Segments]] = {k: [] for k in vr.TIMELINE_KINDS}
         self._durations: dict[tuple[str, str], list[np.ndarray]] = {}
         self._links: dict[str, list[np.ndarray]] = {}  # link -> chunks of (start, end, GBps, utilisation) rows
         self._carried: dict[str, float] = {}
         self._now = 0.0
         self._memory: dict[tuple[int, str], tuple[float, float]] = {}
         self._step_start: dict[Any, float] = {}
-        self._pred_cache: tuple[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = None
-        self._pred_steps: list[Any] = []
-        self._pred_base: dict[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self._pred_events = prediction.events if prediction is not None else None
+        self._pred_base: tuple[tuple[int, ...], list[Any], dict[Any, list[Segments]]] | None = None
+        self._pred_cache: tuple[Any, list[Segments]] | None = None
         self.predicted_p50: dict[str, float] = {}
         if prediction is not None:
             self._prepare_prediction(prediction.events)
@@ -450,19 +453,23 @@ class LiveData:
     def _prepare_prediction(self, pred: pd.DataFrame) -> None:
         tab = vr.latency_table(pred)
         self.predicted_p50 = dict(zip(tab["op"], tab["p50"].astype(float)))
-        if pred.empty:
-            return
-        if "step" in pred and pred["step"].notna().any():
+
+    def _prediction_base(self, ranks: tuple[int, ...]) -> tuple[list[Any], dict[Any, list[Segments]]]:
+        """Per predicted step, its segments for `ranks` with times relative to the step's start (cached)."""
+        if self._pred_base is None or self._pred_base[0] != ranks:
+            assert self._pred_events is not None
+            pred = vr.predicted_per_rank(self._pred_events, list(ranks))
+            if "step" not in pred or not pred["step"].notna().any():
+                pred = pred.assign(step=0)  # a one-step prediction: repeated under every measured step
+            base: dict[Any, list[Segments]] = {}
             for step, rows in pred.groupby("step", sort=True):
                 t0 = float(rows["start"].min())
-                self._pred_base[step] = [_shifted(vr.timeline_arrays(rows, k, vr.PREDICTION_OFFSET), -t0)
-                                         for k in vr.TIMELINE_KINDS]
-            self._pred_steps = list(self._pred_base)
-        else:  # no steps: drawn from time 0 as it is
-            self._pred_base[None] = [vr.timeline_arrays(pred, k, vr.PREDICTION_OFFSET) for k in vr.TIMELINE_KINDS]
+                base[step] = [_shifted(vr.timeline_arrays(rows, k, vr.PREDICTION_OFFSET), -t0) for k in vr.TIMELINE_KINDS]
+            self._pred_base = (ranks, list(base), base)
+        return self._pred_base[1], self._pred_base[2]
 
     # ---- views
-    def timeline(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def timeline(self) -> list[Segments]:
         out = []
         for kind in vr.TIMELINE_KINDS:
             chunks = self._segments[kind]
@@ -474,23 +481,27 @@ class LiveData:
             out.append((x[-keep:], y[-keep:], t[-keep:]))
         return out
 
-    def predicted_timeline(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The prediction under the measured steps: predicted step k (cycling) shifted to measured step k's start."""
-        if not self._pred_base:
-            return [(np.empty(0), np.empty(0), np.empty(0, str)) for _ in vr.TIMELINE_KINDS]
-        if None in self._pred_base:
-            return self._pred_base[None]
-        key = tuple(sorted(self._step_start.items()))
+    def predicted_timeline(self) -> list[Segments]:
+        """The prediction under each measured rank and step: predicted step k (cycling) at measured step k's start."""
+        empty = [(np.empty(0), np.empty(0), np.empty(0, str)) for _ in vr.TIMELINE_KINDS]
+        if self._pred_events is None or self._pred_events.empty or not self.devices:
+            return empty
+        ranks = tuple(sorted(self.devices))
+        starts = tuple(sorted(self._step_start.items())) or ((0, 0.0),)  # no steps measured: from time 0
+        key = (ranks, starts)
         if self._pred_cache is None or self._pred_cache[0] != key:
-            per_kind: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in vr.TIMELINE_KINDS]
-            for i, (_, t0) in enumerate(key):
-                base = self._pred_base[self._pred_steps[i % len(self._pred_steps)]]
-                for k, seg in enumerate(base):
+            steps, base = self._prediction_base(ranks)
+            if not steps:
+                return empty
+            per_kind: list[list[Segments]] = [[] for _ in vr.TIMELINE_KINDS]
+            for i, (_, t0) in enumerate(starts):
+                for k, seg in enumerate(base[steps[i % len(steps)]]):
                     per_kind[k].append(_shifted(seg, t0))
             keep = 3 * self.max_events
-            arrays = [tuple(np.concatenate([c[i] for c in chunks])[-keep:] for i in range(3)) if chunks
-                      else (np.empty(0), np.empty(0), np.empty(0, str)) for chunks in per_kind]
-            self._pred_cache = (key, arrays)  # type: ignore[assignment]
+            arrays: list[Segments] = [
+                (np.concatenate([c[0] for c in chunks])[-keep:], np.concatenate([c[1] for c in chunks])[-keep:],
+                 np.concatenate([c[2] for c in chunks])[-keep:]) for chunks in per_kind]
+            self._pred_cache = (key, arrays)
         return list(self._pred_cache[1])
 
     def latency(self) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -534,7 +545,7 @@ class LiveData:
         return ranks, out
 
 
-def _shifted(seg: tuple[np.ndarray, np.ndarray, np.ndarray], dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shifted(seg: Segments, dt: float) -> Segments:
     return seg[0] + dt, seg[1], seg[2]
 
 
