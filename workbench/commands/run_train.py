@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "steps (robust to other load); separate = an extra run with telemetry off; none")
     p.add_argument("--no-sim", action="store_true", help="skip the simulation and calibration")
     p.add_argument("--hosts", default=None,
-                   help="network namespaces to spread the ranks over (ns1,ns2; root; see docs/running.md)")
+                   help="network namespaces to spread the ranks over: ns1,ns2 (existing) or emulate:N[:MBIT] "
+                        "(an emulated cluster of N hosts with links shaped to MBIT Mbit/s, made and removed here); root")
     p.add_argument("--master-addr", default=None, help="rendezvous address the ranks reach (with --hosts)")
     p.add_argument("--telemetry-addr", default=None, help="this launcher's address as the ranks see it (with --hosts)")
     p.add_argument("--trace", default=None, help="write a Perfetto/Chrome trace of the measured events here")
@@ -36,7 +37,8 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
 
     kw: dict[str, Any] = {"optimizer": args.optimizer, "lr": args.lr, "timeout": args.timeout,
                           "hosts": args.hosts.split(",") if args.hosts else None,
-                          "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr}
+                          "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr,
+                          "env": getattr(args, "env", None)}
     baseline = None
     if args.overhead != "none":
         mode: bool | str = "ab" if args.overhead == "ab" else False
@@ -107,7 +109,27 @@ def _sim(args: argparse.Namespace, r: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = train_report(args)
+    if args.hosts and args.hosts.startswith("emulate:"):
+        from transport.emulate import EmulatedCluster
+        from workbench.errors import WorkbenchError
+
+        parts = args.hosts.split(":")
+        try:
+            n, mbit = int(parts[1]), float(parts[2]) if len(parts) > 2 else 1000.0
+        except (IndexError, ValueError):
+            raise WorkbenchError(f"hosts: {args.hosts!r}; use emulate:N or emulate:N:MBIT, e.g. emulate:2:1000") from None
+        with EmulatedCluster(hosts=n, rate_mbit=mbit) as c:
+            args.hosts = ",".join(c.ns(i) for i in range(n))
+            args.master_addr = args.master_addr or c.ip(0)
+            args.env = {"GLOO_SOCKET_IFNAME": "eth0"}
+            out = train_report(args)
+            out["emulated"] = {"hosts": n, "rate_mbit": mbit, "namespaces": args.hosts.split(",")}
+    else:
+        out = train_report(args)
+    return _print(args, out)
+
+
+def _print(args: argparse.Namespace, out: dict[str, Any]) -> int:
     if args.json:
         emit(out, True)
         return 0

@@ -308,6 +308,7 @@ class _Launch:
             cmd = [sys.executable, "-m", "workbench.run.worker"]
             if self.hosts:
                 cmd = ["ip", "netns", "exec", self.hosts[r // per_host]] + cmd
+                env["WORKBENCH_HOST"] = self.hosts[r // per_host]
             log = open(os.path.join(self.log_dir, f"rank{r}.log"), "wb")  # noqa: SIM115
             self.procs[r] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True)

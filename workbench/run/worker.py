@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(job, f)
     sink = Sink(address, None if address else os.path.join(job.get("out", "workbench-run"), f"rank{rank}.jsonl"))
     rec = Recorder(rank, enabled=job["telemetry"] is True, cuda=job["backend"] == "nccl")
-    sink.send({"type": "hello", "rank": rank, "world": world, "host": socket.gethostname(), "pid": os.getpid(),
+    sink.send({"type": "hello", "rank": rank, "world": world, "host": env.get("WORKBENCH_HOST") or socket.gethostname(), "pid": os.getpid(),
                "perf": time.perf_counter(), "wall": time.time()})
     flusher = Flusher(rec, sink, 0.5 if job["telemetry"] is False else 0.05)
     flusher.start()

@@ -1,0 +1,38 @@
+"""The training run across an emulated two-host cluster (network namespaces, shaped links): root only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from transport.emulate import EmulatedCluster, EmulationUnavailable
+    from workbench.run import run_train
+
+    try:
+        c = EmulatedCluster(hosts=2, rate_mbit=100)
+        c.create()
+    except (EmulationUnavailable, OSError, RuntimeError) as exc:
+        pytest.skip(f"network namespaces unavailable here: {exc}")
+    try:
+        r = run_train(model="gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", plan="dp=2,mbs=2,gbs=8", steps=4,
+                      hosts=[c.ns(0), c.ns(1)], master_addr=c.ip(0), env={"GLOO_SOCKET_IFNAME": "eth0"},
+                      timeout=180)
+    finally:
+        c.destroy()
+    assert r.metrics["hosts"] == {0: c.ns(0), 1: c.ns(1)}
+    losses = r.metrics["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    ar = r.events[(r.events["kind"] == "collective") & (r.events["step"] >= 1)]
+    # the gradient all-reduce (one gradient's worth of bytes each way on 2 ranks) cannot beat 100 Mbit/s
+    fastest = float((ar["end"] - ar["start"]).min())
+    assert fastest >= 0.9 * ar["bytes"].iloc[0] * 8 / 100e6
