@@ -1,0 +1,55 @@
+"""Benchmarks of the training simulator, registered into `workbench.sim.bench` (`workbench bench sim`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from workbench.sim.bench import register
+
+ONE_T_CLUSTER = "dgx-h100:nodes=384"
+ONE_T_PLAN = "tp=8,pp=64,dp=6,ep=1,cp=1,sp=1,vpp=1,zero=1,recompute=full,mbs=1,gbs=3072,precision=bf16,offload=0"
+
+
+@register("train")
+def bench_train() -> dict[str, Any]:
+    """`train_eval_ms`: median time to evaluate one plan of Megatron's 1T GPT on 3072 H100s (tp=8, pp=64, dp=6,
+    512 micro-batches), each call with a fresh `TrainContext` (no per-plan cache carried over; the cluster
+    object and the network model's group shapes persist, as in a notebook). `search_plans_per_s`: a full
+    search of every plan for the same model, cluster and gbs=3072 (candidates per second, rejected included)."""
+    from workbench.models import load_model
+    from workbench.plan import parse_plan
+    from workbench.plan.search import search_plans
+    from workbench.sim.train import TrainContext, evaluate
+    from workbench.topology import load_cluster
+
+    cluster = load_cluster(ONE_T_CLUSTER)
+    model = load_model("gpt-1t")
+    plan = parse_plan(ONE_T_PLAN)
+    evaluate(TrainContext(cluster, model), None, plan)  # JIT-compile the schedule, warm the network model
+    cold = []
+    for _ in range(30):
+        t = time.perf_counter()
+        evaluate(TrainContext(cluster, model), None, plan)
+        cold.append((time.perf_counter() - t) * 1e3)
+    ctx = TrainContext(cluster, model)
+    warm = []
+    for _ in range(30):
+        t = time.perf_counter()
+        evaluate(ctx, None, plan)
+        warm.append((time.perf_counter() - t) * 1e3)
+    t = time.perf_counter()
+    df = search_plans(cluster, 3072, model)
+    seconds = time.perf_counter() - t
+    best = df.iloc[0]
+    return {
+        "train_eval_ms": statistics.median(cold),
+        "train_eval_warm_ms": statistics.median(warm),
+        "search_plans_per_s": df.attrs["evaluated"] / seconds,
+        "search_train": {"model": "gpt-1t", "cluster": ONE_T_CLUSTER, "gbs": 3072, "evaluated": df.attrs["evaluated"],
+                         "fitting": df.attrs["fitting"], "seconds": seconds,
+                         "best_plan": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
+                                       if k in ("tp", "pp", "dp", "cp", "vpp", "mbs", "zero", "recompute", "offload",
+                                                "step_seconds", "mfu")}},
+    }

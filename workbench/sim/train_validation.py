@@ -1,0 +1,43 @@
+"""Predictions of the training simulator beside published end-to-end results (validation, not calibration).
+
+`datasets/validation/training_published.yaml` lists systems with the plan fields their authors
+published; the simulator completes the rest (fastest plan that fits) and we report the error
+as it comes out. Nothing here feeds back into the simulator's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def compare_published(names: list[str] | None = None) -> Any:
+    """A DataFrame: system, metric, published, predicted, error (predicted/published − 1), chosen plan."""
+    import pandas as pd
+
+    from workbench.data import read_yaml
+    from workbench.models.presets import load_model
+    from workbench.plan.spec import parse_plan
+    from workbench.sim.train import TrainContext, evaluate, resolve_plan
+    from workbench.topology import from_dict, load_cluster
+
+    table = read_yaml("validation/training_published.yaml")
+    rows = []
+    for name, e in table.items():
+        if names and name not in names:
+            continue
+        cluster = from_dict(e["cluster"]) if isinstance(e["cluster"], dict) else load_cluster(e["cluster"])
+        ctx = TrainContext(cluster, load_model(e["model"]))
+        plan = resolve_plan(ctx, parse_plan(dict(e["plan"])))
+        est = evaluate(ctx, None, plan)
+        if e["metric"] == "tflops_per_gpu":
+            pred = est.tflops_per_gpu  # type: ignore[union-attr]
+        else:
+            pred = est.tokens_per_s / ctx.world  # type: ignore[union-attr]
+        rows.append({
+            "name": name, "system": e["system"], "kind": e["kind"], "gpus": ctx.world, "metric": e["metric"],
+            "published": float(e["published"]), "predicted": round(float(pred), 1),
+            "error": float(pred) / float(e["published"]) - 1, "mfu": est.mfu,  # type: ignore[union-attr]
+            "step_seconds": est.step_seconds, "plan": str(plan), "source": e["source"],  # type: ignore[union-attr]
+            "notes": e.get("notes", ""),
+        })
+    return pd.DataFrame(rows)
