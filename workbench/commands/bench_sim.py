@@ -20,6 +20,14 @@ def _run(args: argparse.Namespace) -> int:
     from workbench.sim import bench
 
     if args.only:
+        import importlib
+        import pkgutil
+
+        import workbench.sim as sim_pkg
+
+        for info in pkgutil.iter_modules(sim_pkg.__path__):  # bench_*.py modules register more benchmarks
+            if info.name.startswith("bench_"):
+                importlib.import_module(f"workbench.sim.{info.name}")
         bad = set(args.only) - set(bench.BENCHES)
         if bad:
             raise WorkbenchError(f"--only: unknown benchmark(s) {sorted(bad)} (known: {', '.join(bench.BENCHES)})")
