@@ -297,3 +297,20 @@ def test_memory_far_below_capacity_uses_a_readable_axis():
     dash = Dashboard(CLUSTER, max_fps=1000)
     dash.replay(res, frames=2)
     assert dash.figures()["memory"].layout.yaxis.title.text.startswith("MB (capacity")
+
+
+def test_a_prediction_slower_than_the_run_is_laid_end_to_end():
+    measured = synthetic_result(steps=3)
+    slow = _sim_like(synthetic_result(steps=1, scale=2.0, source="sim"))  # twice the measured step
+    aligned = vr.align_prediction(slow.events, measured.events)
+    length = float(slow.events["end"].max() - slow.events["start"].min())
+    starts = aligned.groupby("step")["start"].min().to_numpy()
+    assert np.diff(starts) == pytest.approx([length, length])  # end to end, no pile-up
+    fast = _sim_like(synthetic_result(steps=1, scale=0.5, source="sim"))
+    starts = vr.align_prediction(fast.events, measured.events).groupby("step")["start"].min()
+    assert starts.to_numpy() == pytest.approx(measured.events.groupby("step")["start"].min().to_numpy())
+    dash = Dashboard(None, prediction=slow, max_fps=1000)
+    dash.replay(measured, frames=3)
+    pc = next(t for t in dash.figures()["timeline"].data if t.name == "predicted compute")
+    last_compute_end = float(slow.events.loc[slow.events["kind"] == "compute", "end"].max())
+    assert np.nanmax(np.asarray(pc.x, float)) == pytest.approx(2 * length + last_compute_end, rel=1e-6)

@@ -100,7 +100,7 @@ def test_cluster_sections() -> None:
 
 def test_demo_command_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.html"
-    assert main(["demo", "--out", str(out), "--cluster", "mixed", "--cluster", "aws-p5:nodes=2"]) == 0
+    assert main(["demo", "--out", str(out), "--cluster", "mixed", "--cluster", "aws-p5:nodes=2", "--steps", "0"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     text = out.read_text()
     assert text.count(PLOTLY_HEAD) == 1 and text.count("Plotly.newPlot") == 2
@@ -111,7 +111,7 @@ def test_demo_command_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_demo_default_is_this_machine_and_a_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.html"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "0"]) == 0  # the loop part: tests/test_dashboard_report.py
     text = out.read_text()
     assert "Topology of local" in text and "Topology of aws-p5:nodes=2" in text
 

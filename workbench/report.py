@@ -168,3 +168,45 @@ def cluster_sections(cluster: Any, paths: Sequence[tuple[str, str]] | None = Non
                       note="structural routes (ECMP by hash across spines); bandwidth per direction"),
         text_section(f"Spec of {name} (YAML, loadable with load_cluster)", dumps(c, "yaml"), pre=True),
     ]
+
+
+def loop_sections(cluster: Any, prediction: Any, measured: Any, comparison: Any = None,
+                  calibration: Mapping[str, Any] | None = None, trace_path: str | Path | None = None) -> list[Section]:
+    """The simulate → run → compare part of a report: metrics, per-op table, the four result figures.
+
+    `prediction` and `measured` are `Result`s of the same job (simulated and real); `comparison`
+    a `workbench.compare` table; `calibration` what `workbench.calibrate.run.before_after` gives;
+    `trace_path` where the measured run's Perfetto trace was written.
+    """
+    from workbench.viz.results import latency_figure, link_bandwidth_figure, memory_figure, timeline_figure
+
+    pm, mm = prediction.metrics, measured.metrics
+    summary: dict[str, Any] = {"cluster": getattr(cluster, "name", str(cluster)),
+                               "model": mm.get("model", ""), "plan": str(mm.get("plan", "")),
+                               "steps run": mm.get("steps", ""),
+                               "step seconds, simulated": pm.get("step_seconds"),
+                               "step seconds, measured": mm.get("step_seconds")}
+    if pm.get("step_seconds") and mm.get("step_seconds"):
+        summary["step error %"] = (float(pm["step_seconds"]) - float(mm["step_seconds"])) / float(mm["step_seconds"]) * 100
+    for key in ("sim_error_pct_before", "sim_error_pct_after", "sim_step_seconds_after"):
+        if calibration and calibration.get(key) is not None:
+            summary[key.replace("sim_", "simulated ").replace("_", " ")] = calibration[key]
+    out = [metrics_section("Run vs prediction", summary,
+                           note="the prediction is workbench.sim.train.simulate_train of the same model and plan; "
+                                "the run trains it for real over gloo on this machine's CPU ranks")]
+    if comparison is not None:
+        out.append(table_section("Simulated vs measured, per step", comparison,
+                                 note="seconds per step by kind and op (error = (sim − measured) / measured)"))
+    out += [
+        figure_section("Timeline: measured, with the prediction under each rank", timeline_figure(measured, prediction),
+                       note="thick: measured events; thin: predicted events, aligned to the start of each measured step"),
+        figure_section("Link bandwidth", link_bandwidth_figure(measured)),
+        figure_section("Memory per rank", memory_figure(measured, cluster),
+                       note="at each rank's peak total, stacked by category; black bar: the device's capacity"),
+        figure_section("Latency per op", latency_figure(measured, prediction),
+                       note="p50 and p99 of the measured durations; black diamond: the predicted p50"),
+    ]
+    if trace_path is not None:
+        out.append(text_section("Trace", f"The measured run as a Chrome/Perfetto trace: {trace_path} "
+                                         "(open it in ui.perfetto.dev or chrome://tracing)."))
+    return out

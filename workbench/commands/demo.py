@@ -25,6 +25,7 @@ class DemoContext:
     cluster_specs: list[str]
     out: Path
     clusters: list[Any] = field(default_factory=list)
+    steps: int = 8
 
 
 def topology_part(ctx: DemoContext) -> list[Any]:
@@ -47,20 +48,49 @@ def pending_part(ctx: DemoContext) -> list[Any]:
                          "`workbench demo` yet, so this report shows the topology part only.")]
 
 
-SECTION_BUILDERS: list[Callable[[DemoContext], list[Any]]] = [topology_part, pending_part]
+LOOP_MODEL = "gpt:layers=2,hidden=128,heads=4,vocab=256,seq=64"
+LOOP_PLAN = "dp=2,mbs=2,gbs=8,zero=0,precision=fp32,recompute=none"
+
+
+def loop_part(ctx: DemoContext) -> list[Any]:
+    """Simulate a small GPT step on this machine (2 CPU ranks), train it for real over gloo, compare,
+    calibrate; the result figures and a Perfetto trace of the run (next to the report)."""
+    import sys
+
+    from workbench.calibrate.run import before_after
+    from workbench.compare import compare
+    from workbench.report import loop_sections, text_section
+    from workbench.run import run_train
+    from workbench.sim.train import simulate_train
+    from workbench.topology import discover
+
+    if ctx.steps <= 0:
+        return [text_section("Simulate → run → compare", "Skipped: --steps 0.")]
+    cluster = discover(cpu_ranks=2)
+    prediction = simulate_train(cluster, LOOP_MODEL, LOOP_PLAN)
+    print(f"demo: training {LOOP_MODEL} ({LOOP_PLAN}) for {ctx.steps} steps on {cluster.name}", file=sys.stderr)
+    measured = run_train(cluster, LOOP_MODEL, LOOP_PLAN, steps=ctx.steps)
+    trace = measured.to_perfetto(ctx.out.with_name(ctx.out.stem + "-trace.json"))
+    return loop_sections(cluster, prediction, measured, compare(prediction, measured),
+                         before_after(cluster, measured), trace.name)
+
+
+SECTION_BUILDERS: list[Callable[[DemoContext], list[Any]]] = [topology_part, loop_part, pending_part]
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reports/demo.html", help="where to write the HTML report")
     p.add_argument("--cluster", action="append", default=None, metavar="SPEC",
                    help=f"cluster(s) to include, repeatable (default: {' and '.join(DEFAULT_CLUSTERS)})")
+    p.add_argument("--steps", type=int, default=8, help="training steps of the real run (0 skips the run)")
 
 
 def _run(args: argparse.Namespace) -> int:
     from workbench.report import write_report
     from workbench.topology import load_cluster
 
-    ctx = DemoContext(cluster_specs=list(args.cluster or DEFAULT_CLUSTERS), out=Path(args.out))
+    ctx = DemoContext(cluster_specs=list(args.cluster or DEFAULT_CLUSTERS), out=Path(args.out),
+                      steps=getattr(args, "steps", 8))
     ctx.clusters = [load_cluster(s) for s in ctx.cluster_specs]
     sections = [s for build in SECTION_BUILDERS for s in build(ctx)]
     path = write_report(ctx.out, sections, title="workbench demo",

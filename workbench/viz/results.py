@@ -93,13 +93,26 @@ def predicted_per_rank(prediction: pd.DataFrame, ranks: Sequence[int]) -> pd.Dat
     return pd.concat(parts, ignore_index=True) if parts else prediction.iloc[:0]
 
 
+def step_positions(measured_starts: np.ndarray, predicted_lengths: np.ndarray) -> np.ndarray:
+    """Where each predicted step starts: at the measured step's start, unless that would make
+    predicted steps overlap (the prediction is slower than the run); then end to end from the
+    first measured step, so the drift shows instead of a pile-up."""
+    if len(measured_starts) == 0:
+        return measured_starts
+    ends = measured_starts + predicted_lengths
+    if np.all(ends[:-1] <= measured_starts[1:] + 1e-12):
+        return measured_starts
+    return measured_starts[0] + np.concatenate([[0.0], np.cumsum(predicted_lengths[:-1])])
+
+
 def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
     """Place the predicted events under the measured ones, rank by rank and step by step.
 
     Every measured rank gets its predicted events (`predicted_per_rank`). When the measured
     events have a `step` column, predicted step k (cycling through the predicted steps; a
     prediction without a `step` column is one step) is shifted to start where measured step k
-    started, so each step's pattern can be compared even when the run drifts or starts late.
+    started, so each step's pattern can be compared even when the run drifts or starts late
+    (end to end instead when the predicted steps would overlap: `step_positions`).
     Otherwise the prediction is drawn from time 0 as it is.
     """
     if prediction.empty or measured.empty:
@@ -112,11 +125,13 @@ def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.Dat
     pred_step = prediction["step"].to_numpy()
     pred_steps = sorted(pd.unique(prediction["step"].dropna()).tolist())
     p_start = prediction.groupby("step")["start"].min()
+    p_len = prediction.groupby("step")["end"].max() - p_start
     m_start = measured.groupby("step")["start"].min()
+    srcs = [pred_steps[i % len(pred_steps)] for i in range(len(m_start))]
+    where = step_positions(m_start.to_numpy(float), np.array([p_len[s] for s in srcs], float))
     rows = {s: np.flatnonzero(pred_step == s) for s in pred_steps}
     idx, shift, step = [], [], []
-    for i, (m_step, t0) in enumerate(m_start.items()):
-        src = pred_steps[i % len(pred_steps)]
+    for m_step, src, t0 in zip(m_start.index, srcs, where):
         idx.append(rows[src])
         shift.append(np.full(len(rows[src]), float(t0) - float(p_start[src])))
         step.append(np.full(len(rows[src]), m_step))

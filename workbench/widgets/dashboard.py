@@ -462,9 +462,11 @@ class LiveData:
             if "step" not in pred or not pred["step"].notna().any():
                 pred = pred.assign(step=0)  # a one-step prediction: repeated under every measured step
             base: dict[Any, list[Segments]] = {}
+            self._pred_len: dict[Any, float] = {}
             for step, rows in pred.groupby("step", sort=True):
                 t0 = float(rows["start"].min())
                 base[step] = [_shifted(vr.timeline_arrays(rows, k, vr.PREDICTION_OFFSET), -t0) for k in vr.TIMELINE_KINDS]
+                self._pred_len[step] = float(rows["end"].max()) - t0
             self._pred_base = (ranks, list(base), base)
         return self._pred_base[1], self._pred_base[2]
 
@@ -494,9 +496,12 @@ class LiveData:
             if not steps:
                 return empty
             per_kind: list[list[Segments]] = [[] for _ in vr.TIMELINE_KINDS]
-            for i, (_, t0) in enumerate(starts):
-                for k, seg in enumerate(base[steps[i % len(steps)]]):
-                    per_kind[k].append(_shifted(seg, t0))
+            srcs = [steps[i % len(steps)] for i in range(len(starts))]
+            where = vr.step_positions(np.array([t for _, t in starts], float),
+                                      np.array([self._pred_len[s] for s in srcs], float))
+            for src, t0 in zip(srcs, where):
+                for k, seg in enumerate(base[src]):
+                    per_kind[k].append(_shifted(seg, float(t0)))
             keep = 3 * self.max_events
             arrays: list[Segments] = [
                 (np.concatenate([c[0] for c in chunks])[-keep:], np.concatenate([c[1] for c in chunks])[-keep:],
