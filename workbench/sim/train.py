@@ -546,7 +546,7 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     est = TrainEstimate(
         plan=plan, step_seconds=step, tokens_per_s=tokens_step / step, tflops_per_gpu=hf / step / ctx.world / 1e12,
         mfu=mf / step / ctx.world / peak, memory=mems[worst], capacity=cap, fits=fits,
-        breakdown={k: round(x, 9) for k, x in bd.items()}, binding_stage=worst, model_flops=mf, hardware_flops=hf,
+        breakdown={k: round(float(x), 9) for k, x in bd.items()}, binding_stage=worst, model_flops=mf, hardware_flops=hf,
         memory_by_stage=tuple(mems),
     )
     if detail:
