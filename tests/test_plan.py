@@ -79,3 +79,14 @@ def test_search_ranks_valid_plans_first_and_explains_rejections() -> None:
     assert set(ok["tp"] * ok["pp"] * ok["dp"] * ok["cp"]) == {16}
     top = search_plans("aws-p5:nodes=2", 32, "llama3-8b", fixed={"tp": 8, "recompute": "full"}, top=3)
     assert len(top) == 3 and (top["tp"] == 8).all() and (top["recompute"] == "full").all()
+
+
+@pytest.mark.timeout(240)
+def test_parallel_search_gives_the_same_table() -> None:
+    from workbench.plan.search import search_plans
+
+    one = search_plans("aws-p5:nodes=4", 64, "llama3-8b")
+    two = search_plans("aws-p5:nodes=4", 64, "llama3-8b", workers=2)
+    assert len(one) == len(two) >= 2000
+    cols = ["tp", "pp", "dp", "cp", "vpp", "mbs", "zero", "recompute", "offload", "fits"]
+    assert one[cols].head(50).equals(two[cols].head(50))

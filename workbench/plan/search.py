@@ -66,53 +66,40 @@ def candidates(world: int, node_gpus: int, model: Any, gbs: int, fixed: dict[str
 
 def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, Any] | None = None,
                  top: int | None = None, grid: dict[str, tuple[Any, ...]] | None = None,
-                 include_rejected: bool = True) -> Any:
+                 include_rejected: bool = True, workers: int = 1) -> Any:
     """Evaluate every candidate plan; a DataFrame ranked by tokens/s (valid and fitting first).
 
     `cluster` may be a `TrainContext` (then `model` is taken from it). `df.attrs` holds
-    `evaluated`, `valid`, `fitting`, `seconds` and `plans_per_s`.
+    `evaluated`, `valid`, `fitting`, `seconds` and `plans_per_s`. `workers` > 1 splits the
+    candidates over that many forked processes (Linux; searches of 2000+ candidates).
     """
     import numpy as np
     import pandas as pd
 
     from workbench.models.presets import load_model
-    from workbench.plan.validate import problem
-    from workbench.sim.train import TrainContext, TrainEstimate, evaluate
+    from workbench.sim.train import TrainContext
     from workbench.topology.presets import load_cluster
 
     if gbs < 1:
         raise WorkbenchError(f"gbs: must be at least 1, got {gbs}")
     ctx = cluster if isinstance(cluster, TrainContext) else TrainContext(load_cluster(cluster), load_model(model))
-    precisions = ctx.precisions()
-    rows: list[dict[str, Any]] = []
-    nan = float("nan")
     t0 = time.perf_counter()
-    n = 0
     if ctx.is_cpu:
         grid = {**(grid or {}), "offload": (False,)}
-    for plan in candidates(ctx.world, ctx.node_gpus, ctx.model, gbs, fixed, grid):
-        n += 1
-        why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, precisions)
-        row: dict[str, Any] = {k: getattr(plan, k) for k in COLUMNS}
-        if why:
-            if include_rejected:
-                rows.append({**row, "valid": False, "fits": False, "reason": why})
-            continue
-        try:
-            est = cast(TrainEstimate, evaluate(ctx, None, plan, skip_unfit=True))
-        except WorkbenchError as exc:
-            if include_rejected:
-                rows.append({**row, "valid": False, "fits": False, "reason": str(exc)})
-            continue
-        mem = sum(est.memory.values()) / 1024**3
-        reason = "" if est.fits else f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB"
-        if not est.fits and not include_rejected:
-            continue
-        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,
-                     "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,
-                     "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu, "memory_GiB": mem,
-                     "bubble_s": est.breakdown.get("pipeline_bubble", nan),
-                     "tp_comm_s": est.breakdown.get("tp_comm", nan), "dp_comm_s": est.breakdown.get("dp_comm", nan)})
+    plans = list(candidates(ctx.world, ctx.node_gpus, ctx.model, gbs, fixed, grid))
+    n = len(plans)
+    if workers > 1 and n >= 2000:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        global _WORK
+        _WORK = (ctx, plans, include_rejected)
+        bounds = [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            rows = [r for part in ex.map(_evaluate_slice, bounds) for r in part]
+        _WORK = None
+    else:
+        rows = _evaluate_plans(ctx, plans, include_rejected)
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(rows)
     if df.empty:
@@ -136,3 +123,44 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
         df = df.head(top)
     df.attrs.update(attrs)
     return df
+
+
+_WORK: Any = None  # (ctx, plans, include_rejected) shared with forked workers
+
+
+def _evaluate_slice(bounds: tuple[int, int]) -> list[dict[str, Any]]:
+    ctx, plans, include_rejected = _WORK
+    return _evaluate_plans(ctx, plans[bounds[0]:bounds[1]], include_rejected)
+
+
+def _evaluate_plans(ctx: Any, plans: list[Plan], include_rejected: bool) -> list[dict[str, Any]]:
+    """One row per plan: its fields, validity, fit, reason and (for plans that fit) metrics."""
+    from workbench.plan.validate import problem
+    from workbench.sim.train import TrainEstimate, evaluate
+
+    precisions = ctx.precisions()
+    nan = float("nan")
+    rows: list[dict[str, Any]] = []
+    for plan in plans:
+        why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, precisions)
+        row: dict[str, Any] = {k: getattr(plan, k) for k in COLUMNS}
+        if why:
+            if include_rejected:
+                rows.append({**row, "valid": False, "fits": False, "reason": why})
+            continue
+        try:
+            est = cast(TrainEstimate, evaluate(ctx, None, plan, skip_unfit=True))
+        except WorkbenchError as exc:
+            if include_rejected:
+                rows.append({**row, "valid": False, "fits": False, "reason": str(exc)})
+            continue
+        mem = sum(est.memory.values()) / 1024**3
+        reason = "" if est.fits else f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB"
+        if not est.fits and not include_rejected:
+            continue
+        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,
+                     "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,
+                     "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu, "memory_GiB": mem,
+                     "bubble_s": est.breakdown.get("pipeline_bubble", nan),
+                     "tp_comm_s": est.breakdown.get("tp_comm", nan), "dp_comm_s": est.breakdown.get("dp_comm", nan)})
+    return rows

@@ -17,7 +17,8 @@ def bench_train() -> dict[str, Any]:
     """`train_eval_ms`: median time to evaluate one plan of Megatron's 1T GPT on 3072 H100s (tp=8, pp=64, dp=6,
     512 micro-batches), each call with a fresh `TrainContext` (no per-plan cache carried over; the cluster
     object and the network model's group shapes persist, as in a notebook). `search_plans_per_s`: a full
-    search of every plan for the same model, cluster and gbs=3072 (candidates per second, rejected included)."""
+    search of every plan for the same model, cluster and gbs=3072 (candidates per second, rejected included),
+    over up to 2 forked processes; `search_plans_per_s_1proc` the same in one process."""
     from workbench.models import load_model
     from workbench.plan import parse_plan
     from workbench.plan.search import search_plans
@@ -39,14 +40,23 @@ def bench_train() -> dict[str, Any]:
         t = time.perf_counter()
         evaluate(ctx, None, plan)
         warm.append((time.perf_counter() - t) * 1e3)
+    import os
+
+    workers = min(os.cpu_count() or 1, 2)
     t = time.perf_counter()
-    df = search_plans(cluster, 3072, model)
+    df = search_plans(cluster, 3072, model, workers=workers)
     seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    one = search_plans(cluster, 3072, model, workers=1)
+    seconds_1 = time.perf_counter() - t
+    assert one.iloc[0]["step_seconds"] == df.iloc[0]["step_seconds"]
     best = df.iloc[0]
     return {
         "train_eval_ms": statistics.median(cold),
         "train_eval_warm_ms": statistics.median(warm),
         "search_plans_per_s": df.attrs["evaluated"] / seconds,
+        "search_workers": workers,
+        "search_plans_per_s_1proc": one.attrs["evaluated"] / seconds_1,
         "search_train": {"model": "gpt-1t", "cluster": ONE_T_CLUSTER, "gbs": 3072, "evaluated": df.attrs["evaluated"],
                          "fitting": df.attrs["fitting"], "seconds": seconds,
                          "best_plan": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()
