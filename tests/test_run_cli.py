@@ -33,3 +33,26 @@ def test_bad_plan_is_a_clean_error() -> None:
     p = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "train", "--plan", "tp=3"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "plan.tp" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_same_worker_under_plain_torchrun_and_load_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    from workbench.run import load_run
+    from workbench.run.launcher import _free_port
+    from workbench.topology import discover
+
+    out = tmp_path / "job"
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "workbench.run.worker",
+                    "--model", "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", "--plan", "tp=2,mbs=2,gbs=4",
+                    "--steps", "3", "--out", str(out)], check=True, capture_output=True, timeout=180)
+    r = load_run(out, cluster=discover(cpu_ranks=2, measure=False))
+    assert r.metrics["steps"] == 3 and r.metrics["ranks"] == 2
+    assert set(r.events[r.events["kind"] == "collective"]["group"]) == {"tp"}
+    assert set(r.links["link"]) == {"n0.g0<->n0.host", "n0.g1<->n0.host"}

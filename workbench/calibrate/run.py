@@ -67,7 +67,7 @@ def fit_links(measured: Result, prior_latency_us: float = 20.0) -> tuple[float, 
         n = int(sizes.get(str(group), 2))
         op_n = "all_reduce" if op == "reduce_scatter" else str(op)
         t = float(np.quantile(g["end"] - g["start"], 0.25))
-        rows.append((wire_bytes(op_n, float(nb), n), t, _steps_of(op_n, n)))
+        rows.append((wire_bytes(op_n, float(nb), n), t, _steps_of(op_n, n)))  # type: ignore[arg-type]
     x = np.array([r[0] for r in rows])
     y = np.array([r[1] for r in rows])
     steps = np.array([r[2] for r in rows])

@@ -60,9 +60,9 @@ def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
         for k, names in (("dp", ("dp",)), ("tp", ("tp",)), ("pp", ("pp",)), ("mbs", ("mbs", "micro_batch")),
                          ("gbs", ("gbs", "global_batch")), ("zero", ("zero", "zero_stage"))):
             for n in names:
-                v = get(n)
-                if v is not None:
-                    vals[k] = int(v)
+                got = get(n)
+                if got is not None:
+                    vals[k] = int(got)
                     break
     p = {"dp": 1, "tp": 1, "pp": 1, "zero": 0} | vals
     p.setdefault("mbs", 2)

@@ -98,8 +98,8 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
         device = torch.device("cpu")
     timeout = datetime.timedelta(seconds=float(job.get("collective_timeout_s", 120)))
     if world > 1 or job["backend"] == "nccl":
-        dist.init_process_group(job["backend"], rank=rank, world_size=world, timeout=timeout,
-                                **({"device_id": device} if job["backend"] == "nccl" else {}))
+        extra: dict[str, Any] = {"device_id": device} if job["backend"] == "nccl" else {}
+        dist.init_process_group(job["backend"], rank=rank, world_size=world, timeout=timeout, **extra)
     try:
         lay = Layout(plan["dp"], plan["tp"], plan["pp"], rank)
         comm = Comm(lay, rec, device)
