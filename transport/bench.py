@@ -151,8 +151,6 @@ def _serve_engine(conn: Any, backend: str, nbytes: int, device: str, shm_name: s
         conn.recv()  # stop
         eng.deregister(region)
     del buf
-    if shm is not None:
-        shm.close()
 
 
 def _serve_socket(conn: Any, nbytes: int) -> None:
@@ -294,7 +292,7 @@ class _Target:
         secret = os.environ.setdefault(SECRET_ENV, os.urandom(16).hex())
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve_engine, daemon=True,
+        self.proc = ctx.Process(target=_serve_engine,  # not a daemon: a NIXL engine starts its worker
                                 args=(child, backend, nbytes, device, self.shm.name if self.shm else None, secret))
         self.proc.start()
         deadline = time.monotonic() + 120
@@ -331,7 +329,7 @@ def _source(eng: Any, nbytes: int, device: str) -> Any:
         return torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     import numpy as np
 
-    buf = eng.alloc(nbytes) if hasattr(eng, "alloc") else np.empty(nbytes, np.uint8)
+    buf = eng.alloc(nbytes)
     buf[:] = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     return buf
 
@@ -437,13 +435,15 @@ def soak(n_writes: int = 100_000, backend: str = "tcp", lanes: int = 4, batch: i
     nbytes = batch * slot
     target = _Target(backend, nbytes)
     rng = np.random.default_rng(seed)
-    src_buf = rng.integers(0, 255, 4 * nbytes, dtype=np.uint8)
+    data = rng.integers(0, 255, 4 * nbytes, dtype=np.uint8)
     lost = corrupted = done = 0
     dst = target.view
     t0 = time.perf_counter()
     moved = 0
     try:
         with Engine(backend, lanes=lanes, chaos=chaos) as eng:
+            src_buf = eng.alloc(data.size)
+            src_buf[:] = data
             src = eng.register(src_buf)
             left = n_writes
             while left > 0:

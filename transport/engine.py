@@ -146,6 +146,7 @@ class Engine:
         self._deadline_cond = threading.Condition()
         self._closed = False
         self.log: list[str] = []
+        self._shm_refs: list[Any] = []
         self._listener = wire.Listener(self, host, port, self._secret, sockbuf, self._accepted)
         self.address = EngineAddress(self.name, host if host not in ("0.0.0.0", "::") else _own_ip(),
                                      self._listener.port, backend, lanes, host_id())
@@ -213,6 +214,26 @@ class Engine:
         with self._lock:
             self._regions[rid] = region
         return region
+
+    def alloc(self, nbytes: int, device: str = "cpu", shm_name: str | None = None) -> Any:
+        """Zeroed memory that every backend of this engine can move without copies: a uint8 numpy
+        array (shared memory for `nixl`; `shm_name` adopts an existing shared-memory block) or, for
+        `device="cuda:N"`, a uint8 CUDA tensor. Register it with `register`."""
+        if device.startswith("cuda"):
+            import torch
+
+            return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        if self._path is not None and hasattr(self._path, "alloc"):
+            return self._path.alloc(nbytes, shm_name)
+        import numpy as np
+
+        if shm_name:
+            from multiprocessing import shared_memory
+
+            shm = shared_memory.SharedMemory(name=shm_name)
+            self._shm_refs.append(shm)
+            return np.ndarray((nbytes,), np.uint8, buffer=shm.buf)
+        return np.zeros(nbytes, np.uint8)
 
     def deregister(self, region: Region) -> None:
         """Forget a region: later writes to its descriptor fail with `UnknownDescriptor`."""

@@ -32,13 +32,8 @@ def _main(conn: Any, backend: str, nbytes: int, device: str, lanes: int, secret:
 
     from transport.engine import Engine
 
-    if device.startswith("cuda"):
-        import torch
-
-        buf: Any = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    else:
-        buf = np.zeros(nbytes, np.uint8)
     eng = Engine(backend, lanes=lanes, host=host)
+    buf: Any = eng.alloc(nbytes, device)
     region = eng.register(buf)
     conn.send(("ok", region.descriptor.to_bytes()))
     src_region = None
@@ -70,19 +65,20 @@ def _main(conn: Any, backend: str, nbytes: int, device: str, lanes: int, secret:
                 data = np.random.default_rng(seed).integers(0, 255, n, dtype=np.uint8)
                 if src_region is not None:
                     eng.deregister(src_region)
+                data_buf: Any = eng.alloc(n, device)
                 if device.startswith("cuda"):
                     import torch
 
-                    data_buf: Any = torch.from_numpy(data).to(device)
+                    data_buf.copy_(torch.from_numpy(data))
                 else:
-                    data_buf = data
+                    data_buf[:] = data
                 src_region = eng.register(data_buf)
                 eng.write(src_region, MemoryDescriptor.from_bytes(desc), n, dst_offset=off, imm=imm).result(60)
                 out = zlib.crc32(data)
             elif op == "flood":  # keep writing in the background until killed
                 desc, n, imm = args
                 d = MemoryDescriptor.from_bytes(desc)
-                src_flood = eng.register(np.ones(n, np.uint8) if not device.startswith("cuda") else buf[:n])
+                src_flood = eng.register(eng.alloc(n, device))
 
                 def flood(src_flood: Any = src_flood, d: Any = d, n: int = n, imm: int = imm) -> None:
                     while True:
@@ -119,8 +115,8 @@ class PeerProcess:
         secret = os.environ.setdefault(SECRET_ENV, os.urandom(16).hex())
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_main, args=(child, backend, nbytes, device, lanes, secret, host),
-                                daemon=True)
+        # not a daemon: its engine may start processes of its own (the NIXL worker); it exits with its pipe
+        self.proc = ctx.Process(target=_main, args=(child, backend, nbytes, device, lanes, secret, host))
         self.proc.start()
         self.desc: MemoryDescriptor = MemoryDescriptor.from_bytes(self._reply(start_timeout))
 
