@@ -50,24 +50,25 @@ def timeline_arrays(events: pd.DataFrame, kind: str, offset: float = 0.0) -> tup
     The hover texts come as a numpy string array (plotly copies those without a Python loop).
     """
     ev = events[events["kind"] == kind] if len(events) else events
-    n = len(ev)
-    x = np.full(3 * n, np.nan)
-    y = np.full(3 * n, np.nan)
+    if len(ev) == 0:
+        return np.empty(0), np.empty(0), np.empty(0, str)
+    return segments(ev["start"].to_numpy(float), ev["end"].to_numpy(float), ev["rank"].to_numpy(float) + offset,
+                    ev["op"].astype(str).to_numpy(), ev["bytes"].fillna(0).to_numpy(float))
+
+
+def segments(start: np.ndarray, end: np.ndarray, y: np.ndarray, op: np.ndarray,
+             nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The NaN-separated segment arrays of `timeline_arrays` from plain columns."""
+    n = len(start)
+    xs = np.full(3 * n, np.nan)
+    ys = np.full(3 * n, np.nan)
+    xs[0::3], xs[1::3] = start, end
+    ys[0::3], ys[1::3] = y, y
+    label = [f"{o} · {format_bytes(b)} · {(e - s) * 1e3:.3g} ms" for o, b, s, e in zip(op, nbytes, start, end)]
     text = np.full(3 * n, "", dtype=object)
-    if n == 0:
-        return x, y, text.astype(str)
-    start = ev["start"].to_numpy(float)
-    end = ev["end"].to_numpy(float)
-    rank = ev["rank"].to_numpy(float) + offset
-    x[0::3], x[1::3] = start, end
-    y[0::3], y[1::3] = rank, rank
-    label = [
-        f"{op} · {format_bytes(b)} · {(e - s) * 1e3:.3g} ms"
-        for op, b, s, e in zip(ev["op"].astype(str), ev["bytes"].fillna(0), start, end)
-    ]
     text[0::3] = label
     text[1::3] = label
-    return x, y, text.astype(str)
+    return xs, ys, text.astype(str)
 
 
 def predicted_per_rank(prediction: pd.DataFrame, ranks: Sequence[int]) -> pd.DataFrame:

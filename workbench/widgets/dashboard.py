@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,7 @@ class Dashboard:
         self.result: Result | None = None
         self.renders = 0
         self.render_seconds = 0.0
+        self._recent: deque[float] = deque(maxlen=5)
         self.updates_pushed = 0
         self._reset_data()
         self._build()
@@ -112,12 +114,14 @@ class Dashboard:
             self._last_render = time.perf_counter()
             self.renders += 1
             self.render_seconds += self._last_render - t0
+            self._recent.append(self._last_render - t0)
 
     @property
     def interval(self) -> float:
-        """Seconds between redraws: 1/max_fps, or twice the mean redraw time if that is longer."""
-        mean = self.render_seconds / self.renders if self.renders else 0.0
-        return max(1.0 / self.max_fps, 2.0 * mean)
+        """Seconds between redraws: 1/max_fps, or twice the median of the last 5 redraws if that is longer
+        (a median, so the first redraw's one-time costs do not slow the rest)."""
+        recent = sorted(self._recent)
+        return max(1.0 / self.max_fps, 2.0 * recent[len(recent) // 2]) if recent else 1.0 / self.max_fps
 
     def attach(self, handle: RunHandle, timeout: float | None = 120.0) -> Dashboard:
         """Follow a running job: a thread consumes `handle.updates()`, another redraws.
@@ -374,9 +378,8 @@ class Dashboard:
     def _status_html(self, step: int = 0, steps: int = 0, t: float = 0.0, events: int = 0) -> str:
         if self.error is not None:
             return f"<span style='color:#c00'>error: {html.escape(str(self.error).splitlines()[0])}</span>"
-        rate = self.renders / self.render_seconds if self.render_seconds else 0.0
         return (f"<span style='font-family:monospace'>step {step}/{steps} · {t:.1f} s · {events} events · "
-                f"{self.updates_pushed} updates · redraw ≤ {min(self.max_fps, rate or self.max_fps):.0f}/s</span>")
+                f"{self.updates_pushed} updates · redraw ≤ {1.0 / self.interval:.0f}/s</span>")
 
     def __repr__(self) -> str:
         return f"Dashboard(panels={list(self._figs)}, {self.updates_pushed} updates, {self.renders} redraws)"
@@ -396,6 +399,7 @@ class LiveData:
         self.n_events = 0
         self.devices: dict[int, str] = {}
         self._segments: dict[str, list[Segments]] = {k: [] for k in vr.TIMELINE_KINDS}
+        self._segment_points: dict[str, int] = {k: 0 for k in vr.TIMELINE_KINDS}
         self._durations: dict[tuple[str, str], list[np.ndarray]] = {}
         self._links: dict[str, list[np.ndarray]] = {}  # link -> chunks of (start, end, GBps, utilisation) rows
         self._carried: dict[str, float] = {}
@@ -424,31 +428,50 @@ class LiveData:
             names = links["link"].astype(str).to_numpy()
             for name in pd.unique(names):
                 mine = rows[names == name]
-                self._links.setdefault(name, []).append(mine)
+                chunks = self._links.setdefault(name, [])
+                chunks.append(mine)
+                if len(chunks) > 64:  # compact, and keep the most recent max_events rows per link
+                    self._links[name] = [np.concatenate(chunks)[-self.max_events:]]
                 self._carried[name] = self._carried.get(name, 0.0) + float(np.sum(mine[:, 2] * (mine[:, 1] - mine[:, 0])))
             self._now = max(self._now, float(rows[:, 1].max()))
 
     def _add_events(self, events: pd.DataFrame) -> None:
         self.n_events += len(events)
-        for r, d in zip(events["rank"].to_numpy(), events["device"].astype(str)):
-            self.devices.setdefault(int(r), d)
-        for kind in vr.TIMELINE_KINDS:
-            seg = vr.timeline_arrays(events, kind)
-            if len(seg[0]):
-                chunks = self._segments[kind]
-                chunks.append(seg)
-                while sum(len(c[0]) for c in chunks) - len(chunks[0][0]) >= 3 * self.max_events:
-                    chunks.pop(0)
-        lat = events[events["kind"].isin(vr.LATENCY_KINDS)]
-        if len(lat):
-            dur = (lat["end"] - lat["start"]).to_numpy(float)
-            ops, kinds = lat["op"].astype(str).to_numpy(), lat["kind"].astype(str).to_numpy()
-            for op, kind in set(zip(ops, kinds)):
-                self._durations.setdefault((op, kind), []).append(dur[(ops == op) & (kinds == kind)])
-        if "step" in events and events["step"].notna().any():
-            for step, t0 in events.groupby("step")["start"].min().items():
+        kinds = events["kind"].astype(str).to_numpy()
+        ranks = events["rank"].to_numpy()
+        start, end = events["start"].to_numpy(float), events["end"].to_numpy(float)
+        ops = events["op"].astype(str).to_numpy()
+        nbytes = events["bytes"].fillna(0).to_numpy(float)
+        first = pd.unique(ranks)
+        if any(int(r) not in self.devices for r in first):
+            for r, d in zip(ranks, events["device"].astype(str)):
+                self.devices.setdefault(int(r), d)
+        for kind in np.unique(kinds):
+            mask = kinds == kind
+            if kind not in self._segments:
+                continue
+            seg = vr.segments(start[mask], end[mask], ranks[mask].astype(float), ops[mask], nbytes[mask])
+            chunks = self._segments[kind]
+            chunks.append(seg)
+            self._segment_points[kind] += len(seg[0])
+            while self._segment_points[kind] - len(chunks[0][0]) >= 3 * self.max_events:
+                self._segment_points[kind] -= len(chunks.pop(0)[0])
+            if kind in vr.LATENCY_KINDS:
+                dur = end[mask] - start[mask]
+                kops = ops[mask]
+                for op in np.unique(kops):
+                    d = self._durations.setdefault((str(op), str(kind)), [])
+                    d.append(dur[kops == op])
+                    if len(d) > 64:
+                        d[:] = [np.concatenate(d)]
+        if "step" in events:
+            steps = events["step"].to_numpy()
+            for step in pd.unique(steps):
+                if pd.isna(step):
+                    continue
+                t0 = float(start[steps == step].min())
                 if step not in self._step_start or t0 < self._step_start[step]:
-                    self._step_start[step] = float(t0)
+                    self._step_start[step] = t0
 
     def _prepare_prediction(self, pred: pd.DataFrame) -> None:
         tab = vr.latency_table(pred)
