@@ -19,12 +19,15 @@ def bench_train() -> dict[str, Any]:
     object and the network model's group shapes persist, as in a notebook). `search_plans_per_s`: a full
     search of every plan for the same model, cluster and gbs=3072 (candidates per second, rejected included),
     over up to 2 forked processes; `search_plans_per_s_1proc` the same in one process."""
+    import os
+
     from workbench.models import load_model
     from workbench.plan import parse_plan
     from workbench.plan.search import search_plans
     from workbench.sim.train import TrainContext, evaluate
     from workbench.topology import load_cluster
 
+    load_before = os.getloadavg()[0]
     cluster = load_cluster(ONE_T_CLUSTER)
     model = load_model("gpt-1t")
     plan = parse_plan(ONE_T_PLAN)
@@ -40,8 +43,6 @@ def bench_train() -> dict[str, Any]:
         t = time.perf_counter()
         evaluate(ctx, None, plan)
         warm.append((time.perf_counter() - t) * 1e3)
-    import os
-
     workers = min(os.cpu_count() or 1, 2)
     t = time.perf_counter()
     df = search_plans(cluster, 3072, model, workers=workers)
@@ -53,6 +54,7 @@ def bench_train() -> dict[str, Any]:
     best = df.iloc[0]
     return {
         "train_eval_ms": statistics.median(cold),
+        "train_load_average_1min": load_before,
         "train_eval_warm_ms": statistics.median(warm),
         "search_plans_per_s": df.attrs["evaluated"] / seconds,
         "search_workers": workers,

@@ -50,7 +50,7 @@ from workbench.models.spec import ModelSpec
 from workbench.plan.spec import Plan
 from workbench.plan.validate import gpus_per_node, problem, split_layers
 from workbench.sim.compute import DeviceModel, device_model
-from workbench.sim.train_schedule import in_flight, pipeline_times
+from workbench.sim.train_schedule import in_flight_stages, pipeline_times
 from workbench.topology.model import Cluster
 
 GiB = 1024**3
@@ -395,8 +395,8 @@ def _memory(ctx: TrainContext, plan: Plan, costs: list[StageCost], stage: int, h
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "buffers": buffers}
 
 
-def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: int) -> tuple[float, float, float, float]:
-    """(gradient sync seconds of all the stage's layers, tied-embedding all-reduce, optimizer, param all-gather)."""
+def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: int) -> tuple[np.ndarray, float, float, float]:
+    """(gradient sync seconds per chunk of the stage, tied-embedding all-reduce, optimizer, param all-gather)."""
     m = ctx.model
     pp, v, tp, cp, dp = plan.pp or 1, plan.vpp or 1, plan.tp or 1, plan.cp or 1, plan.dp or 1
     prec = str(plan.precision)
@@ -407,13 +407,13 @@ def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: 
     mine = [costs[c * pp + s] for c in range(v)]
     ne = sum(c.params for c in mine)
     ex = sum(c.expert_params for c in mine)
-    sync = 0.0
+    sync = np.zeros(v)
     if z < 3 and dp * cp > 1:
         op = "all_reduce" if z == 0 else "reduce_scatter"
-        for c in mine:  # one bucket per layer
+        for i, c in enumerate(mine):  # one bucket per layer
             nl = max(len(c.layers), 1)
-            sync += nl * (ctx.coll(op, c.params / nl * g_bytes, groups["dp"])
-                          + ctx.coll(op, c.expert_params / nl * g_bytes, groups["edp"]))
+            sync[i] = nl * (ctx.coll(op, c.params / nl * g_bytes, groups["dp"])
+                            + ctx.coll(op, c.expert_params / nl * g_bytes, groups["edp"]))
     emb = 0.0
     if m.tied and pp > 1 and s in (0, pp - 1):
         emb = ctx.coll("all_reduce", m.vocab * m.hidden / tp * g_bytes, (0, (pp - 1) * tp * cp * dp))
@@ -455,42 +455,52 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     prec = str(plan.precision)
     elem = _elem(prec)
     costs = _stage_costs(ctx, plan)
-    # capacity and memory first: cheap, and search rejects most plans here
-    mem_cache: dict[tuple[int, ...], dict[str, float]] = {}
-    mems = []
-    for s in range(pp):
-        held = in_flight(pp, v, nmb, s)
-        mk = tuple(id(costs[c * pp + s]) for c in range(v))
-        base = mem_cache.get(mk)
-        if base is None:
-            base = mem_cache[mk] = _memory(ctx, plan, costs, s, 1)
-        if held == 1 or plan.offload:
-            mems.append(base)
-        else:  # only the stored activations grow with the micro-batches in flight
-            per_chunk = max(costs[c * pp + s].act_bytes for c in range(v))
-            mems.append({**base, "activations": base["activations"] + per_chunk * (held - 1)})
-    totals = [sum(x.values()) for x in mems]
+    # capacity and memory first: cheap, and search rejects most plans here (vectorised over stages)
+    cls_key: dict[tuple[int, ...], int] = {}
+    cls = np.empty(pp, dtype=np.int64)
+    statics: list[dict[str, float]] = []
+    ids = [id(c) for c in costs]
+    for st in range(pp):
+        key = tuple(ids[st::pp])
+        k = cls_key.get(key)
+        if k is None:
+            k = cls_key[key] = len(statics)
+            statics.append(_memory(ctx, plan, costs, st, 1))
+        cls[st] = k
+    held = in_flight_stages(pp, v, nmb)
+    if plan.offload:
+        held = np.minimum(held, 2)
+    act = np.array([c.act_bytes for c in costs]).reshape(v, pp).max(axis=0)
+    static_total = np.array([sum(d.values()) for d in statics])
+    totals = static_total[cls] + act * (held - 1)
     cap = min(ctx.spec_of(s * tp * cp * dp).memory_GB for s in (range(pp) if not ctx.homogeneous else [0])) * 1e9
     worst = int(np.argmax(totals))
-    fits = totals[worst] <= cap
+
+    def mem_of(st: int) -> dict[str, float]:
+        d = statics[int(cls[st])]
+        return {**d, "activations": d["activations"] + float(act[st] * (held[st] - 1))}
+
+    fits = bool(totals[worst] <= cap)
     if check_fit and not fits:
         raise WorkbenchError(f"plan: does not fit in memory: stage {worst} needs {totals[worst] / GiB:.1f} GiB per GPU "
-                             f"of {cap / GiB:.1f} GiB ({', '.join(f'{k} {x / GiB:.1f}' for k, x in mems[worst].items())})"
+                             f"of {cap / GiB:.1f} GiB ({', '.join(f'{k} {x / GiB:.1f}' for k, x in mem_of(worst).items())})"
                              "; try more pp/tp, zero=3, recompute=full or a smaller mbs")
     if skip_unfit and not fits:
         nan = float("nan")
         return TrainEstimate(plan=plan, step_seconds=nan, tokens_per_s=nan, tflops_per_gpu=nan, mfu=nan,
-                             memory=mems[worst], capacity=cap, fits=False, breakdown={}, binding_stage=worst,
-                             model_flops=nan, hardware_flops=nan, memory_by_stage=tuple(mems))
+                             memory=mem_of(worst), capacity=cap, fits=False, breakdown={}, binding_stage=worst,
+                             model_flops=nan, hardware_flops=nan)
     # pipeline sends
     tokens = (plan.mbs or 1) * m.seq // cp
     send_bytes = tokens * m.hidden * elem / (tp if (plan.sp and tp > 1) else 1)
     pv = pp * v
     fsend = np.zeros(pv)
     bsend = np.zeros(pv)
-    if pp > 1:
+    if pp > 1 and ctx.homogeneous:
+        fsend[:] = bsend[:] = ctx.coll("send_recv", send_bytes, (0, tp * cp * dp))
+    elif pp > 1:
         for vs in range(pv):
-            s, s2 = (0, 1) if ctx.homogeneous else (vs % pp, (vs + 1) % pp)
+            s, s2 = vs % pp, (vs + 1) % pp
             r1, r2 = s * tp * cp * dp, s2 * tp * cp * dp
             t = ctx.coll("send_recv", send_bytes, (r1, r2))
             fsend[vs] = t
@@ -499,29 +509,37 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     bdur = np.array([c.bwd for c in costs])
     stage_end, last_bs, last_be = pipeline_times(pp, v, nmb, fdur, bdur, fsend, bsend, exact=detail)
     # data-parallel gradient sync (bucketed per layer, overlapped with the last backward), optimizer, param gather
-    step_by_stage = []
-    tails = []
-    per_class: dict[tuple[Any, ...], tuple[float, float, float, float]] = {}
-    for s in range(pp):
-        ck = tuple(id(costs[c * pp + s]) for c in range(v)) + (s if not ctx.homogeneous else 0,
-                                                                 s in (0, pp - 1))
-        fixed_costs = per_class.get(ck)
-        if fixed_costs is None:
-            fixed_costs = per_class[ck] = _stage_sync_costs(ctx, plan, costs, s)
-        per_ne_ex, emb, opt, ag = fixed_costs
-        stream = 0.0
-        if per_ne_ex > 0:
-            buckets = []
-            for c in range(v):
-                nl = max(len(costs[c * pp + s].layers), 1)
-                bs, be = last_bs[c * pp + s], last_be[c * pp + s]
-                buckets += [(bs + (j + 1) / nl * (be - bs), per_ne_ex / nl) for j in range(nl)]
-            for ready, t in sorted(buckets):
-                stream = max(stream, ready) + t
-        dp_tail = max(0.0, stream - stage_end[s])
-        gather = max(0.0, ag - costs[s].fwd)
-        tails.append((dp_tail, emb, opt, gather))
-        step_by_stage.append(stage_end[s] + dp_tail + emb + opt + gather)
+    sync_cache: dict[tuple[int, bool], tuple[np.ndarray, float, float, float]] = {}
+    sync = np.zeros((v, pp))
+    emb = np.zeros(pp)
+    opt = np.zeros(pp)
+    ag = np.zeros(pp)
+    for st in range(pp):
+        key2 = (int(cls[st]) if ctx.homogeneous else st, st in (0, pp - 1))
+        hit = sync_cache.get(key2)
+        if hit is None:
+            hit = sync_cache[key2] = _stage_sync_costs(ctx, plan, costs, st)
+        sync[:, st], emb[st], opt[st], ag[st] = hit
+    stream_end = np.zeros(pp)
+    if sync.any():
+        nl = np.array([max(len(c.layers), 1) for c in costs], dtype=float).reshape(v, pp)
+        width = int(nl.max())
+        j = np.arange(1, width + 1, dtype=float)[None, :, None]  # (1, width, 1)
+        bs = last_bs.reshape(v, 1, pp)
+        be = last_be.reshape(v, 1, pp)
+        valid = j <= nl[:, None, :]
+        ready = np.where(valid, bs + j / nl[:, None, :] * (be - bs), -np.inf).reshape(v * width, pp)
+        dur = np.where(valid, (sync / nl)[:, None, :], 0.0).reshape(v * width, pp)
+        order = np.argsort(ready, axis=0, kind="stable")
+        ready = np.take_along_axis(ready, order, axis=0)
+        dur = np.take_along_axis(dur, order, axis=0)
+        suffix = np.cumsum(dur[::-1], axis=0)[::-1]  # work still queued from bucket k on
+        stream_end = np.max(ready + suffix, axis=0)  # single comm stream: max_k(ready_k + remaining work)
+    dp_tail = np.maximum(0.0, stream_end - stage_end)
+    first_fwd = np.array([costs[st].fwd for st in range(pp)])
+    gather = np.maximum(0.0, ag - first_fwd)
+    step_by_stage = stage_end + dp_tail + emb + opt + gather
+    tails = list(zip(dp_tail.tolist(), emb.tolist(), opt.tolist(), gather.tolist()))
     crit = int(np.argmax(step_by_stage))
     step = float(step_by_stage[crit])
     # breakdown on the critical stage: busy parts, the idle rest of its pipeline is the bubble
@@ -545,9 +563,9 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     peak = ctx.spec_of(0).peak(prec if prec in dict(ctx.spec_of(0).peak_tflops) else "bf16") * 1e12
     est = TrainEstimate(
         plan=plan, step_seconds=step, tokens_per_s=tokens_step / step, tflops_per_gpu=hf / step / ctx.world / 1e12,
-        mfu=mf / step / ctx.world / peak, memory=mems[worst], capacity=cap, fits=fits,
+        mfu=mf / step / ctx.world / peak, memory=mem_of(worst), capacity=cap, fits=fits,
         breakdown={k: round(float(x), 9) for k, x in bd.items()}, binding_stage=worst, model_flops=mf, hardware_flops=hf,
-        memory_by_stage=tuple(mems),
+        memory_by_stage=tuple(mem_of(st) for st in range(pp)) if detail else (),
     )
     if detail:
         return est, {"costs": costs, "fsend": fsend, "bsend": bsend, "tails": tails, "ctx": ctx}

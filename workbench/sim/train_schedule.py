@@ -138,3 +138,10 @@ def pipeline_times(p: int, v: int, m: int, fdur: np.ndarray, bdur: np.ndarray, f
     lam = float(np.max((bend[:p, m_sim - 1 - p] - bend[:p, m_sim - 1 - 2 * p]) / p))
     extra = (m - m_sim) * lam
     return clock + extra, last_bs + extra, last_be + extra
+
+
+def in_flight_stages(p: int, v: int, m: int) -> np.ndarray:
+    """`in_flight` for every stage at once."""
+    s = np.arange(p)
+    warm = p - s - 1 if v == 1 else (p - s - 1) * 2 + (v - 1) * p
+    return np.minimum(np.minimum(warm, m * v) + 1, m * v)
