@@ -20,10 +20,12 @@ from workbench.run.parallel import Layout, shard  # noqa: E402
 SMALL = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
 
 
-def _max_param_error(plan: str, optimizer: str, lr: float) -> float:
+def _max_param_error(plan: str, optimizer: str, lr: float, p2p: str = "auto") -> float:
     c, p = gpt_config(SMALL), plan_dict(plan)
     out = tempfile.mkdtemp()
-    r = run_train(model=SMALL, plan=plan, steps=1, optimizer=optimizer, lr=lr, dump_params=out, timeout=120)
+    r = run_train(model=SMALL, plan=plan, steps=1, optimizer=optimizer, lr=lr, dump_params=out, timeout=120, p2p=p2p)
+    if p["pp"] > 1:
+        assert r.metrics["p2p"] == (["dist"] if p2p == "dist" else ["transport-tcp"])
     ref, ref_losses = reference_train(c, 1, p["gbs"], optimizer=optimizer, lr=lr)
     assert r.metrics["losses"][0] == pytest.approx(ref_losses[0], rel=1e-5)
     full, init = dict(ref.named_parameters()), dict(init_gpt(c).named_parameters())
@@ -42,10 +44,11 @@ def _max_param_error(plan: str, optimizer: str, lr: float) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("plan", ["dp=2,mbs=2,gbs=8", "tp=2,mbs=2,gbs=4", "pp=2,mbs=1,gbs=4"])
-def test_one_step_equals_single_process_reference(plan: str) -> None:
+@pytest.mark.parametrize("plan,p2p", [("dp=2,mbs=2,gbs=8", "auto"), ("tp=2,mbs=2,gbs=4", "auto"),
+                                      ("pp=2,mbs=1,gbs=4", "transport"), ("pp=2,mbs=1,gbs=4", "dist")])
+def test_one_step_equals_single_process_reference(plan: str, p2p: str) -> None:
     # SGD: the update is proportional to the gradient, so any gradient error shows
-    assert _max_param_error(plan, "sgd", 0.1) < 1e-6
+    assert _max_param_error(plan, "sgd", 0.1, p2p) < 1e-6
 
 
 @pytest.mark.slow
@@ -81,8 +84,9 @@ def test_loss_falls_and_telemetry_streams_while_running() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_killed_rank_is_named_in_bounded_time_with_partial_results() -> None:
-    h = start_train(model=SMALL, plan="dp=2,mbs=2,gbs=8", steps=10_000, timeout=80)
+@pytest.mark.parametrize("plan", ["dp=2,mbs=2,gbs=8", "pp=2,mbs=2,gbs=8"])
+def test_killed_rank_is_named_in_bounded_time_with_partial_results(plan: str) -> None:
+    h = start_train(model=SMALL, plan=plan, steps=10_000, timeout=80)
     for u in h.updates(timeout=60):
         if u.step >= 2:
             break

@@ -36,3 +36,28 @@ def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
     # the gradient all-reduce (one gradient's worth of bytes each way on 2 ranks) cannot beat 100 Mbit/s
     fastest = float((ar["end"] - ar["start"]).min())
     assert fastest >= 0.9 * ar["bytes"].iloc[0] * 8 / 100e6
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_pipeline_across_two_namespaces_over_the_transport_engine() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from transport.emulate import EmulatedCluster, EmulationUnavailable
+    from workbench.run import run_train
+
+    try:
+        c = EmulatedCluster(hosts=2, rate_mbit=1000)
+        c.create()
+    except (EmulationUnavailable, OSError, RuntimeError) as exc:
+        pytest.skip(f"network namespaces unavailable here: {exc}")
+    try:
+        r = run_train(model="gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", plan="pp=2,mbs=2,gbs=8", steps=3,
+                      hosts=[c.ns(0), c.ns(1)], master_addr=c.ip(0), env={"GLOO_SOCKET_IFNAME": "eth0"},
+                      timeout=180)
+    finally:
+        c.destroy()
+    assert r.metrics["p2p"] == ["transport-tcp"] and r.metrics["steps"] == 3
+    assert set(r.events[r.events["kind"] == "transfer"]["op"]) == {
+        "send_activation", "recv_activation", "send_gradient", "recv_gradient"}

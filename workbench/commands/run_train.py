@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="dp=2,tp=1,pp=1,mbs=2,gbs=8 (+ zero=1); world = dp*tp*pp ranks")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    p.add_argument("--p2p", choices=["auto", "transport", "dist"], default="auto",
+                   help="pipeline sends: the transport tcp engine (auto on CPU) or torch.distributed send/recv")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--overhead", choices=["ab", "separate", "none"], default="ab",
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     from workbench.run.launcher import start_train
 
-    kw: dict[str, Any] = {"optimizer": args.optimizer, "lr": args.lr, "timeout": args.timeout,
+    kw: dict[str, Any] = {"p2p": args.p2p, "optimizer": args.optimizer, "lr": args.lr, "timeout": args.timeout,
                           "hosts": args.hosts.split(",") if args.hosts else None,
                           "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr,
                           "env": getattr(args, "env", None)}
@@ -58,7 +60,7 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
         "updates": m["updates"], "updates_per_s": m["updates_per_s"],
         "telemetry_overhead_pct": None, "telemetry_cost_pct": m["telemetry_cost_pct"],
         "step_seconds_off": None, "sim_step_seconds": None, "sim_error_pct_before": None,
-        "sim_error_pct_after": None, "ranks": m["ranks"], "backend": m["backend"], "plan": m["plan"],
+        "sim_error_pct_after": None, "ranks": m["ranks"], "backend": m["backend"], "p2p": m["p2p"], "plan": m["plan"],
         "model": m["model"], "params": m["params"], "tokens_per_s": m["tokens_per_s"],
         "devices": m["devices"], "cluster": m["cluster"], "step_seconds_all": m["step_seconds_all"],
     }

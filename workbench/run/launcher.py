@@ -122,6 +122,7 @@ class Aggregator:
         self.hosts: dict[int, str] = {}
         self.done: set[int] = set()
         self.errors: dict[int, dict[str, Any]] = {}
+        self.info: dict[int, dict[str, Any]] = {}
         self._mark = (0, 0, 0)
         self._link_cache: dict[tuple[int, str, int], tuple[str, ...]] = {}
         self._cap: dict[str, float] = {}
@@ -160,6 +161,8 @@ class Aggregator:
                 self.steps.setdefault(int(st["step"]), {})[r] = {
                     "start": st["start"] + off, "end": st["end"] + off, "loss": st["loss"], "cost_s": st["cost_s"],
                     "telemetry": st.get("telemetry", True)}
+        elif kind == "info":
+            self.info[r] = msg
         elif kind == "done":
             self.done.add(r)
         elif kind == "error":
@@ -233,7 +236,8 @@ class Aggregator:
             "updates_per_s": updates / duration if duration > 0 else 0.0,
             "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
             "telemetry_overhead_pct": _ab_overhead(times, on),
-            "ranks": self.world, "backend": job["backend"], "plan": p, "model": c.as_spec(),
+            "ranks": self.world, "backend": job["backend"],
+            "p2p": sorted({str(i.get("p2p")) for i in self.info.values()}) if self.info else None, "plan": p, "model": c.as_spec(),
             "params": c.params(), "devices": self.devices, "hosts": self.hosts,
             "cluster": getattr(self.cluster, "name", None), "wall_seconds": duration,
         }
@@ -470,7 +474,7 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
                 telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
                 hosts: list[str] | None = None, master_addr: str | None = None, telemetry_addr: str | None = None,
                 timeout: float = 900.0, stall_timeout: float = 120.0, collective_timeout_s: float = 120.0,
-                threads: int | None = None, dump_params: str | None = None,
+                threads: int | None = None, dump_params: str | None = None, p2p: str = "auto",
                 fail_rank_at_step: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> TrainHandle:
     """Start a sharded GPT training run and return its handle at once (non-blocking).
 
@@ -478,7 +482,8 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
     (default small); `plan`: `dp=2,tp=1,pp=1,mbs=2,gbs=8` (+ `zero=1`); `backend`: gloo (CPU)
     or nccl (GPUs); `hosts`: network namespaces to spread the ranks over (`ip netns exec`;
     `master_addr` is rank 0's address there; telemetry comes back over a Unix socket);
-    `telemetry=False` records only per-step times and losses (the overhead baseline);
+    `p2p`: pipeline sends through the `transport` tcp engine (`auto` on CPU, `transport`) or
+    `torch.distributed.send/recv` (`dist`, and always with NCCL); `telemetry=False` records only per-step times and losses (the overhead baseline);
     `telemetry="ab"` turns it off and on in alternate steps, so `metrics["telemetry_overhead_pct"]`
     compares interleaved steps of one run (robust to other load on the machine).
     """
@@ -490,7 +495,9 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
     cl = load_cluster(cluster) if cluster is not None else default_cluster(world, backend)
     if hosts and os.geteuid() != 0:
         raise WorkbenchError("hosts: running ranks in network namespaces needs root (ip netns exec)")
-    job |= {"collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
+    if p2p not in ("auto", "transport", "dist"):
+        raise WorkbenchError(f"p2p: {p2p!r} is not auto, transport or dist")
+    job |= {"p2p": p2p, "collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
             "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
     return _Launch(job, cl, hosts, master_addr, telemetry_addr, timeout, stall_timeout, env).start()
 

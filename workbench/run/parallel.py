@@ -7,7 +7,9 @@
 - **PP**: the blocks are split into `pp` contiguous stages (embedding on the first, final
   LayerNorm, head and loss on the last); a GPipe schedule runs every micro-batch forward,
   then every micro-batch backward, with activations and their gradients sent between
-  neighbouring stages by `torch.distributed.send/recv` (gloo or NCCL point-to-point).
+  neighbouring stages as one-sided writes through the `transport` engine (tcp backend) on
+  CPU ranks (`p2p="auto"`/`"transport"`), or `torch.distributed.send/recv` (NCCL on GPUs,
+  or `p2p="dist"`).
 - **DP**: gradients are all-reduced (averaged) over the `dp` replicas after the last
   micro-batch; with `zero=1` they are instead reduced, each replica updates its own shard
   of the optimizer state and parameters, and the parameters are all-gathered (ZeRO-1).
@@ -106,15 +108,93 @@ class Comm:
             else:  # gloo: the list form
                 dist.all_gather(list(out.chunk(len(self.dp_peers if group == "dp" else self.tp_peers))), x, group=g)
 
-    def send(self, x: torch.Tensor, dst: int, op: str) -> None:
-        with self.rec.comm("transfer", op, x.numel() * x.element_size(), "pp", dst):
-            dist.send(x.contiguous(), dst)
+    p2p: TransportP2P | None = None  # set by the Trainer when pipeline traffic goes through `transport`
 
-    def recv(self, shape: tuple[int, ...], src: int, op: str) -> torch.Tensor:
-        x = torch.empty(shape, device=self.device)
-        with self.rec.comm("transfer", op, x.numel() * x.element_size(), "pp", src):
+    def send(self, x: torch.Tensor, dst: int, op: str, micro: int = 0) -> None:
+        with self.rec.comm("transfer", op, x.numel() * x.element_size(), "pp", dst):
+            if self.p2p is not None:
+                self.p2p.send(x, dst, "grad" if "gradient" in op else "act", self.rec.step, micro)
+            else:
+                dist.send(x.contiguous(), dst)
+
+    def recv(self, shape: tuple[int, ...], src: int, op: str, micro: int = 0) -> torch.Tensor:
+        nbytes = 4
+        for d in shape:
+            nbytes *= d
+        with self.rec.comm("transfer", op, nbytes, "pp", src):
+            if self.p2p is not None:
+                return self.p2p.recv(shape, "grad" if "gradient" in op else "act", self.rec.step, micro)
+            x = torch.empty(shape, device=self.device)
             dist.recv(x, src)
         return x
+
+
+def _own_address() -> str:
+    """This rank's address on the interface that reaches MASTER_ADDR (loopback for local runs)."""
+    import os
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if master in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(master), 9))
+        return str(s.getsockname()[0])
+
+
+class TransportP2P:
+    """Pipeline activations and gradients through the `transport` engine (tcp backend).
+
+    Each rank registers a receive buffer per direction (a slot per micro-batch) and a send
+    staging buffer; descriptors are exchanged once with `all_gather_object`. A send is a
+    one-sided WRITE into the neighbour's slot with an immediate naming (step, direction,
+    micro-batch); the receiver waits for that immediate (`expect`), so completion never
+    depends on message order. A slot is rewritten only a step later, after the receiver's
+    reply proved it was consumed.
+    """
+
+    def __init__(self, lay: Layout, micro: int, shape: tuple[int, ...], timeout: float) -> None:
+        import os
+        import secrets
+
+        from transport import Engine, MemoryDescriptor
+
+        secret = os.environ.get("WORKBENCH_TRANSPORT_SECRET")
+        if secret is None:  # one secret for the job, from rank 0 over the process group
+            box = [secrets.token_hex(16) if lay.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            secret = str(box[0])
+        self.micro, self.timeout = micro, timeout
+        self.numel = 1
+        for d in shape:
+            self.numel *= d
+        self.chunk = self.numel * 4
+        self.eng = Engine("tcp", lanes=1, host=_own_address(), secret=secret)
+        self.rx = {k: torch.zeros(micro, self.numel) for k in ("act", "grad")}
+        self.tx = {k: torch.zeros(micro, self.numel) for k in ("act", "grad")}
+        self.rx_reg = {k: self.eng.register(v) for k, v in self.rx.items()}
+        self.tx_reg = {k: self.eng.register(v) for k, v in self.tx.items()}
+        mine = {k: r.descriptor.to_bytes() for k, r in self.rx_reg.items()}
+        everyone: list[Any] = [None] * lay.world
+        dist.all_gather_object(everyone, mine)
+        self.peers = [{k: MemoryDescriptor.from_bytes(v) for k, v in d.items()} for d in everyone]
+
+    def _imm(self, kind: str, step: int, micro: int) -> int:
+        return ((step % 100_000) * 2 + (kind == "grad")) * self.micro + micro + 1
+
+    def send(self, x: torch.Tensor, dst: int, kind: str, step: int, micro: int) -> None:
+        self.tx[kind][micro].copy_(x.reshape(-1))
+        off = micro * self.chunk
+        t = self.eng.write(self.tx_reg[kind], self.peers[dst][kind], self.chunk, src_offset=off, dst_offset=off,
+                           imm=self._imm(kind, step, micro), timeout=self.timeout)
+        t.result(timeout=self.timeout)
+
+    def recv(self, shape: tuple[int, ...], kind: str, step: int, micro: int) -> torch.Tensor:
+        self.eng.expect(self._imm(kind, step, micro), 1, timeout=self.timeout).result(timeout=self.timeout)
+        return self.rx[kind][micro].view(shape).clone()
+
+    def close(self) -> None:
+        self.eng.close()
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -247,7 +327,7 @@ class Trainer:
 
     def __init__(self, c: GPTConfig, lay: Layout, comm: Comm, rec: Recorder, device: torch.device,
                  gbs: int, mbs: int, zero: int = 0, optimizer: str = "adamw", lr: float = 1e-3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, p2p: str = "auto", p2p_timeout: float = 120.0) -> None:
         from workbench.run.gpt import init_gpt, make_optimizer
 
         self.c, self.lay, self.comm, self.rec, self.device = c, lay, comm, rec, device
@@ -268,6 +348,18 @@ class Trainer:
             self.opt = make_optimizer(self.params, optimizer, lr)
         rec.set_memory("weights", self.numel * 4)
         self._act_bytes = 0
+        self.p2p_mode = "dist"
+        if lay.pp > 1 and p2p in ("auto", "transport") and device.type == "cpu":
+            try:
+                comm.p2p = TransportP2P(lay, self.micro, (mbs, c.seq, c.hidden), p2p_timeout)
+                self.p2p_mode = "transport-tcp"
+            except ImportError:
+                if p2p == "transport":
+                    raise
+
+    def close(self) -> None:
+        if self.comm.p2p is not None:
+            self.comm.p2p.close()
 
     def _flat_params(self) -> torch.Tensor:
         flat = torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -303,7 +395,7 @@ class Trainer:
                 inp: torch.Tensor = x_all[m * self.mbs:(m + 1) * self.mbs].to(self.device)
                 inputs.append(None)
             else:
-                inp = comm.recv(shape, prev, "recv_activation").requires_grad_(True)  # type: ignore[arg-type]
+                inp = comm.recv(shape, prev, "recv_activation", m).requires_grad_(True)  # type: ignore[arg-type]
                 inputs.append(inp)
             with rec.compute("forward", fl):
                 if hooks is not None:
@@ -317,7 +409,7 @@ class Trainer:
             if self.stage.last:
                 losses.append(float(out.detach()) * self.micro)
             else:
-                comm.send(out.detach(), nxt, "send_activation")  # type: ignore[arg-type]
+                comm.send(out.detach(), nxt, "send_activation", m)  # type: ignore[arg-type]
             outputs.append(out)
         # ---- backward of every micro-batch ----
         for m in range(self.micro):
@@ -326,12 +418,12 @@ class Trainer:
                 with rec.compute("backward", 2 * fl):
                     out.backward()
             else:
-                g = comm.recv(shape, nxt, "recv_gradient")  # type: ignore[arg-type]
+                g = comm.recv(shape, nxt, "recv_gradient", m)  # type: ignore[arg-type]
                 with rec.compute("backward", 2 * fl):
                     out.backward(g)
             inp_m = inputs[m]
             if inp_m is not None:
-                comm.send(inp_m.grad, prev, "send_gradient")  # type: ignore[arg-type]
+                comm.send(inp_m.grad, prev, "send_gradient", m)  # type: ignore[arg-type]
             outputs[m] = None  # type: ignore[call-overload]
             self._act_bytes = self._act_bytes * (self.micro - m - 1) // max(self.micro - m, 1)
             rec.set_memory("activations", self._act_bytes)

@@ -36,6 +36,7 @@ def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-telemetry", action="store_true")
+    p.add_argument("--p2p", default="auto", choices=["auto", "transport", "dist"])
     p.add_argument("--out", default="workbench-run")
     a = p.parse_args(argv)
     from workbench.run.launcher import resolve_job
@@ -43,6 +44,7 @@ def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     job = resolve_job(a.model, a.plan, int(os.environ.get("WORLD_SIZE", "1")), a.steps, a.backend,
                       a.optimizer, a.lr, a.seed, not a.no_telemetry)
     job["out"] = a.out
+    job["p2p"] = a.p2p
     return job
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     flusher = Flusher(rec, sink, 0.5 if job["telemetry"] is False else 0.05)
     flusher.start()
     try:
-        losses = _train(job, rank, world, local_rank, rec)
+        losses = _train(job, rank, world, local_rank, rec, sink)
     except BaseException as exc:
         flusher.stop()
         sink.send({"type": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any) -> list[float | None]:
+def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any, sink: Any) -> list[float | None]:
     import torch
     import torch.distributed as dist
 
@@ -104,7 +106,9 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
         lay = Layout(plan["dp"], plan["tp"], plan["pp"], rank)
         comm = Comm(lay, rec, device)
         tr = Trainer(GPTConfig(**job["model"]), lay, comm, rec, device, plan["gbs"], plan["mbs"],
-                     plan.get("zero", 0), job["optimizer"], job["lr"], job["seed"])
+                     plan.get("zero", 0), job["optimizer"], job["lr"], job["seed"], job.get("p2p", "auto"),
+                     float(job.get("collective_timeout_s", 120)))
+        sink.send({"type": "info", "rank": rank, "p2p": tr.p2p_mode})
         fail_at = job.get("fail_rank_at_step")  # fault injection for tests: [rank, step]
         losses: list[float | None] = []
         for step in range(job["steps"]):
@@ -124,6 +128,7 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
             torch.save(tr.reference_state(), os.path.join(job["dump_params"], f"rank{rank}.pt"))
         if world > 1 and device.type == "cpu":
             dist.barrier()
+        tr.close()
         return losses
     finally:
         if dist.is_initialized():
