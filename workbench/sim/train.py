@@ -221,8 +221,9 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
     heads = m.heads // tp
     attn_flops = attention_core_flops(m, b * m.seq // cp, m.seq, heads) * 0.5  # causal: half the square
     hd = m.qk_head_dim
-    f_a = dma.attention_seconds(attn_flops, m.seq, hd, True)
-    b_a = dma.attention_seconds(2.5 * attn_flops, m.seq, hd, True, backward=True)
+    kernel_seq = m.seq // cp  # with CP the kernels run on blocks of seq/cp queries and keys
+    f_a = dma.attention_seconds(attn_flops, kernel_seq, hd, True)
+    b_a = dma.attention_seconds(2.5 * attn_flops, kernel_seq, hd, True, backward=True)
     ew = elementwise_bytes_per_token(m, kind, tp, sp, elem) * tokens
     f_e = dm.memory_seconds(ew, ew / 8)
     f["forward"] = f_g + f_a + f_e
