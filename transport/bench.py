@@ -253,7 +253,9 @@ class _Gloo:
         self.ack = torch.empty(1, dtype=torch.uint8)
 
     def op(self, size: int) -> None:
-        self.dist.isend(self.src[:size], dst=1).wait()
+        work = self.dist.isend(self.src[:size], dst=1)
+        assert work is not None
+        work.wait()
         self.dist.recv(self.ack, src=1)
 
     def close(self) -> None:
@@ -272,7 +274,9 @@ def _serve_gloo(port: int, plan: list[tuple[int, int]], nbytes: int) -> None:
     ack = torch.ones(1, dtype=torch.uint8)
     for size, ops in plan:
         for _ in range(ops):
-            dist.irecv(buf[:size], src=0).wait()
+            work = dist.irecv(buf[:size], src=0)
+            assert work is not None
+            work.wait()
             dist.send(ack, dst=0)
     dist.destroy_process_group()
 

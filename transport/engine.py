@@ -29,7 +29,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from transport.backends import BACKENDS
 from transport.backends import tcp as wire
@@ -210,7 +210,7 @@ class Engine:
         rid = next(self._region_ids)
         region = adapt(buf, rid)
         extra = self._path.describe(region) if self._path is not None else {}
-        region.descriptor = MemoryDescriptor(self.address, rid, region.nbytes, region.device, extra)
+        region.desc = MemoryDescriptor(self.address, rid, region.nbytes, region.device, extra)
         with self._lock:
             self._regions[rid] = region
         return region
@@ -823,7 +823,7 @@ def _staging(lane: wire.Lane) -> tuple[Any, memoryview]:
         import torch
 
         t = torch.empty(wire.STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
-        lane.staging = (t, memoryview(t.numpy()))
+        lane.staging = (t, memoryview(cast(Any, t.numpy())))
     return lane.staging  # type: ignore[no-any-return]
 
 
@@ -851,7 +851,7 @@ def _recv_cuda_pages(lane: wire.Lane, r: Region, offs: Any, page: int) -> None:
     import torch
 
     host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
-    wire.recv_exact(lane.sock, memoryview(host.numpy()))
+    wire.recv_exact(lane.sock, memoryview(cast(Any, host.numpy())))
     dev = host.to(r.flat.device)
     idx = torch.as_tensor(offs.astype("int64"), device=r.flat.device).unsqueeze(1) + torch.arange(page, device=r.flat.device)
     r.flat[idx.reshape(-1)] = dev

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from transport.descriptors import MemoryDescriptor
 from transport.errors import OutOfRange
@@ -35,8 +35,15 @@ class Region:
     obj: Any  # the user's object, kept alive while registered
     view: memoryview | None = None  # host memory: flat, writable bytes
     flat: Any = None  # CUDA memory: flat uint8 torch tensor
-    descriptor: MemoryDescriptor | None = None
+    desc: MemoryDescriptor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def descriptor(self) -> MemoryDescriptor:
+        """The serialisable remote descriptor to hand to peers (set by `Engine.register`)."""
+        if self.desc is None:
+            raise ValueError(f"region {self.id} is not registered with an engine")
+        return self.desc
 
     @property
     def is_cuda(self) -> bool:
@@ -62,7 +69,7 @@ def adapt(obj: Any, region_id: int) -> Region:
         flat = obj.reshape(-1).view(torch.uint8)
         if obj.is_cuda:
             return Region(region_id, flat.numel(), f"cuda:{obj.device.index}", obj, flat=flat)
-        return Region(region_id, flat.numel(), "cpu", obj, view=memoryview(flat.numpy()))
+        return Region(region_id, flat.numel(), "cpu", obj, view=memoryview(cast(Any, flat.numpy())))
     try:
         import numpy as np
     except ImportError:  # pragma: no cover
@@ -72,7 +79,7 @@ def adapt(obj: Any, region_id: int) -> Region:
             raise ValueError("register: the array must be C-contiguous (np.ascontiguousarray)")
         if not obj.flags.writeable:
             raise ValueError("register: the array must be writeable")
-        mv = memoryview(obj.reshape(-1).view(np.uint8))
+        mv = memoryview(cast(Any, obj.reshape(-1).view(np.uint8)))
         return Region(region_id, mv.nbytes, "cpu", obj, view=mv)
     if isinstance(obj, (bytearray, memoryview)):
         mv = memoryview(obj)

@@ -147,7 +147,7 @@ class PeerProcess:
         return bytes(self.call("read", offset, n))
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.is_alive() and self.proc.pid is not None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)
 

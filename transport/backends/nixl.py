@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from transport.completion import Transfer
 from transport.descriptors import MemoryDescriptor
@@ -60,7 +60,7 @@ def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no co
                         if shm is None:
                             # spawned children share their parent's resource tracker: the creator unlinks
                             shm = shms[shm_name] = shared_memory.SharedMemory(name=shm_name)
-                        addr = int(np.frombuffer(shm.buf, np.uint8).ctypes.data) + offset
+                        addr = int(np.frombuffer(cast(Any, shm.buf), np.uint8).ctypes.data) + offset
                         regs[addr] = agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
                         # the metadata peers load names the registered memory: send it fresh
                         conn.send(("ok", rid, (addr, agent.get_agent_metadata())))
@@ -186,11 +186,12 @@ class NixlPath:
         return arr
 
     def _shm_of(self, region: Region) -> tuple[str, int] | None:
-        if region.view is None or region.nbytes == 0:
+        view = region.view
+        if view is None or region.nbytes == 0:
             return None
         import numpy as np
 
-        addr = int(np.frombuffer(region.view, np.uint8).ctypes.data)
+        addr = int(np.frombuffer(view, np.uint8).ctypes.data)
         for base, size, shm in self._shms:
             if base <= addr and addr + region.nbytes <= base + size:
                 return shm.name, addr - base
