@@ -42,3 +42,19 @@ def test_cli_refuses_clearly_without_root_or_bad_rate() -> None:
     if REASON is not None:
         r = subprocess.run([sys.executable, "-m", "workbench.cli", "emulate"], capture_output=True, text=True)
         assert r.returncode == 2 and "root" in r.stderr or "namespace" in r.stderr
+
+
+def test_non_root_is_told_clearly(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    import transport.emulate as em
+    from workbench.commands import emulate as cmd
+    from workbench.errors import WorkbenchError
+
+    monkeypatch.setattr(em.os, "geteuid", lambda: 1000)
+    with pytest.raises(EmulationUnavailable, match="root"):
+        check_available()
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    with pytest.raises(WorkbenchError, match="needs root"):
+        cmd.run(p.parse_args([]))

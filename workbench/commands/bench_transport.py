@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", metavar="MACHINE", default=None,
                    help="also write benchmarks/results/transport-MACHINE.json and .md")
     p.add_argument("--out-dir", default="benchmarks/results", help="where --save writes")
+    p.add_argument("--trace", metavar="PATH", default=None,
+                   help="write the timed operations (Result events) as a Perfetto/Chrome trace")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             f"# Transport benchmark on {machine}\n\n`{meta['command']}` — {meta['platform']}, {meta['cpus']} CPUs\n\n"
             + report.table() + "\n\nRatios: " + json.dumps(report.ratios(), indent=1)
             + "\n\nSoak: " + json.dumps(report.soak) + "\n")
+    if args.trace:
+        report.result().to_perfetto(args.trace)
     if args.json:
         emit(rows, True)
     else:
