@@ -18,7 +18,9 @@ def bench_train() -> dict[str, Any]:
     512 micro-batches), each call with a fresh `TrainContext` (no per-plan cache carried over; the cluster
     object and the network model's group shapes persist, as in a notebook). `search_plans_per_s`: a full
     search of every plan for the same model, cluster and gbs=3072 (candidates per second, rejected included),
-    over up to 2 forked processes; `search_plans_per_s_1proc` the same in one process."""
+    over up to 2 forked processes; `search_plans_per_s_1proc` the same in one process, and per CPU-second of
+    that process (`search_plans_per_cpu_s_1proc`: the rate of an unshared core, as the machine may be busy;
+    `train_load_average_1min` says how busy it was)."""
     import os
 
     from workbench.models import load_model
@@ -32,11 +34,12 @@ def bench_train() -> dict[str, Any]:
     model = load_model("gpt-1t")
     plan = parse_plan(ONE_T_PLAN)
     evaluate(TrainContext(cluster, model), None, plan)  # JIT-compile the schedule, warm the network model
-    cold = []
+    cold, cold_cpu = [], []
     for _ in range(30):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         evaluate(TrainContext(cluster, model), None, plan)
         cold.append((time.perf_counter() - t) * 1e3)
+        cold_cpu.append((time.process_time() - c) * 1e3)
     ctx = TrainContext(cluster, model)
     warm = []
     for _ in range(30):
@@ -47,18 +50,20 @@ def bench_train() -> dict[str, Any]:
     t = time.perf_counter()
     df = search_plans(cluster, 3072, model, workers=workers)
     seconds = time.perf_counter() - t
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     one = search_plans(cluster, 3072, model, workers=1)
-    seconds_1 = time.perf_counter() - t
+    seconds_1, cpu_1 = time.perf_counter() - t, time.process_time() - cpu
     assert one.iloc[0]["step_seconds"] == df.iloc[0]["step_seconds"]
     best = df.iloc[0]
     return {
         "train_eval_ms": statistics.median(cold),
+        "train_eval_cpu_ms": statistics.median(cold_cpu),  # CPU time of the same calls (busy-machine check)
         "train_load_average_1min": load_before,
         "train_eval_warm_ms": statistics.median(warm),
         "search_plans_per_s": df.attrs["evaluated"] / seconds,
         "search_workers": workers,
         "search_plans_per_s_1proc": one.attrs["evaluated"] / seconds_1,
+        "search_plans_per_cpu_s_1proc": one.attrs["evaluated"] / cpu_1,  # what one core gives when it is not shared
         "search_train": {"model": "gpt-1t", "cluster": ONE_T_CLUSTER, "gbs": 3072, "evaluated": df.attrs["evaluated"],
                          "fitting": df.attrs["fitting"], "seconds": seconds,
                          "best_plan": {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()

@@ -547,10 +547,10 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     bd = dict.fromkeys(BREAKDOWN, 0.0)
     for c in range(v):
         sc = costs[c * pp + crit]
-        for k, t in sc.parts_f.items():
-            bd[k] += t * nmb
-        for k, t in sc.parts_b.items():
-            bd[k] += t * nmb
+        for part, t in sc.parts_f.items():
+            bd[part] += t * nmb
+        for part, t in sc.parts_b.items():
+            bd[part] += t * nmb
     busy = sum(bd.values())
     bd["pipeline_bubble"] = max(0.0, float(stage_end[crit]) - busy)
     bd["dp_comm"], bd["embedding_sync"], bd["optimizer"], bd["param_gather"] = tails[crit]
