@@ -62,6 +62,7 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
         "step_seconds_off": None, "sim_step_seconds": None, "sim_error_pct_before": None,
         "sim_error_pct_after": None, "ranks": m["ranks"], "backend": m["backend"], "p2p": m["p2p"], "plan": m["plan"],
         "model": m["model"], "params": m["params"], "tokens_per_s": m["tokens_per_s"],
+        "tflops_per_rank": m["tflops_per_rank"], "mfu_fp32": m["mfu_fp32"],
         "devices": m["devices"], "cluster": m["cluster"], "step_seconds_all": m["step_seconds_all"],
     }
     if baseline is not None:

@@ -4,9 +4,9 @@
 tensor/pipeline/data-parallel shards from the very same initial weights, so a sharded
 step can be checked against `reference_train` parameter by parameter.
 
-The data is a learnable synthetic language: each sequence follows a fixed random
-permutation of the vocabulary (token t+1 = perm[token t]) with 10 % of tokens replaced
-at random, so the loss falls from ~ln(vocab) within a few steps.
+The data is a learnable synthetic language: up to 512 tokens of the vocabulary are in use,
+each sequence follows a fixed random permutation of them (word t+1 = succ[word t]) with 10 %
+of words replaced at random, so the loss falls from ~ln(vocab) within a few steps.
 """
 
 from __future__ import annotations
@@ -179,15 +179,21 @@ def init_gpt(c: GPTConfig, seed: int = 0) -> GPT:
 def batch(c: GPTConfig, step: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of `step`: (inputs, targets), each (size, seq) int64, the same on every rank."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
-    perm = torch.randperm(c.vocab, generator=g)
+    active = min(c.vocab, ACTIVE_TOKENS)
+    words = torch.randperm(c.vocab, generator=g)[:active]  # the tokens this language uses
+    succ = torch.randperm(active, generator=g)  # word i is followed by word succ[i]
     g.manual_seed(seed * 1_000_003 + 1000 + step)
-    tok = torch.empty(size, c.seq + 1, dtype=torch.long)
-    tok[:, 0] = torch.randint(c.vocab, (size,), generator=g)
+    idx = torch.empty(size, c.seq + 1, dtype=torch.long)
+    idx[:, 0] = torch.randint(active, (size,), generator=g)
     for t in range(c.seq):
-        tok[:, t + 1] = perm[tok[:, t]]
+        idx[:, t + 1] = succ[idx[:, t]]
     noise = torch.rand(size, c.seq + 1, generator=g) < 0.1
-    tok[noise] = torch.randint(c.vocab, (int(noise.sum()),), generator=g)
+    idx[noise] = torch.randint(active, (int(noise.sum()),), generator=g)
+    tok = words[idx]
     return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
+ACTIVE_TOKENS = 512  # a large vocabulary still shows a falling loss within a few steps
 
 
 def make_optimizer(params: Any, name: str, lr: float) -> torch.optim.Optimizer:

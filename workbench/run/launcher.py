@@ -229,9 +229,17 @@ class Aggregator:
             costs.append(max(v["cost_s"] for v in recs.values()) / dt * 100 if dt > 0 else 0.0)
         step_s = statistics.median(times) if times else float("nan")
         tokens = p["gbs"] * c.seq
+        # model FLOPs (6 × params-ish per token, from the shapes) per step over the step time, per rank
+        flops_step = 3 * (c.layers * c.layer_flops(tokens) + c.head_flops(tokens))
+        tflops = flops_step / step_s / self.world / 1e12 if times else float("nan")
+        try:
+            peak = float(self.cluster.gpu_spec(self.devices[0]).peak("fp32"))
+        except Exception:  # noqa: BLE001 - no cluster or no fp32 rate: no MFU
+            peak = float("nan")
         metrics: dict[str, Any] = {
             "steps": len(losses), "losses": losses, "step_seconds": step_s, "step_seconds_all": times,
             "tokens_per_s": tokens / step_s if times else float("nan"),
+            "tflops_per_rank": tflops, "mfu_fp32": tflops / peak if peak > 0 else float("nan"),
             "events": len(self.events), "updates": updates,
             "updates_per_s": updates / duration if duration > 0 else 0.0,
             "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
