@@ -239,3 +239,38 @@ def test_cli_search_json() -> None:
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert len(out["top"]) == 3 and out["evaluated"] > out["fitting"] > 0
+
+
+def test_communication_follows_the_topology() -> None:
+    # the same ZeRO-3 plan: over 10 GbE the weight gathers cannot hide behind compute, over NVLink they can
+    model = "gpt:layers=8,hidden=2048,heads=16,vocab=32000,seq=2048"
+    plan = "tp=1,pp=1,dp=8,cp=1,ep=1,vpp=1,zero=3,recompute=none,mbs=1,gbs=64,precision=bf16,offload=0,sp=0"
+    fast = evaluate(TrainContext(load_cluster("dgx-h100:nodes=1"), load_model(model)), None, parse_plan(plan))
+    slow_cluster = {"name": "eth", "nodes": [{"gpu": "H100-SXM", "gpus": 1, "intra": "pcie", "nic": "ETH-10G",
+                                              "nics": 1, "count": 8}], "fabric": {"kind": "switch", "switch": "ethernet"}}
+    from workbench.topology import from_dict
+
+    slow = evaluate(TrainContext(from_dict(slow_cluster), load_model(model)), None, parse_plan(plan))
+    assert fast.breakdown["fsdp_comm"] < 0.05 * fast.step_seconds
+    assert slow.breakdown["fsdp_comm"] > 0.5 * slow.step_seconds
+    assert fast.memory == slow.memory
+
+
+def test_context_parallel_and_offload() -> None:
+    ctx = TrainContext(load_cluster("aws-p5:nodes=4"), load_model("llama3-8b:seq=65536"))
+    base = dict(tp=8, pp=1, ep=1, sp=True, vpp=1, zero=1, recompute="none", mbs=1, gbs=16, precision="bf16")
+    cp1 = evaluate(ctx, None, Plan(cp=1, dp=4, offload=False, **base))
+    cp4 = evaluate(ctx, None, Plan(cp=4, dp=1, offload=False, **base))
+    assert cp4.memory["activations"] == pytest.approx(cp1.memory["activations"] / 4, rel=0.05)
+    assert cp4.breakdown["cp_comm"] >= 0
+    off = evaluate(ctx, None, Plan(cp=4, dp=1, offload=True, **base))
+    assert off.memory["activations"] <= cp4.memory["activations"]
+
+
+def test_estimate_train_matches_simulate_train() -> None:
+    from workbench.sim.train import estimate_train
+
+    plan = "tp=8,pp=2,dp=1,gbs=16,mbs=1,vpp=1,zero=1,recompute=full,cp=1,offload=0"
+    a = estimate_train("aws-p5:nodes=2", "llama3-8b", plan)
+    b = simulate_train("aws-p5:nodes=2", "llama3-8b", plan)
+    assert a.step_seconds == pytest.approx(b.metrics["step_seconds"], rel=1e-9)

@@ -37,16 +37,18 @@ def _fmt_text(m: dict) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from workbench.sim.train import simulate_train
+    from workbench.sim.train import estimate_train, simulate_train
 
-    res = simulate_train(args.cluster, args.model, args.plan)
-    if args.trace:
+    if args.trace:  # the events are only built when they are written
+        res = simulate_train(args.cluster, args.model, args.plan)
         res.to_perfetto(args.trace)
-    emit(res.metrics, args.json, _fmt_text(res.metrics))
-    if not res.metrics["fits"]:
+        m = res.metrics
+    else:
+        m = estimate_train(args.cluster, args.model, args.plan).to_metrics()
+    emit(m, args.json, _fmt_text(m))
+    if not m["fits"]:
         import sys
 
-        m = res.metrics
         print(f"error: plan does not fit in memory ({m['memory_GiB_per_gpu']['total']:.1f} GiB per GPU > "
               f"{m['memory_capacity_GiB']:.1f} GiB); try more pp/tp, zero=3, recompute=full or a smaller mbs",
               file=sys.stderr)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -607,6 +607,15 @@ def parse_plan_any(plan: Plan | str | dict[str, Any]) -> Plan:
     from workbench.plan.spec import parse_plan
 
     return parse_plan(plan)
+
+
+def estimate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | str | dict[str, Any]) -> TrainEstimate:
+    """The metrics of `simulate_train` without building events (a partial plan is completed first)."""
+    from workbench.models.presets import load_model
+    from workbench.topology.presets import load_cluster
+
+    ctx = TrainContext(load_cluster(cluster), load_model(model))
+    return cast(TrainEstimate, evaluate(ctx, None, resolve_plan(ctx, parse_plan_any(plan))))
 
 
 def simulate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | str | dict[str, Any]) -> Any:
