@@ -118,13 +118,14 @@ def job_specs(measured: Result) -> tuple[Any, Any]:
 
 
 def _split(r: Result) -> dict[str, float]:
-    """Seconds per step of forward+backward compute, the optimizer, and communication."""
+    """Seconds per step of forward+backward compute, memory-bound parameter work (optimizer and
+    gradient packing), and communication."""
     from workbench.compare import per_step
 
     t = per_step(r, ("kind", "op"))
     comp = t[t["kind"] == "compute"]
     return {"matmul": float(comp.loc[comp["op"].isin(["forward", "backward"]), "seconds"].sum()),
-            "optimizer": float(comp.loc[comp["op"] == "optimizer", "seconds"].sum()),
+            "optimizer": float(comp.loc[comp["op"].isin(["optimizer", "grad_copy"]), "seconds"].sum()),
             "comm": float(t.loc[t["kind"].isin(["collective", "transfer"]), "seconds"].sum())}
 
 

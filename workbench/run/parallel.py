@@ -375,7 +375,8 @@ class Trainer:
         """One training step; returns this rank's mean loss on the last stage (None elsewhere)."""
         c, lay, comm, rec = self.c, self.lay, self.comm, self.rec
         rec.step = step
-        x_all, y_all = batch_for(c, step, self.gbs, self.seed)
+        with rec.compute("data"):  # the synthetic batch (not in the simulator's model of a step)
+            x_all, y_all = batch_for(c, step, self.gbs, self.seed)
         per_dp = self.gbs // lay.dp
         x_all = x_all[lay.d * per_dp:(lay.d + 1) * per_dp]
         y_all = y_all[lay.d * per_dp:(lay.d + 1) * per_dp]
@@ -434,14 +435,16 @@ class Trainer:
             self._zero1_update()
         else:
             if lay.dp > 1:
-                flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+                with rec.compute("grad_copy"):  # pack the gradients into one buffer
+                    flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
                 comm.all_reduce(flat, "dp")
-                flat /= lay.dp
-                off = 0
-                for p in self.params:
-                    n = p.numel()
-                    p.grad.copy_(flat[off:off + n].view_as(p))  # type: ignore[union-attr]
-                    off += n
+                with rec.compute("grad_copy"):
+                    flat /= lay.dp
+                    off = 0
+                    for p in self.params:
+                        n = p.numel()
+                        p.grad.copy_(flat[off:off + n].view_as(p))  # type: ignore[union-attr]
+                        off += n
             with rec.compute("optimizer", 0.0):
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -451,8 +454,9 @@ class Trainer:
 
     def _zero1_update(self) -> None:
         lay, comm = self.lay, self.comm
-        flat = F.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),  # type: ignore[union-attr]
-                     (0, self.shard_size * lay.dp - self.numel))
+        with self.rec.compute("grad_copy"):
+            flat = F.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),  # type: ignore[union-attr]
+                         (0, self.shard_size * lay.dp - self.numel))
         comm.all_reduce(flat, "dp", op="reduce_scatter")  # gloo has no reduce-scatter: all-reduce, keep our shard
         lo = lay.d * self.shard_size
         self.master.grad = flat[lo:lo + self.shard_size] / lay.dp
@@ -461,7 +465,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         comm.all_gather(self.flat_master, self.master.detach(), "dp")
         off = 0
-        with torch.no_grad():
+        with torch.no_grad(), self.rec.compute("grad_copy"):
             for p in self.params:
                 n = p.numel()
                 p.copy_(self.flat_master[off:off + n].view_as(p))
