@@ -116,3 +116,20 @@ def validation_figure(df: pd.DataFrame) -> Any:
     fig.update_layout(xaxis={"title": "published", "type": "log"}, yaxis={"title": "predicted", "type": "log"},
                       title="simulator vs published training throughput")
     return fig
+
+
+def stage_memory_figure(result: Any, capacity_GiB: float | None = None) -> Any:
+    """GiB per category on each pipeline stage's first GPU (`result.memory`), with the device capacity."""
+    go = _go()
+    mem: pd.DataFrame = result.memory
+    col = "stage" if "stage" in mem else "rank"
+    table = mem.pivot_table(index=col, columns="category", values="bytes", aggfunc="max").fillna(0.0) / 1024**3
+    fig = go.Figure()
+    for cat in table.columns:
+        fig.add_trace(go.Bar(x=table.index, y=table[cat], name=str(cat), marker_color=CATEGORY_COLORS.get(str(cat))))
+    cap = capacity_GiB if capacity_GiB is not None else result.metrics.get("memory_capacity_GiB")
+    if cap:
+        fig.add_hline(y=cap, line_dash="dot", annotation_text="capacity")
+    fig.update_layout(barmode="stack", xaxis_title=f"pipeline {col}", yaxis_title="GiB per GPU",
+                      title="memory placement per GPU, by pipeline stage")
+    return fig
