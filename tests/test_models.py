@@ -79,7 +79,23 @@ DEEPSEEK_V3_CONFIG = {  # deepseek-ai/DeepSeek-V3 config.json (abridged: quantiz
 }
 
 
-@pytest.mark.parametrize("cfg,preset", [(LLAMA3_8B_CONFIG, "llama3-8b"), (DEEPSEEK_V3_CONFIG, "deepseek-v3")])
+QWEN3_MOE_CONFIG = {  # Qwen/Qwen3-235B-A22B config.json (abridged: rope and sliding-window fields dropped)
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 40960,
+    "mlp_only_layers": [], "moe_intermediate_size": 1536, "norm_topk_prob": True, "num_attention_heads": 64,
+    "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 94, "num_key_value_heads": 4,
+    "tie_word_embeddings": False, "vocab_size": 151936,
+}
+MIXTRAL_CONFIG = {  # mistralai/Mixtral-8x7B-v0.1 config.json (abridged)
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "tie_word_embeddings": False, "vocab_size": 32000,
+}
+
+
+@pytest.mark.parametrize("cfg,preset", [(LLAMA3_8B_CONFIG, "llama3-8b"), (DEEPSEEK_V3_CONFIG, "deepseek-v3"),
+                                        (QWEN3_MOE_CONFIG, "qwen3-235b-a22b"), (MIXTRAL_CONFIG, "mixtral-8x7b")])
 def test_hf_config_matches_preset(cfg: dict, preset: str, tmp_path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
