@@ -101,6 +101,33 @@ def test_killed_rank_is_named_in_bounded_time_with_partial_results(plan: str) ->
 
 
 @pytest.mark.timeout(90)
+def test_a_hung_rank_is_named_after_the_stall_timeout() -> None:
+    import signal
+
+    h = start_train(model=SMALL, plan="dp=2,mbs=2,gbs=8", steps=10_000, stall_timeout=4, timeout=80)
+    for u in h.updates(timeout=60):
+        if u.step >= 2:
+            break
+    stopped = time.time()
+    h.kill_rank(1, signal.SIGSTOP)  # alive but frozen: no exit code, no error, no telemetry
+    with pytest.raises(RunFailed) as info:
+        h.wait(timeout=40)
+    assert time.time() - stopped < 15
+    assert info.value.rank == 1 and "hang" in str(info.value)
+    assert h.pids and all(_gone(pid) for pid in h.pids.values())
+
+
+def _gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(90)
 def test_rank_error_is_reported_with_its_traceback() -> None:
     h = start_train(model=SMALL, plan="dp=2,mbs=2,gbs=8", steps=6, fail_rank_at_step=(0, 3), timeout=80)
     with pytest.raises(RunFailed) as info:

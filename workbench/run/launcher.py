@@ -123,6 +123,7 @@ class Aggregator:
         self.done: set[int] = set()
         self.errors: dict[int, dict[str, Any]] = {}
         self.info: dict[int, dict[str, Any]] = {}
+        self.last_seen: dict[int, float] = {}
         self._mark = (0, 0, 0)
         self._link_cache: dict[tuple[int, str, int], tuple[str, ...]] = {}
         self._cap: dict[str, float] = {}
@@ -133,6 +134,7 @@ class Aggregator:
     def ingest(self, msg: dict[str, Any]) -> None:
         r = int(msg.get("rank", -1))
         kind = msg.get("type")
+        self.last_seen[r] = time.time()
         if kind == "hello":
             self.offset[r] = float(msg["wall"]) - float(msg["perf"]) - self.t0
             self.hosts[r] = str(msg.get("host", ""))
@@ -284,6 +286,7 @@ class _Launch:
         self.world = p["dp"] * p["tp"] * p["pp"]
         self.hosts, self.master_addr, self.telemetry_addr = hosts, master_addr, telemetry_addr
         self.timeout, self.stall_timeout, self.extra_env = timeout, stall_timeout, env or {}
+        self.startup_timeout = 300.0  # before the first step: imports, rendezvous, building the model
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.readers: list[threading.Thread] = []
@@ -364,14 +367,16 @@ class _Launch:
         self._cancelled.set()
 
     def _monitor(self) -> None:
-        last_msg = time.time()
+        last_progress, progress = time.time(), -1
         first_fail: float | None = None
         fails: dict[int, tuple[float, str, bool]] = {}  # rank -> (seen at, reason, secondary)
         while True:
             time.sleep(0.05)
             now = time.time()
-            if self._drain():
-                last_msg = now
+            self._drain()
+            done_steps = sum(len(v) for v in self.agg.steps.values())
+            if done_steps != progress:
+                progress, last_progress = done_steps, now
             for r, msg in self.agg.errors.items():
                 if r not in fails:
                     err = str(msg.get("error", "error"))
@@ -394,11 +399,15 @@ class _Launch:
             if all(rc == 0 for rc in exited.values()):
                 self._finish()
                 return
-            if now - last_msg > self.stall_timeout:
+            limit = self.stall_timeout if progress > 0 else max(self.stall_timeout, self.startup_timeout)
+            if now - last_progress > limit:
+                # the rank heard from least recently (a stopped process ships nothing), then the fewest steps
                 prog = self.agg.rank_progress()
-                slow = min(prog, key=lambda r: (prog[r], r))
-                self._fail(slow, f"no telemetry from any rank for {self.stall_timeout:.0f} s "
-                                 f"(rank {slow} finished {prog[slow]} steps; a hang)")
+                seen = self.agg.last_seen
+                slow = min(prog, key=lambda r: (seen.get(r, 0.0), prog[r], r))
+                quiet = now - seen[slow] if slow in seen else now - self.t0
+                self._fail(slow, f"no rank finished a step for {limit:.0f} s (a hang); rank {slow} "
+                                 f"finished {prog[slow]} steps and was last heard from {quiet:.1f} s ago")
                 return
             if now - self.t0 > self.timeout:
                 prog = self.agg.rank_progress()
@@ -494,6 +503,8 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
     `torch.distributed.send/recv` (`dist`, and always with NCCL); `telemetry=False` records only per-step times and losses (the overhead baseline);
     `telemetry="ab"` turns it off and on in alternate steps, so `metrics["telemetry_overhead_pct"]`
     compares interleaved steps of one run (robust to other load on the machine).
+    `stall_timeout`: no rank finishing a step for this long (after the first step; 300 s
+    before it) fails the run naming the rank heard from least recently (a hang).
     """
     from workbench.topology import load_cluster
 
