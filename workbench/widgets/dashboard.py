@@ -34,6 +34,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError, require
 from workbench.result import Result
 from workbench.viz import results as vr
+from workbench.viz.topology import UTIL_EDGES
 
 if TYPE_CHECKING:
     from workbench.run.stream import RunHandle, Update
@@ -50,12 +51,15 @@ class Dashboard:
     is the simulated Result to overlay; `max_fps` bounds redraws per second; `top_links`
     how many links the bandwidth panel shows; `max_events` how many recent events the
     timeline keeps drawn; `window` the seconds of run time over which the topology averages
-    each link's utilisation; `width` the dashboard's width in pixels (two panels per row).
+    each link's utilisation; `width` the dashboard's width in pixels (two panels per row);
+    `panels_per_redraw` how many changed panels one redraw sends to the browser (least recently
+    drawn first; None: all), which bounds the browser's work per redraw.
     """
 
     def __init__(self, cluster: Cluster | None = None, prediction: Result | None = None, *,
-                 max_fps: float = 10.0, top_links: int = 6, max_events: int = 4000,
-                 window: float = 0.5, width: int = 1100, title: str = "workbench · live run") -> None:
+                 max_fps: float = 4.0, top_links: int = 6, max_events: int = 4000,
+                 window: float = 0.5, width: int = 1100, panels_per_redraw: int | None = 2,
+                 title: str = "workbench · live run") -> None:
         if max_fps <= 0:
             raise WorkbenchError(f"max_fps: must be positive, got {max_fps} (e.g. 10 redraws per second)")
         if top_links < 1:
@@ -69,6 +73,9 @@ class Dashboard:
         self.max_events = int(max_events)
         self.window = float(window)
         self.width = int(width)
+        if panels_per_redraw is not None and panels_per_redraw < 1:
+            raise WorkbenchError(f"panels_per_redraw: must be at least 1 (or None for all), got {panels_per_redraw}")
+        self.panels_per_redraw = panels_per_redraw
         self.title = title
 
         self._lock = threading.RLock()
@@ -104,13 +111,13 @@ class Dashboard:
             self.updates_pushed += 1
             self._dirty = True
         if not self._render_thread_alive() and time.perf_counter() - self._last_render >= self.interval:
-            self.flush()
+            self.flush(self.panels_per_redraw)
 
-    def flush(self) -> None:
-        """Redraw now with everything pushed so far."""
+    def flush(self, budget: int | None = None) -> None:
+        """Redraw now with everything pushed so far (at most `budget` changed panels; None: all)."""
         with self._render_lock:
             t0 = time.perf_counter()
-            self._render()
+            self._render(budget)
             self._last_render = time.perf_counter()
             self.renders += 1
             self.render_seconds += self._last_render - t0
@@ -231,7 +238,7 @@ class Dashboard:
             while source.is_alive() and not self._stop.is_set():
                 time.sleep(max(self.interval - (time.perf_counter() - self._last_render), 0.01))
                 if self._dirty:
-                    self.flush()
+                    self.flush(self.panels_per_redraw)
             self.flush()
         except BaseException as exc:
             self.error = exc
@@ -246,6 +253,8 @@ class Dashboard:
     def _reset_data(self) -> None:
         with self._lock:
             self._data = LiveData(self.prediction, self.max_events)
+            self._drawn: dict[str, Any] = {}
+            self._drawn_at: dict[str, float] = {}
             self._pending: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
             self._step = self._steps = 0
             self._progress = self._t = 0.0
@@ -304,16 +313,28 @@ class Dashboard:
                 w.HBox([self._figs["memory"], self._figs["latency"]]), self._figs["timeline"]]
         self._box = w.VBox(rows)
 
-    def _render(self) -> None:
+    def _render(self, budget: int | None = None) -> None:
         data = self._take()
         with self._lock:
             step, steps, progress, t = self._step, self._steps, self._progress, self._t
-        self._render_timeline(data)
-        self._render_links(data)
-        self._render_memory(data)
-        self._render_latency(data)
+        # A panel is sent to the browser only when its data changed, and at most `budget` panels
+        # per redraw (least recently drawn first): every restyle costs the frontend a full plotly
+        # redraw, and a slow browser falls behind long before the kernel does.
+        v = data.versions
+        keys: dict[str, Any] = {"timeline": v["events"], "latency": v["events"], "links": v["links"],
+                                "memory": v["memory"]}
         if "topology" in self._figs:
-            _recolour_topology(self._figs["topology"], data.utilisation(self.window))
+            util = data.utilisation(self.window)
+            keys["topology"] = tuple(sorted((k, sum(1 for e in UTIL_EDGES if u >= e)) for k, u in util.items()))
+        changed = sorted((p for p in keys if keys[p] != self._drawn.get(p)), key=lambda p: self._drawn_at.get(p, 0.0))
+        draw = {"timeline": self._render_timeline, "latency": self._render_latency, "links": self._render_links,
+                "memory": self._render_memory, "topology": lambda d: _recolour_topology(self._figs["topology"], util)}
+        for panel in changed[:budget]:
+            draw[panel](data)
+            self._drawn[panel], self._drawn_at[panel] = keys[panel], time.perf_counter()
+        if budget is not None and len(changed) > budget:
+            with self._lock:
+                self._dirty = True  # the rest on the next redraw
         self._bar.value = min(max(progress, 0.0), 1.0)
         self._bar.bar_style = "danger" if self.error else ("success" if progress >= 1.0 else "info")
         self._status.value = self._status_html(step, steps, t, data.n_events)
@@ -397,6 +418,7 @@ class LiveData:
     def __init__(self, prediction: Result | None, max_events: int) -> None:
         self.max_events = max_events
         self.n_events = 0
+        self.versions = {"events": 0, "links": 0, "memory": 0}  # bumped when a panel's data changes
         self.devices: dict[int, str] = {}
         self._segments: dict[str, list[Segments]] = {k: [] for k in vr.TIMELINE_KINDS}
         self._segment_points: dict[str, int] = {k: 0 for k in vr.TIMELINE_KINDS}
@@ -417,13 +439,16 @@ class LiveData:
     def add(self, events: pd.DataFrame, memory: pd.DataFrame, links: pd.DataFrame) -> None:
         if events is not None and len(events):
             self._add_events(events)
+            self.versions["events"] += 1
         if memory is not None and len(memory):
+            self.versions["memory"] += 1
             for r, c, b, t in zip(memory["rank"].to_numpy(), memory["category"].astype(str), memory["bytes"].to_numpy(float),
                                   memory["time"].to_numpy(float)):
                 key = (int(r), c)
                 if key not in self._memory or t >= self._memory[key][0]:
                     self._memory[key] = (t, b)
         if links is not None and len(links):
+            self.versions["links"] += 1
             rows = np.column_stack([links[c].to_numpy(float) for c in ("start", "end", "GBps", "utilisation")])
             names = links["link"].astype(str).to_numpy()
             for name in pd.unique(names):
