@@ -44,7 +44,7 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
     baseline = None
     if args.overhead != "none":
         mode: bool | str = "ab" if args.overhead == "ab" else False
-        steps = max(args.steps, 6) if mode == "ab" else args.steps
+        steps = max(args.steps, 30) if mode == "ab" else args.steps
         baseline = start_train(args.cluster, args.model, args.plan, steps, args.backend, telemetry=mode,
                                **kw).wait()
     h = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=True, **kw)

@@ -275,12 +275,14 @@ def _rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _ab_overhead(times: list[float], on: list[bool]) -> float | None:
-    """Median step with telemetry over median step without, in percent (steps 0 and 1, warm-up, left out)."""
-    t_on = [t for i, (t, o) in enumerate(zip(times, on)) if i >= 2 and o]
-    t_off = [t for i, (t, o) in enumerate(zip(times, on)) if i >= 2 and not o]
-    if not t_on or not t_off:
+    """Telemetry overhead in percent from interleaved steps: the median over recording steps of
+    (step / mean of its two silent neighbours) − 1, so slow drift in the machine's load cancels.
+    Steps 0 and 1 (warm-up) are left out."""
+    ratios = [times[i] / ((times[i - 1] + times[i + 1]) / 2) for i in range(3, len(times) - 1)
+              if on[i] and not on[i - 1] and not on[i + 1]]
+    if not ratios:
         return None
-    return (statistics.median(t_on) - statistics.median(t_off)) / statistics.median(t_off) * 100
+    return (statistics.median(ratios) - 1.0) * 100
 
 
 # ------------------------------------------------------------------ the launcher
