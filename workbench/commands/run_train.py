@@ -112,6 +112,16 @@ def _sim(args: argparse.Namespace, r: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workbench.run.errors import RunFailed
+
+    try:
+        return _run(args)
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.hosts and args.hosts.startswith("emulate:"):
         from transport.emulate import EmulatedCluster
         from workbench.errors import WorkbenchError

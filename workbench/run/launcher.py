@@ -533,6 +533,12 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
     p = job["plan"]
     world = p["dp"] * p["tp"] * p["pp"]
     cl = load_cluster(cluster) if cluster is not None else default_cluster(world, backend)
+    if backend == "nccl" and not hosts:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+            raise WorkbenchError(f"backend: nccl needs {world} CUDA GPU(s) here, found "
+                                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; use gloo")
     if hosts and os.geteuid() != 0:
         raise WorkbenchError("hosts: running ranks in network namespaces needs root (ip netns exec)")
     if p2p not in ("auto", "transport", "dist"):
