@@ -58,7 +58,7 @@ class Dashboard:
 
     def __init__(self, cluster: Cluster | None = None, prediction: Result | None = None, *,
                  max_fps: float = 4.0, top_links: int = 6, max_events: int = 4000,
-                 window: float = 0.5, width: int = 1100, panels_per_redraw: int | None = 2,
+                 window: float = 0.5, width: int = 1100, panels_per_redraw: int | None = None,
                  title: str = "workbench · live run") -> None:
         if max_fps <= 0:
             raise WorkbenchError(f"max_fps: must be positive, got {max_fps} (e.g. 10 redraws per second)")
