@@ -314,3 +314,16 @@ def test_a_prediction_slower_than_the_run_is_laid_end_to_end():
     pc = next(t for t in dash.figures()["timeline"].data if t.name == "predicted compute")
     last_compute_end = float(slow.events.loc[slow.events["kind"] == "compute", "end"].max())
     assert np.nanmax(np.asarray(pc.x, float)) == pytest.approx(2 * length + last_compute_end, rel=1e-6)
+
+
+def test_replay_a_simulated_result_without_steps():
+    sim = _sim_like(synthetic_result(steps=1, source="sim"))
+    assert "step" not in sim.events
+    dash = Dashboard(CLUSTER, prediction=sim, max_fps=1000)
+    dash.replay(sim, frames=4)
+    tl = dash.figures()["timeline"].data
+    assert sum(len(t.x) for t in tl[:4]) == len(sim.events) * 3
+    # no measured steps: the prediction is drawn as it is, from time 0, under rank 0
+    pc = next(t for t in tl if t.name == "predicted compute")
+    assert np.nanmin(np.asarray(pc.x, float)) == pytest.approx(float(sim.events["start"].min()))
+    assert "step 4/4" in dash._status.value
