@@ -348,6 +348,7 @@ class Trainer:
             self.opt = make_optimizer(self.params, optimizer, lr)
         rec.set_memory("weights", self.numel * 4)
         self._act_bytes = 0
+        self._saved_per_micro: int | None = None  # activation bytes one micro-batch's forward saves
         self.p2p_mode = "dist"
         if lay.pp > 1 and p2p in ("auto", "transport") and device.type == "cpu":
             try:
@@ -389,7 +390,10 @@ class Trainer:
         outputs: list[torch.Tensor] = []
         losses: list[float] = []
         self._act_bytes = 0
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if rec.enabled else None
+        # what a micro-batch's forward saves is the same every time (fixed shapes): the hooks count it once,
+        # in the first recording step's first micro-batch (a Python call per saved tensor is costly on GPUs)
+        count = rec.enabled and self._saved_per_micro is None
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if count else None
         # ---- forward of every micro-batch (GPipe) ----
         for m in range(self.micro):
             if self.stage.first:
@@ -399,11 +403,15 @@ class Trainer:
                 inp = comm.recv(shape, prev, "recv_activation", m).requires_grad_(True)  # type: ignore[arg-type]
                 inputs.append(inp)
             with rec.compute("forward", fl):
-                if hooks is not None:
+                if hooks is not None and m == 0:
                     with hooks:
                         out = self.stage(inp, comm)
+                    self._saved_per_micro = self._act_bytes
                 else:
                     out = self.stage(inp, comm)
+                    if rec.enabled and self._saved_per_micro is not None:
+                        self._act_bytes += self._saved_per_micro
+                        rec.set_memory("activations", self._act_bytes)
                 if self.stage.last:
                     y = y_all[m * self.mbs:(m + 1) * self.mbs].to(self.device)
                     out = F.cross_entropy(out.flatten(0, 1), y.flatten()) / self.micro

@@ -111,6 +111,8 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
         sink.send({"type": "info", "rank": rank, "p2p": tr.p2p_mode})
         fail_at = job.get("fail_rank_at_step")  # fault injection for tests: [rank, step]
         losses: list[float | None] = []
+        if device.type == "cuda":  # every step starts on an idle stream (the recorder's per-step time anchor)
+            torch.cuda.synchronize()
         for step in range(job["steps"]):
             if fail_at and fail_at[0] == rank and fail_at[1] == step:
                 raise RuntimeError(f"injected failure at step {step}")
