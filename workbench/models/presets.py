@@ -13,6 +13,7 @@ from typing import Any
 from workbench.data import read_yaml
 from workbench.errors import WorkbenchError
 from workbench.models.spec import ModelSpec
+from workbench.options import parse_options
 
 DEFAULT_CONFIG_SEQ = 4096
 
@@ -28,16 +29,6 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
             f"model: unknown preset {name!r} (known: {', '.join(table)}; or a config.json path, or gpt:layers=..)")
     spec = ModelSpec(name=name, **table[name])
     return spec.with_overrides(**overrides) if overrides else spec
-
-
-def _options(text: str, field: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise WorkbenchError(f"{field}: option {part!r} needs a value, like seq=4096")
-        k, v = (s.strip() for s in part.split("=", 1))
-        out[k] = v
-    return out
 
 
 def from_hf_config(cfg: dict[str, Any], name: str = "hf", seq: int | None = None) -> ModelSpec:
@@ -136,12 +127,12 @@ def load_model(spec: str | Path | ModelSpec) -> ModelSpec:
         return load_config(text)
     head, _, opts = text.partition(":")
     if head.endswith(".json") or Path(head).is_file():
-        return load_config(head, **_options(opts, "model"))
+        return load_config(head, **parse_options(opts, "model", "seq=4096"))
     if head in ("gpt", "llama", "moe"):
-        o: dict[str, Any] = _options(opts, "model")
+        o: dict[str, Any] = parse_options(opts, "model", "seq=4096")
         for need in ("layers", "hidden", "heads", "vocab", "seq"):
             if need not in o:
                 raise WorkbenchError(f"model.{need}: inline {head} models need {need}=..., e.g. "
                                      "gpt:layers=24,hidden=2304,heads=24,vocab=51200,seq=2048")
         return inline_model(head, o)
-    return preset(head, **_options(opts, head))
+    return preset(head, **parse_options(opts, head, "seq=4096"))

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.options import parse_options
 
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
@@ -100,15 +101,7 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
     if isinstance(text, dict):
         items = dict(text)
     else:
-        items = {}
-        for part in filter(None, (p.strip() for p in str(text).split(","))):
-            if "=" not in part:
-                if part in ("fsdp", "offload", "sp"):
-                    items[part] = "1" if part != "fsdp" else "3"
-                    continue
-                raise WorkbenchError(f"plan: {part!r} needs a value, like tp=8")
-            k, v = (s.strip() for s in part.split("=", 1))
-            items[k] = v
+        items = dict(parse_options(str(text), "plan", "tp=8", flags={"fsdp": "3", "offload": "1", "sp": "1"}))
     known = {f.name for f in fields(Plan)}
     out: dict[str, Any] = {}
     for k, v in items.items():

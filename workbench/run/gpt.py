@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.options import parse_options
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ def gpt_config(model: Any = None) -> GPTConfig:
             except ImportError:
                 raise WorkbenchError(f"model: unknown {text!r}; use gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64") from None
         vals: dict[str, int] = {}
-        for part in filter(None, (p.strip() for p in opts.split(","))):
-            k, _, v = part.partition("=")
-            k = k.strip()
+        for k, v in parse_options(opts, "model", "layers=4").items():
             if k not in _KEYS:
                 raise WorkbenchError(f"model.{k}: unknown option (allowed: {', '.join(_KEYS)})")
             if not re.fullmatch(r"\d+", v.strip()):

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.options import parse_options
 from workbench.result import (
     EVENT_COLUMNS,
     LINK_COLUMNS,
@@ -53,16 +54,12 @@ def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
     if plan is None:
         vals = {"dp": world or 1}
     elif isinstance(plan, str):
-        for part in filter(None, (p.strip() for p in plan.split(","))):
-            k, sep, v = part.partition("=")
-            k = k.strip()
-            if not sep:
-                raise WorkbenchError(f"plan: {part!r} needs a value, like dp=2")
+        for k, v in parse_options(plan, "plan", "dp=2").items():
             if k not in PLAN_KEYS:
                 if k in ("ep", "cp", "recompute", "precision", "schedule", "vpp"):
                     continue  # options of the simulator's plan that this workload does not use
                 raise WorkbenchError(f"plan.{k}: unknown option (the run uses {', '.join(PLAN_KEYS)})")
-            if not re.fullmatch(r"\d+", v.strip()):
+            if not re.fullmatch(r"\d+", v):
                 raise WorkbenchError(f"plan.{k}: expected a whole number, got {v!r}")
             vals[k] = int(v)
     else:

@@ -7,6 +7,7 @@ from typing import Any
 
 from workbench.data import read_yaml
 from workbench.errors import WorkbenchError
+from workbench.options import parse_options
 from workbench.topology.model import Cluster
 from workbench.topology.spec import from_dict, load
 
@@ -15,17 +16,6 @@ PRESET_OPTIONS = ("nodes", "gpu", "nics", "oversubscription", "leaf_ports")
 
 def preset_names() -> list[str]:
     return list(read_yaml("presets.yaml"))
-
-
-def parse_options(text: str, field: str) -> dict[str, str]:
-    """`a=1,b=x` → {"a": "1", "b": "x"}; errors name `field`."""
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise WorkbenchError(f"{field}: option {part!r} needs a value, like nodes=4")
-        k, v = (s.strip() for s in part.split("=", 1))
-        out[k] = v
-    return out
 
 
 def preset(name: str, **options: Any) -> Cluster:
