@@ -377,12 +377,10 @@ def run(device: str = "auto", size: int = 64 * MiB, gpu_sizes: tuple[int, ...] =
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    p.add_argument("--size", default="64MiB", help="CPU output size per kernel (default 64MiB)")
-    p.add_argument("--gpu-sizes", default="256MiB,1GiB", help="GPU output sizes (default 256MiB,1GiB)")
-    p.add_argument("--out", help="also write {machine, command, rows} to this JSON file")
-    p.add_argument("--machine", help="machine name recorded with --out")
+    """The options of `workbench bench kernels` (defined once, in the light CLI module)."""
+    from workbench.commands.bench_kernels import add_arguments as cli_arguments
+
+    cli_arguments(p)
 
 
 def _size(text: str, field: str) -> int:

@@ -7,8 +7,8 @@ import argparse
 from workbench.commands import Command
 
 
-def _add(p: argparse.ArgumentParser) -> None:
-    # the same options as `python -m kernels.bench` (kept here so parsing imports nothing heavy)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared with `python -m kernels.bench` (defined here so parsing imports nothing heavy)."""
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--size", default="64MiB", help="CPU output size per kernel (default 64MiB)")
@@ -28,7 +28,7 @@ COMMANDS = [
         group="bench",
         name="kernels",
         help="MoE dispatch/combine, paged KV, FP8/INT8 kernels: GB/s against a plain copy (and torch on GPU)",
-        add_arguments=_add,
+        add_arguments=add_arguments,
         run=_run,
     )
 ]
