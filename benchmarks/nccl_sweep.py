@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for in_place in (False, True):
             seconds, wrong = run_op(args.op, size, dtype, device, world, rank, in_place, args.warmup_iters, args.iters)
-            t = torch.tensor([seconds], dtype=torch.float64)
+            t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # nccl-tests reports the slowest rank
             seconds = float(t.item())
             algbw = size / seconds / 1e9 if seconds > 0 else 0.0
