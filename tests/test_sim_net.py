@@ -308,3 +308,41 @@ def test_flow_result_in_shared_schema() -> None:
     assert list(r.events.columns[:len(EVENT_COLUMNS)]) == list(EVENT_COLUMNS)
     assert list(r.links.columns[:len(LINK_COLUMNS)]) == list(LINK_COLUMNS)
     assert r.fidelity == "flow" and r.events["flows"].sum() == 16 * 15
+
+
+def test_fit_nccl_tests_over_several_ops_and_the_cli(tmp_path) -> None:
+    """nccl-tests text for three ops, written from a model with a known NVLink efficiency, is fitted back
+    jointly by `workbench calibrate nccl-tests`, with busbw before and after."""
+    import json
+    import subprocess
+    import sys
+
+    from workbench.sim.collectives import bus_factor
+
+    c = load_cluster("dgx-h100:nodes=1")
+    truth = NetParams.default().replace({("nvlink", "bw_efficiency"): 0.6}, source="test")
+    files = []
+    for op in ("all_reduce", "all_gather", "reduce_scatter"):
+        lines = ["#       size         count      type   redop    root     time   algbw   busbw #wrong     time   "
+                 "algbw   busbw #wrong"]
+        for k in range(20, 32, 2):
+            size = 1 << k
+            e = collective(c, op, size, algo="ring", params=truth)
+            us, alg = e.seconds * 1e6, size / e.seconds / 1e9
+            bus = alg * bus_factor(op, 8)
+            lines.append(f"{size:>12} {size // 4:>12}     float     sum      -1  {us:8.2f} {alg:7.2f} {bus:7.2f}"
+                         f"      0  {us:8.2f} {alg:7.2f} {bus:7.2f}      0")
+        path = tmp_path / f"{op}_perf.txt"
+        path.write_text("\n".join(lines) + "\n")
+        files.append(str(path))
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "calibrate", "nccl-tests", *files,
+                          "--cluster", "dgx-h100:nodes=1", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["param"] == "nvlink.bw_efficiency"
+    assert d["after"] == pytest.approx(0.6, rel=5e-3)
+    assert d["median_abs_err_after_pct"] < 1.0 < d["median_abs_err_before_pct"]
+    assert {r["op"] for r in d["rows"]} == {"all_reduce", "all_gather", "reduce_scatter"}
+    bad = subprocess.run([sys.executable, "-m", "workbench.cli", "calibrate", "nccl-tests", files[0],
+                          "--cluster", "dgx-h100:nodes=1", "--gpus", "9"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--gpus: must be between 1 and 8" in bad.stderr

@@ -163,6 +163,60 @@ def fit_transport(table: pd.DataFrame, system: str, params: NetParams | None = N
     return TransportFit(proto, values, predict_transport(rows, cluster, fitted), fitted)
 
 
+def _bisect_efficiency(err: Callable[[float], np.ndarray]) -> float:
+    """The efficiency in (0.05, 1] where the mean log error of `err` crosses zero (time falls with efficiency)."""
+    lo, hi = 0.05, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if err(mid).mean() > 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def fit_nccl_tests(rows: pd.DataFrame, cluster: Cluster, group: Sequence[str] | None = None, algo: str = "ring",
+                   params: NetParams | None = None, min_bytes: int = 64 << 20) -> tuple[NetParams, pd.DataFrame]:
+    """Fit the efficiency behind `algo` (COLLECTIVE_TARGETS) to parsed nccl-tests rows of any ops at once.
+
+    `rows` are `parse_nccl_tests` frames (columns op, size, time_us, busbw_GBps; out-of-place figures);
+    rows of at least `min_bytes` drive the fit. Returns the fitted parameters and a table per row with
+    the measured busbw and the simulated busbw before and after the fit.
+    """
+    from workbench.sim.collectives import bus_factor
+
+    if algo not in COLLECTIVE_TARGETS:
+        raise WorkbenchError(f"algo: cannot fit {algo!r} from nccl-tests (fittable: {', '.join(COLLECTIVE_TARGETS)})")
+    scope, param = COLLECTIVE_TARGETS[algo]
+    before = params or NetParams.default()
+    n = len(group) if group is not None else cluster.num_gpus
+    big = rows[rows["size"] >= min_bytes]
+    if big.empty:
+        raise WorkbenchError(f"rows: no nccl-tests rows of at least {min_bytes} bytes to fit {scope}.{param}")
+
+    def one(p: NetParams, op: str, size: int) -> float:
+        try:
+            return collective(cluster, op, size, group, algo, p).seconds
+        except WorkbenchError:  # `algo` does not apply to this op (all_to_all): NCCL's own choice
+            return collective(cluster, op, size, group, None, p).seconds
+
+    def seconds(p: NetParams, frame: pd.DataFrame) -> np.ndarray:
+        return np.array([one(p, str(r.op), int(r.size)) for r in frame.itertuples(index=False)])
+
+    measured = big["time_us"].to_numpy(float) * 1e-6
+    eff = _bisect_efficiency(lambda e: np.log(seconds(before.replace({(scope, param): e}, source="fit"), big) / measured))
+    after = before.replace({(scope, param): eff}, source=(
+        f"fitted by workbench.calibrate.fit.fit_nccl_tests ({algo}, {n} ranks, {len(big)} nccl-tests rows >= {min_bytes} B)"))
+    out = rows[["op", "size", "time_us", "busbw_GBps"]].copy()
+    factor = np.array([bus_factor(str(op), n) for op in out["op"]])
+    for label, p in (("before", before), ("after", after)):
+        t = seconds(p, out)
+        out[f"sim_busbw_GBps_{label}"] = out["size"].to_numpy(float) * factor / t / 1e9
+        out[f"err_{label}"] = out[f"sim_busbw_GBps_{label}"] / out["busbw_GBps"] - 1
+    out.attrs["fitted"] = {"param": f"{scope}.{param}", "before": before.get(scope, param), "after": eff}
+    return after, out
+
+
 def fit_collective(rows: pd.DataFrame, cluster: Cluster, op: str, algo: str, scope: str, param: str,
                    params: NetParams | None = None, group: Sequence[str] | None = None,
                    min_bytes: int = 64 << 20) -> tuple[float, pd.DataFrame]:
@@ -178,14 +232,7 @@ def fit_collective(rows: pd.DataFrame, cluster: Cluster, op: str, algo: str, sco
         t = np.array([collective(cluster, op, int(s), group, algo, p).seconds * 1e6 for s in big["size"]])
         return np.log(t / big["time_us"].to_numpy(float))
 
-    lo, hi = 0.05, 1.0  # the model's time falls with efficiency: bisect on the mean log error
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if err(mid).mean() > 0:
-            lo = mid
-        else:
-            hi = mid
-    eff = 0.5 * (lo + hi)
+    eff = _bisect_efficiency(err)
     p = params.replace({(scope, param): eff}, source="fit")
     out = rows.copy()
     out["pred_us"] = [collective(cluster, op, int(s), group, algo, p).seconds * 1e6 for s in rows["size"]]
