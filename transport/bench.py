@@ -340,15 +340,17 @@ def _source(eng: Any, nbytes: int, device: str) -> Any:
 
 def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_sizes: Sequence[int],
                  paged_total: int, device: str = "cpu", imm_iters: int = 300, baselines: bool = True,
-                 events: list[dict[str, Any]] | None = None, notes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 events: list[dict[str, Any]] | None = None, notes: dict[str, Any] | None = None,
+                 target_device: str | None = None) -> list[dict[str, Any]]:
     """Single writes for every lane count and both baselines, interleaved per size; then paged writes
-    (interleaved with single writes of the same total) and the imm round trip at the most lanes."""
+    (interleaved with single writes of the same total) and the imm round trip at the most lanes.
+    The target's buffer lives on `target_device` (default: `device`, e.g. cuda:0 -> cuda:1 across GPUs)."""
     import numpy as np
 
     from transport.engine import Engine
 
     nbytes = max(max(sizes), paged_total)
-    target = _Target(backend, nbytes, device)
+    target = _Target(backend, nbytes, target_device or device)
     engines = {n: Engine(backend, lanes=n) for n in lanes}
     raw = _RawSocket(max(sizes)) if baselines else None
     gloo = _Gloo(max(sizes), _plan(sizes)) if baselines else None
@@ -478,14 +480,14 @@ def soak(n_writes: int = 100_000, backend: str = "tcp", lanes: int = 4, batch: i
 
 def run(backend: str = "tcp", lanes: int = 4, *, sizes: Sequence[int] = SIZES, page_sizes: Sequence[int] = PAGE_SIZES,
         paged_total: int = 16 * MiB, baselines: bool = True, soak_writes: int = 100_000,
-        device: str = "cpu", machine: str = "") -> BenchReport:
+        device: str = "cpu", machine: str = "", target_device: str | None = None) -> BenchReport:
     """The whole benchmark: engine sweep over lane counts 1, 2, 4, … up to `lanes`, paged writes
     and imm latency at `lanes`, both baselines over the same sizes, then the soak."""
     lane_set = sorted({1, lanes} | {2**i for i in range(8) if 2**i <= lanes})
     events: list[dict[str, Any]] = []
     notes: dict[str, Any] = {}
     rows = bench_engine(backend, lane_set, sizes, page_sizes, paged_total, device, baselines=baselines,
-                        events=events, notes=notes)
+                        events=events, notes=notes, target_device=target_device)
     report = BenchReport(rows, events, machine=machine, notes=notes)
     if soak_writes:
         report.soak = soak(soak_writes, backend if not device.startswith("cuda") else "tcp", lanes=lanes)

@@ -12,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="tcp", help="tcp (default), cuda_ipc or nixl")
     p.add_argument("--lanes", type=int, default=4, help="most lanes: single writes are swept over 1, 2, 4, … up to it")
     p.add_argument("--device", default="cpu", help="where the buffers live: cpu or cuda:N")
+    p.add_argument("--target-device", help="where the target's buffer lives (default: --device), e.g. cuda:1")
     p.add_argument("--quick", action="store_true", help="a short sweep (4 KiB, 1 MiB, 16 MiB; no 256 MiB) and a 5000-write soak")
     p.add_argument("--soak", type=int, default=None, help="random writes in the soak (default 100000; 0 skips it)")
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-socket and gloo baselines")
@@ -35,13 +36,15 @@ def run(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--backend: unknown {args.backend!r} (choose from {', '.join(BACKENDS)})")
     if not 1 <= args.lanes <= 64:
         raise WorkbenchError(f"--lanes: must be 1..64, got {args.lanes}")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise WorkbenchError(f"--device: use cpu or cuda:N, got {args.device!r}")
+    for name, dev in (("--device", args.device), ("--target-device", args.target_device or args.device)):
+        if dev != "cpu" and not dev.startswith("cuda"):
+            raise WorkbenchError(f"{name}: use cpu or cuda:N, got {dev!r}")
     sizes = (4 << 10, 1 << 20, 16 << 20) if args.quick else bench.SIZES
     soak = args.soak if args.soak is not None else (5000 if args.quick else 100_000)
     machine = args.save or platform.node()
     report = bench.run(args.backend, args.lanes, sizes=sizes, baselines=not args.no_baselines,
-                       soak_writes=soak, device=args.device, machine=machine)
+                       soak_writes=soak, device=args.device, machine=machine,
+                       target_device=args.target_device)
     rows = [{k: r[k] for k in bench.ROW_KEYS} for r in report.rows]
     if args.save:
         out = Path(args.out_dir)
@@ -78,6 +81,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     out = [f"--backend {args.backend}", f"--lanes {args.lanes}"]
     if args.device != "cpu":
         out.append(f"--device {args.device}")
+    if args.target_device:
+        out.append(f"--target-device {args.target_device}")
     if args.quick:
         out.append("--quick")
     if args.soak is not None:
