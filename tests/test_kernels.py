@@ -5,30 +5,14 @@ Each test draws a new seed and prints it, so a failure names the data that broke
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from kernel_data import routing
 
 from kernels import moe, paged_kv, quant
 from kernels.blocks import gather_rows, scatter_rows
 from workbench.errors import WorkbenchError
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return np.random.default_rng(seed)
-
-
-def routing(rng: np.random.Generator, tokens: int, k: int, experts: int, used: int | None = None) -> np.ndarray:
-    """top-k distinct experts per token, drawn from the first `used` experts (others stay empty)."""
-    pool = experts if used is None else used
-    ids = np.stack([rng.choice(pool, k, replace=False) for _ in range(tokens)]) if tokens else np.zeros((0, k))
-    return ids.astype(np.int64).reshape(tokens, k)
-
 
 # ---- MoE ----
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from kernel_data import routing
 
 from kernels import moe, paged_kv, quant
 from kernels.blocks import gather_rows, scatter_rows
@@ -32,20 +31,6 @@ def cp():  # type: ignore[no-untyped-def]
     import cupy
 
     return cupy
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return np.random.default_rng(seed)
-
-
-def routing(rng: np.random.Generator, tokens: int, k: int, experts: int, used: int | None = None) -> np.ndarray:
-    pool = experts if used is None else used
-    if tokens == 0:
-        return np.zeros((0, k), np.int64)
-    return np.stack([rng.choice(pool, k, replace=False) for _ in range(tokens)]).astype(np.int64)
 
 
 @pytest.mark.parametrize("dtype,width,offset", [(np.uint8, 13, 0), (np.uint16, 64, 0), (np.uint16, 7168, 0),

@@ -9,26 +9,32 @@ import pytest
 pytest.importorskip("torch")
 
 
-@pytest.mark.root
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
+def _run_across_two_namespaces(rate_mbit: int, plan: str, steps: int):  # type: ignore[no-untyped-def]
+    """run_train with one rank in each of two emulated hosts joined by a link shaped to `rate_mbit`."""
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
     from transport.emulate import EmulatedCluster, EmulationUnavailable
     from workbench.run import run_train
 
     try:
-        c = EmulatedCluster(hosts=2, rate_mbit=100)
+        c = EmulatedCluster(hosts=2, rate_mbit=rate_mbit)
         c.create()
     except (EmulationUnavailable, OSError, RuntimeError) as exc:
         pytest.skip(f"network namespaces unavailable here: {exc}")
     try:
-        r = run_train(model="gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", plan="dp=2,mbs=2,gbs=8", steps=4,
+        r = run_train(model="gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", plan=plan, steps=steps,
                       hosts=[c.ns(0), c.ns(1)], master_addr=c.ip(0), env={"GLOO_SOCKET_IFNAME": "eth0"},
                       timeout=180)
     finally:
         c.destroy()
+    return r, c
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
+    r, c = _run_across_two_namespaces(100, "dp=2,mbs=2,gbs=8", steps=4)
     assert r.metrics["hosts"] == {0: c.ns(0), 1: c.ns(1)}
     losses = r.metrics["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -42,22 +48,7 @@ def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_pipeline_across_two_namespaces_over_the_transport_engine() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    from transport.emulate import EmulatedCluster, EmulationUnavailable
-    from workbench.run import run_train
-
-    try:
-        c = EmulatedCluster(hosts=2, rate_mbit=1000)
-        c.create()
-    except (EmulationUnavailable, OSError, RuntimeError) as exc:
-        pytest.skip(f"network namespaces unavailable here: {exc}")
-    try:
-        r = run_train(model="gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", plan="pp=2,mbs=2,gbs=8", steps=3,
-                      hosts=[c.ns(0), c.ns(1)], master_addr=c.ip(0), env={"GLOO_SOCKET_IFNAME": "eth0"},
-                      timeout=180)
-    finally:
-        c.destroy()
+    r, _ = _run_across_two_namespaces(1000, "pp=2,mbs=2,gbs=8", steps=3)
     assert r.metrics["p2p"] == ["transport-tcp"] and r.metrics["steps"] == 3
     assert set(r.events[r.events["kind"] == "transfer"]["op"]) == {
         "send_activation", "recv_activation", "send_gradient", "recv_gradient"}
