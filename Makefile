@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RDMA_STAMP := $(VENV)/.rdma-stamp
-EXTRAS ?= notebook,dev
+EXTRAS ?= notebook,dev,serve
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lab lint typecheck bench clean
