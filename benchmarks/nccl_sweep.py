@@ -7,7 +7,7 @@ Run one process per GPU with torchrun (NCCL), or CPU ranks with gloo:
 
 Rank 0 prints exactly the table layout of nccl-tests' `*_perf` binaries (size, count, type,
 redop, root, time, algbw, busbw, #wrong for out-of-place and in-place), so the output feeds
-`workbench.calibrate` like real nccl-tests output. busbw follows nccl-tests' conventions:
+`workbench.calibration` like real nccl-tests output. busbw follows nccl-tests' conventions:
 all_reduce 2(n-1)/n, all_gather / reduce_scatter / alltoall (n-1)/n. Each size is validated
 (#wrong counts mismatching elements) against the mathematically expected result.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.compare import compare, normalise_op, per_step
+from workbench.comparison import compare, normalise_op, per_step
 from workbench.result import Result
 
 
@@ -50,11 +50,11 @@ def test_normalise_op_names() -> None:
 def test_calibration_from_a_real_run_moves_the_simulation_closer() -> None:
     pytest.importorskip("torch")
     try:
-        from workbench.sim.train import simulate_train  # noqa: F401
+        from workbench.plan.search import simulate_train  # noqa: F401
     except ImportError:
         pytest.skip("the training simulator is not installed")
-    from workbench.calibrate.run import before_after, fit_compute, fit_links
-    from workbench.run import run_train
+    from workbench.calibration.run import before_after, fit_compute, fit_links
+    from workbench.runner import run_train
     from workbench.topology import discover
 
     r = run_train(plan="pp=2,mbs=2,gbs=8", steps=8, timeout=200)

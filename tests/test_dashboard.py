@@ -19,7 +19,7 @@ pytest.importorskip("ipywidgets")
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.result import Result  # noqa: E402
-from workbench.run.stream import RunHandle, Update  # noqa: E402
+from workbench.runner.stream import RunHandle, Update  # noqa: E402
 from workbench.topology import preset  # noqa: E402
 from workbench.viz import results as vr  # noqa: E402
 from workbench.widgets.dashboard import Dashboard, replay_updates  # noqa: E402
@@ -198,7 +198,7 @@ def test_replay_in_background_then_wait():
 
 
 def _feed(handle: RunHandle, ups: list[Update], dt: float, fail: bool = False) -> None:
-    from workbench.run.errors import RunFailed
+    from workbench.runner.errors import RunFailed
 
     for u in ups:
         time.sleep(dt)
@@ -232,7 +232,7 @@ def test_attach_follows_a_stream_at_10_updates_per_second():
 
 
 def test_attach_reports_run_failure():
-    from workbench.run.errors import RunFailed
+    from workbench.runner.errors import RunFailed
 
     handle = RunHandle(steps=3)
     dash = Dashboard(None).attach(handle)

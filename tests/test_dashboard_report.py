@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_dashboard import CLUSTER, _sim_like, synthetic_result  # noqa: E402
 
 from workbench.cli import main  # noqa: E402
-from workbench.compare import compare  # noqa: E402
+from workbench.comparison import compare  # noqa: E402
 from workbench.report import loop_sections, write_report  # noqa: E402
 
 

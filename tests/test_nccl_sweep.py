@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.calibrate.nccl_tests import check_busbw, parse_nccl_tests
+from workbench.calibration.nccl_tests import check_busbw, parse_nccl_tests
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "nccl_sweep.py"
 

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.run import RunFailed, run_train, start_train  # noqa: E402
-from workbench.run.gpt import gpt_config, init_gpt, reference_train  # noqa: E402
-from workbench.run.launcher import plan_dict  # noqa: E402
-from workbench.run.parallel import Layout, shard  # noqa: E402
+from workbench.runner import RunFailed, run_train, start_train  # noqa: E402
+from workbench.runner.gpt import gpt_config, init_gpt, reference_train  # noqa: E402
+from workbench.runner.launcher import plan_dict  # noqa: E402
+from workbench.runner.parallel import Layout, shard  # noqa: E402
 
 SMALL = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
 
@@ -152,4 +152,4 @@ def test_bad_plans_name_the_field(plan: str, field: str) -> None:
 
 def test_bad_model_names_the_field() -> None:
     with pytest.raises(WorkbenchError, match=r"model\.heads"):
-        start_train(model="gpt:hidden=100,heads=3", plan="dp=1", steps=1)
+        start_train(model="gpt:layers=2,hidden=100,heads=3,vocab=64,seq=16", plan="dp=1", steps=1)

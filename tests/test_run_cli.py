@@ -44,12 +44,12 @@ def test_same_worker_under_plain_torchrun_and_load_run(tmp_path) -> None:  # typ
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed")
-    from workbench.run import load_run
-    from workbench.run.launcher import _free_port
+    from workbench.runner import load_run
+    from workbench.runner.launcher import _free_port
     from workbench.topology import discover
 
     out = tmp_path / "job"
-    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "workbench.run.worker",
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "workbench.runner.worker",
                     "--model", "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", "--plan", "tp=2,mbs=2,gbs=4",
                     "--steps", "3", "--out", str(out)], check=True, capture_output=True, timeout=180)
     r = load_run(out, cluster=discover(cpu_ranks=2, measure=False))

@@ -14,7 +14,7 @@ def _run_across_two_namespaces(rate_mbit: int, plan: str, steps: int):  # type: 
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
     from transport.emulate import EmulatedCluster, EmulationUnavailable
-    from workbench.run import run_train
+    from workbench.runner import run_train
 
     try:
         c = EmulatedCluster(hosts=2, rate_mbit=rate_mbit)

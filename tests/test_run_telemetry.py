@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from workbench.run.telemetry import Recorder  # noqa: E402
+from workbench.runner.telemetry import Recorder  # noqa: E402
 
 DEVICE_CLOCK_OFFSET = 1234.5  # the device's clock starts somewhere else entirely
 LAG = 0.002  # the device runs this far behind the host once work is queued

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from workbench.calibrate.fit import fit_transport, predict_transport, transferengine_table
-from workbench.calibrate.nccl_tests import parse_nccl_tests, read_nccl_tests
+from workbench.calibration.fit import fit_transport, predict_transport, transferengine_table
+from workbench.calibration.nccl_tests import parse_nccl_tests, read_nccl_tests
 from workbench.data import dataset_path
 from workbench.errors import WorkbenchError
 from workbench.sim import NetParams, collective, transfer_seconds, write
@@ -280,7 +280,7 @@ def test_two_jobs_on_one_rail_through_an_oversubscribed_spine() -> None:
 
 def test_fit_recovers_efficiency_from_nccl_tests_text() -> None:
     """Round trip: nccl-tests text written from the model with a known NVLink efficiency is parsed and fitted back."""
-    from workbench.calibrate.fit import fit_collective
+    from workbench.calibration.fit import fit_collective
 
     c = load_cluster("dgx-h100:nodes=1")
     truth = NetParams.default().replace({("nvlink", "bw_efficiency"): 0.7}, source="test")

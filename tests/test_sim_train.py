@@ -13,7 +13,8 @@ import pytest
 from workbench.errors import WorkbenchError
 from workbench.models import load_model
 from workbench.plan import Plan, parse_plan
-from workbench.sim.train import TrainContext, evaluate, simulate_train
+from workbench.plan.search import simulate_train
+from workbench.sim.train import TrainContext, evaluate
 from workbench.sim.train_schedule import pipeline_times, run_schedule
 from workbench.topology import load_cluster
 
@@ -268,7 +269,7 @@ def test_context_parallel_and_offload() -> None:
 
 
 def test_estimate_train_matches_simulate_train() -> None:
-    from workbench.sim.train import estimate_train
+    from workbench.plan.search import estimate_train
 
     plan = "tp=8,pp=2,dp=1,gbs=16,mbs=1,vpp=1,zero=1,recompute=full,cp=1,offload=0"
     a = estimate_train("aws-p5:nodes=2", "llama3-8b", plan)

@@ -28,3 +28,22 @@ def require(module: str, extra: str):  # type: ignore[no-untyped-def]
         return importlib.import_module(module)
     except ImportError as exc:
         raise ExtraMissing(module.split(".")[0], extra) from exc
+
+
+class RunFailed(RuntimeError):
+    """A rank or worker of a real run failed (exited, was killed, or stopped making progress).
+
+    `rank` names the first rank that failed (None when the launcher itself gave up), `reason`
+    says how, and `partial` holds the measured `Result` of everything received before the end.
+    """
+
+    def __init__(self, rank: int | None, reason: str, partial: object = None, log: str = "") -> None:
+        who = f"rank {rank}" if rank is not None else "the run"
+        msg = f"{who} failed: {reason}"
+        if log:
+            msg += "\n--- last output of " + who + " ---\n" + log.rstrip()
+        super().__init__(msg)
+        self.rank = rank
+        self.reason = reason
+        self.partial = partial
+        self.log = log

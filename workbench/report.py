@@ -175,7 +175,7 @@ def loop_sections(cluster: Any, prediction: Any, measured: Any, comparison: Any 
     """The simulate → run → compare part of a report: metrics, per-op table, the four result figures.
 
     `prediction` and `measured` are `Result`s of the same job (simulated and real); `comparison`
-    a `workbench.compare` table; `calibration` what `workbench.calibrate.run.before_after` gives;
+    a `workbench.comparison` table; `calibration` what `workbench.calibration.run.before_after` gives;
     `trace_path` where the measured run's Perfetto trace was written.
     """
     from workbench.viz.results import latency_figure, link_bandwidth_figure, memory_figure, timeline_figure

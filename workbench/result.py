@@ -10,7 +10,7 @@ simulated and on a measured job alike:
   carried over [start, end), `utilisation` that rate over the link's capacity).
 - `metrics`: summary numbers (step time, busbw, …) as a plain dict.
 
-`source` says where the numbers came from (`sim` or `run`) and `fidelity` which engine
+`job` is the Job that produced it (plan completed). `source` says where the numbers came from (`sim` or `run`) and `fidelity` which engine
 produced them (`closed-form`, `flow`, `measured`).
 """
 
@@ -69,6 +69,7 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = "sim"
     fidelity: str = "closed-form"
+    job: Any = None  # the `workbench.core.Job` (plan completed) that produced these numbers
 
     def __post_init__(self) -> None:
         self.events = events_frame(self.events)

@@ -23,7 +23,7 @@ _KERNEL_CODE = r'''
 import json, threading, time
 import numpy as np, pandas as pd
 from workbench.result import Result
-from workbench.run.stream import RunHandle, Update
+from workbench.runner.stream import RunHandle, Update
 from workbench.topology import preset
 from workbench.widgets.dashboard import Dashboard
 
@@ -89,7 +89,7 @@ out["stream"] = {"rate_asked": RATE, "seconds": wall, "updates": st["updates"],
                  "redraws_per_s": st["renders"] / wall, "mean_redraw_ms": st["mean_render_ms"]}
 
 # 3. responsiveness of the main thread during a real run, with and without a dashboard
-from workbench.run import start_train
+from workbench.runner import start_train
 from workbench.topology import discover
 local = discover(cpu_ranks=2)
 def lateness(handle):

@@ -22,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from workbench.calibrate.fit import fit_nccl_tests
-    from workbench.calibrate.nccl_tests import read_nccl_tests
+    from workbench.calibration.fit import fit_nccl_tests
+    from workbench.calibration.nccl_tests import read_nccl_tests
     from workbench.errors import WorkbenchError
     from workbench.topology import load_cluster
     from workbench.units import parse_size

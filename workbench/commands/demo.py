@@ -54,25 +54,21 @@ LOOP_PLAN = "dp=2,mbs=2,gbs=8,zero=0,precision=fp32,recompute=none"
 
 def loop_part(ctx: DemoContext) -> list[Any]:
     """Simulate a small GPT step on this machine (2 CPU ranks), train it for real over gloo, compare,
-    calibrate; the result figures and a Perfetto trace of the run (next to the report)."""
+    calibrate (`workbench.loop`); the result figures and a Perfetto trace of the run (next to the report)."""
     import sys
 
-    from workbench.calibrate.run import before_after
-    from workbench.compare import compare
+    from workbench.core.job import Job
     from workbench.report import loop_sections, text_section
-    from workbench.run import run_train
-    from workbench.sim.train import simulate_train
     from workbench.topology import discover
+    from workbench.workflow import loop
 
     if ctx.steps <= 0:
         return [text_section("Simulate → run → compare", "Skipped: --steps 0.")]
-    cluster = discover(cpu_ranks=2)
-    prediction = simulate_train(cluster, LOOP_MODEL, LOOP_PLAN)
-    print(f"demo: training {LOOP_MODEL} ({LOOP_PLAN}) for {ctx.steps} steps on {cluster.name}", file=sys.stderr)
-    measured = run_train(cluster, LOOP_MODEL, LOOP_PLAN, steps=ctx.steps)
-    trace = measured.to_perfetto(ctx.out.with_name(ctx.out.stem + "-trace.json"))
-    return loop_sections(cluster, prediction, measured, compare(prediction, measured),
-                         before_after(cluster, measured), trace.name)
+    job = Job.create(discover(cpu_ranks=2), LOOP_MODEL, LOOP_PLAN, steps=ctx.steps)
+    print(f"demo: training {LOOP_MODEL} ({LOOP_PLAN}) for {ctx.steps} steps on {job.cluster.name}", file=sys.stderr)
+    res = loop(job)
+    trace = res.measured.to_perfetto(ctx.out.with_name(ctx.out.stem + "-trace.json"))
+    return loop_sections(job.cluster, res.predicted, res.measured, res.comparison, res.summary(), trace.name)
 
 
 SECTION_BUILDERS: list[Callable[[DemoContext], list[Any]]] = [topology_part, loop_part, pending_part]

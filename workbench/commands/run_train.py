@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import Any
 
@@ -35,84 +34,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
-    from workbench.run.launcher import start_train
+    """One turn of `workbench.loop` for the CLI's arguments; the flat summary it prints."""
+    from workbench.runner.launcher import local_job
+    from workbench.workflow import loop
 
-    kw: dict[str, Any] = {"p2p": args.p2p, "optimizer": args.optimizer, "lr": args.lr, "timeout": args.timeout,
-                          "hosts": args.hosts.split(",") if args.hosts else None,
-                          "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr,
-                          "env": getattr(args, "env", None)}
-    baseline = None
-    if args.overhead != "none":
-        mode: bool | str = "ab" if args.overhead == "ab" else False
-        steps = max(args.steps, 30) if mode == "ab" else args.steps
-        baseline = start_train(args.cluster, args.model, args.plan, steps, args.backend, telemetry=mode,
-                               **kw).wait()
-    h = start_train(args.cluster, args.model, args.plan, args.steps, args.backend, telemetry=True, **kw)
-    for u in h.updates():
+    job = local_job(args.cluster, args.model, args.plan, args.steps, args.backend, optimizer=args.optimizer,
+                    lr=args.lr)
+    options: dict[str, Any] = {"p2p": args.p2p, "timeout": args.timeout,
+                               "hosts": args.hosts.split(",") if args.hosts else None,
+                               "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr,
+                               "env": getattr(args, "env", None)}
+
+    def show(u: Any) -> None:
         if progress and not args.json and u.events.shape[0]:
             print(f"\r  step {u.step}/{u.steps}  t={u.t:6.2f}s  +{len(u.events)} events", end="", file=sys.stderr)
-    r = h.wait()
+
+    res = loop(job, simulate=not args.no_sim, overhead=args.overhead, on_update=show, **options)
     if progress and not args.json:
         print(file=sys.stderr)
-    m = r.metrics
-    out: dict[str, Any] = {
-        "losses": m["losses"], "step_seconds": m["step_seconds"], "events": m["events"],
-        "updates": m["updates"], "updates_per_s": m["updates_per_s"],
-        "telemetry_overhead_pct": None, "telemetry_cost_pct": m["telemetry_cost_pct"],
-        "step_seconds_off": None, "sim_step_seconds": None, "sim_error_pct_before": None,
-        "sim_error_pct_after": None, "ranks": m["ranks"], "backend": m["backend"], "p2p": m["p2p"], "plan": m["plan"],
-        "model": m["model"], "params": m["params"], "tokens_per_s": m["tokens_per_s"],
-        "tflops_per_rank": m["tflops_per_rank"], "mfu_fp32": m["mfu_fp32"],
-        "devices": m["devices"], "cluster": m["cluster"], "step_seconds_all": m["step_seconds_all"],
-    }
-    if baseline is not None:
-        bm = baseline.metrics
-        out["overhead_method"] = args.overhead
-        if args.overhead == "ab":  # alternate steps of one run: odd steps on, even steps off
-            times = bm["step_seconds_all"]
-            out["step_seconds_off"] = statistics.median(times[2::2]) if len(times) > 2 else None
-            out["step_seconds_on"] = statistics.median(times[3::2]) if len(times) > 3 else None
-            out["telemetry_overhead_pct"] = bm["telemetry_overhead_pct"]
-        else:
-            off = bm["step_seconds"]
-            out["step_seconds_off"] = off
-            out["telemetry_overhead_pct"] = (m["step_seconds"] - off) / off * 100
-        out["step_seconds_all_overhead_run"] = bm["step_seconds_all"]
-        out["losses_match_without_telemetry"] = bm["losses"][: len(m["losses"])] == m["losses"][: len(bm["losses"])]
-    if not args.no_sim:
-        out |= _sim(args, r)
+    out = res.summary()
     if args.trace:
-        out["trace"] = str(r.to_perfetto(args.trace))
-    out["memory_peak_bytes_per_rank"] = (r.memory.groupby(["rank", "category"])["bytes"].max()
-                                         .groupby("rank").sum().astype(int).tolist() if not r.memory.empty else [])
-    out["compute_seconds_per_step"] = _kind_seconds(r, "compute")
-    out["comm_seconds_per_step"] = _kind_seconds(r, "collective") + _kind_seconds(r, "transfer")
+        out["trace"] = str(res.measured.to_perfetto(args.trace))
     return out
 
 
-def _kind_seconds(r: Any, kind: str) -> float:
-    from workbench.compare import per_step
-
-    t = per_step(r, ("kind",))
-    return float(t.loc[t["kind"] == kind, "seconds"].sum())
-
-
-def _sim(args: argparse.Namespace, r: Any) -> dict[str, Any]:
-    from workbench.calibrate.run import before_after
-    from workbench.run.launcher import default_cluster
-    from workbench.topology import load_cluster
-
-    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(r.metrics["ranks"], args.backend)
-    try:
-        ba = before_after(cluster, r)
-    except Exception as exc:  # noqa: BLE001 - the run's numbers stand even if the simulator cannot model it
-        return {"sim_note": f"simulation failed: {type(exc).__name__}: {exc}"}
-    ba.pop("calibrated_cluster", None)
-    return ba
-
-
 def run(args: argparse.Namespace) -> int:
-    from workbench.run.errors import RunFailed
+    from workbench.errors import RunFailed
 
     try:
         return _run(args)

@@ -82,7 +82,7 @@ def _cal_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from workbench.calibrate.fit import refit_collectives, refit_transfer_engine, save_params
+    from workbench.calibration.fit import refit_collectives, refit_transfer_engine, save_params
 
     params, fits = refit_transfer_engine()
     params, coll = refit_collectives(params)

@@ -37,7 +37,7 @@ def _fmt_text(m: dict) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from workbench.sim.train import estimate_train, simulate_train
+    from workbench.plan.search import estimate_train, simulate_train
 
     if args.trace:  # the events are only built when they are written
         res = simulate_train(args.cluster, args.model, args.plan)

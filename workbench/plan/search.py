@@ -164,3 +164,72 @@ def _evaluate_plans(ctx: Any, plans: list[Plan], include_rejected: bool) -> list
                      "bubble_s": est.breakdown.get("pipeline_bubble", nan),
                      "tp_comm_s": est.breakdown.get("tp_comm", nan), "dp_comm_s": est.breakdown.get("dp_comm", nan)})
     return rows
+
+
+def resolve_plan(ctx: Any, plan: Plan | str | dict[str, Any]) -> Plan:
+    """Fill a partial plan's missing fields with the fastest valid choice that fits (search over them)."""
+    from workbench.plan.spec import parse_plan
+    from workbench.plan.validate import problem
+    from workbench.sim.train import _fill_defaults
+
+    plan = parse_plan(plan).with_defaults(precision="bf16")
+    if not ctx.model.is_moe:
+        plan = plan.with_defaults(ep=1)
+    if plan.sp is None and plan.tp is not None:
+        plan = plan.with_defaults(sp=plan.tp > 1)
+    if plan.complete:
+        return plan
+    fixed = {k: x for k, x in plan.to_dict().items() if x is not None}
+    if "gbs" not in fixed:
+        raise WorkbenchError("plan.gbs: give the global batch (gbs=...) — the simulator chooses the rest")
+    df = search_plans(ctx, int(fixed["gbs"]), fixed=fixed)
+    if df.empty or not bool(df.iloc[0]["valid"]):
+        tp, pp, cp = plan.tp or 1, plan.pp or 1, plan.cp or 1
+        guess = plan.with_defaults(tp=tp, pp=pp, cp=cp, dp=max(ctx.world // (tp * pp * cp), 1))
+        why = problem(_fill_defaults(guess), ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
+        if why:
+            raise WorkbenchError(why)
+    if df.empty or not bool(df.iloc[0]["fits"]):
+        need = df.loc[df["valid"].astype(bool), "memory_GiB"].min() if not df.empty else float("nan")
+        raise WorkbenchError(f"plan: no valid plan with {plan} fits on {ctx.cluster.name} "
+                             f"({int(df.attrs.get('rejected', 0))} candidates rejected; the leanest needs "
+                             f"{need:.1f} GiB per GPU); loosen the fixed fields or add GPUs")
+    return Plan(**{k: (df.iloc[0][k].item() if hasattr(df.iloc[0][k], "item") else df.iloc[0][k])
+                   for k in plan.to_dict()})
+
+
+def resolve_job(job: Any) -> Any:
+    """The training `Job` with its plan completed by the search (unchanged when already complete)."""
+    from dataclasses import replace
+
+    from workbench.sim.train import TrainContext
+
+    return replace(job, plan=resolve_plan(TrainContext(job.cluster, job.model), job.plan))
+
+
+def estimate_train(cluster: Any, model: Any, plan: Plan | str | dict[str, Any]) -> Any:
+    """The metrics of a simulated training step without building events (a partial plan is completed first)."""
+    from workbench.models.presets import load_model
+    from workbench.sim.train import TrainContext, evaluate
+    from workbench.topology.presets import load_cluster
+
+    ctx = TrainContext(load_cluster(cluster), load_model(model))
+    return evaluate(ctx, None, resolve_plan(ctx, plan))
+
+
+def simulate_train(cluster: Any, model: Any, plan: Plan | str | dict[str, Any]) -> Any:
+    """Simulate one training step (a partial plan is completed by the search first); a `Result`."""
+    from workbench.core.job import Job
+    from workbench.sim.train import simulate_job
+
+    return simulate_job(resolve_job(Job.create(cluster, model, plan)))
+
+
+def search_job(job: Any, *, top: int | None = None, **kwargs: Any) -> Any:
+    """Search the plans of a training `Job`: its plan's set fields stay fixed, `gbs` must be set."""
+    from workbench.sim.train import TrainContext
+
+    fixed = {k: v for k, v in job.plan.to_dict().items() if v is not None}
+    if "gbs" not in fixed:
+        raise WorkbenchError("plan.gbs: give the global batch (gbs=...) — the search chooses the rest")
+    return search_plans(TrainContext(job.cluster, job.model), int(fixed["gbs"]), fixed=fixed, top=top, **kwargs)

@@ -107,7 +107,7 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
     for k, v in items.items():
         key = ALIASES.get(k, k)
         if key not in known:
-            raise WorkbenchError(f"plan: unknown field {k!r} (known: {', '.join(sorted(known))})")
+            raise WorkbenchError(f"plan.{k}: unknown field (known: {', '.join(sorted(known))})")
         value: Any = v
         if k == "fsdp":
             value = 3 if str(v).lower() in ("1", "true", "yes", "3") else 0

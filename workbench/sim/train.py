@@ -1,7 +1,7 @@
 """Training-step simulator: one sharded step of a dense or MoE transformer on a cluster.
 
 `evaluate(cluster, model, plan)` gives the metrics in well under 2 ms (one representative rank
-per pipeline stage; collective prices cached); `simulate_train(cluster, model, plan)` adds the
+per pipeline stage; collective prices cached); `simulate_job(job)` adds the
 events of every stage's representative rank in the shared `Result` schema.
 
 Ranks map to GPUs in Megatron order — tp fastest, then cp, then dp, then pp — so a TP group
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -573,79 +573,53 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     return est
 
 
-def resolve_plan(ctx: TrainContext, plan: Plan) -> Plan:
-    """Fill a partial plan's missing fields with the fastest valid choice that fits (search over them)."""
-    plan = parse_plan_any(plan).with_defaults(precision="bf16")
+def simulate_job(job: Any) -> Any:
+    """Simulate one training step of a `Job` with a complete plan; a `Result` with events of each
+    stage's representative rank (`RankLayout.first_rank`), placed in the one rank order.
+
+    `metrics` holds the JSON keys of `workbench simulate train --json`. Partial plans are completed
+    by the plan search above this module (`workbench.simulate` / `workbench.plan.search.resolve_plan`).
+    Events: forward/backward compute per (chunk, micro-batch) with their exposed TP/EP/CP
+    collectives after them, the pipeline `send_recv`s, the data-parallel `all_reduce`/
+    `reduce_scatter` buckets, `optimizer` and the parameter `all_gather`.
+    """
+    import pandas as pd
+
+    from workbench.core.layout import RankLayout
+    from workbench.result import Result
+
+    ctx = TrainContext(job.cluster, job.model)
+    p = complete_plan(ctx, job.plan)
+    est, det = evaluate(ctx, None, p, detail=True)  # type: ignore[misc]
+    events = _events(ctx, est, det)
+    layout = RankLayout.of(p)
+    mem_rows = []
+    for s, mem in enumerate(est.memory_by_stage):
+        rank = layout.first_rank(s)
+        for cat, b in mem.items():
+            mem_rows.append({"rank": rank, "category": cat, "bytes": b, "time": 0.0, "device": ctx.gpus[rank],
+                             "stage": s})
+    from dataclasses import replace
+
+    return Result(events=events, memory=pd.DataFrame(mem_rows), metrics=est.to_metrics(), source="sim",
+                  fidelity="closed-form", job=replace(job, plan=p))
+
+
+def complete_plan(ctx: TrainContext, plan: Plan) -> Plan:
+    """The plan with the defaults the simulator assumes; a missing degree or batch is an error here
+    (the plan search above the simulator chooses those)."""
+    from workbench.plan.spec import parse_plan
+
+    plan = parse_plan(plan).with_defaults(precision="bf16")
     if not ctx.model.is_moe:
         plan = plan.with_defaults(ep=1)
     if plan.sp is None and plan.tp is not None:
         plan = plan.with_defaults(sp=plan.tp > 1)
-    if plan.complete:
-        return plan
-    from workbench.plan.search import search_plans
-
-    fixed = {k: x for k, x in plan.to_dict().items() if x is not None}
-    if "gbs" not in fixed:
-        raise WorkbenchError("plan.gbs: give the global batch (gbs=...) — the simulator chooses the rest")
-    df = search_plans(ctx, int(fixed["gbs"]), fixed=fixed)
-    if df.empty or not bool(df.iloc[0]["valid"]):
-        tp, pp, cp = plan.tp or 1, plan.pp or 1, plan.cp or 1
-        guess = plan.with_defaults(tp=tp, pp=pp, cp=cp, dp=max(ctx.world // (tp * pp * cp), 1))
-        why = problem(_fill_defaults(guess), ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
-        if why:
-            raise WorkbenchError(why)
-    if df.empty or not bool(df.iloc[0]["fits"]):
-        need = df.loc[df["valid"].astype(bool), "memory_GiB"].min() if not df.empty else float("nan")
-        raise WorkbenchError(f"plan: no valid plan with {plan} fits on {ctx.cluster.name} "
-                             f"({int(df.attrs.get('rejected', 0))} candidates rejected; the leanest needs "
-                             f"{need:.1f} GiB per GPU); loosen the fixed fields or add GPUs")
-    return Plan(**{k: (df.iloc[0][k].item() if hasattr(df.iloc[0][k], "item") else df.iloc[0][k])
-                   for k in plan.to_dict()})
-
-
-def parse_plan_any(plan: Plan | str | dict[str, Any]) -> Plan:
-    from workbench.plan.spec import parse_plan
-
-    return parse_plan(plan)
-
-
-def estimate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | str | dict[str, Any]) -> TrainEstimate:
-    """The metrics of `simulate_train` without building events (a partial plan is completed first)."""
-    from workbench.models.presets import load_model
-    from workbench.topology.presets import load_cluster
-
-    ctx = TrainContext(load_cluster(cluster), load_model(model))
-    return cast(TrainEstimate, evaluate(ctx, None, resolve_plan(ctx, parse_plan_any(plan))))
-
-
-def simulate_train(cluster: Cluster | str, model: ModelSpec | str, plan: Plan | str | dict[str, Any]) -> Any:
-    """Simulate one training step; a `workbench.result.Result` with events of each stage's first rank.
-
-    `metrics` holds the JSON keys of `workbench simulate train --json`; missing plan fields are
-    chosen (fastest plan that fits) and reported in `metrics["plan"]`. Events: forward/backward
-    compute per (chunk, micro-batch) with their exposed TP/EP/CP collectives after them, the
-    pipeline `send_recv`s, the data-parallel `all_reduce`/`reduce_scatter` buckets, `optimizer`
-    and the parameter `all_gather`.
-    """
-    from workbench.models.presets import load_model
-    from workbench.result import Result
-    from workbench.topology.presets import load_cluster
-
-    c = load_cluster(cluster)
-    mdl = load_model(model)
-    ctx = TrainContext(c, mdl)
-    p = resolve_plan(ctx, parse_plan_any(plan))
-    est, det = evaluate(ctx, None, p, detail=True)  # type: ignore[misc]
-    events = _events(ctx, est, det)
-    mem_rows = []
-    for s, mem in enumerate(est.memory_by_stage):
-        rank = s * (p.tp or 1) * (p.cp or 1) * (p.dp or 1)
-        for cat, b in mem.items():
-            mem_rows.append({"rank": rank, "category": cat, "bytes": b, "time": 0.0, "device": ctx.gpus[rank],
-                             "stage": s})
-    import pandas as pd
-
-    return Result(events=events, memory=pd.DataFrame(mem_rows), metrics=est.to_metrics(), source="sim", fidelity="closed-form")
+    plan = plan.with_defaults(cp=1, vpp=1, zero=1, recompute="none", mbs=1, offload=False)
+    missing = plan.missing
+    if missing:
+        raise WorkbenchError(f"plan.{missing[0]}: not set; give it, or let workbench.simulate search for it")
+    return plan
 
 
 _COMM_OPS = {"tp_comm": ("all_gather", "reduce_scatter"), "ep_comm": ("all_to_all",), "cp_comm": ("send_recv",),

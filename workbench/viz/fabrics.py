@@ -21,7 +21,7 @@ P2P_FABRICS = {"EFA (p5en, 2×200G per GPU)": ("aws-p5en:nodes=2", "n1.g0", "efa
 def p2p_figure(fabrics: Mapping[str, tuple[str, str, str | None]] = P2P_FABRICS,
                sizes: Sequence[int] = DEFAULT_SIZES, published: bool = True) -> go.Figure:
     """Single-write throughput (submit, wait, repeat) vs size per fabric; published TransferEngine points."""
-    from workbench.calibrate.fit import transferengine_table
+    from workbench.calibration.fit import transferengine_table
 
     fig = go.Figure()
     table = transferengine_table() if published else None

@@ -37,7 +37,7 @@ from workbench.viz import results as vr
 from workbench.viz.topology import UTIL_EDGES
 
 if TYPE_CHECKING:
-    from workbench.run.stream import RunHandle, Update
+    from workbench.runner.stream import RunHandle, Update
     from workbench.topology.model import Cluster
 
 PANELS = ("topology", "links", "memory", "latency", "timeline")
@@ -604,7 +604,7 @@ def _shifted(seg: Segments, dt: float) -> Segments:
 
 def replay_updates(result: Result, frames: int = 30) -> Iterable[Update]:
     """A finished Result cut into `frames` Updates by time (rows land in the frame in which they end)."""
-    from workbench.run.stream import Update
+    from workbench.runner.stream import Update
 
     ev, mem, links = result.events, result.memory, result.links
     ends = [s for s in (ev["end"], mem["time"], links["end"]) if len(s)]

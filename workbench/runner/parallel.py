@@ -14,7 +14,8 @@
   micro-batch; with `zero=1` they are instead reduced, each replica updates its own shard
   of the optimizer state and parameters, and the parameters are all-gathered (ZeRO-1).
 
-Ranks are laid out with TP fastest, then PP, then DP: rank = (d * pp + p) * tp + t.
+Ranks are laid out in the one rank order of `workbench.core.layout.RankLayout`: TP fastest, then DP,
+then PP: rank = (p * dp + d) * tp + t — the same order the simulator, dashboard and compare use.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.run.gpt import GPT, GPTConfig, attention
-from workbench.run.telemetry import Recorder
+from workbench.core.layout import RankLayout, stage_layers
+from workbench.runner.gpt import GPT, GPTConfig, attention
+from workbench.runner.telemetry import Recorder
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a rank sits in the dp × pp × tp grid."""
+    """Where one rank sits in the job's `RankLayout` (tp fastest, then dp, then pp; cp = 1 here)."""
 
     dp: int
     tp: int
@@ -41,23 +43,27 @@ class Layout:
     rank: int
 
     @property
+    def grid(self) -> RankLayout:
+        return RankLayout(tp=self.tp, dp=self.dp, pp=self.pp)
+
+    @property
     def world(self) -> int:
         return self.dp * self.tp * self.pp
 
     @property
     def t(self) -> int:
-        return self.rank % self.tp
+        return self.grid.coords(self.rank)["tp"]
 
     @property
     def p(self) -> int:
-        return (self.rank // self.tp) % self.pp
+        return self.grid.coords(self.rank)["pp"]
 
     @property
     def d(self) -> int:
-        return self.rank // (self.tp * self.pp)
+        return self.grid.coords(self.rank)["dp"]
 
     def rank_of(self, d: int, p: int, t: int) -> int:
-        return (d * self.pp + p) * self.tp + t
+        return self.grid.rank_of(tp=t, dp=d, pp=p)
 
     def tp_ranks(self, d: int, p: int) -> list[int]:
         return [self.rank_of(d, p, t) for t in range(self.tp)]
@@ -66,9 +72,7 @@ class Layout:
         return [self.rank_of(d, p, t) for d in range(self.dp)]
 
     def stage_layers(self, layers: int) -> range:
-        per, extra = divmod(layers, self.pp)
-        start = self.p * per + min(self.p, extra)
-        return range(start, start + per + (1 if self.p < extra else 0))
+        return stage_layers(layers, self.pp, self.p)
 
 
 class Comm:
@@ -328,7 +332,7 @@ class Trainer:
     def __init__(self, c: GPTConfig, lay: Layout, comm: Comm, rec: Recorder, device: torch.device,
                  gbs: int, mbs: int, zero: int = 0, optimizer: str = "adamw", lr: float = 1e-3,
                  seed: int = 0, p2p: str = "auto", p2p_timeout: float = 120.0) -> None:
-        from workbench.run.gpt import init_gpt, make_optimizer
+        from workbench.runner.gpt import init_gpt, make_optimizer
 
         self.c, self.lay, self.comm, self.rec, self.device = c, lay, comm, rec, device
         self.gbs, self.mbs, self.zero, self.seed = gbs, mbs, zero, seed
@@ -465,7 +469,7 @@ class Trainer:
         with self.rec.compute("grad_copy"):
             flat = F.pad(torch.cat([p.grad.reshape(-1) for p in self.params]),  # type: ignore[union-attr]
                          (0, self.shard_size * lay.dp - self.numel))
-        comm.all_reduce(flat, "dp", op="reduce_scatter")  # gloo has no reduce-scatter: all-reduce, keep our shard
+        comm.all_reduce(flat, "dp")  # gloo has no reduce-scatter: an all-reduce (named as such), keep our shard
         lo = lay.d * self.shard_size
         self.master.grad = flat[lo:lo + self.shard_size] / lay.dp
         with self.rec.compute("optimizer", 0.0):
@@ -493,6 +497,6 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def batch_for(c: GPTConfig, step: int, gbs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from workbench.run.gpt import batch
+    from workbench.runner.gpt import batch
 
     return batch(c, step, gbs, seed)

@@ -8,31 +8,13 @@ many-step run. The step row compares the results' `step_seconds` metrics.
 
 from __future__ import annotations
 
-import re
-import sys
-import types
 from collections.abc import Sequence
-from typing import Any
 
 import pandas as pd
 
+from workbench.core.ops import normalise_op
 from workbench.errors import WorkbenchError
 from workbench.result import Result
-
-_ALIASES = {
-    "fwd": "forward", "forward_compute": "forward", "bwd": "backward", "backward_compute": "backward",
-    "allreduce": "all_reduce", "all-reduce": "all_reduce", "allgather": "all_gather", "all-gather": "all_gather",
-    "reducescatter": "reduce_scatter", "reduce-scatter": "reduce_scatter", "optim": "optimizer",
-    "optimizer_step": "optimizer", "adam": "optimizer", "p2p": "send_recv", "sendrecv": "send_recv",
-    "send": "send_recv", "send_activation": "send_recv", "send_gradient": "send_recv",
-    "recv_activation": "recv_wait", "recv_gradient": "recv_wait", "recv": "recv_wait",
-}
-
-
-def normalise_op(op: object) -> str:
-    """A canonical op name (`fwd` → `forward`, `allreduce` → `all_reduce`, `send_activation` → `send`)."""
-    s = re.sub(r"\s+", "_", str(op).strip().lower())
-    return _ALIASES.get(s, _ALIASES.get(s.replace("_", ""), s))
 
 
 def _steps(r: Result) -> list[int]:
@@ -41,6 +23,15 @@ def _steps(r: Result) -> list[int]:
         steps = sorted(int(s) for s in ev["step"].dropna().unique())
         return steps[1:] if len(steps) > 1 and r.source == "run" else steps
     return []
+
+
+def stages_of(r: Result, ev: pd.DataFrame | None = None) -> pd.Series:
+    """The pipeline stage of each event's rank, from the result's job layout (the one rank order)."""
+    ev = r.events if ev is None else ev
+    if r.job is None:
+        raise WorkbenchError("by: 'stage' needs results that carry their job (result.job)")
+    layout = r.job.layout
+    return ev["rank"].astype(int).map(layout.stage_of)
 
 
 def per_step(r: Result, by: Sequence[str] = ("kind", "op")) -> pd.DataFrame:
@@ -53,6 +44,8 @@ def per_step(r: Result, by: Sequence[str] = ("kind", "op")) -> pd.DataFrame:
         ev = ev[ev["step"].isin(steps)]
     n_steps = max(len(steps), 1) if steps else max(int(r.metrics.get("steps", 1) or 1), 1)
     ev = ev.assign(op=ev["op"].map(normalise_op), seconds=ev["end"] - ev["start"])
+    if "stage" in by:
+        ev = ev.assign(stage=stages_of(r, ev))
     keys = list(dict.fromkeys([*by, "rank"]))
     per_rank = ev.groupby(keys, as_index=False).agg(seconds=("seconds", "sum"), count=("op", "size"))
     per_rank[["seconds", "count"]] = per_rank[["seconds", "count"]] / n_steps
@@ -68,9 +61,9 @@ def compare(simulated: Result, measured: Result, by: Sequence[str] = ("kind", "o
     measured × 100), `sim_count`, `measured_count`; then one row per kind (`op` = "*") and a
     `step` row from the `step_seconds` metrics.
     """
-    bad = [b for b in by if b not in ("kind", "op", "rank")]
+    bad = [b for b in by if b not in ("kind", "op", "rank", "stage")]
     if bad:
-        raise WorkbenchError(f"by: {bad} (align by kind, op and rank)")
+        raise WorkbenchError(f"by: {bad} (align by kind, op, rank and stage)")
     s, m = per_step(simulated, by), per_step(measured, by)
     t = s.merge(m, on=list(by), how="outer", suffixes=("_sim", "_measured")).fillna(0.0)
     t = t.rename(columns={"seconds_sim": "sim_seconds", "seconds_measured": "measured_seconds",
@@ -94,13 +87,3 @@ def step_error_pct(simulated: Result, measured: Result) -> float:
     """(simulated − measured) / measured step time, in percent."""
     ss, ms = float(simulated.metrics["step_seconds"]), float(measured.metrics["step_seconds"])
     return (ss - ms) / ms * 100.0
-
-
-class _CallableModule(types.ModuleType):
-    """`workbench.compare(sim, measured)` works even once the submodule is bound to that name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from workbench.run.errors import RunFailed
-from workbench.run.stream import RunHandle, Update
+from workbench.core.stream import RunHandle, Update
+from workbench.errors import RunFailed
 
-_LAZY = {"start_train": "workbench.run.launcher", "run_train": "workbench.run.launcher",
-         "load_run": "workbench.run.launcher"}
+_LAZY = {"start_train": "workbench.runner.launcher", "run_train": "workbench.runner.launcher",
+         "load_run": "workbench.runner.launcher"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'workbench.run' has no attribute {name!r}")
+    raise AttributeError(f"module 'workbench.runner' has no attribute {name!r}")
 
 
 __all__ = ["RunFailed", "RunHandle", "Update", "run_train", "start_train", "load_run"]

@@ -1,4 +1,4 @@
-"""One rank of a real training run: `python -m workbench.run.worker` (or `torchrun -m workbench.run.worker`).
+"""One rank of a real training run: `python -m workbench.runner.worker` (or `torchrun -m workbench.runner.worker`).
 
 The rank reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), joins the process group (gloo on CPU, NCCL on GPUs), trains the GPT with the
@@ -6,11 +6,11 @@ plan's DP × TP × PP, and ships telemetry. The job comes from `WORKBENCH_JOB` (
 the launcher) or from the command line (under a plain torchrun):
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m workbench.run.worker --model gpt:layers=8,hidden=1024,heads=16,vocab=32000,seq=1024 \\
+        -m workbench.runner.worker --model gpt:layers=8,hidden=1024,heads=16,vocab=32000,seq=1024 \\
         --plan dp=4,tp=4,pp=1,mbs=2,gbs=64 --steps 20 --backend nccl --out runs/job1
 
 Telemetry goes to the launcher's socket (`WORKBENCH_TELEMETRY=host:port`) or, without a
-launcher, to `OUT/rank<R>.jsonl` (load it with `workbench.run.load_run(OUT)`).
+launcher, to `OUT/rank<R>.jsonl` (load it with `workbench.runner.load_run(OUT)`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 
 def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="workbench.run.worker")
+    p = argparse.ArgumentParser(prog="workbench.runner.worker")
     p.add_argument("--model", default=None)
     p.add_argument("--plan", default="dp=1")
     p.add_argument("--steps", type=int, default=5)
@@ -39,7 +39,7 @@ def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--p2p", default="auto", choices=["auto", "transport", "dist"])
     p.add_argument("--out", default="workbench-run")
     a = p.parse_args(argv)
-    from workbench.run.launcher import resolve_job
+    from workbench.runner.launcher import resolve_job
 
     job = resolve_job(a.model, a.plan, int(os.environ.get("WORLD_SIZE", "1")), a.steps, a.backend,
                       a.optimizer, a.lr, a.seed, not a.no_telemetry)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(env.get("WORLD_SIZE", "1"))
     local_rank = int(env.get("LOCAL_RANK", str(rank)))
     job = json.loads(env["WORKBENCH_JOB"]) if "WORKBENCH_JOB" in env else job_from_args(argv)
-    from workbench.run.telemetry import Flusher, Recorder, Sink
+    from workbench.runner.telemetry import Flusher, Recorder, Sink
 
     address = env.get("WORKBENCH_TELEMETRY")
     if not address and rank == 0:  # under a plain torchrun: leave the job beside the rank files for load_run
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         sink.send({"type": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc()[-4000:]})
         sink.close()
-        print(f"workbench.run.worker rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"workbench.runner.worker rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     flusher.stop()
     sink.send({"type": "done", "rank": rank, "losses": losses})
@@ -86,8 +86,8 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
     import torch
     import torch.distributed as dist
 
-    from workbench.run.gpt import GPTConfig
-    from workbench.run.parallel import Comm, Layout, Trainer
+    from workbench.runner.gpt import GPTConfig
+    from workbench.runner.parallel import Comm, Layout, Trainer
 
     torch.set_num_threads(int(job.get("threads") or 1))
     plan = job["plan"]

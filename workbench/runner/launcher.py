@@ -1,6 +1,6 @@
 """Launch the ranks of a real run with torchrun semantics, collect their telemetry live, build the Result.
 
-`start_train` starts `world = dp × tp × pp` processes of `python -m workbench.run.worker`
+`start_train` starts `world = dp × tp × pp` processes of `python -m workbench.runner.worker`
 with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set (locally by default; in
 network namespaces with `hosts=`), listens on a TCP socket for their telemetry batches and
 turns them into `Update`s on the returned handle while they run. If a rank fails (error,
@@ -28,7 +28,8 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.errors import WorkbenchError
+from workbench.core.stream import RunHandle, Update
+from workbench.errors import RunFailed, WorkbenchError
 from workbench.options import parse_options
 from workbench.result import (
     EVENT_COLUMNS,
@@ -39,9 +40,7 @@ from workbench.result import (
     links_frame,
     memory_frame,
 )
-from workbench.run.errors import RunFailed
-from workbench.run.gpt import GPTConfig, gpt_config
-from workbench.run.stream import RunHandle, Update
+from workbench.runner.gpt import GPTConfig, gpt_config
 
 PLAN_KEYS = ("dp", "tp", "pp", "mbs", "gbs", "zero")
 _SECONDARY = re.compile(r"connection|closed|reset|broken pipe|timed out|timeout|peer|gloo|nccl", re.I)
@@ -82,8 +81,53 @@ def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
     return p
 
 
+def runnable_plan(job: Any) -> Any:
+    """The job's plan completed with what this runner does, or an error naming a field it cannot do.
+
+    The hand-written workload runs fp32 GPT blocks with TP (no sequence parallelism), a GPipe
+    pipeline and DP with ZeRO-0/1; nothing is dropped silently.
+    """
+    from workbench.plan.spec import Plan
+
+    pl, wl = job.plan, job.workload
+    unsupported = {"cp": (pl.cp, (None, 1)), "ep": (pl.ep, (None, 1)), "vpp": (pl.vpp, (None, 1)),
+                   "recompute": (pl.recompute, (None, "none")), "precision": (pl.precision, (None, "fp32")),
+                   "offload": (pl.offload, (None, False)), "zero": (pl.zero, (None, 0, 1))}
+    for name, (value, ok) in unsupported.items():
+        if value not in ok:
+            raise WorkbenchError(f"plan.{name}: the real training runner cannot do {name}={value} "
+                                 f"(it supports {name} in {[v for v in ok if v is not None]}); simulate it instead")
+    if pl.sp and (pl.tp or 1) > 1:
+        raise WorkbenchError("plan.sp: the real training runner does TP without sequence parallelism (use sp=0)")
+    m = job.model
+    if m.gated or m.kv_heads != m.heads or m.experts or m.is_mla:
+        raise WorkbenchError(f"model: the real training runner builds plain GPT blocks; {m.name} is gated/GQA/MoE/MLA "
+                             "(use gpt:layers=..,hidden=..,heads=..)")
+    p = plan_dict(pl.to_dict())
+    c = gpt_config(m)
+    if c.heads % p["tp"] or c.ffn_size % p["tp"]:
+        raise WorkbenchError(f"plan.tp: {p['tp']} must divide model.heads={c.heads} and the FFN size {c.ffn_size}")
+    if p["pp"] > c.layers:
+        raise WorkbenchError(f"plan.pp: {p['pp']} stages need at least as many layers (model.layers={c.layers})")
+    if wl.backend == "nccl" and (pl.precision or "fp32") != "fp32":
+        raise WorkbenchError("plan.precision: the real training runner computes in fp32")
+    return Plan(tp=p["tp"], pp=p["pp"], dp=p["dp"], ep=1, cp=1, sp=False, vpp=1, zero=p["zero"], recompute="none",
+                mbs=p["mbs"], gbs=p["gbs"], precision="fp32", offload=False)
+
+
+def worker_job(job: Any) -> dict[str, Any]:
+    """The wire form of a training Job for the rank processes (JSON: model, plan, workload fields)."""
+    plan = runnable_plan(job)
+    wl = job.workload
+    c = gpt_config(job.model)
+    p = {k: int(getattr(plan, k)) for k in PLAN_KEYS}
+    return {"model": asdict(c), "plan": p, "steps": int(wl.steps), "backend": wl.backend, "optimizer": wl.optimizer,
+            "lr": float(wl.lr), "seed": int(wl.seed), "telemetry": wl.telemetry, "job": job.to_dict()}
+
+
 def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: str, optimizer: str = "adamw",
                 lr: float = 1e-3, seed: int = 0, telemetry: bool | str = True) -> dict[str, Any]:
+    """The wire form from loose arguments (the worker's own command line, and plain `torchrun` runs)."""
     c = gpt_config(model)
     p = plan_dict(plan, world)
     if c.heads % p["tp"] or c.ffn_size % p["tp"]:
@@ -99,21 +143,18 @@ def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: s
 
 
 # ------------------------------------------------------------------ telemetry → Result rows
-_FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: 2 * (n - 1) / n,
-            "all_gather": lambda n: (n - 1) / n}
-
-
 def wire_bytes(op: str, nbytes: float, n: int) -> float:
-    """Bytes each rank sends for `op` on `n` ranks (ring algorithms; point-to-point: the message)."""
-    f = _FACTORS.get(op)
-    return nbytes * (f(n) if f and n > 1 else 1.0)
+    """Bytes each rank sends for `op` (the one collective algebra of `workbench.core.ops`)."""
+    from workbench.core.ops import wire_bytes as _wire
+
+    return _wire(op, nbytes, n)
 
 
 class Aggregator:
     """Turns rank messages into Result rows; `update()` returns the rows new since the last call."""
 
     def __init__(self, job: dict[str, Any], cluster: Any, t0_wall: float) -> None:
-        from workbench.run.parallel import Layout
+        from workbench.runner.parallel import Layout
 
         self.job, self.cluster, self.t0 = job, cluster, t0_wall
         p = job["plan"]
@@ -151,7 +192,8 @@ class Aggregator:
                 links = self._links(r, group, peer)
                 row = {"rank": r, "device": self.devices[r] if r < self.world else f"rank{r}", "kind": k, "op": op,
                        "bytes": nb, "links": links, "start": s + off, "end": e + off, "group": group,
-                       "step": step, "flops": flops, "peer": peer}
+                       "step": step, "flops": flops, "peer": peer,
+                       "stage": self.layouts[r].p if 0 <= r < self.world else -1}
                 self.events.append(row)
                 if k != "compute" and links and e > s:
                     n = len(self.layouts[r].tp_ranks(0, 0)) if group == "tp" else (
@@ -237,8 +279,14 @@ class Aggregator:
             costs.append(max(v["cost_s"] for v in recs.values()) / dt * 100 if dt > 0 else 0.0)
         step_s = statistics.median(times) if times else float("nan")
         tokens = p["gbs"] * c.seq
-        # model FLOPs (6 × params-ish per token, from the shapes) per step over the step time, per rank
-        flops_step = 3 * (c.layers * c.layer_flops(tokens) + c.head_flops(tokens))
+        job_obj = self.job_object()
+        # model FLOPs per step (the simulator's count, workbench.models.costs) over the step time, per GPU
+        if job_obj is not None:
+            from workbench.models.costs import model_flops_per_token
+
+            flops_step = model_flops_per_token(job_obj.model) * tokens
+        else:
+            flops_step = 3 * (c.layers * c.layer_flops(tokens) + c.head_flops(tokens))
         tflops = flops_step / step_s / self.world / 1e12 if times else float("nan")
         try:
             peak = float(self.cluster.gpu_spec(self.devices[0]).peak("fp32"))
@@ -247,21 +295,34 @@ class Aggregator:
         metrics: dict[str, Any] = {
             "steps": len(losses), "losses": losses, "step_seconds": step_s, "step_seconds_all": times,
             "tokens_per_s": tokens / step_s if times else float("nan"),
-            "tflops_per_rank": tflops, "mfu_fp32": tflops / peak if peak > 0 else float("nan"),
+            "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak > 0 else float("nan"),
             "events": len(self.events), "updates": updates,
             "updates_per_s": updates / duration if duration > 0 else 0.0,
             "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
             "telemetry_overhead_pct": _ab_overhead(times, on),
             "ranks": self.world, "backend": job["backend"],
-            "p2p": sorted({str(i.get("p2p")) for i in self.info.values()}) if self.info else None, "plan": p, "model": c.as_spec(),
-            "params": c.params(), "devices": self.devices, "hosts": self.hosts,
+            "p2p": sorted({str(i.get("p2p")) for i in self.info.values()}) if self.info else None, "plan": p,
+            "model": c.as_spec(), "params": c.params(), "devices": self.devices, "hosts": self.hosts,
             "cluster": getattr(self.cluster, "name", None), "wall_seconds": duration,
         }
         return Result(events_frame(self.events), memory_frame(self.memory), links_frame(self.links), metrics,
-                      source="run", fidelity="measured")
+                      source="run", fidelity="measured", job=job_obj)
+
+    def job_object(self) -> Any:
+        """The `Job` this run executed (None for a plain `torchrun` without one)."""
+        from workbench.core.job import Job
+
+        d = self.job.get("job")
+        if not d:
+            return None
+        if self.cluster is not None:
+            from dataclasses import replace
+
+            return replace(Job.from_dict(d), cluster=self.cluster)
+        return Job.from_dict(d)
 
 
-_EVENT_COLS = (*EVENT_COLUMNS, "group", "step", "flops", "peer")
+_EVENT_COLS = (*EVENT_COLUMNS, "group", "step", "flops", "peer", "stage")
 _MEMORY_COLS = MEMORY_COLUMNS
 _LINK_COLS = (*LINK_COLUMNS, "rank", "op")
 
@@ -338,7 +399,7 @@ class _Launch:
                 "LOCAL_WORLD_SIZE": str(per_host), "MASTER_ADDR": master, "MASTER_PORT": str(master_port),
                 "WORKBENCH_JOB": json.dumps(job), "WORKBENCH_TELEMETRY": address,
                 "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-            cmd = [sys.executable, "-m", "workbench.run.worker"]
+            cmd = [sys.executable, "-m", "workbench.runner.worker"]
             if self.hosts:
                 cmd = ["ip", "netns", "exec", self.hosts[r // per_host]] + cmd
                 env["WORKBENCH_HOST"] = self.hosts[r // per_host]
@@ -505,32 +566,31 @@ def default_cluster(world: int, backend: str) -> Any:
     return c if not c.nodes[0].gpu_spec.is_cpu or c.num_gpus >= world else discover(cpu_ranks=world)
 
 
-def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
-                telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
-                hosts: list[str] | None = None, master_addr: str | None = None, telemetry_addr: str | None = None,
-                timeout: float = 900.0, stall_timeout: float = 120.0, collective_timeout_s: float = 120.0,
-                threads: int | None = None, dump_params: str | None = None, p2p: str = "auto",
-                fail_rank_at_step: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> TrainHandle:
-    """Start a sharded GPT training run and return its handle at once (non-blocking).
+def start_job(job: Any, *, hosts: list[str] | None = None, master_addr: str | None = None,
+              telemetry_addr: str | None = None, timeout: float = 900.0, stall_timeout: float = 120.0,
+              collective_timeout_s: float = 120.0, threads: int | None = None, dump_params: str | None = None,
+              p2p: str = "auto", fail_rank_at_step: tuple[int, int] | None = None,
+              env: dict[str, str] | None = None) -> TrainHandle:
+    """Start a training `Job` for real and return its handle at once (non-blocking).
 
-    `cluster`: a Cluster or spec (default: this machine); `model`: `gpt:layers=..,hidden=..`
-    (default small); `plan`: `dp=2,tp=1,pp=1,mbs=2,gbs=8` (+ `zero=1`); `backend`: gloo (CPU)
-    or nccl (GPUs); `hosts`: network namespaces to spread the ranks over (`ip netns exec`;
-    `master_addr` is rank 0's address there; telemetry comes back over a Unix socket);
-    `p2p`: pipeline sends through the `transport` tcp engine (`auto` on CPU, `transport`) or
-    `torch.distributed.send/recv` (`dist`, and always with NCCL); `telemetry=False` records only per-step times and losses (the overhead baseline);
-    `telemetry="ab"` turns it off and on in alternate steps, so `metrics["telemetry_overhead_pct"]`
-    compares interleaved steps of one run (robust to other load on the machine).
-    `stall_timeout`: no rank finishing a step for this long (after the first step; 300 s
-    before it) fails the run naming the rank heard from least recently (a hang).
+    The job says what runs (model, plan, steps, backend, optimizer, telemetry); the keywords say
+    how: `hosts`: network namespaces to spread the ranks over (`ip netns exec`; `master_addr` is
+    rank 0's address there; telemetry comes back over a Unix socket); `p2p`: pipeline sends through
+    the `transport` tcp engine (`auto` on CPU, `transport`) or `torch.distributed.send/recv`
+    (`dist`, and always with NCCL); `stall_timeout`: no rank finishing a step for this long (after
+    the first step; 300 s before it) fails the run naming the rank heard from least recently.
+    Telemetry `"ab"` turns recording off and on in alternate steps, so
+    `metrics["telemetry_overhead_pct"]` compares interleaved steps of one run.
     """
-    from workbench.topology import load_cluster
+    from dataclasses import replace
 
-    job = resolve_job(model, plan, None, steps, backend, optimizer, lr, seed, telemetry)
-    p = job["plan"]
+    wire = worker_job(job)
+    p = wire["plan"]
     world = p["dp"] * p["tp"] * p["pp"]
-    cl = load_cluster(cluster) if cluster is not None else default_cluster(world, backend)
-    if backend == "nccl" and not hosts:
+    if job.cluster.num_gpus < world:
+        raise WorkbenchError(f"plan: {world} ranks need {world} devices; cluster {job.cluster.name} has "
+                             f"{job.cluster.num_gpus} (give a cluster with more CPU ranks or GPUs)")
+    if job.workload.backend == "nccl" and not hosts:
         import torch
 
         if not torch.cuda.is_available() or torch.cuda.device_count() < world:
@@ -540,9 +600,36 @@ def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps:
         raise WorkbenchError("hosts: running ranks in network namespaces needs root (ip netns exec)")
     if p2p not in ("auto", "transport", "dist"):
         raise WorkbenchError(f"p2p: {p2p!r} is not auto, transport or dist")
-    job |= {"p2p": p2p, "collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
-            "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
-    return _Launch(job, cl, hosts, master_addr, telemetry_addr, timeout, stall_timeout, env).start()
+    wire["job"] = replace(job, plan=runnable_plan(job)).to_dict()
+    wire |= {"p2p": p2p, "collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
+             "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
+    return _Launch(wire, job.cluster, hosts, master_addr, telemetry_addr, timeout, stall_timeout, env).start()
+
+
+def local_job(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
+              telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0) -> Any:
+    """A training Job from loose arguments; without a cluster, this machine (`default_cluster`)."""
+    from workbench.core.job import Job, Training
+    from workbench.models.presets import load_model
+    from workbench.topology import load_cluster
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise WorkbenchError(f"steps: must be a whole number ≥ 1, got {steps!r}")
+    wl = Training(steps=steps, backend=backend, optimizer=optimizer, lr=lr, seed=seed,
+                  telemetry=telemetry if telemetry == "ab" else bool(telemetry))
+    mdl = load_model(model if model is not None else gpt_config(None).as_spec())
+    pl = Training.parse_plan(plan)
+    world = (pl.dp or 1) * (pl.tp or 1) * (pl.pp or 1)
+    cl = load_cluster(cluster) if cluster is not None else default_cluster(world, backend)
+    return Job(cl, mdl, pl, wl)
+
+
+def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
+                telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
+                **options: Any) -> TrainHandle:
+    """`start_job` of a training Job built from loose arguments (`local_job`): the CLI's and old callers' door."""
+    job = local_job(cluster, model, plan, steps, backend, telemetry=telemetry, optimizer=optimizer, lr=lr, seed=seed)
+    return start_job(job, **options)
 
 
 def run_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo",

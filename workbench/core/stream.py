@@ -1,6 +1,6 @@
 """The live telemetry stream of a real run: `Update` batches and the `RunHandle` that yields them.
 
-A launcher (`workbench.run.start_train`) returns a `RunHandle` at once; the job runs in
+A runner (`workbench.start(job)`) returns a `RunHandle` at once; the job runs in
 separate processes, and while it runs the handle receives an `Update` (the new event,
 memory and link rows in the `Result` schema, plus progress) every 50–100 ms. Consume them
 with `for u in handle.updates(): ...` or `handle.subscribe(callback)`; `handle.wait()`
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from workbench.errors import RunFailed
 from workbench.result import Result, events_frame, links_frame, memory_frame
-from workbench.run.errors import RunFailed
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def _safe(cb: Callable[[Update], None], u: Update) -> None:
     except Exception as exc:  # a broken subscriber must not stop the run
         import sys
 
-        print(f"workbench.run: subscriber {cb!r} raised {exc!r}", file=sys.stderr)
+        print(f"workbench.runner: subscriber {cb!r} raised {exc!r}", file=sys.stderr)
 
 
 __all__ = ["RunFailed", "RunHandle", "Update"]

@@ -1,6 +1,6 @@
 """The workload: a small GPT (pre-LN transformer) whose size is configurable.
 
-`GPT` is the plain single-process reference; `workbench.run.parallel` builds the
+`GPT` is the plain single-process reference; `workbench.runner.parallel` builds the
 tensor/pipeline/data-parallel shards from the very same initial weights, so a sharded
 step can be checked against `reference_train` parameter by parameter.
 

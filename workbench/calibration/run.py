@@ -9,7 +9,7 @@
 
 and then, when the training simulator is installed, corrects both by the ratio of the
 simulated to the measured compute and communication time per step (two passes), so the
-next `simulate_train` of this machine lands closer. Only CPU-rank nodes carry these specs
+next simulation of this machine lands closer. Only CPU-rank nodes carry these specs
 (see `workbench.topology.model.Node`); GPU nodes keep their catalogue rates and get the fit
 recorded in `specs` for reference.
 """
@@ -24,14 +24,6 @@ import numpy as np
 from workbench.result import Result
 
 _HOPS = 2  # a loopback route: rank → host → rank
-
-
-def _steps_of(op: str, n: int) -> int:
-    if op in ("all_reduce", "reduce_scatter"):
-        return max(2 * (n - 1), 1)
-    if op == "all_gather":
-        return max(n - 1, 1)
-    return 1
 
 
 def fit_compute(measured: Result) -> float | None:
@@ -52,7 +44,7 @@ def fit_links(measured: Result, prior_latency_us: float = 20.0) -> tuple[float, 
     With a single message size the two cannot be told apart: the latency stays at
     `prior_latency_us` per hop and the bandwidth takes the rest of the time.
     """
-    from workbench.run.launcher import wire_bytes
+    from workbench.core.ops import op as op_of
 
     ev = measured.events
     if ev.empty:
@@ -60,14 +52,15 @@ def fit_links(measured: Result, prior_latency_us: float = 20.0) -> tuple[float, 
     comm = ev[ev["kind"].isin(["collective", "transfer"]) & (ev["end"] > ev["start"])]
     if comm.empty:
         return None
-    plan = measured.metrics.get("plan", {})
-    sizes = {"tp": plan.get("tp", 2), "dp": plan.get("dp", 2), "pp": 2}
+    lay = measured.job.layout if measured.job is not None else None
+    sizes = {"tp": lay.tp if lay else 2, "dp": lay.dp * lay.cp if lay else 2, "cp": lay.cp if lay else 2, "pp": 2}
     rows = []
     for (op, group, nb), g in comm.groupby(["op", "group", "bytes"]):
         n = int(sizes.get(str(group), 2))
-        op_n = "all_reduce" if op == "reduce_scatter" else str(op)
+        o = op_of(str(op))
         t = float(np.quantile(g["end"] - g["start"], 0.25))
-        rows.append((wire_bytes(op_n, float(nb), n), t, _steps_of(op_n, n)))  # type: ignore[arg-type]
+        wire = float(nb) * o.wire_factor(n) if o.kind == "collective" else float(nb)  # type: ignore[arg-type]
+        rows.append((wire, t, o.ring_steps(n)))
     x = np.array([r[0] for r in rows])
     y = np.array([r[1] for r in rows])
     steps = np.array([r[2] for r in rows])
@@ -97,30 +90,19 @@ def _calibrated_name(name: str) -> str:
 
 
 def simulate(cluster: Any, measured: Result) -> Result | None:
-    """`simulate_train` of the measured run's model and plan on `cluster` (None without the simulator)."""
-    try:
-        from workbench.sim.train import simulate_train  # type: ignore[import-not-found]
-    except ImportError:
+    """The prediction of the measured run's own job on `cluster` (None when the result has no job)."""
+    from workbench.core.engines import simulator
+
+    if measured.job is None:
         return None
-    model, plan = job_specs(measured)
-    return simulate_train(cluster, model, plan)
-
-
-def job_specs(measured: Result) -> tuple[Any, Any]:
-    """The simulator's (ModelSpec, Plan) for a measured run (fp32, no recomputation, as the runner does)."""
-    from workbench.models import load_model
-    from workbench.plan import parse_plan
-
-    p = dict(measured.metrics["plan"])
-    plan = parse_plan({**p, "precision": "fp32", "recompute": "none", "ep": 1, "cp": 1, "vpp": 1,
-                       "sp": False, "offload": False})
-    return load_model(measured.metrics["model"]), plan
+    job = measured.job.with_cluster(cluster)
+    return simulator(job.kind)(job)  # type: ignore[no-any-return]
 
 
 def _split(r: Result) -> dict[str, float]:
     """Seconds per step of forward+backward compute, memory-bound parameter work (optimizer and
     gradient packing), and communication."""
-    from workbench.compare import per_step
+    from workbench.comparison import per_step
 
     t = per_step(r, ("kind", "op"))
     comp = t[t["kind"] == "compute"]
@@ -165,12 +147,12 @@ def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
 
 def before_after(cluster: Any, measured: Result) -> dict[str, Any]:
     """Simulated step time before and after calibrating on `measured`, and the errors (%)."""
-    from workbench.compare import step_error_pct
+    from workbench.comparison import step_error_pct
 
     before = simulate(cluster, measured)
     if before is None:
         return {"sim_step_seconds": None, "sim_error_pct_before": None, "sim_error_pct_after": None,
-                "sim_note": "workbench.sim.train.simulate_train is not available"}
+                "sim_note": "the measured result carries no job to simulate"}
     cal = from_run(cluster, measured)
     after = simulate(cal, measured)
     assert after is not None

@@ -158,7 +158,7 @@ def fit_transport(table: pd.DataFrame, system: str, params: NetParams | None = N
                    math.log(p0.op_rate_M), math.log(max(p0.overlap_p - 1, 0.1))])
     x = nelder_mead(loss, x0, iters=600)
     values = unpack(x)
-    source = f"fitted by workbench.calibrate.fit.fit_transport to datasets/measurements/transferengine_table2.csv ({system})"
+    source = f"fitted by workbench.calibration.fit.fit_transport to datasets/measurements/transferengine_table2.csv ({system})"
     fitted = params.replace({(proto, k): v for k, v in values.items()}, source=source)
     return TransportFit(proto, values, predict_transport(rows, cluster, fitted), fitted)
 
@@ -206,7 +206,7 @@ def fit_nccl_tests(rows: pd.DataFrame, cluster: Cluster, group: Sequence[str] | 
     measured = big["time_us"].to_numpy(float) * 1e-6
     eff = _bisect_efficiency(lambda e: np.log(seconds(before.replace({(scope, param): e}, source="fit"), big) / measured))
     after = before.replace({(scope, param): eff}, source=(
-        f"fitted by workbench.calibrate.fit.fit_nccl_tests ({algo}, {n} ranks, {len(big)} nccl-tests rows >= {min_bytes} B)"))
+        f"fitted by workbench.calibration.fit.fit_nccl_tests ({algo}, {n} ranks, {len(big)} nccl-tests rows >= {min_bytes} B)"))
     out = rows[["op", "size", "time_us", "busbw_GBps"]].copy()
     factor = np.array([bus_factor(str(op), n) for op in out["op"]])
     for label, p in (("before", before), ("after", after)):
@@ -307,7 +307,7 @@ def refit_collectives(params: NetParams | None = None) -> tuple[NetParams, pd.Da
         eff, out = fit_collective(pd.DataFrame({"size": [size], "time_us": [t_us]}), cluster, str(r["op"]),
                                   str(r["algo"]), scope, param, params)
         params = params.replace({(scope, param): eff}, source=(
-            f"fitted by workbench.calibrate.fit.refit_collectives to datasets/measurements/nccl_tests_h100_busbw.csv "
+            f"fitted by workbench.calibration.fit.refit_collectives to datasets/measurements/nccl_tests_h100_busbw.csv "
             f"({r['op']} {r['algo']} busbw {r['busbw_GBps']} GB/s)"))
         report.append({**r, "param": f"{scope}.{param}", "value": eff, "err": float(out["err"].iloc[0])})
     return params, pd.DataFrame(report)
