@@ -19,12 +19,10 @@ def write(job: Any, target: str, out: str | Path, opts: Options | None = None) -
     """
     import yaml
 
+    from workbench.api import resolve
+    from workbench.deploy.plumbing import plumbing
     from workbench.deploy.validate import validate_compose, validate_k8s
     from workbench.errors import WorkbenchError
-
-    from workbench.api import resolve
-
-    from workbench.deploy.plumbing import plumbing
 
     opts = opts or Options()
     plumbing(job.cluster)  # a cluster that cannot be deployed fails before the plan search runs
