@@ -25,6 +25,7 @@ GROUP_HELP = {
     "emulate": "emulate a multi-host cluster with network namespaces",
     "doctor": "report what this machine can use and what to fix",
     "demo": "run the main job and write the HTML report",
+    "deploy": "write Kubernetes or Docker Swarm files that run a planned job",
 }
 
 
