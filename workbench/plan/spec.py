@@ -22,7 +22,8 @@ class Plan:
     tp, pp, dp, ep (experts sharded over ep of the dp ranks), cp (context parallel), sp (sequence
     parallelism with TP), vpp (interleaved 1F1B chunks per stage), zero (0-3; 3 = FSDP), recompute
     (none | selective | full), mbs (micro-batch), gbs (global batch in sequences), precision
-    (bf16 | fp16 | fp8 compute with fp32 master weights, or fp32), offload (activations to host memory).
+    (bf16 | fp16 | fp8 compute with fp32 master weights, or fp32), offload (activations to host memory),
+    stack (the software stack: a preset of `datasets/software_stacks.yaml`, e.g. megatron-2021).
     """
 
     tp: int | None = None
@@ -38,6 +39,7 @@ class Plan:
     gbs: int | None = None
     precision: str | None = None
     offload: bool | None = None
+    stack: str | None = None  # software stack preset (datasets/software_stacks.yaml); None = "modern"
 
     def __post_init__(self) -> None:
         for f in INT_FIELDS:
