@@ -16,8 +16,8 @@ def compare_published(names: list[str] | None = None) -> Any:
 
     from workbench.data import read_yaml
     from workbench.models.presets import load_model
-    from workbench.plan.spec import parse_plan
     from workbench.plan.search import resolve_plan
+    from workbench.plan.spec import parse_plan
     from workbench.sim.train import TrainContext, evaluate
     from workbench.topology import from_dict, load_cluster
 
