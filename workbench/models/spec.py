@@ -6,6 +6,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.validate import boolean, show, text, whole
+
+MAX_NAME = 1000
+RANGES: dict[str, tuple[int, int]] = {
+    "layers": (1, 4096), "hidden": (1, 2**20), "heads": (1, 2**16), "vocab": (1, 2**24), "seq": (1, 2**24),
+    "kv_heads": (0, 2**16), "head_dim": (0, 2**16), "ffn": (0, 2**22), "experts": (0, 2**16),
+    "top_k": (0, 2**16), "shared_experts": (0, 1024), "expert_ffn": (0, 2**22), "dense_layers": (0, 4096),
+    "q_lora_rank": (0, 2**20), "kv_lora_rank": (0, 2**20), "qk_nope_dim": (0, 2**16), "qk_rope_dim": (0, 2**16),
+    "v_head_dim": (0, 2**16),
+}
+"""Each whole-number field's allowed range (0 means "derive it" where the docstring says so)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,20 @@ class ModelSpec:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for f in ("layers", "hidden", "heads", "vocab", "seq"):
-            if int(getattr(self, f)) < 1:
-                raise WorkbenchError(f"model.{f}: must be a positive whole number, got {getattr(self, f)!r}")
+        for f in ("name", "source"):
+            v = getattr(self, f)
+            if not isinstance(v, str) or len(v) > MAX_NAME:
+                raise WorkbenchError(f"model.{f}: expected text of at most {MAX_NAME} characters, got {show(v)}")
+        for f, (lo, hi) in RANGES.items():
+            v = getattr(self, f)
+            if isinstance(v, str):  # strings are read once at the edge (with_overrides, inline specs)
+                raise WorkbenchError(f"model.{f}: expected a whole number >= {lo} and <= {hi}, got {show(v)}")
+            object.__setattr__(self, f, whole(v, f"model.{f}", lo, hi))
+        for f in ("gated", "tied", "dropout"):
+            if not isinstance(getattr(self, f), bool):
+                raise WorkbenchError(f"model.{f}: expected true or false, got {show(getattr(self, f))}")
+        if self.kv_heads > self.heads:
+            raise WorkbenchError(f"model.kv_heads: must be at most heads ({self.heads}), got {self.kv_heads}")
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.head_dim == 0:
@@ -104,7 +126,7 @@ class ModelSpec:
                 raise WorkbenchError(f"model: unknown field {k!r} (known: {', '.join(n for n in known if n != 'name')})")
             conv[k] = _convert(k, v, type(getattr(self, k)))
         label = self.name + ":" + ",".join(f"{k}={v}" for k, v in overrides.items()) if overrides else self.name
-        return replace(self, name=label, **conv)
+        return replace(self, name=label[:MAX_NAME], **conv)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,18 +150,12 @@ class ModelSpec:
 
 
 def _convert(name: str, value: Any, typ: type) -> Any:
+    """A `key=value` option's text as the field's type (range checks happen in `ModelSpec`)."""
     if not isinstance(value, str):
         return value
-    try:
-        if typ is bool:
-            low = value.strip().lower()
-            if low not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(value)
-            return low in ("1", "true", "yes")
-        if typ is int:
-            return int(float(value)) if float(value).is_integer() else int(value)
-        if typ is str:
-            return value
-        return typ(value)
-    except ValueError:
-        raise WorkbenchError(f"model.{name}: cannot read {value!r} as {typ.__name__}") from None
+    if typ is bool:
+        return boolean(value, f"model.{name}")
+    if typ is int:
+        lo, hi = RANGES.get(name, (0, 2**31))
+        return whole(value, f"model.{name}", lo, hi)
+    return text(value, f"model.{name}", MAX_NAME)

@@ -7,9 +7,11 @@ from typing import Any
 
 from workbench.data import read_yaml
 from workbench.errors import WorkbenchError
+from workbench.io import is_dir, is_file
 from workbench.options import parse_options
 from workbench.topology.model import Cluster
-from workbench.topology.spec import from_dict, load
+from workbench.topology.spec import MAX_GPUS, MAX_NICS_PER_NODE, from_dict, load
+from workbench.validate import number, show, whole
 
 PRESET_OPTIONS = ("nodes", "gpu", "nics", "oversubscription", "leaf_ports")
 
@@ -22,20 +24,17 @@ def preset(name: str, **options: Any) -> Cluster:
     """Build a preset; options: nodes, gpu (where the preset has variants), nics, oversubscription, leaf_ports."""
     table = read_yaml("presets.yaml")
     if name not in table:
-        raise WorkbenchError(f"cluster: unknown preset {name!r} (known: {', '.join(table)}; or a YAML/JSON file)")
+        raise WorkbenchError(f"cluster: unknown preset {show(name)} (known: {', '.join(table)}; or a YAML/JSON file)")
     p = table[name]
     bad = set(options) - set(PRESET_OPTIONS)
     if bad:
-        raise WorkbenchError(f"{name}: unknown options {sorted(bad)} (allowed: {', '.join(PRESET_OPTIONS)})")
-    try:
-        nodes = int(options.get("nodes", p["nodes"]))
-    except ValueError:
-        raise WorkbenchError(f"{name}.nodes: expected a whole number, got {options['nodes']!r}") from None
-    if nodes < 1:
-        raise WorkbenchError(f"{name}.nodes: must be at least 1, got {nodes}")
-    gpu = str(options.get("gpu", p["gpu"]))
-    if gpu not in p["gpu_choices"]:
-        raise WorkbenchError(f"{name}.gpu: {gpu!r} is not a variant of {name} (allowed: {', '.join(p['gpu_choices'])})")
+        shown = ", ".join(show(b, 40) for b in sorted(bad)[:5])
+        raise WorkbenchError(f"{name}: unknown options [{shown}] (allowed: {', '.join(PRESET_OPTIONS)})")
+    nodes = whole(options.get("nodes", p["nodes"]), f"{name}.nodes", 1, MAX_GPUS)
+    gpu = options.get("gpu", p["gpu"])
+    if not isinstance(gpu, str) or gpu not in p["gpu_choices"]:
+        raise WorkbenchError(
+            f"{name}.gpu: {show(gpu)} is not a variant of {name} (allowed: {', '.join(p['gpu_choices'])})")
     templates = p.get("groups") or [p["node"]]
     counts = _split(nodes, [float(t.get("share", 1.0)) for t in templates])
     raw_nodes = []
@@ -45,22 +44,18 @@ def preset(name: str, **options: Any) -> Cluster:
         n = {k: v for k, v in t.items() if k != "share"}
         n.setdefault("gpu", gpu)
         if "nics" in options:
-            n["nics"] = _option(name, "nics", options["nics"], int)
+            n["nics"] = whole(options["nics"], f"{name}.nics", 0, MAX_NICS_PER_NODE)
         raw_nodes.append({**n, "count": count})
+    gpus = sum(int(n.get("gpus", 8)) * int(n["count"]) for n in raw_nodes)
+    if gpus > MAX_GPUS:
+        raise WorkbenchError(f"{name}.nodes: {nodes} nodes make {gpus} GPUs; the limit is {MAX_GPUS}")
     fabric = dict(p.get("fabric", {}))
-    for key, typ in (("oversubscription", float), ("leaf_ports", int)):
-        if key in options:
-            fabric[key] = _option(name, key, options[key], typ)
+    if "oversubscription" in options:
+        fabric["oversubscription"] = number(options["oversubscription"], f"{name}.oversubscription", 0.0, 1024.0)
+    if "leaf_ports" in options:
+        fabric["leaf_ports"] = whole(options["leaf_ports"], f"{name}.leaf_ports", 1, 65536)
     label = name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-    return from_dict({"name": label, "nodes": raw_nodes, "fabric": fabric})
-
-
-def _option(name: str, key: str, value: Any, typ: type) -> Any:
-    try:
-        return typ(value)
-    except ValueError:
-        kind = "a whole number" if typ is int else "a number"
-        raise WorkbenchError(f"{name}.{key}: expected {kind}, got {value!r}") from None
+    return from_dict({"name": label[:200], "nodes": raw_nodes, "fabric": fabric})
 
 
 def _split(total: int, shares: list[float]) -> list[int]:
@@ -76,12 +71,16 @@ def load_cluster(spec: str | Path | Cluster) -> Cluster:
     """A cluster from a preset spec (`aws-p5:nodes=2`), a YAML/JSON path, `local`, or a Cluster."""
     if isinstance(spec, Cluster):
         return spec
-    text = str(spec)
+    if not isinstance(spec, (str, Path)):
+        raise WorkbenchError(f"cluster: expected a preset spec, a file path or a Cluster, got {show(spec)}")
+    text = str(spec).strip()
     if text == "local":
         from workbench.topology.discover import discover
 
         return discover()
-    if Path(text).suffix.lower() in (".yaml", ".yml", ".json") or Path(text).is_file():
+    if text.lower().endswith((".yaml", ".yml", ".json")) or is_file(text):
         return load(text)
     name, _, opts = text.partition(":")
+    if is_dir(text):
+        raise WorkbenchError(f"cluster: {show(text)} is a directory; give a cluster file or a preset")
     return preset(name, **parse_options(opts, name))
