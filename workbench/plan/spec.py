@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.options import parse_options
+from workbench.validate import boolean, show, text, whole
 
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
 INT_FIELDS = ("tp", "pp", "dp", "ep", "cp", "vpp", "zero", "mbs", "gbs")
 ALIASES = {"v": "vpp", "interleave": "vpp", "micro_batch": "mbs", "global_batch": "gbs", "recomp": "recompute",
            "dtype": "precision", "fsdp": "zero", "sequence_parallel": "sp"}
+RANGES = {"tp": (1, 2**20), "pp": (1, 2**20), "dp": (1, 2**20), "ep": (1, 2**20), "cp": (1, 2**20), "vpp": (1, 1024),
+          "zero": (0, 3), "mbs": (1, 2**20), "gbs": (1, 2**30)}
+"""Each whole-number field's allowed range."""
 
 
 @dataclass(frozen=True)
@@ -45,19 +50,23 @@ class Plan:
         for f in INT_FIELDS:
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-                raise WorkbenchError(f"plan.{f}: expected a whole number, got {v!r}")
-            if v is not None and v < (0 if f == "zero" else 1):
-                raise WorkbenchError(f"plan.{f}: must be at least {0 if f == 'zero' else 1}, got {v}")
-        if self.zero is not None and self.zero > 3:
-            raise WorkbenchError(f"plan.zero: ZeRO stages are 0-3 (3 = FSDP), got {self.zero}")
-        if self.recompute is not None and self.recompute not in RECOMPUTE:
-            raise WorkbenchError(f"plan.recompute: {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise WorkbenchError(f"plan.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+                raise WorkbenchError(f"plan.{f}: expected a whole number, got {show(v)}")
+            if v is not None and f == "zero" and not 0 <= v <= 3:
+                raise WorkbenchError(f"plan.zero: ZeRO stages are 0-3 (3 = FSDP), got {show(v)}")
+            if v is not None:
+                whole(v, f"plan.{f}", *RANGES[f])
+        for f in ("sp", "offload"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), bool):
+                raise WorkbenchError(f"plan.{f}: expected true or false, got {show(getattr(self, f))}")
+        if self.recompute is not None and (not isinstance(self.recompute, str) or self.recompute not in RECOMPUTE):
+            raise WorkbenchError(f"plan.recompute: {show(self.recompute)} is not one of {', '.join(RECOMPUTE)}")
+        if self.precision is not None and (not isinstance(self.precision, str) or self.precision not in PRECISIONS):
+            raise WorkbenchError(f"plan.precision: {show(self.precision)} is not one of {', '.join(PRECISIONS)}")
 
     @property
     def missing(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is None]
+        """Fields still to choose (`stack` is never chosen: None means the default software stack)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is None and f.name != "stack"]
 
     @property
     def complete(self) -> bool:
@@ -100,19 +109,25 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
     if isinstance(text, Plan):
         return text
     items: dict[str, Any]
-    if isinstance(text, dict):
+    if isinstance(text, Mapping):
         items = dict(text)
+    elif isinstance(text, str):
+        items = dict(parse_options(text, "plan", "tp=8", flags={"fsdp": "3", "offload": "1", "sp": "1"}))
     else:
-        items = dict(parse_options(str(text), "plan", "tp=8", flags={"fsdp": "3", "offload": "1", "sp": "1"}))
+        raise WorkbenchError(f"plan: expected a spec like tp=8,pp=2,dp=4 or a mapping, got {show(text)}")
     known = {f.name for f in fields(Plan)}
     out: dict[str, Any] = {}
     for k, v in items.items():
+        if not isinstance(k, str):
+            raise WorkbenchError(f"plan: field names are text, got {show(k)}")
         key = ALIASES.get(k, k)
         if key not in known:
-            raise WorkbenchError(f"plan.{k}: unknown field (known: {', '.join(sorted(known))})")
+            raise WorkbenchError(f"plan.{k[:40]}: unknown field (known: {', '.join(sorted(known))})")
+        if key in out:
+            raise WorkbenchError(f"plan.{key}: given twice (as {k} and another name); give it once")
         value: Any = v
-        if k == "fsdp":
-            value = 3 if str(v).lower() in ("1", "true", "yes", "3") else 0
+        if k == "fsdp" and v is not None:
+            value = 3 if str(v).strip() == "3" else 3 * int(boolean(v, "plan.fsdp"))
         out[key] = _convert(key, value)
     return Plan(**out)
 
@@ -121,16 +136,7 @@ def _convert(key: str, v: Any) -> Any:
     if v is None or (isinstance(v, str) and v.lower() in ("auto", "?", "")):
         return None
     if key in INT_FIELDS:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise WorkbenchError(f"plan.{key}: expected a whole number, got {v!r}") from None
-        if not f.is_integer():
-            raise WorkbenchError(f"plan.{key}: expected a whole number, got {v!r}")
-        return int(f)
+        return whole(v, f"plan.{key}", *RANGES[key])
     if key in ("sp", "offload"):
-        s = str(v).lower()
-        if s not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise WorkbenchError(f"plan.{key}: expected true/false, got {v!r}")
-        return s in ("1", "true", "yes", "on")
-    return str(v)
+        return boolean(v, f"plan.{key}")
+    return text(v, f"plan.{key}", 64)
