@@ -169,11 +169,14 @@ def model_flops_per_token(m: ModelSpec) -> float:
 
 def activation_bytes_per_token(m: ModelSpec, kind: str, tp: int = 1, sp: bool = True,
                                recompute: str = "none", elem: int = 2) -> float:
-    """Bytes one layer stores for backward per token on one TP rank (flash attention: no s² terms).
+    """Bytes one layer stores for backward per token on one TP rank, without the s² attention terms
+    (flash attention, or selective recomputation; add `attention_score_bytes_per_token` for unfused
+    attention without it).
 
-    `recompute`: none; selective (norms and FFN activation recomputed, as Megatron-core's
-    layernorm/mlp-activation recompute modules); full (only the layer input is kept).
-    Without sequence parallelism the hidden-size tensors (norm inputs, masks) are replicated.
+    `recompute`: none and selective store the same here (Megatron's selective recomputation
+    recomputes the attention core — QKᵀ, softmax, dropout, AV — so it saves only the s² terms);
+    full keeps only the layer input. Without sequence parallelism the hidden-size tensors (norm
+    inputs, masks) are replicated.
     """
     h = m.hidden
     rep = tp if sp else 1  # divisor of the hidden-size tensors
@@ -188,29 +191,44 @@ def activation_bytes_per_token(m: ModelSpec, kind: str, tp: int = 1, sp: bool = 
         attn_shard = elem * (m.heads * m.head_dim * 2 + 2 * m.kv_dim) / tp  # q, k, v, output
         attn_rep = 0.0
     hid = elem * h / rep
-    sel = recompute == "selective"
-    attn = hid + (0 if sel else hid) + attn_shard + attn_rep + mask  # norm input, qkv input, q/k/v/o
+    attn = 2 * hid + attn_shard + attn_rep + mask  # norm input, qkv input, q/k/v/o
     mats = 2 if m.gated else 1
     if kind == "dense":
-        ffn_w = m.ffn
-        ffn_stored = elem * ffn_w * (mats if sel else mats + 1) / tp
-        ffn = hid + (0 if sel else hid) + ffn_stored + mask
+        ffn = 2 * hid + elem * m.ffn * (mats + 1) / tp + mask
     else:
-        per = elem * m.expert_ffn * (mats if sel else mats + 1) / tp
+        per = elem * m.expert_ffn * (mats + 1) / tp
         routed = m.top_k * (elem * h / rep + per)
         shared = m.shared_experts * per
-        ffn = hid + (0 if sel else hid) + routed + shared + 4 * m.experts / rep + mask
+        ffn = 2 * hid + routed + shared + 4 * m.experts / rep + mask
     return attn + ffn
 
 
-def elementwise_bytes_per_token(m: ModelSpec, kind: str, tp: int = 1, sp: bool = True, elem: int = 2) -> float:
-    """HBM bytes moved by the memory-bound forward ops of one layer per token (norms, residuals, activation, RoPE)."""
+def attention_score_bytes_per_token(m: ModelSpec, tp: int = 1, kv_len: int | None = None, elem: int = 2) -> float:
+    """Bytes of the s² tensors unfused attention stores per query token on one TP rank: softmax output
+    and, with dropout, its mask (1 byte) and output — Korthikanti et al.'s 5·a·s/t for 2-byte types."""
+    s = m.seq if kv_len is None else kv_len
+    per = elem + ((elem + 1) if m.dropout else 0)
+    return float(per * (m.heads / tp) * s)
+
+
+def elementwise_bytes_per_token(m: ModelSpec, kind: str, tp: int = 1, sp: bool = True, elem: int = 2,
+                                style: str = "fused") -> float:
+    """HBM bytes moved by the memory-bound forward ops of one layer per token (norms, residuals, activation, RoPE).
+
+    `style`: fused — one pass per norm, residual add and activation (dropout, if any, folded into the
+    residual add); megatron-2021 — the kernels of 2021 Megatron-LM: LayerNorm, fused bias+GeLU and
+    fused bias+dropout+add, each reading and writing HBM, dropout masks written as bytes.
+    """
     h = m.hidden
     rep = tp if sp else 1
     norms_resid = elem * h * (2 * 2 + 2 * 3) / rep
     width = m.ffn if kind == "dense" else m.top_k * m.expert_ffn + m.shared_experts * m.expert_ffn
     act = elem * width * (3 if m.gated else 2) / tp
     rope = 2 * elem * (m.heads * m.qk_head_dim + m.kv_dim) / tp
+    if style == "megatron-2021":
+        bias = elem * (h + width) / tp  # bias reads of the row/column-parallel linears' epilogues
+        masks = 2.0 * h / rep if m.dropout else 0.0  # two residual dropout masks (1 byte each)
+        return norms_resid + act + rope + bias + masks
     return norms_resid + act + rope
 
 

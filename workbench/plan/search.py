@@ -24,7 +24,8 @@ GRID: dict[str, tuple[Any, ...]] = {
     "recompute": ("none", "selective", "full"),
     "offload": (False, True),
 }
-COLUMNS = ("tp", "pp", "dp", "ep", "cp", "sp", "vpp", "zero", "recompute", "mbs", "gbs", "precision", "offload")
+COLUMNS = ("tp", "pp", "dp", "ep", "cp", "sp", "vpp", "zero", "recompute", "mbs", "gbs", "precision", "offload",
+           "stack")
 
 
 def _divisors(n: int) -> list[int]:
@@ -61,7 +62,8 @@ def candidates(world: int, node_gpus: int, model: Any, gbs: int, fixed: dict[str
                     if off and rc == "full":
                         continue
                     yield Plan(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp, sp=fixed.get("sp", tp > 1), vpp=vpp, zero=zero,
-                               recompute=rc, mbs=mbs, gbs=gbs, precision=fixed.get("precision", "bf16"), offload=off)
+                               recompute=rc, mbs=mbs, gbs=gbs, precision=fixed.get("precision", "bf16"), offload=off,
+                               stack=fixed.get("stack", "modern"))
 
 
 def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, Any] | None = None,
@@ -172,7 +174,7 @@ def resolve_plan(ctx: Any, plan: Plan | str | dict[str, Any]) -> Plan:
     from workbench.plan.validate import problem
     from workbench.sim.train import _fill_defaults
 
-    plan = parse_plan(plan).with_defaults(precision="bf16")
+    plan = parse_plan(plan).with_defaults(precision="bf16", stack="modern")
     if not ctx.model.is_moe:
         plan = plan.with_defaults(ep=1)
     if plan.sp is None and plan.tp is not None:

@@ -1,12 +1,14 @@
 """Compute cost model: GEMM, attention and memory-bound op times as functions of shape and device.
 
-Efficiencies come from microbenchmarks only: `datasets/gemm_h100_measured.csv` (bf16 and fp8
-GEMMs over m, n, k in 256..16384, flash attention forward/backward over sequence length,
-elementwise bandwidth over size, measured on the H100) and `datasets/gemm_efficiency.csv`
-(which curve applies to which GPU; other GPUs get the H100 curve scaled to their catalogue
-peak — an assumption stated per row). Lookups interpolate log-linearly on the measured grid and
-clamp outside it. CPU ranks (`GPUSpec.is_cpu`) run at their measured `fp32_tflops` and
-`memory_GBps` with efficiency 1.
+Efficiencies come from microbenchmarks only: `datasets/gemm_h100_measured.csv` and
+`datasets/gemm_h200_measured.csv` (bf16 and fp8 GEMMs over m, n, k in 256..16384, flash attention
+forward/backward over sequence length — to 128K on the H200 —, elementwise bandwidth over size)
+and `datasets/gemm_efficiency.csv` (which measured file and curve applies to which GPU and
+precision, optionally rescaled to a GPU's publicly measured best GEMM efficiency, e.g. the A100's;
+the basis of each row is stated). Lookups interpolate log-linearly on the measured grid and clamp
+outside it. `datasets/interference_measured.csv` holds the GEMM slowdown beside an NCCL collective
+in flight (two H200s), used where communication overlaps compute. CPU ranks (`GPUSpec.is_cpu`)
+run at their measured `fp32_tflops` and `memory_GBps` with efficiency 1.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ class Grid3:
 
 
 @cache
-def _gemm_grid(curve: str) -> Grid3:
-    df = read_csv(MEASURED)
+def _gemm_grid(curve: str, file: str = MEASURED, reference: str = REFERENCE_GPU) -> Grid3:
+    df = read_csv(file)
     d = df[df["op"] == curve]
     if d.empty:
-        raise WorkbenchError(f"compute: no {curve!r} rows in datasets/{MEASURED}")
+        raise WorkbenchError(f"compute: no {curve!r} rows in datasets/{file}")
     prec = "fp8" if curve == "gemm_fp8" else "bf16"
-    peak = gpu(REFERENCE_GPU).peak(prec)
+    peak = gpu(reference).peak(prec)
     pow2 = [GRID] * 3
     d = d[d["m"].isin(pow2[0]) & d["n"].isin(pow2[1]) & d["k"].isin(pow2[2])]
     # shapes measured twice (the grid and the transformer list) are averaged
@@ -77,35 +79,105 @@ def _gemm_grid(curve: str) -> Grid3:
             for k in pow2[2]:
                 e = eff.get((m, n, k))
                 if e is None or e <= 0:
-                    raise WorkbenchError(f"compute: the {curve} grid lacks ({m}, {n}, {k}) in datasets/{MEASURED}")
+                    raise WorkbenchError(f"compute: the {curve} grid lacks ({m}, {n}, {k}) in datasets/{file}")
                 vals.append(math.log(e))
     return Grid3(tuple(tuple(math.log2(v) for v in ax) for ax in pow2), tuple(vals))  # type: ignore[arg-type]
 
 
 @cache
-def _attention_curves() -> dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]:
-    """(op, head_dim, causal) → (log2 seq, efficiency vs the reference bf16 peak)."""
-    df = read_csv(MEASURED)
-    peak = gpu(REFERENCE_GPU).peak("bf16")
+def _attention_curves(files: tuple[tuple[str, str], ...] = ((MEASURED, REFERENCE_GPU),)
+                      ) -> dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]:
+    """(op, head_dim, causal) → (log2 seq, efficiency vs the measuring GPU's bf16 peak).
+
+    `files`: (dataset, GPU it was measured on) in priority order; a sequence length measured in an
+    earlier file is taken from it, longer ones from the next (e.g. the H100's curve to 32K, the
+    H200's beyond: same SMs and clocks).
+    """
+    pts: dict[tuple[str, int, int], dict[float, float]] = {}
+    for file, ref in files:
+        try:
+            df = read_csv(file)
+        except FileNotFoundError:
+            continue
+        peak = gpu(ref).peak("bf16")
+        d = df[df["op"].isin(["attn_fwd", "attn_bwd"])]
+        for key, g in d.groupby(["op", "head_dim", "causal"]):
+            op, hd, causal = key  # type: ignore[misc]
+            k = (str(op), int(float(str(hd))), int(float(str(causal))))
+            have = pts.setdefault(k, {})
+            top = max(have) if have else 0.0
+            mean = g.groupby("seq")["tflops"].mean()
+            for seq, tf in mean.items():
+                if float(seq) > top:  # type: ignore[arg-type]
+                    have[float(seq)] = float(tf) / peak  # type: ignore[arg-type]
     out = {}
-    for key, g in df[df["op"].isin(["attn_fwd", "attn_bwd"])].groupby(["op", "head_dim", "causal"]):
-        op, hd, causal = key  # type: ignore[misc]
-        g = g.sort_values("seq")
-        out[(str(op), int(float(str(hd))), int(float(str(causal))))] = (np.log2(g["seq"].to_numpy(float)), g["tflops"].to_numpy(float) / peak)
+    for k, d2 in pts.items():
+        xs = np.array(sorted(d2))
+        out[k] = (np.log2(xs), np.array([d2[x] for x in sorted(d2)]))
     return out
 
 
 @cache
-def _elementwise_curve() -> tuple[np.ndarray, np.ndarray]:
-    df = read_csv(MEASURED)
+def _elementwise_curve(file: str = MEASURED, reference: str = REFERENCE_GPU) -> tuple[np.ndarray, np.ndarray]:
+    df = read_csv(file)
     g = df[df["op"] == "elementwise"].sort_values("bytes")
-    return np.log2(g["bytes"].to_numpy(float)), g["GBps"].to_numpy(float) / gpu(REFERENCE_GPU).memory_GBps
+    if g.empty:
+        return _elementwise_curve()
+    g = g.groupby("bytes", as_index=False)["GBps"].mean()
+    return np.log2(g["bytes"].to_numpy(float)), g["GBps"].to_numpy(float) / gpu(reference).memory_GBps
+
+
+@dataclass(frozen=True)
+class CurveRow:
+    """Which measured curve a (GPU, precision) uses: file, op, the GPU it was measured on, rescaling, basis."""
+
+    curve: str
+    file: str
+    reference: str
+    max_efficiency: float | None
+    basis: str
+    source: str
+    attention_files: tuple[tuple[str, str], ...]
 
 
 @cache
-def _curve_table() -> dict[tuple[str, str], tuple[str, str, str]]:
+def _curve_table() -> dict[tuple[str, str], CurveRow]:
     df = read_csv("gemm_efficiency.csv")
-    return {(str(r.gpu), str(r.precision)): (str(r.curve), str(r.basis), str(r.source)) for r in df.itertuples()}
+    out = {}
+    for r in df.itertuples():
+        file = str(getattr(r, "file", "") or MEASURED)
+        file = MEASURED if file == "nan" else file
+        ref = str(getattr(r, "reference", "") or REFERENCE_GPU)
+        ref = REFERENCE_GPU if ref == "nan" else ref
+        mx = getattr(r, "max_efficiency", None)
+        mx = None if mx is None or (isinstance(mx, float) and math.isnan(mx)) else float(mx)
+        att = tuple(tuple(x.split("@")) for x in str(getattr(r, "attention", "") or "").split(";") if "@" in x)
+        out[(str(r.gpu), str(r.precision))] = CurveRow(str(r.curve), file, ref, mx, str(r.basis), str(r.source),
+                                                       att or ((file, ref),))  # type: ignore[arg-type]
+    return out
+
+
+@cache
+def _grid_max(curve: str, file: str, reference: str) -> float:
+    return max(math.exp(v) for v in _gemm_grid(curve, file, reference).values)
+
+
+@cache
+def interference_slowdown(gpu_model: str) -> tuple[float, str]:
+    """(fractional GEMM slowdown while an NCCL collective runs beside it, basis).
+
+    From `datasets/interference_measured.csv` (median over shapes, ops and sizes of GEMM time beside
+    / alone); a GPU without rows uses the measured one's figure (basis says so); 0 if none is measured.
+    """
+    try:
+        df = read_csv("interference_measured.csv")
+    except FileNotFoundError:
+        return 0.0, "not measured"
+    mine = df[df["gpu"] == gpu_model]
+    basis = "measured"
+    if mine.empty:
+        mine, basis = df, f"assumption: measured on {', '.join(sorted(set(df['gpu'])))}"
+    return max(float(mine["gemm_slowdown"].median()) - 1.0, 0.0), basis
 
 
 class DeviceModel:
@@ -123,8 +195,12 @@ class DeviceModel:
                 have = sorted(p for (g, p) in _curve_table() if g == spec.model)
                 raise WorkbenchError(f"precision: no {precision} GEMM curve for {spec.model} in "
                                      f"datasets/gemm_efficiency.csv (have: {', '.join(have) or 'none'})")
-            self.curve, self.basis = hit[0], hit[1]
+            self.row = hit
+            self.curve, self.basis = hit.curve, hit.basis
             self.peak_flops = spec.peak(precision) * 1e12
+            self._scale = 1.0
+            if hit.max_efficiency is not None:
+                self._scale = hit.max_efficiency / _grid_max(hit.curve, hit.file, hit.reference)
         # attention runs in bf16/fp16 (fp32 for fp32 training) whatever the GEMM precision
         attn_prec = "fp32" if precision == "fp32" else "bf16"
         self.attn_peak = (spec.peak("fp32") if spec.is_cpu else spec.peak(attn_prec if attn_prec in dict(
@@ -136,22 +212,40 @@ class DeviceModel:
         flops = 2.0 * m * n * k * count
         if self.spec.is_cpu:
             return flops / self.peak_flops
-        eff = _gemm_grid(self.curve).at(m, n, k)
+        r = self.row
+        eff = _gemm_grid(self.curve, r.file, r.reference).at(m, n, k) * self._scale
         return flops / (self.peak_flops * eff)
 
+    def bmm_seconds(self, m: int, n: int, k: int, count: int = 1, elem: int = 2) -> float:
+        """A batched GEMM (e.g. QKᵀ of unfused attention): the GEMM curve, floored by its HBM traffic
+        (inputs read and output written once at the elementwise bandwidth): small-k batched GEMMs that
+        write an s×s matrix are memory-bound."""
+        t = self.gemm_seconds(m, n, k, count)
+        return max(t, self.memory_seconds(float(elem) * (m * k + k * n + m * n) * count))
+
     def attention_seconds(self, flops: float, seq: int, head_dim: int, causal: bool = True,
-                          backward: bool = False) -> float:
-        """Seconds for flash attention doing `flops` useful FLOPs (backward: pass the forward's FLOPs × 2.5)."""
+                          backward: bool = False, cap: float | None = None) -> float:
+        """Seconds for flash attention doing `flops` useful FLOPs (backward: pass the forward's FLOPs × 2.5);
+        `cap`: an older kernel's best fraction of peak (the measured curve is today's SDPA)."""
         if flops <= 0:
             return 0.0
         if self.spec.is_cpu:
             return flops / self.attn_peak
-        curves = _attention_curves()
+        curves = _attention_curves(() if self.spec.is_cpu else self.row.attention_files) or _attention_curves()
         hd = 128 if head_dim > 96 else 64
         key = ("attn_bwd" if backward else "attn_fwd", hd, int(causal))
-        xs, ys = curves[key]
+        xs, ys = curves[key] if key in curves else _attention_curves()[key]
         eff = float(np.interp(math.log2(max(seq, 1)), xs, ys))
+        if cap is not None:
+            eff = min(eff, cap)
         return flops / (self.attn_peak * eff)
+
+    def attention_max_seq(self) -> float:
+        """The longest sequence length with a measured attention point (beyond it the curve is clamped)."""
+        if self.spec.is_cpu:
+            return float("inf")
+        curves = _attention_curves(self.row.attention_files) or _attention_curves()
+        return float(2 ** max(xs.max() for xs, _ in curves.values()))
 
     def memory_seconds(self, nbytes: float, size_hint: float | None = None) -> float:
         """Seconds for a memory-bound op moving `nbytes` (efficiency from the elementwise curve at `size_hint`)."""
@@ -159,7 +253,7 @@ class DeviceModel:
             return 0.0
         if self.spec.is_cpu:
             return nbytes / self.mem_Bps
-        xs, ys = _elementwise_curve()
+        xs, ys = _elementwise_curve(self.row.file, self.row.reference)
         eff = float(np.interp(math.log2(max(size_hint or nbytes, 1.0)), xs, ys))
         return nbytes / (self.mem_Bps * eff)
 

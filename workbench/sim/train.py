@@ -39,6 +39,7 @@ from workbench.errors import WorkbenchError
 from workbench.models.costs import (
     activation_bytes_per_token,
     attention_core_flops,
+    attention_score_bytes_per_token,
     backward_gemms,
     elementwise_bytes_per_token,
     layer_gemms,
@@ -51,12 +52,13 @@ from workbench.plan.spec import Plan
 from workbench.plan.validate import gpus_per_node, problem, split_layers
 from workbench.sim.compute import DeviceModel, device_model
 from workbench.sim.train_schedule import in_flight_stages, pipeline_times
+from workbench.sim.train_stack import DEFAULT_STACK, Stack, load_stack
 from workbench.topology.model import Cluster
 
 GiB = 1024**3
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "buffers")
 BREAKDOWN = ("forward", "backward", "recompute", "tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "offload",
-             "pipeline_bubble", "dp_comm", "embedding_sync", "optimizer", "param_gather")
+             "pp_comm", "pipeline_bubble", "dp_comm", "embedding_sync", "optimizer", "param_gather")
 
 
 def _elem(precision: str) -> int:
@@ -170,6 +172,19 @@ class TrainContext:
             self._coll[key] = hit
         return hit
 
+    def slowdown(self, rank: int, stack: Stack) -> float:
+        """Fractional compute slowdown while communication kernels run beside it: the stack's SM share
+        for communication if it reserves one (1/(1 − share) − 1), else the measured GEMM slowdown beside
+        an NCCL collective (`datasets/interference_measured.csv`)."""
+        if stack.comm_sm_fraction is not None:
+            return 1.0 / (1.0 - stack.comm_sm_fraction) - 1.0
+        spec = self.spec_of(rank)
+        if spec.is_cpu:
+            return 0.0
+        from workbench.sim.compute import interference_slowdown
+
+        return interference_slowdown(spec.model)[0]
+
     def pcie_Bps(self, rank: int) -> float:
         from workbench.topology.catalogue import node_link
 
@@ -194,21 +209,33 @@ def _groups_of(tp: int, cp: int, dp: int, pp: int, ep: int, stage: int) -> dict[
     }
 
 
+_COLPAR = ("qkv", "q", "q_down", "kv_down", "ffn_up", "shared_up", "router")  # GEMMs fed by the (SP-gathered) hidden
+
+
+def _overlap(comm: float, compute: float, slow: float) -> tuple[float, float]:
+    """(exposed communication, extra compute time) when `comm` runs beside `compute`: the part of the
+    communication longer than the compute is exposed; the compute it overlaps is slowed by `slow`
+    (fractional GEMM slowdown beside a collective, measured)."""
+    return max(0.0, comm - compute), slow * min(comm, compute)
+
+
 def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dict[str, tuple[int, ...]]) -> tuple:
-    """(fwd parts, bwd parts, recompute parts, non-expert params, expert params, act bytes, full act bytes,
-    grad-comm bytes) of one layer per micro-batch on a rank."""
+    """(fwd parts, bwd parts, recompute parts, non-expert params, expert params, act bytes, full act bytes)
+    of one layer per micro-batch on a rank."""
     m = ctx.model
     tp, cp, ep = plan.tp or 1, plan.cp or 1, plan.ep or 1
     sp = bool(plan.sp) and tp > 1
     prec = str(plan.precision)
     spec = ctx.spec_of(rank)
+    st = load_stack(plan.stack)
     key = (kind, spec, plan.tp, plan.cp, plan.ep, sp, prec, plan.mbs, plan.recompute, plan.zero, groups["tp"],
-           groups["ep"], groups["cp"], groups["dp"], groups["edp"], plan.dp)
+           groups["ep"], groups["cp"], groups["dp"], groups["edp"], plan.dp, st.name)
     hit = ctx._layer.get(key)
     if hit is not None:
         return hit
     dm: DeviceModel = device_model(spec, prec)
     dma = device_model(spec, "fp32" if prec == "fp32" else ("bf16" if prec in ("fp8",) else prec))
+    slow = ctx.slowdown(rank, st)
     elem = _elem(prec)
     b = plan.mbs or 1
     tokens = b * m.seq // cp
@@ -216,47 +243,106 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
     bw: dict[str, float] = {}
     rc: dict[str, float] = {}
     gemms = layer_gemms(m, kind, tokens, tp, ep)
-    f_g = sum(dm.gemm_seconds(g.m, g.n, g.k, g.count) for g in gemms)
-    b_g = sum(dm.gemm_seconds(x.m, x.n, x.k, x.count) for g in gemms for x in backward_gemms(g))
+    imb = st.expert_imbalance
+    gw = [imb if g.name.startswith("expert") else 1.0 for g in gemms]
+    f_g = sum(w * dm.gemm_seconds(g.m, g.n, g.k, g.count) for g, w in zip(gemms, gw))
+    dgrad = [w * dm.gemm_seconds(*_mnk(backward_gemms(g)[0])) for g, w in zip(gemms, gw)]
+    wgrad = [w * dm.gemm_seconds(*_mnk(backward_gemms(g)[1])) for g, w in zip(gemms, gw)]
+    b_g = sum(dgrad) + sum(wgrad)
     heads = m.heads // tp
-    attn_flops = attention_core_flops(m, b * m.seq // cp, m.seq, heads) * 0.5  # causal: half the square
     hd = m.qk_head_dim
-    kernel_seq = m.seq // cp  # with CP the kernels run on blocks of seq/cp queries and keys
-    f_a = dma.attention_seconds(attn_flops, kernel_seq, hd, True)
-    b_a = dma.attention_seconds(2.5 * attn_flops, kernel_seq, hd, True, backward=True)
-    ew = elementwise_bytes_per_token(m, kind, tp, sp, elem) * tokens
+    vd = m.v_head_dim if m.is_mla else m.head_dim
+    if st.attention == "flash":
+        attn_flops = attention_core_flops(m, b * m.seq // cp, m.seq, heads) * 0.5  # causal: half the square
+        # ring CP: kernels on blocks of seq/cp queries and keys; all-gather CP: local queries against all keys
+        kernel_seq = m.seq if (cp > 1 and st.cp_exchange == "all_gather") else m.seq // cp
+        cap = st.attention_efficiency_cap
+        f_a = dma.attention_seconds(attn_flops, kernel_seq, hd, True, cap=cap)
+        b_a = dma.attention_seconds(2.5 * attn_flops, kernel_seq, hd, True, backward=True, cap=cap)
+    else:  # unfused: QKᵀ and AV over the full square (the causal mask saves nothing), softmax and dropout in HBM
+        q, kv, cnt = m.seq // cp, m.seq, b * heads
+        qk = dma.bmm_seconds(q, kv, hd, cnt, elem)
+        av = dma.bmm_seconds(q, vd, kv, cnt, elem)
+        sq = float(cnt) * q * kv
+        ew_f = sq * (2 * elem + ((2 * elem + 1) if m.dropout else 0))  # softmax r/w; dropout r/w + mask
+        ew_b = sq * (3 * elem + ((2 * elem + 1) if m.dropout else 0))  # softmax bwd (y, dy -> dx); dropout bwd
+        f_a = qk + av + dma.memory_seconds(ew_f)
+        b_a = (dma.bmm_seconds(q, hd, kv, cnt, elem) + dma.bmm_seconds(kv, hd, q, cnt, elem)
+               + dma.bmm_seconds(q, kv, vd, cnt, elem) + dma.bmm_seconds(kv, vd, q, cnt, elem) + dma.memory_seconds(ew_b))
+    ew = elementwise_bytes_per_token(m, kind, tp, sp, elem, st.elementwise) * tokens
     f_e = dm.memory_seconds(ew, ew / 8)
     f["forward"] = f_g + f_a + f_e
     bw["backward"] = b_g + b_a + 2 * f_e
-    # tensor parallelism (exposed)
+    # tensor parallelism
     full = tokens * m.hidden * elem
     if tp > 1:
+        colpar = [i for i, g in enumerate(gemms) if g.name in _COLPAR]
+        dg_col = sum(dgrad[i] for i in colpar)
+        wg_col = sum(wgrad[i] for i in colpar)
         if sp:
-            t_comm = 2 * ctx.coll("all_gather", full, groups["tp"]) + 2 * ctx.coll("reduce_scatter", full, groups["tp"])
+            ag, rs = ctx.coll("all_gather", full, groups["tp"]), ctx.coll("reduce_scatter", full, groups["tp"])
+            t_f = 2 * ag + 2 * rs  # AG before QKV and FC1, RS after the projection and FC2
+            # backward: AG of the row-parallel outputs' gradients (exposed); the input re-gathered for the
+            # weight gradient beside the dgrad GEMM and the input-gradient RS beside the wgrad GEMM
+            # (Megatron's LinearWithGradAccumulationAndAsyncCommunication)
+            e1, x1 = _overlap(2 * ag, dg_col, slow)
+            e2, x2 = _overlap(2 * rs, wg_col, slow)
+            t_b, extra_b = 2 * ag + e1 + e2, x1 + x2
         else:
-            t_comm = 2 * ctx.coll("all_reduce", full, groups["tp"])
-        f["tp_comm"] = t_comm
-        bw["tp_comm"] = t_comm
+            ar = ctx.coll("all_reduce", full, groups["tp"])
+            t_f = 2 * ar
+            if st.tp_async_backward:  # the input-gradient all-reduce beside the wgrad GEMM
+                e, extra_b = _overlap(2 * ar, wg_col, slow)
+                t_b = e
+            else:
+                t_b, extra_b = 2 * ar, 0.0
+        if st.tp_overlap:  # userbuffers: every TP collective beside the GEMM it feeds or follows
+            t_f, x_f = _overlap(t_f, f_g, slow)
+            t_b, x_b = _overlap(t_b, b_g, slow)
+            f["forward"] += x_f
+            extra_b += x_b
+        f["tp_comm"] = t_f
+        bw["tp_comm"] = t_b
+        bw["backward"] += extra_b
     # expert parallelism: dispatch + combine all-to-all, forward and backward
     if kind == "moe" and ep > 1:
-        a2a = (tokens // (tp if sp else 1)) * m.top_k * m.hidden * elem
-        t = 2 * ctx.coll("all_to_all", a2a, groups["ep"])
-        f["ep_comm"] = t
-        bw["ep_comm"] = t
-    # context parallelism: ring exchange of K and V, overlapped with the attention it feeds
+        per_tok = (tokens // (tp if sp else 1)) * m.top_k * m.hidden
+        disp_b = st.dispatch_bytes if st.dispatch_bytes is not None else elem
+        nodes = max(1, len(groups["ep"]) * tp // max(ctx.node_gpus, 1))
+        cross = 1.0
+        local = 0.0
+        if st.node_limit and nodes > 1:
+            # each token crosses the fabric once per destination node (at most node_limit of them),
+            # then is forwarded to its experts over NVLink inside the node
+            cross = min(st.node_limit, nodes, m.top_k) / m.top_k
+            node_grp = groups["ep"][:max(1, min(len(groups["ep"]), ctx.node_gpus // tp))]
+            local = ctx.coll("all_to_all", per_tok * (disp_b + elem), node_grp)
+        a2a = imb * (ctx.coll("all_to_all", per_tok * disp_b * cross, groups["ep"])
+                     + ctx.coll("all_to_all", per_tok * elem * cross, groups["ep"])) + local
+        f["ep_comm"] = a2a
+        bw["ep_comm"] = a2a
+    # context parallelism
     if cp > 1:
         kv_w = m.heads * (m.qk_head_dim + (m.v_head_dim if m.is_mla else m.head_dim)) if m.is_mla else 2 * m.kv_dim
         chunk = tokens * kv_w // tp * elem
-        pair = (groups["cp"][0], groups["cp"][1])
-        step = ctx.coll("send_recv", chunk, pair)
-        f["cp_comm"] = (cp - 1) * max(0.0, step - f_a / cp)
-        bw["cp_comm"] = (cp - 1) * max(0.0, 2 * step - b_a / cp)
+        if st.cp_exchange == "all_gather":  # K/V gathered before attention, dK/dV reduce-scattered after: exposed
+            ag = ctx.coll("all_gather", chunk * cp, groups["cp"])
+            f["cp_comm"] = ag
+            bw["cp_comm"] = ag + ctx.coll("reduce_scatter", chunk * cp, groups["cp"])
+        else:  # ring: cp − 1 steps, each beside the attention block it feeds
+            pair = (groups["cp"][0], groups["cp"][1])
+            step = ctx.coll("send_recv", chunk, pair)
+            ef, xf = _overlap((cp - 1) * step, f_a * (cp - 1) / cp, slow)
+            eb, xb = _overlap((cp - 1) * 2 * step, b_a * (cp - 1) / cp, slow)
+            f["cp_comm"], bw["cp_comm"] = ef, eb
+            f["forward"] += xf
+            bw["backward"] += xb
     # recomputation
     if plan.recompute == "full":
         for k, v in f.items():
             rc["recompute" if k == "forward" else k] = v
-    elif plan.recompute == "selective":
-        rc["recompute"] = f_e
+    elif plan.recompute == "selective":  # Megatron: the attention core (QKᵀ, softmax, dropout, AV) again
+        rc["recompute"] = f_a
     pc = ctx.pc
     if kind == "dense":
         ne, ex = pc.dense_layer / tp, 0.0
@@ -270,15 +356,26 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         g_ne, g_ex = groups["dp"], groups["edp"]
         ag = ctx.coll("all_gather", ne * wbytes, g_ne) + ctx.coll("all_gather", ex * wbytes, g_ex)
         rs = ctx.coll("reduce_scatter", ne * gbytes, g_ne) + ctx.coll("reduce_scatter", ex * gbytes, g_ex)
-        f["fsdp_comm"] = max(0.0, ag - f["forward"])
-        bw["fsdp_comm"] = max(0.0, ag + rs - bw["backward"])
+        f["fsdp_comm"], xf = _overlap(ag, f["forward"], slow)
+        bw["fsdp_comm"], xb = _overlap(ag + rs, bw["backward"], slow)
+        f["forward"] += xf
+        bw["backward"] += xb
         if plan.recompute == "full":
             rc["fsdp_comm"] = f["fsdp_comm"]
     act = activation_bytes_per_token(m, kind, tp, sp, str(plan.recompute), elem) * tokens
     act_full = activation_bytes_per_token(m, kind, tp, sp, "none", elem) * tokens
+    if st.attention == "unfused":
+        scores = attention_score_bytes_per_token(m, tp, m.seq, elem) * tokens
+        act_full += scores
+        if plan.recompute == "none":
+            act += scores
     out = (f, bw, rc, ne, ex, act, act_full)
     ctx._layer[key] = out
     return out
+
+
+def _mnk(g: Any) -> tuple[int, int, int, int]:
+    return g.m, g.n, g.k, g.count
 
 
 def _stage_costs(ctx: TrainContext, plan: Plan) -> list[StageCost]:
@@ -292,7 +389,7 @@ def _stage_costs(ctx: TrainContext, plan: Plan) -> list[StageCost]:
     out: list[StageCost] = []
     start = 0
     pkey = (plan.tp, plan.cp, plan.dp, plan.ep, plan.sp, plan.precision, plan.mbs, plan.recompute, plan.zero,
-            plan.offload, pp * v)
+            plan.offload, pp * v, plan.stack)
     for vs in range(pp * v):
         kinds = ctx.kinds[start:start + counts[vs]]
         start += counts[vs]
@@ -372,6 +469,8 @@ def _memory(ctx: TrainContext, plan: Plan, costs: list[StageCost], stage: int, h
     w_b = {"fp32": 4.0, "fp8": 3.0}.get(prec, 2.0)  # fp8: bf16 weights + an fp8 copy
     g_b = 4.0
     o_b = 8.0 if prec == "fp32" else 12.0  # Adam m, v (+ fp32 master copy for mixed precision)
+    if load_stack(plan.stack).schedule == "dualpipe":  # two copies of the stage's parameters (DeepSeek-V3 Table 2)
+        ne, ex = 2 * ne, 2 * ex
     weights = ne * w_b / (shard_ne if z >= 3 else 1) + ex * w_b / (shard_ex if z >= 3 else 1)
     grads = ne * g_b / (shard_ne if z >= 2 else 1) + ex * g_b / (shard_ex if z >= 2 else 1)
     optim = ne * o_b / (shard_ne if z >= 1 else 1) + ex * o_b / (shard_ex if z >= 1 else 1)
@@ -429,9 +528,35 @@ def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: 
     return sync, emb, opt, ag
 
 
+def _dualpipe_pairs(costs: list[StageCost], fdur: np.ndarray, bdur: np.ndarray, fsend: np.ndarray, bsend: np.ndarray,
+                    slow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """DualPipe's overlapped forward+backward pair per stage: (forward without its all-to-all, backward
+    + the communication the pair's compute could not hide + the slowdown of the compute it overlapped,
+    exposed communication, that slowdown)."""
+    ep_f = np.array([c.parts_f.get("ep_comm", 0.0) for c in costs])
+    ep_b = np.array([c.parts_b.get("ep_comm", 0.0) for c in costs])
+    comm = ep_f + ep_b + fsend + bsend
+    compute = fdur + bdur - ep_f - ep_b
+    exposed = np.maximum(comm - compute, 0.0)
+    extra = slow * np.minimum(comm, compute)
+    return fdur - ep_f, bdur - ep_b + exposed + extra, exposed, extra
+
+
 def _fill_defaults(plan: Plan) -> Plan:
     return plan.with_defaults(sp=True, vpp=1, ep=1, cp=1, zero=1, recompute="none", mbs=1, precision="bf16",
-                              offload=False)
+                              offload=False, stack=DEFAULT_STACK)
+
+
+def _stack_problem(plan: Plan, st: Stack) -> str | None:
+    if st.schedule == "dualpipe":
+        if (plan.pp or 1) % 2:
+            return f"plan.pp: DualPipe (stack {st.name}) needs an even number of stages, got pp={plan.pp}"
+        if (plan.vpp or 1) != 1:
+            return f"plan.vpp: DualPipe (stack {st.name}) runs two chunks per stage itself; use vpp=1, got {plan.vpp}"
+        if plan.micro_batches < 2 * (plan.pp or 1):
+            return (f"plan.gbs: DualPipe (stack {st.name}) needs at least 2·pp = {2 * (plan.pp or 1)} micro-batches, "
+                    f"got {plan.micro_batches}")
+    return None
 
 
 def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, plan: Plan | None = None,
@@ -446,6 +571,10 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     assert plan is not None
     plan = _fill_defaults(plan)
     why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, ctx.precisions())
+    if why:
+        raise WorkbenchError(why)
+    stk = load_stack(plan.stack)
+    why = _stack_problem(plan, stk)
     if why:
         raise WorkbenchError(why)
     if plan.offload and ctx.is_cpu:
@@ -469,6 +598,8 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
             statics.append(_memory(ctx, plan, costs, st, 1))
         cls[st] = k
     held = in_flight_stages(pp, v, nmb)
+    if stk.schedule == "dualpipe":  # DeepSeek-V3 Table 2: PP + 1 micro-batches' activations on every device
+        held = np.full(pp, min(pp + 1, nmb))
     if plan.offload:
         held = np.minimum(held, 2)
     act = np.array([c.act_bytes for c in costs]).reshape(v, pp).max(axis=0)
@@ -491,24 +622,48 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
         return TrainEstimate(plan=plan, step_seconds=nan, tokens_per_s=nan, tflops_per_gpu=nan, mfu=nan,
                              memory=mem_of(worst), capacity=cap, fits=False, breakdown={}, binding_stage=worst,
                              model_flops=nan, hardware_flops=nan)
-    # pipeline sends
+    # pipeline sends (without SP, Megatron's scatter/gather sends 1/tp and all-gathers it over NVLink)
     tokens = (plan.mbs or 1) * m.seq // cp
-    send_bytes = tokens * m.hidden * elem / (tp if (plan.sp and tp > 1) else 1)
+    full_act = tokens * m.hidden * elem
+    split = tp > 1 and (bool(plan.sp) or stk.p2p_scatter_gather)
+    send_bytes = full_act / (tp if split else 1)
     pv = pp * v
     fsend = np.zeros(pv)
     bsend = np.zeros(pv)
+    regather = ctx.coll("all_gather", full_act, tuple(range(tp))) if (split and not plan.sp) else 0.0
     if pp > 1 and ctx.homogeneous:
-        fsend[:] = bsend[:] = ctx.coll("send_recv", send_bytes, (0, tp * cp * dp))
+        fsend[:] = bsend[:] = ctx.coll("send_recv", send_bytes, (0, tp * cp * dp)) + regather
     elif pp > 1:
         for vs in range(pv):
             s, s2 = vs % pp, (vs + 1) % pp
             r1, r2 = s * tp * cp * dp, s2 * tp * cp * dp
-            t = ctx.coll("send_recv", send_bytes, (r1, r2))
+            t = ctx.coll("send_recv", send_bytes, (r1, r2)) + regather
             fsend[vs] = t
             bsend[(vs + 1) % pv] = t
     fdur = np.array([c.fwd for c in costs])
     bdur = np.array([c.bwd for c in costs])
-    stage_end, last_bs, last_be = pipeline_times(pp, v, nmb, fdur, bdur, fsend, bsend, exact=detail)
+    # Megatron's 1F1B sends with a blocking batched isend/irecv (the sender waits); the interleaved schedule
+    # overlaps them when the stack does (overlap_p2p_comm). A blocking send occupies the sending stage.
+    blocking = pp > 1 and stk.schedule == "1f1b" and (v == 1 or not stk.p2p_overlap)
+    fadd = np.zeros(pv)
+    badd = np.zeros(pv)
+    if blocking:
+        fadd[:-1] = fsend[:-1]
+        badd[1:] = bsend[1:]
+        fdur, bdur = fdur + fadd, bdur + badd
+        fsend, bsend = np.zeros(pv), np.zeros(pv)
+    if stk.schedule == "dualpipe":
+        # DeepSeek-V3 s3.2.1 / Table 2: a forward and a backward chunk of two micro-batches run as one
+        # overlapped pair (the EP all-to-all and PP sends hide behind the other chunk's compute, on SMs
+        # reserved for communication); bubble (PP/2 − 1)(F&B + B − 3W) with B ≈ W ≈ b/2 → (PP/2 − 1)·F
+        fdur, bdur, dp_exposed, dp_extra = _dualpipe_pairs(costs, fdur, bdur, fsend, bsend, ctx.slowdown(0, stk))
+        per_mb = fdur + bdur
+        total = float(np.max(per_mb) * nmb + (pp / 2 - 1) * np.max(fdur))
+        stage_end = np.full(pp, total)
+        last_be = np.full(pv, total)
+        last_bs = total - bdur
+    else:
+        stage_end, last_bs, last_be = pipeline_times(pp, v, nmb, fdur, bdur, fsend, bsend, exact=detail)
     # data-parallel gradient sync (bucketed per layer, overlapped with the last backward), optimizer, param gather
     sync_cache: dict[tuple[int, bool], tuple[np.ndarray, float, float, float]] = {}
     sync = np.zeros((v, pp))
@@ -536,7 +691,13 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
         dur = np.take_along_axis(dur, order, axis=0)
         suffix = np.cumsum(dur[::-1], axis=0)[::-1]  # work still queued from bucket k on
         stream_end = np.max(ready + suffix, axis=0)  # single comm stream: max_k(ready_k + remaining work)
-    dp_tail = np.maximum(0.0, stream_end - stage_end)
+    if stk.dp_overlap:
+        dp_tail = np.maximum(0.0, stream_end - stage_end)
+        # the part of the gradient reduction that ran beside the backward slowed it (measured interference)
+        hidden = np.maximum(sync.sum(axis=0) - dp_tail, 0.0)
+        dp_tail = dp_tail + ctx.slowdown(0, stk) * hidden
+    else:  # local DDP: the gradients are reduced after the backward pass, nothing overlaps
+        dp_tail = sync.sum(axis=0)
     first_fwd = np.array([costs[st].fwd for st in range(pp)])
     gather = np.maximum(0.0, ag - first_fwd)
     step_by_stage = stage_end + dp_tail + emb + opt + gather
@@ -551,6 +712,11 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
             bd[part] += t * nmb
         for part, t in sc.parts_b.items():
             bd[part] += t * nmb
+    if blocking:
+        bd["pp_comm"] = nmb * float(sum(fadd[c * pp + crit] + badd[c * pp + crit] for c in range(v)))
+    if stk.schedule == "dualpipe":
+        bd["ep_comm"] = nmb * float(dp_exposed[crit])
+        bd["backward"] += nmb * float(dp_extra[crit])
     busy = sum(bd.values())
     bd["pipeline_bubble"] = max(0.0, float(stage_end[crit]) - busy)
     bd["dp_comm"], bd["embedding_sync"], bd["optimizer"], bd["param_gather"] = tails[crit]
@@ -558,9 +724,9 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     mf = model_flops_per_token(m) * tokens_step
     hf = mf
     if plan.recompute == "full":
-        pc = ctx.pc
         hf += mf / 3 - 2.0 * m.vocab * m.hidden * tokens_step
-        _ = pc
+    elif plan.recompute == "selective":  # the attention core's forward again
+        hf += m.layers * attention_core_flops(m, 1, m.seq, m.heads) * tokens_step
     peak = ctx.spec_of(0).peak(prec if prec in dict(ctx.spec_of(0).peak_tflops) else "bf16") * 1e12
     est = TrainEstimate(
         plan=plan, step_seconds=step, tokens_per_s=tokens_step / step, tflops_per_gpu=hf / step / ctx.world / 1e12,
@@ -569,7 +735,8 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
         memory_by_stage=tuple(mem_of(st) for st in range(pp)) if detail else (),
     )
     if detail:
-        return est, {"costs": costs, "fsend": fsend, "bsend": bsend, "tails": tails, "ctx": ctx}
+        return est, {"costs": costs, "fsend": fsend, "bsend": bsend, "tails": tails, "ctx": ctx, "fdur": fdur,
+                     "bdur": bdur, "blocking": fadd + badd if blocking else None}
     return est
 
 
@@ -615,7 +782,7 @@ def complete_plan(ctx: TrainContext, plan: Plan) -> Plan:
         plan = plan.with_defaults(ep=1)
     if plan.sp is None and plan.tp is not None:
         plan = plan.with_defaults(sp=plan.tp > 1)
-    plan = plan.with_defaults(cp=1, vpp=1, zero=1, recompute="none", mbs=1, offload=False)
+    plan = plan.with_defaults(cp=1, vpp=1, zero=1, recompute="none", mbs=1, offload=False, stack=DEFAULT_STACK)
     missing = plan.missing
     if missing:
         raise WorkbenchError(f"plan.{missing[0]}: not set; give it, or let workbench.simulate search for it")
@@ -635,8 +802,7 @@ def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
     pp, v, tp, cp, dp = p.pp or 1, p.vpp or 1, p.tp or 1, p.cp or 1, p.dp or 1
     m = p.micro_batches
     costs: list[StageCost] = det["costs"]
-    fdur = np.array([c.fwd for c in costs])
-    bdur = np.array([c.bwd for c in costs])
+    fdur, bdur = det["fdur"], det["bdur"]
     fstart, fend, bstart, bend, clock = run_schedule(pp, v, m, fdur, bdur, det["fsend"], det["bsend"])
     rows: list[dict[str, Any]] = []
     tp_ops = ("all_gather", "reduce_scatter") if (p.sp and tp > 1) else ("all_reduce",)
@@ -665,9 +831,14 @@ def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
                                      "group": part.split("_")[0]})
                         t += d
                 send = det["fsend"][vs] if which == "forward" else det["bsend"][vs]
+                blocked = 0.0
+                if det["blocking"] is not None:  # a blocking send: the op's last part
+                    fb = det["blocking"]
+                    blocked = send = float(fb[vs]) if which == "forward" and vs < pp * v - 1 else (
+                        float(fb[vs]) if which == "backward" and vs > 0 else 0.0)
                 last = (which == "forward" and vs == pp * v - 1) or (which == "backward" and vs == 0)
                 if pp > 1 and not last and send > 0:
-                    end = float((fend if which == "forward" else bend)[vs, mb])
+                    end = float((fend if which == "forward" else bend)[vs, mb]) - blocked
                     nbytes = (p.mbs or 1) * ctx.model.seq // cp * ctx.model.hidden * elem // (tp if p.sp else 1)
                     rows.append({**base, "kind": "transfer", "op": "send_recv", "bytes": nbytes, "start": end,
                                  "end": end + send, "group": "pp"})

@@ -1,0 +1,204 @@
+"""Long-context attention and comm/compute interference on one host -> CSVs (microbenchmark data).
+
+Two measurements the training simulator needs beyond `gemm_sweep.py`:
+
+* `attention`: flash attention (SDPA, bf16, causal, head_dim 128) forward and backward times from
+  seq 4096 to 131072 on one GPU, and the unfused attention core (two batched GEMMs over the
+  full s x s square, softmax, dropout) at the shapes of a 2021 Megatron layer;
+* `interference`: a bf16 GEMM's throughput alone, and beside an NCCL all-reduce or all-gather in
+  flight on another stream, on every rank (run under torchrun with 2+ GPUs); also the collective's
+  bus bandwidth alone and beside the GEMM.
+
+Usage (on a GPU machine):
+
+    python3 benchmarks/fidelity_sweep.py attention --out attention.csv [--budget-s 60]
+    torchrun --nproc-per-node 2 benchmarks/fidelity_sweep.py interference --out interference.csv
+
+Timing: CUDA events, median over repetitions (see `gemm_sweep.timed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def timed(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def source_of(extra: str) -> str:
+    return (f"measured: {torch.cuda.get_device_name(0)}, torch {torch.__version__} CUDA {torch.version.cuda}, "
+            f"'{extra}' (CUDA-event median)")
+
+
+def _flash_times(batch: int, heads: int, seq: int, d: int, reps: int) -> tuple[float, float]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        fwd = timed(lambda: sdpa(q, k, v, is_causal=True), reps)
+        out = sdpa(q, k, v, is_causal=True)
+        g = torch.randn_like(out)
+        bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
+    return fwd, bwd
+
+
+def _unfused_times(b: int, heads: int, seq: int, d: int) -> tuple[float, float, float, float]:
+    q = torch.randn(b * heads, seq, d, device="cuda", dtype=torch.bfloat16)
+    kt = torch.randn(b * heads, d, seq, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b * heads, seq, d, device="cuda", dtype=torch.bfloat16)
+    s_ = torch.bmm(q, kt)
+    return (timed(lambda: torch.bmm(q, kt)), timed(lambda: torch.softmax(s_, dim=-1)),
+            timed(lambda: torch.nn.functional.dropout(s_, 0.1, training=True)), timed(lambda: torch.bmm(s_, v)))
+
+
+def attention(args: argparse.Namespace) -> int:
+    src = source_of("python3 benchmarks/fidelity_sweep.py attention")
+    t0 = time.perf_counter()
+    fields = ["op", "dtype", "batch", "heads", "seq", "kv_seq", "head_dim", "causal", "seconds", "tflops", "source"]
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        d = 128
+        for seq in (4096, 8192, 16384, 32768, 65536, 131072):
+            if time.perf_counter() - t0 > args.budget_s:
+                break
+            heads = 8 if seq <= 32768 else 4
+            batch = max(1, 32768 // seq)
+            flops = 4 * batch * heads * seq * seq * d * 0.5
+            fwd, bwd = _flash_times(batch, heads, seq, d, 5 if seq <= 32768 else 2)
+            common = dict(dtype="bf16", batch=batch, heads=heads, seq=seq, kv_seq=seq, head_dim=d, causal=1, source=src)
+            w.writerow(dict(op="attn_fwd", seconds=f"{fwd:.4e}", tflops=f"{flops / fwd / 1e12:.2f}", **common))
+            w.writerow(dict(op="attn_bwd", seconds=f"{bwd:.4e}", tflops=f"{2.5 * flops / bwd / 1e12:.2f}", **common))
+            f.flush()
+            torch.cuda.empty_cache()
+        # unfused attention core (Megatron 2021): QK^T and AV as batched GEMMs over the full square,
+        # scale-mask-softmax and dropout as separate memory-bound kernels (fp16/bf16 s x s tensors)
+        for seq, heads in ((2048, 12), (2048, 20), (4096, 16)):
+            b = 2
+            t_qk, t_sm, t_do, t_av = _unfused_times(b, heads, seq, d)
+            fl = 2.0 * b * heads * seq * seq * d
+            common = dict(dtype="bf16", batch=b, heads=heads, seq=seq, kv_seq=seq, head_dim=d, causal=0, source=src)
+            w.writerow(dict(op="bmm_qk", seconds=f"{t_qk:.4e}", tflops=f"{fl / t_qk / 1e12:.2f}", **common))
+            w.writerow(dict(op="bmm_av", seconds=f"{t_av:.4e}", tflops=f"{fl / t_av / 1e12:.2f}", **common))
+            w.writerow(dict(op="softmax", seconds=f"{t_sm:.4e}", tflops="", **common))
+            w.writerow(dict(op="dropout", seconds=f"{t_do:.4e}", tflops="", **common))
+            f.flush()
+    print(f"attention rows in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    return 0
+
+
+def interference(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    src = source_of(f"torchrun --nproc-per-node {world} benchmarks/fidelity_sweep.py interference")
+    comp, comm = torch.cuda.Stream(), torch.cuda.Stream()
+    rows = []
+    shapes = ((8192, 8192, 8192), (4096, 4096, 4096), (8192, 2304, 16384), (8192, 16384, 6656))
+    for nbytes in (64 << 20, 512 << 20):
+        for op in ("all_reduce", "all_gather"):
+            n = nbytes // 2
+            if op == "all_reduce":
+                buf = torch.ones(n, device=dev, dtype=torch.bfloat16)
+
+                def coll(buf=buf):
+                    dist.all_reduce(buf)
+            else:
+                out = torch.empty(n, device=dev, dtype=torch.bfloat16)
+                inp = torch.ones(n // world, device=dev, dtype=torch.bfloat16)
+
+                def coll(out=out, inp=inp):
+                    dist.all_gather_into_tensor(out, inp)
+            for m, nn, k in shapes:
+                a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                b = torch.randn(k, nn, device=dev, dtype=torch.bfloat16)
+                gemm_reps = 30
+
+                def gemms(a=a, b=b, reps=gemm_reps):
+                    for _ in range(reps):
+                        torch.matmul(a, b)
+
+                # alone
+                dist.barrier()
+                torch.cuda.synchronize()
+                g_alone = timed(gemms, 3) / gemm_reps
+                dist.barrier()
+                c_alone = timed(coll, 5)
+                # together: the collective loops on its stream for as long as the GEMMs run
+                c_reps_t = torch.tensor([max(2, int(g_alone * gemm_reps / max(c_alone, 1e-6)) + 2)], device=dev)
+                dist.all_reduce(c_reps_t, op=dist.ReduceOp.MAX)  # every rank must issue as many collectives
+                c_reps = int(c_reps_t.item())
+                dist.barrier()
+                torch.cuda.synchronize()
+                e0 = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                with torch.cuda.stream(comm):
+                    e0[2].record(comm)
+                    for _ in range(c_reps):
+                        coll()
+                    e0[3].record(comm)
+                with torch.cuda.stream(comp):
+                    e0[0].record(comp)
+                    gemms()
+                    e0[1].record(comp)
+                torch.cuda.synchronize()
+                g_with = e0[0].elapsed_time(e0[1]) / 1e3 / gemm_reps
+                c_with = e0[2].elapsed_time(e0[3]) / 1e3 / c_reps
+                factor = (world - 1) / world * (2 if op == "all_reduce" else 1)
+                rows.append(dict(rank=rank, world=world, comm_op=op, comm_bytes=nbytes, m=m, n=nn, k=k,
+                                 gemm_tflops_alone=f"{2 * m * nn * k / g_alone / 1e12:.1f}",
+                                 gemm_tflops_beside=f"{2 * m * nn * k / g_with / 1e12:.1f}",
+                                 gemm_slowdown=f"{g_with / g_alone:.4f}",
+                                 busbw_alone_GBps=f"{nbytes * factor / c_alone / 1e9:.1f}",
+                                 busbw_beside_GBps=f"{nbytes * factor / c_with / 1e9:.1f}", source=src))
+                del a, b
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            for part in gathered:
+                w.writerows(part)
+        print(f"{sum(len(p) for p in gathered)} interference rows -> {args.out}")
+    dist.destroy_process_group()
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("attention", "interference"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=60.0)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return 2
+    return attention(args) if args.what == "attention" else interference(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
