@@ -1,0 +1,312 @@
+"""Llama-family and Mixtral (MoE) decoder forward in torch, over a paged KV cache.
+
+Loads a Hugging Face checkpoint directory (`config.json` + `*.safetensors`) into plain
+tensors and runs a batch of sequence chunks at once: the linear layers see every token of
+the batch, attention runs per sequence over that sequence's pages. The maths follows the
+`transformers` implementations (RMSNorm in fp32, rotate-half RoPE incl. `llama3`/`linear`
+scaling, GQA, SiLU-gated MLP, Mixtral's softmax → top-k → renormalise router), so greedy
+tokens match `generate` on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workbench.errors import WorkbenchError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder, read once from a Hugging Face `config.json`."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    max_position: int
+    tie_embeddings: bool = False
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    attention_bias: bool = False
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    name: str = "model"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], name: str = "model") -> ModelConfig:
+        archs = d.get("architectures") or []
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            mt = d.get("model_type")
+            arch = {"llama": "llama", "mistral": "llama", "mixtral": "mixtral"}.get(str(mt))
+        if arch is None:
+            raise WorkbenchError(
+                f"config.json architectures: {archs or d.get('model_type')!r} is not served here "
+                f"(supported: {', '.join(ARCHITECTURES)})")
+        rope = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or {}
+        if scaling:
+            rope.update(scaling)
+        theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype not in ("default", "llama3", "linear"):
+            raise WorkbenchError(f"config.json rope type: {rtype!r} is not supported (default, llama3, linear)")
+        extra = tuple(sorted((k, v) for k, v in rope.items() if k not in ("rope_theta", "type")))
+        heads = int(d["num_attention_heads"])
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            arch=arch, vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
+            rms_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            max_position=int(d.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            num_experts=int(d.get("num_local_experts", 0)), experts_per_tok=int(d.get("num_experts_per_tok", 0)),
+            attention_bias=bool(d.get("attention_bias", False)), rope_scaling=extra,
+            eos_token_ids=eos_ids, bos_token_id=d.get("bos_token_id"), name=name)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token at fp32 (scale by the element size)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of a batch: `n` new tokens at positions `start .. start+n`."""
+
+    n: int
+    start: int
+    pages: Sequence[int]
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor          # [T] token ids, chunks concatenated
+    positions: torch.Tensor       # [T]
+    slot_pages: torch.Tensor      # [T] the page each new token's K/V goes to
+    slot_offsets: torch.Tensor    # [T] its slot inside that page
+    chunks: list[SeqChunk] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
+              device: torch.device | str = "cpu") -> Batch:
+        """`items`: (new token ids, start position, page table) per sequence."""
+        toks: list[int] = []
+        pos: list[int] = []
+        spage: list[int] = []
+        soff: list[int] = []
+        chunks = []
+        for ids, start, pages in items:
+            n = len(ids)
+            toks.extend(ids)
+            for p in range(start, start + n):
+                pos.append(p)
+                spage.append(pages[p // page_size])
+                soff.append(p % page_size)
+            chunks.append(SeqChunk(n, start, list(pages)))
+        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return cls(t(toks), t(pos), t(spage), t(soff), chunks)
+
+
+class Model:
+    """A decoder's weights (plain tensors) and its forward over a paged KV cache.
+
+    `layers` (a range) lets a pipeline stage hold only its own layers; the first stage holds
+    the embedding, the last the final norm and the LM head.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], layers: range | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.cfg = cfg
+        self.layers = layers if layers is not None else range(cfg.num_layers)
+        self.first = self.layers.start == 0
+        self.last = self.layers.stop == cfg.num_layers
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.w = {k: v.to(device=self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in weights.items()}
+        self.inv_freq = _inv_freq(cfg).to(self.device)
+
+    # ----- loading -----
+    @classmethod
+    def load(cls, path: str | Path, layers: range | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> Model:
+        cfg = load_config(path)
+        return cls(cfg, load_weights(path, cfg, layers), layers, device, dtype)
+
+    # ----- forward -----
+    @torch.inference_mode()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.w["model.embed_tokens.weight"])
+
+    @torch.inference_mode()
+    def run_layers(self, h: torch.Tensor, batch: Batch, kv: Any,
+                   after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run this model's layers over `h` [T, hidden], writing the new K/V into `kv`."""
+        cos, sin = self._rope(batch.positions)
+        for i in self.layers:
+            h = self._layer(i, h, batch, kv, cos, sin)
+            if after_layer is not None:
+                after_layer(i)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Logits [B, vocab] of each chunk's last token."""
+        ends = torch.cumsum(torch.tensor([c.n for c in batch.chunks], device=h.device), 0) - 1
+        x = _rms(h[ends], self.w["model.norm.weight"], self.cfg.rms_eps)
+        head = self.w.get("lm_head.weight", self.w.get("model.embed_tokens.weight"))
+        assert head is not None
+        return (x @ head.T).float()
+
+    def forward(self, batch: Batch, kv: Any, after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        h = self.embed(batch.tokens)
+        h = self.run_layers(h, batch, kv, after_layer)
+        return self.logits(h, batch)
+
+    # ----- pieces -----
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _layer(self, i: int, h: torch.Tensor, batch: Batch, kv: Any, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        c, w, p = self.cfg, self.w, f"model.layers.{i}."
+        T = h.shape[0]
+        x = _rms(h, w[p + "input_layernorm.weight"], c.rms_eps)
+        q = F.linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
+        k = F.linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
+        v = F.linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+        q = q.view(T, c.num_heads, c.head_dim)
+        k = k.view(T, c.num_kv_heads, c.head_dim)
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        kv.write(i - self.layers.start, batch.slot_pages, batch.slot_offsets, k, v)
+        att = torch.empty_like(q)
+        rep = c.num_heads // c.num_kv_heads
+        a = 0
+        for ch in batch.chunks:
+            ks, vs = kv.read(i - self.layers.start, ch.pages, ch.start + ch.n)
+            if rep > 1:
+                ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+            qs = q[a:a + ch.n].transpose(0, 1)
+            mask = None
+            if ch.n > 1:
+                ctx = ch.start + ch.n
+                mask = (torch.arange(ctx, device=h.device)[None, :]
+                        <= torch.arange(ch.start, ctx, device=h.device)[:, None])
+            att[a:a + ch.n] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
+            a += ch.n
+        o = F.linear(att.reshape(T, -1), w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+        h = h + o
+        x = _rms(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
+        return h + (self._moe(p, x) if c.num_experts else self._mlp(p + "mlp.", x))
+
+    def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        return F.linear(F.silu(F.linear(x, w[p + "gate_proj.weight"])) * F.linear(x, w[p + "up_proj.weight"]),
+                        w[p + "down_proj.weight"])
+
+    def _moe(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        c, w = self.cfg, self.w
+        probs = torch.softmax(F.linear(x, w[p + "block_sparse_moe.gate.weight"]).float(), dim=-1)
+        top_w, top_i = torch.topk(probs, c.experts_per_tok, dim=-1)
+        top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_i).tolist():
+            tok, slot = torch.where(top_i == e)
+            q = f"{p}block_sparse_moe.experts.{e}."
+            xe = x[tok]
+            y = F.linear(F.silu(F.linear(xe, w[q + "w1.weight"])) * F.linear(xe, w[q + "w3.weight"]), w[q + "w2.weight"])
+            out.index_add_(0, tok, y * top_w[tok, slot, None])
+        return out
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = dict(cfg.rope_scaling)
+    rtype = rs.get("rope_type", "default")
+    if rtype == "linear":
+        inv = inv / float(rs["factor"])
+    elif rtype == "llama3":
+        factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    f = path / "config.json"
+    if not f.is_file():
+        raise WorkbenchError(f"model: {str(path)!r} has no config.json (give a Hugging Face checkpoint directory or 'demo')")
+    return ModelConfig.from_hf(json.loads(f.read_text()), name=path.name)
+
+
+def load_weights(path: str | Path, cfg: ModelConfig, layers: range | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `*.safetensors` under `path` that the given layers (and ends) need."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WorkbenchError(f"model: no *.safetensors under {str(path)!r} (save the model with save_pretrained)")
+    layers = layers if layers is not None else range(cfg.num_layers)
+    first, last = layers.start == 0, layers.stop == cfg.num_layers
+
+    def wanted(name: str) -> bool:
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) in layers
+        if name == "model.embed_tokens.weight":
+            return first or (last and cfg.tie_embeddings)
+        return last and name in ("model.norm.weight", "lm_head.weight")
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if wanted(name):
+                    out[name] = st.get_tensor(name)
+    if first and "model.embed_tokens.weight" not in out:
+        raise WorkbenchError(f"model: {str(path)!r} lacks model.embed_tokens.weight")
+    return out
