@@ -225,3 +225,46 @@ def parse_structured(text: str, what: str) -> Any:
 
 def read_structured(path: str | Path, what: str) -> Any:
     return parse_structured(read_text(path, what), what)
+
+
+# ------------------------------------------------------------------ outputs
+def check_output(path: str | Path, what: str, directory: bool = False) -> Path:
+    """Check before any work starts that `path` can be written (a file, or a folder to write into).
+
+    Its folder must already exist (nothing is created but what the user asked for), be a folder,
+    be writable and have space; a file must not be a directory. Checked by really creating (and
+    removing) a scratch file there, so read-only mounts and permissions are caught for root too.
+    """
+    import os
+    import tempfile
+
+    p = check_path(path, what)
+    if directory and p.exists():
+        if not p.is_dir():
+            raise WorkbenchError(f"{what}: {_name(p)} exists and is not a folder")
+        parent = p
+    else:
+        if not directory and p.is_dir():
+            raise WorkbenchError(f"{what}: {_name(p)} is a directory; give a file name")
+        parent = p.parent
+        if not parent.exists():
+            raise WorkbenchError(f"{what}: the folder {_name(parent)} does not exist (create it first, or write elsewhere)")
+        if not parent.is_dir():
+            raise WorkbenchError(f"{what}: {_name(parent)} is not a folder")
+    if not directory and p.exists():
+        if not os.access(p, os.W_OK):
+            raise WorkbenchError(f"{what}: {_name(p)} is not writable")
+        return p
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".workbench-check-", dir=parent)
+        os.close(fd)
+        os.unlink(scratch)
+    except OSError as exc:
+        raise WorkbenchError(f"{what}: cannot write in {_name(parent)}: {exc.strerror or exc}") from None
+    try:
+        st = os.statvfs(parent)
+        if st.f_bavail == 0 and st.f_blocks > 0:
+            raise WorkbenchError(f"{what}: no space left in {_name(parent)}")
+    except OSError:
+        pass
+    return p
