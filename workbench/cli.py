@@ -30,6 +30,7 @@ GROUP_HELP = {
     "doctor": "report what this machine can use and what to fix",
     "demo": "run the main job and write the HTML report",
     "deploy": "write Kubernetes or Docker Swarm files that run a planned job",
+    "plan": "place a model's layers on a (mixed-GPU) cluster",
 }
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 OUTPUT_FILES = ("trace", "csv", "out")
 """Options naming a file the command writes; checked before any work starts."""
-OUTPUT_DIRS: dict[tuple[str | None, str | None], tuple[str, ...]] = {("deploy", "k8s"): ("out",), ("deploy", "swarm"): ("out",), ("bench", "transport"): ("out_dir",)}
+OUTPUT_DIRS: dict[tuple[str | None, str | None], tuple[str, ...]] = {("deploy", "k8s"): ("out",), ("deploy", "swarm"): ("out",), ("bench", "transport"): ("out_dir",), ("convert", None): ("out",)}
 """Options naming a folder the command writes into, per command."""
 
 
