@@ -52,6 +52,7 @@ def workload_type(kind: str) -> type:
 
 BACKENDS = ("gloo", "nccl")
 OPTIMIZERS = ("adamw", "sgd")
+ENGINES = ("native", "megatron")
 
 
 @register_workload
@@ -59,7 +60,12 @@ OPTIMIZERS = ("adamw", "sgd")
 class Training:
     """A training run: `steps` optimizer steps with `optimizer` at learning rate `lr`, ranks talking
     over `backend` (gloo on CPU ranks, nccl on GPUs); `telemetry` on, off or "ab" (alternate
-    steps with and without recording, to measure its overhead); `seed` for data and weights."""
+    steps with and without recording, to measure its overhead); `seed` for data and weights.
+    `engine`: "native" (torch's FSDP2 / DTensor TP / pipelining on a Llama-family model and a
+    tokenised text corpus) or "megatron" (the hand-written GPT with every collective timed);
+    `compile` (torch.compile per block), `corpus` (text files; None = the repo's docs),
+    `checkpoint_dir` (torch.distributed.checkpoint save at the end, resume from it),
+    `export_dir` (Hugging Face safetensors + config.json + tokenizer.json) are native-only."""
 
     kind: ClassVar[str] = "training"
     steps: int = 5
@@ -68,6 +74,11 @@ class Training:
     lr: float = 1e-3
     seed: int = 0
     telemetry: bool | str = True
+    engine: str = "native"
+    compile: bool = False
+    corpus: str | None = None
+    checkpoint_dir: str | None = None
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= 1_000_000:
@@ -83,6 +94,19 @@ class Training:
             raise WorkbenchError(f"workload.seed: expected a whole number in 0..2^32-1, got {self.seed!r}")
         if self.telemetry not in (True, False, "ab"):
             raise WorkbenchError(f"workload.telemetry: expected true, false or 'ab', got {self.telemetry!r}")
+        if self.engine not in ENGINES:
+            raise WorkbenchError(f"workload.engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if not isinstance(self.compile, bool):
+            raise WorkbenchError(f"workload.compile: expected true or false, got {self.compile!r}")
+        for name in ("corpus", "checkpoint_dir", "export_dir"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise WorkbenchError(f"workload.{name}: expected a path, got {v!r}")
+            if v is not None and self.engine != "native":
+                raise WorkbenchError(f"workload.{name}: only the native engine reads a corpus, checkpoints and "
+                                     "exports (set engine='native')")
+        if self.compile and self.engine != "native":
+            raise WorkbenchError("workload.compile: only the native engine compiles (set engine='native')")
 
     @staticmethod
     def parse_plan(spec: Any) -> Plan:

@@ -10,6 +10,7 @@ raises `RunFailed` naming that rank, with the partial `Result` attached.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -40,6 +41,7 @@ from workbench.result import (
     links_frame,
     memory_frame,
 )
+from workbench.models.spec import ModelSpec
 from workbench.runner.gpt import GPTConfig, gpt_config
 
 PLAN_KEYS = ("dp", "tp", "pp", "mbs", "gbs", "zero")
@@ -82,9 +84,52 @@ def plan_dict(plan: Any, world: int | None = None) -> dict[str, int]:
 
 
 def runnable_plan(job: Any) -> Any:
-    """The job's plan completed with what this runner does, or an error naming a field it cannot do.
+    """The job's plan completed with what its engine does, or an error naming a field it cannot do."""
+    if getattr(job.workload, "engine", "megatron") == "native":
+        return native_plan(job)
+    return megatron_plan(job)
 
-    The hand-written workload runs fp32 GPT blocks with TP (no sequence parallelism), a GPipe
+
+def native_plan(job: Any) -> Any:
+    """The plan the native engine runs: dp (FSDP2 / ZeRO 0-3), tp (+sp), pp (+vpp), recompute, bf16/fp32.
+
+    Defaults: precision bf16 on GPUs (fp32 on CPU ranks), sp with tp > 1, zero=1 with dp > 1
+    (FSDP2 keeping gathered parameters until backward: ZeRO-2's traffic), recompute none.
+    """
+    from workbench.plan.spec import Plan
+
+    pl, wl, m = job.plan, job.workload, job.model
+    for name, value, ok in (("cp", pl.cp, (None, 1)), ("ep", pl.ep, (None, 1)), ("offload", pl.offload, (None, False)),
+                            ("precision", pl.precision, (None, "bf16", "fp32"))):
+        if value not in ok:
+            raise WorkbenchError(f"plan.{name}: the native engine cannot do {name}={value} (it supports "
+                                 f"{[v for v in ok if v is not None]}); simulate it instead")
+    from workbench.runner.llama import check_spec
+
+    check_spec(m)
+    p = plan_dict(pl.to_dict())
+    tp, pp, dp = p["tp"], p["pp"], p["dp"]
+    vpp = int(pl.vpp or 1)
+    if m.is_moe and tp > 1:
+        raise WorkbenchError("plan.tp: the native engine shards dense layers only; MoE models run with tp=1")
+    for what, n in (("heads", m.heads), ("kv_heads", m.kv_heads), ("ffn", m.ffn)):
+        if n % tp:
+            raise WorkbenchError(f"plan.tp: {tp} must divide model.{what}={n}")
+    if pp * vpp > m.layers:
+        raise WorkbenchError(f"plan.pp: pp × vpp = {pp * vpp} chunks need at least as many layers (model.layers={m.layers})")
+    micro = p["gbs"] // (dp * p["mbs"])
+    if vpp > 1 and (pp < 2 or micro % pp):
+        raise WorkbenchError(f"plan.gbs: the interleaved schedule needs pp ≥ 2 and micro-batches per step "
+                             f"(gbs/(dp·mbs) = {micro}) a multiple of pp={pp}")
+    precision = pl.precision or ("bf16" if wl.backend == "nccl" else "fp32")
+    zero = p["zero"] if pl.zero is not None else (1 if dp > 1 else 0)
+    sp = bool(pl.sp) if pl.sp is not None else tp > 1
+    return Plan(tp=tp, pp=pp, dp=dp, ep=1, cp=1, sp=sp and tp > 1, vpp=vpp, zero=zero,
+                recompute=pl.recompute or "none", mbs=p["mbs"], gbs=p["gbs"], precision=precision, offload=False)
+
+
+def megatron_plan(job: Any) -> Any:
+    """The plan of the hand-written engine: fp32 GPT blocks with TP (no sequence parallelism), a GPipe
     pipeline and DP with ZeRO-0/1; nothing is dropped silently.
     """
     from workbench.plan.spec import Plan
@@ -95,14 +140,15 @@ def runnable_plan(job: Any) -> Any:
                    "offload": (pl.offload, (None, False)), "zero": (pl.zero, (None, 0, 1))}
     for name, (value, ok) in unsupported.items():
         if value not in ok:
-            raise WorkbenchError(f"plan.{name}: the real training runner cannot do {name}={value} "
-                                 f"(it supports {name} in {[v for v in ok if v is not None]}); simulate it instead")
+            raise WorkbenchError(f"plan.{name}: the hand-written (megatron) engine cannot do {name}={value} "
+                                 f"(it supports {name} in {[v for v in ok if v is not None]}); use engine=native")
     if pl.sp and (pl.tp or 1) > 1:
-        raise WorkbenchError("plan.sp: the real training runner does TP without sequence parallelism (use sp=0)")
+        raise WorkbenchError("plan.sp: the hand-written (megatron) engine does TP without sequence parallelism "
+                             "(use sp=0, or engine=native)")
     m = job.model
     if m.gated or m.kv_heads != m.heads or m.experts or m.is_mla:
-        raise WorkbenchError(f"model: the real training runner builds plain GPT blocks; {m.name} is gated/GQA/MoE/MLA "
-                             "(use gpt:layers=..,hidden=..,heads=..)")
+        raise WorkbenchError(f"model: the hand-written (megatron) engine builds plain GPT blocks; {m.name} is "
+                             "gated/GQA/MoE/MLA (use engine=native)")
     p = plan_dict(pl.to_dict())
     c = gpt_config(m)
     if c.heads % p["tp"] or c.ffn_size % p["tp"]:
@@ -110,7 +156,7 @@ def runnable_plan(job: Any) -> Any:
     if p["pp"] > c.layers:
         raise WorkbenchError(f"plan.pp: {p['pp']} stages need at least as many layers (model.layers={c.layers})")
     if wl.backend == "nccl" and (pl.precision or "fp32") != "fp32":
-        raise WorkbenchError("plan.precision: the real training runner computes in fp32")
+        raise WorkbenchError("plan.precision: the hand-written (megatron) engine computes in fp32")
     return Plan(tp=p["tp"], pp=p["pp"], dp=p["dp"], ep=1, cp=1, sp=False, vpp=1, zero=p["zero"], recompute="none",
                 mbs=p["mbs"], gbs=p["gbs"], precision="fp32", offload=False)
 
@@ -119,10 +165,15 @@ def worker_job(job: Any) -> dict[str, Any]:
     """The wire form of a training Job for the rank processes (JSON: model, plan, workload fields)."""
     plan = runnable_plan(job)
     wl = job.workload
+    common = {"steps": int(wl.steps), "backend": wl.backend, "optimizer": wl.optimizer, "lr": float(wl.lr),
+              "seed": int(wl.seed), "telemetry": wl.telemetry, "job": job.to_dict()}
+    if getattr(wl, "engine", "megatron") == "native":
+        p = {k: getattr(plan, k) for k in (*PLAN_KEYS, "vpp", "sp", "recompute", "precision")}
+        return {"engine": "native", "model": asdict(job.model), "plan": p, "compile": bool(wl.compile),
+                "corpus": wl.corpus, "checkpoint_dir": wl.checkpoint_dir, "export_dir": wl.export_dir} | common
     c = gpt_config(job.model)
     p = {k: int(getattr(plan, k)) for k in PLAN_KEYS}
-    return {"model": asdict(c), "plan": p, "steps": int(wl.steps), "backend": wl.backend, "optimizer": wl.optimizer,
-            "lr": float(wl.lr), "seed": int(wl.seed), "telemetry": wl.telemetry, "job": job.to_dict()}
+    return {"engine": "megatron", "model": asdict(c), "plan": p} | common
 
 
 def resolve_job(model: Any, plan: Any, world: int | None, steps: int, backend: str, optimizer: str = "adamw",
@@ -264,7 +315,8 @@ class Aggregator:
 
     def result(self, updates: int = 0, duration: float = 0.0) -> Result:
         job, p = self.job, self.job["plan"]
-        c = GPTConfig(**job["model"])
+        native = job.get("engine") == "native"
+        c: Any = ModelSpec(**job["model"]) if native else GPTConfig(**job["model"])
         losses, times, costs, on = [], [], [], []
         last_stage = [r for r, lay in enumerate(self.layouts) if lay.p == p["pp"] - 1 and lay.t == 0]
         for s in sorted(self.steps):
@@ -281,15 +333,16 @@ class Aggregator:
         tokens = p["gbs"] * c.seq
         job_obj = self.job_object()
         # model FLOPs per step (the simulator's count, workbench.models.costs) over the step time, per GPU
-        if job_obj is not None:
-            from workbench.models.costs import model_flops_per_token
+        from workbench.models.costs import model_flops_per_token, parameter_count
 
-            flops_step = model_flops_per_token(job_obj.model) * tokens
+        if job_obj is not None or native:
+            flops_step = model_flops_per_token(job_obj.model if job_obj is not None else c) * tokens
         else:
             flops_step = 3 * (c.layers * c.layer_flops(tokens) + c.head_flops(tokens))
         tflops = flops_step / step_s / self.world / 1e12 if times else float("nan")
+        precision = str(p.get("precision") or "fp32")
         try:
-            peak = float(self.cluster.gpu_spec(self.devices[0]).peak("fp32"))
+            peak = float(self.cluster.gpu_spec(self.devices[0]).peak(precision))
         except Exception:  # noqa: BLE001 - no cluster or no fp32 rate: no MFU
             peak = float("nan")
         metrics: dict[str, Any] = {
@@ -302,7 +355,9 @@ class Aggregator:
             "telemetry_overhead_pct": _ab_overhead(times, on),
             "ranks": self.world, "backend": job["backend"],
             "p2p": sorted({str(i.get("p2p")) for i in self.info.values()}) if self.info else None, "plan": p,
-            "model": c.as_spec(), "params": c.params(), "devices": self.devices, "hosts": self.hosts,
+            "engine": job.get("engine", "megatron"),
+            "model": c.name if native else c.as_spec(),
+            "params": parameter_count(c).total if native else c.params(), "devices": self.devices, "hosts": self.hosts,
             "cluster": getattr(self.cluster, "name", None), "wall_seconds": duration,
         }
         return Result(events_frame(self.events), memory_frame(self.memory), links_frame(self.links), metrics,
@@ -393,6 +448,24 @@ class _Launch:
         threads = self.job.get("threads") or max(1, (os.cpu_count() or 1) // self.world)
         job = dict(self.job, threads=threads)
         per_host = -(-self.world // len(self.hosts)) if self.hosts else self.world
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            self._spawn(job, master, master_port, address, threads, per_host)
+        except BaseException:
+            self._stop_all()
+            self._close()
+            _forget(self)
+            raise
+        threading.Thread(target=self._monitor, daemon=True, name="workbench-monitor").start()
+        return self.handle
+
+    def _spawn(self, job: dict[str, Any], master: str, master_port: int, address: str, threads: int,
+               per_host: int) -> None:
+        """Start every rank in its own process group, with a parent-death signal (Linux) so no rank
+        outlives the launcher, even one killed with SIGKILL."""
+        on_main = threading.current_thread() is threading.main_thread()
+        guard = _death_signal_hook(os.getpid()) if on_main else None
         for r in range(self.world):
             env = dict(os.environ) | self.extra_env | {
                 "RANK": str(r), "WORLD_SIZE": str(self.world), "LOCAL_RANK": str(r % per_host),
@@ -404,12 +477,18 @@ class _Launch:
                 cmd = ["ip", "netns", "exec", self.hosts[r // per_host]] + cmd
                 env["WORKBENCH_HOST"] = self.hosts[r // per_host]
             log = open(os.path.join(self.log_dir, f"rank{r}.log"), "wb")  # noqa: SIM115
-            self.procs[r] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-            log.close()
+            try:
+                self.procs[r] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True, preexec_fn=guard)
+            finally:
+                log.close()
             self.handle.pids[r] = self.procs[r].pid
-        threading.Thread(target=self._monitor, daemon=True, name="workbench-monitor").start()
-        return self.handle
+
+    def abort(self, why: str = "cancelled") -> None:
+        """Stop every rank now and wait for them (Ctrl-C, SIGTERM, interpreter exit); idempotent."""
+        self._cancelled.set()
+        self._stop_all()
+        _forget(self)
 
     def _accept(self) -> None:
         self.server.settimeout(0.5)
@@ -453,7 +532,7 @@ class _Launch:
             time.sleep(0.05)
             now = time.time()
             self._drain()
-            done_steps = sum(len(v) for v in self.agg.steps.values())
+            done_steps = sum(len(v) for v in self.agg.steps.values()) + len(self.agg.events) + len(self.agg.memory)
             if done_steps != progress:
                 progress, last_progress = done_steps, now
             for r, msg in self.agg.errors.items():
@@ -484,15 +563,19 @@ class _Launch:
                 prog = self.agg.rank_progress()
                 seen = self.agg.last_seen
                 slow = min(prog, key=lambda r: (seen.get(r, 0.0), prog[r], r))
-                quiet = now - seen[slow] if slow in seen else now - self.t0
+                quiet = max(0.0, now - seen[slow] if slow in seen else now - self.t0)
                 self._fail(slow, f"no rank finished a step for {limit:.0f} s (a hang); rank {slow} "
                                  f"finished {prog[slow]} steps and was last heard from {quiet:.1f} s ago")
                 return
             if now - self.t0 > self.timeout:
                 prog = self.agg.rank_progress()
                 slow = min(prog, key=lambda r: (prog[r], r))
-                self._fail(slow, f"the run exceeded its timeout of {self.timeout:.0f} s "
-                                 f"(rank {slow} finished {prog[slow]} of {self.job['steps']} steps)")
+                if len(set(prog.values())) <= 1:  # nobody is behind: the run as a whole was too slow
+                    self._fail(None, f"the run exceeded its timeout of {self.timeout:g} s (every rank finished "
+                                     f"{prog[slow]} of {self.job['steps']} steps); give a longer --timeout")
+                else:
+                    self._fail(slow, f"the run exceeded its timeout of {self.timeout:g} s "
+                                     f"(rank {slow} finished {prog[slow]} of {self.job['steps']} steps, the fewest)")
                 return
 
     def _stop_all(self) -> None:
@@ -536,18 +619,65 @@ class _Launch:
             except OSError:
                 log = ""
             log = (tb or "") + (("\n" + log) if log and log not in tb else "")
-        self.handle._finish(error=RunFailed(rank, why, partial, log.strip()[-3000:]))
+        err = RunFailed(rank, why, partial, log.strip()[-3000:])
+        err.log_dir = self.log_dir  # type: ignore[attr-defined]
+        _forget(self)
+        self.handle._finish(error=err)
 
     def _finish(self) -> None:
         self._close()
         now = time.time()
         self.handle._emit(self.agg.update(now - self.t0))
         res = self.agg.result(self.handle.updates_seen, now - self.t0)
+        _forget(self)
         if len(res.metrics["losses"]) < self.job["steps"]:
-            self.handle._finish(error=RunFailed(None, f"the ranks exited after {res.metrics['steps']} of "
-                                                      f"{self.job['steps']} steps", res))
+            err = RunFailed(None, f"the ranks exited after {res.metrics['steps']} of {self.job['steps']} steps", res)
+            err.log_dir = self.log_dir  # type: ignore[attr-defined]
+            self.handle._finish(error=err)
             return
         self.handle._finish(result=res)
+
+
+_LIVE: set[_Launch] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _forget(run: _Launch) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(run)
+
+
+def stop_all_runs() -> None:
+    """Stop the ranks of every run this process started that is still going (the CLI calls this on
+    Ctrl-C/SIGTERM; it also runs at interpreter exit), waiting for them to exit."""
+    with _LIVE_LOCK:
+        runs = list(_LIVE)
+    for run in runs:
+        run.abort("the launcher is exiting")
+
+
+atexit.register(stop_all_runs)
+
+
+def _death_signal_hook(launcher_pid: int) -> Any:
+    """A `preexec_fn` making the rank get SIGKILL when the launcher dies (Linux `PR_SET_PDEATHSIG`).
+
+    libc is loaded here, before the fork: the child only calls `prctl`. The death signal follows the
+    thread that forked, so it is used only when the ranks are started from the main thread."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux: process groups and stop_all_runs still apply
+        return None
+
+    def hook() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher_pid:  # the launcher died before the prctl took effect
+            os._exit(1)
+
+    return hook
 
 
 def _free_port() -> int:
@@ -600,6 +730,9 @@ def start_job(job: Any, *, hosts: list[str] | None = None, master_addr: str | No
         raise WorkbenchError("hosts: running ranks in network namespaces needs root (ip netns exec)")
     if p2p not in ("auto", "transport", "dist"):
         raise WorkbenchError(f"p2p: {p2p!r} is not auto, transport or dist")
+    if wire["engine"] == "native" and (p2p == "transport" or dump_params):
+        raise WorkbenchError(f"workload.engine: {'p2p=transport' if p2p == 'transport' else 'dump_params'} is a "
+                             "feature of the hand-written engine (set engine='megatron')")
     wire["job"] = replace(job, plan=runnable_plan(job)).to_dict()
     wire |= {"p2p": p2p, "collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
              "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
@@ -607,7 +740,8 @@ def start_job(job: Any, *, hosts: list[str] | None = None, master_addr: str | No
 
 
 def local_job(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
-              telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0) -> Any:
+              telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
+              **workload: Any) -> Any:
     """A training Job from loose arguments; without a cluster, this machine (`default_cluster`)."""
     from workbench.core.job import Job, Training
     from workbench.models.presets import load_model
@@ -616,7 +750,7 @@ def local_job(cluster: Any = None, model: Any = None, plan: Any = None, steps: i
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise WorkbenchError(f"steps: must be a whole number ≥ 1, got {steps!r}")
     wl = Training(steps=steps, backend=backend, optimizer=optimizer, lr=lr, seed=seed,
-                  telemetry=telemetry if telemetry == "ab" else bool(telemetry))
+                  telemetry=telemetry if telemetry == "ab" else bool(telemetry), **workload)
     mdl = load_model(model if model is not None else gpt_config(None).as_spec())
     pl = Training.parse_plan(plan)
     world = (pl.dp or 1) * (pl.tp or 1) * (pl.pp or 1)
@@ -626,9 +760,12 @@ def local_job(cluster: Any = None, model: Any = None, plan: Any = None, steps: i
 
 def start_train(cluster: Any = None, model: Any = None, plan: Any = None, steps: int = 5, backend: str = "gloo", *,
                 telemetry: bool | str = True, optimizer: str = "adamw", lr: float = 1e-3, seed: int = 0,
-                **options: Any) -> TrainHandle:
-    """`start_job` of a training Job built from loose arguments (`local_job`): the CLI's and old callers' door."""
-    job = local_job(cluster, model, plan, steps, backend, telemetry=telemetry, optimizer=optimizer, lr=lr, seed=seed)
+                engine: str = "native", **options: Any) -> TrainHandle:
+    """`start_job` of a training Job built from loose arguments (`local_job`): the CLI's and old callers' door.
+    Workload fields (`compile`, `corpus`, `checkpoint_dir`, `export_dir`) pass through to the Training."""
+    wl = {k: options.pop(k) for k in ("compile", "corpus", "checkpoint_dir", "export_dir") if k in options}
+    job = local_job(cluster, model, plan, steps, backend, telemetry=telemetry, optimizer=optimizer, lr=lr, seed=seed,
+                    engine=engine, **wl)
     return start_job(job, **options)
 
 

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any, sink: Any) -> list[float | None]:
+    if job.get("engine", "megatron") == "native":  # torch's own engines (workbench.runner.native)
+        from workbench.runner.native import train
+
+        return train(job, rank, world, local_rank, rec, sink)
     import torch
     import torch.distributed as dist
 
