@@ -5,6 +5,9 @@ Two measurements the training simulator needs beyond `gemm_sweep.py`:
 * `attention`: flash attention (SDPA, bf16, causal, head_dim 128) forward and backward times from
   seq 4096 to 131072 on one GPU, and the unfused attention core (two batched GEMMs over the
   full s x s square, softmax, dropout) at the shapes of a 2021 Megatron layer;
+* `sustained`: an 8192³ bf16 GEMM run back to back for `--seconds` on one GPU: throughput in the first
+  second (boost clocks) and over the last third (power-saturated clocks), with the SM clock and power
+  read from nvidia-smi while it runs;
 * `interference`: a bf16 GEMM's throughput alone, and beside an NCCL all-reduce or all-gather in
   flight on another stream, on every rank (run under torchrun with 2+ GPUs); also the collective's
   bus bandwidth alone and beside the GEMM.
@@ -12,6 +15,7 @@ Two measurements the training simulator needs beyond `gemm_sweep.py`:
 Usage (on a GPU machine):
 
     python3 benchmarks/fidelity_sweep.py attention --out attention.csv [--budget-s 60]
+    python3 benchmarks/fidelity_sweep.py sustained --out sustained.csv [--seconds 40]
     torchrun --nproc-per-node 2 benchmarks/fidelity_sweep.py interference --out interference.csv
 
 Timing: CUDA events, median over repetitions (see `gemm_sweep.timed`).
@@ -107,6 +111,63 @@ def attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smi() -> tuple[str, str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(torch.cuda.current_device()), "--query-gpu=clocks.sm,power.draw",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+        clk, pw = (x.strip() for x in out.strip().split(",")[:2])
+        return clk, pw
+    except Exception:  # noqa: BLE001 - telemetry is optional
+        return "", ""
+
+
+def sustained(args: argparse.Namespace) -> int:
+    import threading
+
+    src = source_of("python3 benchmarks/fidelity_sweep.py sustained")
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    flops = 2.0 * n ** 3
+    latest = ["", ""]
+    stop = threading.Event()
+
+    def sample() -> None:  # telemetry off the GPU's critical path: the GEMM queue never drains for it
+        while not stop.is_set():
+            latest[:] = list(_smi())
+            stop.wait(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    rows = []
+    t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    reps = 100
+    while time.perf_counter() - t0 < args.seconds:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        e.record()
+        e.synchronize()
+        sec = s.elapsed_time(e) / 1e3 / reps
+        rows.append(dict(t_s=f"{time.perf_counter() - t0:.2f}", m=n, n=n, k=n, seconds=f"{sec:.4e}",
+                         tflops=f"{flops / sec / 1e12:.1f}", sm_clock_MHz=latest[0], power_W=latest[1], source=src))
+    stop.set()
+    th.join(timeout=5)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tf = [float(r["tflops"]) for r in rows]
+    tail = tf[len(tf) * 2 // 3:]
+    print(f"sustained: first {tf[0]:.1f}, best {max(tf):.1f}, last third median {statistics.median(tail):.1f} TFLOP/s "
+          f"({len(rows)} samples) -> {args.out}")
+    return 0
+
+
 def interference(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -190,14 +251,15 @@ def interference(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("attention", "interference"))
+    ap.add_argument("what", choices=("attention", "sustained", "interference"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=40.0, help="sustained: how long to run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
         return 2
-    return attention(args) if args.what == "attention" else interference(args)
+    return {"attention": attention, "sustained": sustained, "interference": interference}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workbench.errors import WorkbenchError
+
 
 def compare_published(names: list[str] | None = None) -> Any:
     """A DataFrame: system, metric, published, predicted, error (predicted/published − 1), chosen plan."""
@@ -30,15 +32,22 @@ def compare_published(names: list[str] | None = None) -> Any:
         ctx = TrainContext(cluster, load_model(e["model"]))
         plan = resolve_plan(ctx, parse_plan(dict(e["plan"])))
         est = evaluate(ctx, None, plan)
-        if e["metric"] == "tflops_per_gpu":
+        metric = e["metric"]
+        if metric == "tflops_per_gpu":
             pred = est.tflops_per_gpu  # type: ignore[union-attr]
-        else:
+        elif metric == "mfu":
+            pred = est.mfu  # type: ignore[union-attr]
+        elif metric == "tokens_per_s_per_gpu":
             pred = est.tokens_per_s / ctx.world  # type: ignore[union-attr]
+        else:
+            raise WorkbenchError(f"validation.{name}.metric: {metric!r} is not one of tflops_per_gpu, mfu, "
+                                 "tokens_per_s_per_gpu")
         rows.append({
             "name": name, "system": e["system"], "kind": e["kind"], "gpus": ctx.world, "metric": e["metric"],
-            "published": float(e["published"]), "predicted": round(float(pred), 1),
+            "published": float(e["published"]), "predicted": round(float(pred), 4 if metric == "mfu" else 1),
             "error": float(pred) / float(e["published"]) - 1, "mfu": est.mfu,  # type: ignore[union-attr]
-            "step_seconds": est.step_seconds, "plan": str(plan), "source": e["source"],  # type: ignore[union-attr]
+            "step_seconds": est.step_seconds, "stack": plan.stack, "plan": str(plan),  # type: ignore[union-attr]
+            "source": e["source"],
             "notes": e.get("notes", ""),
         })
     return pd.DataFrame(rows)

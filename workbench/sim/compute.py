@@ -220,7 +220,7 @@ class DeviceModel:
         """A batched GEMM (e.g. QKᵀ of unfused attention): the GEMM curve, floored by its HBM traffic
         (inputs read and output written once at the elementwise bandwidth): small-k batched GEMMs that
         write an s×s matrix are memory-bound."""
-        t = self.gemm_seconds(m, n, k, count)
+        t = self.gemm_seconds(m * count, n, k)  # one launch: its tiles fill the GPU like one tall GEMM's
         return max(t, self.memory_seconds(float(elem) * (m * k + k * n + m * n) * count))
 
     def attention_seconds(self, flops: float, seq: int, head_dim: int, causal: bool = True,
