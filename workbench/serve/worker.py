@@ -1,0 +1,241 @@
+"""A serving worker process: one engine (colocated, prefill or decode) driven over a pipe.
+
+The front end sends requests; the worker runs steps while it has work and sends back each
+step's new tokens and its statistics. A prefill worker hands every finished prompt's KV pages
+to the decode worker through `transport`: after each layer of the step that completes a
+prompt, one paged WRITE of that layer's pages with the request's immediate; the decode
+worker admits the sequence once `counter.total(imm)` reaches the number of layers — it never
+depends on message order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("colocated", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: str
+    role: str = "colocated"
+    name: str = "worker-0"
+    device: str = "cpu"
+    dtype: str = "float32"
+    kv_bytes: int = 256 << 20          # KV cache size (all layers) when num_pages is 0
+    num_pages: int = 0
+    page_size: int = 16
+    max_batched_tokens: int = 256
+    max_seqs: int = 64
+    transport: str = "tcp"             # how KV pages move between prefill and decode workers
+    transport_host: str = "127.0.0.1"
+    lanes: int = 2
+    kv_timeout: float = 60.0
+    threads: int = 0                   # torch intra-op threads (0: leave the default)
+    netns: str | None = None           # run inside this network namespace (emulated hosts)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def main(conn: Any, spec: WorkerSpec) -> None:
+    """Entry point of the worker process."""
+    try:
+        _Worker(conn, spec).run()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    except BaseException:  # noqa: BLE001 - report the cause to the front end, then die
+        try:
+            conn.send(("fatal", traceback.format_exc()))
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+
+
+class _Worker:
+    def __init__(self, conn: Any, spec: WorkerSpec) -> None:
+        import torch
+
+        from workbench.serve.engine import Engine, EngineConfig
+        from workbench.serve.kv import KVCache
+        from workbench.serve.model import Model
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.conn, self.spec = conn, spec
+        dtype = getattr(torch, spec.dtype)
+        if spec.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(spec.device))
+        model = Model.load(spec.model, device=spec.device, dtype=dtype)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        c = model.cfg
+        page_bytes = 2 * c.num_kv_heads * spec.page_size * c.head_dim * elem
+        pages = spec.num_pages or max(4, spec.kv_bytes // (page_bytes * c.num_layers))
+        kv = KVCache(c, pages, spec.page_size, dtype=dtype, device=spec.device)
+        self.engine = Engine(model, EngineConfig(pages, spec.page_size, spec.max_batched_tokens, spec.max_seqs,
+                                                 spec.role), kv)
+        self.lock = threading.Lock()
+        self.tx: Any = None
+        self.region: Any = None
+        self.peer: Any = None            # prefill: the decode worker's KV descriptor
+        self.peer_layer_bytes = 0
+        self.reservations: list[tuple[str, int]] = []   # decode: (rid, n_tokens) waiting for pages
+        self.reserved: dict[str, tuple[list[int], int]] = {}
+        self.draining: list[tuple[int, list[int], float]] = []   # decode: (imm, pages, deadline) of aborted requests
+        self.next_imm = 1
+        self.sending: dict[str, dict[str, Any]] = {}     # prefill: rid -> transfers in flight
+        self.done_tx: list[str] = []
+        info: dict[str, Any] = {"pid": os.getpid(), "pages": pages, "page_size": spec.page_size,
+                                "page_bytes": kv.page_bytes, "layer_bytes": kv.layer_bytes,
+                                "kv_bytes": kv.nbytes, "capacity": self.engine.capacity,
+                                "max_position": c.max_position, "layers": c.num_layers}
+        if spec.role in ("prefill", "decode"):
+            from transport import Engine as Transport
+
+            self.tx = Transport(spec.transport, lanes=spec.lanes, host=spec.transport_host, name=spec.name)
+            self.region = self.tx.register(kv.data)
+            info["descriptor"] = self.region.descriptor.to_bytes()
+        if spec.role == "prefill":
+            self.engine.on_layer = self._send_layer
+        conn.send(("ready", info))
+
+    # ----- the loop -----
+    def run(self) -> None:
+        try:
+            while True:
+                busy = self.engine.has_work or self.reservations or self.draining
+                if self.conn.poll(0 if busy else 0.05):
+                    msg = self.conn.recv()
+                    if msg[0] == "stop":
+                        return
+                    self._handle(msg)
+                    continue
+                self._release_sent()
+                self._grant_reservations()
+                self._expire_pending()
+                if self.engine.has_work:
+                    t0 = time.time()
+                    outs = self.engine.step()
+                    if self.engine.last_batch[0] or outs:
+                        stats = self.engine.stats()
+                        stats.update(t0=t0, t1=time.time())
+                        self.conn.send(("out", outs, stats))
+                    elif self.engine.pending_kv:
+                        time.sleep(0.0005)
+        finally:
+            if self.tx is not None:
+                self.tx.close()
+
+    def _handle(self, msg: tuple[Any, ...]) -> None:
+        from workbench.serve.engine import Seq
+
+        kind = msg[0]
+        if kind == "add":
+            _, rid, prompt, params, dst = msg
+            seq = Seq(rid, list(prompt), params)
+            if dst is not None:
+                seq.meta["dst"] = dst
+            self.engine.add(seq)
+        elif kind == "abort":
+            rid = msg[1]
+            seq = self.engine.seqs.get(rid)
+            if seq is not None and seq in self.engine.pending_kv:
+                # pages a prefill worker may still be writing: free them only once every layer landed
+                self.draining.append((seq.meta["imm"], seq.pages, time.time() + self.spec.kv_timeout))
+                seq.pages = []
+            self.engine.abort(rid)
+            if rid in self.reserved:
+                pages, imm = self.reserved.pop(rid)
+                self.draining.append((imm, pages, time.time() + self.spec.kv_timeout))
+            self.reservations = [r for r in self.reservations if r[0] != rid]
+        elif kind == "reserve":
+            self.reservations.append((msg[1], msg[2]))
+        elif kind == "start":
+            _, rid, prompt, first, params = msg
+            if rid not in self.reserved:
+                return
+            pages, imm = self.reserved.pop(rid)
+            layers = self.engine.model.cfg.num_layers
+            counter = self.tx.counter
+            seq = Seq(rid, list(prompt), params, out=[first], pages=pages, computed=len(prompt))
+            seq.ready = lambda: counter.total(imm) >= layers
+            seq.meta["deadline"] = time.time() + self.spec.kv_timeout
+            seq.meta["imm"] = imm
+            self.engine.add(seq)
+        elif kind == "peer":
+            from transport import MemoryDescriptor
+
+            self.peer = MemoryDescriptor.from_bytes(msg[1])
+            self.peer_layer_bytes = msg[2]
+
+    # ----- decode side -----
+    def _grant_reservations(self) -> None:
+        if self.draining:
+            layers, now, keep = self.engine.model.cfg.num_layers, time.time(), []
+            for imm, pages, deadline in self.draining:
+                if self.tx.counter.total(imm) >= layers or now > deadline:
+                    self.engine.alloc.release(pages)
+                else:
+                    keep.append((imm, pages, deadline))
+            self.draining = keep
+        while self.reservations:
+            rid, n = self.reservations[0]
+            pages = self.engine.reserve(n)
+            if pages is None:
+                return
+            self.reservations.pop(0)
+            imm = self.next_imm
+            self.next_imm = self.next_imm % 0xFFFF_FFF0 + 1
+            self.reserved[rid] = (pages, imm)
+            self.conn.send(("reserved", rid, pages, imm))
+
+    def _expire_pending(self) -> None:
+        now = time.time()
+        for seq in list(self.engine.pending_kv):
+            if now > seq.meta.get("deadline", now + 1):
+                self.engine.abort(seq.id)
+                self.conn.send(("error", seq.id, f"KV pages of the prompt did not arrive within "
+                                                 f"{self.spec.kv_timeout:g} s (prefill worker gone?)"))
+
+    # ----- prefill side -----
+    def _send_layer(self, layer: int, seqs: list[Any]) -> None:
+        if self.peer is None:
+            raise RuntimeError("prefill worker has no decode peer yet")
+        kv = self.engine.kv
+        for seq in seqs:
+            dst = seq.meta.get("dst")
+            if dst is None:
+                continue
+            dst_pages, imm = dst
+            n = -(-len(seq.prompt) // kv.page_size)
+            st = self.sending.setdefault(seq.id, {"left": kv.num_layers, "t0": time.time(), "bytes": 0,
+                                                  "pages": seq.pages, "error": None})
+            st["bytes"] += n * kv.page_bytes
+            self.tx.write_paged(self.region, self.peer, page_bytes=kv.page_bytes, src_pages=seq.pages[:n],
+                                dst_pages=dst_pages[:n], src_offset=layer * kv.layer_bytes,
+                                dst_offset=layer * self.peer_layer_bytes, imm=imm, timeout=self.spec.kv_timeout,
+                                callback=lambda t, rid=seq.id: self._sent(rid, t))
+
+    def _sent(self, rid: str, transfer: Any) -> None:
+        with self.lock:
+            st = self.sending.get(rid)
+            if st is None:
+                return
+            exc = transfer.exception() if hasattr(transfer, "exception") else None
+            if exc is not None:
+                st["error"] = repr(exc)
+            st["left"] -= 1
+            if st["left"] == 0:
+                st["t1"] = time.time()
+                self.done_tx.append(rid)
+
+    def _release_sent(self) -> None:
+        with self.lock:
+            done, self.done_tx = self.done_tx, []
+            items = [(rid, self.sending.pop(rid)) for rid in done]
+        for rid, st in items:
+            self.engine.alloc.release(st["pages"])
+            self.conn.send(("kv", rid, st["bytes"], st["t0"], st["t1"], st["error"]))
