@@ -40,6 +40,7 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
 
     job = local_job(args.cluster, args.model, args.plan, args.steps, args.backend, optimizer=args.optimizer,
                     lr=args.lr)
+    _check_cores(job, args)
     options: dict[str, Any] = {"p2p": args.p2p, "timeout": args.timeout,
                                "hosts": args.hosts.split(",") if args.hosts else None,
                                "master_addr": args.master_addr, "telemetry_addr": args.telemetry_addr,
@@ -53,9 +54,23 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
     if progress and not args.json:
         print(file=sys.stderr)
     out = res.summary()
-    if args.trace:
-        out["trace"] = str(res.measured.to_perfetto(args.trace))
+    out["_measured"] = res.measured  # the trace is written after the results are printed
     return out
+
+
+def _check_cores(job: Any, args: argparse.Namespace) -> None:
+    """Refuse a timeout that cannot be met; warn when CPU ranks outnumber this machine's cores."""
+    import os
+
+    from workbench.errors import WorkbenchError
+
+    if not args.timeout > 0:
+        raise WorkbenchError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
+    world = (job.plan.dp or 1) * (job.plan.tp or 1) * (job.plan.pp or 1)
+    cores = os.cpu_count() or 1
+    if job.workload.backend == "gloo" and not args.hosts and world > cores:
+        print(f"warning: the plan needs {world} ranks but this machine has {cores} CPU cores; the ranks will "
+              "share cores, so steps are slow and their times are not representative", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +79,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except RunFailed as exc:
+        print(file=sys.stderr)  # end the progress line: the failure gets its own
         print(f"error: {exc}", file=sys.stderr)
+        partial = getattr(exc.partial, "metrics", None) or {}
+        if partial.get("steps"):
+            losses = ", ".join(f"{x:.3f}" for x in partial.get("losses", []) if x is not None)
+            print(f"partial results: {partial['steps']} steps finished by every rank; losses: {losses}; "
+                  f"step {partial['step_seconds'] * 1e3:.1f} ms median", file=sys.stderr)
+        if getattr(exc, "log_dir", ""):
+            print(f"rank logs: {exc.log_dir}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
 
 
@@ -90,6 +113,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace, out: dict[str, Any]) -> int:
+    measured = out.pop("_measured", None)
+    if args.trace and measured is not None:  # results first, then the trace: a bad trace path loses nothing
+        out["trace"] = str(args.trace)
+    code = _print_results(args, out)
+    if args.trace and measured is not None:
+        try:
+            measured.to_perfetto(args.trace)
+        except OSError as exc:
+            from workbench.errors import WorkbenchError
+
+            raise WorkbenchError(f"--trace: cannot write {args.trace!r} ({exc.strerror or exc}); "
+                                 "the results above are complete") from None
+    return code
+
+
+def _print_results(args: argparse.Namespace, out: dict[str, Any]) -> int:
     if args.json:
         emit(out, True)
         return 0

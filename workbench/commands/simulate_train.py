@@ -39,13 +39,15 @@ def _fmt_text(m: dict) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     from workbench.plan.search import estimate_train, simulate_train
 
+    res = None
     if args.trace:  # the events are only built when they are written
         res = simulate_train(args.cluster, args.model, args.plan)
-        res.to_perfetto(args.trace)
         m = res.metrics
     else:
         m = estimate_train(args.cluster, args.model, args.plan).to_metrics()
     emit(m, args.json, _fmt_text(m))
+    if res is not None:  # results first, then the trace
+        res.to_perfetto(args.trace)
     if not m["fits"]:
         import sys
 

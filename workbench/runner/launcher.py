@@ -421,6 +421,10 @@ class _Launch:
         self.hosts, self.master_addr, self.telemetry_addr = hosts, master_addr, telemetry_addr
         self.timeout, self.stall_timeout, self.extra_env = timeout, stall_timeout, env or {}
         self.startup_timeout = 300.0  # before the first step: imports, rendezvous, building the model
+        from workbench.validate import number
+
+        number(timeout, "timeout", 0.0, 1e7, unit="seconds")
+        number(stall_timeout, "stall_timeout", 0.0, 1e7, unit="seconds")
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.readers: list[threading.Thread] = []
@@ -579,12 +583,11 @@ class _Launch:
                 return
 
     def _stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except OSError:
-                    pass
+        for p in self.procs.values():  # the whole group: a rank's own children go too
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
         deadline = time.time() + 3
         for p in self.procs.values():
             try:
