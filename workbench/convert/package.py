@@ -306,7 +306,7 @@ def convert(checkpoint: str | Path, placement: Placement | str | Path, out: str 
         bar.close()
         for f, _ in handles.values():
             f.close()
-        file_rows = {}
+        file_rows: dict[str, dict[str, Any]] = {}
         for name, outs in files.items():
             p = tmp / name
             file_rows[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size,
