@@ -17,12 +17,13 @@ import pytest
 pytest.importorskip("plotly")
 pytest.importorskip("ipywidgets")
 
+from workbench.core.stream import RunHandle, Update  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.live import replay_updates  # noqa: E402
 from workbench.result import Result  # noqa: E402
-from workbench.runner.stream import RunHandle, Update  # noqa: E402
 from workbench.topology import preset  # noqa: E402
 from workbench.viz import results as vr  # noqa: E402
-from workbench.widgets.dashboard import Dashboard, replay_updates  # noqa: E402
+from workbench.widgets.dashboard import Dashboard  # noqa: E402
 
 CLUSTER = preset("dgx-a100", nodes=1)
 RANKS = 4

@@ -1,7 +1,8 @@
 """Static plotly figures of a `Result`, and the array builders the live dashboard shares.
 
 Each `*_arrays` function turns Result tables into plain numpy arrays (what a trace
-needs); each `*_figure` function wraps them into a `go.Figure`. The live
+needs; the timeline and latency builders live in `workbench.live`, the live view's data
+model); each `*_figure` function wraps them into a `go.Figure`. The live
 `workbench.widgets.Dashboard` assigns the same arrays to its FigureWidgets, so a static
 figure and the live view of the same data look the same.
 
@@ -22,7 +23,17 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import require
-from workbench.units import format_bytes
+from workbench.live import (  # noqa: F401 - the array builders, shared with the live view
+    LATENCY_KINDS,
+    PREDICTION_OFFSET,
+    TIMELINE_KINDS,
+    align_prediction,
+    latency_table,
+    predicted_per_rank,
+    segments,
+    step_positions,
+    timeline_arrays,
+)
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -31,9 +42,7 @@ if TYPE_CHECKING:
     from workbench.topology.model import Cluster
 
 KIND_COLORS = {"compute": "#4C78A8", "collective": "#F58518", "transfer": "#54A24B", "idle": "#BAB0AC"}
-TIMELINE_KINDS = ("compute", "collective", "transfer", "idle")
 CATEGORY_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6")
-PREDICTION_OFFSET = 0.32  # predicted rows sit this far below the measured row of the same rank
 GB = 1e9
 
 
@@ -42,108 +51,6 @@ def _go() -> Any:
 
 
 # ---------------------------------------------------------------- timeline
-def timeline_arrays(events: pd.DataFrame, kind: str, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Line segments for one event kind: x = [start, end, nan, ...], y = [rank+offset, same, nan, ...].
-
-    Drawing events as thick line segments separated by NaN keeps a whole kind in one trace
-    (one SVG path), which is what lets the live timeline redraw thousands of events quickly.
-    The hover texts come as a numpy string array (plotly copies those without a Python loop).
-    """
-    ev = events[events["kind"] == kind] if len(events) else events
-    if len(ev) == 0:
-        return np.empty(0), np.empty(0), np.empty(0, str)
-    return segments(ev["start"].to_numpy(float), ev["end"].to_numpy(float), ev["rank"].to_numpy(float) + offset,
-                    ev["op"].astype(str).to_numpy(), ev["bytes"].fillna(0).to_numpy(float))
-
-
-def segments(start: np.ndarray, end: np.ndarray, y: np.ndarray, op: np.ndarray,
-             nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The NaN-separated segment arrays of `timeline_arrays` from plain columns."""
-    n = len(start)
-    xs = np.full(3 * n, np.nan)
-    ys = np.full(3 * n, np.nan)
-    xs[0::3], xs[1::3] = start, end
-    ys[0::3], ys[1::3] = y, y
-    label = [f"{o} · {format_bytes(b)} · {(e - s) * 1e3:.3g} ms" for o, b, s, e in zip(op, nbytes, start, end)]
-    text = np.full(3 * n, "", dtype=object)
-    text[0::3] = label
-    text[1::3] = label
-    return xs, ys, text.astype(str)
-
-
-def predicted_per_rank(prediction: pd.DataFrame, ranks: Sequence[int]) -> pd.DataFrame:
-    """The predicted events for each of `ranks`.
-
-    The simulator draws one representative rank per pipeline stage (its first rank, in
-    Megatron order tp → cp → dp → pp), so a rank without predicted events of its own takes
-    those of the nearest predicted rank below it: the first rank of its stage.
-    """
-    if prediction.empty or not len(ranks):
-        return prediction
-    have = np.array(sorted(int(r) for r in prediction["rank"].dropna().unique()))
-    if not len(have):
-        return prediction
-    own = set(have.tolist())
-    parts = [prediction[prediction["rank"] == r] for r in ranks if r in own]
-    for r in ranks:
-        if r in own:
-            continue
-        below = have[have <= r]
-        src = int(below[-1]) if len(below) else int(have[0])
-        parts.append(prediction[prediction["rank"] == src].assign(rank=r))
-    return pd.concat(parts, ignore_index=True) if parts else prediction.iloc[:0]
-
-
-def step_positions(measured_starts: np.ndarray, predicted_lengths: np.ndarray) -> np.ndarray:
-    """Where each predicted step starts: at the measured step's start, unless that would make
-    predicted steps overlap (the prediction is slower than the run); then end to end from the
-    first measured step, so the drift shows instead of a pile-up."""
-    if len(measured_starts) == 0:
-        return measured_starts
-    ends = measured_starts + predicted_lengths
-    if np.all(ends[:-1] <= measured_starts[1:] + 1e-12):
-        return measured_starts
-    return measured_starts[0] + np.concatenate([[0.0], np.cumsum(predicted_lengths[:-1])])
-
-
-def align_prediction(prediction: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
-    """Place the predicted events under the measured ones, rank by rank and step by step.
-
-    Every measured rank gets its predicted events (`predicted_per_rank`). When the measured
-    events have a `step` column, predicted step k (cycling through the predicted steps; a
-    prediction without a `step` column is one step) is shifted to start where measured step k
-    started, so each step's pattern can be compared even when the run drifts or starts late
-    (end to end instead when the predicted steps would overlap: `step_positions`).
-    Otherwise the prediction is drawn from time 0 as it is.
-    """
-    if prediction.empty or measured.empty:
-        return prediction
-    prediction = predicted_per_rank(prediction, sorted(int(r) for r in measured["rank"].dropna().unique()))
-    if "step" not in measured or not measured["step"].notna().any():
-        return prediction
-    if "step" not in prediction or not prediction["step"].notna().any():
-        prediction = prediction.assign(step=0)
-    pred_step = prediction["step"].to_numpy()
-    pred_steps = sorted(pd.unique(prediction["step"].dropna()).tolist())
-    p_start = prediction.groupby("step")["start"].min()
-    p_len = prediction.groupby("step")["end"].max() - p_start
-    m_start = measured.groupby("step")["start"].min()
-    srcs = [pred_steps[i % len(pred_steps)] for i in range(len(m_start))]
-    where = step_positions(m_start.to_numpy(float), np.array([p_len[s] for s in srcs], float))
-    rows = {s: np.flatnonzero(pred_step == s) for s in pred_steps}
-    idx, shift, step = [], [], []
-    for m_step, src, t0 in zip(m_start.index, srcs, where):
-        idx.append(rows[src])
-        shift.append(np.full(len(rows[src]), float(t0) - float(p_start[src])))
-        step.append(np.full(len(rows[src]), m_step))
-    out = prediction.iloc[np.concatenate(idx)].reset_index(drop=True)
-    d = np.concatenate(shift)
-    out["start"] = out["start"].to_numpy(float) + d
-    out["end"] = out["end"].to_numpy(float) + d
-    out["step"] = np.concatenate(step)
-    return out
-
-
 def rank_axis(ranks: Sequence[int], prediction: bool) -> dict[str, Any]:
     ranks = sorted(int(r) for r in ranks)
     vals: list[float] = [float(r) for r in ranks]
@@ -340,21 +247,6 @@ def memory_layout(title: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- latency
-LATENCY_KINDS = ("collective", "transfer", "compute")
-
-
-def latency_table(events: pd.DataFrame, kinds: Sequence[str] = LATENCY_KINDS) -> pd.DataFrame:
-    """p50 / p99 / count of event duration (seconds) per op, ops of `kinds` only."""
-    ev = events[events["kind"].isin(kinds)] if len(events) else events
-    if ev.empty:
-        return pd.DataFrame(columns=["op", "kind", "count", "p50", "p99"])
-    dur = (ev["end"] - ev["start"]).astype(float)
-    g = dur.groupby([ev["op"].astype(str), ev["kind"].astype(str)])
-    out = pd.DataFrame({"count": g.size(), "p50": g.quantile(0.5), "p99": g.quantile(0.99)}).reset_index()
-    out.columns = ["op", "kind", "count", "p50", "p99"]
-    return out.sort_values(["kind", "op"]).reset_index(drop=True)
-
-
 def latency_figure(result: Result, prediction: Result | None = None, title: str | None = None) -> go.Figure:
     """p50 and p99 duration per op (ms, log scale); predicted p50 as markers when a prediction is given."""
     go = _go()

@@ -25,23 +25,24 @@ import html
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError, require
+from workbench.live import LiveData, replay_updates
 from workbench.result import Result
 from workbench.viz import results as vr
 from workbench.viz.topology import UTIL_EDGES
 
 if TYPE_CHECKING:
-    from workbench.runner.stream import RunHandle, Update
+    from workbench.core.stream import RunHandle, Update
     from workbench.topology.model import Cluster
 
+__all__ = ["PANELS", "Dashboard", "LiveData", "replay_updates"]
+
 PANELS = ("topology", "links", "memory", "latency", "timeline")
-Segments = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, y, hover text of one timeline trace
 
 
 class Dashboard:
@@ -404,226 +405,6 @@ class Dashboard:
 
     def __repr__(self) -> str:
         return f"Dashboard(panels={list(self._figs)}, {self.updates_pushed} updates, {self.renders} redraws)"
-
-
-class LiveData:
-    """What the dashboard has received so far, kept in the shape its traces need.
-
-    Each pushed chunk is turned into numpy arrays once (`add`); a redraw only concatenates
-    them, so its cost does not grow with the events already seen: the timeline keeps the most
-    recent `max_events` segments per kind, latency keeps durations per op, links keep their
-    rows per link, memory the latest sample per (rank, category).
-    """
-
-    def __init__(self, prediction: Result | None, max_events: int) -> None:
-        self.max_events = max_events
-        self.n_events = 0
-        self.versions = {"events": 0, "links": 0, "memory": 0}  # bumped when a panel's data changes
-        self.devices: dict[int, str] = {}
-        self._segments: dict[str, list[Segments]] = {k: [] for k in vr.TIMELINE_KINDS}
-        self._segment_points: dict[str, int] = {k: 0 for k in vr.TIMELINE_KINDS}
-        self._durations: dict[tuple[str, str], list[np.ndarray]] = {}
-        self._links: dict[str, list[np.ndarray]] = {}  # link -> chunks of (start, end, GBps, utilisation) rows
-        self._carried: dict[str, float] = {}
-        self._now = 0.0
-        self._memory: dict[tuple[int, str], tuple[float, float]] = {}
-        self._step_start: dict[Any, float] = {}
-        self._pred_events = prediction.events if prediction is not None else None
-        self._pred_base: tuple[tuple[int, ...], list[Any], dict[Any, list[Segments]]] | None = None
-        self._pred_cache: tuple[Any, list[Segments]] | None = None
-        self.predicted_p50: dict[str, float] = {}
-        if prediction is not None:
-            self._prepare_prediction(prediction.events)
-
-    # ---- ingest
-    def add(self, events: pd.DataFrame, memory: pd.DataFrame, links: pd.DataFrame) -> None:
-        if events is not None and len(events):
-            self._add_events(events)
-            self.versions["events"] += 1
-        if memory is not None and len(memory):
-            self.versions["memory"] += 1
-            for r, c, b, t in zip(memory["rank"].to_numpy(), memory["category"].astype(str), memory["bytes"].to_numpy(float),
-                                  memory["time"].to_numpy(float)):
-                key = (int(r), c)
-                if key not in self._memory or t >= self._memory[key][0]:
-                    self._memory[key] = (t, b)
-        if links is not None and len(links):
-            self.versions["links"] += 1
-            rows = np.column_stack([links[c].to_numpy(float) for c in ("start", "end", "GBps", "utilisation")])
-            names = links["link"].astype(str).to_numpy()
-            for name in pd.unique(names):
-                mine = rows[names == name]
-                chunks = self._links.setdefault(name, [])
-                chunks.append(mine)
-                if len(chunks) > 64:  # compact, and keep the most recent max_events rows per link
-                    self._links[name] = [np.concatenate(chunks)[-self.max_events:]]
-                self._carried[name] = self._carried.get(name, 0.0) + float(np.sum(mine[:, 2] * (mine[:, 1] - mine[:, 0])))
-            self._now = max(self._now, float(rows[:, 1].max()))
-
-    def _add_events(self, events: pd.DataFrame) -> None:
-        self.n_events += len(events)
-        kinds = events["kind"].astype(str).to_numpy()
-        ranks = events["rank"].to_numpy()
-        start, end = events["start"].to_numpy(float), events["end"].to_numpy(float)
-        ops = events["op"].astype(str).to_numpy()
-        nbytes = events["bytes"].fillna(0).to_numpy(float)
-        first = pd.unique(ranks)
-        if any(int(r) not in self.devices for r in first):
-            for r, d in zip(ranks, events["device"].astype(str)):
-                self.devices.setdefault(int(r), d)
-        for kind in np.unique(kinds):
-            mask = kinds == kind
-            if kind not in self._segments:
-                continue
-            seg = vr.segments(start[mask], end[mask], ranks[mask].astype(float), ops[mask], nbytes[mask])
-            chunks = self._segments[kind]
-            chunks.append(seg)
-            self._segment_points[kind] += len(seg[0])
-            while self._segment_points[kind] - len(chunks[0][0]) >= 3 * self.max_events:
-                self._segment_points[kind] -= len(chunks.pop(0)[0])
-            if kind in vr.LATENCY_KINDS:
-                dur = end[mask] - start[mask]
-                kops = ops[mask]
-                for op in np.unique(kops):
-                    d = self._durations.setdefault((str(op), str(kind)), [])
-                    d.append(dur[kops == op])
-                    if len(d) > 64:
-                        d[:] = [np.concatenate(d)]
-        if "step" in events:
-            steps = events["step"].to_numpy()
-            for step in pd.unique(steps):
-                if pd.isna(step):
-                    continue
-                t0 = float(start[steps == step].min())
-                if step not in self._step_start or t0 < self._step_start[step]:
-                    self._step_start[step] = t0
-
-    def _prepare_prediction(self, pred: pd.DataFrame) -> None:
-        tab = vr.latency_table(pred)
-        self.predicted_p50 = dict(zip(tab["op"], tab["p50"].astype(float)))
-
-    def _prediction_base(self, ranks: tuple[int, ...]) -> tuple[list[Any], dict[Any, list[Segments]]]:
-        """Per predicted step, its segments for `ranks` with times relative to the step's start (cached)."""
-        if self._pred_base is None or self._pred_base[0] != ranks:
-            assert self._pred_events is not None
-            pred = vr.predicted_per_rank(self._pred_events, list(ranks))
-            if "step" not in pred or not pred["step"].notna().any():
-                pred = pred.assign(step=0)  # a one-step prediction: repeated under every measured step
-            base: dict[Any, list[Segments]] = {}
-            self._pred_len: dict[Any, float] = {}
-            for step, rows in pred.groupby("step", sort=True):
-                t0 = float(rows["start"].min())
-                base[step] = [_shifted(vr.timeline_arrays(rows, k, vr.PREDICTION_OFFSET), -t0) for k in vr.TIMELINE_KINDS]
-                self._pred_len[step] = float(rows["end"].max()) - t0
-            self._pred_base = (ranks, list(base), base)
-        return self._pred_base[1], self._pred_base[2]
-
-    # ---- views
-    def timeline(self) -> list[Segments]:
-        out = []
-        for kind in vr.TIMELINE_KINDS:
-            chunks = self._segments[kind]
-            if not chunks:
-                out.append((np.empty(0), np.empty(0), np.empty(0, str)))
-                continue
-            x, y, t = (np.concatenate([c[i] for c in chunks]) for i in range(3))
-            keep = 3 * self.max_events
-            out.append((x[-keep:], y[-keep:], t[-keep:]))
-        return out
-
-    def predicted_timeline(self) -> list[Segments]:
-        """The prediction under each measured rank and step: predicted step k (cycling) at measured step k's start."""
-        empty = [(np.empty(0), np.empty(0), np.empty(0, str)) for _ in vr.TIMELINE_KINDS]
-        if self._pred_events is None or self._pred_events.empty or not self.devices:
-            return empty
-        ranks = tuple(sorted(self.devices))
-        starts = tuple(sorted(self._step_start.items())) or ((0, 0.0),)  # no steps measured: from time 0
-        key = (ranks, starts)
-        if self._pred_cache is None or self._pred_cache[0] != key:
-            steps, base = self._prediction_base(ranks)
-            if not steps:
-                return empty
-            per_kind: list[list[Segments]] = [[] for _ in vr.TIMELINE_KINDS]
-            srcs = [steps[i % len(steps)] for i in range(len(starts))]
-            where = vr.step_positions(np.array([t for _, t in starts], float),
-                                      np.array([self._pred_len[s] for s in srcs], float))
-            for src, t0 in zip(srcs, where):
-                for k, seg in enumerate(base[src]):
-                    per_kind[k].append(_shifted(seg, float(t0)))
-            keep = 3 * self.max_events
-            arrays: list[Segments] = [
-                (np.concatenate([c[0] for c in chunks])[-keep:], np.concatenate([c[1] for c in chunks])[-keep:],
-                 np.concatenate([c[2] for c in chunks])[-keep:]) for chunks in per_kind]
-            self._pred_cache = (key, arrays)
-        return list(self._pred_cache[1])
-
-    def latency(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        keys = sorted(self._durations, key=lambda ok: (ok[1], ok[0]))
-        p50, p99 = np.empty(len(keys)), np.empty(len(keys))
-        for i, key in enumerate(keys):
-            d = np.concatenate(self._durations[key])
-            p50[i], p99[i] = np.quantile(d, 0.5), np.quantile(d, 0.99)
-        return [op for op, _ in keys], p50, p99
-
-    def busiest_links(self, top: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        names = sorted(self._carried, key=lambda n: -self._carried[n])[:top]
-        out = []
-        for name in names:
-            rows = np.concatenate(self._links[name])
-            rows = rows[np.argsort(rows[:, 0], kind="stable")]
-            x = np.append(rows[:, 0], rows[-1, 1])
-            out.append((name, x, np.append(rows[:, 2], rows[-1, 2])))
-        return out
-
-    def utilisation(self, window: float) -> dict[str, float]:
-        """Mean utilisation per link over the last `window` seconds of run time."""
-        lo, out = self._now - window, {}
-        for name, chunks in self._links.items():
-            busy = 0.0
-            for rows in reversed(chunks):
-                s, e = np.clip(rows[:, 0], lo, None), np.clip(rows[:, 1], None, self._now)
-                busy += float(np.sum(np.clip(e - s, 0.0, None) * rows[:, 3]))
-                if rows[:, 0].min() < lo:
-                    break
-            out[name] = busy / window if window > 0 else 0.0
-        return out
-
-    def memory(self) -> tuple[list[int], dict[str, np.ndarray]]:
-        ranks = sorted({r for r, _ in self._memory})
-        cats = sorted({c for _, c in self._memory})
-        pos = {r: i for i, r in enumerate(ranks)}
-        out = {c: np.zeros(len(ranks)) for c in cats}
-        for (r, c), (_, b) in self._memory.items():
-            out[c][pos[r]] = b
-        return ranks, out
-
-
-def _shifted(seg: Segments, dt: float) -> Segments:
-    return seg[0] + dt, seg[1], seg[2]
-
-
-def replay_updates(result: Result, frames: int = 30) -> Iterable[Update]:
-    """A finished Result cut into `frames` Updates by time (rows land in the frame in which they end)."""
-    from workbench.runner.stream import Update
-
-    ev, mem, links = result.events, result.memory, result.links
-    ends = [s for s in (ev["end"], mem["time"], links["end"]) if len(s)]
-    t_end = float(max(s.max() for s in ends)) if ends else 0.0
-    t_start = float(min(ev["start"].min() if len(ev) else 0.0, 0.0))
-    has_steps = "step" in ev and len(ev) > 0 and bool(ev["step"].notna().any())
-    step_end = ev.groupby("step")["end"].max() if has_steps else pd.Series(dtype=float)
-    steps = len(step_end) if has_steps else frames
-    edges = np.linspace(t_start, t_end, frames + 1)
-    edges[0] = -np.inf
-    for i in range(frames):
-        lo, hi = edges[i], edges[i + 1]
-        e = ev[(ev["end"] > lo) & (ev["end"] <= hi)]
-        step = int((step_end <= hi).sum()) if has_steps else i + 1
-        yield Update(
-            events=e, memory=mem[(mem["time"] > lo) & (mem["time"] <= hi)],
-            links=links[(links["end"] > lo) & (links["end"] <= hi)],
-            step=step, steps=steps, progress=(i + 1) / frames, t=float(hi),
-        )
 
 
 def _topology_figure(cluster: Cluster) -> Any:
