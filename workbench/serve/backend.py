@@ -194,8 +194,10 @@ class Backend:
                 "kv_cache_usage_perc": usage, **self.counters}
 
     # ----- requests -----
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
-        """The request's events as they come: tokens, then one with `finish` (or `error`)."""
+    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+        """Admit a request now (raises `Overloaded` or `WorkerDied` at once) and return its events
+        as they come: tokens, then one with `finish` (or `error`). Call from the event loop and
+        iterate the result: closing it early aborts the request and frees its pages."""
         ok, why = self.health()
         if not ok:
             raise WorkerDied(why)
@@ -209,12 +211,24 @@ class Backend:
             self.reqs[rid] = req
             self.counters["prompt_tokens"] += len(prompt)
         try:
-            if self.mode == "colocated":
-                self.procs["worker-0"].send(("add", rid, req.prompt, params, None))
-            elif params.max_tokens == 1:
-                self.procs["prefill-0"].send(("add", rid, req.prompt, params, None))
-            else:
-                self.procs["decode-0"].send(("reserve", rid, len(req.prompt)))
+            self._submit(req)
+        except WorkerDied:
+            self._close(rid, abort=True)
+            raise
+        return self._events(req)
+
+    def _submit(self, req: _Req) -> None:
+        rid = req.rid
+        if self.mode == "colocated":
+            self.procs["worker-0"].send(("add", rid, req.prompt, req.params, None))
+        elif req.params.max_tokens == 1:
+            self.procs["prefill-0"].send(("add", rid, req.prompt, req.params, None))
+        else:
+            self.procs["decode-0"].send(("reserve", rid, len(req.prompt)))
+
+    async def _events(self, req: _Req) -> AsyncIterator[Event]:
+        rid = req.rid
+        try:
             while True:
                 ev = await req.queue.get()
                 yield ev

@@ -1,0 +1,64 @@
+"""One call from a checkpoint to a running OpenAI-compatible server: workers, app, HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class Service:
+    backend: Any
+    app: Any
+    server: Any
+    model_name: str
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.backend.stop()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def resolve_model(model: str | Path) -> Path:
+    """`demo` → the embedded small model (trained on first use); otherwise a checkpoint directory."""
+    if str(model) == "demo":
+        from workbench.serve.demo import demo_checkpoint
+
+        return demo_checkpoint()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise WorkbenchError(f"model: {str(model)!r} is not a directory (give a Hugging Face checkpoint "
+                             f"directory with config.json and *.safetensors, or 'demo')")
+    return path
+
+
+def start_service(model: str | Path, mode: str = "colocated", *, host: str = "127.0.0.1", port: int = 0,
+                  api_key: str | None = None, name: str | None = None, max_inflight: int = 256,
+                  default_max_tokens: int = 64, **spec: Any) -> Service:
+    """Start the workers and the HTTP server; `Service.url` is where it listens."""
+    from workbench.serve.backend import Backend
+    from workbench.serve.server import App, Server
+    from workbench.serve.tokenizer import TextTokenizer
+
+    path = resolve_model(model)
+    tok = TextTokenizer(path) if (path / "tokenizer.json").is_file() else None
+    backend = Backend(str(path), mode, max_inflight=max_inflight, **spec).start()
+    try:
+        app = App(backend, tok, name or path.name, api_key=api_key, default_max_tokens=default_max_tokens)
+        server = Server(app, host, port).start()
+    except BaseException:
+        backend.stop()
+        raise
+    return Service(backend, app, server, app.model_name)
