@@ -25,9 +25,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CELL_TIMEOUT_S = 240
 SCREENSHOT = ROOT / "reports" / "browser-quickstart.png"
 
@@ -46,11 +43,9 @@ def _jupyter() -> str:
 
 
 @pytest.fixture
-def lab(tmp_path):
-    """A JupyterLab server on 127.0.0.1 serving a copy of the notebooks; yields (base url, token, dir)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium) — the browser test needs Debian's chromium")
-    pytest.importorskip("playwright.sync_api", reason="playwright (python) is missing: pip install playwright")
+def lab(tmp_path, chromium):
+    """A JupyterLab server on 127.0.0.1 serving a copy of the notebooks; yields (base url, token, dir).
+    Asks for `chromium` first, so it skips before starting a server where no browser can run."""
     work = tmp_path / "nb"
     work.mkdir()
     shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
@@ -168,12 +163,12 @@ def _settle(page, quiet_ms: int = 1500, timeout: float = 90.0) -> None:
         page.wait_for_timeout(250)
 
 
-def test_quickstart_runs_in_chromium(lab):
+def test_quickstart_runs_in_chromium(lab, chromium):
     from playwright.sync_api import sync_playwright
 
     base, token, work = lab
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True, timeout=60_000)
+        browser = pw.chromium.launch(**chromium)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1800})
             page_errors: list[str] = []

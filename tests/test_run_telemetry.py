@@ -128,12 +128,7 @@ def test_cuda_recorder_off_steps_record_nothing(monkeypatch: pytest.MonkeyPatch)
     assert FakeEvent.synchronized == 2
 
 
-def _cuda() -> bool:
-    return bool(torch.cuda.is_available())
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")
+@pytest.mark.gpu  # skipped where no CUDA GPU exists (tests/conftest.py)
 @pytest.mark.timeout(120)
 def test_real_cuda_events_time_the_device_not_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     a = torch.randn(4096, 4096, device="cuda")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -244,22 +242,18 @@ def test_bus_factor_conventions() -> None:
 
 
 # ------------------------------------------------------------------ CLI
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=120)
-
-
-def test_cli_simulate() -> None:
-    r = _cli("simulate", "p2p", "--cluster", "aws-p5en:nodes=2", "--bytes", "32MiB", "--json")
+def test_cli_simulate(cli) -> None:
+    r = cli("simulate", "p2p", "--cluster", "aws-p5en:nodes=2", "--bytes", "32MiB", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"seconds", "Gbps", "ops_per_s", "fidelity"} <= set(out) and 300 < out["Gbps"] < 400
-    r = _cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce", "--bytes", "1GiB", "--json")
+    r = cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce", "--bytes", "1GiB", "--json")
     out = json.loads(r.stdout)
     assert {"seconds", "algbw_GBps", "busbw_GBps", "algo", "fidelity"} <= set(out)
-    r = _cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_to_all", "--bytes", "64MiB",
+    r = cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_to_all", "--bytes", "64MiB",
              "--flow", "--json")
     assert json.loads(r.stdout)["fidelity"] == "flow"
-    bad = _cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce", "--bytes", "lots")
+    bad = cli("simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce", "--bytes", "lots")
     assert bad.returncode == 2 and "--bytes" in bad.stderr
 
 
@@ -310,12 +304,10 @@ def test_flow_result_in_shared_schema() -> None:
     assert r.fidelity == "flow" and r.events["flows"].sum() == 16 * 15
 
 
-def test_fit_nccl_tests_over_several_ops_and_the_cli(tmp_path) -> None:
+def test_fit_nccl_tests_over_several_ops_and_the_cli(tmp_path, cli) -> None:
     """nccl-tests text for three ops, written from a model with a known NVLink efficiency, is fitted back
     jointly by `workbench calibrate nccl-tests`, with busbw before and after."""
     import json
-    import subprocess
-    import sys
 
     from workbench.sim.collectives import bus_factor
 
@@ -335,14 +327,12 @@ def test_fit_nccl_tests_over_several_ops_and_the_cli(tmp_path) -> None:
         path = tmp_path / f"{op}_perf.txt"
         path.write_text("\n".join(lines) + "\n")
         files.append(str(path))
-    out = subprocess.run([sys.executable, "-m", "workbench.cli", "calibrate", "nccl-tests", *files,
-                          "--cluster", "dgx-h100:nodes=1", "--json"], capture_output=True, text=True, timeout=120)
+    out = cli("calibrate", "nccl-tests", *files, "--cluster", "dgx-h100:nodes=1", "--json")
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["param"] == "nvlink.bw_efficiency"
     assert d["after"] == pytest.approx(0.6, rel=5e-3)
     assert d["median_abs_err_after_pct"] < 1.0 < d["median_abs_err_before_pct"]
     assert {r["op"] for r in d["rows"]} == {"all_reduce", "all_gather", "reduce_scatter"}
-    bad = subprocess.run([sys.executable, "-m", "workbench.cli", "calibrate", "nccl-tests", files[0],
-                          "--cluster", "dgx-h100:nodes=1", "--gpus", "9"], capture_output=True, text=True, timeout=60)
+    bad = cli("calibrate", "nccl-tests", files[0], "--cluster", "dgx-h100:nodes=1", "--gpus", "9")
     assert bad.returncode == 2 and "--gpus: must be between 1 and 8" in bad.stderr

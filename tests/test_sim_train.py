@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -218,12 +216,8 @@ def test_partial_plan_is_completed() -> None:
 
 
 # ---------- CLI ----------
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=240)
-
-
-def test_cli_simulate_json() -> None:
-    p = _cli("simulate", "train", "--cluster", "aws-p5:nodes=4", "--model", "llama3-8b", "--plan",
+def test_cli_simulate_json(cli) -> None:
+    p = cli("simulate", "train", "--cluster", "aws-p5:nodes=4", "--model", "llama3-8b", "--plan",
              "tp=8,pp=1,dp=4,gbs=64,recompute=selective", "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -233,13 +227,13 @@ def test_cli_simulate_json() -> None:
     assert set(out["memory_GiB_per_gpu"]) == {"weights", "gradients", "optimizer", "activations", "buffers", "total"}
 
 
-def test_cli_bad_plan_exits_2() -> None:
-    p = _cli("simulate", "train", "--cluster", "aws-p5:nodes=1", "--model", "llama3-8b", "--plan", "tp=3,gbs=8")
+def test_cli_bad_plan_exits_2(cli) -> None:
+    p = cli("simulate", "train", "--cluster", "aws-p5:nodes=1", "--model", "llama3-8b", "--plan", "tp=3,gbs=8")
     assert p.returncode == 2 and "plan.tp" in p.stderr
 
 
-def test_cli_search_json() -> None:
-    p = _cli("search", "train", "--cluster", "aws-p5:nodes=1", "--model", "llama3-8b", "--gbs", "16", "--top", "3",
+def test_cli_search_json(cli) -> None:
+    p = cli("search", "train", "--cluster", "aws-p5:nodes=1", "--model", "llama3-8b", "--gbs", "16", "--top", "3",
              "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
