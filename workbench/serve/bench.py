@@ -1,0 +1,280 @@
+"""The traffic benchmark: drive any OpenAI-compatible server and report `vllm bench serve` metrics.
+
+Closed loop (a concurrency), open loop (gamma arrivals at a rate) or a trace; every request
+streams, so TTFT and ITL are measured on the client. Definitions (as `vllm bench serve`):
+TTFT = request sent → first non-empty chunk (queueing included); TPOT per request =
+(E2EL − TTFT) / (output tokens − 1); ITL = gaps between chunks, over all chunks; E2EL =
+request sent → last chunk; throughputs over the benchmark's duration; goodput = completed
+requests per second meeting every SLO (`ttft`, `tpot`, `itl`, `e2el` in ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.serve.traffic import Traffic
+
+SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
+
+
+def parse_slo(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """`ttft=200,tpot=50` (milliseconds) → {'ttft': 200.0, 'tpot': 50.0}."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in spec.split(","):
+            if "=" not in part:
+                raise WorkbenchError(f"--slo: {part!r} is not key=ms (e.g. ttft=200,tpot=50)")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out = {}
+    for k, v in items:
+        if k not in SLO_KEYS:
+            raise WorkbenchError(f"--slo: unknown {k!r} (use {', '.join(SLO_KEYS)}, values in ms)")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise WorkbenchError(f"--slo: {k}={v!r} is not a number of milliseconds") from None
+        if out[k] <= 0:
+            raise WorkbenchError(f"--slo: {k} must be > 0 ms")
+    return out
+
+
+def _corpus() -> list[str]:
+    """Words of the project's own docs: prompts that read like text, not noise."""
+    root = Path(__file__).resolve().parents[2]
+    words: list[str] = []
+    for f in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if f.is_file():
+            words.extend(w for w in f.read_text(errors="ignore").split() if w.isascii() and len(w) < 20)
+    return words or "the workbench serves a small model over a paged cache and moves pages between workers".split()
+
+
+@dataclass
+class BenchResult:
+    """Metrics (vllm bench serve names) and one row per request."""
+
+    metrics: dict[str, Any]
+    requests: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "metrics": self.metrics}, indent=1, default=float)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([self.metrics])
+
+    def table(self) -> str:
+        m = self.metrics
+        lines = [f"{'completed':<28}{m['completed']}", f"{'failed':<28}{m['failed']}",
+                 f"{'duration (s)':<28}{m['duration']:.2f}",
+                 f"{'request_throughput (req/s)':<28}{m['request_throughput']:.2f}",
+                 f"{'output_throughput (tok/s)':<28}{m['output_throughput']:.1f}",
+                 f"{'total_token_throughput':<28}{m['total_token_throughput']:.1f}"]
+        if "request_goodput" in m:
+            lines.append(f"{'request_goodput (req/s)':<28}{m['request_goodput']:.2f}")
+        for k in ("ttft", "tpot", "itl", "e2el"):
+            lines.append(f"{k.upper() + ' (ms)':<28}mean {m[f'mean_{k}_ms']:.1f}  median {m[f'median_{k}_ms']:.1f}  "
+                         f"p99 {m[f'p99_{k}_ms']:.1f}")
+        if m.get("failures"):
+            lines.append(f"{'failures':<28}{m['failures']}")
+        return "\n".join(lines)
+
+
+def run(url: str, traffic: str | Traffic, *, slo: str | dict[str, float] | None = None, model: str | None = None,
+        endpoint: str = "/v1/completions", api_key: str | None = None, ignore_eos: bool = True,
+        timeout: float = 300.0, progress: bool = True, tokenizer: Any = None, temperature: float = 0.0) -> BenchResult:
+    """Run the benchmark to the end (blocking); see `run_async`."""
+    return asyncio.run(run_async(url, traffic, slo=slo, model=model, endpoint=endpoint, api_key=api_key,
+                                 ignore_eos=ignore_eos, timeout=timeout, progress=progress, tokenizer=tokenizer,
+                                 temperature=temperature))
+
+
+async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, float] | None = None,
+                    model: str | None = None, endpoint: str = "/v1/completions", api_key: str | None = None,
+                    ignore_eos: bool = True, timeout: float = 300.0, progress: bool = True, tokenizer: Any = None,
+                    temperature: float = 0.0) -> BenchResult:
+    import httpx
+
+    t = Traffic.parse(traffic)
+    slos = parse_slo(slo)
+    if endpoint not in ("/v1/completions", "/v1/chat/completions"):
+        raise WorkbenchError(f"--endpoint: {endpoint!r} is not /v1/completions or /v1/chat/completions")
+    plan = t.plan()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout, limits=limits) as client:
+        if model is None:
+            try:
+                r = await client.get("/v1/models")
+                r.raise_for_status()
+                model = r.json()["data"][0]["id"]
+            except Exception as exc:  # noqa: BLE001
+                raise WorkbenchError(f"--url: cannot list models at {url}/v1/models ({exc}); is the server up?") from None
+        words = _corpus()
+        rnd = random.Random(t.seed)
+        prompts = [_prompt(words, rnd, p["input_len"], tokenizer) for p in plan]
+        bar = _bar(len(plan), progress)
+        rows: list[dict[str, Any]] = [{} for _ in plan]
+        sem = asyncio.Semaphore(t.concurrency or t.max_concurrency or len(plan))
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            p = plan[i]
+            if t.mode != "closed":
+                delay = p["arrival"] - (time.perf_counter() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            async with sem:
+                rows[i] = await _request(client, endpoint, model, prompts[i], p, ignore_eos, temperature, start)
+            bar.update(1)
+
+        await asyncio.gather(*(one(i) for i in range(len(plan))))
+        duration = time.perf_counter() - start
+        bar.close()
+    df = pd.DataFrame(rows)
+    metrics = summarize(df, duration, slos)
+    meta = {"url": url, "model": model, "traffic": t.spec(), "endpoint": endpoint, "slo": slos}
+    return BenchResult(metrics, df, meta)
+
+
+def _bar(n: int, on: bool) -> Any:
+    if on:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=n, desc="requests", unit="req", leave=False)
+
+    class _Null:
+        def update(self, _: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
+
+
+def _prompt(words: list[str], rnd: random.Random, n: int, tokenizer: Any) -> str:
+    at = rnd.randrange(len(words))
+    text = " ".join(words[(at + k) % len(words)] for k in range(n))
+    if tokenizer is not None:  # cut to exactly n tokens of the server's tokenizer
+        ids = tokenizer.encode(text, special=False)[:n] if hasattr(tokenizer, "encode") else []
+        text = tokenizer.decode(ids) if ids else text
+    return text
+
+
+async def _request(client: Any, endpoint: str, model: str, prompt: str, p: dict[str, Any], ignore_eos: bool,
+                   temperature: float, start: float) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": int(p["output_len"]), "stream": True,
+                            "stream_options": {"include_usage": True}, "temperature": temperature}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if endpoint.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    row: dict[str, Any] = {"start": 0.0, "input_len_planned": p["input_len"], "output_len_planned": p["output_len"],
+                           "prompt_tokens": None, "output_tokens": 0, "ttft": np.nan, "e2el": np.nan,
+                           "tpot": np.nan, "itl": [], "success": False, "error": None}
+    t0 = time.perf_counter()
+    row["start"] = t0 - start
+    last = None
+    chunks = 0
+    try:
+        async with client.stream("POST", endpoint, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                try:
+                    err = json.loads(text)["error"]
+                    why = err.get("code") or err.get("type") or ""
+                except Exception:  # noqa: BLE001
+                    why = text[:60]
+                row["error"] = f"HTTP {r.status_code} {why}".strip()
+                return row
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    row["error"] = f"stream error {obj['error'].get('code') or obj['error'].get('type')}"
+                    return row
+                if obj.get("usage"):
+                    row["prompt_tokens"] = obj["usage"].get("prompt_tokens")
+                    row["output_tokens"] = obj["usage"].get("completion_tokens", chunks)
+                choices = obj.get("choices") or []
+                if not choices:
+                    continue
+                c = choices[0]
+                text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+                if text:  # the first non-empty chunk is the first token (vllm bench serve)
+                    now = time.perf_counter()
+                    if last is None:
+                        row["ttft"] = now - t0
+                    else:
+                        row["itl"].append(now - last)
+                    last = now
+                    chunks += 1
+    except Exception as exc:  # noqa: BLE001 - a failure is a row with its reason, not a crash
+        row["error"] = type(exc).__name__
+        return row
+    if last is None:
+        row["error"] = "no tokens"
+        return row
+    row["e2el"] = last - t0
+    if not row["output_tokens"]:
+        row["output_tokens"] = chunks
+    if row["output_tokens"] > 1:
+        row["tpot"] = (row["e2el"] - row["ttft"]) / (row["output_tokens"] - 1)
+    row["success"] = True
+    return row
+
+
+def summarize(df: pd.DataFrame, duration: float, slos: dict[str, float] | None = None) -> dict[str, Any]:
+    """The `vllm bench serve` metrics of per-request rows (seconds) over `duration`."""
+    slos = slos or {}
+    ok = df[df["success"]] if len(df) else df
+    completed = int(len(ok))
+    m: dict[str, Any] = {"completed": completed, "failed": int(len(df) - completed), "duration": duration}
+    tin = int(ok["prompt_tokens"].fillna(ok["input_len_planned"]).sum()) if completed else 0
+    tout = int(ok["output_tokens"].sum()) if completed else 0
+    m.update(total_input_tokens=tin, total_output_tokens=tout,
+             request_throughput=completed / duration if duration else 0.0,
+             output_throughput=tout / duration if duration else 0.0,
+             total_token_throughput=(tin + tout) / duration if duration else 0.0)
+    series = {"ttft": ok["ttft"].to_numpy(float) if completed else np.array([]),
+              "tpot": ok["tpot"].dropna().to_numpy(float) if completed else np.array([]),
+              "itl": np.array([x for xs in ok["itl"] for x in xs], float) if completed else np.array([]),
+              "e2el": ok["e2el"].to_numpy(float) if completed else np.array([])}
+    for k, v in series.items():
+        ms = v * 1000.0
+        m[f"mean_{k}_ms"] = float(ms.mean()) if ms.size else 0.0
+        m[f"median_{k}_ms"] = float(np.median(ms)) if ms.size else 0.0
+        m[f"std_{k}_ms"] = float(ms.std()) if ms.size else 0.0
+        m[f"p99_{k}_ms"] = float(np.percentile(ms, 99)) if ms.size else 0.0
+    if slos and completed:
+        good = np.ones(completed, bool)
+        for k, lim in slos.items():
+            if k == "itl":
+                vals = np.array([max(xs) if len(xs) else 0.0 for xs in ok["itl"]])
+            else:
+                vals = ok[k].fillna(0.0).to_numpy(float)
+            good &= vals * 1000.0 <= lim
+        m["request_goodput"] = float(good.sum()) / duration if duration else 0.0
+    elif slos:
+        m["request_goodput"] = 0.0
+    fails = df.loc[~df["success"], "error"].value_counts().to_dict() if len(df) else {}
+    m["failures"] = {str(k): int(v) for k, v in fails.items()}
+    return m
