@@ -8,7 +8,19 @@ from __future__ import annotations
 
 
 class WorkbenchError(ValueError):
-    """Bad input or an unusable setting, with a message that names the field and the fix."""
+    """Bad input or an unusable setting, with a message that names the field and the fix.
+
+    The message is bounded (`MAX_MESSAGE` characters, cut in the middle), so a huge bad value is never
+    echoed whole."""
+
+    MAX_MESSAGE = 2000
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        if len(text) > self.MAX_MESSAGE:
+            half = self.MAX_MESSAGE // 2 - 2
+            text = f"{text[:half]} … {text[-half:]}"
+        super().__init__(text)
 
 
 class ExtraMissing(ImportError):

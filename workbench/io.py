@@ -205,8 +205,9 @@ def parse_structured(text: str, what: str) -> Any:
         if _depth(data) > MAX_DEPTH:
             raise WorkbenchError(f"{what}: nested more than {MAX_DEPTH} levels deep")
         return data
-    loader = _loader()(text)
+    loader = None
     try:
+        loader = _loader()(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -220,7 +221,8 @@ def parse_structured(text: str, what: str) -> Any:
         first = " ".join(str(exc).split())
         raise WorkbenchError(f"{what}: not valid YAML/JSON ({first[:300]})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_structured(path: str | Path, what: str) -> Any:

@@ -30,6 +30,6 @@ def parse_options(text: str, field: str, example: str = "nodes=4", flags: Mappin
         if not key:
             raise WorkbenchError(f"{field}: option {show(part)} has no name before '=', like {example}")
         if key in out:
-            raise WorkbenchError(f"{field}.{key[:40]}: given twice; give each option once")
+            raise WorkbenchError(f"{field}: option {show(key, 40)} is given twice; give each option once")
         out[key] = value.strip()
     return out

@@ -169,4 +169,6 @@ def load_model(spec: str | Path | ModelSpec) -> ModelSpec:
                 raise WorkbenchError(f"model.{need}: inline {head} models need {need}=..., e.g. "
                                      "gpt:layers=24,hidden=2304,heads=24,vocab=51200,seq=2048")
         return inline_model(head, o)
+    if head not in read_yaml("models.yaml"):  # before its options, so messages start with a known name
+        preset(head)
     return preset(head, **parse_options(opts, head, "seq=4096"))

@@ -122,7 +122,7 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
             raise WorkbenchError(f"plan: field names are text, got {show(k)}")
         key = ALIASES.get(k, k)
         if key not in known:
-            raise WorkbenchError(f"plan.{k[:40]}: unknown field (known: {', '.join(sorted(known))})")
+            raise WorkbenchError(f"plan: unknown field {show(k, 40)} (known: {', '.join(sorted(known))})")
         if key in out:
             raise WorkbenchError(f"plan.{key}: given twice (as {k} and another name); give it once")
         value: Any = v

@@ -83,4 +83,6 @@ def load_cluster(spec: str | Path | Cluster) -> Cluster:
     name, _, opts = text.partition(":")
     if is_dir(text):
         raise WorkbenchError(f"cluster: {show(text)} is a directory; give a cluster file or a preset")
+    if name not in read_yaml("presets.yaml"):  # before its options, so messages start with a known name
+        preset(name)
     return preset(name, **parse_options(opts, name))

@@ -11,6 +11,7 @@ The file format groups identical consecutive nodes with `count`:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,7 @@ def from_dict(d: Any) -> Cluster:
         node = Node(
             gpu=gpu, gpus=_int(rn.get("gpus", 8), f"{f}.gpus", 1, MAX_GPUS_PER_NODE), intra=intra, nic=nic,
             nics=_int(rn.get("nics", 1), f"{f}.nics", 0, MAX_NICS_PER_NODE),
-            specs=tuple(sorted((text(k, f"{f}.specs", 64), _num(v, f"{f}.specs.{str(k)[:64]}"))
-                               for k, v in specs.items())),
+            specs=tuple(sorted((_spec_key(k, f"{f}.specs"), _num(v, f"{f}.specs.{k}")) for k, v in specs.items())),
         )
         count = _int(rn.get("count", 1), f"{f}.count", 1, MAX_GPUS)
         total += count * node.gpus
@@ -140,6 +140,12 @@ def from_dict(d: Any) -> Cluster:
         i = next(i for i, n in enumerate(nodes) if n.nics == 0)
         raise WorkbenchError(f"nodes[{raw_index[i]}].nics: a node of a multi-node cluster needs at least one NIC")
     return Cluster(name=name, nodes=tuple(nodes), fabric=fabric)
+
+
+def _spec_key(k: Any, field: str) -> str:
+    if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", k):
+        raise WorkbenchError(f"{field}: a measured rate's name is a word like fp32_tflops, got {show(k)}")
+    return k
 
 
 def _keys(keys: Any) -> str:
