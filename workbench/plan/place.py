@@ -432,11 +432,10 @@ def _stage_figures(ctx: _Ctx, st: Stage, conc: float, batch: int) -> dict[str, A
     maxw = 0.0
     ends = ctx.costs(kind, st.precision, batch)
     if not st.layer_precisions or len(set(st.layer_precisions)) == 1:
-        lc = ctx.costs(kind, st.layer_precisions[0] if st.layer_precisions else st.precision, batch)
-        pw, pkv, pd_, pp = lc.prefix
-        W, KV, DEC, PRE = (float(pw[b] - pw[a]), float(pkv[b] - pkv[a]), float(pd_[b] - pd_[a]),
-                           float(pp[b] - pp[a]))
-        maxw = float(lc.weight_bytes.max())
+        lc = ends if not st.layer_precisions or st.layer_precisions[0] == st.precision else \
+            ctx.costs(kind, st.layer_precisions[0], batch)
+        pw, pkv, pd_, pp, maxw = lc.prefix_lists
+        W, KV, DEC, PRE = pw[b] - pw[a], pkv[b] - pkv[a], pd_[b] - pd_[a], pp[b] - pp[a]
     else:
         for fmt in sorted(set(st.layer_precisions)):
             lc = ctx.costs(kind, fmt, batch)
@@ -471,6 +470,16 @@ def _stage_figures(ctx: _Ctx, st: Stage, conc: float, batch: int) -> dict[str, A
 
 def _replica_metrics(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[str, Any]:
     """Closed-form serving figures of one pipeline at `conc` requests in flight (or `rate` req/s), memoised."""
+    fast = ("rep-id", id(rep.stages), round(conc, 6), round(rate, 9))
+    hit = ctx.memo.get(fast)
+    if hit is not None and hit[0] is rep.stages:
+        return hit[1]  # type: ignore[no-any-return]
+    out = _replica_metrics_sig(ctx, rep, conc, rate)
+    ctx.memo[fast] = (rep.stages, out)  # keeps the stages alive, so the id stays theirs
+    return out
+
+
+def _replica_metrics_sig(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[str, Any]:
     c = ctx.cluster
     # node identity does not matter; the node's kind and whether the next stage shares the node do
     sig = tuple((c.nodes[c.node_of(st.devices[0])], st.tp, st.layers, st.precision, st.layer_precisions,
@@ -791,7 +800,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
     from workbench.topology.presets import load_cluster
     from workbench.topology.spec import to_dict as cluster_dict
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if objective not in OBJECTIVES:
         raise WorkbenchError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
     c, m = load_cluster(cluster), load_model(model)
@@ -820,6 +829,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
     max_r = opts.max_replicas or len(c.nodes)
     memo: dict[Any, Any] = {}
     solved: dict[Any, Any] = {}
+    built: dict[Any, Any] = {}  # (nodes, TP per group, concurrency) -> the replica's stages (or None: cannot fit)
     best: tuple[float, tuple[Replica, ...], dict[str, Any]] | None = None
     candidates = feasible = 0
     kind_of = {i: (c.nodes[i].gpu, c.nodes[i].gpus, c.nodes[i].intra) for i in node_ids}
@@ -831,7 +841,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
         for tps in product(*[tp_sets[kinds.index(k)] for k in subset]):
             tp_of = dict(zip(subset, tps))
             for layout in _layouts(ctx, nodes, [[k for k in o if k in subset] for o in orders], max_r, kind_of):
-                key = tuple(tuple(rn) for rn in layout), tps
+                key = tuple(sorted(tuple(rn) for rn in layout)), tps  # replica order does not matter
                 if key in seen:
                     continue
                 seen.add(key)
@@ -845,20 +855,25 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
                             gtp.append(tp)
                     share = sum(mem_of[i] for i in rn) / tot_mem
                     conc = max(1, math.ceil(tr.concurrency * share))
-                    sig = (tuple((kind_of[g.node], tp) for g, tp in zip(groups, gtp)), conc, latency,
-                           tuple(g.node != groups[k - 1].node for k, g in enumerate(groups)))
-                    if sig not in solved:
-                        solved[sig] = _solve(ctx, groups, gtp, conc, latency, memo)
-                    res = solved[sig]
                     candidates += 1
-                    if res is None:
+                    rkey = (tuple(rn), tuple(gtp), conc)
+                    if rkey not in built:
+                        sig = (tuple((kind_of[g.node], tp) for g, tp in zip(groups, gtp)), conc, latency,
+                               tuple(g.node != groups[k - 1].node for k, g in enumerate(groups)))
+                        if sig not in solved:
+                            solved[sig] = _solve(ctx, groups, gtp, conc, latency, memo)
+                        res = solved[sig]
+                        stages = None
+                        if res is not None:
+                            stages = tuple(Stage(groups[gi].devices, (a, b - 1),
+                                                 ctx.formats(ctx.kind(groups[gi].node, gtp[gi]))[fi],
+                                                 ctx.kv_format(ctx.kind(groups[gi].node, gtp[gi])))
+                                           for gi, a, b, fi in res[1])
+                        built[rkey] = stages
+                    stages = built[rkey]
+                    if stages is None:
                         break
-                    stages = []
-                    for gi, a, b, fi in res[1]:
-                        g = groups[gi]
-                        kind = ctx.kind(g.node, gtp[gi])
-                        stages.append(Stage(g.devices, (a, b - 1), ctx.formats(kind)[fi], ctx.kv_format(kind)))
-                    replicas.append(Replica(tuple(stages), share))
+                    replicas.append(Replica(stages, share))
                 else:
                     # route requests in proportion to each replica's capacity (memory share if that overflows)
                     caps = [_replica_metrics(ctx, r, tr.concurrency * r.weight, 0.0)["x_cap"] for r in replicas]
@@ -897,6 +912,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
               "candidates": candidates, "feasible": feasible, "dp_solves": len(solved),
               "upper_bound_output_throughput": ub, "gap": max(0.0, 1.0 - got / ub) if ub > 0 else 0.0}
     secs = time.perf_counter() - t0
+    search["planner_cpu_seconds"] = time.process_time() - c0
     return PlaceResult(pl, ev["predicted"], ev["stages"], ev["devices"], baselines, search, secs, objective, tr, sl)
 
 

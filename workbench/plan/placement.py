@@ -106,6 +106,9 @@ class Offload:
                 "fetch": self.fetch}
 
 
+NO_OFFLOAD = Offload()
+
+
 @dataclass(frozen=True)
 class Stage:
     """Layers `[first, last]` on the TP group `devices`; `precision`/`kv_precision` for every layer
@@ -116,7 +119,7 @@ class Stage:
     precision: str = "bf16"
     kv_precision: str = "bf16"
     layer_precisions: tuple[str, ...] = ()
-    offload: Offload = field(default_factory=Offload)
+    offload: Offload = NO_OFFLOAD
 
     @property
     def tp(self) -> int:

@@ -3,7 +3,14 @@
 `search_plans(cluster, model, gbs)` returns a pandas DataFrame with one row per candidate: the
 plan's fields, its metrics (for plans that fit), `fits`, `valid` and, for the rejected, `reason`.
 Valid plans that fit come first, fastest first. Fields given in `fixed` are not varied.
-Precision is never chosen for you (default bf16): it changes the numerics, not just the speed.
+Precision is never chosen for you (default bf16): it changes the numerics, not just the speed;
+nor is the software stack (default `modern`).
+
+Plausibility guard: a plan whose predicted MFU exceeds the best measured in public results for
+that GPU and precision (`datasets/validation/training_mfu_best.csv`) by more than `MFU_MARGIN` is
+marked `plausible=False` and ranked after every plausible plan, with the reason in `reason`; every
+row carries `flags`, the model's known uncertainties for that plan (extrapolated curves, assumed
+balance, curves borrowed from another GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ GRID: dict[str, tuple[Any, ...]] = {
     "recompute": ("none", "selective", "full"),
     "offload": (False, True),
 }
+MFU_MARGIN = 0.05  # "a few points" above the best public measurement
 COLUMNS = ("tp", "pp", "dp", "ep", "cp", "sp", "vpp", "zero", "recompute", "mbs", "gbs", "precision", "offload",
            "stack")
 
@@ -109,16 +117,22 @@ def search_plans(cluster: Any, gbs: int, model: Any = None, *, fixed: dict[str, 
     for col in ("step_seconds", "tokens_per_s", "tflops_per_gpu", "mfu", "memory_GiB"):
         if col not in df.columns:
             df[col] = float("nan")
+    if "plausible" not in df.columns:
+        df["plausible"] = True
+    if "flags" not in df.columns:
+        df["flags"] = ""
     df["_ok"] = df["valid"].astype(bool) & df["fits"].astype(bool)
+    df["_sane"] = df["plausible"].fillna(True).astype(bool)
     # ties within 0.1 % go to the simpler plan (less sharding of state, no recompute/offload/interleave)
     df["_speed"] = (np.log(df["tokens_per_s"].astype(float)) / np.log(1.001)).round()
     df["_simple"] = (df["zero"].astype(int) + df["recompute"].map({"none": 0, "selective": 1, "full": 2}).fillna(0)
                      + df["offload"].astype(int) * 2 + (df["vpp"].astype(int) > 1) + (df["cp"].astype(int) > 1))
-    df = df.sort_values(["_ok", "_speed", "_simple", "memory_GiB"], ascending=[False, False, True, True],
+    df = df.sort_values(["_ok", "_sane", "_speed", "_simple", "memory_GiB"], ascending=[False, False, False, True, True],
                         kind="stable")
-    df = df.drop(columns=["_ok", "_speed", "_simple"]).reset_index(drop=True)
+    df = df.drop(columns=["_ok", "_sane", "_speed", "_simple"]).reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     attrs = {"evaluated": n, "valid": int(df["valid"].sum()), "fitting": int((df["valid"] & df["fits"]).sum()),
+             "implausible": int((df["valid"] & df["fits"] & ~df["plausible"].fillna(True).astype(bool)).sum()),
              "rejected": int(n - (df["valid"] & df["fits"]).sum()), "seconds": seconds,
              "plans_per_s": n / seconds if seconds > 0 else float("inf")}
     if top is not None:
@@ -143,6 +157,8 @@ def _evaluate_plans(ctx: Any, plans: list[Plan], include_rejected: bool) -> list
     precisions = ctx.precisions()
     nan = float("nan")
     rows: list[dict[str, Any]] = []
+    ceiling = mfu_ceiling(ctx)
+    flag_cache: dict[tuple[Any, ...], str] = {}
     for plan in plans:
         why = problem(plan, ctx.world, ctx.node_gpus, ctx.model, precisions)
         row: dict[str, Any] = {k: getattr(plan, k) for k in COLUMNS}
@@ -160,12 +176,65 @@ def _evaluate_plans(ctx: Any, plans: list[Plan], include_rejected: bool) -> list
         reason = "" if est.fits else f"does not fit: {mem:.1f} GiB per GPU > {est.capacity / 1024**3:.1f} GiB"
         if not est.fits and not include_rejected:
             continue
-        rows.append({**row, "valid": True, "fits": est.fits, "reason": reason,
+        fkey = (plan.precision, plan.stack, plan.cp, plan.mbs)
+        flags = flag_cache.get(fkey)
+        if flags is None:
+            flags = flag_cache[fkey] = "; ".join(plan_uncertainty(ctx, est.plan))
+        plausible = True
+        limit = ceiling.get(str(plan.precision))
+        if est.fits and limit is not None and est.mfu > limit[0] + MFU_MARGIN:
+            plausible = False
+            reason = (f"implausible: predicted MFU {100 * est.mfu:.1f} % exceeds the best public measurement on "
+                      f"{ctx.spec_of(0).model} ({100 * limit[0]:.1f} %, {limit[1]}) by more than "
+                      f"{100 * MFU_MARGIN:.0f} points")
+        rows.append({**row, "valid": True, "fits": est.fits, "plausible": plausible, "flags": flags, "reason": reason,
                      "step_seconds": est.step_seconds, "tokens_per_s": est.tokens_per_s,
                      "tflops_per_gpu": est.tflops_per_gpu, "mfu": est.mfu, "memory_GiB": mem,
                      "bubble_s": est.breakdown.get("pipeline_bubble", nan),
                      "tp_comm_s": est.breakdown.get("tp_comm", nan), "dp_comm_s": est.breakdown.get("dp_comm", nan)})
     return rows
+
+
+def mfu_ceiling(ctx: Any) -> dict[str, tuple[float, str]]:
+    """precision → (best public MFU, its source) for the cluster's GPU (first node's); empty if none is recorded."""
+    from workbench.data import read_csv
+
+    if ctx.is_cpu:
+        return {}
+    df = read_csv("validation/training_mfu_best.csv")
+    d = df[df["gpu"] == ctx.spec_of(0).model]
+    return {str(r.precision): (float(r.best_mfu), str(r.source)) for r in d.itertuples()}
+
+
+def plan_uncertainty(ctx: Any, plan: Plan) -> list[str]:
+    """What the model is unsure of for this plan: curves borrowed from another GPU, extrapolated attention,
+    unmeasured interference, assumed expert balance, closed-form schedules."""
+    from workbench.sim.compute import device_model, interference_slowdown
+    from workbench.sim.train_stack import load_stack
+
+    out: list[str] = []
+    spec = ctx.spec_of(0)
+    if spec.is_cpu:
+        return out
+    prec = str(plan.precision or "bf16")
+    dm = device_model(spec, prec)
+    if dm.basis != "measured":
+        out.append(f"GEMM curve for {spec.model} {prec}: {dm.basis}")
+    st = load_stack(plan.stack)
+    m = ctx.model
+    seq = m.seq if (st.cp_exchange == "all_gather" or (plan.cp or 1) == 1) else m.seq // (plan.cp or 1)
+    if seq > dm.attention_max_seq():
+        out.append(f"attention at seq {seq} beyond the measured {int(dm.attention_max_seq())} (clamped)")
+    slow, basis = interference_slowdown(spec.model)
+    if basis != "measured" and st.comm_sm_fraction is None:
+        out.append(f"comm/compute interference: {basis}")
+    if m.is_moe and st.expert_imbalance == 1.0:
+        out.append("MoE routing assumed balanced")
+    if st.schedule == "dualpipe":
+        out.append("DualPipe bubble in closed form (DeepSeek-V3 Table 2)")
+    if st.attention_efficiency_cap is not None:
+        out.append(f"attention kernel capped at {st.attention_efficiency_cap:.0%} of peak (stack {st.name})")
+    return out
 
 
 def resolve_plan(ctx: Any, plan: Plan | str | dict[str, Any]) -> Plan:

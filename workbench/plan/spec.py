@@ -89,12 +89,10 @@ class Plan:
         return asdict(self)
 
     def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
-        import html
+        from workbench.display import AUTO, repr_mimebundle
 
-        cells = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{html.escape('(chosen by the simulator)' if v is None else _fmt(v))}</td></tr>"
-            for k, v in asdict(self).items())
-        return {"text/plain": f"Plan({self})", "text/html": f"<table class='wb-plan'>{cells}</table>"}
+        rows = [(k, None if v is None else _fmt(v)) for k, v in asdict(self).items()]
+        return repr_mimebundle("Plan", rows, f"Plan({self})", none=AUTO)
 
     def __str__(self) -> str:
         return ",".join(f"{k}={_fmt(v)}" for k, v in asdict(self).items() if v is not None)

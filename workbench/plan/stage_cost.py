@@ -91,6 +91,15 @@ class LayerCosts:
             object.__setattr__(self, "_prefix", cached)
         return cached  # type: ignore[return-value]
 
+    @property
+    def prefix_lists(self) -> tuple[list[float], list[float], list[float], list[float], float]:
+        """`prefix` as Python lists (fast scalar access) and the largest layer's weight bytes."""
+        cached = self.__dict__.get("_prefix_lists")
+        if cached is None:
+            cached = (*(a.tolist() for a in self.prefix), float(self.weight_bytes.max()))
+            object.__setattr__(self, "_prefix_lists", cached)
+        return cached  # type: ignore[no-any-return]
+
 
 def kv_bytes_per_token_layer(m: ModelSpec, tp: int, kv_precision: str) -> float:
     """KV bytes one device keeps per token per layer (MLA latents are replicated over TP)."""
