@@ -273,3 +273,122 @@ def test_estimate_train_matches_simulate_train() -> None:
     a = estimate_train("aws-p5:nodes=2", "llama3-8b", plan)
     b = simulate_train("aws-p5:nodes=2", "llama3-8b", plan)
     assert a.step_seconds == pytest.approx(b.metrics["step_seconds"], rel=1e-9)
+
+
+# ---------- software stacks and the cost terms they switch ----------
+def _plan(**kw: object) -> Plan:
+    base = dict(tp=8, pp=2, dp=1, ep=1, cp=1, sp=True, vpp=1, zero=1, recompute="none", mbs=1, gbs=16,
+                precision="bf16", offload=False)
+    base.update(kw)
+    return Plan(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def gpt13() -> TrainContext:
+    return TrainContext(load_cluster("dgx-a100:nodes=2,gpu=A100-80GB"),
+                        load_model("gpt:layers=8,hidden=5120,heads=40,vocab=51200,seq=2048,dropout=1"))
+
+
+def test_stack_presets_and_bad_names() -> None:
+    from workbench.sim.train_stack import load_stack, stack_names
+
+    assert {"modern", "megatron-2021", "llama3", "deepseek-v3"} <= set(stack_names())
+    assert load_stack(None).name == "modern" and load_stack("megatron-2021").attention == "unfused"
+    with pytest.raises(WorkbenchError, match="plan.stack"):
+        load_stack("megatron-1999")
+
+
+def test_unfused_attention_costs_time_and_s2_memory(gpt13: TrainContext) -> None:
+    flash = evaluate(gpt13, None, _plan(stack="modern"))
+    old = evaluate(gpt13, None, _plan(stack="megatron-2021"))
+    sel = evaluate(gpt13, None, _plan(stack="megatron-2021", recompute="selective"))
+    assert old.step_seconds > flash.step_seconds * 1.05  # s² GEMMs + softmax/dropout in HBM
+    # Korthikanti et al.: 5·a·s/t bytes per token of s² tensors; selective recomputation drops them
+    m = gpt13.model
+    per_layer = 5 * m.heads / 8 * m.seq * m.seq  # one micro-batch of 2048 tokens
+    assert old.memory["activations"] - sel.memory["activations"] >= per_layer * 4 * 0.99  # 4 layers per stage
+    assert sel.breakdown["recompute"] > 0 and flash.breakdown["recompute"] == 0
+
+
+def test_selective_recompute_is_the_attention_core(gpt13: TrainContext) -> None:
+    none = evaluate(gpt13, None, _plan())
+    sel = evaluate(gpt13, None, _plan(recompute="selective"))
+    # flash attention stores no s² tensors: Megatron's selective recomputation costs time and saves nothing
+    assert sel.memory["activations"] == pytest.approx(none.memory["activations"])
+    assert 0 < sel.breakdown["recompute"] < 0.3 * sel.breakdown["forward"]
+    assert sel.hardware_flops > none.hardware_flops
+
+
+def test_local_ddp_exposes_the_gradient_reduction() -> None:
+    ctx = TrainContext(load_cluster("dgx-a100:nodes=4,gpu=A100-80GB"),
+                       load_model("gpt:layers=8,hidden=4096,heads=32,vocab=51200,seq=2048"))
+    p = dict(tp=8, pp=1, dp=4, zero=0, gbs=64)
+    over = evaluate(ctx, None, _plan(**p, stack="modern"))
+    local = evaluate(ctx, None, _plan(**p, stack="megatron-2021", sp=False))
+    assert local.breakdown["dp_comm"] > 1.2 * over.breakdown["dp_comm"] > 0  # nothing hidden behind the backward
+
+
+def test_blocking_pipeline_sends_are_exposed(gpt13: TrainContext) -> None:
+    one = evaluate(gpt13, None, _plan(gbs=16))
+    inter = evaluate(gpt13, None, _plan(gbs=16, vpp=2))
+    assert one.breakdown["pp_comm"] > 0  # 1F1B: the sender waits in send_forward_recv_backward
+    assert inter.breakdown["pp_comm"] == 0  # interleaved with overlap_p2p_comm
+    old = evaluate(gpt13, None, _plan(gbs=16, vpp=2, stack="megatron-2021"))
+    assert old.breakdown["pp_comm"] > 0
+
+
+def test_sp_backward_regathers_the_input(gpt13: TrainContext) -> None:
+    from workbench.sim.train import _groups, _layer_cost
+
+    p = evaluate(gpt13, None, _plan()).plan
+    f, bw, *_ = _layer_cost(gpt13, p, "dense", 0, _groups(p, 0))
+    full = p.mbs * gpt13.model.seq * gpt13.model.hidden * 2
+    ag = gpt13.coll("all_gather", full, tuple(range(8)))
+    assert f["tp_comm"] == pytest.approx(2 * ag + 2 * gpt13.coll("reduce_scatter", full, tuple(range(8))))
+    assert bw["tp_comm"] >= 2 * ag  # the row-parallel gradients' all-gathers, plus what the dgrad GEMMs do not hide
+
+
+def test_context_parallel_all_gather_is_exposed() -> None:
+    ctx = TrainContext(load_cluster("aws-p5:nodes=4"), load_model("llama3-8b:seq=65536"))
+    p = dict(tp=8, pp=1, cp=4, dp=1, gbs=8)
+    ring = evaluate(ctx, None, _plan(**p, stack="modern"))
+    ag = evaluate(ctx, None, _plan(**p, stack="llama3"))
+    assert ag.breakdown["cp_comm"] > ring.breakdown["cp_comm"]
+
+
+def test_dualpipe_hides_expert_all_to_all_and_doubles_parameters() -> None:
+    ctx = TrainContext(load_cluster("dgx-h100:nodes=16"), load_model("deepseek-v3:layers=16"))
+    p = dict(tp=1, pp=4, dp=32, ep=32, sp=False, gbs=512, precision="fp8", recompute="full")
+    one = evaluate(ctx, None, _plan(**p, stack="modern"))
+    dual = evaluate(ctx, None, _plan(**p, stack="deepseek-v3"))
+    assert dual.breakdown["ep_comm"] < 0.2 * one.breakdown["ep_comm"]
+    assert dual.step_seconds < one.step_seconds
+    assert dual.memory["weights"] == pytest.approx(2 * one.memory["weights"], rel=0.05)
+    with pytest.raises(WorkbenchError, match="plan.pp"):
+        evaluate(ctx, None, _plan(**{**p, "pp": 1, "dp": 128, "ep": 64}, stack="deepseek-v3"))
+
+
+def test_node_limited_fp8_dispatch_moves_fewer_bytes() -> None:
+    from workbench.sim.train import _groups, _layer_cost
+
+    ctx = TrainContext(load_cluster("dgx-h100:nodes=16"), load_model("deepseek-v3:layers=16"))
+    base = _plan(tp=1, pp=4, dp=32, ep=32, sp=False, gbs=512, precision="fp8")
+    out = {}
+    for name in ("modern", "deepseek-v3"):
+        p = evaluate(ctx, None, Plan(**{**base.to_dict(), "stack": name})).plan
+        f, *_ = _layer_cost(ctx, p, "moe", 0, _groups(p, 0))
+        out[name] = f["ep_comm"]
+    assert out["deepseek-v3"] < 0.75 * out["modern"]
+
+
+def test_search_flags_uncertainty_and_guards_implausible_mfu() -> None:
+    from workbench.plan.search import MFU_MARGIN, mfu_ceiling, search_plans
+
+    df = search_plans("dgx-a100:nodes=2,gpu=A100-80GB", 32, "llama3-8b", fixed={"tp": 8})
+    ok = df[df["valid"] & df["fits"]]
+    assert (ok["flags"].str.contains("GEMM curve for A100-80GB")).all()
+    best = mfu_ceiling(TrainContext(load_cluster("dgx-a100:nodes=2,gpu=A100-80GB"), load_model("llama3-8b")))
+    limit = best["bf16"][0] + MFU_MARGIN
+    assert not (ok[ok["plausible"].astype(bool)]["mfu"] > limit).any()
+    bad = ok[~ok["plausible"].astype(bool)]
+    assert (bad["reason"].str.contains("implausible")).all()

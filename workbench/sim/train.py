@@ -133,9 +133,10 @@ class TrainContext:
         self._gpus: list[str] | None = None
         self.kinds = layer_kinds(model)
         self.pc = parameter_count(model)
-        self.homogeneous = len(set(cluster.nodes)) == 1
+        kinds_of_node = set(cluster.nodes)
+        self.homogeneous = len(kinds_of_node) == 1
         self._spec0 = cluster.nodes[0].gpu_spec
-        self.is_cpu = any(n.gpu_spec.is_cpu for n in cluster.nodes)
+        self.is_cpu = any(n.gpu_spec.is_cpu for n in kinds_of_node)
         self._coll: dict[tuple[Any, ...], float] = {}
         self._stage: dict[tuple[Any, ...], StageCost] = {}
         self._layer: dict[tuple[Any, ...], Any] = {}
@@ -145,6 +146,12 @@ class TrainContext:
         if self._gpus is None:
             self._gpus = self.cluster.gpus
         return self._gpus
+
+    def gpu_name(self, rank: int) -> str:
+        """The cluster's name of the GPU holding `rank` (`Cluster.gpus[rank]`, without building that list)."""
+        if self.homogeneous:
+            return f"n{rank // self.node_gpus}.g{rank % self.node_gpus}"
+        return self.gpus[rank]
 
     def node_of(self, rank: int) -> int:
         if self.homogeneous:
@@ -168,7 +175,7 @@ class TrainContext:
         if hit is None:
             from workbench.sim.collectives import collective
 
-            hit = collective(self.cluster, op, int(nbytes), [self.gpus[r] for r in ranks], params=self.params).seconds
+            hit = collective(self.cluster, op, int(nbytes), [self.gpu_name(r) for r in ranks], params=self.params).seconds
             self._coll[key] = hit
         return hit
 
@@ -270,9 +277,18 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         b_a = (dma.bmm_seconds(q, hd, kv, cnt, elem) + dma.bmm_seconds(kv, hd, q, cnt, elem)
                + dma.bmm_seconds(q, kv, vd, cnt, elem) + dma.bmm_seconds(kv, vd, q, cnt, elem) + dma.memory_seconds(ew_b))
     ew = elementwise_bytes_per_token(m, kind, tp, sp, elem, st.elementwise) * tokens
+    if kind == "moe":  # token permutation before the experts and un-permutation after (read + write each copy)
+        ew += 2.0 * (1 + m.top_k) * m.hidden * elem * tokens / (tp if sp else 1)
     f_e = dm.memory_seconds(ew, ew / 8)
+    b_e = 2 * f_e
+    if prec == "fp8":  # each fp8 GEMM's input is quantized first (read bf16, write fp8): forward inputs,
+        # and in backward the output gradients plus the transposed copies the wgrad GEMMs read
+        q_f = sum(w * 3.0 * g.m * g.k * g.count for g, w in zip(gemms, gw))
+        q_b = sum(w * 3.0 * (g.m * g.n + g.m * g.k) * g.count for g, w in zip(gemms, gw))
+        f_e += dm.memory_seconds(q_f, q_f / 8)
+        b_e += dm.memory_seconds(q_b, q_b / 8)
     f["forward"] = f_g + f_a + f_e
-    bw["backward"] = b_g + b_a + 2 * f_e
+    bw["backward"] = b_g + b_a + b_e
     # tensor parallelism
     full = tokens * m.hidden * elem
     if tp > 1:
