@@ -1,0 +1,48 @@
+"""`workbench bench serve`: drive an OpenAI-compatible server with traffic; vllm bench serve metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.commands import Command, emit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000 (ours, vLLM, SGLang)")
+    p.add_argument("--traffic", required=True,
+                   help="concurrency=16,isl=1024,osl=1024,requests=320 | rate=4,burstiness=1,dataset=conversation,"
+                        "requests=1000,seed=0 | trace=FILE")
+    p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft=200,tpot=50")
+    p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--tokenizer", default=None, help="a checkpoint directory whose tokenizer cuts prompts to exact lengths")
+    p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (plain OpenAI servers)")
+    p.add_argument("--save-requests", metavar="FILE", default=None, help="write the per-request rows (CSV)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from workbench.serve import bench
+
+    tok = None
+    if args.tokenizer:
+        from workbench.serve.tokenizer import TextTokenizer
+
+        tok = TextTokenizer(args.tokenizer)
+    res = bench.run(args.url, args.traffic, slo=args.slo, model=args.model, endpoint=args.endpoint,
+                    api_key=args.api_key, ignore_eos=not args.no_ignore_eos, progress=not args.no_progress,
+                    tokenizer=tok)
+    if args.save_requests:
+        df = res.requests.copy()
+        df["itl"] = df["itl"].map(json.dumps)
+        df.to_csv(args.save_requests, index=False)
+    emit({"meta": res.meta, "metrics": res.metrics}, args.json, res.table())
+    return 0 if res.metrics["completed"] else 1
+
+
+COMMANDS = [Command("bench", "serve", "traffic benchmark of an OpenAI-compatible server (vllm bench serve metrics)",
+                    add_arguments, run)]
