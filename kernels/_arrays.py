@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from workbench.errors import WorkbenchError, require
+from kernels.errors import KernelInputError, require
 
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -56,14 +56,14 @@ def words(a: Any, word: int) -> Any:
 
 
 def check_index(name: str, idx: Any, limit: int) -> Any:
-    """An int64 index array with every entry in [0, limit), else a WorkbenchError naming it."""
+    """An int64 index array with every entry in [0, limit), else a KernelInputError naming it."""
     xp = xp_of(idx)
     idx = xp.asarray(idx)
     if idx.dtype.kind not in "iu":
-        raise WorkbenchError(f"{name}: must be an integer array, got dtype {idx.dtype}")
+        raise KernelInputError(f"{name}: must be an integer array, got dtype {idx.dtype}")
     idx = idx.astype(xp.int64, copy=False).reshape(-1)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= limit):
-        raise WorkbenchError(
+        raise KernelInputError(
             f"{name}: entries must lie in [0, {limit}); got min {int(idx.min())}, max {int(idx.max())}"
         )
     return idx

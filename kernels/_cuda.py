@@ -68,6 +68,33 @@ MOVE(4, unsigned int)
 MOVE(2, unsigned short)
 MOVE(1, unsigned char)
 
+// Copy n ranges of words: range i moves r[2n+i] words from src + r[i] to dst + r[n+i]. One CUDA
+// block per range (grid-stride), four independent loads per thread in flight before the stores.
+// Under the transport's paged writes: a whole layer's pages in one launch.
+template <typename T>
+__device__ __forceinline__ void copy_ranges_t(const T* __restrict__ src, T* __restrict__ dst,
+                                              const long long* __restrict__ r, long long n) {
+  for (long long i = blockIdx.x; i < n; i += gridDim.x) {
+    const T* s = src + r[i];
+    T* d = dst + r[n + i];
+    const long long len = r[2 * n + i];
+    const long long step = blockDim.x;
+    long long k = threadIdx.x;
+    for (; k + 3 * step < len; k += 4 * step) {
+      T a = s[k], b = s[k + step], c = s[k + 2 * step], e = s[k + 3 * step];
+      d[k] = a; d[k + step] = b; d[k + 2 * step] = c; d[k + 3 * step] = e;
+    }
+    for (; k < len; k += step) d[k] = s[k];
+  }
+}
+#define RANGES(W, T) \
+  extern "C" __global__ void copy_ranges_##W(const T* s, T* d, const long long* r, long long n) { copy_ranges_t<T>(s, d, r, n); }
+RANGES(16, uint4)
+RANGES(8, u64)
+RANGES(4, unsigned int)
+RANGES(2, unsigned short)
+RANGES(1, unsigned char)
+
 __device__ __forceinline__ float bf16f(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
 
 // out[t, :] = sum_k w[t, k] * y[idx[t, k], :]  (idx < 0 skipped), fp32 accumulation.
@@ -286,6 +313,25 @@ def scatter_blocks(flat: Any, rows: Any, word: int, n: int, idx: Any, heads: int
                    width: int) -> None:
     """flat <- rows (n blocks of `width` words)."""
     _move("scatter", flat, rows, word, n, idx, heads, stride, head_stride, width)
+
+
+@functools.cache
+def _device_module(device: int) -> Any:
+    cp = cupy()
+    with cp.cuda.Device(device):
+        return cp.RawModule(code=_SRC, options=("--std=c++17",))
+
+
+def copy_ranges(src_ptr: int, dst_ptr: int, ranges_ptr: int, n: int, word: int, device: int, stream_ptr: int) -> None:
+    """Launch `copy_ranges_<word>` on `device` and the CUDA stream `stream_ptr` (raw addresses: any
+    framework's memory). `ranges_ptr` holds 3n int64 on the device: source offsets, destination
+    offsets, lengths, all in words of `word` bytes. Returns once launched."""
+    cp = cupy()
+    with cp.cuda.Device(device):
+        fn = _device_module(device).get_function(f"copy_ranges_{word}")
+        with cp.cuda.ExternalStream(stream_ptr, device):
+            fn((int(min(n, _MAX_GRID)),), (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.uint64(ranges_ptr),
+                                                   np.int64(n)))
 
 
 def combine(y: Any, index: Any, weights: Any, out: Any, bf16: bool) -> None:

@@ -376,55 +376,56 @@ def run(device: str = "auto", size: int = 64 * MiB, gpu_sizes: tuple[int, ...] =
     return rows
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `workbench bench kernels` (defined once, in the light CLI module)."""
-    from workbench.commands.bench_kernels import add_arguments as cli_arguments
-
-    cli_arguments(p)
-
-
-def _size(text: str, field: str) -> int:
-    try:
-        from workbench.units import parse_size
-
-        return int(parse_size(text, field=field))
-    except ImportError:  # pragma: no cover - no workbench install
-        units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-        for u, f in units.items():
-            if text.endswith(u):
-                return int(float(text[: -len(u)]) * f)
-        return int(text)
+def record(rows: list[dict[str, Any]], machine_name: str | None, command: str) -> dict[str, Any]:
+    """The JSON record of a run: {machine, machine_info, command, rows}."""
+    info = machine()
+    return {"machine": machine_name or info.get("gpu") or info["cpu"], "machine_info": info, "command": command,
+            "rows": rows}
 
 
-def _prog() -> str:
-    name = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return "python -m kernels.bench" if name in ("bench.py", "") else name
-
-
-def main_args(args: argparse.Namespace) -> int:
-    sizes = tuple(_size(s, "--gpu-sizes") for s in args.gpu_sizes.split(","))
-    rows = run(args.device, _size(args.size, "--size"), sizes)
-    if args.out:
-        info = machine()
-        record = {"machine": args.machine or info.get("gpu") or info["cpu"], "machine_info": info,
-                  "command": " ".join([_prog(), *sys.argv[1:]]), "rows": rows}
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
-    if args.json:
+def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Rows as JSON or as an aligned table on stdout."""
+    if as_json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
-        cols = ["kernel", "device", "bytes", "GBps", "copy_GBps", "ratio", "torch_GBps"]
-        print("  ".join(f"{c:>12}" for c in cols))
-        for r in rows:
-            print("  ".join(f"{r.get(c, ''):>12}" for c in cols))
-    return 0
+        return
+    cols = ["kernel", "device", "bytes", "GBps", "copy_GBps", "ratio", "torch_GBps"]
+    print("  ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r.get(c, ''):>12}" for c in cols))
+
+
+def _size(text: str) -> int:
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+    for u in ("KiB", "MiB", "GiB", ""):
+        if text.endswith(u):
+            n = int(text[: len(text) - len(u)] or "x")
+            if n <= 0:
+                raise ValueError(f"size must be positive, got {text!r}")
+            return n * units[u]
+    raise ValueError(text)  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m kernels.bench`: the standalone entry (no workbench install needed)."""
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return main_args(p.parse_args(argv))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--size", type=_size, default=64 * MiB, help="CPU output size, e.g. 64MiB")
+    p.add_argument("--gpu-sizes", default="256MiB,1GiB", help="GPU output sizes, e.g. 256MiB,1GiB")
+    p.add_argument("--out")
+    p.add_argument("--machine")
+    a = p.parse_args(argv)
+    try:
+        sizes = tuple(_size(s) for s in a.gpu_sizes.split(","))
+    except ValueError:
+        p.error(f"--gpu-sizes: expected sizes like 256MiB,1GiB, got {a.gpu_sizes!r}")
+    rows = run(a.device, a.size, sizes)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(record(rows, a.machine, " ".join(["python -m kernels.bench", *(argv or sys.argv[1:])])), f, indent=2)
+    print_rows(rows, a.json)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kernels._arrays import cupy, is_gpu, word_size, xp_of
-from workbench.errors import WorkbenchError
+from kernels.errors import KernelInputError
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -30,9 +30,9 @@ def flat_span(a: Any) -> Any:
     if a.flags.c_contiguous:
         return a.reshape(-1)
     if any(s < 0 for s in a.strides):
-        raise WorkbenchError("array: negative strides are not supported; pass a copy (np.ascontiguousarray)")
+        raise KernelInputError("array: negative strides are not supported; pass a copy (np.ascontiguousarray)")
     if any(s % a.itemsize for s in a.strides):
-        raise WorkbenchError("array: strides must be whole elements")
+        raise KernelInputError("array: strides must be whole elements")
     span = 0 if a.size == 0 else 1 + sum((n - 1) * s // a.itemsize for n, s in zip(a.shape, a.strides))
     tricks = cupy().lib.stride_tricks if is_gpu(a) else np.lib.stride_tricks
     return tricks.as_strided(a, shape=(span,), strides=(a.itemsize,))
@@ -56,12 +56,12 @@ def _move(
     flat: Any, index: Any, width: int, rows: Any, stride: int | None, heads: int, head_stride: int, gather: bool
 ) -> Any:
     if flat.dtype != rows.dtype:
-        raise WorkbenchError(f"out: dtype {rows.dtype} differs from the source's {flat.dtype}")
+        raise KernelInputError(f"out: dtype {rows.dtype} differs from the source's {flat.dtype}")
     if not rows.flags.c_contiguous:
-        raise WorkbenchError("out: the packed buffer must be contiguous")
+        raise KernelInputError("out: the packed buffer must be contiguous")
     n = int(index.shape[0]) * heads
     if rows.size != n * width:
-        raise WorkbenchError(f"out: needs {n} x {width} elements, has {rows.size}")
+        raise KernelInputError(f"out: needs {n} x {width} elements, has {rows.size}")
     if n == 0 or width == 0:
         return rows
     stride = width if stride is None else stride

@@ -27,7 +27,7 @@ import numpy as np
 
 from kernels._arrays import is_gpu, xp_of
 from kernels.blocks import gather_rows
-from workbench.errors import WorkbenchError
+from kernels.errors import KernelInputError
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class ExpertPlan:
 
 def _experts_per_rank(num_experts: int, num_ranks: int) -> int:
     if num_ranks < 1:
-        raise WorkbenchError(f"num_ranks: must be >= 1, got {num_ranks}")
+        raise KernelInputError(f"num_ranks: must be >= 1, got {num_ranks}")
     if num_experts < 1 or num_experts % num_ranks:
-        raise WorkbenchError(
+        raise KernelInputError(
             f"num_experts: must be a positive multiple of num_ranks ({num_ranks}), got {num_experts}"
         )
     return num_experts // num_ranks
@@ -75,10 +75,10 @@ def _check_ids(name: str, ids: Any, num_experts: int) -> Any:
     xp = xp_of(ids)
     ids = xp.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise WorkbenchError(f"{name}: must be a 2-D integer array (tokens, k), got {ids.ndim}-D {ids.dtype}")
+        raise KernelInputError(f"{name}: must be a 2-D integer array (tokens, k), got {ids.ndim}-D {ids.dtype}")
     ids = ids.astype(xp.int64, copy=False)
     if ids.size and (int(ids.max()) >= num_experts or int(ids.min()) < -1):
-        raise WorkbenchError(f"{name}: expert ids must lie in [0, {num_experts}) or be -1 (unused slot)")
+        raise KernelInputError(f"{name}: expert ids must lie in [0, {num_experts}) or be -1 (unused slot)")
     return ids
 
 
@@ -137,13 +137,13 @@ def plan_experts(recv_ids: Any, recv_counts: Any, rank: int, num_experts: int, n
     """Per-expert order of received rows, and the return layout per source."""
     epr = _experts_per_rank(num_experts, num_ranks)
     if not 0 <= rank < num_ranks:
-        raise WorkbenchError(f"rank: must lie in [0, {num_ranks}), got {rank}")
+        raise KernelInputError(f"rank: must lie in [0, {num_ranks}), got {rank}")
     ids = _check_ids("recv_ids", recv_ids, num_experts)
     xp = xp_of(ids)
     counts = xp.asarray(recv_counts).astype(xp.int64).reshape(-1)
     n, k = ids.shape
     if int(counts.sum()) != n:
-        raise WorkbenchError(f"recv_counts: must sum to the received rows ({n}), got {int(counts.sum())}")
+        raise KernelInputError(f"recv_counts: must sum to the received rows ({n}), got {int(counts.sum())}")
     local = ids - rank * epr
     mine = (ids >= 0) & (local >= 0) & (local < epr)
     pair_row = xp.broadcast_to(xp.arange(n, dtype=xp.int64)[:, None], (n, k))[mine]
@@ -173,9 +173,9 @@ def plan_experts(recv_ids: Any, recv_counts: Any, rank: int, num_experts: int, n
 
 def _rows(name: str, a: Any) -> Any:
     if a.ndim != 2:
-        raise WorkbenchError(f"{name}: must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
+        raise KernelInputError(f"{name}: must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
     if not a.flags.c_contiguous:
-        raise WorkbenchError(f"{name}: must be contiguous; pass a contiguous copy")
+        raise KernelInputError(f"{name}: must be contiguous; pass a contiguous copy")
     return a
 
 
@@ -183,7 +183,7 @@ def dispatch_pack(x: Any, plan: DispatchPlan, out: Any | None = None) -> Any:
     """Send buffer: x[plan.send_src], rank r's rows at send_offsets[r]:send_offsets[r + 1]."""
     x = _rows("x", x)
     if x.shape[0] != plan.num_tokens:
-        raise WorkbenchError(f"x: has {x.shape[0]} rows, the plan routes {plan.num_tokens} tokens")
+        raise KernelInputError(f"x: has {x.shape[0]} rows, the plan routes {plan.num_tokens} tokens")
     return gather_rows(x, plan.send_src, out)
 
 
@@ -197,7 +197,7 @@ def combine_pack(expert_y: Any, plan: ExpertPlan, out: Any | None = None) -> Any
     """Expert outputs laid out per source (return_offsets): expert_y[plan.return_src]."""
     expert_y = _rows("expert_y", expert_y)
     if expert_y.shape[0] != plan.return_src.shape[0]:
-        raise WorkbenchError(
+        raise KernelInputError(
             f"expert_y: has {expert_y.shape[0]} rows, the plan has {plan.return_src.shape[0]} expert rows"
         )
     return gather_rows(expert_y, plan.return_src, out)
@@ -214,13 +214,13 @@ def combine(
     xp = xp_of(ret)
     want = xp.uint16 if bf16 else xp.float32
     if ret.dtype != want:
-        raise WorkbenchError(f"ret: dtype must be {np.dtype(want).name} (bf16={bf16}), got {ret.dtype}")
+        raise KernelInputError(f"ret: dtype must be {np.dtype(want).name} (bf16={bf16}), got {ret.dtype}")
     expected = plan.return_rows
     if ret.shape[0] != expected:
-        raise WorkbenchError(f"ret: has {ret.shape[0]} rows, the plan expects {expected}")
+        raise KernelInputError(f"ret: has {ret.shape[0]} rows, the plan expects {expected}")
     w = xp.ascontiguousarray(xp.asarray(weights), dtype=xp.float32)
     if tuple(w.shape) != (plan.num_tokens, plan.top_k):
-        raise WorkbenchError(f"weights: shape must be {(plan.num_tokens, plan.top_k)}, got {tuple(w.shape)}")
+        raise KernelInputError(f"weights: shape must be {(plan.num_tokens, plan.top_k)}, got {tuple(w.shape)}")
     h = int(ret.shape[1])
     if out is None:
         out = xp.empty((plan.num_tokens, h), dtype=xp.float32)

@@ -13,18 +13,18 @@ from typing import Any
 
 from kernels._arrays import check_index, xp_of
 from kernels.blocks import flat_span, gather_blocks, scatter_blocks
-from workbench.errors import WorkbenchError
+from kernels.errors import KernelInputError
 
 
 def _layout(cache: Any) -> tuple[int, int, int, int, int]:
     if cache.ndim != 4:
-        raise WorkbenchError(
+        raise KernelInputError(
             f"cache: must be 4-D (heads, pages, page_size, head_dim), got shape {tuple(cache.shape)}"
         )
     h, p, s, d = (int(v) for v in cache.shape)
     item = cache.itemsize
     if cache.strides[3] != item or (s > 1 and cache.strides[2] != d * item):
-        raise WorkbenchError("cache: each page (page_size, head_dim) must be contiguous; only heads/pages may be strided")
+        raise KernelInputError("cache: each page (page_size, head_dim) must be contiguous; only heads/pages may be strided")
     return h, p, s * d, cache.strides[0] // item, cache.strides[1] // item
 
 
@@ -48,7 +48,7 @@ def gather_pages(cache: Any, pages: Any, out: Any | None = None, check: bool = T
     if out is None:
         out = xp.empty((n, h, *cache.shape[2:]), dtype=cache.dtype)
     if tuple(out.shape) != (n, h, *cache.shape[2:]):
-        raise WorkbenchError(f"out: shape must be {(n, h, *cache.shape[2:])}, got {tuple(out.shape)}")
+        raise KernelInputError(f"out: shape must be {(n, h, *cache.shape[2:])}, got {tuple(out.shape)}")
     return gather_blocks(flat_span(cache), idx, block, out, stride=sp, heads=h, head_stride=sh)
 
 
@@ -63,9 +63,9 @@ def scatter_pages(buf: Any, cache: Any, pages: Any, check: bool = True) -> Any:
     idx = _pages(cache, pages, check)
     n = int(idx.shape[0])
     if tuple(buf.shape) != (n, h, *cache.shape[2:]):
-        raise WorkbenchError(f"buf: shape must be {(n, h, *cache.shape[2:])}, got {tuple(buf.shape)}")
+        raise KernelInputError(f"buf: shape must be {(n, h, *cache.shape[2:])}, got {tuple(buf.shape)}")
     if check and n and int(xp.unique(idx).shape[0]) != n:
-        raise WorkbenchError("pages: must be distinct for a scatter (two writes to one page would race)")
+        raise KernelInputError("pages: must be distinct for a scatter (two writes to one page would race)")
     scatter_blocks(buf, idx, block, flat_span(cache), stride=sp, heads=h, head_stride=sh)
     return cache
 

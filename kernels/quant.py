@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kernels._arrays import is_gpu, xp_of
-from workbench.errors import WorkbenchError
+from kernels.errors import KernelInputError
 
 FORMATS = ("fp8", "int8")
 QMAX = {"fp8": 448.0, "int8": 127.0}
@@ -23,12 +23,12 @@ QMAX = {"fp8": 448.0, "int8": 127.0}
 
 def _check(x: Any, fmt: str, block: tuple[int, int]) -> tuple[int, int]:
     if fmt not in FORMATS:
-        raise WorkbenchError(f"fmt: must be one of {FORMATS}, got {fmt!r}")
+        raise KernelInputError(f"fmt: must be one of {FORMATS}, got {fmt!r}")
     bm, bn = (int(v) for v in block)
     if bm < 1 or bn < 1:
-        raise WorkbenchError(f"block: both sides must be >= 1, got {block}")
+        raise KernelInputError(f"block: both sides must be >= 1, got {block}")
     if x.ndim != 2:
-        raise WorkbenchError(f"x: must be 2-D (reshape weights to (rows, cols)), got shape {tuple(x.shape)}")
+        raise KernelInputError(f"x: must be 2-D (reshape weights to (rows, cols)), got shape {tuple(x.shape)}")
     return bm, bn
 
 
@@ -54,7 +54,7 @@ def quantize(x: Any, fmt: str = "fp8", block: tuple[int, int] = (128, 128)) -> t
     bm, bn = _check(x, fmt, block)
     xp = xp_of(x)
     if x.dtype != xp.float32:
-        raise WorkbenchError(f"x: dtype must be float32, got {x.dtype}")
+        raise KernelInputError(f"x: dtype must be float32, got {x.dtype}")
     x = xp.ascontiguousarray(x)
     q = xp.empty(x.shape, dtype=xp.uint8 if fmt == "fp8" else xp.int8)
     scales = xp.empty(scale_shape(x.shape, (bm, bn)), dtype=xp.float32)
@@ -74,7 +74,7 @@ def dequantize(q: Any, scales: Any, fmt: str = "fp8", block: tuple[int, int] = (
     bm, bn = _check(q, fmt, block)
     xp = xp_of(q)
     if tuple(scales.shape) != scale_shape(q.shape, (bm, bn)):
-        raise WorkbenchError(f"scales: shape must be {scale_shape(q.shape, (bm, bn))}, got {tuple(scales.shape)}")
+        raise KernelInputError(f"scales: shape must be {scale_shape(q.shape, (bm, bn))}, got {tuple(scales.shape)}")
     q = xp.ascontiguousarray(q).view(xp.uint8)
     scales = xp.ascontiguousarray(scales, dtype=xp.float32)
     out = xp.empty(q.shape, dtype=xp.float32)

@@ -12,7 +12,7 @@ from kernel_data import routing
 
 from kernels import moe, paged_kv, quant
 from kernels.blocks import gather_rows, scatter_rows
-from workbench.errors import WorkbenchError
+from kernels.errors import KernelInputError
 
 # ---- MoE ----
 
@@ -118,14 +118,14 @@ def test_combine_fp32_accumulation(rng, bf16, hidden):
 
 
 def test_moe_bad_input_names_the_field():
-    with pytest.raises(WorkbenchError, match="num_experts"):
+    with pytest.raises(KernelInputError, match="num_experts"):
         moe.plan_dispatch(np.zeros((2, 2), np.int64), 7, 2)
-    with pytest.raises(WorkbenchError, match="topk_ids"):
+    with pytest.raises(KernelInputError, match="topk_ids"):
         moe.plan_dispatch(np.full((2, 2), 9), 8, 2)
     plan = moe.plan_dispatch(np.zeros((2, 1), np.int64), 8, 2)
-    with pytest.raises(WorkbenchError, match="x:"):
+    with pytest.raises(KernelInputError, match="x:"):
         moe.dispatch_pack(np.zeros((3, 4), np.float32), plan)
-    with pytest.raises(WorkbenchError, match="recv_counts"):
+    with pytest.raises(KernelInputError, match="recv_counts"):
         moe.plan_experts(np.zeros((3, 1), np.int64), [1, 1], 0, 8, 2)
 
 
@@ -177,11 +177,11 @@ def test_paged_kv_torch_reference_agrees(rng):
 
 def test_paged_kv_bad_input_names_the_field():
     cache = np.zeros((2, 4, 3, 5), np.float32)
-    with pytest.raises(WorkbenchError, match="pages"):
+    with pytest.raises(KernelInputError, match="pages"):
         paged_kv.gather_pages(cache, np.array([4]))
-    with pytest.raises(WorkbenchError, match="distinct"):
+    with pytest.raises(KernelInputError, match="distinct"):
         paged_kv.scatter_pages(np.zeros((2, 2, 3, 5), np.float32), cache, np.array([1, 1]))
-    with pytest.raises(WorkbenchError, match="cache"):
+    with pytest.raises(KernelInputError, match="cache"):
         paged_kv.gather_pages(cache.transpose(0, 1, 3, 2), np.array([0]))
 
 
@@ -228,9 +228,9 @@ def test_int8_rounds_half_to_even():
 
 
 def test_quant_bad_input_names_the_field():
-    with pytest.raises(WorkbenchError, match="fmt"):
+    with pytest.raises(KernelInputError, match="fmt"):
         quant.quantize(np.zeros((2, 2), np.float32), "fp4")
-    with pytest.raises(WorkbenchError, match="x:"):
+    with pytest.raises(KernelInputError, match="x:"):
         quant.quantize(np.zeros((2, 2), np.float64))
-    with pytest.raises(WorkbenchError, match="scales"):
+    with pytest.raises(KernelInputError, match="scales"):
         quant.dequantize(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.float32))

@@ -14,8 +14,10 @@ from transport.errors import (
     AuthError,
     BackendUnavailable,
     Cancelled,
+    InvalidArgument,
     OutOfRange,
     PeerGone,
+    ProtocolError,
     TransferTimeout,
     TransportError,
     UnknownDescriptor,
@@ -23,7 +25,7 @@ from transport.errors import (
 from transport.memory import Region
 
 __all__ = [
-    "AuthError", "BackendUnavailable", "Cancelled", "Engine", "EngineAddress", "ImmCounter", "MemoryDescriptor",
-    "Message", "OutOfRange", "PeerGone", "PeerGroup", "Region", "Target", "Transfer", "TransferTimeout",
+    "AuthError", "BackendUnavailable", "Cancelled", "Engine", "EngineAddress", "ImmCounter", "InvalidArgument", "MemoryDescriptor",
+    "Message", "OutOfRange", "PeerGone", "PeerGroup", "ProtocolError", "Region", "Target", "Transfer", "TransferTimeout",
     "TransportError", "UnknownDescriptor", "wait_all",
 ]

@@ -1,14 +1,23 @@
-"""Transport benchmark: single writes, paged writes and imm round trips against two baselines.
+"""Transport benchmark: single, batched and paged writes and imm round trips against baselines.
 
 The target engine runs in a separate process (spawned), so every byte crosses a real
-socket (or CUDA IPC) between processes. Each operation is timed from submission to the
-target's confirmation; the baselines move the same bytes with the same completion rule:
+socket (or CUDA IPC) between processes. Each operation is timed from submission to
+completion; the baselines move the same bytes with the same completion rule:
 
-- `raw_socket`: a plain socket pair, `sendall` + `recv_into` + a 1-byte acknowledgement;
-- `gloo`: torch.distributed gloo `isend`/`irecv` + a one-element acknowledgement.
+- `raw_socket`: a plain socket pair, `sendall` + `recv_into` + a 1-byte acknowledgement
+  (`raw_socket_batch`: k messages sent back to back, then k acknowledgements);
+- `gloo`: torch.distributed gloo `isend`/`irecv` + a one-element acknowledgement;
+- on GPUs: `device_copy` (`copy_` into a buffer on the target device, then a device sync)
+  and `nccl` (NCCL send/recv to a rank on the target GPU + an acknowledgement; only when
+  the target is another GPU: NCCL does not run two ranks on one GPU).
 
-`run()` returns a `BenchReport`: rows `{backend, mode, bytes, lanes, GBps, p50_us}` (GBps = bytes over the
-median operation time, robust to the stalls of a shared VM; `GBps_mean` is kept too), the
+Modes of the engine: `single` (one write per call), `batch` (one `write_batch` of `writes`
+writes per call), `paged` (one `write_paged` of `writes` pages), `imm` (imm round trip).
+
+`run()` returns a `BenchReport`: rows `{backend, mode, bytes, lanes, GBps, p50_us, writes,
+us_per_write}` (bytes per call; GBps = bytes over the median call time, robust to the
+stalls of a shared VM; `GBps_mean` is kept too; `us_per_write` = median call time over the
+writes in it; `post_us` = median time until the call returned, before completion), the
 timed operations as events in the shared Result schema, and the soak result.
 """
 
@@ -27,8 +36,10 @@ from typing import Any
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = tuple(4 * KiB * 4**i for i in range(9))  # 4 KiB ... 256 MiB
-PAGE_SIZES = (1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB)
-ROW_KEYS = ("backend", "mode", "bytes", "lanes", "GBps", "p50_us")
+PAGE_SIZES = (1 * KiB, 4 * KiB, 16 * KiB, 32 * KiB, 64 * KiB)
+BATCH = ((1 * KiB, 256), (4 * KiB, 16), (4 * KiB, 256), (64 * KiB, 16), (64 * KiB, 256))  # (bytes per write, writes)
+LAYER = (256, 32 * KiB)  # a paged layer write: 256 pages of 32 KiB
+ROW_KEYS = ("backend", "mode", "bytes", "lanes", "GBps", "p50_us", "writes", "us_per_write")
 
 
 def iterations(nbytes: int, budget: int = 512 * MiB, lo: int = 3, hi: int = 300) -> int:
@@ -50,15 +61,13 @@ class BenchReport:
         df = pd.DataFrame(self.rows)
         return df if not df.empty else pd.DataFrame(columns=list(ROW_KEYS))
 
-    def result(self) -> Any:
-        """The timed operations as a `workbench.result.Result` (source=run, fidelity=measured)."""
-        from workbench.result import Result
-
-        return Result(events=self.events, source="run", fidelity="measured",
-                      metrics={**self.ratios(), **{f"soak_{k}": v for k, v in self.soak.items()}})
+    def metrics(self) -> dict[str, Any]:
+        """Headline ratios and soak counts (the metrics of a measured Result built from `events`)."""
+        return {**self.ratios(), **{f"soak_{k}": v for k, v in self.soak.items()}}
 
     def ratios(self) -> dict[str, float]:
-        """Headline ratios: engine vs raw socket (>= 1 MiB), lanes vs one lane, paged 64 KiB vs single."""
+        """Headline ratios: engine vs raw socket (>= 64 KiB, >= 1 MiB), vs device copy and NCCL
+        (>= 64 MiB), batches vs back-to-back raw sends, lanes vs one lane, paged vs single."""
         df = self.frame()
         out: dict[str, float] = {}
         single = df[df["mode"] == "single"]
@@ -67,10 +76,25 @@ class BenchReport:
         raw = df[df["mode"] == "raw_socket"].set_index("bytes")["GBps"]
         gloo = df[df["mode"] == "gloo"].set_index("bytes")["GBps"]
         best = single.groupby("bytes")["GBps"].max()
-        big = [b for b in best.index if b >= MiB and b in raw.index]
-        if big:
-            out["min_ratio_vs_raw_socket_ge_1MiB"] = float(min(best[b] / raw[b] for b in big))
-            out["mean_ratio_vs_raw_socket_ge_1MiB"] = float(statistics.mean(best[b] / raw[b] for b in big))
+        for lo, name in ((64 * KiB, "64KiB"), (MiB, "1MiB")):
+            big = [b for b in best.index if b >= lo and b in raw.index]
+            if big:
+                out[f"min_ratio_vs_raw_socket_ge_{name}"] = float(min(best[b] / raw[b] for b in big))
+                out[f"mean_ratio_vs_raw_socket_ge_{name}"] = float(statistics.mean(best[b] / raw[b] for b in big))
+        for mode in ("device_copy", "nccl"):
+            base = df[df["mode"] == mode].set_index("bytes")["GBps"]
+            big = [b for b in best.index if b >= 64 * MiB and b in base.index]
+            if big:
+                out[f"min_ratio_vs_{mode}_ge_64MiB"] = float(min(best[b] / base[b] for b in big))
+        batch = df[df["mode"] == "batch"]
+        if not batch.empty:
+            out["batch_min_us_per_write"] = float(batch["us_per_write"].min())
+            out["batch_max_writes_per_s"] = float((1e6 / batch["us_per_write"]).max())
+            rb = df[df["mode"] == "raw_socket_batch"]
+            pairs = [(float(r.GBps), float(rb[(rb["bytes"] == r.bytes) & (rb["writes"] == r.writes)]["GBps"].iloc[0]))
+                     for r in batch.itertuples() if ((rb["bytes"] == r.bytes) & (rb["writes"] == r.writes)).any()]
+            if pairs:
+                out["batch_min_ratio_vs_raw_socket_batch"] = min(a / b for a, b in pairs)
         bigg = [b for b in best.index if b >= MiB and b in gloo.index]
         if bigg:
             out["mean_ratio_vs_gloo_ge_1MiB"] = float(statistics.mean(best[b] / gloo[b] for b in bigg))
@@ -81,11 +105,15 @@ class BenchReport:
                         for n in lanes[1:] for b in one.index if b >= MiB)
             out["min_ratio_more_lanes_vs_one_ge_1MiB"] = worst
         paged = df[(df["mode"] == "paged") & (df["lanes"] == single["lanes"].max())]
-        if not paged.empty:
-            p64 = paged[paged["page_bytes"] == 64 * KiB] if "page_bytes" in paged else paged
-            ref = self.notes.get("single_reference_for_paged")
-            if ref and not p64.empty:
-                out["paged_64KiB_vs_single"] = float(p64["GBps"].iloc[0] / ref["GBps"])
+        ref = self.notes.get("single_reference_for_paged")
+        if not paged.empty and ref and "page_bytes" in paged:
+            for page in (16 * KiB, 32 * KiB, 64 * KiB):
+                p = paged[(paged["page_bytes"] == page) & (paged["bytes"] == ref["bytes"])]
+                if not p.empty:
+                    out[f"paged_{page // KiB}KiB_vs_single"] = float(p["GBps"].iloc[0] / ref["GBps"])
+            layer = paged[(paged["writes"] == LAYER[0]) & (paged["page_bytes"] == LAYER[1])]
+            if not layer.empty and "post_us" in layer:
+                out["paged_layer_256x32KiB_post_us"] = float(layer["post_us"].iloc[0])
         return out
 
     def table(self) -> str:
@@ -110,10 +138,29 @@ class BenchReport:
                 f"{r:.2f}", f"{gl:.2f}", f"{best / r:.2f}", f"{best / gl:.2f}", f"{float(p50.iloc[0]):.0f}"]) + " |")
         paged = df[df["mode"] == "paged"]
         if not paged.empty:
-            lines += ["", "| paged write | pages | lanes | GB/s | p50 µs |", "|---|---|---|---|---|"]
+            lines += ["", "| paged write | page | pages | lanes | GB/s | p50 µs | post µs | µs per page |",
+                      "|---|---|---|---|---|---|---|---|"]
             for r_ in paged.itertuples(index=False):
                 lines.append(f"| {_fmt_bytes(int(r_.bytes))} total | {_fmt_bytes(int(getattr(r_, 'page_bytes', 0)))} "
-                             f"| {r_.lanes} | {r_.GBps:.2f} | {r_.p50_us:.0f} |")
+                             f"| {int(r_.writes)} | {r_.lanes} | {r_.GBps:.2f} | {r_.p50_us:.0f} | "
+                             f"{getattr(r_, 'post_us', float('nan')):.0f} | {r_.us_per_write:.2f} |")
+        batch = df[df["mode"].isin(["batch", "raw_socket_batch"])]
+        if not batch.empty:
+            lines += ["", "| batched writes | bytes per write | writes per call | lanes | GB/s | p50 µs per call | "
+                      "post µs | µs per write | writes/s |", "|---|---|---|---|---|---|---|---|---|"]
+            for r_ in batch.itertuples(index=False):
+                post = getattr(r_, "post_us", float("nan"))
+                lines.append(f"| {r_.mode} | {_fmt_bytes(int(r_.write_bytes))} | {int(r_.writes)} | {r_.lanes} | "
+                             f"{r_.GBps:.2f} | {r_.p50_us:.0f} | {post:.0f} | {r_.us_per_write:.1f} | "
+                             f"{1e6 / r_.us_per_write:,.0f} |")
+        gpu = df[df["mode"].isin(["device_copy", "nccl"])]
+        if not gpu.empty:
+            lines += ["", "| bytes | " + " | ".join(f"{m} GB/s" for m in sorted(gpu["mode"].unique())) + " |",
+                      "|---|" + "---|" * gpu["mode"].nunique()]
+            for b in sorted(gpu["bytes"].unique()):
+                vals = [gpu[(gpu["bytes"] == b) & (gpu["mode"] == m)]["GBps"] for m in sorted(gpu["mode"].unique())]
+                lines.append(f"| {_fmt_bytes(int(b))} | " + " | ".join(f"{float(v.iloc[0]):.2f}" if len(v) else "—"
+                                                                  for v in vals) + " |")
         imm = df[df["mode"] == "imm"]
         if not imm.empty:
             lines += ["", f"imm round trip p50: {float(imm['p50_us'].iloc[0]):.0f} µs"]
@@ -179,13 +226,17 @@ def _serve_socket(conn: Any, nbytes: int) -> None:
 ROUNDS = 5  # each mode is measured in ROUNDS slices, interleaved with the others (fair under drift)
 
 
-def _row(backend: str, mode: str, nbytes: int, lanes: int, lat: list[float], **extra: Any) -> dict[str, Any]:
+def _row(backend: str, mode: str, nbytes: int, lanes: int, lat: list[float], writes: int = 1,
+         post: list[float] | None = None, **extra: Any) -> dict[str, Any]:
     p50 = statistics.median(lat)
     total = sum(lat)
-    return {"backend": backend, "mode": mode, "bytes": nbytes, "lanes": lanes,
-            "GBps": nbytes / p50 / 1e9 if p50 > 0 and nbytes else 0.0,
-            "p50_us": p50 * 1e6, "GBps_mean": nbytes * len(lat) / total / 1e9 if total > 0 else 0.0,
-            "iters": len(lat), **extra}
+    row = {"backend": backend, "mode": mode, "bytes": nbytes, "lanes": lanes,
+           "GBps": nbytes / p50 / 1e9 if p50 > 0 and nbytes else 0.0,
+           "p50_us": p50 * 1e6, "writes": writes, "us_per_write": p50 * 1e6 / writes,
+           "GBps_mean": nbytes * len(lat) / total / 1e9 if total > 0 else 0.0, "iters": len(lat), **extra}
+    if post:
+        row["post_us"] = statistics.median(post) * 1e6
+    return row
 
 
 def _interleaved(ops: dict[Any, Any], size: int, iters: int, rounds: int = ROUNDS) -> dict[Any, list[float]]:
@@ -226,6 +277,18 @@ class _RawSocket:
         self.sock.sendall(struct.pack("<Q", size))
         self.sock.sendall(self.src[:size])
         self.sock.recv_into(self.ack, 1, socket.MSG_WAITALL)
+
+    def batch(self, size: int, k: int) -> None:
+        """k messages of `size` bytes sent back to back (one gathered sendmsg per 512 buffers), then k acks."""
+        from transport.backends.tcp import send_gather
+
+        hdr = struct.pack("<Q", size)
+        bufs: list[Any] = []
+        for i in range(k):
+            bufs += [hdr, self.src[i * size:(i + 1) * size]]
+        send_gather(self.sock, bufs)
+        acks = bytearray(k)
+        self.sock.recv_into(acks, k, socket.MSG_WAITALL)
 
     def close(self) -> None:
         self.sock.close()
@@ -338,22 +401,98 @@ def _source(eng: Any, nbytes: int, device: str) -> Any:
     return buf
 
 
+class _DeviceCopy:
+    """The device-copy baseline: `copy_` into a buffer on the target device, then a device sync."""
+
+    def __init__(self, nbytes: int, device: str, target_device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=target_device)
+
+    def op(self, size: int) -> None:
+        self.dst[:size].copy_(self.src[:size], non_blocking=True)
+        self.torch.cuda.synchronize(self.dst.device)
+        self.torch.cuda.synchronize(self.src.device)
+
+    def close(self) -> None:
+        return None
+
+
+class _Nccl:
+    """The NCCL baseline: send to a spawned rank on the target GPU, which receives and acknowledges."""
+
+    def __init__(self, nbytes: int, plan: list[tuple[int, int]], device: str, target_device: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        with socket.socket() as tmp:
+            tmp.bind(("127.0.0.1", 0))
+            port = tmp.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        self.proc = ctx.Process(target=_serve_nccl, args=(port, plan, nbytes, target_device), daemon=True)
+        self.proc.start()
+        self.torch, self.dist = torch, dist
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                                device_id=torch.device(device))
+        self.src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        self.ack = torch.empty(1, dtype=torch.uint8, device=device)
+
+    def op(self, size: int) -> None:
+        self.dist.send(self.src[:size], dst=1)
+        self.dist.recv(self.ack, src=1)
+        self.torch.cuda.synchronize(self.src.device)
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+        self.proc.join(20)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def _serve_nccl(port: int, plan: list[tuple[int, int]], nbytes: int, device: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2,
+                            device_id=torch.device(device))
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ack = torch.ones(1, dtype=torch.uint8, device=device)
+    for size, ops in plan:
+        for _ in range(ops):
+            dist.recv(buf[:size], src=0)
+            dist.send(ack, dst=0)
+            torch.cuda.synchronize(device)
+    dist.destroy_process_group()
+
+
 def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_sizes: Sequence[int],
                  paged_total: int, device: str = "cpu", imm_iters: int = 300, baselines: bool = True,
                  events: list[dict[str, Any]] | None = None, notes: dict[str, Any] | None = None,
-                 target_device: str | None = None) -> list[dict[str, Any]]:
-    """Single writes for every lane count and both baselines, interleaved per size; then paged writes
-    (interleaved with single writes of the same total) and the imm round trip at the most lanes.
+                 target_device: str | None = None, batches: Sequence[tuple[int, int]] = BATCH,
+                 layer: tuple[int, int] | None = LAYER, gpu_baselines: bool = True) -> list[dict[str, Any]]:
+    """Single writes for every lane count and the baselines, interleaved per size; batched writes
+    (interleaved with back-to-back raw socket sends); paged writes (interleaved with single writes
+    of the same total) and a paged layer write; the imm round trip at the most lanes.
     The target's buffer lives on `target_device` (default: `device`, e.g. cuda:0 -> cuda:1 across GPUs)."""
     import numpy as np
 
-    from transport.engine import Engine
+    from transport.engine import Engine, Target
 
-    nbytes = max(max(sizes), paged_total)
-    target = _Target(backend, nbytes, target_device or device)
+    target_device = target_device or device
+    batch_bytes = max((b * k for b, k in batches), default=0)
+    layer_bytes = layer[0] * layer[1] if layer else 0
+    nbytes = max(max(sizes), paged_total, batch_bytes, layer_bytes)
+    target = _Target(backend, nbytes, target_device)
     engines = {n: Engine(backend, lanes=n) for n in lanes}
-    raw = _RawSocket(max(sizes)) if baselines else None
+    raw = _RawSocket(max(max(sizes), batch_bytes)) if baselines else None
     gloo = _Gloo(max(sizes), _plan(sizes)) if baselines else None
+    on_gpu = device.startswith("cuda") and gpu_baselines
+    dcopy = _DeviceCopy(max(sizes), device, target_device) if on_gpu else None
+    nccl = _Nccl(max(sizes), _plan(sizes), device, target_device) if on_gpu and target_device != device else None
     rows: list[dict[str, Any]] = []
     clock0 = time.perf_counter()
     done: dict[Any, list[Any]] = {n: [] for n in lanes}
@@ -376,11 +515,17 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
         ops: dict[Any, Any] = {("single", n): writer(n) for n in lanes}
         if raw is not None and gloo is not None:
             ops["raw_socket"], ops["gloo"] = raw.op, gloo.op
+        if dcopy is not None:
+            ops["device_copy"] = dcopy.op
+        if nccl is not None:
+            ops["nccl"] = nccl.op
         for size in sizes:
             lat = _interleaved(ops, size, iterations(size))
             for key, ls in lat.items():
                 if isinstance(key, tuple):
                     rows.append(_row(backend, "single", size, key[1], ls, device=device))
+                elif key in ("device_copy", "nccl"):
+                    rows.append(_row("baseline", key, size, 1, ls, device=f"{device}->{target_device}"))
                 else:
                     rows.append(_row("baseline", key, size, 1, ls, device="cpu"))
         if events is not None:
@@ -388,34 +533,64 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
                 events.extend(_events(done[n], "write", n, clock0, device))
         nl = max(lanes)
         eng, src = engines[nl], srcs[nl]
-        pops: dict[Any, Any] = {"single": writer(nl)}
-        for page in page_sizes:
-            npages = paged_total // page
-            rng = np.random.default_rng(page)
-            sp, dp = rng.permutation(npages), rng.permutation(npages)
+        for wbytes, k in batches:
+            targets = [Target(target.desc, wbytes, i * wbytes, i * wbytes) for i in range(k)]
+            post: list[float] = []
 
-            def pop(size: int, page: int = page, sp: Any = sp, dp: Any = dp) -> None:
-                eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp).result(120)
-            pops[page] = pop
-        lat = _interleaved(pops, paged_total, iterations(paged_total, hi=50))
-        for page in page_sizes:
-            rows.append(_row(backend, "paged", (paged_total // page) * page, nl, lat[page], page_bytes=page,
-                             device=device))
+            def bop(size: int, targets: list[Any] = targets, post: list[float] = post) -> None:
+                a = time.perf_counter()
+                t = eng.write_batch(src, targets)
+                post.append(time.perf_counter() - a)
+                t.result(120)
+
+            bops: dict[Any, Any] = {"batch": bop}
+            if raw is not None:
+                bops["raw_socket_batch"] = lambda size, wbytes=wbytes, k=k: raw.batch(wbytes, k)
+            lat = _interleaved(bops, wbytes * k, iterations(wbytes * k, budget=128 * MiB, lo=20, hi=200))
+            rows.append(_row(backend, "batch", wbytes * k, nl, lat["batch"], writes=k, post=post[1:],
+                             write_bytes=wbytes, device=device))
+            if "raw_socket_batch" in lat:
+                rows.append(_row("baseline", "raw_socket_batch", wbytes * k, 1, lat["raw_socket_batch"], writes=k,
+                                 write_bytes=wbytes, device="cpu"))
+        pops: dict[Any, Any] = {"single": writer(nl)}
+        posts: dict[Any, list[float]] = {}
+        shapes = [(page, paged_total // page) for page in page_sizes]
+        if layer:
+            shapes.append((layer[1], layer[0]))
+        for page, npages in shapes:
+            rng = np.random.default_rng(page + npages)
+            sp, dp = rng.permutation(npages), rng.permutation(npages)
+            posts[(page, npages)] = []
+
+            def pop(size: int, page: int = page, sp: Any = sp, dp: Any = dp, post: list[float] = posts[(page, npages)]
+                    ) -> None:
+                a = time.perf_counter()
+                t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)
+                post.append(time.perf_counter() - a)
+                t.result(120)
+            pops[(page, npages)] = pop
+        lat = _interleaved(pops, paged_total, iterations(paged_total, hi=50, lo=10))
+        for page, npages in shapes:
+            rows.append(_row(backend, "paged", npages * page, nl, lat[(page, npages)], writes=npages,
+                             post=posts[(page, npages)][1:], page_bytes=page, device=device))
         if notes is not None:
             notes["single_reference_for_paged"] = _row(backend, "single", paged_total, nl, lat["single"])
         peer = target.desc.address
-        k = [0]
+        k_ = [0]
 
         def rt(size: int) -> None:
-            k[0] += 1
+            k_[0] += 1
             eng.write_imm(peer, 1)
-            eng.counter.wait(1, k[0], timeout=10)
+            eng.counter.wait(1, k_[0], timeout=10)
 
         rows.append(_row(backend, "imm", 0, nl, _interleaved({"imm": rt}, 0, imm_iters)["imm"], device=device))
+        path = getattr(eng, "_path", None)
+        if notes is not None and path is not None and hasattr(path, "used"):
+            notes["copies"] = dict(path.used)
     finally:
         for eng in engines.values():
             eng.close()
-        for b in (raw, gloo):
+        for b in (raw, gloo, dcopy, nccl):
             if b is not None:
                 b.close()
         target.close()
@@ -480,14 +655,16 @@ def soak(n_writes: int = 100_000, backend: str = "tcp", lanes: int = 4, batch: i
 
 def run(backend: str = "tcp", lanes: int = 4, *, sizes: Sequence[int] = SIZES, page_sizes: Sequence[int] = PAGE_SIZES,
         paged_total: int = 16 * MiB, baselines: bool = True, soak_writes: int = 100_000,
-        device: str = "cpu", machine: str = "", target_device: str | None = None) -> BenchReport:
+        device: str = "cpu", machine: str = "", target_device: str | None = None,
+        batches: Sequence[tuple[int, int]] = BATCH, gpu_baselines: bool = True) -> BenchReport:
     """The whole benchmark: engine sweep over lane counts 1, 2, 4, … up to `lanes`, paged writes
     and imm latency at `lanes`, both baselines over the same sizes, then the soak."""
     lane_set = sorted({1, lanes} | {2**i for i in range(8) if 2**i <= lanes})
     events: list[dict[str, Any]] = []
     notes: dict[str, Any] = {}
     rows = bench_engine(backend, lane_set, sizes, page_sizes, paged_total, device, baselines=baselines,
-                        events=events, notes=notes, target_device=target_device)
+                        events=events, notes=notes, target_device=target_device, batches=batches,
+                        gpu_baselines=gpu_baselines)
     report = BenchReport(rows, events, machine=machine, notes=notes)
     if soak_writes:
         report.soak = soak(soak_writes, backend if not device.startswith("cuda") else "tcp", lanes=lanes)

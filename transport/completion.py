@@ -26,7 +26,7 @@ class Transfer:
     """
 
     __slots__ = ("tid", "what", "peer", "nbytes", "future", "_remaining", "_lock", "_on_cancel",
-                 "submitted", "completed", "lanes")
+                 "submitted", "completed", "lanes", "peers")
 
     def __init__(self, tid: int, what: str, peer: str | None, parts: int = 1, nbytes: int = 0,
                  on_cancel: Callable[[Transfer], None] | None = None) -> None:
@@ -43,6 +43,7 @@ class Transfer:
         self.submitted = time.perf_counter()
         self.completed: float | None = None
         self.lanes: tuple[int, ...] = ()
+        self.peers: tuple[str, ...] = ()  # every peer of a multi-peer batch (else empty: see `peer`)
 
     # -- completion (engine side) --
     def part_done(self, n: int = 1) -> bool:
@@ -78,7 +79,7 @@ class Transfer:
         try:
             return self.future.result(timeout)
         except _FutTimeout:
-            raise TransferTimeout(f"{self.what}: not complete after {timeout} s") from None
+            raise TransferTimeout(f"{self.what}: not complete after waiting {timeout} s in result()") from None
 
     wait = result
 

@@ -14,6 +14,30 @@ from typing import Any
 
 from transport.errors import UnknownDescriptor
 
+MAX_DESCRIPTOR_BYTES = 1 << 20  # a descriptor is a few hundred bytes (a NIXL one a few KiB)
+REGION_LIMIT = 1 << 32  # region ids travel as u32
+NBYTES_LIMIT = 1 << 62
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+        raise UnknownDescriptor(f"not a memory descriptor: {key} must be an integer in [{lo}, {hi}), "
+                                f"got {str(v)[:40]!r}")
+    return v
+
+
+def _json(b: bytes | str, what: str) -> dict[str, Any]:
+    if len(b) > MAX_DESCRIPTOR_BYTES:
+        raise UnknownDescriptor(f"not {what}: {len(b)} bytes (a descriptor is at most {MAX_DESCRIPTOR_BYTES})")
+    try:
+        d = json.loads(b)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise UnknownDescriptor(f"not {what}: not JSON ({str(exc)[:80]})") from None
+    if not isinstance(d, dict):
+        raise UnknownDescriptor(f"not {what}: expected a JSON object, got {type(d).__name__}")
+    return d
+
 
 @dataclass(frozen=True)
 class EngineAddress:
@@ -34,14 +58,24 @@ class EngineAddress:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineAddress:
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise UnknownDescriptor(f"not an engine address: {d!r} ({exc})") from exc
+        if not isinstance(d, dict):
+            raise UnknownDescriptor(f"not an engine address: expected an object, got {type(d).__name__}")
+        for key in ("name", "host"):
+            if not isinstance(d.get(key), str):
+                raise UnknownDescriptor(f"not an engine address: {key} must be a string")
+        port = _int(d, "port", 0, 65536)
+        lanes = _int(d, "lanes", 1, 65) if "lanes" in d else 1
+        backend, hostid = d.get("backend", "tcp"), d.get("hostid", "")
+        if not isinstance(backend, str) or not isinstance(hostid, str):
+            raise UnknownDescriptor("not an engine address: backend and hostid must be strings")
+        unknown = set(d) - {"name", "host", "port", "backend", "lanes", "hostid"}
+        if unknown:
+            raise UnknownDescriptor(f"not an engine address: unknown fields {sorted(unknown)[:5]}")
+        return cls(d["name"], d["host"], port, backend, lanes, hostid)
 
     @classmethod
     def from_bytes(cls, b: bytes | str) -> EngineAddress:
-        return cls.from_dict(json.loads(b))
+        return cls.from_dict(_json(b, "an engine address"))
 
 
 @dataclass(frozen=True)
@@ -70,16 +104,19 @@ class MemoryDescriptor:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryDescriptor:
-        try:
-            return cls(address=EngineAddress.from_dict(d["address"]), region=int(d["region"]),
-                       nbytes=int(d["nbytes"]), device=str(d.get("device", "cpu")),
-                       extra=dict(d.get("extra", {})))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UnknownDescriptor(f"not a memory descriptor: {exc}") from exc
+        if not isinstance(d, dict):
+            raise UnknownDescriptor(f"not a memory descriptor: expected an object, got {type(d).__name__}")
+        if "address" not in d:
+            raise UnknownDescriptor("not a memory descriptor: address is missing")
+        device, extra = d.get("device", "cpu"), d.get("extra", {})
+        if not isinstance(device, str) or not isinstance(extra, dict):
+            raise UnknownDescriptor("not a memory descriptor: device must be a string and extra an object")
+        return cls(address=EngineAddress.from_dict(d["address"]), region=_int(d, "region", 0, REGION_LIMIT),
+                   nbytes=_int(d, "nbytes", 0, NBYTES_LIMIT), device=device, extra=dict(extra))
 
     @classmethod
     def from_bytes(cls, b: bytes | str) -> MemoryDescriptor:
-        return cls.from_dict(json.loads(b))
+        return cls.from_dict(_json(b, "a memory descriptor"))
 
     def __repr__(self) -> str:
         return (f"MemoryDescriptor(engine={self.address.name!r}, region={self.region}, "

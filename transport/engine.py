@@ -9,17 +9,24 @@ One engine per process. Register buffers, hand their descriptors to peers, then:
         t = eng.write(src_region, remote_desc, length=4096, imm=7)   # -> Transfer (future)
         t.result(timeout=5)                                  # or add_done_callback / await
         eng.expect(7, n=16).result(timeout=5)                # receiver: 16 imm-7 writes landed
+        eng.write_batch(src_region, [(d, 4096, i * 4096, 0) for i, d in enumerate(descs)], imm=8)
 
 Writes are never ordered; completion is counted (see `ImmCounter`). Every control path
 (acks, imm-only writes, send/recv, barriers, notices) runs over the authenticated TCP mesh
 of `transport.backends.tcp`; the backend decides how write bytes move: `tcp` over the lane
-sockets, `cuda_ipc` device to device on one host, `nixl` through NIXL (UCX / libfabric).
+sockets, `cuda_ipc` device to device on one host, `nixl` through NIXL (UCX / libfabric);
+a backend plugs in as a `transport.backends.base.DataPath`.
+
+Every argument is checked (type and range) before anything is queued, so a bad call raises
+`InvalidArgument`/`OutOfRange`/`UnknownDescriptor` and never disturbs another transfer.
+Every length a peer announces is checked by the receiver before it reads or allocates.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import os
 import secrets
 import socket
@@ -31,17 +38,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
+
 from transport.backends import BACKENDS
 from transport.backends import tcp as wire
+from transport.backends.base import DataPath, Pieces
 from transport.completion import ImmCounter, Transfer
 from transport.descriptors import EngineAddress, MemoryDescriptor
 from transport.errors import (
     STATUS_OK,
     STATUS_OUT_OF_RANGE,
     STATUS_UNKNOWN_REGION,
+    AuthError,
     Cancelled,
+    InvalidArgument,
     OutOfRange,
     PeerGone,
+    ProtocolError,
     TransferTimeout,
     TransportError,
     UnknownDescriptor,
@@ -54,6 +67,45 @@ SHARD_ALIGN = 8 << 10  # shards are multiples of 8 KiB (as in TransferEngine)
 MIN_SHARD = 512 << 10  # shards are at least this big (smaller writes go over fewer lanes)
 MAX_SEND = 64 << 20  # two-sided messages are for control
 INLINE_MAX = 64 << 10  # small writes go out from the caller's thread when their lane is idle
+INLINE_BATCH = 1 << 20  # a batch's messages for one lane go out from the caller's thread up to this size
+MAX_PAGES = 1 << 20  # pages in one paged message (a receiver reads 8 bytes of offset per page first)
+MAX_BATCH_PER_PEER = 0xFFFF  # messages of one batch to one peer (the wire's shard count is 16 bits)
+LOG_LINES = 1000  # the engine log keeps the last this many lines
+U32 = 1 << 32
+REVOKE = 10  # control message: the sender deregistered `region` (peers drop what they opened for it)
+F_NOACK = 2  # a notice that needs no acknowledgement (the writer already knows the bytes landed)
+
+
+def _int(name: str, v: Any, lo: int = 0, hi: int = 1 << 62) -> int:
+    """`v` as an int in [lo, hi), else `InvalidArgument` naming `name` (bools and floats are refused)."""
+    if isinstance(v, bool):
+        raise InvalidArgument(f"{name}: expected an integer, got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise InvalidArgument(f"{name}: expected an integer, got {type(v).__name__} {str(v)[:40]!r}") from None
+    if not lo <= i < hi:
+        raise InvalidArgument(f"{name}: must lie in [{lo}, {hi}), got {i}")
+    return i
+
+
+def _imm(name: str, v: Any) -> int | None:
+    return None if v is None else _int(name, v, 0, U32)
+
+
+def _timeout(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e7:
+        raise InvalidArgument(f"timeout: expected seconds > 0 (or None), got {v!r}")
+    return float(v)
+
+
+def _index_array(name: str, v: Any) -> np.ndarray:
+    a = np.asarray(v)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InvalidArgument(f"{name}: expected a 1-D list of integers, got {a.dtype} of shape {a.shape}")
+    return a.astype(np.int64, copy=False)
 
 
 def _round_up(n: int, a: int) -> int:
@@ -109,8 +161,8 @@ class Engine:
                  **backend_options: Any) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown {backend!r} (choose from {', '.join(BACKENDS)})")
-        if not 1 <= lanes <= 64:
-            raise ValueError(f"lanes: must be 1..64, got {lanes}")
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
+            raise InvalidArgument(f"lanes: must be an integer 1..64, got {lanes!r}")
         self.name = name or f"e{os.getpid()}-{secrets.token_hex(3)}"
         self.backend = backend
         self.lanes = lanes
@@ -145,12 +197,13 @@ class Engine:
         self._deadline_seq = itertools.count()
         self._deadline_cond = threading.Condition()
         self._closed = False
-        self.log: list[str] = []
+        self._revoked: set[tuple[str, int]] = set()  # (peer, region) the peer deregistered
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
         self._shm_refs: list[Any] = []
         self._listener = wire.Listener(self, host, port, self._secret, sockbuf, self._accepted)
         self.address = EngineAddress(self.name, host if host not in ("0.0.0.0", "::") else _own_ip(),
                                      self._listener.port, backend, lanes, host_id())
-        self._path: Any = None
+        self._path: DataPath | None = None
         if backend == "cuda_ipc":
             from transport.backends.cuda_ipc import CudaIpcPath
 
@@ -158,7 +211,7 @@ class Engine:
         elif backend == "nixl":
             from transport.backends.nixl import NixlPath
 
-            self._path = NixlPath(self, **backend_options)
+            self._path = NixlPath(self, on_imm=self._path_imm, **backend_options)
         elif backend_options:
             raise TypeError(f"unexpected options for the tcp backend: {sorted(backend_options)}")
         self._watchdog = threading.Thread(target=self._watch, name=f"wbt-{self.name}-watchdog", daemon=True)
@@ -199,7 +252,11 @@ class Engine:
                 f"at={self.address.host}:{self.address.port}, regions={len(self._regions)}, peers={len(self._links)})")
 
     def _log(self, text: str) -> None:
-        self.log.append(text)
+        self.log.append(text[:2000])
+
+    def listener_stats(self) -> dict[str, int]:
+        """Connections waiting in the handshake now, and strangers dropped over the cap so far."""
+        return self._listener.stats()
 
     # ------------------------------------------------------------------ registration
     def register(self, buf: Any) -> Region:
@@ -219,14 +276,15 @@ class Engine:
         """Zeroed memory that every backend of this engine can move without copies: a uint8 numpy
         array (shared memory for `nixl`; `shm_name` adopts an existing shared-memory block) or, for
         `device="cuda:N"`, a uint8 CUDA tensor. Register it with `register`."""
+        nbytes = _int("nbytes", nbytes, 0)
         if device.startswith("cuda"):
             import torch
 
             return torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        if self._path is not None and hasattr(self._path, "alloc"):
-            return self._path.alloc(nbytes, shm_name)
-        import numpy as np
-
+        if self._path is not None:
+            mem = self._path.alloc(nbytes, shm_name)
+            if mem is not None:
+                return mem
         if shm_name:
             from multiprocessing import shared_memory
 
@@ -238,9 +296,17 @@ class Engine:
     def deregister(self, region: Region) -> None:
         """Forget a region: later writes to its descriptor fail with `UnknownDescriptor`."""
         with self._lock:
-            self._regions.pop(region.id, None)
+            if self._regions.get(region.id) is not region:
+                return
+            del self._regions[region.id]
+            links = [link for link in self._links.values() if link.alive]
         if self._path is not None:
             self._path.forget(region)
+            for link in links:  # peers drop what they opened for it (an IPC mapping, NIXL metadata)
+                try:
+                    link.ctrl.send_now([wire.pack(REVOKE, region=region.id)])
+                except OSError:
+                    pass
 
     # ------------------------------------------------------------------ peers
     def connect(self, peer: PeerRef) -> EngineAddress:
@@ -269,7 +335,8 @@ class Engine:
     def _hello(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address.to_dict()}
 
-    def _link(self, addr: EngineAddress) -> wire.Link:
+    def _link(self, addr: EngineAddress, timeout: float | None = None) -> wire.Link:
+        """The live link to `addr`, connecting now if needed (within `timeout`, else `connect_timeout`)."""
         if self._closed:
             raise Cancelled(f"engine {self.name} is closed")
         link = self._links.get(addr.name)
@@ -279,10 +346,19 @@ class Engine:
             link = self._links.get(addr.name)
             if link is not None and link.alive:
                 return link
+            limit = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
             try:
                 socks, hello = wire.connect_link(self, addr.to_dict(), self.lanes, self._secret, self._hello(),
-                                                 self.sockbuf, self.connect_timeout)
-            except OSError as exc:
+                                                 self.sockbuf, limit)
+            except AuthError as exc:
+                raise AuthError(f"peer {addr.name!r} at {addr.host}:{addr.port}: {exc}") from None
+            except TimeoutError as exc:
+                if timeout is not None and timeout <= self.connect_timeout:
+                    raise TransferTimeout(f"could not connect to peer {addr.name!r} at {addr.host}:{addr.port} "
+                                          f"within the timeout of {timeout:g} s") from None
+                raise PeerGone(f"cannot reach peer {addr.name!r} at {addr.host}:{addr.port} within "
+                               f"{limit:g} s: {exc}") from exc
+            except (OSError, PeerGone) as exc:
                 raise PeerGone(f"cannot reach peer {addr.name!r} at {addr.host}:{addr.port}: {exc}") from exc
             if hello.get("name") != addr.name:
                 for s in socks:
@@ -319,7 +395,7 @@ class Engine:
                 del self._links[link.peer]
             if link in self._all_links:
                 self._all_links.remove(link)
-            doomed = [t for t in self._pending.values() if t.peer == link.peer]
+            doomed = [t for t in self._pending.values() if t.peer == link.peer or link.peer in t.peers]
             for t in doomed:
                 self._pending.pop(t.tid, None)
         if self._closed:
@@ -334,7 +410,7 @@ class Engine:
             self._msg_cond.notify_all()
 
     # ------------------------------------------------------------------ writes
-    def _new(self, what: str, peer: str, parts: int, nbytes: int, timeout: float | None,
+    def _new(self, what: str, peer: str | None, parts: int, nbytes: int, timeout: float | None,
              callback: Callable[[Transfer], Any] | None) -> Transfer:
         t = Transfer(next(self._tids), what, peer, parts, nbytes, on_cancel=self._cancelled)
         with self._lock:
@@ -346,15 +422,34 @@ class Engine:
         return t
 
     def _expire(self, t: Transfer, timeout: float) -> None:
-        if t.fail(TransferTimeout(f"{t.what}: not complete after {timeout} s")):
+        if t.fail(TransferTimeout(f"{t.what}: not complete within its timeout of {timeout:g} s")):
             self._cancelled(t)
+
+    def _check_src(self, src: Region, what: str) -> None:
+        if not isinstance(src, Region):
+            raise InvalidArgument(f"{what}: src must be a Region from register(), got {type(src).__name__}")
+        if self._regions.get(src.id) is not src:
+            raise UnknownDescriptor(f"{what}: source region {src.id} is not registered with engine {self.name} "
+                                    "(deregistered, or registered with another engine)")
+
+    def _check_dst(self, dst: MemoryDescriptor, offset: int, length: int, what: str = "write") -> None:
+        if not isinstance(dst, MemoryDescriptor):
+            raise InvalidArgument(f"{what}: dst must be a MemoryDescriptor, got {type(dst).__name__}")
+        if not 0 <= dst.region < U32 or isinstance(dst.region, bool):
+            raise UnknownDescriptor(f"{what}: region id {dst.region!r} is out of range [0, 2^32)")
+        if offset + length > dst.nbytes:
+            raise OutOfRange(f"{what}: destination range [{offset}, {offset + length}) is outside the peer's "
+                             f"region of {dst.nbytes} bytes")
+        if self._revoked and (dst.engine, dst.region) in self._revoked:
+            raise UnknownDescriptor(f"{what}: peer {dst.engine!r} deregistered region {dst.region}")
 
     def _cancelled(self, t: Transfer) -> None:
         with self._lock:
             self._pending.pop(t.tid, None)
-            link = self._links.get(t.peer or "")
-        if link is not None and link.alive:
-            link.ctrl.post([wire.pack(wire.ABORT, tid=t.tid)])
+            links = [self._links.get(p) for p in (t.peers or (t.peer or "",))]
+        for link in links:
+            if link is not None and link.alive:
+                link.ctrl.post([wire.pack(wire.ABORT, tid=t.tid)])
 
     def write(self, src: Region, dst: MemoryDescriptor, length: int | None = None, *, src_offset: int = 0,
               dst_offset: int = 0, imm: int | None = None, timeout: float | None = None,
@@ -365,16 +460,17 @@ class Engine:
         Returns a `Transfer`, done when the peer confirmed all bytes; errors: `OutOfRange`,
         `UnknownDescriptor`, `PeerGone`, `TransferTimeout`, `Cancelled`.
         """
-        if length is None:
-            length = src.nbytes - src_offset
+        self._check_src(src, "write")
+        src_offset, dst_offset = _int("src_offset", src_offset), _int("dst_offset", dst_offset)
+        length = src.nbytes - src_offset if length is None else _int("length", length)
+        imm, timeout = _imm("imm", imm), _timeout(timeout)
         src.check(src_offset, length, "write: source")
-        _check_dst(dst, dst_offset, length)
-        link = self._link(dst.address)
+        self._check_dst(dst, dst_offset, length)
+        link = self._link(dst.address, timeout)
         what = f"write {length} B to {dst.engine}/{dst.region}"
         if self._path is not None and self._path.handles(src, dst):
             t = self._new(what, dst.engine, 1, length, timeout, callback)
-            self._path.submit(t, src, dst, [(src_offset, dst_offset, length)], lambda exc: self._path_done(
-                link, t, dst, dst_offset, length, imm, exc))
+            self._submit_path(t, link, src, dst, Pieces.one(src_offset, dst_offset, length), imm)
             return t
         nl = len(link.data)
         nshards = max(1, min(nl, length // MIN_SHARD))
@@ -404,28 +500,32 @@ class Engine:
 
         The page list is split across lanes; one imm (if given) once all pages landed.
         """
-        if len(src_pages) != len(dst_pages):
-            raise ValueError(f"write_paged: {len(src_pages)} source pages but {len(dst_pages)} destination pages")
-        if page_bytes <= 0 or not len(src_pages):
-            raise ValueError("write_paged: page_bytes must be > 0 and the page lists non-empty")
-        import numpy as np
-
-        ss, ds = src_stride or page_bytes, dst_stride or page_bytes
-        soffs = src_offset + np.asarray(src_pages, dtype=np.int64) * ss
-        doffs = dst_offset + np.asarray(dst_pages, dtype=np.int64) * ds
-        if soffs.min() < 0 or soffs.max() + page_bytes > src.nbytes:
+        self._check_src(src, "write_paged")
+        page_bytes = _int("page_bytes", page_bytes, 1)
+        ss = page_bytes if src_stride is None else _int("src_stride", src_stride, 1)
+        ds = page_bytes if dst_stride is None else _int("dst_stride", dst_stride, 1)
+        src_offset, dst_offset = _int("src_offset", src_offset), _int("dst_offset", dst_offset)
+        imm, timeout = _imm("imm", imm), _timeout(timeout)
+        sp, dp = _index_array("src_pages", src_pages), _index_array("dst_pages", dst_pages)
+        if len(sp) != len(dp):
+            raise InvalidArgument(f"write_paged: {len(sp)} source pages but {len(dp)} destination pages")
+        if not len(sp) or len(sp) > MAX_PAGES:
+            raise InvalidArgument(f"write_paged: the page lists must hold 1..{MAX_PAGES} pages, got {len(sp)}")
+        if sp.min() < 0 or dp.min() < 0 or max(int(sp.max()) * ss, int(dp.max()) * ds) >= 1 << 62:
+            raise OutOfRange("write_paged: page indices must be >= 0 and their offsets below 2^62")
+        soffs = src_offset + sp * ss
+        doffs = dst_offset + dp * ds
+        if soffs.max() + page_bytes > src.nbytes:
             raise OutOfRange(f"write_paged: a source page falls outside the registered region of {src.nbytes} bytes")
-        if doffs.min() < 0 or doffs.max() + page_bytes > dst.nbytes:
-            raise OutOfRange(f"write_paged: a destination page falls outside the peer's region of {dst.nbytes} bytes")
-        link = self._link(dst.address)
+        self._check_dst(dst, int(doffs.max()), page_bytes, "write_paged")
+        link = self._link(dst.address, timeout)
         npages = len(soffs)
         total = npages * page_bytes
         what = f"paged write {npages}x{page_bytes} B to {dst.engine}/{dst.region}"
         if self._path is not None and self._path.handles(src, dst):
             t = self._new(what, dst.engine, 1, total, timeout, callback)
-            pieces = [(int(a), int(b), page_bytes) for a, b in zip(soffs, doffs)]
-            self._path.submit(t, src, dst, pieces, lambda exc: self._path_done(
-                link, t, dst, int(doffs.min()), page_bytes, imm, exc))
+            pieces = Pieces(soffs, doffs, np.full(npages, page_bytes, np.int64), page_bytes)
+            self._submit_path(t, link, src, dst, pieces, imm)
             return t
         nl = len(link.data)
         nshards = max(1, min(nl, total // MIN_SHARD, npages))
@@ -444,8 +544,126 @@ class Engine:
         t.lanes = tuple(lanes)
         return t
 
-    def _path_done(self, link: wire.Link, t: Transfer, dst: MemoryDescriptor, offset: int, length: int,
-                   imm: int | None, exc: BaseException | None) -> None:
+    def write_batch(self, src: Region, writes: Iterable[Target | tuple[Any, ...]], *, imm: int | None = None,
+                    timeout: float | None = None, callback: Callable[[Transfer], Any] | None = None) -> Transfer:
+        """Many WRITEs from `src` in one call: each `Target(dst, length, src_offset, dst_offset)` (or a
+        tuple of those fields), to one or many peers, e.g. a dispatch to N peers or many KV blocks.
+
+        Returns one `Transfer`, done when every write landed. With `imm`, every destination peer
+        counts `imm` once, after all of this batch's writes to it landed. The writes to one peer
+        go out together (one `sendmsg` per lane over tcp, one copy submission for `cuda_ipc`, one
+        NIXL transfer for `nixl`).
+        """
+        self._check_src(src, "write_batch")
+        imm, timeout = _imm("imm", imm), _timeout(timeout)
+        targets: list[Target] = []
+        for i, w in enumerate(writes):
+            try:
+                tg = w if isinstance(w, Target) else Target(*w)
+            except TypeError:
+                raise InvalidArgument(f"write_batch: writes[{i}] must be a Target or (dst, length, src_offset, "
+                                      f"dst_offset), got {str(w)[:60]}") from None
+            targets.append(Target(tg.dst, _int(f"writes[{i}].length", tg.length),
+                                  _int(f"writes[{i}].src_offset", tg.src_offset),
+                                  _int(f"writes[{i}].dst_offset", tg.dst_offset)))
+        if not targets:
+            raise InvalidArgument("write_batch: writes is empty")
+        by_peer: dict[str, list[int]] = defaultdict(list)
+        for i, tg in enumerate(targets):
+            src.check(tg.src_offset, tg.length, f"write_batch: writes[{i}] source")
+            self._check_dst(tg.dst, tg.dst_offset, tg.length, f"write_batch: writes[{i}]")
+            by_peer[tg.dst.engine].append(i)
+        links = {peer: self._link(targets[idx[0]].dst.address, timeout) for peer, idx in by_peer.items()}
+        plans: list[tuple[str, bool, list[list[int]]]] = []
+        parts = 0
+        for peer, idx in by_peer.items():
+            if self._path is not None and all(self._path.handles(src, targets[i].dst) for i in idx):
+                groups: dict[int, list[int]] = defaultdict(list)
+                for i in idx:
+                    groups[targets[i].dst.region].append(i)
+                plans.append((peer, True, list(groups.values())))
+                parts += len(groups)
+            else:
+                if len(idx) > MAX_BATCH_PER_PEER:
+                    raise InvalidArgument(f"write_batch: {len(idx)} writes to peer {peer!r}; at most "
+                                          f"{MAX_BATCH_PER_PEER} per peer in one batch (split it)")
+                plans.append((peer, False, [idx]))
+                parts += len(idx)
+        total = sum(tg.length for tg in targets)
+        t = self._new(f"batch of {len(targets)} writes ({total} B) to {len(by_peer)} peer(s)",
+                      next(iter(by_peer)) if len(by_peer) == 1 else None, parts, total, timeout, callback)
+        t.peers = tuple(by_peer)
+        lanes: list[int] = []
+        for peer, on_path, groups_ in plans:
+            link = links[peer]
+            if on_path:
+                left = [len(groups_)]
+                lock = threading.Lock()
+                for g in groups_:
+                    pieces = Pieces(np.array([targets[i].src_offset for i in g], np.int64),
+                                    np.array([targets[i].dst_offset for i in g], np.int64),
+                                    np.array([targets[i].length for i in g], np.int64))
+
+                    def last(left: list[int] = left, lock: threading.Lock = lock) -> bool:
+                        with lock:
+                            left[0] -= 1
+                            return left[0] == 0
+
+                    self._submit_path(t, link, src, targets[g[0]].dst, pieces, imm, last_of_peer=last)
+            else:
+                lanes += self._post_batch(t, link, src, [targets[i] for i in groups_[0]], imm)
+        t.lanes = tuple(lanes)
+        return t
+
+    def _post_batch(self, t: Transfer, link: wire.Link, src: Region, targets: list[Target],
+                    imm: int | None) -> list[int]:
+        """Send a batch's writes to one peer over the tcp lanes: contiguous runs of messages per lane."""
+        flags = wire.F_IMM if imm is not None else 0
+        k = len(targets)
+        hdrs = [wire.pack(wire.WRITE, flags=flags, nshards=k, imm=imm or 0, tid=t.tid, region=tg.dst.region,
+                          offset=tg.dst_offset, length=tg.length) for tg in targets]
+        nl = len(link.data)
+        total = sum(tg.length for tg in targets)
+        nchunks = max(1, min(nl, k, total // MIN_SHARD))
+        per = -(-k // nchunks)
+        first = link.next_lane()
+        used = []
+        for c, a in enumerate(range(0, k, per)):
+            lane = link.data[(first + c) % nl]
+            used.append(lane.index)
+            chunk = range(a, min(a + per, k))
+            if src.view is None:  # CUDA source over tcp: staged message by message
+                for i in chunk:
+                    lane.post(_WriteJob(t, hdrs[i], src, targets[i].src_offset, targets[i].length))
+                continue
+            view = src.view
+            bufs: list[Any] = []
+            for i in chunk:
+                tg = targets[i]
+                bufs.append(hdrs[i])
+                if tg.length:
+                    bufs.append(view[tg.src_offset:tg.src_offset + tg.length])
+            job = _GatherJob(t, bufs)
+            if not (sum(targets[i].length for i in chunk) <= INLINE_BATCH and job.inline(lane)):
+                lane.post(job)
+        return used
+
+    def _submit_path(self, t: Transfer, link: wire.Link, src: Region, dst: MemoryDescriptor, pieces: Pieces,
+                     imm: int | None, last_of_peer: Callable[[], bool] | None = None) -> None:
+        path = self._path
+        assert path is not None
+        give = path.delivers_imm and imm is not None and last_of_peer is None and pieces.nbytes > 0
+
+        def done(exc: BaseException | None) -> None:
+            self._path_done(link, t, dst, pieces, None if give else imm, exc, last_of_peer)
+
+        try:
+            path.submit(t, src, dst, pieces, done, imm if give else None)
+        except Exception as exc:  # noqa: BLE001 - a failure to post fails this transfer only
+            done(exc if isinstance(exc, TransportError) else TransportError(f"{t.what}: {type(exc).__name__}: {exc}"))
+
+    def _path_done(self, link: wire.Link, t: Transfer, dst: MemoryDescriptor, pieces: Pieces, imm: int | None,
+                   exc: BaseException | None, last_of_peer: Callable[[], bool] | None = None) -> None:
         if exc is not None:
             err = exc if isinstance(exc, TransportError) else TransportError(f"{t.what}: {exc}")
             if t.fail(err):
@@ -454,17 +672,32 @@ class Engine:
             return
         if t.done():
             return
+        with_imm = imm is not None and (last_of_peer is None or last_of_peer())
+        path = self._path
+        assert path is not None
+        offset, length = int(pieces.dst.min()), int(pieces.length.max())
+        if path.confirms_delivery:  # the bytes are in the peer's memory: count this part, tell the peer one way
+            if t.part_done(1):
+                with self._lock:
+                    self._pending.pop(t.tid, None)
+            if not with_imm:
+                return
+            msg = wire.pack(wire.NOTICE, flags=wire.F_IMM | F_NOACK, imm=imm or 0, tid=t.tid, region=dst.region,
+                            offset=offset, length=length)
+        else:
+            msg = wire.pack(wire.NOTICE, flags=wire.F_IMM if with_imm else 0, imm=imm or 0, tid=t.tid,
+                            region=dst.region, offset=offset, length=length)
         try:
-            link.ctrl.send_now([wire.pack(wire.NOTICE, flags=wire.F_IMM if imm is not None else 0, imm=imm or 0,
-                                          tid=t.tid, region=dst.region, offset=offset, length=length)])
+            link.ctrl.send_now([msg])
         except OSError as e:
             link.failed(e, link.ctrl)
 
     def write_imm(self, peer: PeerRef, imm: int, *, timeout: float | None = None,
                   callback: Callable[[Transfer], Any] | None = None) -> Transfer:
         """An imm-only write: the peer counts `imm` once; done when the peer confirmed it."""
+        imm, timeout = _int("imm", imm, 0, U32), _timeout(timeout)
         addr = self._address_of(peer)
-        link = self._link(addr)
+        link = self._link(addr, timeout)
         t = self._new(f"imm {imm} to {addr.name}", addr.name, 1, 0, timeout, callback)
         try:
             link.ctrl.send_now([wire.pack(wire.IMM, imm=imm, tid=t.tid)])
@@ -494,6 +727,7 @@ class Engine:
         With `peer`, it fails with `PeerGone` if that peer goes away first; with `timeout`,
         `TransferTimeout`.
         """
+        imm, n, timeout = _int("imm", imm, 0, U32), _int("n", n, 1), _timeout(timeout)
         pname = self._address_of(peer).name if peer is not None else None
         t = self.counter.expect(imm, n, pname)
         if callback is not None:
@@ -507,6 +741,13 @@ class Engine:
         """Call `callback(imm, peer_name)` (on the engine's callback thread) for every arrived immediate."""
         self._imm_callbacks.append(callback)
 
+    def _path_imm(self, imm: int, region: int, peer: str) -> None:
+        """An immediate delivered by the data path itself (a NIXL notification)."""
+        if region in self._regions:
+            self._count(imm, peer)
+        else:
+            self._log(f"imm {imm} from {peer} for unknown region {region} dropped")
+
     def _count(self, imm: int, peer: str) -> None:
         self.counter.add(imm)
         for cb in self._imm_callbacks:
@@ -515,8 +756,12 @@ class Engine:
     # ------------------------------------------------------------------ two-sided
     def send(self, peer: PeerRef, data: bytes, tag: int = 0) -> Transfer:
         """Send a small control message (<= 64 MiB); done once handed to the kernel."""
+        tag = _int("tag", tag, 0, U32)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"send: data must be bytes, got {type(data).__name__}")
         if len(data) > MAX_SEND:
-            raise ValueError(f"send: {len(data)} bytes is too large for a control message (max {MAX_SEND}); use write")
+            raise InvalidArgument(f"send: {len(data)} bytes is too large for a control message (max {MAX_SEND}); "
+                                  "use write")
         addr = self._address_of(peer)
         link = self._link(addr)
         t = Transfer(next(self._tids), f"send {len(data)} B to {addr.name}", addr.name, 1, len(data))
@@ -603,11 +848,12 @@ class Engine:
                 _recv_cuda(lane, r, offset, length)
             self._landed(lane, tid, nshards, flags, imm, status)
         elif mtype == wire.PAGED:
-            import numpy as np
-
+            page = offset
+            if not 0 < count <= MAX_PAGES or page <= 0 or count * page != length:
+                raise ProtocolError(f"PAGED message with {count} pages of {page} B for {length} B "
+                                    f"(at most {MAX_PAGES} pages, and pages x page size must equal the length)")
             offs = np.frombuffer(wire.recv_bytes(sock, count * 8), dtype="<u8")
             r = self._regions.get(region)
-            page = offset
             if r is None:
                 status = STATUS_UNKNOWN_REGION
             elif count and int(offs.max()) + page > r.nbytes:
@@ -636,13 +882,23 @@ class Engine:
                 t.fail(error_for_status(flags, t.what))
         elif mtype == wire.IMM:
             self._count(imm, link.peer)
-            lane.post([wire.pack(wire.ACK, tid=tid, count=1)])
+            lane.ack(STATUS_OK, tid)
         elif mtype == wire.NOTICE:
             status = STATUS_OK if region in self._regions else STATUS_UNKNOWN_REGION
             if status == STATUS_OK and flags & wire.F_IMM:
                 self._count(imm, link.peer)
-            lane.post([wire.pack(wire.ACK, flags=status, tid=tid, count=1)])
+            if status != STATUS_OK:
+                self._log(f"notice from {link.peer} for unknown region {region}")
+            if not flags & F_NOACK:
+                lane.ack(status, tid)
+        elif mtype == REVOKE:
+            with self._lock:
+                self._revoked.add((link.peer, region))
+            if self._path is not None:
+                self._path.forget_remote(link.peer, region)
         elif mtype == wire.SEND:
+            if length > MAX_SEND:
+                raise ProtocolError(f"SEND of {length} B from {link.peer} (at most {MAX_SEND})")
             m = Message(link.peer, imm, wire.recv_bytes(sock, length))
             if self._msg_callbacks:
                 for cb in self._msg_callbacks:
@@ -675,7 +931,7 @@ class Engine:
                         link.partial[tid] = got
             if fire:
                 self._count(imm, link.peer)
-        link.ctrl.send_now([wire.pack(wire.ACK, flags=status, tid=tid, count=1)])
+        lane.ack(status, tid)
 
     # ------------------------------------------------------------------ timers
     def _after(self, seconds: float, fn: Callable[[], Any]) -> None:
@@ -738,14 +994,6 @@ def _stable_key(names: list[str]) -> int:
     return zlib.crc32("\0".join(names).encode())
 
 
-def _check_dst(dst: MemoryDescriptor, offset: int, length: int) -> None:
-    if not isinstance(dst, MemoryDescriptor):
-        raise UnknownDescriptor(f"write: dst must be a MemoryDescriptor, got {type(dst).__name__}")
-    if offset < 0 or length < 0 or offset + length > dst.nbytes:
-        raise OutOfRange(f"write: destination range [{offset}, {offset + length}) is outside the peer's "
-                         f"region of {dst.nbytes} bytes")
-
-
 def _own_ip() -> str:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -790,6 +1038,34 @@ class _WriteJob:
             lane.sock.sendall(self.hdr)
             for _o, k, mv in _stage_out(lane, self.src, self.off, self.n):
                 lane.sock.sendall(mv[:k])
+
+
+class _GatherJob:
+    """Many messages (headers and host payload views) for one lane, sent with gathered `sendmsg` calls."""
+
+    __slots__ = ("t", "bufs")
+
+    def __init__(self, t: Transfer, bufs: list[Any]) -> None:
+        self.t, self.bufs = t, bufs
+
+    def inline(self, lane: wire.Lane) -> bool:
+        if lane.delay or not lane.queue.empty() or not lane.send_lock.acquire(blocking=False):
+            return False
+        try:
+            wire.send_gather(lane.sock, self.bufs)
+        except OSError as exc:
+            lane.link.failed(exc, lane)
+        finally:
+            lane.send_lock.release()
+        return True
+
+    def __call__(self, lane: wire.Lane) -> None:
+        if self.t.done():
+            return
+        if lane.delay:
+            time.sleep(lane.delay)
+        with lane.send_lock:
+            wire.send_gather(lane.sock, self.bufs)
 
 
 class _PagedJob:

@@ -1,6 +1,8 @@
 """Transport errors: every failure of a transfer is one of these, raised or passed to an error callback.
 
-A transfer is never reported done unless every byte of it landed in the target buffer.
+A transfer is never reported done unless every byte of it landed in the target buffer. The
+package imports nothing from `workbench`; the workbench CLI turns a `TransportError` into a
+clean `error: …` line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ class Cancelled(TransportError):
 
 class AuthError(TransportError, PermissionError):
     """A peer failed the shared-secret challenge–response."""
+
+
+class InvalidArgument(TransportError, TypeError, ValueError):
+    """A call's argument has the wrong type or value (raised before anything is queued)."""
+
+
+class ProtocolError(TransportError):
+    """A peer sent a message that breaks the wire protocol or its limits; its link is dropped."""
 
 
 class BackendUnavailable(TransportError):

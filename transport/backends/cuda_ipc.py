@@ -1,44 +1,98 @@
-"""CUDA IPC backend: device-to-device writes between processes of one host.
+"""CUDA IPC backend: device-to-device writes between processes of one host (one GPU or several).
 
 A registered CUDA tensor's descriptor carries its CUDA IPC handle (through
 `torch.multiprocessing.reductions.reduce_tensor`). A writer on the same host (same boot)
-opens the peer's memory once, copies on one CUDA stream per lane, waits for the copy,
-then notifies the peer over the engine's TCP control lane, which counts the immediate and
-acknowledges. Writes that are not CUDA->CUDA on one host fall back to the TCP lanes.
+opens the peer's memory once per registration (cached until the peer revokes it) and
+copies on a CUDA stream per lane, in the caller's thread:
+
+- one contiguous write: one `copy_` (a device-to-device or peer-to-peer memcpy);
+- many pieces (a paged write of a whole layer, a batch of writes to one region): one
+  `copy_ranges` kernel (`kernels._cuda`) that reads every local page and writes it straight
+  into the peer's pages; between two GPUs: one gather kernel on the source GPU, one
+  peer-to-peer memcpy, one scatter kernel on the destination GPU (no kernel dereferences
+  the other GPU's memory). Without CuPy the same moves run as torch indexing;
+- completion: a CUDA event recorded after the copy; the engine's poller thread waits for it
+  (`cudaEventSynchronize`, GIL released) and completes the transfer. The bytes are then in
+  the peer's memory, so no acknowledgement round trip is needed; an immediate goes to the
+  peer as a one-way notice on the engine's control socket.
+
+Writes that are not CUDA→CUDA on one host fall back to the TCP lanes.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import pickle
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
 from typing import Any
 
+import numpy as np
+
+from transport.backends.base import DataPath, Done, EngineView, Pieces
 from transport.completion import Transfer
 from transport.descriptors import MemoryDescriptor
 from transport.errors import BackendUnavailable, TransportError
 from transport.memory import Region
 
+CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
 
-class CudaIpcPath:
-    """The data path of `Engine(backend="cuda_ipc")`."""
 
-    def __init__(self, engine: Any) -> None:
+def _word(*values: int) -> int:
+    """The widest word (16, 8, 4, 2 or 1 bytes) dividing every value."""
+    acc = 0
+    for v in values:
+        acc |= int(v)
+    for w in (16, 8, 4, 2):
+        if acc % w == 0:
+            return w
+    return 1
+
+
+def _ranges(src: np.ndarray, dst: np.ndarray, length: np.ndarray, word: int) -> np.ndarray:
+    """int64 [3n]: source offsets, destination offsets, lengths, in words, long pieces split into chunks."""
+    keep = length > 0
+    s, d, n = src[keep] // word, dst[keep] // word, length[keep] // word
+    cw = max(1, CHUNK // word)
+    if n.size and int(n.max()) > cw:
+        k = -(-n // cw)
+        rep = np.repeat(np.arange(n.size), k)
+        j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        s, d, n = s[rep] + j * cw, d[rep] + j * cw, np.minimum(cw, n[rep] - j * cw)
+    return np.concatenate([s, d, n]).astype(np.int64, copy=False)
+
+
+class CudaIpcPath(DataPath):
+    """The data path of `Engine(backend="cuda_ipc")`.
+
+    kernel: `auto` (the CuPy range-copy kernel when CuPy works, else torch), `cupy` or `torch`.
+    """
+
+    name = "cuda_ipc"
+
+    def __init__(self, engine: EngineView, kernel: str = "auto") -> None:
         try:
             import torch
         except ImportError as exc:  # pragma: no cover
             raise BackendUnavailable("cuda_ipc needs torch with CUDA") from exc
         if not torch.cuda.is_available():
             raise BackendUnavailable("cuda_ipc: no CUDA device is visible (use backend='tcp')")
+        if kernel not in ("auto", "cupy", "torch"):
+            raise BackendUnavailable(f"cuda_ipc: kernel must be auto, cupy or torch, got {kernel!r}")
+        super().__init__(engine)
         self.torch = torch
-        self.engine = engine
-        self.lanes = engine.lanes
-        self._pool = ThreadPoolExecutor(max(2, engine.lanes), thread_name_prefix=f"wbt-{engine.name}-ipc")
+        self.kernel = kernel
+        self.used: Counter[str] = Counter()  # how pieces were moved: memcpy, kernel, torch, peer
         self._streams: dict[tuple[int, int], Any] = {}
         self._opened: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._queue: deque[tuple[Any, Done]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._poller = threading.Thread(target=self._poll, name=f"wbt-{engine.name}-ipc", daemon=True)
+        self._poller.start()
 
     # registration ------------------------------------------------------------
     def describe(self, region: Region) -> dict[str, Any]:
@@ -49,87 +103,163 @@ class CudaIpcPath:
         fn, args = reduce_tensor(region.flat)
         return {"ipc": base64.b64encode(pickle.dumps((fn, args))).decode()}
 
-    def forget(self, region: Region) -> None:
-        return None
+    def forget_remote(self, peer: str, region: int) -> None:
+        with self._lock:
+            self._opened.pop((peer, region), None)
 
     def handles(self, src: Region, dst: MemoryDescriptor) -> bool:
         return (src.is_cuda and dst.device.startswith("cuda") and "ipc" in dst.extra
                 and dst.address.hostid == self.engine.address.hostid)
 
+    @property
+    def confirms_delivery(self) -> bool:
+        return True
+
     def _remote(self, dst: MemoryDescriptor) -> Any:
         key = (dst.engine, dst.region)
-        with self._lock:
-            t = self._opened.get(key)
-            if t is None:
-                fn, args = pickle.loads(base64.b64decode(dst.extra["ipc"]))
-                t = fn(*args)
-                self._opened[key] = t
+        t = self._opened.get(key)
+        if t is None:
+            with self._lock:
+                t = self._opened.get(key)
+                if t is None:
+                    fn, args = pickle.loads(base64.b64decode(dst.extra["ipc"]))
+                    t = fn(*args)
+                    if t.numel() < dst.nbytes:
+                        raise TransportError(f"cuda_ipc: the peer's region {dst.region} maps {t.numel()} bytes, "
+                                             f"the descriptor claims {dst.nbytes}")
+                    self._opened[key] = t
         return t
 
     def _stream(self, device: int, lane: int) -> Any:
         key = (device, lane)
-        with self._lock:
-            s = self._streams.get(key)
-            if s is None:
-                s = self._streams[key] = self.torch.cuda.Stream(device=device)
+        s = self._streams.get(key)
+        if s is None:
+            with self._lock:
+                s = self._streams.get(key)
+                if s is None:
+                    s = self._streams[key] = self.torch.cuda.Stream(device=device)
         return s
 
     # data path ---------------------------------------------------------------
-    def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: list[tuple[int, int, int]],
-               done: Callable[[BaseException | None], None]) -> None:
+    def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: Pieces, done: Done,
+               imm: int | None = None) -> None:
         torch = self.torch
-        dev = src.flat.device
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(dev))  # the source's producers finish first
-        # shard: split contiguous pieces into lanes; spread paged pieces round-robin
-        if len(pieces) == 1 and self.lanes > 1:
-            so, do, n = pieces[0]
-            k = max(1, -(-n // self.lanes))
-            shards = [[(so + o, do + o, min(k, n - o))] for o in range(0, n, k)] or [pieces]
-        else:
-            shards = [pieces[i::self.lanes] for i in range(min(self.lanes, len(pieces)))]
-        t.lanes = tuple(range(len(shards)))
+        remote = self._remote(dst)
+        flat = src.flat
+        sdev, ddev = flat.device, remote.device
+        lane = next(self._rr) % self.lanes
+        t.lanes = (lane,)
+        s = self._stream(sdev.index, lane)
+        with torch.cuda.device(sdev):
+            s.wait_stream(torch.cuda.current_stream(sdev))  # the source's producers finish first
+            with torch.cuda.stream(s):
+                if sdev == ddev:
+                    self._copy_local(flat, remote, pieces, s)
+                    last = s
+                else:
+                    ds = self._stream(ddev.index, lane)
+                    with torch.cuda.device(ddev), torch.cuda.stream(ds):
+                        self._copy_across(flat, remote, pieces, s, ds)
+                    last = ds
+                ev = torch.cuda.Event()
+                ev.record(last)
+        with self._cond:
+            self._queue.append((ev, done))
+            self._cond.notify()
 
-        def work() -> None:
+    def _copy_local(self, flat: Any, remote: Any, pieces: Pieces, s: Any) -> None:
+        if len(pieces) == 1:
+            so, do, n = int(pieces.src[0]), int(pieces.dst[0]), int(pieces.length[0])
+            remote.narrow(0, do, n).copy_(flat.narrow(0, so, n), non_blocking=True)
+            self.used["memcpy"] += 1
+            return
+        self._ranges(flat, remote, pieces.src, pieces.dst, pieces.length, s)
+
+    def _copy_across(self, flat: Any, remote: Any, pieces: Pieces, s: Any, ds: Any) -> None:
+        """Between two GPUs: gather on the source GPU, one peer copy, scatter on the destination GPU
+        (current streams: `s` on the source device, `ds` on the destination; torch orders the copy)."""
+        torch = self.torch
+        if len(pieces) == 1:
+            so, do, n = int(pieces.src[0]), int(pieces.dst[0]), int(pieces.length[0])
+            remote.narrow(0, do, n).copy_(flat.narrow(0, so, n), non_blocking=True)
+            self.used["peer"] += 1
+            return
+        total = pieces.nbytes
+        starts = np.concatenate([[0], np.cumsum(pieces.length)[:-1]]).astype(np.int64)
+        with torch.cuda.device(flat.device):
+            stage = torch.empty(total, dtype=torch.uint8, device=flat.device)
+            self._ranges(flat, stage, pieces.src, starts, pieces.length, s)
+        dstage = torch.empty(total, dtype=torch.uint8, device=remote.device)
+        dstage.copy_(stage, non_blocking=True)
+        self.used["peer"] += 1
+        self._ranges(dstage, remote, starts, pieces.dst, pieces.length, ds)
+
+    def _ranges(self, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray, stream: Any) -> None:
+        """b[do[i]:do[i]+n[i]] = a[so[i]:so[i]+n[i]] on `stream` (a and b on the stream's device)."""
+        torch = self.torch
+        if self.kernel != "torch":
             try:
-                remote = self._remote(dst)
-                events = []
-                for lane, shard in enumerate(shards):
-                    s = self._stream(dev.index, lane)
-                    s.wait_event(ready)
-                    with torch.cuda.stream(s):
-                        _copy(torch, remote, src.flat, shard)
-                        ev = torch.cuda.Event()
-                        ev.record(s)
-                        events.append(ev)
-                for ev in events:
-                    ev.synchronize()
-                done(None)
-            except Exception as exc:  # noqa: BLE001
-                done(TransportError(f"{t.what}: CUDA IPC copy failed: {exc}"))
+                self._ranges_kernel(a, b, so, do, n, stream)
+                return
+            except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: torch does the same moves
+                if self.kernel == "cupy":
+                    raise TransportError(f"cuda_ipc: the CuPy copy kernel failed: {exc}") from exc
+                self.engine._log(f"cuda_ipc: CuPy copy kernel unavailable ({type(exc).__name__}: {exc}); using torch")
+                self.kernel = "torch"
+        dev = a.device
+        page = int(n[0])
+        if (n == page).all():  # equal pages: one gather and one scatter over word indices
+            w = min(8, _word(page, a.data_ptr(), b.data_ptr(), np.bitwise_or.reduce(so), np.bitwise_or.reduce(do)))
+            dt = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w]
+            av, bv = a[: a.numel() // w * w].view(dt), b[: b.numel() // w * w].view(dt)
+            ar = torch.arange(page // w, device=dev)
+            si = torch.from_numpy(so // w).to(dev)[:, None] + ar
+            di = torch.from_numpy(do // w).to(dev)[:, None] + ar
+            bv[di.reshape(-1)] = av[si.reshape(-1)]
+        else:
+            for x, y, k in zip(so.tolist(), do.tolist(), n.tolist()):
+                b.narrow(0, y, k).copy_(a.narrow(0, x, k), non_blocking=True)
+        self.used["torch"] += 1
 
-        self._pool.submit(work)
+    def _ranges_kernel(self, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray, stream: Any) -> None:
+        from kernels._cuda import copy_ranges
+
+        torch = self.torch
+        w = _word(a.data_ptr(), b.data_ptr(), np.bitwise_or.reduce(so), np.bitwise_or.reduce(do),
+                  np.bitwise_or.reduce(n))
+        r = _ranges(so, do, n, w)
+        count = r.size // 3
+        if not count:
+            return
+        host = torch.from_numpy(r).pin_memory()
+        dev_r = host.to(a.device, non_blocking=True)  # on `stream` (current): ordered before the kernel
+        copy_ranges(a.data_ptr(), b.data_ptr(), dev_r.data_ptr(), count, w, a.device.index, stream.cuda_stream)
+        dev_r.record_stream(stream)
+        self.used["kernel"] += 1
+
+    # completion --------------------------------------------------------------
+    def _poll(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                ev, done = self._queue.popleft()
+            try:
+                ev.synchronize()  # releases the GIL while the GPU finishes
+            except Exception as exc:  # noqa: BLE001
+                done(TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
+                continue
+            try:
+                done(None)
+            except Exception as exc:  # noqa: BLE001 - never let one completion stop the poller
+                self.engine._log(f"cuda_ipc: completion callback failed: {exc}")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._poller.join(5)
         with self._lock:
             self._opened.clear()
-
-
-def _copy(torch: Any, remote: Any, flat: Any, pieces: list[tuple[int, int, int]]) -> None:
-    """Copy pieces (src_off, dst_off, n) on the current stream; many equal pages in one gather/scatter."""
-    n = pieces[0][2]
-    if len(pieces) <= 4 or any(p[2] != n for p in pieces):
-        for so, do, k in pieces:
-            remote[do:do + k].copy_(flat[so:so + k], non_blocking=True)
-        return
-    dev = flat.device
-    so = torch.tensor([p[0] for p in pieces], dtype=torch.int64).to(dev, non_blocking=True)
-    do = torch.tensor([p[1] for p in pieces], dtype=torch.int64).to(dev, non_blocking=True)
-    if all(p[0] % n == 0 and p[1] % n == 0 for p in pieces):  # page-aligned: index whole rows
-        src_rows = flat[: flat.numel() // n * n].view(-1, n)
-        dst_rows = remote[: remote.numel() // n * n].view(-1, n)
-        dst_rows[do // n] = src_rows[so // n]
-        return
-    ar = torch.arange(n, device=dev)
-    remote[(do[:, None] + ar).reshape(-1)] = flat[(so[:, None] + ar).reshape(-1)]

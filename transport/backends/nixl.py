@@ -8,9 +8,13 @@ with `Engine.alloc(nbytes)` (or `alloc(nbytes, shm_name=...)` to adopt an existi
 `multiprocessing.shared_memory` block). Other buffers (plain numpy arrays, CUDA tensors)
 still work: their writes fall back to the engine's TCP lanes.
 
-A write: the worker posts one NIXL WRITE transfer (a descriptor list: the contiguous range
-split over the lanes, or one descriptor per page), polls it to DONE, then the engine sends
-a notice over its TCP control lane; the target counts the immediate and acknowledges.
+A submission (a write, a paged write, or all of one batch's writes to one peer region)
+crosses the process boundary as one pipe message and becomes one NIXL WRITE transfer (one
+`initialize_xfer` of all its descriptors). The worker drains every queued request per sweep,
+polls its transfers to DONE and reports the finished ones together. DONE means the bytes
+are in the target's memory, so the writer needs no acknowledgement; the immediate travels
+as the transfer's NIXL notification (`wbt` + imm + region), which the target's worker
+receives (`get_new_notifs`) and hands to its engine to count.
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ import importlib.util
 import itertools
 import multiprocessing as mp
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from transport.backends.base import DataPath, Done, EngineView, Pieces
 from transport.completion import Transfer
 from transport.descriptors import MemoryDescriptor
 from transport.errors import BackendUnavailable, PeerGone, TransportError
 from transport.memory import Region
+
+NOTIF = struct.Struct("<4sIIQ")  # b"wbt1", imm, region, tid
 
 
 def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no cover - runs in the worker
@@ -48,10 +56,14 @@ def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no co
     regs: dict[int, Any] = {}
     remotes: dict[str, str] = {}
     inflight: dict[int, Any] = {}
+    busy = 0.0  # when the worker last did something: poll fast for a while after that
     while True:
         try:
-            ready = conn.poll(0 if inflight else 0.05)
-            if ready:
+            now = time.monotonic()
+            wait = 0.0 if inflight else (0.0002 if now - busy < 0.2 else (0.005 if regs else 0.05))
+            ready = conn.poll(wait)
+            while ready:
+                busy = now
                 op, rid, *args = conn.recv()
                 try:
                     if op == "register":
@@ -70,7 +82,7 @@ def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no co
                             agent.deregister_memory(h)
                         conn.send(("ok", rid, None))
                     elif op == "write":
-                        peer, md, pieces = args
+                        peer, md, pieces, notif = args
                         if remotes.get(peer) != md:  # new peer, or it registered more memory since
                             if peer in remotes:
                                 agent.remove_remote_agent(peer)
@@ -78,7 +90,7 @@ def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no co
                             remotes[peer] = md
                         local = agent.get_xfer_descs([(a, n, 0) for a, _, n in pieces], "DRAM")
                         remote = agent.get_xfer_descs([(b, n, 0) for _, b, n in pieces], "DRAM")
-                        h = agent.initialize_xfer("WRITE", local, remote, peer)
+                        h = agent.initialize_xfer("WRITE", local, remote, peer, notif)
                         if agent.transfer(h) == "ERR":
                             agent.release_xfer_handle(h)
                             conn.send(("done", rid, "NIXL refused to post the transfer"))
@@ -89,29 +101,42 @@ def _worker(conn: Any, name: str, backends: list[str]) -> None:  # pragma: no co
                         os._exit(0)  # skip NIXL's teardown (it can crash at interpreter exit)
                 except Exception as exc:  # noqa: BLE001
                     conn.send(("done" if op == "write" else "error", rid, f"{type(exc).__name__}: {exc}"))
+                ready = conn.poll(0)
+            finished: list[tuple[int, str | None]] = []
             for rid, h in list(inflight.items()):
                 st = agent.check_xfer_state(h)
                 if st == "DONE":
                     agent.release_xfer_handle(h)
                     del inflight[rid]
-                    conn.send(("done", rid, None))
+                    finished.append((rid, None))
                 elif st == "ERR":
                     del inflight[rid]
-                    conn.send(("done", rid, "NIXL transfer failed"))
-            if inflight and not ready:
-                time.sleep(20e-6)
+                    finished.append((rid, "NIXL transfer failed"))
+            if finished:
+                conn.send(("dones", 0, finished))
+            if regs:
+                notifs = agent.get_new_notifs()
+                got = [(peer, m) for peer, msgs in notifs.items() for m in msgs if m[:4] == b"wbt1"]
+                if got:
+                    busy = time.monotonic()
+                    conn.send(("notifs", 0, got))
+            if inflight:
+                time.sleep(10e-6)
         except (EOFError, OSError):
             os._exit(0)
 
 
-class NixlPath:
+class NixlPath(DataPath):
     """The data path of `Engine(backend="nixl")`; `backends` picks NIXL's plugins (default UCX)."""
 
-    def __init__(self, engine: Any, backends: tuple[str, ...] = ("UCX",), start_timeout: float = 60.0) -> None:
+    name = "nixl"
+
+    def __init__(self, engine: EngineView, backends: tuple[str, ...] = ("UCX",), start_timeout: float = 60.0,
+                 on_imm: Callable[[int, int, str], None] | None = None) -> None:
         if importlib.util.find_spec("nixl") is None:
             raise BackendUnavailable("the nixl backend needs NIXL: pip install 'workbench[rdma]'")
-        self.engine = engine
-        self.lanes = engine.lanes
+        super().__init__(engine)
+        self.on_imm = on_imm  # (imm, region, peer) for each arrived notification
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, engine.name, list(backends)), daemon=True)
@@ -143,6 +168,21 @@ class NixlPath:
                 kind, rid, value = self.conn.recv()
             except (EOFError, OSError):
                 break
+            if kind == "dones":
+                for r, err in value:
+                    cb = self._waiting.pop(r, None)
+                    if cb is not None:
+                        cb("done", err)
+                continue
+            if kind == "notifs":
+                for peer, msg in value:
+                    try:
+                        _, imm, region, _tid = NOTIF.unpack(msg)
+                    except struct.error:
+                        continue
+                    if self.on_imm is not None:
+                        self.on_imm(imm, region, peer.decode() if isinstance(peer, bytes) else str(peer))
+                continue
             cb = self._waiting.pop(rid, None)
             if cb is not None:
                 cb(kind, value)
@@ -215,19 +255,33 @@ class NixlPath:
                 pass
 
     def handles(self, src: Region, dst: MemoryDescriptor) -> bool:
-        return "nixl_addr" in src.extra and "nixl" in dst.extra
+        return "nixl_addr" in src.extra and isinstance(dst.extra.get("nixl"), dict)
+
+    @property
+    def confirms_delivery(self) -> bool:
+        return True
+
+    @property
+    def delivers_imm(self) -> bool:
+        return True
 
     # data path --------------------------------------------------------------------
-    def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: list[tuple[int, int, int]],
-               done: Callable[[BaseException | None], None]) -> None:
+    def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: Pieces, done: Done,
+               imm: int | None = None) -> None:
         la, rd = src.extra["nixl_addr"], dst.extra["nixl"]
         ra = int(rd["addr"])
-        if len(pieces) == 1 and self.lanes > 1 and pieces[0][2] >= 2 << 20:
-            so, do, n = pieces[0]
+        if len(pieces) == 1 and self.lanes > 1 and int(pieces.length[0]) >= 2 << 20:
+            so, do, n = (int(v[0]) for v in (pieces.src, pieces.dst, pieces.length))
             k = -(-n // self.lanes)
-            pieces = [(so + o, do + o, min(k, n - o)) for o in range(0, n, k)]
-        t.lanes = tuple(range(min(self.lanes, len(pieces))))
-        wire = [(la + so, ra + do, n) for so, do, n in pieces]
+            items = [(so + o, do + o, min(k, n - o)) for o in range(0, n, k)]
+        else:
+            items = pieces.tuples()
+        t.lanes = tuple(range(min(self.lanes, len(items))))
+        wire = [(la + so, ra + do, n) for so, do, n in items if n]
+        notif = NOTIF.pack(b"wbt1", imm, dst.region, t.tid) if imm is not None else b""
+        if not wire:  # nothing to move (zero-length writes): NIXL needs at least one byte
+            done(None)
+            return
 
         def cb(kind: str, value: Any) -> None:
             if value is None:
@@ -239,7 +293,7 @@ class NixlPath:
         if self._closed:
             done(TransportError(f"{t.what}: engine closed"))
             return
-        self._post("write", str(rd["agent"]), str(rd["md"]), wire, cb=cb)
+        self._post("write", str(rd["agent"]), str(rd["md"]), wire, notif, cb=cb)
 
     def close(self) -> None:
         if self._closed:

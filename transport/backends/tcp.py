@@ -10,6 +10,12 @@ Wire: every message is a 40-byte header `<BBHIQIIQQ`: type, flags, nshards, imm,
 region, count, offset, length; then, for PAGED, `count` u64 destination offsets; then the
 payload. Handshake per socket: server nonce; client nonce + HMAC-SHA256(secret) + hello;
 server HMAC back (mutual challenge–response, nothing secret on the wire).
+
+Acknowledgements go back on the lane the data came in on, coalesced: a receiver that has
+more data waiting in its socket defers the acks and sends them together (one `sendmsg`;
+acks of one transfer merged into one header with a count). At most
+`MAX_PENDING_HANDSHAKES` connections may be unauthenticated at once; beyond that the
+oldest is dropped, so idle or slow strangers cannot pile up threads and sockets.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from transport.errors import AuthError, PeerGone
+from transport.errors import AuthError, PeerGone, TransportError
 
 HEADER = struct.Struct("<BBHIQIIQQ")
 HEADER_SIZE = HEADER.size  # 40
@@ -36,6 +42,19 @@ MAGIC = b"WBT1"
 IOV_BATCH = 512
 HANDSHAKE_TIMEOUT = 10.0
 STAGE_BYTES = 8 << 20  # pinned staging chunk for CUDA regions
+MAX_PENDING_HANDSHAKES = 64  # unauthenticated connections held at once (the oldest is dropped beyond)
+ACK_BATCH = 64  # flush coalesced acks at least this often
+
+
+class LinkOwner(Protocol):
+    """What links and the listener need of their engine."""
+
+    name: str
+
+    def _on_message(self, lane: Lane, msg: tuple[int, ...]) -> None: ...
+    def _link_down(self, link: Link, exc: TransportError) -> None: ...
+    def _log(self, text: str) -> None: ...
+    def _hello(self) -> dict[str, Any]: ...
 
 
 def pack(mtype: int, *, flags: int = 0, nshards: int = 1, imm: int = 0, tid: int = 0, region: int = 0,
@@ -126,8 +145,9 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"|".join(parts), hashlib.sha256).digest()
 
 
-def client_handshake(sock: socket.socket, secret: bytes, hello: dict[str, Any]) -> dict[str, Any]:
-    sock.settimeout(HANDSHAKE_TIMEOUT)
+def client_handshake(sock: socket.socket, secret: bytes, hello: dict[str, Any],
+                     timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, Any]:
+    sock.settimeout(timeout)
     head = recv_bytes(sock, 4 + 16)
     if head[:4] != MAGIC:
         raise AuthError("peer is not a workbench transport engine (bad magic)")
@@ -171,6 +191,7 @@ class Lane:
     """One socket of a peer link with its sender thread (queue) and receiver thread."""
 
     def __init__(self, link: Link, index: int, sock: socket.socket) -> None:
+        self.acks: list[tuple[int, int, int]] = []  # (status, tid, count) waiting to be flushed
         self.link = link
         self.index = index  # 0 = control, 1.. = data lanes
         self.sock = sock
@@ -194,6 +215,26 @@ class Lane:
     def post(self, item: Any) -> None:
         self.queue.put(item)
 
+    def ack(self, status: int, tid: int, count: int = 1) -> None:
+        """Queue an acknowledgement (sent by `flush_acks`, merged with the last one of the same transfer)."""
+        if self.acks and self.acks[-1][0] == status and self.acks[-1][1] == tid:
+            self.acks[-1] = (status, tid, self.acks[-1][2] + count)
+        else:
+            self.acks.append((status, tid, count))
+
+    def flush_acks(self) -> None:
+        acks, self.acks = self.acks, []
+        if acks:
+            self.send_now([pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks])
+
+    def _more_waiting(self) -> bool:
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+
     def _send_loop(self) -> None:
         try:
             while True:
@@ -207,6 +248,7 @@ class Lane:
         except (OSError, PeerGone) as exc:
             self.link.failed(exc, self)
         except Exception as exc:  # noqa: BLE001 - a bug must still surface as a failed link
+            self.link.engine._log(f"lane {self.index} to {self.link.peer}: send failed: {type(exc).__name__}: {exc}")
             self.link.failed(exc, self)
 
     def _recv_loop(self) -> None:
@@ -218,12 +260,16 @@ class Lane:
                 recv_exact(self.sock, mv)
                 msg = HEADER.unpack(hdr)
                 if msg[0] == BYE:
+                    self.flush_acks()
                     self.link.closed_by_peer()
                     return
                 handler(self, msg)
+                if self.acks and (len(self.acks) >= ACK_BATCH or not self._more_waiting()):
+                    self.flush_acks()
         except (OSError, PeerGone) as exc:
             self.link.failed(exc, self)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a protocol violation or a bug: drop the link, say why
+            self.link.engine._log(f"dropped the link to {self.link.peer}: {type(exc).__name__}: {exc}")
             self.link.failed(exc, self)
 
     def close(self) -> None:
@@ -238,7 +284,7 @@ class Lane:
 class Link:
     """A connection to one peer engine: control lane + data lanes."""
 
-    def __init__(self, engine: Any, peer: str, address: dict[str, Any], socks: list[socket.socket]) -> None:
+    def __init__(self, engine: LinkOwner, peer: str, address: dict[str, Any], socks: list[socket.socket]) -> None:
         self.engine = engine
         self.peer = peer
         self.address = address
@@ -295,16 +341,22 @@ class Link:
 
 def connect_link(engine: Any, address: dict[str, Any], lanes: int, secret: bytes, hello: dict[str, Any],
                  sockbuf: int | None, timeout: float) -> tuple[list[socket.socket], dict[str, Any]]:
-    """Open and authenticate `lanes + 1` sockets to `address`; return them and the peer's hello."""
+    """Open and authenticate `lanes + 1` sockets to `address` within `timeout` seconds in all;
+    return them and the peer's hello (`socket.timeout` when the time ran out)."""
     socks: list[socket.socket] = []
     peer_hello: dict[str, Any] = {}
     conn = os.urandom(8).hex()
+    deadline = time.monotonic() + timeout
     try:
         for i in range(lanes + 1):
-            s = socket.create_connection((address["host"], address["port"]), timeout=timeout)
-            tune(s, sockbuf)
-            peer_hello = client_handshake(s, secret, dict(hello, lane=i, lanes=lanes, conn=conn))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"connecting took longer than {timeout} s")
+            s = socket.create_connection((address["host"], address["port"]), timeout=left)
             socks.append(s)
+            tune(s, sockbuf)
+            peer_hello = client_handshake(s, secret, dict(hello, lane=i, lanes=lanes, conn=conn),
+                                          max(0.001, deadline - time.monotonic()))
     except BaseException:
         for s in socks:
             s.close()
@@ -315,7 +367,7 @@ def connect_link(engine: Any, address: dict[str, Any], lanes: int, secret: bytes
 class Listener:
     """Accepts connections, authenticates them, groups sockets of one connection into a `Link`."""
 
-    def __init__(self, engine: Any, host: str, port: int, secret: bytes, sockbuf: int | None,
+    def __init__(self, engine: LinkOwner, host: str, port: int, secret: bytes, sockbuf: int | None,
                  on_link: Callable[[list[socket.socket], dict[str, Any]], None]) -> None:
         self.engine = engine
         self.secret = secret
@@ -327,6 +379,8 @@ class Listener:
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self._partial: dict[str, tuple[float, dict[int, socket.socket]]] = {}
+        self._unauthenticated: dict[socket.socket, float] = {}  # in handshake: socket -> accept time
+        self.dropped = 0  # unauthenticated connections dropped over the cap
         self._lock = threading.Lock()
         self._closed = False
         self.thread = threading.Thread(target=self._loop, name=f"wbt-{engine.name}-accept", daemon=True)
@@ -340,17 +394,40 @@ class Listener:
                 s, _ = self.sock.accept()
             except OSError:
                 return
+            with self._lock:
+                self._unauthenticated[s] = time.monotonic()
+                evict = []
+                while len(self._unauthenticated) > MAX_PENDING_HANDSHAKES:
+                    oldest = next(iter(self._unauthenticated))
+                    del self._unauthenticated[oldest]
+                    evict.append(oldest)
+                    self.dropped += 1
+            for old in evict:
+                try:
+                    old.shutdown(socket.SHUT_RDWR)  # its handshake thread fails at once and closes it
+                except OSError:
+                    pass
             threading.Thread(target=self._handshake, args=(s,), daemon=True).start()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"pending_handshakes": len(self._unauthenticated), "dropped_unauthenticated": self.dropped}
 
     def _handshake(self, s: socket.socket) -> None:
         try:
             tune(s, self.sockbuf)
             hello = server_handshake(s, self.secret, self.engine._hello())
-        except (OSError, AuthError, ValueError, PeerGone) as exc:
+            conn, lane, lanes = str(hello["conn"]), int(hello["lane"]), int(hello["lanes"])
+            if not 0 <= lane <= lanes <= 64:
+                raise ValueError(f"bad lane {lane} of {lanes}")
+        except (OSError, AuthError, ValueError, PeerGone, KeyError, TypeError) as exc:
+            with self._lock:
+                self._unauthenticated.pop(s, None)
             self.engine._log(f"rejected a connection: {exc}")
             s.close()
             return
-        conn, lane, lanes = str(hello["conn"]), int(hello["lane"]), int(hello["lanes"])
+        with self._lock:
+            self._unauthenticated.pop(s, None)
         with self._lock:
             now = time.monotonic()
             for key in [k for k, (t0, _) in self._partial.items() if now - t0 > 60]:
@@ -375,3 +452,9 @@ class Listener:
                 for s in got.values():
                     s.close()
             self._partial.clear()
+            for s in self._unauthenticated:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._unauthenticated.clear()
