@@ -68,11 +68,35 @@ def transformer_shapes() -> list[tuple[int, int, int]]:
     return sorted(out)
 
 
+def model_shapes(spec: str, tps: list[int], mbs: list[int]) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int, int]]]:
+    """The GEMMs (m, n, k; forward, dgrad, wgrad, LM head) and attention shapes (batch, heads, seq, head_dim)
+    of one layer of `spec` (a workbench model spec) at each TP degree and micro-batch (needs the repo on PYTHONPATH)."""
+    from workbench.models.costs import backward_gemms, layer_gemms, layer_kinds
+    from workbench.models.presets import load_model
+
+    m = load_model(spec)
+    gemms, attn = set(), set()
+    for tp in tps:
+        for b in mbs:
+            tokens = b * m.seq
+            for kind in set(layer_kinds(m)):
+                for g in layer_gemms(m, kind, tokens, tp):
+                    for x in (g, *backward_gemms(g)):
+                        gemms.add((x.m, x.n, x.k))
+            v = max(m.vocab // tp, 1)
+            gemms |= {(tokens, v, m.hidden), (tokens, m.hidden, v), (m.hidden, v, tokens)}
+            attn.add((b, max(m.heads // tp, 1), m.seq, m.head_dim))
+    return sorted(gemms), sorted(attn)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this long")
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke test)")
+    ap.add_argument("--model", default=None, help="sweep this model's own shapes (a workbench model spec) instead of the grid")
+    ap.add_argument("--tp", default="1", help="with --model: TP degrees, comma-separated")
+    ap.add_argument("--mbs", default="1", help="with --model: micro-batch sizes, comma-separated")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
@@ -100,6 +124,12 @@ def main() -> int:
     if args.quick:
         grid = [(1024, 1024, 1024), (4096, 4096, 4096)]
     shapes = grid + ([] if args.quick else transformer_shapes())
+    model_attn: list[tuple[int, int, int, int]] = []
+    if args.model:
+        shapes, model_attn = model_shapes(args.model, [int(x) for x in args.tp.split(",")],
+                                          [int(x) for x in args.mbs.split(",")])
+        grid = []
+        source += f" --model {args.model} --tp {args.tp} --mbs {args.mbs}"
     # bf16 GEMM
     for m, n, k in shapes:
         if out_of_time():
@@ -134,26 +164,26 @@ def main() -> int:
         import contextlib
         ctx = contextlib.nullcontext
     seqs = [512, 1024, 2048, 4096, 8192, 16384, 32768] if not args.quick else [1024]
-    for d in (128, 64):
-        for causal in (True, False):
-            for seq in seqs:
-                if out_of_time():
-                    break
-                heads = 32 if d == 128 else 64
-                batch = max(1, 16384 // seq)
-                q, k_, v = (torch.randn(batch, heads, seq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                            for _ in range(3))
-                flops = 4 * batch * heads * seq * seq * d * (0.5 if causal else 1.0)
-                with ctx():
-                    try:
-                        s, sb = attention_times(q, k_, v, causal)
-                    except Exception as exc:
-                        print("attention failed", seq, d, exc, file=sys.stderr)
-                        continue
-                common = dict(dtype="bf16", batch=batch, heads=heads, seq=seq, head_dim=d, causal=int(causal))
-                emit(op="attn_fwd", seconds=f"{s:.4e}", tflops=f"{flops / s / 1e12:.2f}", **common)
-                emit(op="attn_bwd", seconds=f"{sb:.4e}", tflops=f"{2.5 * flops / sb / 1e12:.2f}", **common)
-                del q, k_, v
+    cases = [(max(1, 16384 // seq), 32 if d == 128 else 64, seq, d, causal)
+             for d in (128, 64) for causal in (True, False) for seq in seqs]
+    if args.model:
+        cases = [(b, h, seq, d, True) for b, h, seq, d in model_attn]
+    for batch, heads, seq, d, causal in cases:
+        if out_of_time():
+            break
+        q, k_, v = (torch.randn(batch, heads, seq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(3))
+        flops = 4 * batch * heads * seq * seq * d * (0.5 if causal else 1.0)
+        with ctx():
+            try:
+                s, sb = attention_times(q, k_, v, causal)
+            except Exception as exc:
+                print("attention failed", seq, d, exc, file=sys.stderr)
+                continue
+        common = dict(dtype="bf16", batch=batch, heads=heads, seq=seq, head_dim=d, causal=int(causal))
+        emit(op="attn_fwd", seconds=f"{s:.4e}", tflops=f"{flops / s / 1e12:.2f}", **common)
+        emit(op="attn_bwd", seconds=f"{sb:.4e}", tflops=f"{2.5 * flops / sb / 1e12:.2f}", **common)
+        del q, k_, v
     # elementwise (z = x + y): memory-bound ops (norms, activations, residuals)
     for mib in ([1, 4, 16, 64, 256, 1024] if not args.quick else [64]):
         if out_of_time():

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.errors import WorkbenchError
 from workbench.result import Result
 
 _HOPS = 2  # a loopback route: rank → host → rank
@@ -161,3 +162,110 @@ def before_after(cluster: Any, measured: Result) -> dict[str, Any]:
             "sim_step_seconds_after": float(after.metrics["step_seconds"]),
             "sim_error_pct_after": step_error_pct(after, measured),
             "calibrated_specs": dict(cal.nodes[0].specs), "calibrated_cluster": cal}
+
+
+# ------------------------------------------------------------------ GPU nodes: from microbenchmarks
+def _gpu_node(cluster: Any) -> Any:
+    node = cluster.nodes[0]
+    if node.gpu_spec.is_cpu:
+        raise WorkbenchError(f"cluster: {cluster.name} has CPU ranks; calibrate them from a run (from_run)")
+    return node
+
+
+def fit_gemm_sweep(cluster: Any, rows: Any) -> dict[str, float]:
+    """`bf16_tflops`/`fp16_tflops` and `memory_GBps` of the cluster's GPU from `benchmarks/gemm_sweep.py` rows.
+
+    The simulator prices a GEMM (and flash attention) as catalogue peak × a measured shape-efficiency
+    curve; the fit scales the peak by Σ predicted / Σ measured seconds over the swept GEMM and
+    attention rows (time-weighted, so the shapes that take the time decide), and the memory
+    bandwidth by the median measured/predicted rate of the elementwise rows.
+    """
+    import pandas as pd
+
+    from workbench.sim.compute import device_model
+
+    spec = _gpu_node(cluster).gpu_spec
+    dm = device_model(spec, "bf16")
+    df = pd.DataFrame(rows)
+    pred, meas = 0.0, 0.0
+    for r in df.itertuples(index=False):
+        sec = float(r.seconds)
+        if r.op == "gemm" and str(r.dtype) == "bf16":
+            p = dm.gemm_seconds(int(r.m), int(r.n), int(r.k))
+        elif r.op in ("attn_fwd", "attn_bwd"):
+            causal = bool(int(float(r.causal)))
+            flops = 4.0 * float(r.batch) * float(r.heads) * float(r.seq) ** 2 * float(r.head_dim) * (0.5 if causal else 1.0)
+            bwd = r.op == "attn_bwd"
+            p = dm.attention_seconds(2.5 * flops if bwd else flops, int(r.seq), int(r.head_dim), causal, backward=bwd)
+        else:
+            continue
+        pred += p
+        meas += sec
+    out: dict[str, float] = {}
+    if meas > 0:
+        scale = pred / meas
+        for prec in ("bf16", "fp16"):
+            if prec in dict(spec.peak_tflops):
+                out[f"{prec}_tflops"] = spec.peak(prec) * scale
+    ew = df[df["op"] == "elementwise"]
+    if not ew.empty:
+        ratios = [float(r.bytes) / float(r.seconds) / 1e9 / (float(r.bytes) / dm.memory_seconds(float(r.bytes)) / 1e9)
+                  for r in ew.itertuples(index=False)]
+        out["memory_GBps"] = spec.memory_GBps * float(np.median(ratios))
+    return out
+
+
+def predict_nccl(cluster: Any, rows: Any, ranks: int) -> np.ndarray:
+    """Simulated seconds of nccl-tests rows (op, size) on `ranks` GPUs of `cluster` (ring all-reduce:
+    the sweep and the training runs keep NVLink SHARP off)."""
+    from workbench.sim.collectives import collective
+
+    gpus = cluster.gpus[:ranks]
+    return np.array([collective(cluster, str(r.op), int(r.size), gpus, "ring" if r.op != "all_to_all" else None).seconds
+                     for r in rows.itertuples(index=False)])
+
+
+def fit_nccl_sweep(cluster: Any, rows: Any, ranks: int, min_bytes: int = 1024) -> dict[str, float]:
+    """`nvlink_GBps` (per GPU, both directions, as the catalogue) and `nvlink_latency_us` (per hop) of
+    the cluster's GPU node from nccl-tests rows (`parse_nccl_tests`: op, size, time_us), by least
+    squares on the log of the times of every row of at least `min_bytes`."""
+    from workbench.calibration.fit import nelder_mead
+
+    node = _gpu_node(cluster)
+    if node.intra != "nvswitch":
+        raise WorkbenchError(f"cluster: {cluster.name} joins its GPUs by {node.intra}; only NVLink/NVSwitch links are fitted")
+    spec = node.gpu_spec
+    data = rows[(rows["size"] >= min_bytes) & rows["op"].isin(["all_reduce", "all_gather", "reduce_scatter"])]
+    if data.empty:
+        raise WorkbenchError(f"rows: no all_reduce/all_gather/reduce_scatter rows of at least {min_bytes} bytes to fit")
+    meas = data["time_us"].to_numpy(float) * 1e-6
+    from workbench.topology.catalogue import node_link
+
+    lat0 = float(node_link("nvswitch", spec.nvlink_gen)[1])
+
+    def candidate(x: np.ndarray) -> Any:
+        return _with_node_specs(cluster, nvlink_GBps=float(np.exp(x[0])), nvlink_latency_us=float(np.exp(x[1])))
+
+    def loss(x: np.ndarray) -> float:
+        return float((np.log(predict_nccl(candidate(x), data, ranks) / meas) ** 2).sum())
+
+    x = nelder_mead(loss, [np.log(spec.nvlink_GBps), np.log(max(lat0, 0.1))], step=0.5, iters=200, tol=1e-8)
+    return {"nvlink_GBps": float(np.exp(x[0])), "nvlink_latency_us": float(np.exp(x[1]))}
+
+
+def _with_node_specs(cluster: Any, **specs: float) -> Any:
+    nodes = tuple(dataclasses.replace(n, specs=tuple(sorted((dict(n.specs) | specs).items()))) for n in cluster.nodes)
+    return dataclasses.replace(cluster, nodes=nodes)
+
+
+def from_sweeps(cluster: Any, gemm: Any = None, nccl: Any = None, ranks: int | None = None) -> Any:
+    """`cluster` with its GPU's compute peak, memory bandwidth and NVLink rate/latency fitted from a GEMM
+    sweep (`benchmarks/gemm_sweep.py` CSV rows) and an nccl-tests sweep (`benchmarks/nccl_sweep.py`
+    output, parsed) measured on that machine; either may be None."""
+    specs: dict[str, float] = {}
+    if gemm is not None:
+        specs |= fit_gemm_sweep(cluster, gemm)
+    if nccl is not None and len(nccl):
+        specs |= fit_nccl_sweep(cluster, nccl, ranks or cluster.num_gpus)
+    out = _with_node_specs(cluster, **specs)
+    return dataclasses.replace(out, name=_calibrated_name(cluster.name))

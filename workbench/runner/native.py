@@ -209,7 +209,12 @@ class NativeTrainer:
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
     def _schedule(self) -> Any:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
         p = self.p
         group = self.mesh["pp"].get_group()
@@ -339,7 +344,7 @@ class NativeTrainer:
         d = self.job.get("checkpoint_dir")
         if not d or not Path(d).is_dir():
             return 0
-        done = sorted((int(q.name.split("-")[1]) for q in Path(d).glob("step-*") if (q / ".metadata").exists()))
+        done = sorted(int(q.name.split("-")[1]) for q in Path(d).glob("step-*") if (q / ".metadata").exists())
         if not done:
             return 0
         import torch.distributed.checkpoint as dcp

@@ -278,6 +278,7 @@ def _lat(shape: GroupShape, params: NetParams, algo: str, proto: str) -> tuple[f
         step = (lp.latency_us + (shape.intra_latency_us if shape.nodes == 1 else shape.net_latency_us)) * 1e-6
         return 0.0, step, step
     base, nvl, pci, net = params.nccl_latency(algo if algo != "hier" else "ring", proto)
+    base += shape.intra_latency_us  # the node path's own per-call latency (catalogue, or calibrated from a sweep)
     return base * 1e-6, (nvl if shape.intra_hw == "nvlink" else pci) * 1e-6, net * 1e-6
 
 

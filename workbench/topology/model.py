@@ -8,6 +8,8 @@ per direction, so traffic in opposite directions does not share capacity.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -50,7 +52,14 @@ class Node:
                 nvlink_gen=None, nvlink_GBps=0.0, pcie_gen=3, is_cpu=True,
                 source=str(s.get("source", "measured by workbench.topology.discover")),
             )
-        return cat.gpu(self.gpu)
+        spec = cat.gpu(self.gpu)
+        s = dict(self.specs)  # a GPU node's calibrated rates (workbench.calibration.run.from_sweeps)
+        if not s:
+            return spec
+        peaks = tuple((p, float(s.get(f"{p}_tflops", v))) for p, v in spec.peak_tflops)
+        return dataclasses.replace(spec, peak_tflops=peaks, memory_GBps=float(s.get("memory_GBps", spec.memory_GBps)),
+                                   nvlink_GBps=float(s.get("nvlink_GBps", spec.nvlink_GBps)),
+                                   source=f"{spec.source}; calibrated: {', '.join(sorted(s))}")
 
     @property
     def nic_spec(self) -> cat.NICSpec:
@@ -260,6 +269,7 @@ class Graph:
                 sw = g._v(f"n{i}.nvsw", "nvswitch", i)
                 bw, lat = cat.node_link("nvswitch", spec.nvlink_gen)
                 bw = spec.nvlink_GBps / 2 or bw
+                lat = float(dict(node.specs).get("nvlink_latency_us", lat))
                 for d in gpu_ids:
                     g._l(d, sw, "nvlink", bw, lat)
             elif node.intra == "nvlink-bridge" and not spec.is_cpu:
