@@ -42,8 +42,8 @@ if want sweeps; then
     step "sweeps: nccl-tests on $GPUS GPUs, 8 B … $MAXBYTES"
     for op in all_reduce all_gather reduce_scatter; do
       timeout 300 $PY -m torch.distributed.run --nproc-per-node "$GPUS" --master-port 29531 \
-        benchmarks/nccl_sweep.py --op "$op" -b 8 -e "$MAXBYTES" -f 4 -n 10 > "$OUT/nccl-$op.txt" 2> "$OUT/nccl-$op.err" \
-        || fail "nccl sweep $op"
+        benchmarks/nccl_sweep.py --op "$op" -b 8 -e "$MAXBYTES" -f 4 -n 10 > "$OUT/nccl-$op.txt" 2> "${TMPDIR:-/tmp}/nccl-$op.err" \
+        || { fail "nccl sweep $op"; tail -5 "${TMPDIR:-/tmp}/nccl-$op.err"; }
       tail -2 "$OUT/nccl-$op.txt"
     done
   fi
