@@ -178,3 +178,16 @@ def test_cli_json_fields_and_bad_placement(tmp_path, capsys):
     rc = main(["plan", "place", "--cluster", MIXED, "--model", "llama3-8b", "--placement", str(tmp_path / "bad.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "n9.g3 is not a GPU of cluster" in err and "Traceback" not in err
+
+
+def test_open_loop_traffic_in_the_serving_vocabulary():
+    t = parse_traffic("rate=4,burstiness=1,dataset=conversation,requests=1000,seed=0")
+    assert (t.rate, t.isl, t.osl) == (4.0, 1155, 211)
+    r = place(MIXED, "llama3-8b", "throughput", "rate=4,dataset=conversation")
+    p = r.predicted
+    assert not p["overloaded"] and p["output_throughput"] == pytest.approx(4 * 211)
+    assert p["mean_ttft_ms"] > 0 and p["mean_tpot_ms"] > 0
+    over = place(MIXED, "llama3-70b", "throughput", "rate=5000,isl=1024,osl=256")
+    assert over.predicted["overloaded"] and not over.predicted["slo_met"] or over.predicted["mean_ttft_ms"] == float("inf")
+    with pytest.raises(WorkbenchError, match="traffic: unknown key"):
+        parse_traffic("concurrency=4,speed=9")

@@ -91,25 +91,48 @@ class SLO:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms}
 
 
-def parse_traffic(spec: str | Mapping[str, Any] | Traffic | None) -> Traffic:
-    """`concurrency=64,isl=1024,osl=256` or `rate=4,isl=2048,osl=128` (or a mapping / Traffic)."""
+IGNORED_TRAFFIC = ("requests", "seed", "burstiness", "max_isl", "max_osl", "min_isl", "max_concurrency", "prefix",
+                   "scale")  # keys of the serving simulator's traffic that a mean-value model does not use
+
+
+def parse_traffic(spec: Any) -> Traffic:
+    """`concurrency=64,isl=1024,osl=256` or `rate=4,isl=2048,osl=128`, or `dataset=conversation` for that
+    profile's mean lengths (`datasets/traffic/lengths.csv`); a mapping, a Traffic, or the serving
+    simulator's `workbench.serving.Traffic` (same spec strings; per-request keys are ignored here)."""
     if isinstance(spec, Traffic):
         return spec
     if spec is None or spec == "":
         return Traffic()
+    if hasattr(spec, "concurrency") and hasattr(spec, "osl") and not isinstance(spec, (str, Mapping)):
+        spec = {k: getattr(spec, k) for k in ("concurrency", "rate", "isl", "osl", "dataset") if getattr(spec, k, None)}
     from workbench.options import parse_options
 
     raw = dict(spec) if isinstance(spec, Mapping) else parse_options(str(spec), "traffic", "concurrency=32,isl=1024,osl=256")
-    known = ("concurrency", "isl", "osl", "rate")
-    bad = sorted(set(raw) - set(known))
+    known = ("concurrency", "isl", "osl", "rate", "dataset")
+    bad = sorted(set(raw) - set(known) - set(IGNORED_TRAFFIC))
     if bad:
         raise WorkbenchError(f"traffic: unknown key(s) {', '.join(bad)} (known: {', '.join(known)})")
+    if "trace" in raw:
+        raise WorkbenchError("traffic.trace: the planner uses mean lengths; give concurrency=/rate= with isl=, osl=")
     out: dict[str, Any] = {}
+    ds = raw.get("dataset")
+    if ds not in (None, "", "random"):
+        from workbench.serving.traffic import profiles
+
+        prof = profiles()
+        if ds not in prof:
+            raise WorkbenchError(f"traffic.dataset: {ds!r} is not one of random, {', '.join(prof)}")
+        out["isl"] = max(1, round(prof[ds]["prompt"]["mean"]))
+        out["osl"] = max(1, round(prof[ds]["output"]["mean"]))
     for k, v in raw.items():
+        if k not in ("concurrency", "isl", "osl", "rate"):
+            continue
         try:
             out[k] = float(v) if k == "rate" else int(float(v))
         except (TypeError, ValueError):
             raise WorkbenchError(f"traffic.{k}: cannot read {v!r} as a number") from None
+    if out.get("rate", 0) and "concurrency" not in out:
+        out["concurrency"] = 1  # open loop: concurrency follows from the rate (Little's law)
     return Traffic(**out)
 
 
@@ -493,7 +516,9 @@ def _replica_metrics_sig(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> d
     return hit  # type: ignore[no-any-return]
 
 
-def _replica_metrics_uncached(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[str, Any]:
+def _pipeline(ctx: _Ctx, rep: Replica, conc: float) -> dict[str, Any]:
+    """Per-stage decode/prefill seconds (sends to the next stage included) with `conc` sequences in flight,
+    split into min(stages, conc) micro-batches."""
     t = ctx.traffic
     S = len(rep.stages)
     nb = max(1, min(S, math.ceil(conc)))
@@ -509,26 +534,44 @@ def _replica_metrics_uncached(ctx: _Ctx, rep: Replica, conc: float, rate: float)
             send_p = ctx.transfer(a, b, t.isl * h)
         dec.append(fg["decode_s"] + send_d)
         pre.append(fg["prefill_s"] + send_p)
-    fits = all(fg["fits"] for fg in figs)
     busy = [p + t.osl * d / batch for p, d in zip(pre, dec)]
-    x_cap = 1.0 / max(busy)
-    cycle = max(sum(dec), nb * max(dec))
-    ttft0 = sum(pre)
-    e2e0 = ttft0 + (t.osl - 1) * cycle
-    if rate > 0:
-        rho = rate / x_cap
-        if rho >= 1:
-            x, ttft, tpot = x_cap, math.inf, math.inf
+    return {"figs": figs, "fits": all(fg["fits"] for fg in figs), "batch": batch, "decode_s": dec, "prefill_s": pre,
+            "busy": max(busy), "x_cap": 1.0 / max(busy), "cycle": max(sum(dec), nb * max(dec)), "ttft0": sum(pre)}
+
+
+def _closed(ctx: _Ctx, rep: Replica, conc: float) -> dict[str, Any]:
+    osl = ctx.traffic.osl
+    p = _pipeline(ctx, rep, conc)
+    e2e0 = p["ttft0"] + (osl - 1) * p["cycle"]
+    x = min(p["x_cap"], conc / e2e0) if conc > 0 else 0.0
+    stretch = (conc / x) / e2e0 if x > 0 else 1.0
+    return {**p, "x": x, "ttft": p["ttft0"] * stretch, "tpot": p["cycle"] * stretch, "in_flight": conc}
+
+
+def _replica_metrics_uncached(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[str, Any]:
+    """Closed loop: throughput = min(capacity, conc / E2E of an unloaded pipeline) (asymptotic bounds);
+    the excess latency stretches TTFT and TPOT alike. Open loop at `rate`: the closed loop with the
+    fewest sequences in flight whose throughput reaches the rate (Little's law: n = rate × E2E);
+    overloaded (infinite latency) when no n that fits in memory reaches it."""
+    if rate <= 0:
+        return _closed(ctx, rep, conc)
+    lo, hi = 0.0, 1.0
+    p = _closed(ctx, rep, hi)
+    last = p
+    while p["x"] < rate:
+        if not p["fits"] or hi >= 1 << 16:  # overloaded: the most it can carry, at unbounded latency
+            return {**last, "x": last["x"], "ttft": math.inf, "tpot": math.inf}
+        last = p
+        lo, hi = hi, hi * 2
+        p = _closed(ctx, rep, hi)
+    for _ in range(10):  # bisection on the sequences in flight
+        mid = (lo + hi) / 2
+        q = _closed(ctx, rep, mid)
+        if q["x"] >= rate and q["fits"]:
+            hi, p = mid, q
         else:
-            wait = rho / (2 * (1 - rho)) * max(busy)  # M/D/1 queue at the bottleneck stage
-            x, ttft, tpot = rate, ttft0 + wait, cycle
-    else:
-        x = min(x_cap, conc / e2e0) if conc > 0 else 0.0
-        e2e = conc / x if x > 0 else e2e0
-        stretch = e2e / e2e0
-        ttft, tpot = ttft0 * stretch, cycle * stretch
-    return {"figs": figs, "fits": fits, "x": x, "x_cap": x_cap, "ttft": ttft, "tpot": tpot, "batch": batch,
-            "decode_s": dec, "prefill_s": pre}
+            lo = mid
+    return {**p, "x": rate}
 
 
 def evaluate(cluster: Any, model: Any, placement: Placement, traffic: Any = None, options: Options | None = None,
@@ -583,6 +626,8 @@ def _evaluate_replicas(ctx: _Ctx, replicas: tuple[Replica, ...], slo: SLO, rows:
             "gpus_used": sum(st.tp for rep, r in zip(replicas, reps) if r is not None for st in rep.stages),
             "usd_per_hour": used_price,
             "usd_per_Mtok": used_price / (out_tps * 3600) * 1e6 if out_tps > 0 else math.inf,
+            "capacity_output_throughput": sum(r["x_cap"] for r, _ in live) * t.osl,
+            "overloaded": t.rate > 0 and not math.isfinite(ttft),
             "fits": fits, "fidelity": FIDELITY,
             "replicas": [{"weight": s, "output_throughput": (r["x"] * t.osl) if r else 0.0,
                           "capacity_output_throughput": (r["x_cap"] * t.osl) if r else 0.0,
@@ -886,7 +931,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
                     if not p["fits"]:
                         continue
                     feasible += 1
-                    score = _score(objective, p, sl)
+                    score = _score(objective, p, sl, tr.rate > 0)
                     if best is None or score < best[0]:
                         best = (score, routed, ev)
     if best is None:
@@ -916,11 +961,13 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
     return PlaceResult(pl, ev["predicted"], ev["stages"], ev["devices"], baselines, search, secs, objective, tr, sl)
 
 
-def _score(objective: str, p: Mapping[str, Any], slo: SLO) -> float:
+def _score(objective: str, p: Mapping[str, Any], slo: SLO, open_loop: bool = False) -> float:
     penalty = 0.0 if slo.met(p) else 1e12  # candidates that miss the SLO rank after every one that meets it
-    if objective == "throughput":
+    if p.get("overloaded"):
+        penalty += 1e12
+    if objective == "throughput" and not open_loop:
         return penalty - p["output_throughput"]
-    if objective == "latency":
+    if objective in ("throughput", "latency"):  # open loop: every stable candidate serves the rate; the faster wins
         return penalty + p["mean_e2el_ms"]
     return penalty + p["usd_per_Mtok"]
 
