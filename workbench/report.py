@@ -19,18 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_CSS = """
+_PAGE_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;color:#222;background:#fafafa}
 header{background:#2c3e50;color:#fff;padding:16px 32px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#ccd}main{padding:8px 32px 32px;max-width:1400px}
 nav{margin:12px 0;font-size:13px}nav a{margin-right:14px;color:#2c3e50}
 section{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px 20px;margin:16px 0}
-section h2{font-size:17px;margin:4px 0 10px}.wb-note{color:#555;font-size:13px}
-table.wb-table{border-collapse:collapse;font-size:13px}
-table.wb-table th,table.wb-table td{padding:3px 10px;border-bottom:1px solid #e5e5e5;text-align:right}
-table.wb-table th{background:#f2f2f2}table.wb-table td:first-child,table.wb-table th:first-child{text-align:left}
+section h2{font-size:17px;margin:4px 0 10px}
 pre{background:#f6f8fa;padding:8px 12px;border-radius:4px;font-size:12px;overflow:auto;max-height:420px}
-"""
+"""  # the page's own layout; tables, notes and value-object blocks take `workbench.display.CSS`
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ def figure_section(title: str, fig: Any, note: str = "") -> Section:
 def table_html(df: Any, float_format: str = "{:.4g}", max_rows: int = 200) -> str:
     """A pandas DataFrame as an escaped HTML table (at most `max_rows` rows, saying so)."""
     shown = df.head(max_rows)
-    body = shown.to_html(index=False, classes="wb-table", border=0, escape=True,
+    body = shown.to_html(index=False, classes=["wb-table", "wb-frame"], border=0, escape=True,
                          float_format=lambda v: float_format.format(v), na_rep="")
     if len(df) > max_rows:
         body += f"<p class='wb-note'>first {max_rows} of {len(df)} rows</p>"
@@ -75,14 +72,10 @@ def table_section(title: str, df: Any, note: str = "", max_rows: int = 200) -> S
 
 
 def metrics_html(metrics: Mapping[str, Any]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
+    """A dict of metrics as an escaped two-column table (`workbench.display.kv_table`)."""
+    from workbench.display import kv_table
 
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(fmt(v))}</td></tr>"
-                   for k, v in metrics.items())
-    return f"<table class='wb-table'><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+    return kv_table(metrics.items(), header=("metric", "value"), none="")
 
 
 def metrics_section(title: str, metrics: Mapping[str, Any], note: str = "") -> Section:
@@ -99,6 +92,8 @@ def text_section(title: str, text: str, pre: bool = False) -> Section:
 
 def render_report(sections: Sequence[Section], title: str = "workbench report", subtitle: str = "") -> str:
     """The whole HTML page as a string (plotly.js inlined once when a section needs it)."""
+    from workbench.display import STYLE
+
     e = html.escape
     head_js = ""
     if any(s.needs_plotly for s in sections):
@@ -116,7 +111,7 @@ def render_report(sections: Sequence[Section], title: str = "workbench report", 
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{e(title)}</title>"
-        f"<style>{_CSS}</style>{head_js}</head><body>"
+        f"<style>{_PAGE_CSS}</style>{STYLE}{head_js}</head><body>"
         f"<header><h1>{e(title)}</h1><p>{e(subtitle) + ' · ' if subtitle else ''}written {made} by workbench</p>"
         f"</header><main><nav>{nav}</nav>{body}</main></body></html>"
     )
@@ -161,7 +156,7 @@ def cluster_sections(cluster: Any, paths: Sequence[tuple[str, str]] | None = Non
                      "bottleneck GB/s": p.bottleneck_GBps, "latency µs": round(p.latency_us, 3)})
     name = c.name
     return [
-        Section(f"Cluster {name}", cluster_html(c)),
+        Section(f"Cluster {name}", cluster_html(c, style=False)),
         figure_section(f"Topology of {name}", topology_figure(c),
                        note="hover a vertex or a link's midpoint for its specs; links coloured by kind, width by bandwidth"),
         table_section(f"Paths in {name}", pd.DataFrame(rows),

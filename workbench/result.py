@@ -16,7 +16,6 @@ produced them (`closed-form`, `flow`, `measured`).
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,16 +112,12 @@ class Result:
         return (ev.groupby(["kind", "op"], as_index=False)
                 .agg(count=("op", "size"), seconds=("seconds", "sum"), bytes=("bytes", "sum")))
 
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
-            for k, v in self.metrics.items()
-        )
-        return (
-            f"<div class='wb-result'><b>Result</b> ({html.escape(self.source)}, {html.escape(self.fidelity)}): "
-            f"{len(self.events)} events, {len(self.memory)} memory rows, {len(self.links)} link rows"
-            f"<table>{rows}</table></div>"
-        )
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+        from workbench.display import repr_mimebundle
+
+        rows = [(k, v if isinstance(v, (int, float, str, bool)) or v is None else _fmt(v)) for k, v in self.metrics.items()]
+        note = f"{len(self.events)} events, {len(self.memory)} memory rows, {len(self.links)} link rows"
+        return repr_mimebundle(f"Result ({self.source}, {self.fidelity})", rows, repr(self), note, none="–")
 
     def __repr__(self) -> str:
         m = ", ".join(f"{k}={_fmt(v)}" for k, v in list(self.metrics.items())[:6])

@@ -141,12 +141,11 @@ class ModelSpec:
                 "attention": "MLA" if self.is_mla else ("GQA" if self.kv_heads < self.heads else "MHA")}
 
     def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
-        import html
+        from workbench.display import repr_mimebundle
 
         s = self.summary()
-        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in s.items())
         text = "ModelSpec(" + ", ".join(f"{k}={v}" for k, v in s.items()) + ")"
-        return {"text/plain": text, "text/html": f"<table class='wb-model'>{rows}</table>"}
+        return repr_mimebundle(f"ModelSpec {self.name}", [(k, v) for k, v in s.items() if k != "name"], text, none="–")
 
 
 def _convert(name: str, value: Any, typ: type) -> Any:
