@@ -61,13 +61,42 @@ def verify(package: str | Path, stage: int | None = None) -> None:
                                  f"{want['sha256'][:12]}…); the file is corrupt, convert again")
 
 
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "embed_tokens", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj", "w2")
+
+
+def tp_slice(name: str, t: Any, rank: int, size: int) -> Any:
+    """Megatron-style TP shard `rank` of `size` of a Hugging Face tensor: column-parallel projections (and the
+    vocabulary of embeddings/head) split their rows, row-parallel ones their columns; norms, biases of
+    row-parallel layers and the MoE router are replicated."""
+    parts = name.split(".")
+    kind = parts[-2] if len(parts) >= 2 else ""
+    if size == 1 or t.dim() == 0:
+        return t
+    if kind in COLUMN_PARALLEL:
+        dim = 0
+    elif kind in ROW_PARALLEL and parts[-1] == "weight":
+        dim = 1
+    else:
+        return t
+    n = t.shape[dim]
+    if n % size:
+        raise WorkbenchError(f"tp: {name} has {n} {'rows' if dim == 0 else 'columns'}, not divisible by tp={size}")
+    return t.narrow(dim, rank * (n // size), n // size).contiguous()
+
+
 def load_stage(package: str | Path, stage: int, device: Any = "cpu", *, check: bool = True,
-               dequantize: bool = True, dtype: Any = None) -> dict[str, Any]:
+               dequantize: bool = True, dtype: Any = None, tp_rank: int = 0, tp_size: int = 1) -> dict[str, Any]:
     """The tensors of stage `stage`, on `device`, by Hugging Face name.
 
     `check` verifies the file's sha256 first. With `dequantize`, fp8/int8 weights come back as
     floating point (`dtype`, default the checkpoint's original dtype) and the scales are dropped.
+    `tp_rank`/`tp_size` return that TP rank's shard (`tp_slice`; needs `dequantize`).
     """
+    if tp_size > 1 and not dequantize:
+        raise WorkbenchError("tp_size: TP shards are cut from dequantised weights; keep dequantize=True")
+    if not 0 <= tp_rank < tp_size:
+        raise WorkbenchError(f"tp_rank: {tp_rank} is not in 0..{tp_size - 1}")
     import torch
     from safetensors.torch import load_file
 
@@ -97,6 +126,8 @@ def load_stage(package: str | Path, stage: int, device: Any = "cpu", *, check: b
             out[k] = w.to(target)
         else:
             out[k] = v
+    if tp_size > 1:
+        out = {k: tp_slice(k, v, tp_rank, tp_size) for k, v in out.items()}
     return out
 
 
