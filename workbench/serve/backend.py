@@ -326,6 +326,8 @@ class Backend:
                                    "link": f"{p.spec.name}->decode-0", "error": err})
             if err:
                 self._push(rid, Event(error=f"KV transfer failed: {err}"))
+        elif kind == "stats":
+            p.stats.update(msg[1])
         elif kind == "error":
             self._push(msg[1], Event(error=msg[2]))
         elif kind == "fatal":

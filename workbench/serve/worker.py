@@ -112,6 +112,8 @@ class _Worker:
                     if msg[0] == "stop":
                         return
                     self._handle(msg)
+                    if msg[0] == "abort" and not self.engine.has_work:
+                        self.conn.send(("stats", self.engine.stats()))   # the gauges drop to idle now
                     continue
                 self._release_sent()
                 self._grant_reservations()
