@@ -89,21 +89,22 @@ def main() -> int:
         cfg = make_checkpoint(ck, args.gb)
         L = cfg["num_hidden_layers"]
         size = sum(p.stat().st_size for p in ck.glob("*.safetensors"))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         (work / "copy").mkdir()
         for p in ck.glob("*.safetensors"):
             shutil.copyfile(p, work / "copy" / p.name)
-        copy_s = time.perf_counter() - t
+        copy_s, copy_cpu = time.perf_counter() - t, time.process_time() - c
         shutil.rmtree(work / "copy")
-        rows = {"baseline_copy": {"seconds": copy_s, "GBps": size / copy_s / 1e9}}
+        rows = {"baseline_copy": {"seconds": copy_s, "cpu_seconds": copy_cpu, "GBps": size / copy_s / 1e9}}
         q = L // 4
         for fmt in ("bf16", "fp8", "int8"):
             pl = Placement("bench", L, (Replica(tuple(Stage((f"n0.g{k}",), (k * q, (k + 1) * q - 1 if k < 3 else L - 1), fmt)
                                                       for k in range(4))),))
             res = convert(ck, pl, work / f"pkg-{fmt}", progress=False)
-            rows[fmt] = {"seconds": res["seconds"], "GBps": res["read_GBps"], "bytes_written": res["bytes_written"]}
+            rows[fmt] = {"seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"], "GBps": res["read_GBps"],
+                         "GBps_per_cpu_second": size / res["cpu_seconds"] / 1e9, "bytes_written": res["bytes_written"]}
             shutil.rmtree(work / f"pkg-{fmt}")
-            print(f"{fmt:5s} {res['seconds']:7.2f} s  {res['read_GBps']:.3f} GB/s read  "
+            print(f"{fmt:5s} {res['seconds']:7.2f} s (cpu {res['cpu_seconds']:.2f} s)  {res['read_GBps']:.3f} GB/s read  "
                   f"({res['bytes_written'] / 1e9:.2f} GB written)")
         print(f"copy  {copy_s:7.2f} s  {size / copy_s / 1e9:.3f} GB/s (baseline)")
         out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -255,7 +255,7 @@ def convert(checkpoint: str | Path, placement: Placement | str | Path, out: str 
     import torch
     from safetensors import SafetensorError, safe_open
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ckpt, out = Path(checkpoint), Path(out)
     pl = placement if isinstance(placement, Placement) else Placement.load(placement)
     pl.validate(cluster)  # devices exist, TP inside a node, formats the GPUs support (when a cluster is known)
@@ -346,7 +346,8 @@ def convert(checkpoint: str | Path, placement: Placement | str | Path, out: str 
     secs = time.perf_counter() - t0
     written = sum(r["bytes"] for r in file_rows.values())
     return {"package": str(out), "files": len(file_rows), "stages": len(stages), "bytes_read": total_in,
-            "bytes_written": written, "seconds": secs, "read_GBps": total_in / secs / 1e9}
+            "bytes_written": written, "seconds": secs, "cpu_seconds": time.process_time() - c0,
+            "read_GBps": total_in / secs / 1e9}
 
 
 def _converted(x: Any, o: _OutTensor, cache: dict[str, Any]) -> Any:
