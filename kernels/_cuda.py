@@ -322,16 +322,33 @@ def _device_module(device: int) -> Any:
         return cp.RawModule(code=_SRC, options=("--std=c++17",))
 
 
-def copy_ranges(src_ptr: int, dst_ptr: int, ranges_ptr: int, n: int, word: int, device: int, stream_ptr: int) -> None:
-    """Launch `copy_ranges_<word>` on `device` and the CUDA stream `stream_ptr` (raw addresses: any
-    framework's memory). `ranges_ptr` holds 3n int64 on the device: source offsets, destination
-    offsets, lengths, all in words of `word` bytes. Returns once launched."""
+@functools.cache
+def _ranges_fn(device: int, word: int) -> Any:
     cp = cupy()
     with cp.cuda.Device(device):
-        fn = _device_module(device).get_function(f"copy_ranges_{word}")
-        with cp.cuda.ExternalStream(stream_ptr, device):
-            fn((int(min(n, _MAX_GRID)),), (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.uint64(ranges_ptr),
-                                                   np.int64(n)))
+        return _device_module(device).get_function(f"copy_ranges_{word}")
+
+
+@functools.lru_cache(maxsize=256)
+def _external(stream_ptr: int, device: int) -> Any:
+    import warnings
+
+    cp = cupy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(stream_ptr, device)
+
+
+def copy_ranges(src_ptr: int, dst_ptr: int, ranges_ptr: int, n: int, word: int, device: int, stream_ptr: int) -> None:
+    """Launch `copy_ranges_<word>` on `device` and the CUDA stream `stream_ptr` (raw addresses: any
+    framework's memory). `ranges_ptr` holds 3n int64 the device can read (device memory, or mapped
+    pinned host memory): source offsets, destination offsets, lengths, all in words of `word` bytes.
+    Returns once launched."""
+    cp = cupy()
+    fn = _ranges_fn(device, word)
+    with cp.cuda.Device(device):
+        fn((int(min(n, _MAX_GRID)),), (256,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.uint64(ranges_ptr),
+                                               np.int64(n)), stream=_external(stream_ptr, device))
 
 
 def combine(y: Any, index: Any, weights: Any, out: Any, bf16: bool) -> None:

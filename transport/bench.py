@@ -492,7 +492,7 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
     gloo = _Gloo(max(sizes), _plan(sizes)) if baselines else None
     on_gpu = device.startswith("cuda") and gpu_baselines
     dcopy = _DeviceCopy(max(sizes), device, target_device) if on_gpu else None
-    nccl = _Nccl(max(sizes), _plan(sizes), device, target_device) if on_gpu and target_device != device else None
+    nccl: _Nccl | None = None
     rows: list[dict[str, Any]] = []
     clock0 = time.perf_counter()
     done: dict[Any, list[Any]] = {n: [] for n in lanes}
@@ -517,8 +517,6 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
             ops["raw_socket"], ops["gloo"] = raw.op, gloo.op
         if dcopy is not None:
             ops["device_copy"] = dcopy.op
-        if nccl is not None:
-            ops["nccl"] = nccl.op
         for size in sizes:
             lat = _interleaved(ops, size, iterations(size))
             for key, ls in lat.items():
@@ -528,6 +526,15 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
                     rows.append(_row("baseline", key, size, 1, ls, device=f"{device}->{target_device}"))
                 else:
                     rows.append(_row("baseline", key, size, 1, ls, device="cpu"))
+        if on_gpu and target_device != device:
+            # on its own, after the others: a live NCCL communicator slowed the peer copies of the
+            # other modes ~20x when interleaved (two H200s)
+            nccl = _Nccl(max(sizes), _plan(sizes), device, target_device)
+            for size in sizes:
+                lat = _interleaved({"nccl": nccl.op}, size, iterations(size))
+                rows.append(_row("baseline", "nccl", size, 1, lat["nccl"], device=f"{device}->{target_device}"))
+            nccl.close()
+            nccl = None
         if events is not None:
             for n in lanes:
                 events.extend(_events(done[n], "write", n, clock0, device))
@@ -595,6 +602,38 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
                 b.close()
         target.close()
     return rows
+
+
+def cost_curve(backend: str = "tcp", lanes: int = 2, write_bytes: int = 4 * KiB,
+               writes: Sequence[int] = (1, 4, 16, 64, 256), iters: int = 30, device: str = "cpu") -> list[dict[str, Any]]:
+    """The per-operation cost curve: for each batch size k, the median time of one `write_batch` of k
+    writes of `write_bytes` to a target process (until done) and until the call returned (posting),
+    as rows {mode: batch, writes, us_per_write, post_us, ...}. k = 1 is a single write's cost."""
+    from transport.engine import Engine, Target
+
+    k_max = max(writes)
+    target = _Target(backend, k_max * write_bytes, device)
+    try:
+        with Engine(backend, lanes=lanes) as eng:
+            src = eng.register(_source(eng, k_max * write_bytes, device))
+            eng.connect(target.desc)
+            rows = []
+            for k in writes:
+                targets = [Target(target.desc, write_bytes, i * write_bytes, i * write_bytes) for i in range(k)]
+                post: list[float] = []
+
+                def op(size: int, targets: list[Any] = targets, post: list[float] = post) -> None:
+                    a = time.perf_counter()
+                    t = eng.write_batch(src, targets)
+                    post.append(time.perf_counter() - a)
+                    t.result(60)
+
+                lat = _interleaved({"batch": op}, 0, iters)["batch"]
+                rows.append(_row(backend, "batch", k * write_bytes, lanes, lat, writes=k, post=post[1:],
+                                 write_bytes=write_bytes, device=device))
+            return rows
+    finally:
+        target.close()
 
 
 def _events(ts: list[Any], op: str, lanes: int, clock0: float, device: str) -> list[dict[str, Any]]:

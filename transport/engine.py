@@ -831,7 +831,7 @@ class Engine:
     def _on_message(self, lane: wire.Lane, msg: tuple[int, ...]) -> None:
         mtype, flags, nshards, imm, tid, region, count, offset, length = msg
         link = lane.link
-        sock = lane.sock
+        rd = lane.reader
         if mtype == wire.WRITE:
             r = self._regions.get(region)
             if r is None:
@@ -841,9 +841,9 @@ class Engine:
             else:
                 status = STATUS_OK
             if status != STATUS_OK:
-                wire.drain(sock, length)
+                rd.skip(length)
             elif r is not None and r.view is not None:
-                wire.recv_exact(sock, r.view[offset:offset + length])
+                rd.read_into(r.view[offset:offset + length])
             elif r is not None:
                 _recv_cuda(lane, r, offset, length)
             self._landed(lane, tid, nshards, flags, imm, status)
@@ -852,7 +852,7 @@ class Engine:
             if not 0 < count <= MAX_PAGES or page <= 0 or count * page != length:
                 raise ProtocolError(f"PAGED message with {count} pages of {page} B for {length} B "
                                     f"(at most {MAX_PAGES} pages, and pages x page size must equal the length)")
-            offs = np.frombuffer(wire.recv_bytes(sock, count * 8), dtype="<u8")
+            offs = np.frombuffer(rd.read_bytes(count * 8), dtype="<u8")
             r = self._regions.get(region)
             if r is None:
                 status = STATUS_UNKNOWN_REGION
@@ -861,10 +861,11 @@ class Engine:
             else:
                 status = STATUS_OK
             if status != STATUS_OK:
-                wire.drain(sock, length)
+                rd.skip(length)
             elif r is not None and r.view is not None:
                 view = r.view
-                wire.recv_scatter(sock, [view[o:o + page] for o in offs.tolist()])
+                for o in offs.tolist():
+                    rd.read_into(view[o:o + page])
             elif r is not None:
                 _recv_cuda_pages(lane, r, offs, page)
             self._landed(lane, tid, nshards, flags, imm, status)
@@ -899,7 +900,7 @@ class Engine:
         elif mtype == wire.SEND:
             if length > MAX_SEND:
                 raise ProtocolError(f"SEND of {length} B from {link.peer} (at most {MAX_SEND})")
-            m = Message(link.peer, imm, wire.recv_bytes(sock, length))
+            m = Message(link.peer, imm, rd.read_bytes(length))
             if self._msg_callbacks:
                 for cb in self._msg_callbacks:
                     self._callbacks.submit(cb, m)
@@ -1118,7 +1119,7 @@ def _recv_cuda(lane: wire.Lane, r: Region, offset: int, length: int) -> None:
     o = 0
     while o < length:
         k = min(wire.STAGE_BYTES, length - o)
-        wire.recv_exact(lane.sock, mv[:k])
+        lane.reader.read_into(mv[:k])
         r.flat[offset + o:offset + o + k].copy_(st[:k])
         o += k
 
@@ -1127,7 +1128,7 @@ def _recv_cuda_pages(lane: wire.Lane, r: Region, offs: Any, page: int) -> None:
     import torch
 
     host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
-    wire.recv_exact(lane.sock, memoryview(cast(Any, host.numpy())))
+    lane.reader.read_into(memoryview(cast(Any, host.numpy())))
     dev = host.to(r.flat.device)
     idx = torch.as_tensor(offs.astype("int64"), device=r.flat.device).unsqueeze(1) + torch.arange(page, device=r.flat.device)
     r.flat[idx.reshape(-1)] = dev

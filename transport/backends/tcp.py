@@ -132,6 +132,72 @@ def send_gather(sock: socket.socket, bufs: list[memoryview | bytes]) -> None:
         del pending[:drop]
 
 
+class Reader:
+    """Buffered receive side of a socket: headers and small payloads come out of one `recv_into` of
+    up to `size` bytes (one system call for many small messages); large payloads go straight into
+    their destination (zero copy)."""
+
+    def __init__(self, sock: socket.socket, size: int = 256 << 10) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+        self.end = 0
+
+    def buffered(self) -> int:
+        return self.end - self.pos
+
+    def _fill(self, want: int) -> None:
+        """Make at least `want` (<= buffer size) bytes available."""
+        if self.end - self.pos >= want:
+            return
+        if self.pos == self.end:
+            self.pos = self.end = 0
+        elif self.pos + want > len(self.buf):  # compact: move the unread tail to the front
+            n = self.end - self.pos
+            self.mv[:n] = self.mv[self.pos:self.end]
+            self.pos, self.end = 0, n
+        while self.end - self.pos < want:
+            k = self.sock.recv_into(self.mv[self.end:])
+            if k == 0:
+                raise PeerGone("connection closed by peer")
+            self.end += k
+
+    def header(self) -> tuple[int, ...]:
+        self._fill(HEADER_SIZE)
+        msg = HEADER.unpack_from(self.buf, self.pos)
+        self.pos += HEADER_SIZE
+        return msg
+
+    def read_into(self, dst: memoryview) -> None:
+        """Fill `dst` exactly."""
+        n = len(dst)
+        k = min(n, self.end - self.pos)
+        if k:
+            dst[:k] = self.mv[self.pos:self.pos + k]
+            self.pos += k
+        if k == n:
+            return
+        rest = dst[k:]
+        if len(rest) >= len(self.buf) // 4:
+            recv_exact(self.sock, rest)
+            return
+        self._fill(len(rest))
+        rest[:] = self.mv[self.pos:self.pos + len(rest)]
+        self.pos += len(rest)
+
+    def read_bytes(self, n: int) -> bytes:
+        b = bytearray(n)
+        self.read_into(memoryview(b))
+        return bytes(b)
+
+    def skip(self, n: int) -> None:
+        k = min(n, self.end - self.pos)
+        self.pos += k
+        if n > k:
+            drain(self.sock, n - k)
+
+
 def drain(sock: socket.socket, n: int) -> None:
     scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
     while n > 0:
@@ -192,6 +258,7 @@ class Lane:
 
     def __init__(self, link: Link, index: int, sock: socket.socket) -> None:
         self.acks: list[tuple[int, int, int]] = []  # (status, tid, count) waiting to be flushed
+        self.reader = Reader(sock)
         self.link = link
         self.index = index  # 0 = control, 1.. = data lanes
         self.sock = sock
@@ -228,6 +295,8 @@ class Lane:
             self.send_now([pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks])
 
     def _more_waiting(self) -> bool:
+        if self.reader.buffered():
+            return True
         try:
             return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except (BlockingIOError, InterruptedError):
@@ -252,13 +321,11 @@ class Lane:
             self.link.failed(exc, self)
 
     def _recv_loop(self) -> None:
-        hdr = bytearray(HEADER_SIZE)
-        mv = memoryview(hdr)
         handler = self.link.engine._on_message
+        reader = self.reader
         try:
             while True:
-                recv_exact(self.sock, mv)
-                msg = HEADER.unpack(hdr)
+                msg = reader.header()
                 if msg[0] == BYE:
                     self.flush_acks()
                     self.link.closed_by_peer()
