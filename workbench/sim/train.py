@@ -558,7 +558,12 @@ def _dualpipe_pairs(costs: list[StageCost], fdur: np.ndarray, bdur: np.ndarray, 
     return fdur - ep_f, bdur - ep_b + exposed + extra, exposed, extra
 
 
+_DEFAULTED = ("sp", "vpp", "ep", "cp", "zero", "recompute", "mbs", "precision", "offload", "stack")
+
+
 def _fill_defaults(plan: Plan) -> Plan:
+    if all(getattr(plan, f) is not None for f in _DEFAULTED):  # the search's plans: nothing to fill, no copy
+        return plan
     return plan.with_defaults(sp=True, vpp=1, ep=1, cp=1, zero=1, recompute="none", mbs=1, precision="bf16",
                               offload=False, stack=DEFAULT_STACK)
 
