@@ -29,6 +29,7 @@ costs a few microseconds and many steps can be priced at once (arrays in, arrays
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cache
 
@@ -357,6 +358,7 @@ class WorkerCost:
         qk = mod.qk_head_dim + (mod.v_head_dim if mod.is_mla else mod.head_dim)
         self.attn_flop_per = 2.0 * heads * qk  # × q_tokens × kv_len, per layer per GPU
         self.launch_eager, self.launch_graph = launch_seconds()
+        self._scalar_tables()
 
     @staticmethod
     def _attn_peak_ref() -> float:
@@ -395,7 +397,7 @@ class WorkerCost:
         stage = stage + self.prefill_attention(np.asarray(prefill_work, float) / pp)
         stage = stage + self.decode_attention(np.asarray(decode_kv, float) / pp)
         head = np.interp(np.log(np.maximum(np.asarray(sampled, float), 1.0) / pp), self.grid, self.t_head)
-        gpu = pp * stage + head * pp / max(pp, 1)
+        gpu = pp * stage + head
         if pp > 1:
             gpu = gpu + (pp - 1) * np.interp(lm, self.grid, self.t_send)
         graph = np.asarray(decode_only, bool) & self.plan.cuda_graph
@@ -404,6 +406,75 @@ class WorkerCost:
         t = np.where(graph, gpu + launch, np.maximum(gpu, launch))
         return t + self.plan.scheduler_us * 1e-6
 
-    def comm_seconds(self, tokens: float) -> float:
-        """TP/EP collective seconds in one step of `tokens` (for the events table)."""
-        return float(self.pp * np.interp(math.log(max(tokens, 1.0) / self.pp), self.grid, self.t_comm))
+    def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
+        """TP/EP collective seconds in steps of `tokens` (for the events table)."""
+        lm = np.log(np.maximum(np.asarray(tokens, float), 1.0) / self.pp)
+        return self.pp * np.interp(lm, self.grid, self.t_comm)
+
+    # ------------------------------------------------------------ the scalar path (one step at a time)
+    def _scalar_tables(self) -> None:
+        self._g = self.grid.tolist()
+        self._tl = self.t_layers.tolist()
+        self._th = self.t_head.tolist()
+        self._ts = (self.t_send if isinstance(self.t_send, np.ndarray) else 0 * self.grid).tolist()
+        self._pfx, self._pfy = self._pf[0].tolist(), self._pf[1].tolist()
+        self._dcx, self._dcy = self._dc[0].tolist(), self._dc[1].tolist()
+        self._kvb = self.kv_bytes_per_token_layer()
+
+    def kernel_params(self) -> np.ndarray:
+        """The scalars of the price, as the compiled scheduler loop takes them (`serve_kernel.F_*`)."""
+        from workbench.sim import serve_kernel as K
+
+        fp = np.zeros(16)
+        fp[K.F_PP], fp[K.F_DP], fp[K.F_LAYERS] = self.pp, self.dp, self.layers_per_stage
+        fp[K.F_FLOP_PER], fp[K.F_PF_SCALE], fp[K.F_KVB] = self.attn_flop_per, self._pf_scale, self._kvb
+        fp[K.F_DC_SCALE], fp[K.F_CPU] = self._dc_scale, float(self.spec.is_cpu)
+        fp[K.F_ATTN_PEAK], fp[K.F_MEM_BPS] = self.dev.attn_peak, self.spec.memory_GBps * 1e9
+        fp[K.F_LAUNCH_GRAPH], fp[K.F_LAUNCH_EAGER], fp[K.F_KERNELS] = self.launch_graph, self.launch_eager, self.kernels
+        fp[K.F_GRAPH], fp[K.F_SCHED] = float(self.plan.cuda_graph), self.plan.scheduler_us * 1e-6
+        return fp
+
+    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+        ts = self.t_send if isinstance(self.t_send, np.ndarray) else 0 * self.grid
+        return tuple(np.ascontiguousarray(a, dtype=np.float64) for a in (
+            self.grid, self.t_layers, self.t_head, ts, self._pf[0], self._pf[1], self._dc[0], self._dc[1]))
+
+    def step(self, tokens: float, prefill_work: float, decode_kv: float, sampled: float, decode_only: bool) -> float:
+        """`step_seconds` for one step, in plain floats (the scheduler loop's hot path; same numbers)."""
+        pp = self.pp
+        stage = _interp(math.log(max(tokens, 1.0) / pp), self._g, self._tl)
+        L = self.layers_per_stage
+        if prefill_work > 0:
+            flops = prefill_work / pp / self.dp * self.attn_flop_per
+            if self.spec.is_cpu:
+                stage += flops / self.dev.attn_peak * L
+            else:
+                rate = math.exp(_interp(math.log(max(flops, 1.0)), self._pfx, self._pfy)) * 1e12 * self._pf_scale
+                stage += flops / rate * L
+        if decode_kv > 0:
+            b = decode_kv / pp / self.dp * self._kvb
+            if self.spec.is_cpu:
+                stage += b / (self.spec.memory_GBps * 1e9) * L
+            else:
+                bw = math.exp(_interp(math.log(max(b, 1.0)), self._dcx, self._dcy)) * 1e9 * self._dc_scale
+                stage += (b / bw + self.launch_graph) * L
+        gpu = pp * stage + _interp(math.log(max(sampled, 1.0) / pp), self._g, self._th)
+        if pp > 1:
+            gpu += (pp - 1) * _interp(math.log(max(tokens, 1.0) / pp), self._g, self._ts)
+        n_k = self.kernels * pp
+        if decode_only and self.plan.cuda_graph:
+            t = gpu + n_k * self.launch_graph
+        else:
+            t = max(gpu, n_k * self.launch_eager)
+        return t + self.plan.scheduler_us * 1e-6
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """np.interp for one float (clamped at the ends)."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect_right(xs, x) - 1
+    x0, x1 = xs[i], xs[i + 1]
+    return ys[i] + (ys[i + 1] - ys[i]) * (x - x0) / (x1 - x0)

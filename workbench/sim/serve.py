@@ -1,0 +1,570 @@
+"""The serving simulator: iteration-level continuous batching over a paged KV cache, request by request.
+
+Each worker runs the loop an engine like vLLM's V1 runs (one iteration = one step):
+
+1. requests that have arrived join the waiting queue (closed loop: a client sends its next request
+   the moment its last one finishes);
+2. every running sequence that has finished its prompt decodes one token; if the KV pool cannot hold
+   the new tokens, the most recently admitted sequences are preempted (`recompute`: their blocks are
+   freed and they re-prefill later; `swap`: their blocks go to host memory over PCIe and come back);
+3. the rest of the token budget (`max_tokens`) goes to prompt chunks (at most `chunk` tokens per
+   sequence per step): first the partly prefilled, then waiting requests in arrival order while
+   fewer than `max_seqs` run and their blocks fit (`block` tokens per block; a shared `prefix` is
+   computed and stored once with prefix caching);
+4. the step's time comes from `WorkerCost` (the model's shapes on the worker's GPUs); decoded and
+   completed-prefill sequences get a token at its end.
+
+Stretches where nothing but decoding can happen (no arrival that could be admitted, no prefill, no
+block shortage) are priced as one array of steps, so long generations cost little to simulate.
+
+Disaggregated plans run prefill workers first (prefill-only engines), move each request's KV cache
+to a decode worker layer by layer (paged writes priced by `workbench.sim.p2p`, overlapped with the
+prefill: only what is left after the last layer is exposed), then run the decode workers on the
+arrivals that leaves. Closed-loop traffic couples the two; it is solved by iterating to a fixed point.
+
+The Result: events (one row per step per worker: prefill/decode/mixed compute with its collectives'
+share; KV transfers with their links; one `request` row per request with its latencies), memory
+(KV-cache bytes per worker over time, weights, activations), links (KV-transfer utilisation), and
+`vllm bench serve` metrics (see `workbench.core.metrics.SERVING`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.serving import SLO, Requests, ServingPlan, Traffic
+from workbench.sim.serve_cost import WorkerCost
+
+_NAN = float("nan")
+
+
+@dataclass
+class EngineRun:
+    """What one worker's engine did: per request (indices into the worker's requests) and per step."""
+
+    t_sched: np.ndarray
+    t_first: np.ndarray
+    t_finish: np.ndarray
+    preempt: np.ndarray
+    arrival: np.ndarray
+    step_start: np.ndarray
+    step_dt: np.ndarray
+    step_prefill: np.ndarray
+    step_decode: np.ndarray
+    step_blocks: np.ndarray
+    itl_extra: list[float] = field(default_factory=list)
+    prefix_hits: int = 0
+    failed: np.ndarray | None = None
+
+
+def _ceil_div(a: np.ndarray | int, b: int) -> Any:
+    return -(-a // b)
+
+
+def run_engine(cost: WorkerCost, arrival: np.ndarray, isl: np.ndarray, osl: np.ndarray, closed: int = 0,
+               prefix: int = 0, mode: str = "colocated", first_token: np.ndarray | None = None) -> EngineRun:
+    """Simulate one worker's engine over its requests (arrival-ordered arrays; the loop is
+    `workbench.sim.serve_kernel`).
+
+    `closed` > 0: closed loop with that many clients (arrivals of later requests are set by finishes).
+    `mode`: colocated; prefill (each request ends when its prompt is done and its first token sampled);
+    decode (requests arrive with their prompt's KV already in place and their first token out at
+    `first_token`)."""
+    from workbench.sim import serve_kernel as K
+
+    plan = cost.plan
+    n = len(isl)
+    arr = np.ascontiguousarray(arrival, dtype=np.float64).copy()
+    osl_eff = np.ones(n, np.int64) if mode == "prefill" else np.ascontiguousarray(osl, dtype=np.int64)
+    ip = np.zeros(10, np.int64)
+    ip[K.I_B] = plan.block
+    ip[K.I_TOTAL] = cost.memory.blocks
+    ip[K.I_CHUNK] = plan.chunk or plan.max_tokens
+    ip[K.I_MAX_TOKENS] = plan.max_tokens
+    ip[K.I_MAX_SEQS] = plan.max_seqs
+    ip[K.I_PBLOCKS] = (prefix // plan.block) if (prefix and plan.prefix_caching and mode != "decode") else 0
+    ip[K.I_CHUNKED] = int(plan.chunked_prefill)
+    ip[K.I_SWAP] = int(plan.preemption == "swap")
+    ip[K.I_CLOSED] = closed
+    ip[K.I_DECODE_MODE] = int(mode == "decode")
+    fp = cost.kernel_params()
+    fp[K.F_SWAP_S] = cost.memory.kv_bytes_per_token / max(cost.dp, 1) / _swap_Bps(cost)
+    ft = np.zeros(n) if first_token is None else np.ascontiguousarray(first_token, dtype=np.float64)
+    out = K.kernel()(arr, np.ascontiguousarray(isl, dtype=np.int64), osl_eff, ft, ip, fp, *cost.kernel_tables())
+    t_sched, t_first, t_finish, preempt, failed, s0, sdt, spf, sdc, sbl, extra, hits = out
+    return EngineRun(t_sched, t_first, t_finish, preempt, arr, s0, sdt, spf, sdc, sbl, list(extra), int(hits), failed)
+
+
+def _swap_Bps(cost: WorkerCost) -> float:
+    from workbench.sim.serve_cost import overheads
+    from workbench.topology.catalogue import node_link
+
+    gen = cost.spec.pcie_gen or 4
+    return node_link("pcie", gen)[0] * 1e9 * overheads()["swap_GBps_fraction"]
+# ====================================================================== workers and the whole job
+@dataclass(frozen=True)
+class Worker:
+    role: str  # colocated | prefill | decode
+    index: int
+    devices: tuple[str, ...]
+    first_rank: int
+    cost: WorkerCost
+
+
+def workers(cluster: Any, model: Any, plan: ServingPlan) -> list[Worker]:
+    """The plan's workers on the cluster's GPUs in order (disaggregated: prefill workers first)."""
+    gpus = cluster.gpus
+    roles: list[tuple[str, int]]
+    if plan.disaggregated:
+        roles = [("prefill", plan.prefill_workers), ("decode", plan.decode_workers)]
+    else:
+        per = plan.gpus_per_worker()
+        reps = plan.replicas or max(len(gpus) // per, 1)
+        roles = [("colocated", reps)]
+    need = sum(plan.gpus_per_worker(r) * k for r, k in roles)
+    if need > len(gpus):
+        what = ", ".join(f"{k} {r} worker(s) of {plan.gpus_per_worker(r)} GPUs" for r, k in roles)
+        raise WorkbenchError(f"plan.replicas: {what} need {need} GPUs; the cluster has {len(gpus)} "
+                             "(lower replicas/workers or tp, or give a bigger cluster)")
+    out: list[Worker] = []
+    at = 0
+    cache: dict[tuple[Any, ...], WorkerCost] = {}
+    for role, count in roles:
+        g = plan.gpus_per_worker(role)
+        for j in range(count):
+            devs = tuple(gpus[at:at + g])
+            key = (role, tuple(cluster.gpu_spec(d).model for d in devs),
+                   len({cluster.node_of(d) for d in devs}))
+            cost = cache.get(key)
+            if cost is None:
+                cost = _worker_cost(cluster, model, plan, role, devs)
+                cost.require_fit()
+                cache[key] = cost
+            out.append(Worker(role, j, devs, at, cost))
+            at += g
+    return out
+
+
+_COSTS: dict[tuple[Any, ...], WorkerCost] = {}
+
+
+def _worker_cost(cluster: Any, model: Any, plan: ServingPlan, role: str, devs: tuple[str, ...]) -> WorkerCost:
+    """A WorkerCost, shared by plans that differ only in scheduling knobs (the price tables are the same)."""
+    key = (id(cluster), model, role, devs, plan.tp, plan.pp, plan.ep, plan.dp, plan.precision, plan.kv_precision,
+           plan.prefill_tp, plan.prefill_ep, plan.decode_tp, plan.decode_ep, plan.cuda_graph, plan.scheduler_us,
+           plan.max_tokens, plan.max_seqs, plan.mem_util, plan.block)
+    hit = _COSTS.get(key)
+    if hit is not None and hit.cluster is cluster:
+        return hit
+    base_key = key[:10]
+    for k, v in _COSTS.items():  # same tables, other memory knobs: copy the tables, recompute the memory
+        if k[:10] == base_key and v.cluster is cluster and k[10:16] == key[10:16]:
+            import copy
+
+            c = copy.copy(v)
+            c.plan = plan
+            from workbench.sim.serve_cost import overheads
+
+            c.memory = c._memory(overheads()["reserve_GiB"] * (1 << 30))
+            _COSTS[key] = c
+            return c
+    if len(_COSTS) > 512:
+        _COSTS.clear()
+    c = WorkerCost(cluster, model, plan, role, list(devs))
+    _COSTS[key] = c
+    return c
+
+
+@dataclass
+class Outcome:
+    """Per-request results of a whole job (global request order) and what each worker did."""
+
+    req: Requests
+    t_sched: np.ndarray
+    t_first: np.ndarray
+    t_finish: np.ndarray
+    preempt: np.ndarray
+    arrival: np.ndarray
+    failed: np.ndarray
+    worker_of: np.ndarray
+    runs: list[tuple[Worker, EngineRun, np.ndarray]]  # worker, its run, its request indices
+    transfers: pd.DataFrame | None = None
+    prefix_hits: int = 0
+    gpus: int = 0
+
+
+def _split(n: int, k: int) -> list[np.ndarray]:
+    return [np.arange(r, n, k) for r in range(k)]
+
+
+def _closed_share(closed: int, k: int, r: int) -> int:
+    return closed // k + (1 if r < closed % k else 0) if closed else 0
+
+
+def simulate_requests(cluster: Any, model: Any, plan: ServingPlan, req: Requests,
+                      only_first: bool = False) -> Outcome:
+    """Run every worker over its share of the requests (round robin); `only_first`: colocated plans
+    simulate replica 0 only (its share), for the search: replicas are identical."""
+    ws = workers(cluster, model, plan)
+    n = len(req)
+    t_sched, t_first, t_finish = np.full(n, _NAN), np.full(n, _NAN), np.full(n, _NAN)
+    preempt = np.zeros(n, np.int64)
+    failed = np.zeros(n, bool)
+    arrival = req.arrival.astype(float).copy()
+    worker_of = np.full(n, -1, np.int64)
+    runs: list[tuple[Worker, EngineRun, np.ndarray]] = []
+    gpus = sum(len(w.devices) for w in ws)
+    hits = 0
+    if not plan.disaggregated:
+        parts = _split(n, len(ws))
+        for r, (w, idx) in enumerate(zip(ws, parts)):
+            if only_first and r > 0:
+                break
+            if not len(idx):
+                continue
+            er = run_engine(w.cost, req.arrival[idx], req.isl[idx], req.osl[idx],
+                            _closed_share(req.closed, len(ws), r), req.prefix)
+            t_sched[idx], t_first[idx], t_finish[idx] = er.t_sched, er.t_first, er.t_finish
+            preempt[idx], arrival[idx], failed[idx] = er.preempt, er.arrival, er.failed  # type: ignore[assignment]
+            worker_of[idx] = r
+            hits += er.prefix_hits
+            runs.append((w, er, idx))
+        return Outcome(req, t_sched, t_first, t_finish, preempt, arrival, failed, worker_of, runs, None, hits, gpus)
+    pws = [w for w in ws if w.role == "prefill"]
+    dws = [w for w in ws if w.role == "decode"]
+    arr = req.arrival.astype(float).copy()
+    if req.closed:
+        arr = _closed_guess(pws[0].cost, dws[0].cost, req)
+    rounds = 6 if req.closed else 1
+    out: Outcome | None = None
+    for _ in range(rounds):
+        out = _disaggregated(cluster, pws, dws, req, arr, gpus)
+        if not req.closed:
+            break
+        fin = np.sort(out.t_finish[~np.isnan(out.t_finish)])
+        new = arr.copy()
+        c = min(req.closed, n)
+        new[:c] = 0.0
+        m = min(n - c, len(fin))
+        new[c:c + m] = fin[:m]
+        if np.allclose(new, arr, rtol=1e-3, atol=1e-4):
+            break
+        arr = new
+    assert out is not None
+    return out
+
+
+def _closed_guess(pc: WorkerCost, dc: WorkerCost, req: Requests) -> np.ndarray:
+    """First guess of closed-loop arrival times: waves of `closed` requests, each lasting one request's
+    prefill plus its decode at that batch."""
+    c = max(req.closed, 1)
+    isl, osl = float(req.isl.mean()), float(req.osl.mean())
+    pre = float(pc.step_seconds(isl, isl * isl / 2, 0.0, 1, False))
+    step = float(dc.step_seconds(c, 0.0, c * (isl + osl / 2), c, True))
+    wave = pre + osl * step
+    return (np.arange(len(req)) // c) * wave
+
+
+def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requests, arr: np.ndarray,
+                   gpus: int) -> Outcome:
+    from workbench.sim.p2p import route, write
+
+    n = len(req)
+    t_sched, t_first, t_finish = np.full(n, _NAN), np.full(n, _NAN), np.full(n, _NAN)
+    preempt = np.zeros(n, np.int64)
+    failed = np.zeros(n, bool)
+    worker_of = np.full(n, -1, np.int64)
+    runs: list[tuple[Worker, EngineRun, np.ndarray]] = []
+    order = np.argsort(arr, kind="stable")
+    hits = 0
+    pf_done = np.full(n, _NAN)
+    p_of = np.zeros(n, np.int64)
+    for r, w in enumerate(pws):
+        idx = order[r::len(pws)]
+        if not len(idx):
+            continue
+        er = run_engine(w.cost, arr[idx], req.isl[idx], req.osl[idx], 0, req.prefix, mode="prefill")
+        t_sched[idx] = er.t_sched
+        pf_done[idx] = er.t_finish
+        preempt[idx] += er.preempt
+        failed[idx] |= er.failed
+        p_of[idx] = r
+        hits += er.prefix_hits
+        runs.append((w, er, idx))
+    # ---- KV moved layer by layer from the prefill worker's GPUs to the decode worker's GPUs
+    pcost, dcost = pws[0].cost, dws[0].cost
+    L = pcost.model.layers
+    B = pcost.plan.block
+    pairs = max(min(pcost.tp, dcost.tp), 1)
+    per_tok_pair = pcost.kv_bytes_per_token_model() / L / pairs  # bytes per token per layer per GPU pair
+    d_of = np.zeros(n, np.int64)
+    d_of[order] = np.arange(n) % len(dws)
+    uniq = np.unique(req.isl)
+    t_layer = np.zeros(len(uniq))
+    t_all = np.zeros(len(uniq))
+    src0, dst0 = pws[0].devices[0], dws[0].devices[0]
+    page = int(B * per_tok_pair)
+    for j, s in enumerate(uniq.tolist()):
+        pages = int(_ceil_div(s, B))
+        t_layer[j] = write(cluster, src0, dst0, pages=pages, page_bytes=max(page, 1)).seconds
+        t_all[j] = t_layer[j] + write(cluster, src0, dst0, pages=pages * (L - 1), page_bytes=max(page, 1),
+                                      steady_state=True).seconds if L > 1 else t_layer[j]
+    pos = np.searchsorted(uniq, req.isl)
+    span = np.nan_to_num(pf_done - t_sched)
+    exposed = np.maximum(t_layer[pos], t_all[pos] - span * (L - 1) / L)
+    landed = pf_done + exposed
+    lanes = route(cluster, src0, dst0).lanes
+    link_names = tuple(cluster.graph.links[i].name for lane in lanes for i in lane.links)
+    nbytes = req.isl * pcost.kv_bytes_per_token_model()
+    transfers = pd.DataFrame({"request": np.arange(n), "start": landed - np.minimum(t_all[pos], landed - pf_done + span),
+                              "end": landed, "bytes": nbytes, "src": [pws[p].devices[0] for p in p_of],
+                              "dst": [dws[d].devices[0] for d in d_of]})
+    transfers.attrs["links"] = link_names
+    transfers.attrs["lanes"] = len(lanes)
+    for r, w in enumerate(dws):
+        idx = np.flatnonzero((d_of == r) & ~failed)
+        if not len(idx):
+            continue
+        idx = idx[np.argsort(landed[idx], kind="stable")]
+        er = run_engine(w.cost, landed[idx], req.isl[idx], req.osl[idx], 0, 0, mode="decode",
+                        first_token=landed[idx])
+        t_first[idx] = landed[idx]
+        t_finish[idx] = er.t_finish
+        preempt[idx] += er.preempt
+        failed[idx] |= er.failed
+        worker_of[idx] = len(pws) + r
+        runs.append((w, er, idx))
+    return Outcome(req, t_sched, t_first, t_finish, preempt, arr.copy(), failed, worker_of, runs, transfers, hits,
+                   gpus)
+
+
+# ====================================================================== metrics
+def _stats(x: np.ndarray, name: str, w: np.ndarray | None = None) -> dict[str, float]:
+    if len(x) == 0:
+        return {f"{s}_{name}_ms": 0.0 for s in ("mean", "median", "std", "p99")}
+    if w is None:
+        return {f"mean_{name}_ms": float(x.mean() * 1e3), f"median_{name}_ms": float(np.median(x) * 1e3),
+                f"std_{name}_ms": float(x.std() * 1e3), f"p99_{name}_ms": float(np.percentile(x, 99) * 1e3)}
+    o = np.argsort(x)
+    xs, ws = x[o], w[o].astype(float)
+    cw = np.cumsum(ws)
+    tot = cw[-1]
+    mean = float((xs * ws).sum() / tot)
+
+    def q(p: float) -> float:
+        return float(xs[min(np.searchsorted(cw, p * tot, side="left"), len(xs) - 1)])
+    std = float(np.sqrt(((xs - mean) ** 2 * ws).sum() / tot))
+    return {f"mean_{name}_ms": mean * 1e3, f"median_{name}_ms": q(0.5) * 1e3, f"std_{name}_ms": std * 1e3,
+            f"p99_{name}_ms": q(0.99) * 1e3}
+
+
+def request_table(o: Outcome) -> pd.DataFrame:
+    """One row per request: arrival, queue, TTFT, TPOT, E2E (seconds), lengths, preemptions, worker."""
+    ok = ~o.failed & ~np.isnan(o.t_finish)
+    ttft = o.t_first - o.arrival
+    e2el = o.t_finish - o.arrival
+    osl = o.req.osl
+    tpot = np.where(osl > 1, (e2el - ttft) / np.maximum(osl - 1, 1), np.nan)
+    return pd.DataFrame({"request": np.arange(len(osl)), "arrival": o.arrival, "queue_s": o.t_sched - o.arrival,
+                         "ttft_s": ttft, "tpot_s": tpot, "e2el_s": e2el, "input_tokens": o.req.isl,
+                         "output_tokens": osl, "preemptions": o.preempt, "worker": o.worker_of, "completed": ok})
+
+
+def metrics(o: Outcome, slo: SLO, scale: int = 1) -> dict[str, Any]:
+    """`vllm bench serve` metrics of an outcome (`scale`: replicas a one-replica outcome stands for)."""
+    rt = request_table(o)
+    done = rt[rt["completed"]]
+    dur = float(np.nanmax(o.t_finish)) if len(done) else 0.0
+    dur = max(dur - float(np.nanmin(o.arrival[~o.failed])) if len(done) else 0.0, 1e-12)
+    n = len(done)
+    out_tok = float(done["output_tokens"].sum())
+    in_tok = float(done["input_tokens"].sum())
+    good = np.ones(n, bool)
+    if slo.ttft:
+        good &= done["ttft_s"].to_numpy() * 1e3 <= slo.ttft
+    if slo.tpot:
+        good &= np.nan_to_num(done["tpot_s"].to_numpy()) * 1e3 <= slo.tpot
+    if slo.e2el:
+        good &= done["e2el_s"].to_numpy() * 1e3 <= slo.e2el
+    itl_x, itl_w = [], []
+    for w, er, _ in o.runs:
+        if w.role == "prefill":
+            continue
+        keep = er.step_decode > 0
+        itl_x.append(er.step_dt[keep])
+        itl_w.append(er.step_decode[keep])
+        if er.itl_extra:
+            itl_x.append(np.asarray(er.itl_extra))
+            itl_w.append(np.ones(len(er.itl_extra), np.int64))
+    m: dict[str, Any] = {
+        "completed": n * scale, "failed": int(o.failed.sum()) * scale, "duration_s": dur,
+        "request_throughput": n / dur * scale, "request_goodput": float(good.sum()) / dur * scale,
+        "output_throughput": out_tok / dur * scale, "total_token_throughput": (in_tok + out_tok) / dur * scale,
+        "total_input_tokens": int(in_tok) * scale, "total_output_tokens": int(out_tok) * scale,
+    }
+    m.update(_stats(done["ttft_s"].to_numpy(), "ttft"))
+    tp = done["tpot_s"].to_numpy()
+    m.update(_stats(tp[~np.isnan(tp)], "tpot"))
+    if itl_x:
+        m.update(_stats(np.concatenate(itl_x), "itl", np.concatenate(itl_w)))
+    else:
+        m.update(_stats(np.zeros(0), "itl"))
+    m.update(_stats(done["e2el_s"].to_numpy(), "e2el"))
+    peak = 0.0
+    for w, er, _ in o.runs:
+        if len(er.step_blocks) and w.cost.memory.blocks:
+            peak = max(peak, float(er.step_blocks.max()) / w.cost.memory.blocks)
+    gpus = o.gpus
+    m.update({"peak_kv_usage": peak, "preemptions": int(o.preempt.sum()) * scale,
+              "prefix_cache_hit_rate": o.prefix_hits / max(in_tok, 1.0),
+              "kv_capacity_tokens": int(o.runs[0][0].cost.memory.kv_tokens) if o.runs else 0,
+              "num_gpus": gpus, "goodput_per_gpu": m["request_goodput"] / max(gpus, 1),
+              "output_throughput_per_gpu": m["output_throughput"] / max(gpus, 1)})
+    return m
+
+
+# ====================================================================== the Result
+def _result(cluster: Any, o: Outcome, m: dict[str, Any], job: Any) -> Any:
+    from workbench.result import Result
+
+    frames = []
+    mem_rows: list[dict[str, Any]] = []
+    for w, er, _idx in o.runs:
+        k = len(er.step_start)
+        if k:
+            pf, dc = er.step_prefill, er.step_decode
+            op = np.where(pf == 0, "decode", np.where(dc == 0, "prefill", "mixed"))
+            frames.append(pd.DataFrame({
+                "rank": w.first_rank, "device": w.devices[0], "kind": "compute", "op": op, "bytes": 0,
+                "links": [()] * k, "start": er.step_start, "end": er.step_start + er.step_dt,
+                "worker": f"{w.role}{w.index}", "prefill_tokens": pf, "decode_seqs": dc, "kv_blocks": er.step_blocks}))
+            comm = w.cost.comm_seconds(pf + dc)
+            if comm.any():
+                end = er.step_start + er.step_dt
+                frames.append(pd.DataFrame({
+                    "rank": w.first_rank, "device": w.devices[0], "kind": "collective",
+                    "op": "all_to_all" if w.cost.ep > 1 else "all_reduce", "bytes": 0, "links": [()] * k,
+                    "start": end - np.minimum(comm, er.step_dt), "end": end, "worker": f"{w.role}{w.index}"}))
+        mem = w.cost.memory
+        for cat, b in (("weights", mem.weights), ("activations", mem.activations), ("reserve", mem.reserve)):
+            mem_rows.append({"rank": w.first_rank, "category": cat, "bytes": b, "time": 0.0,
+                             "worker": f"{w.role}{w.index}", "device": w.devices[0]})
+        if k:
+            pick = np.unique(np.linspace(0, k - 1, min(k, 400)).astype(int))
+            per_block = mem.kv_bytes_per_token * w.cost.plan.block / max(w.cost.dp, 1)
+            for t, b in zip(er.step_start[pick] + er.step_dt[pick], er.step_blocks[pick]):
+                mem_rows.append({"rank": w.first_rank, "category": "kv_cache", "bytes": float(b) * per_block,
+                                 "time": float(t), "worker": f"{w.role}{w.index}", "device": w.devices[0],
+                                 "capacity": mem.kv_pool})
+    rt = request_table(o)
+    rank_of = np.zeros(len(rt), np.int64)
+    dev_of = np.empty(len(rt), object)
+    for w, _, idx in o.runs:
+        rank_of[idx] = w.first_rank
+        dev_of[idx] = w.devices[0]
+    dev_of[dev_of == None] = ""  # noqa: E711
+    frames.append(rt.assign(rank=rank_of, device=dev_of, kind="compute", op="request", bytes=0,
+                            links=[()] * len(rt), start=rt["arrival"], end=rt["arrival"] + rt["e2el_s"].fillna(0.0)))
+    links_rows: list[dict[str, Any]] = []
+    if o.transfers is not None and len(o.transfers):
+        tr = o.transfers
+        names = tr.attrs.get("links", ())
+        frames.append(pd.DataFrame({"rank": -1, "device": tr["src"] + "->" + tr["dst"], "kind": "transfer",
+                                    "op": "kv_transfer", "bytes": tr["bytes"].astype(np.int64),
+                                    "links": [names] * len(tr), "start": tr["start"], "end": tr["end"],
+                                    "request": tr["request"]}))
+        links_rows = _link_rows(cluster, tr)
+    events = pd.concat(frames, ignore_index=True) if frames else None
+    return Result(events=events, memory=pd.DataFrame(mem_rows), links=pd.DataFrame(links_rows) if links_rows else None,
+                  metrics=m, source="sim", fidelity="closed-form", job=job)
+
+
+def _link_rows(cluster: Any, tr: pd.DataFrame, bins: int = 200) -> list[dict[str, Any]]:
+    """Mean KV-transfer rate per link over time bins (every transfer spread evenly over its span)."""
+    from workbench.sim.p2p import route
+
+    ok = tr.dropna(subset=["start", "end"])
+    if ok.empty:
+        return []
+    t0, t1 = float(ok["start"].min()), float(ok["end"].max())
+    if t1 <= t0:
+        return []
+    edges = np.linspace(t0, t1, bins + 1)
+    width = edges[1] - edges[0]
+    rows: list[dict[str, Any]] = []
+    for (src, dst), g in ok.groupby(["src", "dst"]):
+        lanes = route(cluster, str(src), str(dst)).lanes
+        rate = np.zeros(bins + 1)
+        s, e = g["start"].to_numpy(), g["end"].to_numpy()
+        r = g["bytes"].to_numpy() / np.maximum(e - s, 1e-9) / len(lanes)
+        np.add.at(rate, np.clip(((s - t0) / width).astype(int), 0, bins), r)
+        np.add.at(rate, np.clip(((e - t0) / width).astype(int), 0, bins), -r)
+        level = np.cumsum(rate)[:bins]
+        for lane in lanes:
+            for li in lane.links:
+                lk = cluster.graph.links[li]
+                for b in np.flatnonzero(level > 0):
+                    rows.append({"link": lk.name, "start": float(edges[b]), "end": float(edges[b + 1]),
+                                 "GBps": float(level[b]) / 1e9, "utilisation": float(level[b]) / 1e9 / lk.GBps})
+    if rows:
+        df = pd.DataFrame(rows).groupby(["link", "start", "end"], as_index=False).sum()
+        return list(df.to_dict("records"))  # type: ignore[arg-type]
+    return []
+
+
+def requests(result: Any) -> pd.DataFrame:
+    """The per-request rows of a serving Result (events with op 'request') as their own DataFrame."""
+    ev = result.events
+    cols = ["request", "arrival", "queue_s", "ttft_s", "tpot_s", "e2el_s", "input_tokens", "output_tokens",
+            "preemptions", "worker", "completed", "rank", "device"]
+    r = ev[ev["op"] == "request"]
+    return r[[c for c in cols if c in r.columns]].reset_index(drop=True)
+
+
+# ====================================================================== entry points
+def simulate_serving(cluster: Any, model: Any, plan: Any = None, traffic: Any = "concurrency=16,isl=1024,osl=256",
+                     slo: Any = None, job: Any = None) -> Any:
+    """Simulate serving `traffic` with `plan` on `cluster`; a Result (events, memory, links, metrics)."""
+    from workbench.models.presets import load_model
+    from workbench.topology.presets import load_cluster
+
+    t = time.perf_counter()
+    cluster, model = load_cluster(cluster), load_model(model)
+    plan, traffic, slo = ServingPlan.parse(plan), Traffic.parse(traffic), SLO.parse(slo)
+    o = simulate_requests(cluster, model, plan, traffic.draw())
+    m = metrics(o, slo)
+    res = _result(cluster, o, m, job)
+    res.metrics["sim_seconds"] = time.perf_counter() - t
+    return res
+
+
+def simulate_job(job: Any) -> Any:
+    """The serving engine behind `workbench.simulate(job)` for `Serving` workloads."""
+    wl = job.workload
+    return simulate_serving(job.cluster, job.model, job.plan, wl.traffic, wl.slo, job=job)
+
+
+def evaluate(cluster: Any, model: Any, plan: ServingPlan, req: Requests, slo: SLO) -> dict[str, Any]:
+    """Metrics only (no Result tables), replica 0 standing for identical replicas: what the search calls."""
+    t = time.perf_counter()
+    ws = workers(cluster, model, plan)
+    if plan.disaggregated:
+        o = simulate_requests(cluster, model, plan, req)
+        m = metrics(o, slo)
+    else:
+        k = len(ws)
+        sub = Requests(req.arrival[::k], req.isl[::k], req.osl[::k], _closed_share(req.closed, k, 0), req.prefix)
+        o = simulate_requests(cluster, model, replace(plan, replicas=1), sub)
+        o.gpus = sum(len(w.devices) for w in ws)
+        m = metrics(o, slo, scale=k)
+        m["num_gpus"] = o.gpus
+        m["goodput_per_gpu"] = m["request_goodput"] / o.gpus
+        m["output_throughput_per_gpu"] = m["output_throughput"] / o.gpus
+    m["sim_seconds"] = time.perf_counter() - t
+    return m
