@@ -34,6 +34,10 @@ def _clear() -> None:
     placement.supported_precisions.cache_clear()
 
 
+def _x(g: float | None) -> str:
+    return f"x{g:.2f}" if g else "(baseline does not fit)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/place-cpu2.json"))
@@ -85,15 +89,14 @@ def main() -> int:
             "predicted": {k: p[k] for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "gpus_used")},
             "baselines": {n: {k: b.get(k) for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "fits")}
                           for n, b in r.baselines.items()},
-            "gain_vs_uniform": p["output_throughput"] / (r.baselines["uniform"].get("output_throughput") or float("nan")),
-            "gain_vs_memory_proportional": p["output_throughput"]
-            / (r.baselines["memory_proportional"].get("output_throughput") or float("nan")),
+            "gain_vs_uniform": r.to_dict()["throughput_gain"]["uniform"],
+            "gain_vs_memory_proportional": r.to_dict()["throughput_gain"]["memory_proportional"],
             "placement": [f"r{s['replica']} L{s['layers'][0]}-{s['layers'][1]} {s['gpu']} tp{s['tp']} {s['precision']}"
                           + (f" offload {s['offload_weights']:.0%}" if s["offload_weights"] else "") for s in r.stages],
         })
         print(f"{label:38s} {model:12s} cold {statistics.median(cold):.3f} s (cpu {statistics.median(cpu):.3f} s)  warm "
-              f"{statistics.median(warm):.3f} s  {p['output_throughput']:8.1f} tok/s  x{rows[-1]['gain_vs_uniform']:.2f} "
-              f"vs uniform  x{rows[-1]['gain_vs_memory_proportional']:.2f} vs memory-proportional")
+              f"{statistics.median(warm):.3f} s  {p['output_throughput']:8.1f} tok/s  gain vs uniform "
+              f"{_x(rows[-1]['gain_vs_uniform'])}, vs memory-proportional {_x(rows[-1]['gain_vs_memory_proportional'])}")
     out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                        "processor": platform.processor() or platform.machine(),
                        "load_average_1m_at_end": os.getloadavg()[0]},

@@ -327,9 +327,12 @@ def _stage_times(ctx: _Ctx, kind: GroupKind, W: Any, KV: Any, ACT: Any, DEC: Any
     (decode s, prefill s, host bytes, NVMe bytes, feasible)."""
     cap = ctx.capacity(kind)
     host, nvme, host_Bps, nvme_Bps = ctx.offload_room(kind)
-    over = np.maximum(W + KV + ACT - cap, 0.0)
-    over = np.where(over > 0, over + max_layer_w, 0.0)  # one layer's share in flight while fetching ahead
-    feasible = (over <= W) & (over <= host + nvme) & (cap > 0)
+    # offloading a fraction f = over / W of the weights needs a buffer for the next layer's share,
+    # f * max_layer_w, so over = need - cap + f * max_layer_w  =>  over = (need - cap) / (1 - max_layer_w / W)
+    excess = np.maximum(W + KV + ACT - cap, 0.0)
+    room = 1.0 - max_layer_w / np.maximum(W, 1.0)
+    over = np.where(excess > 0, excess / np.maximum(room, 1e-9), 0.0)
+    feasible = (over <= W) & (over <= host + nvme) & (cap > 0) & ((excess == 0) | (room > 0))
     o_host = np.minimum(over, host)
     o_nvme = over - o_host
     stream = o_host / host_Bps + o_nvme / nvme_Bps
@@ -342,10 +345,10 @@ def _stage_times_scalar(ctx: _Ctx, kind: GroupKind, W: float, KV: float, ACT: fl
     """`_stage_times` for one stage (plain floats; the same arithmetic)."""
     cap = ctx.capacity(kind)
     host, nvme, host_Bps, nvme_Bps = ctx.offload_room(kind)
-    over = max(W + KV + ACT - cap, 0.0)
-    if over > 0:
-        over += max_layer_w
-    feasible = over <= W and over <= host + nvme and cap > 0
+    excess = max(W + KV + ACT - cap, 0.0)
+    room = 1.0 - max_layer_w / max(W, 1.0)
+    over = excess / max(room, 1e-9) if excess > 0 else 0.0
+    feasible = over <= W and over <= host + nvme and cap > 0 and (excess == 0 or room > 0)
     o_host = min(over, host)
     o_nvme = over - o_host
     stream = o_host / host_Bps + o_nvme / nvme_Bps
@@ -485,7 +488,7 @@ def _stage_figures(ctx: _Ctx, st: Stage, conc: float, batch: int) -> dict[str, A
         s = o_host / hb + o_nvme / nb
         dec, pre = max(float(dec), s), max(float(pre), s * max(ctx.traffic.isl / ctx.opts.chunk_tokens, 1.0))
         feas = bool(feas) and given <= host + nvme
-    buffer = maxw if (o_host + o_nvme) > 0 else 0.0  # the layer being fetched ahead
+    buffer = maxw * (o_host + o_nvme) / W if W else 0.0  # the next layer's offloaded share, fetched ahead
     return {"kind": kind, "weights": W, "kv": kv, "act": act + buffer, "workspace": _params()["workspace_GiB"] * GiB,
             "capacity": kind.spec.memory_GB * 1e9, "usable": ctx.capacity(kind), "host": float(o_host),
             "nvme": float(o_nvme), "decode_s": float(dec), "prefill_s": float(pre), "fits": bool(feas)}
@@ -738,7 +741,7 @@ class PlaceResult:
         gains = {}
         for name, b in self.baselines.items():
             bt = b.get("output_throughput") or 0.0
-            gains[name] = (self.predicted["output_throughput"] / bt) if bt else None
+            gains[name] = (self.predicted["output_throughput"] / bt) if bt and b.get("fits") else None
         return clean({"objective": self.objective, "model": self.placement.model, "traffic": self.traffic.to_dict(),
                       "slo": self.slo.to_dict(), "stages": self.stages, "devices": self.devices,
                       "predicted": self.predicted, "baselines": self.baselines, "throughput_gain": gains,
