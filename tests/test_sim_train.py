@@ -225,6 +225,7 @@ def test_cli_simulate_json(cli) -> None:
               "breakdown_seconds", "plan"):
         assert k in out
     assert set(out["memory_GiB_per_gpu"]) == {"weights", "gradients", "optimizer", "activations", "buffers", "total"}
+    assert isinstance(out["uncertain"], list) and out["plan"]["stack"] == "modern"
 
 
 def test_cli_bad_plan_exits_2(cli) -> None:

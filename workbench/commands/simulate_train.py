@@ -33,7 +33,19 @@ def _fmt_text(m: dict) -> str:
         "time (critical stage), seconds:",
     ]
     lines += [f"  {k:16s} {v:10.4f}" for k, v in m["breakdown_seconds"].items() if v > 0]
+    lines += [f"uncertain       {u}" for u in m.get("uncertain", [])]
     return "\n".join(lines)
+
+
+def _uncertain(args: argparse.Namespace, plan: dict) -> list[str]:
+    """What the model is unsure of for this plan (borrowed or extrapolated curves, assumed balance, ...)."""
+    from workbench.models.presets import load_model
+    from workbench.plan.search import plan_uncertainty
+    from workbench.plan.spec import parse_plan
+    from workbench.sim.train import TrainContext
+    from workbench.topology.presets import load_cluster
+
+    return plan_uncertainty(TrainContext(load_cluster(args.cluster), load_model(args.model)), parse_plan(plan))
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -45,6 +57,7 @@ def _simulate(args: argparse.Namespace) -> int:
         m = res.metrics
     else:
         m = estimate_train(args.cluster, args.model, args.plan).to_metrics()
+    m["uncertain"] = _uncertain(args, m["plan"])
     emit(m, args.json, _fmt_text(m))
     if res is not None:  # results first, then the trace
         res.to_perfetto(args.trace)
