@@ -39,8 +39,13 @@ def plans(gpus: int, cpu: bool = False) -> list[tuple[str, str, bool]]:
     out = [("1gpu-compiled", "dp=1,mbs=8,gbs=8", True)]
     if gpus >= 2:
         out += [("dp2-fsdp", "dp=2,zero=1,mbs=8,gbs=16", True), ("tp2-sp", "tp=2,sp=1,mbs=8,gbs=8", False),
-                ("pp2-1f1b", "pp=2,mbs=2,gbs=16", True)]
+                ("pp2-1f1b", "pp=2,mbs=2,gbs=16", True), ("tp2-sp-compiled", "tp=2,sp=1,mbs=8,gbs=8", True),
+                ("tp2-nosp", "tp=2,sp=0,mbs=8,gbs=8", False), ("pp2-interleaved", "pp=2,vpp=2,mbs=2,gbs=16", True)]
     return out + [("1gpu-eager", "dp=1,mbs=8,gbs=8", False)]
+
+
+DEFAULT = ("1gpu-compiled", "dp2-fsdp", "tp2-sp", "pp2-1f1b", "1gpu-eager", "cpu-dp2", "cpu-tp2", "cpu-pp2",
+           "cpu-dp2-tp2")
 
 
 def on_off(r: Any) -> tuple[float, float]:
@@ -65,7 +70,14 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated plan names to run")
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("--cpu", action="store_true", help="CPU ranks over gloo (calibrated from the run itself)")
+    ap.add_argument("--profile", default="", help="comma-separated plan names to profile one step of (rank 0)")
+    ap.add_argument("--report", action="store_true", help="only recompute the simulated columns of OUT/native.json")
     args = ap.parse_args()
+    if args.report:
+        rep = resimulate(Path(args.out) / "native.json", Path(args.sweeps or args.out))
+        (Path(args.out) / "native.json").write_text(json.dumps(rep, indent=1, default=str))
+        print(table(rep))
+        return 0
     if args.cpu and args.model == MODEL:
         args.model = CPU_MODEL
     import pandas as pd
@@ -73,7 +85,6 @@ def main() -> int:
 
     from workbench.calibration.nccl_tests import read_nccl_tests
     from workbench.calibration.run import from_sweeps
-    from workbench.core.engines import simulator
     from workbench.core.job import Job, Training
     from workbench.errors import RunFailed
     from workbench.models.presets import load_model
@@ -88,7 +99,8 @@ def main() -> int:
     model = load_model(args.model)
     gemm = pd.read_csv(sweeps / "gemm.csv") if (sweeps / "gemm.csv").exists() else None
     nccl_files = sorted(sweeps.glob("nccl-*.txt"))
-    nccl = pd.concat([read_nccl_tests(f) for f in nccl_files], ignore_index=True) if nccl_files else None
+    nccl = (pd.concat([read_nccl_tests(f, f.stem.removeprefix("nccl-")) for f in nccl_files], ignore_index=True)
+            if nccl_files else None)
     report: dict[str, Any] = {
         "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)] if not args.cpu else [],
                     "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -105,6 +117,8 @@ def main() -> int:
     chosen = plans(gpus, args.cpu)
     if args.only:
         chosen = [p for p in chosen if p[0] in args.only.split(",")]
+    else:
+        chosen = [p for p in chosen if p[0] in DEFAULT]
     compile_ok = True
     for name, plan, comp in chosen:
         world = 1
@@ -114,7 +128,7 @@ def main() -> int:
                 world *= int(v)
         cluster = sized(host, world)
         row: dict[str, Any] = {"name": name, "plan": plan, "world": world}
-        for attempt in ([comp, False] if comp else [False]):
+        for attempt in ([comp, False] if comp and not name.endswith("-compiled") else [comp]):
             if attempt and not compile_ok:
                 continue
             wl = Training(steps=args.steps, backend="gloo" if args.cpu else "nccl", telemetry="ab", lr=3e-4,
@@ -122,7 +136,8 @@ def main() -> int:
             job = Job.create(cluster, model, plan, wl)
             t0 = time.time()
             try:
-                res = start_job(job, timeout=args.timeout).wait()
+                env = {"WORKBENCH_PROFILE": str(out / f"profile-{name}.txt")} if name in args.profile.split(",") else None
+                res = start_job(job, timeout=args.timeout, env=env).wait()
             except RunFailed as exc:
                 row.setdefault("failures", []).append({"compile": attempt, "error": str(exc)[-3000:]})
                 print(f"{name} compile={attempt}: FAILED {exc}", flush=True)
@@ -139,27 +154,8 @@ def main() -> int:
                     "mfu_on": flops / on / peak, "tflops_per_gpu_on": flops / on,
                     "telemetry_overhead_pct": m["telemetry_overhead_pct"], "updates_per_s": m["updates_per_s"],
                     "events": m["events"], "run_plan": m["plan"], "tokens_per_s_on": m["tokens_per_s"] * m["step_seconds"] / on}
-            full = dataclasses.replace(job, plan=runnable_plan(job))
-            sim = simulator("training")
-            try:
-                before = sim(full)
-                row["sim_step_seconds_before"] = float(before.metrics["step_seconds"])
-                row["sim_error_pct_before"] = (row["sim_step_seconds_before"] - on) / on * 100
-                row["sim_breakdown_before"] = before.metrics["breakdown_seconds"]
-                cal = calibrated.get(world)
-                if args.cpu:  # CPU ranks: fitted from the run's own spans (workbench.calibration.run.from_run)
-                    from workbench.calibration.run import from_run
-
-                    cal = from_run(cluster, res)
-                    row["calibrated_specs"] = dict(cal.nodes[0].specs)
-                if cal is not None:
-                    after = sim(full.with_cluster(cal))
-                    row["sim_step_seconds_after"] = float(after.metrics["step_seconds"])
-                    row["sim_error_pct_after"] = (row["sim_step_seconds_after"] - on) / on * 100
-                    row["sim_breakdown_after"] = after.metrics["breakdown_seconds"]
-            except Exception as exc:  # noqa: BLE001
-                row["sim_error"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
+            row["job"] = dataclasses.replace(job, plan=runnable_plan(job)).to_dict()
+            simulate_row(row, job, calibrated.get(world), res if args.cpu else None)
             print(f"{name} compile={attempt}: step {on:.4f} s (off {off:.4f}), MFU {row['mfu_on']:.3f}, "
                   f"overhead {row['telemetry_overhead_pct']}, sim before {row.get('sim_error_pct_before')}, "
                   f"after {row.get('sim_error_pct_after')}", flush=True)
@@ -168,6 +164,63 @@ def main() -> int:
         (out / "native.json").write_text(json.dumps(report, indent=1, default=str))
     print(table(report))
     return 0
+
+
+def simulate_row(row: dict[str, Any], job: Any, calibrated: Any, measured: Any = None) -> None:
+    """Add the simulator's step time on the catalogue machine (before) and on `calibrated` (after; with a
+    measured CPU-rank run, the cluster fitted from that run) to a plan's row, and the errors (%)."""
+    from workbench.core.engines import simulator
+    from workbench.runner.launcher import runnable_plan
+
+    on = row["step_seconds_on"]
+    full = dataclasses.replace(job, plan=runnable_plan(job))
+    sim = simulator("training")
+    try:
+        before = sim(full)
+        row["sim_step_seconds_before"] = float(before.metrics["step_seconds"])
+        row["sim_error_pct_before"] = (row["sim_step_seconds_before"] - on) / on * 100
+        row["sim_breakdown_before"] = before.metrics["breakdown_seconds"]
+        if measured is not None:  # CPU ranks: fitted from the run's own spans (workbench.calibration.run.from_run)
+            from workbench.calibration.run import from_run
+
+            calibrated = from_run(full.cluster, measured)
+            row["calibrated_specs"] = dict(calibrated.nodes[0].specs)
+        if calibrated is not None:
+            after = sim(full.with_cluster(calibrated))
+            row["sim_step_seconds_after"] = float(after.metrics["step_seconds"])
+            row["sim_error_pct_after"] = (row["sim_step_seconds_after"] - on) / on * 100
+            row["sim_breakdown_after"] = after.metrics["breakdown_seconds"]
+    except Exception as exc:  # noqa: BLE001 - the measured numbers stand
+        row["sim_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+
+
+def resimulate(path: Path, sweeps: Path) -> dict[str, Any]:
+    """Recompute calibration and the simulated columns of a saved native.json (no GPU needed)."""
+    import pandas as pd
+
+    from workbench.calibration.nccl_tests import read_nccl_tests
+    from workbench.calibration.run import from_sweeps
+    from workbench.core.job import Job
+    from workbench.topology.spec import from_dict
+
+    report = json.loads(path.read_text())
+    gemm = pd.read_csv(sweeps / "gemm.csv") if (sweeps / "gemm.csv").exists() else None
+    files = sorted(sweeps.glob("nccl-*.txt"))
+    nccl = pd.concat([read_nccl_tests(f, f.stem.removeprefix("nccl-")) for f in files], ignore_index=True) if files else None
+    report["calibration"] = {}
+    for row in report["plans"]:
+        if "job" not in row or "step_seconds_on" not in row:
+            continue
+        job = Job.from_dict(row["job"])
+        world = row["world"]
+        cal = from_sweeps(job.cluster, gemm, nccl if world > 1 else None, ranks=world)
+        report["calibration"][str(world)] = dict(cal.nodes[0].specs)
+        for k in [k for k in row if k.startswith("sim_")]:
+            del row[k]
+        simulate_row(row, job, cal)
+    _ = from_dict
+    return report
 
 
 def table(report: dict[str, Any]) -> str:

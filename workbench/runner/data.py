@@ -47,7 +47,9 @@ def corpus_files(spec: str | None) -> list[Path]:
         elif p.is_file():
             files = [p]
         else:
-            files = sorted(Path().glob(str(spec)))
+            import glob
+
+            files = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_file())
     if not files:
         raise WorkbenchError(f"workload.corpus: no text files found for {spec!r} (give a file, a folder of .md/.txt "
                              "files, a glob, or 'docs')")

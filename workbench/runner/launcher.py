@@ -121,9 +121,6 @@ def native_plan(job: Any) -> Any:
     if vpp > 1 and (pp < 2 or micro % pp):
         raise WorkbenchError(f"plan.gbs: the interleaved schedule needs pp ≥ 2 and micro-batches per step "
                              f"(gbs/(dp·mbs) = {micro}) a multiple of pp={pp}")
-    if wl.compile and tp > 1:
-        raise WorkbenchError("workload.compile: torch.compile of DTensor tensor-parallel blocks fails in backward here "
-                             "(a plain gradient reaches DTensor's redistribute); use compile=false with tp > 1")
     precision = pl.precision or ("bf16" if wl.backend == "nccl" else "fp32")
     zero = p["zero"] if pl.zero is not None else (1 if dp > 1 else 0)
     sp = bool(pl.sp) if pl.sp is not None else tp > 1
@@ -531,8 +528,21 @@ class _Launch:
     def _request_cancel(self) -> None:
         self._cancelled.set()
 
+    def _cpu_seconds(self) -> float:
+        """CPU time the live ranks have used (Linux /proc): a rank computing a long step is busy, a hung
+        one (blocked in a collective, or stopped) is not."""
+        total = 0.0
+        for p in self.procs.values():
+            try:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
+
     def _monitor(self) -> None:
         last_progress, progress = time.time(), -1
+        cpu_at, cpu_used = last_progress, self._cpu_seconds()
         first_fail: float | None = None
         fails: dict[int, tuple[float, str, bool]] = {}  # rank -> (seen at, reason, secondary)
         while True:
@@ -542,6 +552,11 @@ class _Launch:
             done_steps = sum(len(v) for v in self.agg.steps.values()) + len(self.agg.events) + len(self.agg.memory)
             if done_steps != progress:
                 progress, last_progress = done_steps, now
+            if now - cpu_at >= 1.0:  # ranks using a fifth of a core or more are computing: slow, not hung
+                used = self._cpu_seconds()
+                if used - cpu_used >= 0.2 * (now - cpu_at):
+                    last_progress = now
+                cpu_at, cpu_used = now, used
             for r, msg in self.agg.errors.items():
                 if r not in fails:
                     err = str(msg.get("error", "error"))
@@ -565,7 +580,7 @@ class _Launch:
                 self._finish()
                 return
             limit = self.stall_timeout if progress > 0 else max(self.stall_timeout, self.startup_timeout)
-            if now - last_progress > limit:
+            if now - last_progress > limit and self.agg.steps_done < self.job["steps"]:  # not while shutting down
                 # the rank heard from least recently (a stopped process ships nothing), then the fewest steps
                 prog = self.agg.rank_progress()
                 seen = self.agg.last_seen
@@ -644,6 +659,7 @@ class _Launch:
         self.handle._finish(result=res)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _LIVE: set[_Launch] = set()
 _LIVE_LOCK = threading.Lock()
 

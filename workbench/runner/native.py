@@ -415,6 +415,7 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
         sink.send({"type": "info", "rank": rank, "p2p": "torch.distributed.pipelining" if p["pp"] > 1 else "none",
                    "engine": "native", "start_step": tr.start_step, "params": sum(q.numel() for q in tr.params)})
         fail_at = job.get("fail_rank_at_step")
+        profile = os.environ.get("WORKBENCH_PROFILE") if rank == 0 else None
         losses: list[float | None] = []
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -425,7 +426,13 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
             if job["telemetry"] == "ab":
                 rec.enabled = i % 2 == 1
             t0 = time.perf_counter()
-            loss = tr.step(step)
+            if profile and i == job["steps"] - 2:  # one late step under torch.profiler (rank 0)
+                with torch.profiler.profile(record_shapes=False) as prof:
+                    loss = tr.step(step)
+                sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+                Path(profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+            else:
+                loss = tr.step(step)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
