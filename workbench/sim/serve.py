@@ -317,16 +317,27 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
                                       steady_state=True).seconds if L > 1 else t_layer[j]
     pos = np.searchsorted(uniq, req.isl)
     span = np.nan_to_num(pf_done - t_sched)
-    exposed = np.maximum(t_layer[pos], t_all[pos] - span * (L - 1) / L)
-    landed = pf_done + exposed
+    # layer l's pages leave once layer l is prefilled: the transfer starts after the first layer and
+    # overlaps the rest; one (prefill worker, decode worker) pair carries one transfer at a time
+    start = pf_done - span * (L - 1) / L
+    landed = np.full(n, _NAN)
+    busy: dict[tuple[int, int], float] = {}
+    for i in np.argsort(np.nan_to_num(pf_done, nan=np.inf), kind="stable").tolist():
+        if failed[i] or np.isnan(pf_done[i]):
+            continue
+        key = (int(p_of[i]), int(d_of[i]))
+        s0 = max(float(start[i]), busy.get(key, -np.inf))
+        end = max(s0 + float(t_all[pos[i]]), float(pf_done[i]) + float(t_layer[pos[i]]))
+        start[i], landed[i] = s0, end
+        busy[key] = end
     lanes = route(cluster, src0, dst0).lanes
     link_names = tuple(cluster.graph.links[i].name for lane in lanes for i in lane.links)
     nbytes = req.isl * pcost.kv_bytes_per_token_model()
-    transfers = pd.DataFrame({"request": np.arange(n), "start": landed - np.minimum(t_all[pos], landed - pf_done + span),
-                              "end": landed, "bytes": nbytes, "src": [pws[p].devices[0] for p in p_of],
-                              "dst": [dws[d].devices[0] for d in d_of]})
+    transfers = pd.DataFrame({"request": np.arange(n), "start": start, "end": landed, "bytes": nbytes,
+                              "src": [pws[p].devices[0] for p in p_of], "dst": [dws[d].devices[0] for d in d_of]})
     transfers.attrs["links"] = link_names
-    transfers.attrs["lanes"] = len(lanes)
+    transfers.attrs["pairs"] = [(pws[a].devices, dws[b].devices) for a in range(len(pws)) for b in range(len(dws))]
+    transfers.attrs["n_pairs"] = pairs
     for r, w in enumerate(dws):
         idx = np.flatnonzero((d_of == r) & ~failed)
         if not len(idx):
@@ -498,20 +509,28 @@ def _link_rows(cluster: Any, tr: pd.DataFrame, bins: int = 200) -> list[dict[str
     edges = np.linspace(t0, t1, bins + 1)
     width = edges[1] - edges[0]
     rows: list[dict[str, Any]] = []
+    npairs = int(tr.attrs.get("n_pairs", 1))
     for (src, dst), g in ok.groupby(["src", "dst"]):
-        lanes = route(cluster, str(src), str(dst)).lanes
-        rate = np.zeros(bins + 1)
+        # every GPU pair of the two workers carries its shard of the KV over its own lanes
+        pdevs = next(((p, d) for p, d in tr.attrs.get("pairs", []) if p[0] == src and d[0] == dst), ((src,), (dst,)))
         s, e = g["start"].to_numpy(), g["end"].to_numpy()
-        r = g["bytes"].to_numpy() / np.maximum(e - s, 1e-9) / len(lanes)
-        np.add.at(rate, np.clip(((s - t0) / width).astype(int), 0, bins), r)
-        np.add.at(rate, np.clip(((e - t0) / width).astype(int), 0, bins), -r)
-        level = np.cumsum(rate)[:bins]
-        for lane in lanes:
-            for li in lane.links:
-                lk = cluster.graph.links[li]
-                for b in np.flatnonzero(level > 0):
-                    rows.append({"link": lk.name, "start": float(edges[b]), "end": float(edges[b + 1]),
-                                 "GBps": float(level[b]) / 1e9, "utilisation": float(level[b]) / 1e9 / lk.GBps})
+        rate = np.zeros(bins)
+        r = g["bytes"].to_numpy() / np.maximum(e - s, 1e-9) / npairs
+        for si, ei, ri in zip(s, e, r):  # each transfer spread over the bins it overlaps
+            for b in range(max(int((si - t0) / width), 0), min(int((ei - t0) / width), bins - 1) + 1):
+                ov = min(ei, edges[b + 1]) - max(si, edges[b])
+                if ov > 0:
+                    rate[b] += ri * ov / width
+        live = np.flatnonzero(rate > 1e-9 * max(float(rate.max()), 1.0))
+        for a, b in zip(pdevs[0][:npairs], pdevs[1][:npairs]):
+            lanes = route(cluster, str(a), str(b)).lanes
+            for lane in lanes:
+                for li in lane.links:
+                    lk = cluster.graph.links[li]
+                    for k in live:
+                        v = float(rate[k]) / len(lanes) / 1e9
+                        rows.append({"link": lk.name, "start": float(edges[k]), "end": float(edges[k + 1]),
+                                     "GBps": v, "utilisation": v / lk.GBps})
     if rows:
         df = pd.DataFrame(rows).groupby(["link", "start", "end"], as_index=False).sum()
         return list(df.to_dict("records"))  # type: ignore[arg-type]

@@ -147,6 +147,13 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                     if g > 0:
                         need += g
             if nd == 0 or need <= free:
+                for j in range(nr):  # reserve the decodes' blocks before anything is admitted
+                    i = run_ids[j]
+                    if kv[i] >= P[i]:
+                        g = cdiv(kv[i] + 1, B) - shared[i] - alloc[i]
+                        if g > 0:
+                            alloc[i] += g
+                            free -= g
                 break
             v = run_ids[nr - 1]
             nr -= 1
