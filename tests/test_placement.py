@@ -191,3 +191,18 @@ def test_open_loop_traffic_in_the_serving_vocabulary():
     assert over.predicted["overloaded"] and not over.predicted["slo_met"] or over.predicted["mean_ttft_ms"] == float("inf")
     with pytest.raises(WorkbenchError, match="traffic: unknown key"):
         parse_traffic("concurrency=4,speed=9")
+
+
+def test_crosscheck_with_the_serving_simulator():
+    from workbench.plan.place import crosscheck
+
+    pl = Placement("llama3-8b", 32, (Replica((Stage(tuple(f"n4.g{j}" for j in range(2)), (0, 31)),)),
+                                     Replica((Stage(("n0.g0",), (0, 15)), Stage(("n4.g7",), (16, 31)))),))
+    x = crosscheck(MIXED, "llama3-8b", pl, "concurrency=8,isl=256,osl=32", requests_per_client=2)
+    assert [r["replica"] for r in x["replicas"]] == [0] and x["skipped"][0]["replica"] == 1
+    assert "mixes A100-80GB, RTX-3090" in x["skipped"][0]["reason"]
+    ours = evaluate(MIXED, "llama3-8b", Placement("llama3-8b", 32, pl.replicas[:1]), "concurrency=4,isl=256,osl=32")
+    sim = x["replicas"][0]
+    assert sim["output_throughput"] > 0
+    # the two models are independent; they must agree on the decode rate to within a factor of two
+    assert 0.5 < ours["predicted"]["mean_tpot_ms"] / sim["mean_tpot_ms"] < 2.0

@@ -1016,3 +1016,65 @@ def _bytes(p: str) -> float:
     from workbench.plan.placement import bytes_per_element
 
     return bytes_per_element(p)
+
+
+# ------------------------------------------------------------------------------------ cross-check
+
+
+def crosscheck(cluster: Any, model: Any, placement: Placement, traffic: Any = None,
+               requests_per_client: int = 8) -> dict[str, Any]:
+    """The same placement through the serving simulator (`workbench.sim.serve`), replica by replica.
+
+    The serving simulator prices one worker shape on one GPU kind with layers split evenly over
+    `pp` stages, so a replica is simulated when its stages share a GPU kind and a TP degree (its
+    own layer split is then replaced by the even one); other replicas are listed under `skipped`.
+    Each replica gets its routed share of the traffic. Returns the `vllm bench serve` figures,
+    summed/weighted over the simulated replicas.
+    """
+    from workbench.models.presets import load_model
+    from workbench.sim.serve import simulate_serving
+    from workbench.topology.model import Cluster as ClusterT
+    from workbench.topology.presets import load_cluster
+
+    c, m = load_cluster(cluster), load_model(model)
+    tr = parse_traffic(traffic)
+    done: dict[Any, dict[str, Any]] = {}
+    rows, skipped = [], []
+    for r, (rep, w) in enumerate(zip(placement.replicas, placement.routing)):
+        if w <= 0:
+            continue
+        kinds = {c.nodes[c.node_of(st.devices[0])].gpu for st in rep.stages}
+        tps = {st.tp for st in rep.stages}
+        if len(kinds) != 1 or len(tps) != 1:
+            skipped.append({"replica": r, "reason": f"mixes {', '.join(sorted(kinds))} / tp {sorted(tps)}"})
+            continue
+        nodes: list[int] = []
+        for st in rep.stages:
+            for d in st.devices:
+                if c.node_of(d) not in nodes:
+                    nodes.append(c.node_of(d))
+        sub = ClusterT(f"{c.name}[replica {r}]", tuple(c.nodes[i] for i in nodes), c.fabric)
+        tp, pp = tps.pop(), len(rep.stages)
+        conc = max(1, round(tr.concurrency * w))
+        spec = (f"rate={tr.rate * w:g}" if tr.rate > 0 else f"concurrency={conc}") + \
+            f",isl={tr.isl},osl={tr.osl},requests={max(64, min(2000, requests_per_client * conc))}"
+        plan = f"tp={tp},pp={pp},replicas=1,precision={rep.stages[0].precision}," \
+               f"kv_precision={rep.stages[0].kv_precision}"
+        key = (tuple(c.nodes[i] for i in nodes), plan, spec)
+        if key not in done:
+            try:
+                res = simulate_serving(sub, m, plan, spec)
+                done[key] = {k: float(res.metrics[k]) for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")}
+            except WorkbenchError as exc:
+                done[key] = {"error": str(exc)}
+        got = done[key]
+        if "error" in got:
+            skipped.append({"replica": r, "reason": got["error"]})
+            continue
+        rows.append({"replica": r, "plan": plan, "traffic": spec, **got})
+    x = sum(row["output_throughput"] for row in rows)
+    out: dict[str, Any] = {"fidelity": "serving simulator (workbench.sim.serve), per replica", "replicas": rows,
+                           "skipped": skipped, "output_throughput": x}
+    for k in ("mean_ttft_ms", "mean_tpot_ms"):
+        out[k] = sum(row[k] * row["output_throughput"] for row in rows) / x if x > 0 else None
+    return out
