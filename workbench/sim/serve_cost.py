@@ -50,7 +50,7 @@ from workbench.topology.model import Cluster
 
 ATTN_FILE = "serving/attention_h200_measured.csv"
 ATTN_GPU = "H200"
-GRID_M = np.unique(np.round(np.geomspace(1, 1 << 17, 64)).astype(np.int64))
+GRID_M = np.unique(np.round(np.geomspace(1, 1 << 17, 48)).astype(np.int64))
 GiB = float(1 << 30)
 
 
@@ -117,6 +117,7 @@ def _small_gemm_curve() -> tuple[np.ndarray, np.ndarray]:
     return np.log(g.index.to_numpy(float)), g.to_numpy(float) / gpu(ATTN_GPU).memory_GBps
 
 
+@cache
 def precision_bytes(fmt: str) -> tuple[float, str]:
     """(bytes per element, compute precision) of a number format (`datasets/precisions.csv`)."""
     df = read_csv("precisions.csv")
@@ -127,13 +128,21 @@ def precision_bytes(fmt: str) -> tuple[float, str]:
 
 
 def _check_format(spec: GPUSpec, fmt: str, field: str) -> None:
+    problem = _format_problem(spec, fmt)
+    if problem:
+        raise WorkbenchError(f"{field}: {problem}")
+
+
+@cache
+def _format_problem(spec: GPUSpec, fmt: str) -> str:
     df = read_csv("precisions.csv")
     archs = str(df[df["precision"] == fmt]["archs"].iloc[0]).split("|")
     gdf = read_csv("gpus.csv")
     arch = gdf[gdf["model"] == spec.model]["arch"]
     if not spec.is_cpu and not arch.empty and str(arch.iloc[0]) not in archs:
-        raise WorkbenchError(f"{field}: {spec.model} ({arch.iloc[0]}) has no {fmt} support "
-                             f"(architectures with it: {', '.join(archs)}); choose another format")
+        return (f"{spec.model} ({arch.iloc[0]}) has no {fmt} support (architectures with it: {', '.join(archs)}); "
+                "choose another format")
+    return ""
 
 
 @dataclass(frozen=True)
