@@ -9,9 +9,11 @@
 
 and then, when the training simulator is installed, corrects both by the ratio of the
 simulated to the measured compute and communication time per step (two passes), so the
-next simulation of this machine lands closer. Only CPU-rank nodes carry these specs
-(see `workbench.topology.model.Node`); GPU nodes keep their catalogue rates and get the fit
-recorded in `specs` for reference.
+next simulation of this machine lands closer. On GPU nodes the catalogue peaks (and memory and
+NVLink rates) are the starting point and only the ratio corrections apply; the microbenchmark
+fit of a GPU is `from_sweeps` (a GEMM sweep and an nccl-tests sweep measured on the machine).
+When the run's collectives run inside its compute spans (the native engine), the simulated
+communication is counted with the compute it delays.
 """
 
 from __future__ import annotations
@@ -113,19 +115,25 @@ def _split(r: Result) -> dict[str, float]:
 
 
 # which specs each part of the step scales with
-_SCALES = {"matmul": ("fp32_tflops", "bf16_tflops"), "optimizer": ("memory_GBps",), "comm": ("link_GBps",)}
+_SCALES = {"matmul": ("fp32_tflops", "bf16_tflops", "fp16_tflops"), "optimizer": ("memory_GBps",),
+           "comm": ("link_GBps", "nvlink_GBps")}
 
 
 def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
     """`cluster` with CPU-rank specs (fp32_tflops, memory_GBps, link_GBps, link_latency_us) fitted from `measured`."""
-    tflops = fit_compute(measured)
-    links = fit_links(measured, float(dict(cluster.nodes[0].specs).get("link_latency_us", 20.0)))
+    spec = cluster.nodes[0].gpu_spec
     specs: dict[str, Any] = {}
-    if tflops:
-        specs["fp32_tflops"] = tflops
-        specs["bf16_tflops"] = tflops
-    if links:
-        specs["link_GBps"], specs["link_latency_us"] = links
+    if spec.is_cpu:
+        tflops = fit_compute(measured)
+        links = fit_links(measured, float(dict(cluster.nodes[0].specs).get("link_latency_us", 20.0)))
+        if tflops:
+            specs["fp32_tflops"] = tflops
+            specs["bf16_tflops"] = tflops
+        if links:
+            specs["link_GBps"], specs["link_latency_us"] = links
+    else:  # a GPU's rates are peaks × measured shape curves: start from them and only correct by ratio
+        specs = {f"{p}_tflops": v for p, v in spec.peak_tflops if p in ("bf16", "fp16", "fp32")}
+        specs |= {"memory_GBps": spec.memory_GBps} | ({"nvlink_GBps": spec.nvlink_GBps} if spec.nvlink_GBps else {})
     out = _with_specs(cluster, **specs)
     meas = _split(measured)
     for _ in range(passes):
@@ -135,6 +143,8 @@ def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
         got = _split(sim)
         cur = dict(out.nodes[0].specs)
         fix: dict[str, float] = {}
+        if meas["comm"] == 0 and got["comm"] > 0:  # engines whose collectives run inside the compute spans
+            got = got | {"matmul": got["matmul"] + got["comm"], "comm": 0.0}
         for part, keys in _SCALES.items():
             if got[part] > 0 and meas[part] > 0 and abs(got[part] / meas[part] - 1) > 0.01:
                 for k in keys:

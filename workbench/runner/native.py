@@ -183,7 +183,12 @@ class NativeTrainer:
 
     # ----- pieces -----
     def _optimizer(self, m: nn.Module) -> torch.optim.Optimizer:
-        params = [q for q in m.parameters()]
+        params: Any = [q for q in m.parameters()]
+        # DTensor and plain parameters (the replicated norms of TP without SP) in separate groups:
+        # fused and foreach kernels cannot mix them in one call
+        split = [[q for q in params if hasattr(q, "to_local")], [q for q in params if not hasattr(q, "to_local")]]
+        if all(split):
+            params = [{"params": g} for g in split]
         kw: dict[str, Any] = {"lr": self.job["lr"]}
         if self.job["optimizer"] == "sgd":
             return torch.optim.SGD(params, **kw)
