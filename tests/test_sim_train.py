@@ -297,6 +297,12 @@ def test_stack_presets_and_bad_names() -> None:
     assert load_stack(None).name == "modern" and load_stack("megatron-2021").attention == "unfused"
     with pytest.raises(WorkbenchError, match="plan.stack"):
         load_stack("megatron-1999")
+    # field changes after colons: an ablation of one cost term
+    st = load_stack("megatron-2021:attention=flash:dp_overlap=1:node_limit=2")
+    assert (st.attention, st.dp_overlap, st.node_limit, st.p2p_overlap) == ("flash", True, 2, False)
+    for bad in ("modern:foo=1", "modern:dp_overlap=maybe", "modern:attention=xx"):
+        with pytest.raises(WorkbenchError, match="stack"):
+            load_stack(bad)
 
 
 def test_unfused_attention_costs_time_and_s2_memory(gpt13: TrainContext) -> None:

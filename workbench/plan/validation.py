@@ -12,8 +12,12 @@ from typing import Any
 from workbench.errors import WorkbenchError
 
 
-def compare_published(names: list[str] | None = None) -> Any:
-    """A DataFrame: system, metric, published, predicted, error (predicted/published − 1), chosen plan."""
+def compare_published(names: list[str] | None = None, *, stack_changes: dict[str, str] | None = None) -> Any:
+    """A DataFrame: system, metric, published, predicted, error (predicted/published − 1), chosen plan.
+
+    `stack_changes` maps a row's software stack to field changes (`{"megatron-2021": "attention=flash"}`):
+    an ablation, to see what one cost term does to the table.
+    """
     import pandas as pd
 
     from workbench.data import read_yaml
@@ -30,7 +34,11 @@ def compare_published(names: list[str] | None = None) -> Any:
             continue
         cluster = from_dict(e["cluster"]) if isinstance(e["cluster"], dict) else load_cluster(e["cluster"])
         ctx = TrainContext(cluster, load_model(e["model"]))
-        plan = resolve_plan(ctx, parse_plan(dict(e["plan"])))
+        given = dict(e["plan"])
+        change = (stack_changes or {}).get(str(given.get("stack", "modern")))
+        if change:
+            given["stack"] = f"{given.get('stack', 'modern')}:{change.replace(',', ':')}"
+        plan = resolve_plan(ctx, parse_plan(given))
         est = evaluate(ctx, None, plan)
         metric = e["metric"]
         if metric == "tflops_per_gpu":

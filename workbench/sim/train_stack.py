@@ -9,8 +9,9 @@ default is `modern` (today's Megatron-core / TransformerEngine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cache
+from typing import Any
 
 from workbench.errors import WorkbenchError
 
@@ -74,11 +75,40 @@ def stack_names() -> tuple[str, ...]:
 
 @cache
 def load_stack(name: str | None) -> Stack:
-    """The named preset (None = the default, `modern`); an unknown name raises naming the known ones."""
+    """The named preset (None = the default, `modern`), optionally with fields changed after colons:
+    `megatron-2021:attention=flash:dp_overlap=1`. An unknown name or field raises naming the known ones."""
     presets = _presets()
-    key = DEFAULT_STACK if name in (None, "") else str(name)
+    text = DEFAULT_STACK if name in (None, "") else str(name)
+    key, *changes = text.split(":")
     hit = presets.get(key)
     if hit is None:
-        raise WorkbenchError(f"plan.stack: {name!r} is not a known software stack "
+        raise WorkbenchError(f"plan.stack: {key[:40]!r} is not a known software stack "
                              f"(known: {', '.join(presets)}; add one to datasets/software_stacks.yaml)")
-    return hit
+    if not changes:
+        return hit
+    types = {f.name: f.type for f in fields(Stack) if f.name not in ("name", "description", "source")}
+    values: dict[str, Any] = {}
+    for ch in changes:
+        field, eq, raw = ch.partition("=")
+        if field not in types or not eq:
+            raise WorkbenchError(f"plan.stack: {ch[:40]!r} is not field=value of a stack field "
+                                 f"(fields: {', '.join(types)})")
+        values[field] = _value(field, raw, str(types[field]))
+    return replace(hit, name=text, **values)
+
+
+def _value(field: str, raw: str, typ: str) -> Any:
+    low = raw.strip().lower()
+    if "bool" in typ:
+        if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise WorkbenchError(f"plan.stack: {field} expects true/false, got {raw[:20]!r}")
+        return low in ("1", "true", "yes", "on")
+    if low in ("none", "null") and "None" in typ:
+        return None
+    if "float" in typ or "int" in typ:
+        try:
+            x = float(low)
+        except ValueError:
+            raise WorkbenchError(f"plan.stack: {field} expects a number, got {raw[:20]!r}") from None
+        return int(x) if typ.startswith("int") else x
+    return raw.strip()
