@@ -208,6 +208,7 @@ def test_result_events_are_ordered_per_rank() -> None:
     assert r.metrics["step_seconds"] == pytest.approx(r.events["end"].max(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_partial_plan_is_completed() -> None:
     r = simulate_train("aws-p5:nodes=2", "llama3-8b", "gbs=32")
     plan = r.metrics["plan"]
@@ -233,6 +234,7 @@ def test_cli_bad_plan_exits_2(cli) -> None:
     assert p.returncode == 2 and "plan.tp" in p.stderr
 
 
+@pytest.mark.slow
 def test_cli_search_json(cli) -> None:
     p = cli("search", "train", "--cluster", "aws-p5:nodes=1", "--model", "llama3-8b", "--gbs", "16", "--top", "3",
              "--json")
@@ -399,3 +401,15 @@ def test_search_flags_uncertainty_and_guards_implausible_mfu() -> None:
     assert not (ok[ok["plausible"].astype(bool)]["mfu"] > limit).any()
     bad = ok[~ok["plausible"].astype(bool)]
     assert (bad["reason"].str.contains("implausible")).all()
+
+
+def test_cli_published_table_and_ablation(cli) -> None:
+    p = cli("simulate", "published", "--only", "korthikanti-22b-a100", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["summary"]["rows"] == 1 and out["rows"][0]["stack"] == "megatron-2021"
+    flash = cli("simulate", "published", "--only", "korthikanti-22b-a100", "--json", "--ablate",
+                 "megatron-2021=attention=flash")
+    assert json.loads(flash.stdout)["rows"][0]["predicted"] > out["rows"][0]["predicted"]
+    bad = cli("simulate", "published", "--ablate", "megatron-2021")
+    assert bad.returncode == 2 and "--ablate" in bad.stderr

@@ -100,8 +100,40 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _published_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--only", action="append", default=None, help="a row of the table (repeatable)")
+    p.add_argument("--ablate", action="append", default=[], metavar="STACK=CHANGES",
+                   help="change a software stack's fields for its rows, e.g. megatron-2021=attention=flash:dp_overlap=1")
+
+
+def _published(args: argparse.Namespace) -> int:
+    from workbench.errors import WorkbenchError
+    from workbench.plan.validation import compare_published
+
+    changes = {}
+    for a in args.ablate:
+        stack, eq, rest = a.partition("=")
+        if not eq or not rest:
+            raise WorkbenchError(f"--ablate: expected STACK=field=value[:field=value], got {a[:60]!r}")
+        changes[stack] = rest
+    df = compare_published(args.only, stack_changes=changes or None)
+    err = df["error"]
+    summary = {"rows": len(df), "mape": float(err.abs().mean()), "max_abs_error_dense": float(
+        err[df["kind"] == "dense"].abs().max()) if (df["kind"] == "dense").any() else None,
+        "optimistic": int((err > 0).sum()), "pessimistic": int((err < 0).sum())}
+    cols = ["name", "gpus", "stack", "metric", "published", "predicted", "error"]
+    text = (df[cols].assign(error=(100 * err).round(1)).to_string(index=False)
+            + f"\nMAPE {100 * summary['mape']:.1f} %, {summary['optimistic']} optimistic / "
+              f"{summary['pessimistic']} pessimistic")
+    emit({"summary": summary, "rows": df.to_dict(orient="records")}, args.json, text)
+    return 0
+
+
 COMMANDS = [
     Command("simulate", "train", "simulate one sharded training step (time, MFU, memory per GPU)", _sim_args, _simulate),
+    Command("simulate", "published", "the training simulator beside published end-to-end results (validation, never fitted)",
+            _published_args, _published),
     Command("search", "train", "rank every valid training plan for a cluster, model and global batch", _search_args,
             _search),
 ]
