@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from workbench.commands.doctor import checks
 
@@ -20,7 +18,7 @@ def test_checks_cover_the_stack_and_give_fixes() -> None:
     assert next(r for r in rows if r["check"] == "gloo")["ok"] is True
 
 
-def test_cli_json() -> None:
-    out = subprocess.run([sys.executable, "-m", "workbench.cli", "doctor", "--json"], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+def test_cli_json(cli) -> None:
+    code, out, err = cli("doctor", "--json")
+    assert code == 0, err
     assert {r["check"] for r in json.loads(out)} >= {"gpus", "efa"}

@@ -85,6 +85,7 @@ def test_search_ranks_valid_plans_first_and_explains_rejections() -> None:
     assert len(top) == 3 and (top["tp"] == 8).all() and (top["recompute"] == "full").all()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_parallel_search_gives_the_same_table() -> None:
     from workbench.plan.search import search_plans

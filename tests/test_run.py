@@ -59,6 +59,7 @@ def test_zero1_with_adamw_equals_reference() -> None:
     assert _max_param_error("dp=2,zero=1,mbs=2,gbs=8", "adamw", 1e-3) < 5e-5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_loss_falls_and_telemetry_streams_while_running() -> None:
     # the hand-written engine times every collective, so its gradient all-reduce is checked here
@@ -85,6 +86,7 @@ def test_loss_falls_and_telemetry_streams_while_running() -> None:
     assert sum(len(u.events) for u in seen) == len(ev)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("plan", ["dp=2,mbs=2,gbs=8", "pp=2,mbs=2,gbs=8"])
 def test_killed_rank_is_named_in_bounded_time_with_partial_results(plan: str) -> None:
@@ -102,6 +104,7 @@ def test_killed_rank_is_named_in_bounded_time_with_partial_results(plan: str) ->
     assert err.partial is not None and err.partial.metrics["steps"] >= 2 and len(err.partial.events)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_hung_rank_is_named_after_the_stall_timeout() -> None:
     import signal
@@ -129,6 +132,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_rank_error_is_reported_with_its_traceback() -> None:
     h = start_train(model=SMALL, plan="dp=2,mbs=2,gbs=8", steps=6, fail_rank_at_step=(0, 3), timeout=80)

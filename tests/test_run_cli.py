@@ -29,6 +29,7 @@ def test_run_train_json_has_the_promised_fields(tmp_path) -> None:  # type: igno
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+@pytest.mark.slow
 def test_bad_plan_is_a_clean_error() -> None:
     p = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "train", "--plan", "tp=3"],
                        capture_output=True, text=True, timeout=120)
