@@ -605,14 +605,15 @@ def bench_engine(backend: str, lanes: Sequence[int], sizes: Sequence[int], page_
 
 
 def cost_curve(backend: str = "tcp", lanes: int = 2, write_bytes: int = 4 * KiB,
-               writes: Sequence[int] = (1, 4, 16, 64, 256), iters: int = 30, device: str = "cpu") -> list[dict[str, Any]]:
+               writes: Sequence[int] = (1, 4, 16, 64, 256), iters: int = 30, device: str = "cpu",
+               target_device: str | None = None) -> list[dict[str, Any]]:
     """The per-operation cost curve: for each batch size k, the median time of one `write_batch` of k
     writes of `write_bytes` to a target process (until done) and until the call returned (posting),
     as rows {mode: batch, writes, us_per_write, post_us, ...}. k = 1 is a single write's cost."""
     from transport.engine import Engine, Target
 
     k_max = max(writes)
-    target = _Target(backend, k_max * write_bytes, device)
+    target = _Target(backend, k_max * write_bytes, target_device or device)
     try:
         with Engine(backend, lanes=lanes) as eng:
             src = eng.register(_source(eng, k_max * write_bytes, device))

@@ -26,7 +26,7 @@ class Transfer:
     """
 
     __slots__ = ("tid", "what", "peer", "nbytes", "future", "_remaining", "_lock", "_on_cancel",
-                 "submitted", "completed", "lanes", "peers")
+                 "submitted", "completed", "lanes", "peers", "hooks")
 
     def __init__(self, tid: int, what: str, peer: str | None, parts: int = 1, nbytes: int = 0,
                  on_cancel: Callable[[Transfer], None] | None = None) -> None:
@@ -44,6 +44,7 @@ class Transfer:
         self.completed: float | None = None
         self.lanes: tuple[int, ...] = ()
         self.peers: tuple[str, ...] = ()  # every peer of a multi-peer batch (else empty: see `peer`)
+        self.hooks: list[Callable[[], Any]] = []  # a data path's way to finish it in the waiting thread
 
     # -- completion (engine side) --
     def part_done(self, n: int = 1) -> bool:
@@ -76,6 +77,9 @@ class Transfer:
     # -- user side --
     def result(self, timeout: float | None = None) -> Any:
         """Wait for completion; raise the transfer's `TransportError`, or `TransferTimeout` after `timeout`."""
+        if self.hooks and not self.future.done() and (timeout is None or timeout >= 1.0):
+            for hook in list(self.hooks):  # e.g. wait for the GPU copy here instead of being woken by a poller
+                hook()
         try:
             return self.future.result(timeout)
         except _FutTimeout:

@@ -113,6 +113,22 @@ def _ranges(src: np.ndarray, dst: np.ndarray, length: np.ndarray, word: int) -> 
     return np.concatenate([s, d, n]).astype(np.int64, copy=False)
 
 
+class _Once:
+    """A completion callback that runs once, whoever calls it first (the poller or a waiting caller)."""
+
+    __slots__ = ("done", "fired", "lock")
+
+    def __init__(self, done: Done) -> None:
+        self.done, self.fired, self.lock = done, False, threading.Lock()
+
+    def __call__(self, exc: BaseException | None) -> None:
+        with self.lock:
+            if self.fired:
+                return
+            self.fired = True
+        self.done(exc)
+
+
 class CudaIpcPath(DataPath):
     """The data path of `Engine(backend="cuda_ipc")`.
 
@@ -217,8 +233,10 @@ class CudaIpcPath(DataPath):
                 ev.record(last)
         if slots and self._ring is not None:
             self._ring.release(slots, ev)
+        once = _Once(done)
+        t.hooks.append(lambda: self._finish(ev, once))  # a caller waiting in result() finishes it itself
         with self._cond:
-            self._queue.append((ev, done))
+            self._queue.append((ev, once))
             self._cond.notify()
 
     def _copy_local(self, flat: Any, remote: Any, pieces: Pieces, s: Any, slots: list[int]) -> None:
@@ -303,6 +321,17 @@ class CudaIpcPath(DataPath):
         self.used["kernel"] += 1
 
     # completion --------------------------------------------------------------
+    def _finish(self, ev: Any, done: Done) -> None:
+        try:
+            ev.synchronize()  # releases the GIL while the GPU finishes
+        except Exception as exc:  # noqa: BLE001
+            done(TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
+            return
+        try:
+            done(None)
+        except Exception as exc:  # noqa: BLE001 - never let one completion stop the poller
+            self.engine._log(f"cuda_ipc: completion callback failed: {exc}")
+
     def _poll(self) -> None:
         while True:
             with self._cond:
@@ -311,15 +340,7 @@ class CudaIpcPath(DataPath):
                 if not self._queue:
                     return
                 ev, done = self._queue.popleft()
-            try:
-                ev.synchronize()  # releases the GIL while the GPU finishes
-            except Exception as exc:  # noqa: BLE001
-                done(TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
-                continue
-            try:
-                done(None)
-            except Exception as exc:  # noqa: BLE001 - never let one completion stop the poller
-                self.engine._log(f"cuda_ipc: completion callback failed: {exc}")
+            self._finish(ev, done)
 
     def close(self) -> None:
         with self._cond:
