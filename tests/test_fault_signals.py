@@ -117,3 +117,53 @@ def test_timeout_blames_no_innocent_rank_and_names_the_logs() -> None:
     logs = next(line for line in lines if line.startswith("rank logs: "))
     assert Path(logs.split(": ", 1)[1], "rank0.log").is_file()
     assert tagged(tag) == []
+
+
+def test_a_slow_but_healthy_rank_is_not_a_hang() -> None:
+    """Steps whose telemetry is quiet for longer than the stall timeout, while the ranks compute."""
+    import numpy as np
+
+    from workbench.runner.launcher import run_train
+
+    res = run_train(model="gpt:layers=2,hidden=512,heads=8,vocab=256,seq=128", plan="dp=2,mbs=4,gbs=8", steps=2,
+                    stall_timeout=1.0, timeout=300)
+    assert res.metrics["steps"] == 2
+    ends = np.sort(res.events["end"].to_numpy())
+    assert np.max(np.diff(ends)) > 1.0, "the test needs telemetry gaps longer than the stall timeout"
+
+
+def test_a_killed_rank_is_reported_with_partial_results_and_logs() -> None:
+    import threading
+
+    tag = uuid.uuid4().hex
+    proc = start(tag, "--steps", "100000")
+    got = bytearray()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read1(4096):  # type: ignore[attr-defined]
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        ranks = wait_for_ranks(proc, tag)
+        t0 = time.time()
+        while b"step 3/" not in got and time.time() - t0 < 120:  # some steps finish
+            time.sleep(0.2)
+        rank1 = next(p for p in ranks if b"\0RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
+        os.kill(rank1, signal.SIGKILL)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = bytes(got)
+    finally:
+        for pid in tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1, err.decode()[-2000:]
+    assert any(line.startswith("error: rank 1 failed: killed by signal SIGKILL") for line in lines), lines[-10:]
+    partial = next((line for line in lines if line.startswith("partial results: ")), "\n".join(lines[-5:]))
+    assert "steps finished by every rank" in partial and "losses: " in partial
+    logs = next(line for line in lines if line.startswith("rank logs: "))
+    assert Path(logs.split(": ", 1)[1], "rank1.log").is_file()
+    assert "Traceback (most recent call last)" not in "\n".join(lines[:2])

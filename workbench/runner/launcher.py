@@ -528,17 +528,17 @@ class _Launch:
     def _request_cancel(self) -> None:
         self._cancelled.set()
 
-    def _cpu_seconds(self) -> float:
-        """CPU time the live ranks have used (Linux /proc): a rank computing a long step is busy, a hung
-        one (blocked in a collective, or stopped) is not."""
-        total = 0.0
-        for p in self.procs.values():
+    def _cpu_seconds(self) -> dict[int, float]:
+        """CPU time each live rank has used (Linux /proc): a rank computing a long step is busy, a hung
+        one (blocked in a collective, or stopped) is not (its telemetry thread uses ~1 % of a core)."""
+        used: dict[int, float] = {}
+        for r, p in self.procs.items():
             try:
                 fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+                used[r] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
             except (OSError, ValueError, IndexError):
                 continue
-        return total
+        return used
 
     def _monitor(self) -> None:
         last_progress, progress = time.time(), -1
@@ -549,12 +549,12 @@ class _Launch:
             time.sleep(0.05)
             now = time.time()
             self._drain()
-            done_steps = sum(len(v) for v in self.agg.steps.values()) + len(self.agg.events) + len(self.agg.memory)
+            done_steps = sum(len(v) for v in self.agg.steps.values()) + len(self.agg.events)  # not memory: sent always
             if done_steps != progress:
                 progress, last_progress = done_steps, now
-            if now - cpu_at >= 1.0:  # ranks using a fifth of a core or more are computing: slow, not hung
+            if now - cpu_at >= 1.0:  # a rank using 8 % of a core or more is computing: slow, not hung
                 used = self._cpu_seconds()
-                if used - cpu_used >= 0.2 * (now - cpu_at):
+                if any(used[r] - cpu_used.get(r, used[r]) >= 0.08 * (now - cpu_at) for r in used):
                     last_progress = now
                 cpu_at, cpu_used = now, used
             for r, msg in self.agg.errors.items():
