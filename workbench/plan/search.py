@@ -220,6 +220,8 @@ def plan_uncertainty(ctx: Any, plan: Plan) -> list[str]:
     dm = device_model(spec, prec)
     if dm.basis != "measured":
         out.append(f"GEMM curve for {spec.model} {prec}: {dm.basis}")
+    if dm.sustained_basis != "measured":
+        out.append(f"sustained (power-limited) clocks for {spec.model}: {dm.sustained_basis}")
     st = load_stack(plan.stack)
     m = ctx.model
     seq = m.seq if (st.cp_exchange == "all_gather" or (plan.cp or 1) == 1) else m.seq // (plan.cp or 1)

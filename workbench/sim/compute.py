@@ -163,6 +163,21 @@ def _grid_max(curve: str, file: str, reference: str) -> float:
 
 
 @cache
+def sustained_ratio(gpu_model: str) -> tuple[float, str]:
+    """(sustained / burst GEMM throughput, basis) from `datasets/gemm_sustained.csv`: the measured curves
+    are short bursts at boost clocks; a training step runs the GPU at its power limit for minutes.
+    1.0 for a GPU without a row (basis says so)."""
+    try:
+        df = read_csv("gemm_sustained.csv")
+    except FileNotFoundError:
+        return 1.0, "not measured"
+    d = df[df["gpu"] == gpu_model]
+    if d.empty:
+        return 1.0, "not measured"
+    return float(d["ratio"].iloc[0]), str(d["basis"].iloc[0])
+
+
+@cache
 def interference_slowdown(gpu_model: str) -> tuple[float, str]:
     """(fractional GEMM slowdown while an NCCL collective runs beside it, basis).
 
@@ -189,6 +204,7 @@ class DeviceModel:
         if spec.is_cpu:
             self.peak_flops = spec.peak("fp32") * 1e12
             self.curve, self.basis = "", "measured CPU rate (efficiency 1)"
+            self.sustained, self.sustained_basis = 1.0, "measured CPU rate"
         else:
             hit = _curve_table().get((spec.model, precision))
             if hit is None:
@@ -201,6 +217,8 @@ class DeviceModel:
             self._scale = 1.0
             if hit.max_efficiency is not None:
                 self._scale = hit.max_efficiency / _grid_max(hit.curve, hit.file, hit.reference)
+            self.sustained, self.sustained_basis = sustained_ratio(spec.model)
+            self._scale *= self.sustained
         # attention runs in bf16/fp16 (fp32 for fp32 training) whatever the GEMM precision
         attn_prec = "fp32" if precision == "fp32" else "bf16"
         self.attn_peak = (spec.peak("fp32") if spec.is_cpu else spec.peak(attn_prec if attn_prec in dict(
@@ -236,6 +254,8 @@ class DeviceModel:
         key = ("attn_bwd" if backward else "attn_fwd", hd, int(causal))
         xs, ys = curves[key] if key in curves else _attention_curves()[key]
         eff = float(np.interp(math.log2(max(seq, 1)), xs, ys))
+        if not self.spec.is_cpu:
+            eff *= self.sustained
         if cap is not None:
             eff = min(eff, cap)
         return flops / (self.attn_peak * eff)
@@ -270,6 +290,7 @@ def gemm_table(gpu_model: str = REFERENCE_GPU, precision: str = "bf16") -> objec
     dm = device_model(gpu(gpu_model), precision)
     df = read_csv(MEASURED)
     d = df[df["op"] == ("gemm_fp8" if precision == "fp8" else "gemm")].copy()
-    d["predicted_s"] = [dm.gemm_seconds(int(m), int(n), int(k)) for m, n, k in zip(d["m"], d["n"], d["k"])]
+    # the curve itself (burst clocks, as the sweep measured), without the sustained-clock factor
+    d["predicted_s"] = [dm.gemm_seconds(int(m), int(n), int(k)) * dm.sustained for m, n, k in zip(d["m"], d["n"], d["k"])]
     d["error"] = d["predicted_s"] / d["seconds"] - 1
     return pd.DataFrame(d)
