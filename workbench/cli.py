@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_outputs(parser, args)
         return int(args._run(args) or 0)
-    except (WorkbenchError, ExtraMissing) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
         return 2
     except OSError as exc:  # a file the command could not read or write (disk full, permissions, …)
@@ -172,6 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stop_runs()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """`WorkbenchError`, `ExtraMissing` and the error bases of `transport` and `kernels` where loaded
+    (those packages import nothing of workbench); evaluated when an exception reaches `main`."""
+    out: list[type[BaseException]] = [WorkbenchError, ExtraMissing]
+    for module, names in (("transport.errors", ("TransportError",)), ("kernels.errors", ("KernelInputError", "ExtraMissing"))):
+        m = sys.modules.get(module)
+        out += [getattr(m, n) for n in names] if m is not None else []
+    return tuple(out)
 
 
 def _fail(message: str) -> None:
