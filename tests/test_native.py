@@ -84,11 +84,23 @@ def test_native_plan_accepts_what_torch_does() -> None:
         Training(engine="megatron", export_dir="/tmp/x")
 
 
+def _frozen_corpus(tmp_path: Path) -> str:
+    """A copy of the default corpus (the repo's docs), so edits to docs/ during a test change nothing."""
+    from workbench.runner import data
+
+    f = tmp_path / "corpus.md"
+    f.write_text("\n\n".join(p.read_text() for p in data.default_corpus()))
+    return str(f)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_every_sharding_trains_the_same_model_as_one_process() -> None:
+def test_every_sharding_trains_the_same_model_as_one_process(tmp_path: Path) -> None:
+    corpus = _frozen_corpus(tmp_path)
+
     def losses(plan: str) -> list[float]:
-        r = run_train(model=LLAMA, plan=plan, steps=3, lr=3e-3, timeout=150)
+        r = run_train(model=LLAMA.replace("layers=2", "layers=4"), plan=plan, steps=3, lr=3e-3, timeout=150,
+                      corpus=corpus)
         assert r.metrics["engine"] == "native" and r.metrics["steps"] == 3
         ev = r.events
         assert {"forward", "backward", "optimizer"} <= set(ev["op"]) and (ev["end"] >= ev["start"]).all()
@@ -105,13 +117,13 @@ def test_every_sharding_trains_the_same_model_as_one_process() -> None:
 @pytest.mark.timeout(300)
 def test_checkpoint_resumes_and_the_export_loads_in_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    ck, hf = tmp_path / "ck", tmp_path / "hf"
+    ck, hf, corpus = tmp_path / "ck", tmp_path / "hf", _frozen_corpus(tmp_path)
     spec = LLAMA.replace("vocab=512", "vocab=600")  # ≥ 300 tokens: a trained BPE tokenizer is exported too
-    whole = run_train(model=spec, plan="dp=2,mbs=2,gbs=8", steps=4, lr=3e-3, timeout=150).metrics["losses"]
-    run_train(model=spec, plan="dp=2,mbs=2,gbs=8", steps=2, lr=3e-3, timeout=150, checkpoint_dir=str(ck))
+    kw = {"model": spec, "plan": "dp=2,mbs=2,gbs=8", "lr": 3e-3, "timeout": 150, "corpus": corpus}
+    whole = run_train(steps=4, **kw).metrics["losses"]
+    run_train(steps=2, checkpoint_dir=str(ck), **kw)
     assert (ck / "step-2" / ".metadata").exists()
-    resumed = run_train(model=spec, plan="dp=2,mbs=2,gbs=8", steps=2, lr=3e-3, timeout=150, checkpoint_dir=str(ck),
-                        export_dir=str(hf)).metrics["losses"]
+    resumed = run_train(steps=2, checkpoint_dir=str(ck), export_dir=str(hf), **kw).metrics["losses"]
     assert resumed == pytest.approx(whole[2:], rel=1e-4)  # steps 3-4 after a restart = steps 3-4 of one run
     model = transformers.LlamaForCausalLM.from_pretrained(str(hf), torch_dtype=torch.float32)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"))

@@ -181,8 +181,8 @@ class Llama(nn.Module):
                 std = std_out if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)
             cos, sin = rope_tables(self.spec, self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            self.rope_cos.copy_(cos)  # type: ignore[operator]
+            self.rope_sin.copy_(sin)  # type: ignore[operator]
 
     def keep_stage(self, layer_ids: list[int], first: bool, last: bool) -> None:
         """Drop everything a pipeline stage holding `layer_ids` (global indices) does not hold."""

@@ -33,7 +33,7 @@ import datetime
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ def apply_recompute(model: Llama, mode: str) -> None:
         if mode == "full":
             model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
         elif mode == "selective":
-            block.feed_forward = checkpoint_wrapper(block.feed_forward, preserve_rng_state=False)
+            block.feed_forward = checkpoint_wrapper(block.feed_forward, preserve_rng_state=False)  # type: ignore[arg-type]
 
 
 def apply_fsdp(model: Llama, dp_mesh: Any, precision: str, zero: int) -> None:
@@ -121,7 +121,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # type: ignore[no-any-return]
 
 
-def _bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+def _bytes(tensors: Iterable[Any]) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
 
@@ -169,7 +169,7 @@ class NativeTrainer:
                 apply_recompute(m, p["recompute"])
             if job.get("compile"):
                 for key, block in list(m.layers.items()):
-                    m.layers[key] = torch.compile(block)
+                    m.layers[key] = torch.compile(block)  # type: ignore[assignment]
             if p["dp"] > 1 and p["zero"] >= 1:
                 apply_fsdp(m, self.mesh["dp"], self.precision, p["zero"])
         self.fsdp = p["dp"] > 1 and p["zero"] >= 1
@@ -229,7 +229,7 @@ class NativeTrainer:
             self._time_stage(st, ci)
             stages.append(st)
         if p["vpp"] > 1:
-            return ScheduleInterleaved1F1B(stages, self.micro, loss_fn=self._loss)
+            return ScheduleInterleaved1F1B(stages, self.micro, loss_fn=self._loss)  # type: ignore[arg-type]
         cls = Schedule1F1B if self.micro >= p["pp"] else ScheduleGPipe
         return cls(stages[0], self.micro, loss_fn=self._loss)
 
@@ -377,7 +377,8 @@ class NativeTrainer:
 
         full: dict[str, torch.Tensor] = {}
         for m in self.chunks:
-            full |= {k: _local(v) for k, v in get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)).items()}
+            sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
+            full |= {k: _local(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
         names = hf_state_dict(full, self.spec)
         pp = self.p["pp"]
         writer = self.dp_rank == 0 and self.tp_rank == 0
