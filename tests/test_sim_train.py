@@ -377,6 +377,9 @@ def test_dualpipe_hides_expert_all_to_all_and_doubles_parameters() -> None:
     assert dual.memory["weights"] == pytest.approx(2 * one.memory["weights"], rel=0.05)
     with pytest.raises(WorkbenchError, match="plan.pp"):
         evaluate(ctx, None, _plan(**{**p, "pp": 1, "dp": 128, "ep": 64}, stack="deepseek-v3"))
+    # the events are laid out to end where the closed-form step ends
+    r = simulate_train(ctx.cluster, ctx.model, _plan(**p, stack="deepseek-v3"))
+    assert r.events["end"].max() == pytest.approx(r.metrics["step_seconds"], rel=1e-9)
 
 
 def test_node_limited_fp8_dispatch_moves_fewer_bytes() -> None:

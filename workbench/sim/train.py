@@ -824,7 +824,18 @@ def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
     m = p.micro_batches
     costs: list[StageCost] = det["costs"]
     fdur, bdur = det["fdur"], det["bdur"]
-    fstart, fend, bstart, bend, clock = run_schedule(pp, v, m, fdur, bdur, det["fsend"], det["bsend"])
+    dual = load_stack(p.stack).schedule == "dualpipe"
+    if dual:
+        # DualPipe's metrics are closed form; its events are laid out to match them: after the (pp/2 − 1)
+        # forwards of the warm-up, each stage runs its forward/backward pairs back to back
+        warm = (pp / 2 - 1) * float(np.max(fdur))
+        i = np.arange(m, dtype=float)[None, :]
+        fstart = warm + i * (fdur + bdur)[:, None]
+        fend = fstart + fdur[:, None]
+        bstart, bend = fend, fend + bdur[:, None]
+        clock = bend[:, -1].copy()
+    else:
+        fstart, fend, bstart, bend, clock = run_schedule(pp, v, m, fdur, bdur, det["fsend"], det["bsend"])
     rows: list[dict[str, Any]] = []
     tp_ops = ("all_gather", "reduce_scatter") if (p.sp and tp > 1) else ("all_reduce",)
     elem = _elem(str(p.precision))
@@ -842,7 +853,7 @@ def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
                 t += comp
                 for part in ("tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "offload"):
                     dur = parts.get(part, 0.0)
-                    if dur <= 0:
+                    if dur <= 0 or (dual and part == "ep_comm"):  # DualPipe: beside the paired chunk
                         continue
                     ops = tp_ops if part == "tp_comm" else _COMM_OPS[part]
                     kind = "transfer" if part in ("cp_comm", "offload") else "collective"
