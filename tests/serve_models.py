@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer of 256 byte tokens + <s>, </s> and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>"])
-    tok.save(str(path / "tokenizer.json"))
-    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}<s>assistant: {% endif %}")
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}))
+from workbench.serve.checkpoints import byte_tokenizer
 
 
 def make_llama(path: Path, seed: int = 0) -> Path:

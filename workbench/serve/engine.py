@@ -188,13 +188,18 @@ class Engine:
         logits = self.model.forward(batch, self.kv, after_layer=hook)
         self.last_batch = (len(plan), int(batch.tokens.shape[0]))
         outs: list[Output] = []
-        rows = logits.cpu() if logits.device.type != "cpu" else logits
-        for (seq, n), row in zip(plan, rows):
+        greedy = logits.argmax(-1).tolist()            # one device→host copy for every greedy row
+        rows = None
+        for i, (seq, n) in enumerate(plan):
             seq.computed += n
             if seq.computed < seq.length:
                 continue  # a prefill chunk that did not reach the end of the prompt
             index = seq.meta.get("base", 0) + len(seq.out)
-            tok = sample(row, seq.params, index)
+            if seq.params.greedy:
+                tok = int(greedy[i])
+            else:
+                rows = logits.cpu() if rows is None else rows
+                tok = sample(rows[i], seq.params, index)
             seq.out.append(tok)
             finish = self._finish_reason(seq, tok)
             if self.cfg.role == "prefill" and finish is None:

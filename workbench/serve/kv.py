@@ -46,10 +46,11 @@ class KVCache:
         d[pages, 0, :, offsets] = k
         d[pages, 1, :, offsets] = v
 
-    def read(self, layer: int, pages: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, pages: Sequence[int] | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [kv_heads, length, head_dim] of the first `length` tokens held in `pages`."""
         n = -(-length // self.page_size)
-        idx = torch.as_tensor(list(pages[:n]), dtype=torch.long, device=self.data.device)
+        idx = pages[:n] if isinstance(pages, torch.Tensor) else torch.as_tensor(
+            list(pages[:n]), dtype=torch.long, device=self.data.device)
         blk = self.data[layer, idx]                       # [n, 2, H, S, D]
         h, s, dd = blk.shape[2], blk.shape[3], blk.shape[4]
         k = blk[:, 0].permute(1, 0, 2, 3).reshape(h, n * s, dd)[:, :length]

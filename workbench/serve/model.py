@@ -97,6 +97,7 @@ class SeqChunk:
     n: int
     start: int
     pages: Sequence[int]
+    page_idx: torch.Tensor | None = None   # the pages holding positions 0 .. start+n, on the device
 
 
 @dataclass
@@ -124,8 +125,16 @@ class Batch:
                 spage.append(pages[p // page_size])
                 soff.append(p % page_size)
             chunks.append(SeqChunk(n, start, list(pages)))
-        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return cls(t(toks), t(pos), t(spage), t(soff), chunks)
+        need = [-(-(c.start + c.n) // page_size) for c in chunks]
+        flat = [p for c, k in zip(chunks, need) for p in c.pages[:k]]
+        # one host→device copy for all index vectors of the step
+        allv = torch.tensor(toks + pos + spage + soff + flat, dtype=torch.long).to(device, non_blocking=True)
+        T = len(toks)
+        a = 4 * T
+        for c, k in zip(chunks, need):
+            c.page_idx = allv[a:a + k]
+            a += k
+        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks)
 
 
 class Model:
@@ -208,7 +217,8 @@ class Model:
         rep = c.num_heads // c.num_kv_heads
         a = 0
         for ch in batch.chunks:
-            ks, vs = kv.read(i - self.layers.start, ch.pages, ch.start + ch.n)
+            ks, vs = kv.read(i - self.layers.start, ch.page_idx if ch.page_idx is not None else ch.pages,
+                             ch.start + ch.n)
             if rep > 1:
                 ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
             qs = q[a:a + ch.n].transpose(0, 1)

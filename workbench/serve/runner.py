@@ -137,10 +137,8 @@ def start_job(job: Any, checkpoint: str = "demo", **options: Any) -> RunHandle:
     w = job.workload
     traffic = getattr(w, "traffic", None)
     spec = traffic.spec() if hasattr(traffic, "spec") else str(traffic)
-    plan = job.plan
-    pd_split = bool(getattr(plan, "prefill_workers", 0) or getattr(w, "mode", "") == "disaggregated"
-                    or getattr(plan, "mode", "") == "disaggregated")
+    pd_split = bool(getattr(job.plan, "disaggregated", False))
     slo = getattr(w, "slo", None)
-    if isinstance(slo, dict):
-        slo = ",".join(f"{k}={v}" for k, v in slo.items())
-    return start(checkpoint, spec, "disaggregated" if pd_split else "colocated", slo=slo, job=job, **options)
+    slo_spec = str(slo) if slo is not None and getattr(slo, "any", True) else None
+    return start(checkpoint, spec, "disaggregated" if pd_split else "colocated", slo=slo_spec or None, job=job,
+                 **options)
