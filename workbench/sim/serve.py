@@ -417,9 +417,14 @@ def metrics(o: Outcome, slo: SLO, scale: int = 1) -> dict[str, Any]:
     for w, er, _ in o.runs:
         if w.role == "prefill":
             continue
-        keep = er.step_decode > 0
-        itl_x.append(er.step_dt[keep])
-        itl_w.append(er.step_decode[keep])
+        # a decode's inter-token gap runs from the previous step that decoded (steps without decodes
+        # in between, e.g. whole-prompt prefills, stall every running sequence)
+        keep = np.flatnonzero(er.step_decode > 0)
+        if len(keep):
+            ends = er.step_start[keep] + er.step_dt[keep]
+            gaps = np.diff(ends, prepend=ends[0] - er.step_dt[keep[0]])
+            itl_x.append(gaps)
+            itl_w.append(er.step_decode[keep])
         if er.itl_extra:
             itl_x.append(np.asarray(er.itl_extra))
             itl_w.append(np.ones(len(er.itl_extra), np.int64))

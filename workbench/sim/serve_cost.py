@@ -19,9 +19,9 @@ sequences sampled — as
 - memory-bound ops: `workbench.models.costs.elementwise_bytes_per_token` at the elementwise curve.
 - TP all-reduce, EP all-to-all: `workbench.sim.collectives` on the worker's GPUs; PP sends:
   `workbench.sim.p2p`.
-- kernel launches: measured eager and CUDA-graph launch costs × the counted kernels per layer
-  (`datasets/serving/overheads.csv`); a decode-only step replays a graph, others launch eagerly and
-  the step takes the longer of the GPU time and the launch time.
+- kernel launches: the counted kernels per layer (`datasets/serving/overheads.csv`) each add the
+  per-kernel gap measured in a CUDA-graph replay; a decode-only step replays a graph, any other step
+  is launched eagerly and takes at least the kernels × the measured eager launch time.
 Every table is built once per worker on a log grid of `m` and interpolated (`np.interp`), so a step
 costs a few microseconds and many steps can be priced at once (arrays in, arrays out).
 """
@@ -95,7 +95,8 @@ def _prefill_curve(head_dim: int, heads: int) -> tuple[np.ndarray, np.ndarray]:
 def _decode_curve(kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """(log bytes of KV read per call, log GB/s) of decode attention on the measuring GPU, from rows whose
     time is not bound by the eager call's launch floor (> 2 × the fastest call), for the nearest measured
-    KV-head count per GPU. Below the smallest such size the rate is held (plus one graph launch per layer)."""
+    KV-head count per GPU. Below the smallest such size the rate is held (the kernel's launch gap is
+    counted with the layer's other kernels)."""
     df = _attn_table()
     d = df[df["op"] == "decode"]  # type: ignore[index]
     kh = sorted(set(d["kv_heads"]), key=lambda h: abs(math.log(h / max(kv_heads, 1))))[0]
@@ -392,7 +393,7 @@ class WorkerCost:
         if self.spec.is_cpu:
             return b / (self.spec.memory_GBps * 1e9) * self.layers_per_stage
         bw = np.exp(np.interp(np.log(np.maximum(b, 1.0)), *self._dc)) * 1e9 * self._dc_scale
-        return np.where(b > 0, b / bw + self.launch_graph, 0.0) * self.layers_per_stage
+        return np.where(b > 0, b / bw, 0.0) * self.layers_per_stage
 
     def step_seconds(self, tokens: np.ndarray | float, prefill_work: np.ndarray | float,
                      decode_kv: np.ndarray | float, sampled: np.ndarray | float,
@@ -411,8 +412,8 @@ class WorkerCost:
             gpu = gpu + (pp - 1) * np.interp(lm, self.grid, self.t_send)
         graph = np.asarray(decode_only, bool) & self.plan.cuda_graph
         n_k = self.kernels * pp
-        launch = np.where(graph, n_k * self.launch_graph, n_k * self.launch_eager)
-        t = np.where(graph, gpu + launch, np.maximum(gpu, launch))
+        t = gpu + n_k * self.launch_graph  # back-to-back kernels: the per-kernel gap measured in a graph
+        t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager))  # eager: the host launches each kernel
         return t + self.plan.scheduler_us * 1e-6
 
     def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
@@ -466,15 +467,14 @@ class WorkerCost:
                 stage += b / (self.spec.memory_GBps * 1e9) * L
             else:
                 bw = math.exp(_interp(math.log(max(b, 1.0)), self._dcx, self._dcy)) * 1e9 * self._dc_scale
-                stage += (b / bw + self.launch_graph) * L
+                stage += b / bw * L
         gpu = pp * stage + _interp(math.log(max(sampled, 1.0) / pp), self._g, self._th)
         if pp > 1:
             gpu += (pp - 1) * _interp(math.log(max(tokens, 1.0) / pp), self._g, self._ts)
         n_k = self.kernels * pp
-        if decode_only and self.plan.cuda_graph:
-            t = gpu + n_k * self.launch_graph
-        else:
-            t = max(gpu, n_k * self.launch_eager)
+        t = gpu + n_k * self.launch_graph
+        if not (decode_only and self.plan.cuda_graph):
+            t = max(t, n_k * self.launch_eager)
         return t + self.plan.scheduler_us * 1e-6
 
 

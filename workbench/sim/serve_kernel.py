@@ -40,15 +40,14 @@ def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, samp
             stage += b / fp[F_MEM_BPS] * L
         else:
             bw = np.exp(np.interp(np.log(max(b, 1.0)), dcx, dcy)) * 1e9 * fp[F_DC_SCALE]
-            stage += (b / bw + fp[F_LAUNCH_GRAPH]) * L
+            stage += b / bw * L
     gpu = pp * stage + np.interp(np.log(max(sampled, 1.0) / pp), grid, th)
     if pp > 1:
         gpu += (pp - 1) * np.interp(lm, grid, ts)
     nk = fp[F_KERNELS] * pp
-    if decode_only and fp[F_GRAPH] > 0:
-        t = gpu + nk * fp[F_LAUNCH_GRAPH]
-    else:
-        t = max(gpu, nk * fp[F_LAUNCH_EAGER])
+    t = gpu + nk * fp[F_LAUNCH_GRAPH]  # back-to-back kernels: the per-kernel gap measured in a graph
+    if not (decode_only and fp[F_GRAPH] > 0):
+        t = max(t, nk * fp[F_LAUNCH_EAGER])  # eager: the host launches every kernel
     return t + fp[F_SCHED]
 
 
@@ -203,7 +202,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
             i = wq[wh]
             if swapped[i] > 0:
                 g = cdiv(swapped[i], B)
-                if g > free:
+                if cdiv(swapped[i] + 1, B) > free:  # its blocks and room for the token it decodes next
                     break
                 kv[i] = swapped[i]
                 alloc[i] = g
