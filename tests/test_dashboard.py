@@ -328,3 +328,15 @@ def test_replay_a_simulated_result_without_steps():
     pc = next(t for t in tl if t.name == "predicted compute")
     assert np.nanmin(np.asarray(pc.x, float)) == pytest.approx(float(sim.events["start"].min()))
     assert "step 4/4" in dash._status.value
+
+
+def test_the_live_data_model_needs_no_widget_plotting_or_runner_module() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, workbench.live\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('plotly', 'ipywidgets', 'torch')"
+            " or m.startswith(('workbench.runner', 'workbench.widgets', 'workbench.viz', 'workbench.sim')))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
