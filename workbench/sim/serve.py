@@ -329,11 +329,11 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
     for i in np.argsort(np.nan_to_num(pf_done, nan=np.inf), kind="stable").tolist():
         if failed[i] or np.isnan(pf_done[i]):
             continue
-        key = (int(p_of[i]), int(d_of[i]))
-        s0 = max(float(start[i]), busy.get(key, -np.inf))
+        pair = (int(p_of[i]), int(d_of[i]))
+        s0 = max(float(start[i]), busy.get(pair, -np.inf))
         end = max(s0 + float(t_all[pos[i]]), float(pf_done[i]) + float(t_layer[pos[i]]))
         start[i], landed[i] = s0, end
-        busy[key] = end
+        busy[pair] = end
     lanes = route(cluster, src0, dst0).lanes
     link_names = tuple(cluster.graph.links[i].name for lane in lanes for i in lane.links)
     nbytes = req.isl * pcost.kv_bytes_per_token_model()
