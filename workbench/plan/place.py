@@ -234,6 +234,13 @@ class _Ctx:
     kinds: dict[tuple[int, int], GroupKind] = field(default_factory=dict)  # (node, tp) -> kind
     memo: dict[Any, Any] = field(default_factory=dict)  # formats, transfers, replica metrics
 
+    def node(self, device: str) -> int:
+        """The node index of a device (a dict built once; the cluster's own lookup walks its graph)."""
+        idx = self.memo.get("node-index")
+        if idx is None:
+            idx = self.memo["node-index"] = {d: self.cluster.node_of(d) for d in self.cluster.gpus}
+        return int(idx[device])
+
     def kind(self, node: int, tp: int) -> GroupKind:
         key = (node, tp)
         k = self.kinds.get(key)
@@ -449,9 +456,18 @@ def _solve(ctx: _Ctx, groups: list[_Group], tps: list[int], conc: int, latency: 
 
 
 def _stage_figures(ctx: _Ctx, st: Stage, conc: float, batch: int) -> dict[str, Any]:
-    c = ctx.cluster
-    node = c.node_of(st.devices[0])
-    kind = ctx.kind(node, st.tp)
+    """Memory and seconds of one stage at `conc` sequences in flight and decode micro-batch `batch` (memoised:
+    the same layers on the same kind of group recur across the planner's candidates)."""
+    kind = ctx.kind(ctx.node(st.devices[0]), st.tp)
+    key = ("stage", kind.spec.model, kind.tp, kind.devices, st.layers, st.precision, st.layer_precisions,
+           st.offload.weights, round(conc, 6), batch)
+    hit = ctx.memo.get(key)
+    if hit is None:
+        hit = ctx.memo[key] = _stage_figures_uncached(ctx, st, kind, conc, batch)
+    return hit  # type: ignore[no-any-return]
+
+
+def _stage_figures_uncached(ctx: _Ctx, st: Stage, kind: GroupKind, conc: float, batch: int) -> dict[str, Any]:
     L = ctx.model.layers
     a, b = st.first, st.last + 1
     W = KV = DEC = PRE = 0.0
@@ -508,9 +524,9 @@ def _replica_metrics(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[
 def _replica_metrics_sig(ctx: _Ctx, rep: Replica, conc: float, rate: float) -> dict[str, Any]:
     c = ctx.cluster
     # node identity does not matter; the node's kind and whether the next stage shares the node do
-    sig = tuple((c.nodes[c.node_of(st.devices[0])], st.tp, st.layers, st.precision, st.layer_precisions,
-                 st.offload.weights,
-                 k + 1 < len(rep.stages) and c.node_of(rep.stages[k + 1].devices[0]) == c.node_of(st.devices[-1]))
+    nd = ctx.node
+    sig = tuple((c.nodes[nd(st.devices[0])], st.tp, st.layers, st.precision, st.layer_precisions, st.offload.weights,
+                 k + 1 < len(rep.stages) and nd(rep.stages[k + 1].devices[0]) == nd(st.devices[-1]))
                 for k, st in enumerate(rep.stages))
     key = ("rep", sig, round(conc, 6), round(rate, 9))
     hit = ctx.memo.get(key)

@@ -182,6 +182,7 @@ def layer_costs(cluster: Cluster, m: ModelSpec, kind: GroupKind, precision: str,
     return LayerCosts(w, kv, dec_a, pre_a, embed, head, head_dec, head_pre, batch)
 
 
+@lru_cache(maxsize=1024)
 def activation_bytes(m: ModelSpec, tp: int, chunk: int, max_seqs: int, last: bool) -> float:
     """Transient bytes of one forward on one device: a prefill chunk's widest intermediates (the
     residual stream, the FFN's up projection) and, on the last stage, fp32 logits of the batch."""
