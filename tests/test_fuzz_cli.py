@@ -11,6 +11,7 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ P2P = ["simulate", "p2p", "--cluster", "aws-p5:nodes=2"]
 COLL = ["simulate", "collective", "--cluster", "aws-p5:nodes=2", "--op", "all_reduce"]
 SEARCH = ["search", "train", "--cluster", "aws-p5:nodes=2", "--model", "llama3-8b"]
 RUN = ["run", "train", "--no-sim", "--overhead", "none"]
+BENCH_SERVE = ["bench", "serve", "--url", "http://127.0.0.1:9"]
 DEPLOY = ["deploy", "k8s", "--cluster", "aws-p5:nodes=2", "--model", "llama3-8b", "--plan", "tp=8,dp=2"]
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(9))
@@ -49,7 +51,7 @@ FILES = {
 BINARY = {"bin.yaml": b"\xff\xfe\x00\x81garbage", "bin.json": bytes(range(256))}
 
 # (argv, a piece of the message that names the field)
-CORPUS: list[tuple[list[str], str]] = [
+CORPUS: list[Any] = [
     # ---- numbers in cluster specs
     (["topology", "show", "aws-p5:oversubscription=nan"], "aws-p5.oversubscription"),
     (["topology", "show", "aws-p5:oversubscription=inf"], "aws-p5.oversubscription"),
@@ -200,6 +202,20 @@ CORPUS: list[tuple[list[str], str]] = [
     (["deploy", "k8s", "--job", "{d}/bomb.yaml", "--out", "{d}/o"], "job"),
     (["deploy", "k8s", "--job", "{d}/bin.yaml", "--out", "{d}/o"], "job"),
     (["deploy", "swarm", "--job", "{d}", "--out", "{d}/o"], "job"),
+    # ---- serving
+    (BENCH_SERVE + ["--traffic", "concurrency=4,isl=8,osl=8", "--slo", "ttft=-1"], "slo"),
+    (BENCH_SERVE + ["--traffic", "concurrency=4,isl=8,osl=8,requests=1e400"], "traffic"),
+    (BENCH_SERVE + ["--traffic", "concurrency=4,isl=8,osl=8,requests=nan"], "traffic"),
+    (BENCH_SERVE + ["--traffic", "concurrency=-4,isl=8,osl=8"], "traffic"),
+    (BENCH_SERVE + ["--traffic", "rate=4,concurrency=4,isl=8,osl=8"], "traffic"),
+    (BENCH_SERVE + ["--traffic", "concurrency=4,isl=8,osl=8", "--save-requests", "/nonexistent/r.csv"],
+     "--save-requests"),
+    (["serve", "demo", "--port", "99999999"], "--port"),
+    (["serve", "demo", "--max-seqs", "-1"], "--max-seqs"),
+    (["serve", "{d}/missing"], "model"),
+    pytest.param(["serve", "{d}"], "model", marks=pytest.mark.xfail(
+        strict=True, reason="workbench/serve checks the checkpoint folder only inside its worker process, which "
+                            "prints a traceback")),
 ]
 
 
@@ -225,7 +241,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue() + err.getvalue()
 
 
-@pytest.mark.parametrize(("argv", "field"), CORPUS, ids=[" ".join(a)[:70] for a, _ in CORPUS])
+@pytest.mark.parametrize(("argv", "field"), CORPUS,
+                         ids=[" ".join(c.values[0] if hasattr(c, "values") else c[0])[:70] for c in CORPUS])
 def test_bad_invocation_is_a_clean_error(scratch: Path, argv: list[str], field: str) -> None:
     argv = [a.replace("{d}", str(scratch)) for a in argv]
     before = set(os.listdir(scratch))

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OUTPUT_FILES = ("trace", "csv", "out")
+OUTPUT_FILES = ("trace", "csv", "out", "save_requests")
 """Options naming a file the command writes; checked before any work starts."""
 OUTPUT_DIRS: dict[tuple[str | None, str | None], tuple[str, ...]] = {("deploy", "k8s"): ("out",), ("deploy", "swarm"): ("out",), ("bench", "transport"): ("out_dir",), ("convert", None): ("out",)}
 """Options naming a folder the command writes into, per command."""
