@@ -171,3 +171,28 @@ def test_native_bf16_step_on_cuda() -> None:
         pytest.skip("no CUDA GPU")
     r = run_train(model=LLAMA, plan="dp=1,mbs=2,gbs=4", steps=3, backend="nccl", timeout=200)
     assert r.metrics["plan"]["precision"] == "bf16" and len(r.metrics["losses"]) == 3 and r.metrics["mfu"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_native_worker_under_plain_torchrun_and_load_run(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    from workbench.runner import load_run
+    from workbench.runner.launcher import _free_port
+    from workbench.topology import discover
+
+    out = tmp_path / "job"
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "workbench.runner.worker",
+                    "--model", LLAMA, "--plan", "pp=2,mbs=1,gbs=4", "--steps", "3", "--out", str(out),
+                    "--corpus", _frozen_corpus(tmp_path)], check=True, capture_output=True, timeout=200)
+    r = load_run(out, cluster=discover(cpu_ranks=2, measure=False))
+    assert r.metrics["engine"] == "native" and r.metrics["steps"] == 3 and r.metrics["ranks"] == 2
+    fwd = r.events[r.events["op"] == "forward"]
+    assert set(fwd["stage"]) == {0, 1} and len(fwd) == 2 * 3 * 4  # 2 stages × 3 steps × 4 micro-batches

@@ -52,7 +52,7 @@ def test_same_worker_under_plain_torchrun_and_load_run(tmp_path) -> None:  # typ
     out = tmp_path / "job"
     subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "workbench.runner.worker",
                     "--model", "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32", "--plan", "tp=2,mbs=2,gbs=4",
-                    "--steps", "3", "--out", str(out)], check=True, capture_output=True, timeout=180)
+                    "--steps", "3", "--out", str(out), "--engine", "megatron"], check=True, capture_output=True, timeout=180)
     r = load_run(out, cluster=discover(cpu_ranks=2, measure=False))
     assert r.metrics["steps"] == 3 and r.metrics["ranks"] == 2
     assert set(r.events[r.events["kind"] == "collective"]["group"]) == {"tp"}

@@ -6,8 +6,10 @@ plan's DP × TP × PP, and ships telemetry. The job comes from `WORKBENCH_JOB` (
 the launcher) or from the command line (under a plain torchrun):
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m workbench.runner.worker --model gpt:layers=8,hidden=1024,heads=16,vocab=32000,seq=1024 \\
-        --plan dp=4,tp=4,pp=1,mbs=2,gbs=64 --steps 20 --backend nccl --out runs/job1
+        -m workbench.runner.worker --model llama3-8b --plan dp=4,tp=4,pp=1,mbs=2,gbs=64 --steps 20 \\
+        --backend nccl --compile --checkpoint-dir ck --out runs/job1
+
+(`--engine megatron` runs the hand-written GPT instead.)
 
 Telemetry goes to the launcher's socket (`WORKBENCH_TELEMETRY=host:port`) or, without a
 launcher, to `OUT/rank<R>.jsonl` (load it with `workbench.runner.load_run(OUT)`).
@@ -38,11 +40,30 @@ def job_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-telemetry", action="store_true")
     p.add_argument("--p2p", default="auto", choices=["auto", "transport", "dist"])
     p.add_argument("--out", default="workbench-run")
+    p.add_argument("--engine", default="native", choices=["native", "megatron"])
+    p.add_argument("--compile", action="store_true", help="native: torch.compile each block")
+    p.add_argument("--corpus", default=None, help="native: text files to train on (default: the repo's docs)")
+    p.add_argument("--checkpoint-dir", default=None, help="native: torch.distributed.checkpoint save/resume here")
+    p.add_argument("--export-dir", default=None, help="native: write a Hugging Face checkpoint here at the end")
     a = p.parse_args(argv)
     from workbench.runner.launcher import resolve_job
 
-    job = resolve_job(a.model, a.plan, int(os.environ.get("WORLD_SIZE", "1")), a.steps, a.backend,
-                      a.optimizer, a.lr, a.seed, not a.no_telemetry)
+    if a.engine == "native":
+        from dataclasses import replace
+
+        from workbench.runner.launcher import local_job, runnable_plan, worker_job
+        from workbench.topology import discover
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        here = discover(cpu_ranks=world, measure=False) if a.backend == "gloo" else discover()
+        j = local_job(here, a.model, a.plan, a.steps, a.backend, telemetry=not a.no_telemetry, optimizer=a.optimizer,
+                      lr=a.lr, seed=a.seed, engine="native", compile=a.compile, corpus=a.corpus,
+                      checkpoint_dir=a.checkpoint_dir, export_dir=a.export_dir)
+        job = worker_job(j)
+        job["job"] = replace(j, plan=runnable_plan(j)).to_dict()
+    else:
+        job = resolve_job(a.model, a.plan, int(os.environ.get("WORLD_SIZE", "1")), a.steps, a.backend,
+                          a.optimizer, a.lr, a.seed, not a.no_telemetry)
     job["out"] = a.out
     job["p2p"] = a.p2p
     return job
