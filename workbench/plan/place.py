@@ -910,6 +910,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
                     continue
                 seen.add(key)
                 replicas = []
+                speeds: list[float] = []
                 for rn in layout:
                     groups, gtp = [], []
                     for i in rn:
@@ -927,21 +928,23 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
                         if sig not in solved:
                             solved[sig] = _solve(ctx, groups, gtp, conc, latency, memo)
                         res = solved[sig]
-                        stages = None
+                        stages: tuple[Stage, ...] | None = None
                         if res is not None:
                             stages = tuple(Stage(groups[gi].devices, (a, b - 1),
                                                  ctx.formats(ctx.kind(groups[gi].node, gtp[gi]))[fi],
                                                  ctx.kv_format(ctx.kind(groups[gi].node, gtp[gi])))
                                            for gi, a, b, fi in res[1])
-                        built[rkey] = stages
-                    stages = built[rkey]
+                        built[rkey] = (stages, 1.0 / res[0] if res is not None and res[0] > 0 else 0.0)
+                    stages, speed = built[rkey]
                     if stages is None:
                         break
                     replicas.append(Replica(stages, share))
+                    speeds.append(speed)
                 else:
-                    # route requests in proportion to each replica's capacity (memory share if that overflows)
-                    caps = [_replica_metrics(ctx, r, tr.concurrency * r.weight, 0.0)["x_cap"] for r in replicas]
-                    routed = tuple(Replica(r.stages, cp / sum(caps)) for r, cp in zip(replicas, caps))
+                    # route requests in proportion to each replica's speed as its DP measured it (requests/s of
+                    # its bottleneck stage); by memory share if that overflows a replica's memory
+                    routed = tuple(Replica(r.stages, sp / sum(speeds)) for r, sp in zip(replicas, speeds)) \
+                        if sum(speeds) > 0 else tuple(replicas)
                     ev = _evaluate_replicas(ctx, routed, sl, rows=False)
                     if not ev["predicted"]["fits"]:
                         routed = tuple(replicas)
