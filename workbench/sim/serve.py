@@ -601,3 +601,18 @@ def evaluate(cluster: Any, model: Any, plan: ServingPlan, req: Requests, slo: SL
         m["output_throughput_per_gpu"] = m["output_throughput"] / o.gpus
     m["sim_seconds"] = time.perf_counter() - t
     return m
+
+
+def load_sweep(cluster: Any, model: Any, plans: dict[str, Any], traffic: Any, rates: Any, slo: Any = None) -> pd.DataFrame:
+    """Metrics of each named plan at each open-loop request rate (the same traffic otherwise): TTFT/TPOT
+    versus load curves. One row per (plan, rate)."""
+    from workbench.models.presets import load_model
+    from workbench.topology.presets import load_cluster
+
+    cluster, model, base = load_cluster(cluster), load_model(model), Traffic.parse(traffic)
+    rows = []
+    for name, plan in plans.items():
+        for r in rates:
+            m = simulate_serving(cluster, model, plan, replace(base, rate=float(r), concurrency=0), slo).metrics
+            rows.append({"plan": name, "rate": float(r), **{k: v for k, v in m.items() if not isinstance(v, dict)}})
+    return pd.DataFrame(rows)
