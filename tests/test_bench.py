@@ -77,3 +77,21 @@ def test_old_registration_path_still_registers() -> None:
     from workbench.sim import bench as old
 
     assert old.register is not None and old.BENCHES is BENCHES
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_dashboard_runs_in_a_real_kernel_and_writes_the_one_shape(cli, tmp_path) -> None:
+    pytest.importorskip("jupyter_client")
+    pytest.importorskip("ipywidgets")
+    out = tmp_path / "dash.json"
+    code, _, err = cli("bench", "dashboard", "--rate", "20", "--seconds", "1", "--steps", "2", "--out", str(out))
+    assert code == 0, err
+    saved = rec.load(out)
+    assert saved["benchmark"] == "dashboard" and saved["command"].startswith("workbench bench dashboard --rate 20")
+    s = saved["summary"]
+    assert s["stream_updates_per_s"] > 0 and s["redraw_ms_at_240_events"] > 0
+    resp = [r for r in saved["rows"] if r["bench"] == "responsiveness"]
+    assert [r["dashboard"] for r in resp] == [False, True]  # the baseline run, then the run with a dashboard
+    code, _, err = cli("bench", "dashboard", "--rate", "0")
+    assert code == 2 and "--rate" in err
