@@ -557,7 +557,9 @@ def requests(result: Any) -> pd.DataFrame:
     cols = ["request", "arrival", "queue_s", "ttft_s", "tpot_s", "e2el_s", "input_tokens", "output_tokens",
             "preemptions", "worker", "completed", "rank", "device"]
     r = ev[ev["op"] == "request"]
-    return r[[c for c in cols if c in r.columns]].reset_index(drop=True)
+    r = r[[c for c in cols if c in r.columns]].reset_index(drop=True)
+    ints = {c: "int64" for c in ("request", "input_tokens", "output_tokens", "preemptions", "worker") if c in r}
+    return r.astype(ints).astype({"completed": bool} if "completed" in r else {})
 
 
 # ====================================================================== entry points

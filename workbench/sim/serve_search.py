@@ -1,6 +1,6 @@
 """Search serving configurations for the best goodput per GPU under SLOs.
 
-Candidates: colocated workers (TP, PP, EP, attention DP, replicas filling the cluster) and
+Candidates: colocated workers (TP, PP, EP, attention DP, 1, 2, 4, ... replicas up to the cluster) and
 disaggregated prefill/decode splits (every prefill:decode ratio of workers of one TP), each at
 several batch caps (`max_seqs`, `max_tokens`) and weight precisions the GPU has. Every candidate is
 simulated on the same requests (replica 0 standing for identical replicas); the DataFrame keeps
@@ -60,14 +60,15 @@ def candidates(cluster: Any, model: Any, max_seqs: tuple[int, ...] = (64, 256, 1
             for pp in (1, 2):
                 if tp * pp > n or (pp > 1 and tp * pp > per_node):
                     continue
-                for ep in eps:
-                    for dp in dps:
-                        for ms in max_seqs:
-                            for mt in max_tokens:
-                                if mt < ms:
-                                    continue
-                                out.append(ServingPlan(tp=tp, pp=pp, ep=ep, dp=dp, precision=prec, max_seqs=ms,
-                                                       max_tokens=mt))
+                for reps in _pow2_upto(n // (tp * pp)):  # fewer replicas: more load on each, fewer GPUs
+                    for ep in eps:
+                        for dp in dps:
+                            for ms in max_seqs:
+                                for mt in max_tokens:
+                                    if mt < ms:
+                                        continue
+                                    out.append(ServingPlan(tp=tp, pp=pp, ep=ep, dp=dp, replicas=reps, precision=prec,
+                                                           max_seqs=ms, max_tokens=mt))
             workers = n // tp
             if disaggregated and workers >= 2:
                 for p_w in range(1, workers):
@@ -117,7 +118,8 @@ def search_serving(cluster: Any, model: Any, traffic: Any, slo: Any = None, top:
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
-    df = df[list(COLUMNS)].sort_values(["ok", "goodput_per_gpu"], ascending=[False, False], na_position="last")
+    df = df[list(COLUMNS)].sort_values(["ok", "goodput_per_gpu", "mean_ttft_ms"], ascending=[False, False, True],
+                                       na_position="last")
     df = df.reset_index(drop=True)
     df.attrs.update({"evaluated": len(rows), "ok": int(df["ok"].sum()), "seconds": seconds,
                      "configs_per_s": len(rows) / seconds if seconds > 0 else 0.0, "requests": len(req)})
