@@ -22,7 +22,7 @@ from workbench.validate import bounded, number, show, whole
 
 GROUP_HELP = {
     "topology": "build, inspect, validate and discover cluster topologies",
-    "simulate": "simulate transfers, collectives and training steps",
+    "simulate": "simulate transfers, collectives, training steps and serving",
     "search": "search parallel plans",
     "bench": "benchmarks of the workbench itself",
     "run": "run a job for real on this machine or a cluster",
