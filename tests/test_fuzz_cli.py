@@ -92,6 +92,7 @@ CORPUS: list[Any] = [
     (["topology", "validate", "{d}/" + "a" * 300 + ".yaml"], "cluster"),
     (["topology", "show", "{d}/bomb.yaml"], "cluster file"),
     (["topology", "path", "aws-p5:nodes=2", "n0.g0", "n1.g0", "--lane", "-1"], "--lane"),
+    (["topology", "path", "aws-p5:nodes=2", "n0.g0", "n1.g0", "--lane", "99999"], "--lane"),
     (["topology", "path", "aws-p5:nodes=nan", "n0.g0", "n1.g0"], "aws-p5.nodes"),
     # ---- sizes and counts of the network simulators
     (P2P + ["--bytes", "1e400"], "--bytes"),

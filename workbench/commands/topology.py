@@ -45,6 +45,12 @@ def _path(args: argparse.Namespace) -> int:
     from workbench.topology import load_cluster
 
     c = load_cluster(args.spec)
+    nics = c.nics_of(args.gpu_a)
+    if args.lane and args.lane >= max(len(nics), 1):
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"--lane: {args.gpu_a} has {len(nics)} NIC(s), so lanes are 0..{max(len(nics) - 1, 0)}; "
+                             f"got {args.lane}")
     path = c.path(args.gpu_a, args.gpu_b, lane=args.lane)
     d = path.as_dict()
     d["nics_a"] = c.nics_of(args.gpu_a)
