@@ -142,8 +142,9 @@ class BenchReport:
                       "|---|---|---|---|---|---|---|---|"]
             for r_ in paged.itertuples(index=False):
                 lines.append(f"| {_fmt_bytes(int(r_.bytes))} total | {_fmt_bytes(int(getattr(r_, 'page_bytes', 0)))} "
-                             f"| {int(r_.writes)} | {r_.lanes} | {r_.GBps:.2f} | {r_.p50_us:.0f} | "
-                             f"{getattr(r_, 'post_us', float('nan')):.0f} | {r_.us_per_write:.2f} |")
+                             f"| {int(getattr(r_, 'writes', 0) or 0)} | {r_.lanes} | {r_.GBps:.2f} | {r_.p50_us:.0f} | "
+                             f"{getattr(r_, 'post_us', float('nan')):.0f} | "
+                             f"{getattr(r_, 'us_per_write', float('nan')):.2f} |")
         batch = df[df["mode"].isin(["batch", "raw_socket_batch"])]
         if not batch.empty:
             lines += ["", "| batched writes | bytes per write | writes per call | lanes | GB/s | p50 µs per call | "
