@@ -115,6 +115,25 @@ def test_full_precision_mixtral_reproduces_logits_exactly(mixtral, tmp_path):
     assert torch.equal(got, ref)
 
 
+def test_qwen2_naming_with_biases(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path / "qwen"
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(2)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.save_pretrained(d)
+    with torch.no_grad():
+        ref = m(IDS).logits
+    convert(d, _pl(2, [(0, 0, "fp32"), (1, 1, "int8")]), tmp_path / "pkg", progress=False)
+    raw = load_stage(tmp_path / "pkg", 1, dequantize=False)
+    assert raw["model.layers.1.self_attn.q_proj.bias"].dtype == torch.float32  # biases are not quantised
+    assert raw["model.layers.1.self_attn.q_proj.weight"].dtype == torch.int8
+    got = _logits("Qwen2ForCausalLM", cfg, load_package(tmp_path / "pkg"))
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
+
+
 @pytest.mark.parametrize("fmt, tol", [("fp8", 0.10), ("int8", 0.02)])
 def test_quantised_layers_within_stated_tolerance(llama, tmp_path, fmt, tol):
     from kernels.quant import dequantize_reference, quantize_reference

@@ -178,6 +178,9 @@ def test_cli_json_fields_and_bad_placement(tmp_path, capsys):
     rc = main(["plan", "place", "--cluster", MIXED, "--model", "llama3-8b", "--placement", str(tmp_path / "bad.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "n9.g3 is not a GPU of cluster" in err and "Traceback" not in err
+    rc = main(["plan", "place", "--cluster", "mixed:nodes=2", "--model", "kimi-k2", "--no-offload"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit on cluster" in err and "Traceback" not in err
 
 
 def test_open_loop_traffic_in_the_serving_vocabulary():
