@@ -170,6 +170,13 @@ def test_kv_pressure_preempts_and_both_modes_finish(node) -> None:  # type: igno
     assert roomy["preemptions"] == 0 and roomy["output_throughput"] > out["recompute"]["output_throughput"]
 
 
+def test_guaranteed_no_evict_never_preempts(node) -> None:  # type: ignore[no-untyped-def]
+    tr = "rate=inf,isl=2000,osl=1000,requests=120"
+    m = simulate_serving(node, "llama3.1-70b", "tp=4,replicas=1,mem_util=0.5,max_seqs=512,policy=guaranteed_no_evict",
+                         tr).metrics
+    assert m["completed"] == 120 and m["preemptions"] == 0 and m["peak_kv_usage"] <= 1.0
+
+
 def test_prefix_caching_hits_and_shortens_prefill(node) -> None:  # type: ignore[no-untyped-def]
     tr = "rate=10,isl=3000,osl=50,prefix=2048,requests=200"
     on = simulate_serving(node, "llama3.1-8b", "tp=1,replicas=1", tr).metrics

@@ -19,12 +19,13 @@ from workbench.validate import boolean, number, show, whole
 PRECISIONS = ("bf16", "fp16", "fp8", "int8", "fp4", "fp32")
 KV_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "fp32")
 PREEMPTION = ("recompute", "swap")
+POLICIES = ("max_utilization", "guaranteed_no_evict")
 _INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
 ALIASES = {"max_num_seqs": "max_seqs", "max_num_batched_tokens": "max_tokens", "block_size": "block",
            "kv_cache_dtype": "kv_precision", "dtype": "precision", "gpu_memory_utilization": "mem_util",
-           "preemption_mode": "preemption"}
+           "preemption_mode": "preemption", "capacity_scheduler_policy": "policy"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class ServingPlan:
     `precision` is the weights' (GEMMs run at its compute precision); `kv_precision` the KV cache's
     (auto = the activations' bf16). `chunk`: the longest prefill chunk per request per step (0 = up to
     `max_tokens`). `scheduler_us`: host time per step not hidden behind the GPU (0: an overlapped
-    scheduler, as vLLM V1 and SGLang run it).
+    scheduler, as vLLM V1 and SGLang run it). `policy`: max_utilization (admit what fits now, preempt
+    under KV pressure: vLLM, TensorRT-LLM's MAX_UTILIZATION) or guaranteed_no_evict (reserve prompt +
+    all output blocks at admission, never preempt: TensorRT-LLM's default capacity scheduler).
     """
 
     tp: int = 1
@@ -57,6 +60,7 @@ class ServingPlan:
     chunked_prefill: bool = True
     cuda_graph: bool = True
     preemption: str = "recompute"
+    policy: str = "max_utilization"
     mem_util: float = 0.9
     scheduler_us: float = 0.0
     prefill_workers: int = 0
@@ -77,6 +81,8 @@ class ServingPlan:
             raise WorkbenchError(f"plan.precision: {show(self.precision)} is not one of {', '.join(PRECISIONS)}")
         if self.kv_precision not in KV_PRECISIONS:
             raise WorkbenchError(f"plan.kv_precision: {show(self.kv_precision)} is not one of {', '.join(KV_PRECISIONS)}")
+        if self.policy not in POLICIES:
+            raise WorkbenchError(f"plan.policy: {show(self.policy)} is not one of {', '.join(POLICIES)}")
         if self.preemption not in PREEMPTION:
             raise WorkbenchError(f"plan.preemption: {show(self.preemption)} is not one of {', '.join(PREEMPTION)}")
         number(self.mem_util, "plan.mem_util", 0.0, 1.0)

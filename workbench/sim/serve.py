@@ -82,7 +82,7 @@ def run_engine(cost: WorkerCost, arrival: np.ndarray, isl: np.ndarray, osl: np.n
     n = len(isl)
     arr = np.ascontiguousarray(arrival, dtype=np.float64).copy()
     osl_eff = np.ones(n, np.int64) if mode == "prefill" else np.ascontiguousarray(osl, dtype=np.int64)
-    ip = np.zeros(10, np.int64)
+    ip = np.zeros(11, np.int64)
     ip[K.I_B] = plan.block
     ip[K.I_TOTAL] = cost.memory.blocks
     ip[K.I_CHUNK] = plan.chunk or plan.max_tokens
@@ -93,6 +93,7 @@ def run_engine(cost: WorkerCost, arrival: np.ndarray, isl: np.ndarray, osl: np.n
     ip[K.I_SWAP] = int(plan.preemption == "swap")
     ip[K.I_CLOSED] = closed
     ip[K.I_DECODE_MODE] = int(mode == "decode")
+    ip[K.I_NO_EVICT] = int(plan.policy == "guaranteed_no_evict")
     fp = cost.kernel_params()
     fp[K.F_SWAP_S] = cost.memory.kv_bytes_per_token / max(cost.dp, 1) / _swap_Bps(cost)
     ft = np.zeros(n) if first_token is None else np.ascontiguousarray(first_token, dtype=np.float64)

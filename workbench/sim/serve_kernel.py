@@ -17,7 +17,8 @@ from numba import njit
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
     F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S = range(16)
-I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE = range(10)
+I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
+    range(11)
 
 
 
@@ -69,6 +70,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     swap = ip[I_SWAP] > 0
     closed = ip[I_CLOSED]
     decode_mode = ip[I_DECODE_MODE] > 0
+    no_evict = ip[I_NO_EVICT] > 0  # reserve prompt + all output blocks at admission; never preempt
     P = isl.copy()
     kv = np.zeros(n, np.int64)
     gen = np.zeros(n, np.int64)
@@ -228,7 +230,11 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                     break
                 c = left
             g = cdiv(kv[i] + hit * B + c, B) - hit
-            if g + (1 if c < left else 0) > free:
+            if no_evict:
+                g = cdiv(isl[i] + osl[i], B) - hit
+                if g > free:
+                    break
+            elif g + (1 if c < left else 0) > free:
                 break
             kv[i] += hit * B
             shared[i] = hit
