@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         _fail(str(exc))
         return 2
+    except UnicodeDecodeError as exc:  # a file that is not text, read outside workbench.io
+        _fail(f"a file is not UTF-8 text (byte {exc.start}: {exc.reason})")
+        return 2
     except OSError as exc:  # a file the command could not read or write (disk full, permissions, …)
         where = f" {show(str(exc.filename), 200)}" if exc.filename else ""
         _fail(f"{exc.strerror or type(exc).__name__}{where}")

@@ -94,7 +94,9 @@ def parse_nccl_tests(text: str, op: str | None = None) -> pd.DataFrame:
 
 def read_nccl_tests(path: str | Path, op: str | None = None) -> pd.DataFrame:
     """Parse an nccl-tests output file (comment lines `##` at the top are ignored as headers)."""
-    return parse_nccl_tests(Path(path).read_text(), op)
+    from workbench.io import read_text
+
+    return parse_nccl_tests(read_text(path, "nccl-tests output"), op)
 
 
 def check_busbw(df: pd.DataFrame, ranks: int) -> pd.Series:

@@ -16,12 +16,12 @@ def _rate_mbit(text: str) -> float:
             break
     else:
         mul = 1.0
+    from workbench.validate import number, show
+
     try:
-        v = float(t) * mul
-    except ValueError:
-        raise WorkbenchError(f"--rate: cannot read {text!r} (use e.g. 300mbit, 1gbit or a number of Mbit/s)") from None
-    if v <= 0:
-        raise WorkbenchError(f"--rate: must be > 0, got {text!r}")
+        v = number(t, "--rate", 0.0, 1e7) * mul
+    except WorkbenchError:
+        raise WorkbenchError(f"--rate: cannot read {show(text)} (use e.g. 300mbit, 1gbit or a number of Mbit/s > 0)") from None
     return v
 
 
