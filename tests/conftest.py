@@ -6,6 +6,8 @@
   about the process itself (exit without traceback, signals);
 - `chromium`: the keyword arguments of Playwright's `chromium.launch` for Debian's chromium
   (skips when chromium or Playwright is missing);
+- `jupyter_lab(*notebooks)`: a JupyterLab server on 127.0.0.1 serving copies of notebooks,
+  stopped with its kernels at teardown;
 - `cuda_available()`, and tests marked `gpu` skip by themselves where no CUDA GPU exists
   (torch is imported only when a `gpu` test was collected).
 """
@@ -14,8 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
-from collections.abc import Callable
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -73,6 +84,89 @@ def chromium() -> dict[str, Any]:
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="playwright (python) is missing: pip install playwright")
     return {"executable_path": CHROMIUM, "args": list(CHROMIUM_FLAGS), "headless": True, "timeout": 60_000}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lab(NamedTuple):
+    """A running JupyterLab: its base URL, token, and the folder holding the notebook copies."""
+
+    base: str
+    token: str
+    dir: Path
+
+    def url(self, notebook: str) -> str:
+        return f"{self.base}/lab/tree/{notebook}?reset&token={self.token}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group: it and its kernels
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def jupyter_lab(tmp_path: Path, chromium: dict[str, Any]) -> Iterator[Callable[..., Lab]]:
+    """`jupyter_lab(*notebooks) -> Lab`: JupyterLab on a free port of 127.0.0.1 with a random token, serving
+    copies of `notebooks`, every cell drawn (no virtual scrolling), no news pop-up, `window.jupyterapp`
+    exposed for the page's scripts. Stopped with its kernels at teardown. Asks for `chromium` first, so it
+    skips before starting a server where no browser can run."""
+    started: list[tuple[subprocess.Popen[bytes], Any]] = []
+
+    def start(*notebooks: Path) -> Lab:
+        root = tmp_path / f"lab{len(started)}"
+        work = root / "nb"
+        work.mkdir(parents=True)
+        for nb in notebooks:
+            shutil.copy(nb, work / Path(nb).name)
+        settings = root / "settings"
+        for ext, body in (("@jupyterlab/notebook-extension/tracker", {"windowingMode": "none"}),
+                          ("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
+                                                                             "checkForUpdates": False})):
+            f = settings / f"{ext}.jupyterlab-settings"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(body))
+        port, token = free_port(), secrets.token_hex(16)
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+               "PYTHONUNBUFFERED": "1"}
+        exe = Path(sys.executable).with_name("jupyter")
+        log = open(root / "lab.log", "w")  # noqa: SIM115 - closed at teardown
+        proc = subprocess.Popen(
+            [str(exe) if exe.exists() else "jupyter", "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
+             f"--IdentityProvider.token={token}", f"--notebook-dir={work}", "--LabApp.expose_app_in_browser=True",
+             f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={root / 'workspaces'}",
+             *(["--allow-root"] if os.geteuid() == 0 else [])],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+        started.append((proc, log))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        return Lab(base, token, work)
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"jupyter lab did not start within 90 s:\n{(root / 'lab.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    try:
+        yield start
+    finally:
+        for proc, log in started:
+            _stop(proc)
+            log.close()
 
 
 @cache

@@ -10,15 +10,7 @@ Playwright is missing. Bounded in time: the server, the page and every wait have
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,67 +23,11 @@ SCREENSHOT = ROOT / "reports" / "browser-quickstart.png"
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _jupyter() -> str:
-    exe = Path(sys.executable).with_name("jupyter")
-    return str(exe) if exe.exists() else "jupyter"
-
-
 @pytest.fixture
-def lab(tmp_path, chromium):
-    """A JupyterLab server on 127.0.0.1 serving a copy of the notebooks; yields (base url, token, dir).
-    Asks for `chromium` first, so it skips before starting a server where no browser can run."""
-    work = tmp_path / "nb"
-    work.mkdir()
-    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
-    settings = tmp_path / "settings"
-    # draw every cell (no virtual scrolling), so outputs of all cells are in the DOM; no news pop-up
-    for ext, body in (("@jupyterlab/notebook-extension/tracker", {"windowingMode": "none"}),
-                      ("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
-                                                                         "checkForUpdates": False})):
-        f = settings / f"{ext}.jupyterlab-settings"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(body))
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "lab.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [_jupyter(), "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
-         f"--IdentityProvider.token={token}", f"--notebook-dir={work}",
-         "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={settings}",
-         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"jupyter lab did not start within 90 s:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base, token, work
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own group: it and its kernels
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+def lab(jupyter_lab):
+    """JupyterLab serving a copy of the quickstart; (base url, token, folder)."""
+    server = jupyter_lab(NOTEBOOK)
+    return server.base, server.token, server.dir
 
 
 # JavaScript run in the page (window.jupyterapp exists because of expose_app_in_browser)

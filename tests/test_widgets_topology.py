@@ -133,9 +133,6 @@ def test_renders_as_a_widget(b: TopologyBuilder) -> None:
 # a real browser: JupyterLab runs notebooks/01_topology.ipynb in Debian's chromium
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 _JS_CELLS = """() => {
   const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -153,101 +150,51 @@ _JS_RUN = """(i) => { const w = window.jupyterapp.shell.currentWidget; w.content
   return window.jupyterapp.commands.execute('notebook:run-cell'); }"""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_topology_notebook_in_jupyterlab(tmp_path: Path) -> None:
-    import json
-    import os
-    import secrets
-    import shutil
-    import signal
-    import subprocess
-    import sys
+def test_topology_notebook_in_jupyterlab(jupyter_lab, chromium) -> None:
     import time
-    import urllib.request
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    work = tmp_path / "nb"
-    work.mkdir()
-    shutil.copy(ROOT / "notebooks" / "01_topology.ipynb", work)
-    settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"windowingMode": "none"}))  # every cell in the DOM
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
-    jupyter = str(Path(sys.executable).with_name("jupyter"))
-    with open(tmp_path / "lab.log", "w") as log:
-        proc = subprocess.Popen(
-            [jupyter, "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
-             f"--IdentityProvider.token={token}", f"--notebook-dir={work}", "--LabApp.expose_app_in_browser=True",
-             f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-             *(["--allow-root"] if os.geteuid() == 0 else [])],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+    from playwright import sync_api
+
+    lab = jupyter_lab(ROOT / "notebooks" / "01_topology.ipynb")  # stopped at teardown (tests/conftest.py)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(**chromium)
         try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail("jupyter lab did not start: " + (tmp_path / "lab.log").read_text()[-2000:])
-                    time.sleep(0.5)
-            with sync_api.sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
-                try:
-                    page = browser.new_page(viewport={"width": 1400, "height": 1600})
-                    page.set_default_timeout(60_000)
-                    page.goto(f"{base}/lab/tree/01_topology.ipynb?reset&token={token}", timeout=90_000)
-                    page.wait_for_function(f"() => ({_JS_CELLS})() && ({_JS_CELLS})().status === 'idle'",
-                                           timeout=120_000)
-                    cells = page.evaluate(_JS_CELLS)["cells"]
-                    for i in [i for i, c in enumerate(cells) if c["type"] == "code"]:
-                        page.evaluate(_JS_RUN, i)
-                        end = time.monotonic() + 120
-                        while True:
-                            st = page.evaluate(_JS_CELLS)
-                            assert not st["cells"][i]["errors"], st["cells"][i]["errors"]
-                            if st["cells"][i]["count"] is not None and st["status"] == "idle":
-                                break
-                            assert time.monotonic() < end, f"cell {i} did not finish"
-                            page.wait_for_timeout(200)
-                    page.wait_for_timeout(2000)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.set_default_timeout(60_000)
+            page.goto(lab.url("01_topology.ipynb"), timeout=90_000)
+            page.wait_for_function(f"() => ({_JS_CELLS})() && ({_JS_CELLS})().status === 'idle'",
+                                   timeout=120_000)
+            cells = page.evaluate(_JS_CELLS)["cells"]
+            for i in [i for i, c in enumerate(cells) if c["type"] == "code"]:
+                page.evaluate(_JS_RUN, i)
+                end = time.monotonic() + 120
+                while True:
                     st = page.evaluate(_JS_CELLS)
-                    builder = next(i for i, c in enumerate(st["cells"]) if c["type"] == "code" and c["points"]
-                                   and "add node" in page.evaluate(
-                                       "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i]"
-                                       ".node.innerText", i))
-                    before = st["cells"][builder]["points"][0]
-                    cell = page.locator(".jp-Notebook .jp-Cell").nth(builder)
-                    cell.get_by_role("button", name="add node").click()
-                    page.wait_for_function(
-                        f"(b) => ({_JS_CELLS})().cells[{builder}].points[0] > b", arg=before, timeout=30_000)
-                    text = page.inner_text("body")
-                    (ROOT / "reports").mkdir(exist_ok=True)
-                    cell.scroll_into_view_if_needed()
-                    page.screenshot(path=str(ROOT / "reports" / "browser-topology.png"))
-                    figures = sum(len(c["points"]) for c in page.evaluate(_JS_CELLS)["cells"])
-                finally:
-                    browser.close()
+                    assert not st["cells"][i]["errors"], st["cells"][i]["errors"]
+                    if st["cells"][i]["count"] is not None and st["status"] == "idle":
+                        break
+                    assert time.monotonic() < end, f"cell {i} did not finish"
+                    page.wait_for_timeout(200)
+            page.wait_for_timeout(2000)
+            st = page.evaluate(_JS_CELLS)
+            builder = next(i for i, c in enumerate(st["cells"]) if c["type"] == "code" and c["points"]
+                           and "add node" in page.evaluate(
+                               "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i]"
+                               ".node.innerText", i))
+            before = st["cells"][builder]["points"][0]
+            cell = page.locator(".jp-Notebook .jp-Cell").nth(builder)
+            cell.get_by_role("button", name="add node").click()
+            page.wait_for_function(
+                f"(b) => ({_JS_CELLS})().cells[{builder}].points[0] > b", arg=before, timeout=30_000)
+            text = page.inner_text("body")
+            (ROOT / "reports").mkdir(exist_ok=True)
+            cell.scroll_into_view_if_needed()
+            page.screenshot(path=str(ROOT / "reports" / "browser-topology.png"))
+            figures = sum(len(c["points"]) for c in page.evaluate(_JS_CELLS)["cells"])
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            browser.close()
     assert "Error displaying widget" not in text and "FigureWidget(" not in text and "VBox(children" not in text
     assert figures >= 3  # two figures plus the builder's FigureWidget
