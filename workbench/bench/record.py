@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,12 @@ def load(path: str | Path) -> dict[str, Any]:
     return dict(rec)
 
 
+@dataclass(frozen=True)
 class Measured:
-    """What one benchmark function returns: headline numbers and the rows behind them."""
+    """What one benchmark function returns: headline numbers (`summary`) and the rows behind them."""
 
-    __slots__ = ("rows", "summary")
-
-    def __init__(self, summary: Mapping[str, Any], rows: Iterable[Mapping[str, Any]] = ()) -> None:
-        self.summary = dict(summary)
-        self.rows = [dict(r) for r in rows]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"Measured(summary={self.summary!r}, rows=[{len(self.rows)} rows])"
