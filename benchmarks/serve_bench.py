@@ -29,8 +29,8 @@ SHAPES = {  # a random-weight Llama of a meaningful size for each machine
 
 def runs(kind: str) -> list[tuple[str, str, dict]]:
     if kind == "cpu":
-        return [("colocated-cpu", "colocated", dict(device="cpu")),
-                ("disaggregated-cpu-tcp", "disaggregated", dict(device="cpu", transport="tcp"))]
+        return [("colocated-cpu", "colocated", dict(device="cpu", threads=1)),
+                ("disaggregated-cpu-tcp", "disaggregated", dict(device="cpu", transport="tcp", threads=1))]
     return [("colocated-1xH200", "colocated", dict(device="cuda:0", dtype="bfloat16")),
             ("disaggregated-2xH200-cuda_ipc", "disaggregated",
              dict(dtype="bfloat16", transport="cuda_ipc", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"})),

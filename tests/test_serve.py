@@ -247,6 +247,31 @@ def test_disaggregated_equals_colocated_equals_transformers(arch: str, tmp_path:
 
 
 @pytest.mark.slow
+def test_tensor_parallel_equals_transformers(llama: Path) -> None:
+    """TP=2 (two processes, gloo all-reduces; NCCL on GPUs) gives transformers' greedy tokens."""
+    import torch
+
+    from workbench.serve.backend import Backend
+    from workbench.serve.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 41)]
+
+    async def run_all(b: Backend) -> list[list[int]]:
+        async def one(p: list[int]) -> list[int]:
+            out: list[int] = []
+            async for ev in b.generate(p, SamplingParams(max_tokens=12, temperature=0)):
+                assert ev.error is None, ev.error
+                out.extend(ev.tokens)
+            return out
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    with Backend(str(llama), "colocated", tp=2, **SPEC) as b:
+        got = asyncio.run(run_all(b))
+    assert got == [hf_greedy(llama, p, 12) for p in prompts]
+
+
+@pytest.mark.slow
 def test_bench_client_against_the_server(service: Any, tmp_path: Path) -> None:
     res = bench.run(service.url, "concurrency=3,isl=16,osl=8,requests=9", slo="ttft=60000,tpot=60000",
                     api_key="sk-test", progress=False, tokenizer=service.app.tok)

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-device", default=None, help="disaggregated: the prefill worker's device")
     p.add_argument("--decode-device", default=None, help="disaggregated: the decode worker's device")
     p.add_argument("--transport", default="tcp", help="disaggregated: tcp, cuda_ipc or nixl")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the (colocated) worker: "
+                   "devices DEVICE, DEVICE+1, … (NCCL), or CPU processes (gloo)")
     p.add_argument("--kv-cache", default="256MiB", help="KV-cache size per worker (e.g. 256MiB, 4GiB)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-batched-tokens", type=int, default=256, help="token budget of one step (chunked prefill)")
@@ -34,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise WorkbenchError(f"--port: must be 0..65535, got {args.port}")
-    for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight"):
+    if args.tp > 1 and args.mode != "colocated":
+        raise WorkbenchError("--tp: tensor parallelism is served with --mode colocated (not yet with prefill/decode workers)")
+    for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp"):
         if getattr(args, name) < 1:
             raise WorkbenchError(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(args, name)}")
     prefill = {"device": args.prefill_device} if args.prefill_device else {}
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                         max_inflight=args.max_inflight, device=args.device, dtype=args.dtype,
                         kv_bytes=parse_size(args.kv_cache, "--kv-cache"), page_size=args.page_size,
                         max_batched_tokens=args.max_batched_tokens, max_seqs=args.max_seqs,
-                        transport=args.transport, prefill=prefill, decode=decode)
+                        transport=args.transport, prefill=prefill, decode=decode, tp=args.tp)
     print(f"serving {svc.model_name!r} ({args.mode}) at {svc.url}/v1  —  metrics at {svc.url}/metrics; Ctrl-C stops",
           flush=True)
     try:

@@ -69,7 +69,8 @@ class Engine:
     def __init__(self, model: Model, cfg: EngineConfig, kv: KVCache | None = None) -> None:
         self.model = model
         self.cfg = cfg
-        self.kv = kv or KVCache(model.cfg, cfg.num_pages, cfg.page_size, dtype=model.dtype, device=model.device)
+        self.kv = kv or KVCache(model.cfg, cfg.num_pages, cfg.page_size, dtype=model.dtype, device=model.device,
+                                kv_heads=model.num_kv_heads)
         self.alloc = PageAllocator(self.kv.num_pages)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -80,6 +81,8 @@ class Engine:
         self.last_batch = (0, 0)             # (sequences, tokens) of the last step
         # prefill role: `on_layer(layer, seqs)` after each layer for the sequences that finish their prompt now
         self.on_layer: Callable[[int, list[Seq]], None] | None = None
+        # tensor parallelism: `on_batch(items)` hands each step's batch to the other ranks before the forward
+        self.on_batch: Callable[[list[Any]], None] | None = None
 
     # ----- requests -----
     def add(self, seq: Seq) -> None:
@@ -178,7 +181,9 @@ class Engine:
         if not plan:
             self.last_batch = (0, 0)
             return []
-        items = [(seq.tokens[seq.computed:seq.computed + n], seq.computed, seq.pages) for seq, n in plan]
+        items = [(seq.tokens[seq.computed:seq.computed + n], seq.computed, list(seq.pages)) for seq, n in plan]
+        if self.on_batch is not None:
+            self.on_batch(items)
         batch = Batch.build(items, self.cfg.page_size, device=self.model.device)
         finishing = [seq for seq, n in plan if seq.computed + n == seq.length]
         hook = None

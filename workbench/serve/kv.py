@@ -18,14 +18,16 @@ from workbench.serve.model import ModelConfig
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int = 16, layers: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 kv_heads: int | None = None) -> None:
         if num_pages < 1 or page_size < 1:
             raise WorkbenchError(f"kv cache: num_pages and page_size must be ≥ 1, got {num_pages}, {page_size}")
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
         self.num_layers = layers if layers is not None else cfg.num_layers
-        self.data = torch.zeros((self.num_layers, num_pages, 2, cfg.num_kv_heads, page_size, cfg.head_dim),
+        heads = kv_heads or cfg.num_kv_heads   # this tensor-parallel rank's KV heads
+        self.data = torch.zeros((self.num_layers, num_pages, 2, heads, page_size, cfg.head_dim),
                                 dtype=dtype, device=device)
 
     @property

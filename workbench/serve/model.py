@@ -145,8 +145,14 @@ class Model:
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], layers: range | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None) -> None:
         self.cfg = cfg
+        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+        if tp_size > 1:
+            weights = shard_weights(weights, cfg, tp_rank, tp_size)
+        self.num_heads = cfg.num_heads // tp_size
+        self.num_kv_heads = cfg.num_kv_heads // tp_size
         self.layers = layers if layers is not None else range(cfg.num_layers)
         self.first = self.layers.start == 0
         self.last = self.layers.stop == cfg.num_layers
@@ -159,9 +165,17 @@ class Model:
     # ----- loading -----
     @classmethod
     def load(cls, path: str | Path, layers: range | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> Model:
+             dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None) -> Model:
         cfg = load_config(path)
-        return cls(cfg, load_weights(path, cfg, layers), layers, device, dtype)
+        return cls(cfg, load_weights(path, cfg, layers), layers, device, dtype, tp_rank, tp_size, tp_group)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the partial results of the tensor-parallel ranks (row-parallel o_proj / down_proj)."""
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.tp_group)
+        return x
 
     # ----- forward -----
     @torch.inference_mode()
@@ -207,14 +221,14 @@ class Model:
         q = F.linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
         k = F.linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
         v = F.linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
-        q = q.view(T, c.num_heads, c.head_dim)
-        k = k.view(T, c.num_kv_heads, c.head_dim)
-        v = v.view(T, c.num_kv_heads, c.head_dim)
+        q = q.view(T, self.num_heads, c.head_dim)
+        k = k.view(T, self.num_kv_heads, c.head_dim)
+        v = v.view(T, self.num_kv_heads, c.head_dim)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         kv.write(i - self.layers.start, batch.slot_pages, batch.slot_offsets, k, v)
         att = torch.empty_like(q)
-        rep = c.num_heads // c.num_kv_heads
+        rep = self.num_heads // self.num_kv_heads
         a = 0
         for ch in batch.chunks:
             ks, vs = kv.read(i - self.layers.start, ch.page_idx if ch.page_idx is not None else ch.pages,
@@ -229,10 +243,12 @@ class Model:
                         <= torch.arange(ch.start, ctx, device=h.device)[:, None])
             att[a:a + ch.n] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
             a += ch.n
-        o = F.linear(att.reshape(T, -1), w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+        o = self._reduce(F.linear(att.reshape(T, -1), w[p + "self_attn.o_proj.weight"]))
+        if p + "self_attn.o_proj.bias" in w:
+            o = o + w[p + "self_attn.o_proj.bias"]
         h = h + o
         x = _rms(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
-        return h + (self._moe(p, x) if c.num_experts else self._mlp(p + "mlp.", x))
+        return h + self._reduce(self._moe(p, x) if c.num_experts else self._mlp(p + "mlp.", x))
 
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
         w = self.w
@@ -252,6 +268,30 @@ class Model:
             y = F.linear(F.silu(F.linear(xe, w[q + "w1.weight"])) * F.linear(xe, w[q + "w3.weight"]), w[q + "w2.weight"])
             out.index_add_(0, tok, y * top_w[tok, slot, None])
         return out
+
+
+def shard_weights(w: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """This rank's slice for tensor parallelism (Megatron): q/k/v and gate/up by output rows (whole
+    heads), o_proj and down by input columns; norms, router, embedding and LM head replicated."""
+    if cfg.num_kv_heads % size or cfg.num_heads % size or cfg.intermediate_size % size:
+        raise WorkbenchError(f"plan.tp: {size} must divide the heads ({cfg.num_heads}), KV heads "
+                             f"({cfg.num_kv_heads}) and intermediate size ({cfg.intermediate_size})")
+    hd = cfg.head_dim
+    q, kv, inter = cfg.num_heads // size * hd, cfg.num_kv_heads // size * hd, cfg.intermediate_size // size
+    out = {}
+    for name, t in w.items():
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = t[rank * q:(rank + 1) * q]
+        elif name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+            t = t[rank * kv:(rank + 1) * kv]
+        elif name.endswith("o_proj.weight"):
+            t = t[:, rank * q:(rank + 1) * q]
+        elif name.endswith(("gate_proj.weight", "up_proj.weight", "w1.weight", "w3.weight")):
+            t = t[rank * inter:(rank + 1) * inter]
+        elif name.endswith(("down_proj.weight", "w2.weight")):
+            t = t[:, rank * inter:(rank + 1) * inter]
+        out[name] = t.contiguous()
+    return out
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -38,6 +38,7 @@ class WorkerSpec:
     kv_timeout: float = 60.0
     threads: int = 0                   # torch intra-op threads (0: leave the default)
     netns: str | None = None           # run inside this network namespace (emulated hosts)
+    tp: int = 1                        # tensor-parallel ranks (processes; devices cuda:N, cuda:N+1, …)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -69,12 +70,15 @@ class _Worker:
         dtype = getattr(torch, spec.dtype)
         if spec.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(spec.device))
-        model = Model.load(spec.model, device=spec.device, dtype=dtype)
-        elem = torch.tensor([], dtype=dtype).element_size()
+        self.followers: list[Any] = []
+        if spec.tp > 1:
+            if spec.role != "colocated":
+                raise RuntimeError("tensor parallelism is served colocated here (tp with prefill/decode workers: not yet)")
+            self.followers = _start_tp(spec)
+        model = Model.load(spec.model, device=spec.device, dtype=dtype, tp_rank=0, tp_size=spec.tp)
+        pages = _num_pages(spec, model)
+        kv = KVCache(model.cfg, pages, spec.page_size, dtype=dtype, device=spec.device, kv_heads=model.num_kv_heads)
         c = model.cfg
-        page_bytes = 2 * c.num_kv_heads * spec.page_size * c.head_dim * elem
-        pages = spec.num_pages or max(4, spec.kv_bytes // (page_bytes * c.num_layers))
-        kv = KVCache(c, pages, spec.page_size, dtype=dtype, device=spec.device)
         self.engine = Engine(model, EngineConfig(pages, spec.page_size, spec.max_batched_tokens, spec.max_seqs,
                                                  spec.role), kv)
         self.lock = threading.Lock()
@@ -100,13 +104,24 @@ class _Worker:
             info["descriptor"] = self.region.descriptor.to_bytes()
         if spec.role == "prefill":
             self.engine.on_layer = self._send_layer
+        self.last_bcast = time.time()
+        if spec.tp > 1:
+            self.engine.on_batch = lambda items: self._bcast(("step", items))
         conn.send(("ready", info))
+
+    def _bcast(self, msg: tuple[Any, ...]) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([msg], src=0)
+        self.last_bcast = time.time()
 
     # ----- the loop -----
     def run(self) -> None:
         try:
             while True:
                 busy = self.engine.has_work or self.reservations or self.draining
+                if self.followers and not busy and time.time() - self.last_bcast > 5:
+                    self._bcast(("ping",))   # idle: tell the other TP ranks the leader lives
                 if self.conn.poll(0 if busy else 0.05):
                     msg = self.conn.recv()
                     if msg[0] == "stop":
@@ -128,6 +143,17 @@ class _Worker:
                     elif self.engine.pending_kv:
                         time.sleep(0.0005)
         finally:
+            if self.followers:
+                try:
+                    self._bcast(("stop",))
+                except Exception:  # noqa: BLE001
+                    pass
+                for f in self.followers:
+                    try:
+                        f.wait(10)
+                    except Exception:  # noqa: BLE001
+                        f.kill()
+                        f.wait(5)
             if self.tx is not None:
                 self.tx.close()
 
@@ -241,3 +267,83 @@ class _Worker:
         for rid, st in items:
             self.engine.alloc.release(st["pages"])
             self.conn.send(("kv", rid, st["bytes"], st["t0"], st["t1"], st["error"]))
+
+
+# ----- tensor parallelism: rank 0 runs the engine, the other ranks replay its batches -----
+def _tp_device(spec: WorkerSpec, rank: int) -> str:
+    if spec.device.startswith("cuda"):
+        base = int(spec.device.split(":")[1]) if ":" in spec.device else 0
+        return f"cuda:{base + rank}"
+    return "cpu"
+
+
+def _num_pages(spec: WorkerSpec, model: Any) -> int:
+    elem = model.w["model.norm.weight"].element_size() if "model.norm.weight" in model.w else 4
+    page_bytes = 2 * model.num_kv_heads * spec.page_size * model.cfg.head_dim * elem
+    return spec.num_pages or max(4, spec.kv_bytes // (page_bytes * model.cfg.num_layers))
+
+
+def _init_tp(spec: WorkerSpec, rank: int, port: int) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    dev = _tp_device(spec, rank)
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(torch.device(dev))
+    dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=spec.tp, timeout=timedelta(seconds=60),
+                            **({"device_id": torch.device(dev)} if dev.startswith("cuda") else {}))
+
+
+def _start_tp(spec: WorkerSpec) -> list[Any]:
+    """Start ranks 1.. as plain subprocesses (a worker is a daemonic process: it may not fork
+    multiprocessing children) and join them in one process group."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys, json; from workbench.serve.worker import follower_main; follower_main(*json.loads(sys.argv[1]))"
+    followers = [subprocess.Popen([sys.executable, "-c", code, json.dumps([asdict(spec), r, port])])
+                 for r in range(1, spec.tp)]
+    _init_tp(spec, 0, port)
+    return followers
+
+
+def follower_main(spec: dict[str, Any], rank: int, port: int) -> None:
+    _follower(WorkerSpec(**spec), rank, port)
+
+
+def _follower(spec: WorkerSpec, rank: int, port: int) -> None:
+    """A tensor-parallel rank > 0: its shard of the weights and KV heads; runs every batch rank 0 sends."""
+    import torch
+    import torch.distributed as dist
+
+    from workbench.serve.kv import KVCache
+    from workbench.serve.model import Batch, Model
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    _init_tp(spec, rank, port)
+    dev = _tp_device(spec, rank)
+    dtype = getattr(torch, spec.dtype)
+    model = Model.load(spec.model, device=dev, dtype=dtype, tp_rank=rank, tp_size=spec.tp)
+    kv = KVCache(model.cfg, _num_pages(spec, model), spec.page_size, dtype=dtype, device=dev,
+                 kv_heads=model.num_kv_heads)
+    try:
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            msg = box[0]
+            if msg[0] == "stop":
+                return
+            if msg[0] == "step":
+                model.forward(Batch.build(msg[1], spec.page_size, device=dev), kv)
+    finally:
+        dist.destroy_process_group()
