@@ -381,15 +381,18 @@ def _stats(x: np.ndarray, name: str, w: np.ndarray | None = None) -> dict[str, f
 
 
 def request_table(o: Outcome) -> pd.DataFrame:
-    """One row per request: arrival, queue, TTFT, TPOT, E2E (seconds), lengths, preemptions, worker."""
+    """One row per request: arrival, queue, TTFT, TPOT, E2E (seconds), lengths, preemptions, worker label."""
     ok = ~o.failed & ~np.isnan(o.t_finish)
     ttft = o.t_first - o.arrival
     e2el = o.t_finish - o.arrival
     osl = o.req.osl
     tpot = np.where(osl > 1, (e2el - ttft) / np.maximum(osl - 1, 1), np.nan)
+    label = np.full(len(osl), "", dtype=object)
+    for w, _, idx in o.runs:  # disaggregated: the decode worker's label (its runs come after the prefill ones)
+        label[idx] = f"{w.role}{w.index}"
     return pd.DataFrame({"request": np.arange(len(osl)), "arrival": o.arrival, "queue_s": o.t_sched - o.arrival,
                          "ttft_s": ttft, "tpot_s": tpot, "e2el_s": e2el, "input_tokens": o.req.isl,
-                         "output_tokens": osl, "preemptions": o.preempt, "worker": o.worker_of, "completed": ok})
+                         "output_tokens": osl, "preemptions": o.preempt, "worker": label, "completed": ok})
 
 
 def metrics(o: Outcome, slo: SLO, scale: int = 1) -> dict[str, Any]:
@@ -559,7 +562,7 @@ def requests(result: Any) -> pd.DataFrame:
             "preemptions", "worker", "completed", "rank", "device"]
     r = ev[ev["op"] == "request"]
     r = r[[c for c in cols if c in r.columns]].reset_index(drop=True)
-    ints = {c: "int64" for c in ("request", "input_tokens", "output_tokens", "preemptions", "worker") if c in r}
+    ints = {c: "int64" for c in ("request", "input_tokens", "output_tokens", "preemptions") if c in r}
     return r.astype(ints).astype({"completed": bool} if "completed" in r else {})
 
 
