@@ -890,7 +890,7 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
         from itertools import combinations
 
         subsets += [s for r in range(1, len(kinds)) for s in combinations(kinds, r)]
-    max_r = opts.max_replicas or len(c.nodes)
+    max_r = opts.max_replicas or c.num_gpus
     memo: dict[Any, Any] = {}
     solved: dict[Any, Any] = {}
     built: dict[Any, Any] = {}  # (nodes, TP per group, concurrency) -> the replica's stages (or None: cannot fit)
@@ -904,7 +904,14 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
         tot_mem = sum(mem_of[i] for i in nodes)
         for tps in product(*[tp_sets[kinds.index(k)] for k in subset]):
             tp_of = dict(zip(subset, tps))
-            for layout in _layouts(ctx, nodes, [[k for k in o if k in subset] for o in orders], max_r, kind_of):
+            layouts: list[list[list[tuple[int, int]]]] = [
+                [[(i, -1) for i in rn] for rn in lay]
+                for lay in _layouts(ctx, nodes, [[k for k in o if k in subset] for o in orders], max_r, kind_of)]
+            # every TP group its own replica (replicas inside a node), when a node holds several groups
+            per_group = [[(i, s0)] for i in nodes for s0 in range(0, c.nodes[i].gpus, tp_of[kind_of[i]])]
+            if len(nodes) < len(per_group) <= max_r:
+                layouts.append(per_group)
+            for layout in layouts:
                 key = tuple(sorted(tuple(rn) for rn in layout)), tps  # replica order does not matter
                 if key in seen:
                     continue
@@ -913,12 +920,13 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
                 speeds: list[float] = []
                 for rn in layout:
                     groups, gtp = [], []
-                    for i in rn:
+                    share = 0.0
+                    for i, start in rn:  # start -1: every TP group of node i; else the one group at `start`
                         tp = tp_of[kind_of[i]]
-                        for s0 in range(0, c.nodes[i].gpus, tp):
+                        for s0 in (range(0, c.nodes[i].gpus, tp) if start < 0 else (start,)):
                             groups.append(_Group(i, tuple(f"n{i}.g{j}" for j in range(s0, s0 + tp))))
                             gtp.append(tp)
-                    share = sum(mem_of[i] for i in rn) / tot_mem
+                            share += mem_of[i] * tp / c.nodes[i].gpus / tot_mem
                     conc = max(1, math.ceil(tr.concurrency * share))
                     candidates += 1
                     rkey = (tuple(rn), tuple(gtp), conc)
