@@ -22,7 +22,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvme-gb", type=float, default=0.0, help="NVMe per node in GB (default datasets/placement.csv)")
     p.add_argument("--prices", default="", help="USD per GPU-hour for --objective cost, e.g. RTX-3090=0.2,A100-80GB=1.3 "
                                                 "(default: the GPU's TDP at the electricity price)")
-    p.add_argument("--max-replicas", type=int, default=0, help="at most this many replicas (default: one per node)")
+    p.add_argument("--max-replicas", type=int, default=0, help="at most this many replicas (default: one per TP group)")
     p.add_argument("--placement", help="evaluate this placement file instead of planning one")
     p.add_argument("--crosscheck", action="store_true",
                    help="also run the placement's replicas through the serving simulator (workbench.sim.serve)")
