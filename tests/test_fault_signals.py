@@ -167,3 +167,21 @@ def test_a_killed_rank_is_reported_with_partial_results_and_logs() -> None:
     logs = next(line for line in lines if line.startswith("rank logs: "))
     assert Path(logs.split(": ", 1)[1], "rank1.log").is_file()
     assert "Traceback (most recent call last)" not in "\n".join(lines[:2])
+
+
+def test_ctrl_c_in_a_notebook_stops_the_ranks() -> None:
+    """`wb.run(job)` interrupted (Ctrl-C in a script, Interrupt in Jupyter) stops its ranks at once."""
+    import _thread
+    import threading
+
+    from workbench.runner.launcher import start_train
+
+    h = start_train(model="gpt:layers=2,hidden=32,heads=2,vocab=64,seq=16", plan="dp=2,mbs=2,gbs=8", steps=100_000)
+    for u in h.updates(timeout=120):
+        if u.step >= 1:
+            break
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        h.wait(timeout=60)
+    for pid in h.pids.values():  # stopped before the interrupt propagated, not at interpreter exit
+        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split(b") ")[1][:1]

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -411,6 +412,28 @@ class TrainHandle(RunHandle):
         """Send `sig` to a rank (failure drills and tests)."""
         os.kill(self.pids[rank], sig)
 
+    _abort: Any = None  # the launcher's synchronous stop, set when it starts
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """As `RunHandle.wait`; Ctrl-C while waiting stops every rank before it propagates."""
+        try:
+            return super().wait(timeout)
+        except KeyboardInterrupt:
+            self._stop_on_interrupt()
+            raise
+
+    def updates(self, timeout: float | None = None) -> Iterator[Update]:
+        """As `RunHandle.updates`; Ctrl-C while iterating stops every rank before it propagates."""
+        try:
+            yield from super().updates(timeout)
+        except KeyboardInterrupt:
+            self._stop_on_interrupt()
+            raise
+
+    def _stop_on_interrupt(self) -> None:
+        if self._abort is not None and not self.done:
+            self._abort("interrupted")
+
 
 class _Launch:
     def __init__(self, job: dict[str, Any], cluster: Any, hosts: list[str] | None, master_addr: str | None,
@@ -430,6 +453,7 @@ class _Launch:
         self.readers: list[threading.Thread] = []
         self.handle = TrainHandle(job["steps"])
         self.handle._cancel = self._request_cancel
+        self.handle._abort = self.abort
         self._cancelled = threading.Event()
         self.t0 = time.time()
         self.agg = Aggregator(job, cluster, self.t0)
