@@ -288,3 +288,27 @@ def test_validation_table_is_computed_within_a_loose_bound() -> None:
     assert len(df) >= 9 and df["predicted_tok_s"].gt(0).all()
     # a sanity bound, not a fit: every prediction within a factor of 3 of the published measurement
     assert ((df["predicted_tok_s"] / df["measured_tok_s"]).between(1 / 3, 3)).all(), df
+
+
+def test_a_mixed_gpu_placement_simulates_stage_by_stage() -> None:
+    from workbench.plan.placement import Placement
+    from workbench.sim.serve_placement import simulate_placement
+
+    cl = "mixed:nodes=2"  # a node of 4 RTX 3090s and a node of 8 A100s on 10 GbE
+    pl = Placement.from_dict({"model": "llama3.1-8b", "num_layers": 32, "replicas": [
+        {"weight": 1, "stages": [{"devices": ["n0.g0", "n0.g1"], "layers": [0, 11]},
+                                 {"devices": ["n1.g0", "n1.g1"], "layers": [12, 31]}]},
+        {"weight": 3, "stages": [{"devices": ["n1.g2", "n1.g3"], "layers": [0, 31]}]}]})
+    res = simulate_placement(cl, "llama3.1-8b", pl, "rate=4,dataset=conversation,scale=0.3,requests=200")
+    m = res.metrics
+    assert m["completed"] == 200 and m["num_gpus"] == 6
+    r = requests(res)
+    assert set(r["worker"]) == {"replica0", "replica1"}
+    assert abs((r["worker"] == "replica1").mean() - 0.75) < 0.02
+    # the pipeline across the 10 GbE hop is slower per token than the A100 pair
+    tpot = r.groupby("worker")["tpot_s"].mean()
+    assert tpot["replica0"] > tpot["replica1"]
+    with pytest.raises(WorkbenchError, match="stage 0"):
+        bad = Placement.from_dict({"model": "llama3.1-70b", "num_layers": 80, "replicas": [
+            {"stages": [{"devices": ["n0.g0"], "layers": [0, 79]}]}]})
+        simulate_placement(cl, "llama3.1-70b", bad, "rate=1,isl=8,osl=8,requests=4")

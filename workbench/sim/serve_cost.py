@@ -239,7 +239,11 @@ class WorkerCost:
         per_layer_dense = pc.attention / att_tp + pc.dense_ffn / tp + pc.norms
         per_layer_moe = pc.attention / att_tp + pc.norms + (pc.moe_router + pc.shared) / tp + pc.experts * pc.expert / tp
         weights = (self.n_dense * per_layer_dense + self.n_moe * per_layer_moe) * self.wbytes
-        emb = (pc.embedding + pc.head) if pp == 1 else max(pc.embedding, pc.head)  # first/last stage
+        parts = getattr(self, "embed_parts", None)  # (holds the embedding, holds the LM head) of a placed stage
+        if parts is not None:
+            emb = pc.embedding * parts[0] + (pc.head or pc.embedding) * parts[1]
+        else:
+            emb = (pc.embedding + pc.head) if pp == 1 else max(pc.embedding, pc.head)  # first/last stage
         weights += emb / tp * 2.0  # embeddings and LM head stay in bf16
         kind = "moe" if m.is_moe else "dense"
         acts = self.plan.max_tokens * activation_bytes_per_token(m, kind, tp, sp=False, elem=int(self.act_bytes))
