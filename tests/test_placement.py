@@ -209,3 +209,20 @@ def test_crosscheck_with_the_serving_simulator():
     assert sim["output_throughput"] > 0
     # the two models are independent; they must agree on the decode rate to within a factor of two
     assert 0.5 < ours["predicted"]["mean_tpot_ms"] / sim["mean_tpot_ms"] < 2.0
+
+
+def test_figures_of_a_placement(planned):
+    pytest.importorskip("plotly")
+    from workbench.viz.placement import comparison_figure, memory_figure, placement_figure
+
+    fig = placement_figure(MIXED, planned.placement)
+    stages = [t for t in fig.data if (t.meta or {}).get("role") == "stage"]
+    assert len(stages) == len(planned.placement.stages)
+    assert sum(len(t.x) for t in stages) == len(planned.placement.devices)
+    mem = memory_figure(planned.devices)
+    cap = next(t for t in mem.data if t.name == "capacity")
+    assert list(cap.y) == [d["capacity_GiB"] for d in planned.devices]
+    cmp_ = comparison_figure(planned)
+    assert list(cmp_.data[0].x) == ["planner", "uniform", "memory-proportional"]
+    html = planned._repr_mimebundle_()["text/html"]
+    assert "baseline uniform" in html and "gap vs fluid bound" in html
