@@ -149,10 +149,10 @@ def test_cancel_stops_every_rank() -> None:
         h.wait(timeout=30)
 
 
-@pytest.mark.parametrize("plan,field", [("dp=2,gbs=3", "plan.gbs"), ("tp=3", "plan.tp"), ("dp=x", "plan.dp"),
-                                        ("pp=9", "plan.pp"), ("foo=1", "plan.foo")])
+@pytest.mark.parametrize("plan,field", [("dp=2,gbs=3", r"plan\.gbs"), ("tp=3", r"plan\.tp"), ("dp=x", r"plan\.dp"),
+                                        ("pp=9", r"plan\.pp"), ("foo=1", r"plan(\.foo|: unknown field 'foo')")])
 def test_bad_plans_name_the_field(plan: str, field: str) -> None:
-    with pytest.raises(WorkbenchError, match=field.replace(".", r"\.")):
+    with pytest.raises(WorkbenchError, match=field):
         start_train(model=SMALL, plan=plan, steps=1)
 
 

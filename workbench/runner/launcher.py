@@ -780,6 +780,12 @@ def start_job(job: Any, *, hosts: list[str] | None = None, master_addr: str | No
         raise WorkbenchError(f"workload.engine: {'p2p=transport' if p2p == 'transport' else 'dump_params'} is a "
                              "feature of the hand-written engine (set engine='megatron')")
     wire["job"] = replace(job, plan=runnable_plan(job)).to_dict()
+    if wire["engine"] == "native":  # tokenise the corpus once, here, rather than in every rank
+        from workbench.runner import data
+
+        corpus = data.prepare(data.corpus_files(job.workload.corpus), job.model.vocab)
+        wire |= {"tokens": str(corpus.tokens), "tokenizer": str(corpus.tokenizer) if corpus.tokenizer else None,
+                 "tokenizer_vocab": corpus.vocab}
     wire |= {"p2p": p2p, "collective_timeout_s": collective_timeout_s, "threads": threads, "dump_params": dump_params,
              "fail_rank_at_step": list(fail_rank_at_step) if fail_rank_at_step else None}
     return _Launch(wire, job.cluster, hosts, master_addr, telemetry_addr, timeout, stall_timeout, env).start()

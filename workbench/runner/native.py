@@ -144,7 +144,11 @@ class NativeTrainer:
         self.precision, self.sp = p["precision"], bool(p["sp"]) and p["tp"] > 1
         self.micro = p["gbs"] // (p["dp"] * p["mbs"])
         self.mesh = init_device_mesh(device.type, (p["pp"], p["dp"], p["tp"]), mesh_dim_names=("pp", "dp", "tp"))
-        corpus = data.prepare(data.corpus_files(job.get("corpus")), self.spec.vocab, job.get("cache_dir"))
+        if job.get("tokens"):  # prepared once by the launcher: every rank reads the same file
+            tok = job.get("tokenizer")
+            corpus = data.Corpus(Path(tok) if tok else None, Path(job["tokens"]), int(job["tokenizer_vocab"]))
+        else:  # under a plain torchrun: each rank prepares (deterministic; cached by content)
+            corpus = data.prepare(data.corpus_files(job.get("corpus")), self.spec.vocab, job.get("cache_dir"))
         self.corpus, self.tokens = corpus, corpus.load()
         spec, untied = self.spec, p["pp"] > 1 and self.spec.tied
         if untied:  # each end of the pipeline keeps its own copy of the shared matrix
