@@ -196,7 +196,7 @@ class Options:
     nvme_GB: float = 0.0
     chunk: int = 0
     prices: tuple[tuple[str, float], ...] = ()
-    max_replicas: int = 0  # 0 = up to one per node
+    max_replicas: int = 0  # 0 = up to one per TP group
 
     def __post_init__(self) -> None:
         from workbench.plan.placement import PRECISIONS
