@@ -127,6 +127,9 @@ def test_every_request_completes_with_consistent_latencies(node) -> None:  # typ
     assert (steps["start"].to_numpy()[1:] >= steps["end"].to_numpy()[:-1] - 1e-12).all()
     kv = res.memory[res.memory["category"] == "kv_cache"]
     assert len(kv) and (kv["bytes"] <= kv["capacity"] * 1.0001).all()
+    # the TP all-reduces load every GPU's NVSwitch link, within its capacity
+    assert res.links["link"].str.contains("nvsw").sum() > 0
+    assert ((res.links["utilisation"] > 0) & (res.links["utilisation"] <= 1)).all()
 
 
 def test_one_request_decodes_at_the_cost_models_step_time(node) -> None:  # type: ignore[no-untyped-def]

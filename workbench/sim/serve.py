@@ -24,7 +24,8 @@ arrivals that leaves. Closed-loop traffic couples the two; it is solved by itera
 
 The Result: events (one row per step per worker: prefill/decode/mixed compute with its collectives'
 share; KV transfers with their links; one `request` row per request with its latencies), memory
-(KV-cache bytes per worker over time, weights, activations), links (KV-transfer utilisation), and
+(KV-cache bytes per worker over time, weights, activations), links (KV transfers and the workers'
+TP/EP collectives per GPU link over time), and
 `vllm bench serve` metrics (see `workbench.core.metrics.SERVING`).
 """
 
@@ -509,9 +510,54 @@ def _result(cluster: Any, o: Outcome, m: dict[str, Any], job: Any) -> Any:
                                     "links": [names] * len(tr), "start": tr["start"], "end": tr["end"],
                                     "request": tr["request"]}))
         links_rows = _link_rows(cluster, tr)
+    links_rows += _collective_link_rows(cluster, o)
     events = pd.concat(frames, ignore_index=True) if frames else None
     return Result(events=events, memory=pd.DataFrame(mem_rows), links=pd.DataFrame(links_rows) if links_rows else None,
                   metrics=m, source="sim", fidelity="closed-form", job=job)
+
+
+def _collective_link_rows(cluster: Any, o: Outcome, bins: int = 200) -> list[dict[str, Any]]:
+    """Mean rate of the workers' TP all-reduces and EP all-to-alls on each GPU's own link over time bins:
+    per step and GPU, ring all-reduce moves 2(t−1)/t of each layer's two activations, all-to-all
+    (t−1)/t of the routed tokens both ways."""
+    from workbench.sim.p2p import route
+
+    ends = [float((er.step_start + er.step_dt).max()) for _, er, _ in o.runs if len(er.step_start)]
+    if not ends:
+        return []
+    edges = np.linspace(0.0, max(ends), bins + 1)
+    width = edges[1] - edges[0]
+    acc: dict[str, np.ndarray] = {}
+    cap: dict[str, float] = {}
+    for w, er, _ in o.runs:
+        c = w.cost
+        if (c.tp <= 1 and c.ep <= 1) or not len(er.step_start):
+            continue
+        mod = c.model
+        m = (er.step_prefill + er.step_decode).astype(float)
+        per = np.zeros_like(m)
+        if c.tp > 1:
+            per += 2 * c.layers_per_stage * m * mod.hidden * c.act_bytes * 2 * (c.tp - 1) / c.tp
+        if c.ep > 1:
+            per += 2 * c.n_moe * (m / c.ep) * mod.top_k * mod.hidden * c.act_bytes * (c.ep - 1) / c.ep
+        mid = er.step_start + er.step_dt / 2
+        hist = np.histogram(mid, bins=edges, weights=per)[0] / width
+        group = list(w.devices)
+        for k, dev in enumerate(group):
+            peer = group[(k + 1) % len(group)]
+            lanes = route(cluster, dev, peer).lanes
+            if not lanes or not lanes[0].links:
+                continue
+            lk = cluster.graph.links[lanes[0].links[0]]
+            acc[lk.name] = acc.get(lk.name, 0.0) + hist
+            cap[lk.name] = lk.GBps
+    rows: list[dict[str, Any]] = []
+    for name, rate in acc.items():
+        for b in np.flatnonzero(rate > 0):
+            v = float(rate[b]) / 1e9
+            rows.append({"link": name, "start": float(edges[b]), "end": float(edges[b + 1]), "GBps": v,
+                         "utilisation": v / cap[name] if cap[name] else 0.0})
+    return rows
 
 
 def _link_rows(cluster: Any, tr: pd.DataFrame, bins: int = 200) -> list[dict[str, Any]]:
