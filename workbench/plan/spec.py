@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -120,7 +121,8 @@ def parse_plan(text: str | dict[str, Any] | Plan) -> Plan:
             raise WorkbenchError(f"plan: field names are text, got {show(k)}")
         key = ALIASES.get(k, k)
         if key not in known:
-            raise WorkbenchError(f"plan: unknown field {show(k, 40)} (known: {', '.join(sorted(known))})")
+            where = f"plan.{k}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,39}", k) else f"plan: {show(k, 40)}"
+            raise WorkbenchError(f"{where}: unknown field (known: {', '.join(sorted(known))})")
         if key in out:
             raise WorkbenchError(f"plan.{key}: given twice (as {k} and another name); give it once")
         value: Any = v
