@@ -85,6 +85,8 @@ def main() -> None:
         if tx:
             nbytes = sum(t["bytes"] for t in tx)
             window = sum(t["t1"] - t["t0"] for t in tx)
+            w = sorted(nb / max(dt, 1e-9) for t in tx for nb, dt in t.get("writes", []))
+            row["layer_write_GBps_median"] = w[len(w) // 2] / 1e9 if w else 0.0
             row.update(kv_transfers=len(tx), kv_bytes=nbytes, kv_GBps_over_windows=nbytes / window / 1e9,
                        kv_mean_window_ms=window / len(tx) * 1e3,
                        kv_errors=sum(1 for t in tx if t["error"]))
@@ -105,7 +107,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve-{args.machine}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     cols = ["run", "completed", "failed", "output_throughput", "total_token_throughput", "mean_ttft_ms",
-            "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "kv_GBps_over_windows", "kv_mean_window_ms"]
+            "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "kv_GBps_over_windows", "layer_write_GBps_median",
+            "kv_mean_window_ms"]
     lines = [f"# Serving benchmark on {args.machine}", "", f"`{meta['command']}`", "",
              f"{meta['platform']}, {meta['cpus']} CPUs, load average at the end {meta['load_average']}"
              + (f", GPUs: {meta.get('gpus')}" if meta.get("gpus") else ""), "",

@@ -276,6 +276,10 @@ class Backend:
                 self._dispatch(p, msg)
             except WorkerDied as exc:
                 self._fail_all(str(exc), worker=None)
+            except Exception as exc:  # noqa: BLE001 - a bad message must not stop the reader
+                import sys
+
+                print(f"workbench.serve: message {msg[0]!r} from {name!r} failed: {exc!r}", file=sys.stderr)
         if self._stopping:
             return
         p.proc.join(2)
@@ -321,9 +325,9 @@ class Backend:
                 return
             self.procs["prefill-0"].send(("add", rid, req.prompt, req.params, (pages, imm)))
         elif kind == "kv":
-            _, rid, nbytes, t0, t1, err = msg
+            _, rid, nbytes, t0, t1, err, writes = msg
             self.transfers.append({"rid": rid, "bytes": nbytes, "t0": t0 - self.t_start, "t1": t1 - self.t_start,
-                                   "link": f"{p.spec.name}->decode-0", "error": err})
+                                   "link": f"{p.spec.name}->decode-0", "error": err, "writes": writes})
             if err:
                 self._push(rid, Event(error=f"KV transfer failed: {err}"))
         elif kind == "stats":

@@ -240,18 +240,21 @@ class _Worker:
             dst_pages, imm = dst
             n = -(-len(seq.prompt) // kv.page_size)
             st = self.sending.setdefault(seq.id, {"left": kv.num_layers, "t0": time.time(), "bytes": 0,
-                                                  "pages": seq.pages, "error": None})
+                                                  "pages": seq.pages, "error": None, "writes": []})
             st["bytes"] += n * kv.page_bytes
+            t_sub = time.time()
             self.tx.write_paged(self.region, self.peer, page_bytes=kv.page_bytes, src_pages=seq.pages[:n],
                                 dst_pages=dst_pages[:n], src_offset=layer * kv.layer_bytes,
                                 dst_offset=layer * self.peer_layer_bytes, imm=imm, timeout=self.spec.kv_timeout,
-                                callback=lambda t, rid=seq.id: self._sent(rid, t))
+                                callback=lambda t, rid=seq.id, t_sub=t_sub, nb=n * kv.page_bytes:
+                                self._sent(rid, t, t_sub, nb))
 
-    def _sent(self, rid: str, transfer: Any) -> None:
+    def _sent(self, rid: str, transfer: Any, t_sub: float, nbytes: int) -> None:
         with self.lock:
             st = self.sending.get(rid)
             if st is None:
                 return
+            st["writes"].append((nbytes, time.time() - t_sub))   # one layer's paged write: submit → done
             exc = transfer.exception() if hasattr(transfer, "exception") else None
             if exc is not None:
                 st["error"] = repr(exc)
@@ -266,7 +269,7 @@ class _Worker:
             items = [(rid, self.sending.pop(rid)) for rid in done]
         for rid, st in items:
             self.engine.alloc.release(st["pages"])
-            self.conn.send(("kv", rid, st["bytes"], st["t0"], st["t1"], st["error"]))
+            self.conn.send(("kv", rid, st["bytes"], st["t0"], st["t1"], st["error"], st["writes"]))
 
 
 # ----- tensor parallelism: rank 0 runs the engine, the other ranks replay its batches -----
