@@ -119,12 +119,13 @@ def _published(args: argparse.Namespace) -> int:
         changes[stack] = rest
     df = compare_published(args.only, stack_changes=changes or None)
     err = df["error"]
-    summary = {"rows": len(df), "mape": float(err.abs().mean()), "max_abs_error_dense": float(
+    mape = float(err.abs().mean())
+    summary = {"rows": len(df), "mape": mape, "max_abs_error_dense": float(
         err[df["kind"] == "dense"].abs().max()) if (df["kind"] == "dense").any() else None,
         "optimistic": int((err > 0).sum()), "pessimistic": int((err < 0).sum())}
     cols = ["name", "gpus", "stack", "metric", "published", "predicted", "error"]
     text = (df[cols].assign(error=(100 * err).round(1)).to_string(index=False)
-            + f"\nMAPE {100 * summary['mape']:.1f} %, {summary['optimistic']} optimistic / "
+            + f"\nMAPE {100 * mape:.1f} %, {summary['optimistic']} optimistic / "
               f"{summary['pessimistic']} pessimistic")
     emit({"summary": summary, "rows": df.to_dict(orient="records")}, args.json, text)
     return 0
