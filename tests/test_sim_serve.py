@@ -144,6 +144,13 @@ def test_one_request_decodes_at_the_cost_models_step_time(node) -> None:  # type
     assert math.isclose(r["e2el_s"], prefill + decodes, rel_tol=1e-9)
 
 
+def test_requests_longer_than_the_context_or_the_pool_fail(node) -> None:  # type: ignore[no-untyped-def]
+    m = simulate_serving(node, "llama3-70b", "tp=8,max_model_len=8192", "rate=2,isl=8000,osl=500,requests=5").metrics
+    assert m["failed"] == 5 and m["completed"] == 0
+    m = simulate_serving(node, "llama3.1-8b", "tp=1,replicas=1,mem_util=0.25", "rate=2,isl=120000,osl=8,requests=3").metrics
+    assert m["failed"] == 3
+
+
 def test_closed_loop_keeps_at_most_concurrency_requests_in_flight(node) -> None:  # type: ignore[no-untyped-def]
     res = simulate_serving(node, "llama3.1-8b", "tp=1,replicas=1", "concurrency=8,isl=256,osl=32,requests=80")
     r = requests(res)

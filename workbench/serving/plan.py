@@ -20,12 +20,12 @@ PRECISIONS = ("bf16", "fp16", "fp8", "int8", "fp4", "fp32")
 KV_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "fp32")
 PREEMPTION = ("recompute", "swap")
 POLICIES = ("max_utilization", "guaranteed_no_evict")
-_INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block",
+_INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block", "max_len",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
 ALIASES = {"max_num_seqs": "max_seqs", "max_num_batched_tokens": "max_tokens", "block_size": "block",
            "kv_cache_dtype": "kv_precision", "dtype": "precision", "gpu_memory_utilization": "mem_util",
-           "preemption_mode": "preemption", "capacity_scheduler_policy": "policy"}
+           "preemption_mode": "preemption", "capacity_scheduler_policy": "policy", "max_model_len": "max_len"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class ServingPlan:
     (`decode_ep`), the KV cache written layer by layer from one to the other.
     `precision` is the weights' (GEMMs run at its compute precision); `kv_precision` the KV cache's
     (auto = the activations' bf16). `chunk`: the longest prefill chunk per request per step (0 = up to
-    `max_tokens`). `scheduler_us`: host time per step not hidden behind the GPU (0: an overlapped
+    `max_tokens`). `max_len`: the longest prompt + output accepted (vLLM's max_model_len; 0 = whatever
+    fits the KV pool; presets' `seq` is a training length, not a context limit). `scheduler_us`: host time per step not hidden behind the GPU (0: an overlapped
     scheduler, as vLLM V1 and SGLang run it). `policy`: max_utilization (admit what fits now, preempt
     under KV pressure: vLLM, TensorRT-LLM's MAX_UTILIZATION) or guaranteed_no_evict (reserve prompt +
     all output blocks at admission, never preempt: TensorRT-LLM's default capacity scheduler).
@@ -56,6 +57,7 @@ class ServingPlan:
     max_tokens: int = 8192
     chunk: int = 0
     block: int = 16
+    max_len: int = 0
     prefix_caching: bool = True
     chunked_prefill: bool = True
     cuda_graph: bool = True
@@ -72,7 +74,7 @@ class ServingPlan:
 
     def __post_init__(self) -> None:
         for k in _INT:
-            lo = 0 if k in ("replicas", "chunk") or k.startswith(("prefill_", "decode_")) else 1
+            lo = 0 if k in ("replicas", "chunk", "max_len") or k.startswith(("prefill_", "decode_")) else 1
             object.__setattr__(self, k, whole(getattr(self, k), f"plan.{k}", lo, 1 << 24))
         for k in _BOOL:
             if not isinstance(getattr(self, k), bool):

@@ -221,11 +221,15 @@ def simulate_requests(cluster: Any, model: Any, plan: ServingPlan, req: Requests
     runs: list[tuple[Worker, EngineRun, np.ndarray]] = []
     gpus = sum(len(w.devices) for w in ws)
     hits = 0
+    # longer than the engine's max_len: rejected, as engines reject prompts over max_model_len
+    too_long = (req.isl + req.osl) > plan.max_len if plan.max_len else np.zeros(n, bool)
     if not plan.disaggregated:
+        failed |= too_long
         parts = _split(n, len(ws))
         for r, (w, idx) in enumerate(zip(ws, parts)):
             if only_first and r > 0:
                 break
+            idx = idx[~too_long[idx]]
             if not len(idx):
                 continue
             er = run_engine(w.cost, req.arrival[idx], req.isl[idx], req.osl[idx],
@@ -285,8 +289,11 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
     hits = 0
     pf_done = np.full(n, _NAN)
     p_of = np.zeros(n, np.int64)
+    if pws[0].cost.plan.max_len:  # longer than the engine's max_len: rejected
+        failed |= (req.isl + req.osl) > pws[0].cost.plan.max_len
     for r, w in enumerate(pws):
         idx = order[r::len(pws)]
+        idx = idx[~failed[idx]]
         if not len(idx):
             continue
         er = run_engine(w.cost, arr[idx], req.isl[idx], req.osl[idx], 0, req.prefix, mode="prefill")
