@@ -24,8 +24,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                                                 "(default: the GPU's TDP at the electricity price)")
     p.add_argument("--max-replicas", type=int, default=0, help="at most this many replicas (default: one per TP group)")
     p.add_argument("--placement", help="evaluate this placement file instead of planning one")
-    p.add_argument("--crosscheck", action="store_true",
-                   help="also run the placement's replicas through the serving simulator (workbench.sim.serve)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the placement (and the baselines) through the serving simulator")
     p.add_argument("--out", help="write the placement (YAML, or JSON by extension) here")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -78,11 +78,14 @@ def _fmt(d: dict[str, Any]) -> str:
     lines.append(f"  planner              {fig(p)}")
     for name, b in d.get("baselines", {}).items():
         lines.append(f"  {name:<20} {fig(b)}")
-    if "serving_simulator" in d:
-        x = d["serving_simulator"]
-        lines.append(f"  serving simulator    {fig({**x, 'gpus_used': sum(1 for _ in x['replicas']), 'fits': True})}"
-                     .replace(" GPUs", " replicas simulated")
-                     + (f"   ({len(x['skipped'])} mixed replica(s) skipped)" if x["skipped"] else ""))
+    if "simulated" in d:
+        lines.append("serving simulator (workbench.sim.serve_placement):")
+        for name, x in d["simulated"].items():
+            if x.get("error") or x.get("output_throughput") is None:
+                lines.append(f"  {name:<20} not simulated: {x.get('error', '')}")
+            else:
+                lines.append(f"  {name:<20} {x['output_throughput']:10.1f} tok/s   TTFT {x['mean_ttft_ms']:9.1f} ms   "
+                             f"TPOT {x['mean_tpot_ms']:8.2f} ms")
     if "search" in d:
         s = d["search"]
         lines.append(f"search: {s['candidates']} candidates, {s['dp_solves']} DP solves, gap to the fluid bound "
@@ -99,14 +102,14 @@ def _run(args: argparse.Namespace) -> int:
         pl = Placement.load(args.placement)
         ev = evaluate(args.cluster, args.model, pl, args.traffic, opts, args.slo)
         out = {"objective": "evaluate", "traffic": parse_traffic(args.traffic).to_dict(), **ev}
+        if args.simulate:
+            from workbench.plan.place import crosscheck
+
+            out["simulated"] = {"planner": crosscheck(args.cluster, args.model, pl, args.traffic)}
     else:
-        res = place(args.cluster, args.model, args.objective, args.traffic, args.slo, opts)
+        res = place(args.cluster, args.model, args.objective, args.traffic, args.slo, opts, simulate=args.simulate)
         out = res.to_dict()
         pl = res.placement
-    if args.crosscheck:
-        from workbench.plan.place import crosscheck
-
-        out["serving_simulator"] = crosscheck(args.cluster, args.model, pl, args.traffic)
     if args.out:
         pl.save(args.out)
     emit(out, args.json, _fmt(out))

@@ -743,6 +743,7 @@ class PlaceResult:
     objective: str
     traffic: Traffic
     slo: SLO
+    simulated: dict[str, Any] | None = None  # the serving simulator's figures (place(..., simulate=True))
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
@@ -762,6 +763,7 @@ class PlaceResult:
                       "slo": self.slo.to_dict(), "stages": self.stages, "devices": self.devices,
                       "predicted": self.predicted, "baselines": self.baselines, "throughput_gain": gains,
                       "search": self.search, "planner_seconds": self.planner_seconds,
+                      **({"simulated": self.simulated} if self.simulated is not None else {}),
                       "placement": self.placement.to_dict()})
 
     def devices_frame(self) -> Any:
@@ -858,8 +860,10 @@ def _upper_bound(ctx: _Ctx) -> float:
 
 
 def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any = None, slo: Any = None,
-          options: Options | None = None, **option_fields: Any) -> PlaceResult:
-    """Plan a placement of `model` on `cluster` for `objective` (throughput | latency | cost) under `slo`."""
+          options: Options | None = None, simulate: bool = False, **option_fields: Any) -> PlaceResult:
+    """Plan a placement of `model` on `cluster` for `objective` (throughput | latency | cost) under `slo`.
+    `simulate`: also run the chosen placement and both baselines through the serving simulator
+    (`crosscheck`; seconds, not counted in `planner_seconds`)."""
     from workbench.models.presets import load_model
     from workbench.topology.presets import load_cluster
     from workbench.topology.spec import to_dict as cluster_dict
@@ -988,7 +992,16 @@ def place(cluster: Any, model: Any, objective: str = "throughput", traffic: Any 
               "upper_bound_output_throughput": ub, "gap": max(0.0, 1.0 - got / ub) if ub > 0 else 0.0}
     secs = time.perf_counter() - t0
     search["planner_cpu_seconds"] = time.process_time() - c0
-    return PlaceResult(pl, ev["predicted"], ev["stages"], ev["devices"], baselines, search, secs, objective, tr, sl)
+    simulated = None
+    if simulate:
+        simulated = {"planner": crosscheck(c, m, pl, tr)}
+        for name, fn in (("uniform", baseline_uniform), ("memory_proportional", baseline_memory)):
+            try:
+                simulated[name] = crosscheck(c, m, fn(ctx), tr)
+            except WorkbenchError as exc:
+                simulated[name] = {"error": str(exc)}
+    return PlaceResult(pl, ev["predicted"], ev["stages"], ev["devices"], baselines, search, secs, objective, tr, sl,
+                       simulated)
 
 
 def _score(objective: str, p: Mapping[str, Any], slo: SLO, open_loop: bool = False) -> float:
@@ -1050,58 +1063,24 @@ def _bytes(p: str) -> float:
 
 def crosscheck(cluster: Any, model: Any, placement: Placement, traffic: Any = None,
                requests_per_client: int = 8) -> dict[str, Any]:
-    """The same placement through the serving simulator (`workbench.sim.serve`), replica by replica.
+    """The same placement through the request-level serving simulator (`workbench.sim.serve_placement`:
+    continuous batching, paged KV, each stage priced on its own GPUs, the replica run at its bottleneck
+    stage, sends on the links crossed, requests routed by the placement's weights). Returns the
+    `vllm bench serve` figures, or `error` when the simulator cannot take the placement (it does not
+    price offload, so a stage that offloads weights is refused there)."""
+    from workbench.sim.serve_placement import simulate_placement
 
-    The serving simulator prices one worker shape on one GPU kind with layers split evenly over
-    `pp` stages, so a replica is simulated when its stages share a GPU kind and a TP degree (its
-    own layer split is then replaced by the even one); other replicas are listed under `skipped`.
-    Each replica gets its routed share of the traffic. Returns the `vllm bench serve` figures,
-    summed/weighted over the simulated replicas.
-    """
-    from workbench.models.presets import load_model
-    from workbench.sim.serve import simulate_serving
-    from workbench.topology.model import Cluster as ClusterT
-    from workbench.topology.presets import load_cluster
-
-    c, m = load_cluster(cluster), load_model(model)
     tr = parse_traffic(traffic)
-    done: dict[Any, dict[str, Any]] = {}
-    rows, skipped = [], []
-    for r, (rep, w) in enumerate(zip(placement.replicas, placement.routing)):
-        if w <= 0:
-            continue
-        kinds = {c.nodes[c.node_of(st.devices[0])].gpu for st in rep.stages}
-        tps = {st.tp for st in rep.stages}
-        if len(kinds) != 1 or len(tps) != 1:
-            skipped.append({"replica": r, "reason": f"mixes {', '.join(sorted(kinds))} / tp {sorted(tps)}"})
-            continue
-        nodes: list[int] = []
-        for st in rep.stages:
-            for d in st.devices:
-                if c.node_of(d) not in nodes:
-                    nodes.append(c.node_of(d))
-        sub = ClusterT(f"{c.name}[replica {r}]", tuple(c.nodes[i] for i in nodes), c.fabric)
-        tp, pp = tps.pop(), len(rep.stages)
-        conc = max(1, round(tr.concurrency * w))
-        spec = (f"rate={tr.rate * w:g}" if tr.rate > 0 else f"concurrency={conc}") + \
-            f",isl={tr.isl},osl={tr.osl},requests={max(64, min(2000, requests_per_client * conc))}"
-        plan = f"tp={tp},pp={pp},replicas=1,precision={rep.stages[0].precision}," \
-               f"kv_precision={rep.stages[0].kv_precision}"
-        key = (tuple(c.nodes[i] for i in nodes), plan, spec)
-        if key not in done:
-            try:
-                res = simulate_serving(sub, m, plan, spec)
-                done[key] = {k: float(res.metrics[k]) for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")}
-            except WorkbenchError as exc:
-                done[key] = {"error": str(exc)}
-        got = done[key]
-        if "error" in got:
-            skipped.append({"replica": r, "reason": got["error"]})
-            continue
-        rows.append({"replica": r, "plan": plan, "traffic": spec, **got})
-    x = sum(row["output_throughput"] for row in rows)
-    out: dict[str, Any] = {"fidelity": "serving simulator (workbench.sim.serve), per replica", "replicas": rows,
-                           "skipped": skipped, "output_throughput": x}
-    for k in ("mean_ttft_ms", "mean_tpot_ms"):
-        out[k] = sum(row[k] * row["output_throughput"] for row in rows) / x if x > 0 else None
+    n = max(64, min(4000, requests_per_client * max(tr.concurrency, 1) if tr.rate <= 0 else int(60 * tr.rate)))
+    spec = (f"rate={tr.rate:g}" if tr.rate > 0 else f"concurrency={tr.concurrency}") + \
+        f",isl={tr.isl},osl={tr.osl},requests={n}"
+    out: dict[str, Any] = {"fidelity": "serving simulator (workbench.sim.serve_placement)", "traffic": spec}
+    try:
+        res = simulate_placement(cluster, model, placement, spec)
+    except WorkbenchError as exc:
+        return {**out, "error": str(exc), "output_throughput": None, "mean_ttft_ms": None, "mean_tpot_ms": None}
+    for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "request_throughput",
+              "completed", "sim_seconds"):
+        if k in res.metrics:
+            out[k] = float(res.metrics[k])
     return out
