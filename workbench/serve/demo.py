@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,10 @@ def demo_checkpoint(train_seconds: float | None = None, path: Path | None = None
         fcntl.flock(lock, fcntl.LOCK_EX)          # one trainer at a time; others wait and reuse it
         if not (path / "model.safetensors").is_file():
             secs = train_seconds if train_seconds is not None else float(os.environ.get("WORKBENCH_DEMO_TRAIN_SECONDS", 60))
-            _train(path, secs)
+            try:
+                _train(path, secs)
+            finally:  # a killed or failed training leaves no half-written folder behind
+                shutil.rmtree(path.with_name(path.name + f".tmp{os.getpid()}"), ignore_errors=True)
     return path
 
 
@@ -109,7 +113,10 @@ def _train(path: Path, seconds: float) -> dict[str, Any]:
     info = {"steps": step, "seconds": round(time.time() - t0, 1), "final_loss": round(loss_v, 3),
             "corpus_tokens": len(ids), "parameters": sum(p.numel() for p in model.parameters())}
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path) if not path.exists() else None
+    if path.exists():      # another process finished first: keep its model
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
     return info
 
 
