@@ -3,8 +3,9 @@
 Times `workbench.plan.place` on the issue's target (32 GPUs of 3 kinds: RTX 3090, RTX 4090, A100 on
 10 GbE; a 126-layer model, Llama-3 405B) and on the notebook's cases, each in a fresh process
 state (caches cleared) and warm, and records the predicted throughput of the planner's placement
-against the uniform and memory-proportional splits. Baseline in the same run: the time of one
-closed-form prediction of the uniform split (the unit the search repeats).
+against the uniform and memory-proportional splits, by the planner's closed form and by the serving
+simulator (`workbench.sim.serve_placement`). Baseline in the same run: the time of one closed-form
+prediction of the uniform split (the unit the search repeats).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> int:
         for _ in range(args.repeat):
             r = place(cluster, model, "throughput", traffic)
             warm.append(r.planner_seconds)
+        sim = place(cluster, model, "throughput", traffic, simulate=True).simulated or {}
         ctx = _Ctx(load_cluster(cluster), load_model(model), parse_traffic(traffic), Options())
         bp = baseline_uniform(ctx)
         t1 = time.perf_counter()
@@ -91,6 +93,8 @@ def main() -> int:
                           for n, b in r.baselines.items()},
             "gain_vs_uniform": r.to_dict()["throughput_gain"]["uniform"],
             "gain_vs_memory_proportional": r.to_dict()["throughput_gain"]["memory_proportional"],
+            "serving_simulator": {n: {k: v.get(k) for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "error",
+                                                              "traffic") if k in v} for n, v in sim.items()},
             "placement": [f"r{s['replica']} L{s['layers'][0]}-{s['layers'][1]} {s['gpu']} tp{s['tp']} {s['precision']}"
                           + (f" offload {s['offload_weights']:.0%}" if s["offload_weights"] else "") for s in r.stages],
         })
