@@ -12,7 +12,10 @@ Rows (one per shape, median of timed repeats with CUDA events after warm-up):
   gathered through the block table (index_select) and then attended (an unfused paged path; fused
   paged kernels read pages in place at about the contiguous rate);
 - `gemm_small_m`: bf16 GEMMs with few rows (decode batches), where weight bytes bound the time;
-- `launch`: seconds per small kernel launched eagerly and replayed from a CUDA graph.
+- `launch`: seconds per small kernel launched eagerly and replayed from a CUDA graph;
+- `decode_default`: decode attention with PyTorch's default backend choice (no backend forced).
+
+    python benchmarks/serving_attention_sweep.py OUT.csv decode_default   # one section only
 The machine is written beside the rows (gpu, torch, cuda columns).
 """
 
@@ -153,8 +156,26 @@ def main(out: str) -> None:
         add(op="launch_graph", batch=100, q_heads=0, kv_heads=0, head_dim=0, q_len=0, kv_len=0, causal=0, block=0,
             seconds=sec, tflops=0.0, GBps=0.0)
 
-    for fn in (prefill, chunk, decode, gemm, launch):
-        section(fn)
+    def decode_default():
+        # ---------------- decode with PyTorch's own backend choice (what a model's forward gets by default)
+        for hq, hkv, d in ((8, 1, 128), (64, 8, 128), (32, 8, 128)):
+            for b in (1, 8, 32, 64, 128, 256):
+                for L in (512, 1024, 2048, 4096, 8192, 32768):
+                    if b * L * hkv > 2**24:
+                        continue
+                    q = torch.randn(b, hq, 1, d, device=dev, dtype=dt)
+                    k = torch.randn(b, hkv, L, d, device=dev, dtype=dt)
+                    v = torch.randn_like(k)
+                    kv_bytes = 2.0 * b * hkv * L * d * 2
+                    sec = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                    add(op="decode_default", batch=b, q_heads=hq, kv_heads=hkv, head_dim=d, q_len=1, kv_len=L, causal=0,
+                        block=0, seconds=sec, tflops=4.0 * b * hq * L * d / sec / 1e12, GBps=kv_bytes / sec / 1e9)
+                    del k, v
+
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    for fn in (prefill, chunk, decode, gemm, launch, decode_default):
+        if only is None or fn.__name__ in only:
+            section(fn)
     with open(out, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
