@@ -34,6 +34,7 @@ def runs(kind: str) -> list[tuple[str, str, dict]]:
     return [("colocated-1xH200", "colocated", dict(device="cuda:0", dtype="bfloat16")),
             ("disaggregated-2xH200-cuda_ipc", "disaggregated",
              dict(dtype="bfloat16", transport="cuda_ipc", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"})),
+            ("colocated-tp2-2xH200", "colocated", dict(device="cuda:0", dtype="bfloat16", tp=2)),
             ("disaggregated-2xH200-tcp", "disaggregated",
              dict(dtype="bfloat16", transport="tcp", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"}))]
 
