@@ -207,3 +207,25 @@ def test_callbacks_and_lane_threads_survive_a_raising_callback(pair) -> None:  #
     a.write(src, dst.descriptor, 64, callback=bad).result(10)
     assert seen.wait(5)
     a.write(src, dst.descriptor, 64).result(10)
+
+
+def test_two_engines_writing_to_each_other_do_not_deadlock() -> None:
+    """Both sides flood the same lanes with writes to each other (small socket buffers): every ack
+    still gets through, because no receiver waits on a socket the other side is not reading."""
+    with Engine("tcp", lanes=1, secret="s3cret", sockbuf=1 << 16) as a, \
+            Engine("tcp", lanes=1, secret="s3cret", sockbuf=1 << 16) as b:
+        n, size = 24, 1 << 20
+        da, db = a.register(np.zeros(n * size, np.uint8)), b.register(np.zeros(n * size, np.uint8))
+        sa, sb = a.register(np.ones(n * size, np.uint8)), b.register(np.full(n * size, 2, np.uint8))
+        a.connect(db.descriptor)
+        ta: list = []
+        tb: list = []
+        fa = threading.Thread(target=lambda: ta.extend(
+            a.write(sa, db.descriptor, size, src_offset=i * size, dst_offset=i * size) for i in range(n)))
+        fb = threading.Thread(target=lambda: tb.extend(
+            b.write(sb, da.descriptor, size, src_offset=i * size, dst_offset=i * size) for i in range(n)))
+        fa.start(), fb.start()
+        fa.join(30), fb.join(30)
+        for t in ta + tb:
+            t.result(30)
+        assert (db.obj == 1).all() and (da.obj == 2).all()

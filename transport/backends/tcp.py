@@ -11,9 +11,12 @@ region, count, offset, length; then, for PAGED, `count` u64 destination offsets;
 payload. Handshake per socket: server nonce; client nonce + HMAC-SHA256(secret) + hello;
 server HMAC back (mutual challenge–response, nothing secret on the wire).
 
-Acknowledgements go back on the lane the data came in on, coalesced: a receiver that has
-more data waiting in its socket defers the acks and sends them together (one `sendmsg`;
-acks of one transfer merged into one header with a count). At most
+Acknowledgements go back on the control socket, coalesced: a receiver that has more data
+waiting in its socket defers the acks and sends them together (one `sendmsg`; acks of one
+transfer merged into one header with a count). A data receiver sends them itself (the
+peer's control receiver always drains); a control receiver queues them to its sender
+thread, so no receiver ever waits on a socket the peer is not reading: the mesh cannot
+deadlock, whatever both sides write to each other. At most
 `MAX_PENDING_HANDSHAKES` connections may be unauthenticated at once; beyond that the
 oldest is dropped, so idle or slow strangers cannot pile up threads and sockets.
 """
@@ -291,8 +294,13 @@ class Lane:
 
     def flush_acks(self) -> None:
         acks, self.acks = self.acks, []
-        if acks:
-            self.send_now([pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks])
+        if not acks:
+            return
+        msgs = [pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks]
+        if self.index == 0:
+            self.link.ctrl.post(msgs)  # a control receiver never blocks on a send
+        else:
+            self.link.ctrl.send_now(msgs)
 
     def _more_waiting(self) -> bool:
         if self.reader.buffered():
@@ -487,7 +495,7 @@ class Listener:
             conn, lane, lanes = str(hello["conn"]), int(hello["lane"]), int(hello["lanes"])
             if not 0 <= lane <= lanes <= 64:
                 raise ValueError(f"bad lane {lane} of {lanes}")
-        except (OSError, AuthError, ValueError, PeerGone, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a stranger sends, reject it and go on
             with self._lock:
                 self._unauthenticated.pop(s, None)
             self.engine._log(f"rejected a connection: {exc}")
