@@ -31,6 +31,7 @@ def parse_slo(spec: str | dict[str, float] | None) -> dict[str, float]:
     """`ttft=200,tpot=50` (milliseconds) → {'ttft': 200.0, 'tpot': 50.0}."""
     if spec is None or spec == "":
         return {}
+    items: list[tuple[str, Any]]
     if isinstance(spec, dict):
         items = list(spec.items())
     else:
@@ -40,7 +41,7 @@ def parse_slo(spec: str | dict[str, float] | None) -> dict[str, float]:
                 raise WorkbenchError(f"--slo: {part!r} is not key=ms (e.g. ttft=200,tpot=50)")
             k, v = part.split("=", 1)
             items.append((k.strip(), v.strip()))
-    out = {}
+    out: dict[str, float] = {}
     for k, v in items:
         if k not in SLO_KEYS:
             raise WorkbenchError(f"--slo: unknown {k!r} (use {', '.join(SLO_KEYS)}, values in ms)")
@@ -126,7 +127,7 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
                 raise WorkbenchError(f"--url: cannot list models at {url}/v1/models ({exc}); is the server up?") from None
         words = _corpus()
         rnd = random.Random(t.seed)
-        prompts = [_prompt(words, rnd, p["input_len"], tokenizer) for p in plan]
+        prompts = [_prompt(words, rnd, int(p["input_len"]), tokenizer) for p in plan]
         bar = _bar(len(plan), progress)
         rows: list[dict[str, Any]] = [{} for _ in plan]
         sem = asyncio.Semaphore(t.concurrency or t.max_concurrency or len(plan))

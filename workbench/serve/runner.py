@@ -85,7 +85,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         try:
             svc = start_service(model, mode, **spec)
         except Exception as exc:  # noqa: BLE001
-            handle._finish(error=RunFailed(f"serve: the server did not start: {exc}"))
+            handle._finish(error=RunFailed(None, f"serve: the server did not start: {exc}"))
             return
         col = _Collector(svc)
         frames: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
@@ -110,7 +110,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
             done.set()
             pumper.join()
             svc.stop()
-            handle._finish(error=RunFailed(f"serve: the traffic run failed: {exc}"))
+            handle._finish(error=RunFailed(None, f"serve: the traffic run failed: {exc}"))
             return
         done.set()
         pumper.join()
@@ -135,7 +135,7 @@ def start_job(job: Any, checkpoint: str = "demo", **options: Any) -> RunHandle:
     The job's plan says colocated or disaggregated (`prefill_workers` > 0 or `mode=disaggregated`).
     """
     w = job.workload
-    traffic = getattr(w, "traffic", None)
+    traffic: Any = getattr(w, "traffic", None)
     spec = traffic.spec() if hasattr(traffic, "spec") else str(traffic)
     pd_split = bool(getattr(job.plan, "disaggregated", False))
     slo = getattr(w, "slo", None)

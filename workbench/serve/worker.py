@@ -169,11 +169,11 @@ class _Worker:
             self.engine.add(seq)
         elif kind == "abort":
             rid = msg[1]
-            seq = self.engine.seqs.get(rid)
-            if seq is not None and seq in self.engine.pending_kv:
+            held = self.engine.seqs.get(rid)
+            if held is not None and held in self.engine.pending_kv:
                 # pages a prefill worker may still be writing: free them only once every layer landed
-                self.draining.append((seq.meta["imm"], seq.pages, time.time() + self.spec.kv_timeout))
-                seq.pages = []
+                self.draining.append((held.meta["imm"], held.pages, time.time() + self.spec.kv_timeout))
+                held.pages = []
             self.engine.abort(rid)
             if rid in self.reserved:
                 pages, imm = self.reserved.pop(rid)
@@ -211,9 +211,10 @@ class _Worker:
             self.draining = keep
         while self.reservations:
             rid, n = self.reservations[0]
-            pages = self.engine.reserve(n)
-            if pages is None:
+            got = self.engine.reserve(n)
+            if got is None:
                 return
+            pages = got
             self.reservations.pop(0)
             imm = self.next_imm
             self.next_imm = self.next_imm % 0xFFFF_FFF0 + 1
@@ -297,7 +298,7 @@ def _init_tp(spec: WorkerSpec, rank: int, port: int) -> None:
         torch.cuda.set_device(torch.device(dev))
     dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=spec.tp, timeout=timedelta(seconds=60),
-                            **({"device_id": torch.device(dev)} if dev.startswith("cuda") else {}))
+                            device_id=torch.device(dev) if dev.startswith("cuda") else None)
 
 
 def _start_tp(spec: WorkerSpec) -> list[Any]:
