@@ -161,6 +161,7 @@ CORPUS: list[Any] = [
     (SIM + ["--plan", "tp=8", "--trace", "/nonexistent/dir/t.json"], "--trace"),
     (SIM + ["--plan", "tp=8", "--trace", "{d}"], "--trace"),
     (SIM + ["--plan", "tp=8", "--trace", "/proc/t.json"], "--trace"),
+    (SIM + ["--plan", "tp=8,dp=2,gbs=16", "--trace", "/dev/full"], "--trace"),  # a full disk: results, then the error
     (SEARCH + ["--gbs", "-1"], "--gbs"),
     (SEARCH + ["--gbs", "nan"], "--gbs"),
     (SEARCH + ["--gbs", "64", "--top", "-1"], "--top"),
@@ -224,6 +225,11 @@ CORPUS: list[Any] = [
 ]
 
 
+def _id(argv: list[str]) -> str:
+    text = " ".join(argv)
+    return text if len(text) <= 100 else f"{text[:60]}…{text[-39:]}"
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
@@ -247,7 +253,7 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(("argv", "field"), CORPUS,
-                         ids=[" ".join(c.values[0] if hasattr(c, "values") else c[0])[:70] for c in CORPUS])
+                         ids=[_id(c.values[0] if hasattr(c, "values") else c[0]) for c in CORPUS])
 def test_bad_invocation_is_a_clean_error(scratch: Path, argv: list[str], field: str) -> None:
     argv = [a.replace("{d}", str(scratch)) for a in argv]
     before = set(os.listdir(scratch))

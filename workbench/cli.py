@@ -158,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a file the command could not read or write (disk full, permissions, …)
         where = f" {show(str(exc.filename), 200)}" if exc.filename else ""
-        _fail(f"{exc.strerror or type(exc).__name__}{where}")
+        given = [d for d in (*OUTPUT_FILES, "out_dir") if getattr(args, d, None)]
+        flag = next((d for d in given if str(getattr(args, d)) == str(exc.filename)), None)
+        if exc.filename is None and len(given) == 1:  # a failed write reports no file name: the one output
+            flag = given[0]
+        field = f"--{flag.replace('_', '-')}: cannot write" if flag else "cannot read or write"
+        _fail(f"{field}{where}: {exc.strerror or type(exc).__name__}")
         return 2
     except KeyboardInterrupt as exc:
         _stop_runs()
