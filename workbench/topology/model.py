@@ -9,7 +9,6 @@ per direction, so traffic in opposite directions does not share capacity.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import zlib
 from dataclasses import dataclass, field
