@@ -26,6 +26,7 @@ LLAMA = "llama3-8b:layers=2,hidden=64,heads=4,kv_heads=2,head_dim=16,ffn=160,voc
 RESULTS = ROOT / "benchmarks" / "results" / "h200x2-native"
 
 
+@pytest.mark.slow
 def test_llama_equals_transformers_llama_and_counts_the_simulators_parameters() -> None:
     transformers = pytest.importorskip("transformers")
     spec = load_model(LLAMA)
@@ -132,6 +133,7 @@ def test_checkpoint_resumes_and_the_export_loads_in_transformers(tmp_path: Path)
     assert math.isfinite(loss) and loss < math.log(600) + 0.5
 
 
+@pytest.mark.slow
 def test_gpu_calibration_from_the_h200_sweeps_moves_compute_and_link() -> None:
     from workbench.calibration.nccl_tests import read_nccl_tests
     from workbench.calibration.run import fit_nccl_sweep, from_sweeps, predict_nccl
