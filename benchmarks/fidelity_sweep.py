@@ -115,7 +115,9 @@ def _smi() -> tuple[str, str]:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "-i", str(torch.cuda.current_device()), "--query-gpu=clocks.sm,power.draw",
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # nvidia-smi counts physical GPUs
+        index = visible[torch.cuda.current_device()] if visible[0] else str(torch.cuda.current_device())
+        out = subprocess.run(["nvidia-smi", "-i", index, "--query-gpu=clocks.sm,power.draw",
                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
         clk, pw = (x.strip() for x in out.strip().split(",")[:2])
         return clk, pw
