@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=256, help="token budget of one step (chunked prefill)")
     p.add_argument("--max-seqs", type=int, default=64, help="sequences in one batch at most")
     p.add_argument("--max-inflight", type=int, default=256, help="requests in flight before answering 429")
+    p.add_argument("--replicas", default=None, metavar="MIN:MAX",
+                   help="run MIN..MAX server processes behind a router that adds one under load and removes idle "
+                        "ones after draining (the same load metric drives the HPA of `workbench deploy k8s`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp"):
         if getattr(args, name) < 1:
             raise WorkbenchError(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(args, name)}")
+    if args.replicas:
+        return _replicated(args)
     prefill = {"device": args.prefill_device} if args.prefill_device else {}
     decode = {"device": args.decode_device} if args.decode_device else {}
     svc = start_service(args.model, args.mode, host=args.host, port=args.port, api_key=args.api_key, name=args.name,
@@ -54,6 +59,36 @@ def run(args: argparse.Namespace) -> int:
         svc.server.serve_forever()
     finally:
         svc.stop()
+    return 0
+
+
+_FORWARD = ("mode", "api_key", "name", "device", "dtype", "prefill_device", "decode_device", "transport", "kv_cache",
+            "page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp")
+
+
+def _replicated(args: argparse.Namespace) -> int:
+    from workbench.deploy.router import Router, ScalePolicy, serve_command
+
+    lo, sep, hi = str(args.replicas).partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit():
+        raise WorkbenchError(f"--replicas: {str(args.replicas)[:40]!r}; use MIN:MAX, e.g. 1:4")
+    extra: list[str] = []
+    for name in _FORWARD:
+        value = getattr(args, name, None)
+        if value is not None:
+            extra += [f"--{name.replace('_', '-')}", str(value)]
+    router = Router(serve_command(args.model, extra), ScalePolicy(min=int(lo), max=int(hi)), host=args.host,
+                    port=args.port)
+    with router:
+        print(f"serving {args.model!r} with {lo}..{hi} replicas at {router.url}/v1  —  replicas and load at "
+              f"{router.url}/router/state; Ctrl-C stops", flush=True)
+        try:
+            while True:
+                import time
+
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
