@@ -89,3 +89,42 @@ def test_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys) -> None:
     assert main(["deploy", "swarm", "--cluster", "aws-p5:nodes=2", "--model", "llama3-8b", "--plan", "tp=8,dp=2,gbs=32",
                  "--out", str(out)]) == 0
     assert (out / "stack.yaml").exists()
+
+
+def test_serving_colocated_deployment_service_hpa_pdb() -> None:
+    job = wb.Job.create("aws-p5en:nodes=2", "llama3.1-8b", "tp=2", "serving")
+    objs = objects(job, Options(min_replicas=2, max_replicas=6, target_waiting=4))
+    k = _by_kind(objs)
+    assert set(k) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    c = k["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2" and c["resources"]["limits"]["vpc.amazonaws.com/efa"] == "16"
+    assert c["command"][:3] == ["workbench", "serve", "/models/package"] and "--tp" in c["command"]
+    hpa = k["HorizontalPodAutoscaler"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "workbench_num_requests_waiting"
+    assert hpa["metrics"][0]["pods"]["target"]["averageValue"] == "4"
+    assert len(validate_k8s(objs)) == 4 * len(K8S_VERSIONS)
+
+
+def test_serving_replica_across_nodes_is_a_leaderworkerset() -> None:
+    job = wb.Job.create("aws-p5en:nodes=2", "llama3.1-70b", "tp=16", "serving")
+    objs = objects(job, Options())
+    lws = _by_kind(objs)["LeaderWorkerSet"]
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert _by_kind(objs)["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+    checked = validate_k8s(objs)
+    assert any("LeaderWorkerSet CRD" in c for c in checked)
+    bad = copy.deepcopy(lws)
+    bad["spec"]["leaderWorkerTemplate"]["size"] = "two"
+    with pytest.raises(WorkbenchError, match="LeaderWorkerSet CRD"):
+        validate_k8s([bad])
+
+
+def test_serving_disaggregated_and_pipeline_errors() -> None:
+    job = wb.Job.create("aws-p5en:nodes=2", "llama3.1-8b", "prefill_workers=1,decode_workers=1", "serving")
+    c = _by_kind(objects(job, Options()))["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "disaggregated" in c["command"] and c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert validate_compose(stack(job, Options())) == "stack @ compose-spec"
+    with pytest.raises(WorkbenchError, match="plan.pp"):
+        objects(wb.Job.create("aws-p5en:nodes=2", "llama3.1-8b", "tp=2,pp=2", "serving"), Options())

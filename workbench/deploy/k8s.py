@@ -113,28 +113,36 @@ def _pod_spec(opts: Options, pl: NodePlumbing, container: dict[str, Any], servin
 
 # ------------------------------------------------------------------ serving
 def serving_roles(job: Any, pl: NodePlumbing) -> list[Role]:
-    """The worker roles of a serving job: one colocated role, or prefill and decode roles."""
+    """The worker roles of a serving job. The real server (`workbench serve`) runs colocated, or
+    disaggregated with its prefill and decode workers as processes of one server (KV moved between
+    their GPUs over cuda_ipc), so each replica is one role holding every GPU the plan gives it."""
     p = job.plan
     g = lambda name, default: int(getattr(p, name, None) or default)  # noqa: E731
     disagg = g("prefill_workers", 0) > 0 and g("decode_workers", 0) > 0
-    specs = ([("prefill", g("prefill_tp", g("tp", 1)) * g("pp", 1)), ("decode", g("decode_tp", g("tp", 1)) * g("pp", 1))]
-             if disagg else [("server", g("tp", 1) * g("pp", 1))])
-    roles = []
-    for name, gpus in specs:
-        if gpus < 1:
-            raise WorkbenchError(f"plan: the {name} role needs at least one GPU")
-        nodes = math.ceil(gpus / pl.gpus)
-        if nodes > 1 and gpus % pl.gpus:
-            raise WorkbenchError(f"plan: a {name} replica of {gpus} GPUs spans {nodes} nodes of {pl.gpus}; "
-                                 f"use a multiple of {pl.gpus} GPUs per replica")
-        args = ["--role", name] if disagg else []
-        roles.append(Role(name, gpus, nodes, tuple(args)))
-    return roles
+    prec = str(getattr(p, "precision", None) or "bf16")
+    dtype = {"fp32": "float32", "fp16": "float16"}.get(prec, "bfloat16")
+    if disagg:
+        pre, dec = g("prefill_tp", g("tp", 1)) * g("pp", 1), g("decode_tp", g("tp", 1)) * g("pp", 1)
+        gpus = pre + dec
+        args: tuple[str, ...] = ("--mode", "disaggregated", "--prefill-device", "cuda:0", "--decode-device",
+                                 f"cuda:{pre}", "--transport", "cuda_ipc", "--dtype", dtype)
+    else:
+        gpus = g("tp", 1) * g("pp", 1)
+        args = ("--device", "cuda:0", "--dtype", dtype) + (("--tp", str(g("tp", 1))) if g("tp", 1) > 1 else ())
+    if g("pp", 1) > 1:
+        raise WorkbenchError("plan.pp: the real server (`workbench serve`) runs TP inside a node, not pipeline "
+                             "stages yet; deploy with pp=1 (simulate pp>1 with `workbench simulate serve`)")
+    if gpus < 1:
+        raise WorkbenchError("plan: a serving replica needs at least one GPU")
+    nodes = math.ceil(gpus / pl.gpus)
+    if nodes > 1 and gpus % pl.gpus:
+        raise WorkbenchError(f"plan: a replica of {gpus} GPUs spans {nodes} nodes of {pl.gpus}; "
+                             f"use a multiple of {pl.gpus} GPUs per replica")
+    return [Role("server", gpus, nodes, args)]
 
 
 def _serve_command(opts: Options, job: Any, role: Role) -> list[str]:
-    return ["workbench", "serve", opts.model_path, "--plan", str(job.plan), "--host", "0.0.0.0",
-            "--port", str(PORT), *role.args]
+    return ["workbench", "serve", opts.model_path, "--host", "0.0.0.0", "--port", str(PORT), *role.args]
 
 
 def serving_objects(job: Any, opts: Options) -> list[dict[str, Any]]:
