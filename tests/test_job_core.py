@@ -87,6 +87,7 @@ def test_pp2_dp2_run_compares_stage_by_stage_with_its_simulation() -> None:
     predicted = wb.simulate(measured.job)
     lay = measured.job.layout
     assert lay == RankLayout(dp=2, pp=2)
+    assert 0 < measured.metrics["mfu"] < 1 and measured.metrics["tflops_per_gpu"] > 0
     # the runner's events name their stage; it is the layout's stage of that rank
     ev = measured.events
     assert (ev["stage"] == ev["rank"].map(lay.stage_of)).all()

@@ -83,7 +83,7 @@ def loop(job: Job, *, simulate: bool = True, calibrate: bool = True, overhead: s
          on_update: Callable[[Update], None] | None = None, **run_options: Any) -> LoopResult:
     """Predict `job`, run it for real, compare, calibrate on the run and predict again.
 
-    `overhead`: "none", "off" (a second run with telemetry off) or "ab" (one run alternating
+    `overhead`: "none", "off"/"separate" (a second run with telemetry off) or "ab" (one run alternating
     telemetry per step, ≥ 30 steps) measures what watching costs. `on_update` sees every live
     update of the main run. A prediction the simulator cannot make is recorded as a note; the
     measured numbers stand.
@@ -91,6 +91,7 @@ def loop(job: Job, *, simulate: bool = True, calibrate: bool = True, overhead: s
     from workbench import api
     from workbench.comparison import compare
 
+    overhead = "off" if overhead == "separate" else overhead
     if overhead not in ("none", "off", "ab"):
         from workbench.errors import WorkbenchError
 

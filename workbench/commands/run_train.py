@@ -30,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-addr", default=None, help="this launcher's address as the ranks see it (with --hosts)")
     p.add_argument("--trace", default=None, help="write a Perfetto/Chrome trace of the measured events here")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
+    p.add_argument("--engine", choices=["native", "megatron"], default=None,
+                   help="native: PyTorch's FSDP2/DTensor/pipelining (default); megatron: the hand-written engine "
+                        "with every collective timed and pipeline sends over the transport")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (native engine)")
+    p.add_argument("--corpus", default=None, help="a text file or folder to train on (default: the project's docs)")
+    p.add_argument("--checkpoint-dir", default=None, help="save/resume torch.distributed.checkpoint here")
+    p.add_argument("--export-dir", default=None, help="write an HF-format (Llama) checkpoint here at the end")
     p.add_argument("--json", action="store_true")
 
 
@@ -38,8 +45,11 @@ def train_report(args: argparse.Namespace, progress: bool = True) -> dict[str, A
     from workbench.runner.launcher import local_job
     from workbench.workflow import loop
 
+    workload = {k: v for k, v in (("engine", args.engine), ("compile", args.compile or None), ("corpus", args.corpus),
+                                  ("checkpoint_dir", args.checkpoint_dir), ("export_dir", args.export_dir))
+                if v is not None}
     job = local_job(args.cluster, args.model, args.plan, args.steps, args.backend, optimizer=args.optimizer,
-                    lr=args.lr)
+                    lr=args.lr, **workload)
     _check_cores(job, args)
     options: dict[str, Any] = {"p2p": args.p2p, "timeout": args.timeout,
                                "hosts": args.hosts.split(",") if args.hosts else None,

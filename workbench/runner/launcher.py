@@ -349,7 +349,7 @@ class Aggregator:
         metrics: dict[str, Any] = {
             "steps": len(losses), "losses": losses, "step_seconds": step_s, "step_seconds_all": times,
             "tokens_per_s": tokens / step_s if times else float("nan"),
-            "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak > 0 else float("nan"),
+            "tflops_per_gpu": tflops, "mfu": tflops / peak if peak > 0 else float("nan"),  # peak in TFLOP/s
             "events": len(self.events), "updates": updates,
             "updates_per_s": updates / duration if duration > 0 else 0.0,
             "telemetry": job["telemetry"], "telemetry_cost_pct": statistics.median(costs) if costs else float("nan"),
@@ -576,7 +576,7 @@ class _Launch:
             done_steps = sum(len(v) for v in self.agg.steps.values()) + len(self.agg.events)  # not memory: sent always
             if done_steps != progress:
                 progress, last_progress = done_steps, now
-            if now - cpu_at >= 1.0:  # a rank using 8 % of a core or more is computing: slow, not hung
+            if now - cpu_at >= min(1.0, self.stall_timeout / 2):  # a rank using ≥ 8 % of a core is computing
                 used = self._cpu_seconds()
                 if any(used[r] - cpu_used.get(r, used[r]) >= 0.08 * (now - cpu_at) for r in used):
                     last_progress = now
