@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import pandas as pd
 
 from workbench.data import read_csv
 from workbench.errors import WorkbenchError
@@ -55,7 +56,7 @@ GiB = float(1 << 30)
 
 
 @cache
-def _attn_table() -> object:
+def _attn_table() -> pd.DataFrame:
     return read_csv(ATTN_FILE)
 
 
@@ -98,8 +99,8 @@ def _decode_curve(kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     KV-head count per GPU. Below the smallest such size the rate is held (the kernel's launch gap is
     counted with the layer's other kernels)."""
     df = _attn_table()
-    op = "decode_default" if (df["op"] == "decode_default").any() else "decode"  # type: ignore[union-attr]
-    d = df[df["op"] == op]  # type: ignore[index]
+    op = "decode_default" if (df["op"] == "decode_default").any() else "decode"
+    d = df[df["op"] == op]
     kh = sorted(set(d["kv_heads"]), key=lambda h: abs(math.log(h / max(kv_heads, 1))))[0]
     d = d[(d["kv_heads"] == kh) & (d["seconds"] > 3 * d["seconds"].min())]  # the eager floor < 1/3 of the time
     nbytes = 4.0 * d["batch"] * d["kv_heads"] * d["kv_len"] * d["head_dim"]
