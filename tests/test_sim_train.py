@@ -57,6 +57,21 @@ def test_extrapolation_exact_for_transformer_stages(v: int) -> None:
         np.testing.assert_allclose(a, c, rtol=1e-9)
 
 
+def test_plain_and_compiled_schedules_agree() -> None:
+    from workbench.sim import train_schedule as ts
+
+    rng = np.random.default_rng(7)
+    p, v, m = 8, 2, 32
+    f, b = rng.uniform(1, 2, p * v), rng.uniform(2, 4, p * v)
+    fs, bs = rng.uniform(0, 0.3, p * v), rng.uniform(0, 0.3, p * v)
+    ts._calls = 0
+    plain = ts.run_schedule(p, v, m, f, b, fs, bs)
+    ts._calls = ts.JIT_AFTER
+    compiled = ts.run_schedule(p, v, m, f, b, fs, bs)
+    for a, c in zip(plain, compiled):
+        np.testing.assert_array_equal(a, c)
+
+
 def test_sends_delay_the_pipeline() -> None:
     p, m = 4, 8
     f, b = np.ones(p), 2 * np.ones(p)

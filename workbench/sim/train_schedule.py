@@ -1,18 +1,27 @@
-"""Pipeline schedules (1F1B and Megatron's interleaved 1F1B), simulated op by op with numba.
+"""Pipeline schedules (1F1B and Megatron's interleaved 1F1B), simulated op by op.
 
 Every stage runs its ops in the schedule's order; an op starts when the stage is free and its
 input has arrived (the previous virtual stage's forward, or the next one's backward, plus the
 point-to-point send). Durations are per virtual stage (chunk); the result is each op's start
 and end, so the bubbles are the ones the schedule really leaves.
+
+The same code runs as plain Python for the first few schedules of a process and compiled by
+numba from then on: loading numba and its cached machine code costs seconds at start-up
+(numba imports scipy.linalg to look for BLAS), which a single `workbench simulate train` never
+wins back, while a plan search evaluates thousands of schedules.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from numba import njit
+
+JIT_AFTER = 3  # schedules run in plain Python before switching to the numba-compiled code
+_calls = 0
+_jit: Any = None
 
 
-@njit(cache=True)
 def _op(j: int, s: int, p: int, v: int, m: int) -> tuple[bool, int, int]:  # pragma: no cover - compiled
     """The j-th op of stage s: (is_forward, chunk, microbatch)."""
     mv = m * v
@@ -43,22 +52,17 @@ def _op(j: int, s: int, p: int, v: int, m: int) -> tuple[bool, int, int]:  # pra
     return fwd, chunk, mb
 
 
-@njit(cache=True)
-def simulate(p: int, v: int, m: int, fdur: np.ndarray, bdur: np.ndarray, fsend: np.ndarray,
-             bsend: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:  # pragma: no cover
-    """Start/end of every forward and backward op, indexed [virtual stage, micro-batch].
+def simulate(p: int, v: int, m: int, fdur: Any, bdur: Any, fsend: Any, bsend: Any, fstart: Any, fend: Any,
+             bstart: Any, bend: Any, ptr: Any, clock: Any) -> bool:  # pragma: no cover - also compiled
+    """Fill the start/end of every forward and backward op, flat index vs·m + micro-batch.
 
     Virtual stage vs = chunk·p + stage. fdur/bdur: seconds per op of each virtual stage; fsend[vs]:
     seconds to send vs's output activations on, bsend[vs]: to send its input gradient back.
-    Returns (fstart, fend, bstart, bend, stage_end, ok); ok is False on a deadlock (a bug).
+    fstart/fend/bstart/bend (p·v·m, filled with −1), ptr (p zeros) and clock (p zeros) are filled in
+    place: numpy arrays for the numba-compiled code, Python lists for the plain one (fast to index).
+    Returns False on a deadlock (a bug).
     """
     pv = p * v
-    fstart = np.full((pv, m), -1.0)
-    fend = np.full((pv, m), -1.0)
-    bstart = np.full((pv, m), -1.0)
-    bend = np.full((pv, m), -1.0)
-    ptr = np.zeros(p, np.int64)
-    clock = np.zeros(p)
     nops = 2 * m * v
     done = 0
     sweep = 0
@@ -70,42 +74,72 @@ def simulate(p: int, v: int, m: int, fdur: np.ndarray, bdur: np.ndarray, fsend: 
             while ptr[s] < nops:
                 fwd, c, mb = _op(ptr[s], s, p, v, m)
                 vs = c * p + s
+                k = vs * m + mb
                 if fwd:
                     ready = 0.0
                     if vs > 0:
-                        if fend[vs - 1, mb] < 0:
+                        if fend[k - m] < 0:
                             break
-                        ready = fend[vs - 1, mb] + fsend[vs - 1]
+                        ready = fend[k - m] + fsend[vs - 1]
                     t0 = max(clock[s], ready)
-                    fstart[vs, mb] = t0
-                    fend[vs, mb] = t0 + fdur[vs]
+                    fstart[k] = t0
+                    fend[k] = t0 + fdur[vs]
                     clock[s] = t0 + fdur[vs]
                 else:
                     if vs < pv - 1:
-                        if bend[vs + 1, mb] < 0:
+                        if bend[k + m] < 0:
                             break
-                        ready = bend[vs + 1, mb] + bsend[vs + 1]
+                        ready = bend[k + m] + bsend[vs + 1]
                     else:
-                        ready = fend[vs, mb]
+                        ready = fend[k]
                     t0 = max(clock[s], ready)
-                    bstart[vs, mb] = t0
-                    bend[vs, mb] = t0 + bdur[vs]
+                    bstart[k] = t0
+                    bend[k] = t0 + bdur[vs]
                     clock[s] = t0 + bdur[vs]
                 ptr[s] += 1
                 done += 1
                 progressed = True
         if not progressed:
-            return fstart, fend, bstart, bend, clock, False
-    return fstart, fend, bstart, bend, clock, True
+            return False
+    return True
+
+
+def _compiled() -> Any:
+    """`simulate` compiled by numba (its machine code cached on disk), built once per process."""
+    global _jit
+    if _jit is None:
+        from numba import njit
+
+        op = njit(cache=True)(_op)
+        sim_globals = dict(simulate.__globals__, _op=op)
+        import types
+
+        fn = types.FunctionType(simulate.__code__, sim_globals, "simulate_jit")
+        _jit = njit(cache=True)(fn)
+    return _jit
 
 
 def run_schedule(p: int, v: int, m: int, fdur: np.ndarray, bdur: np.ndarray, fsend: np.ndarray,
                  bsend: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    out = simulate(p, v, m, np.ascontiguousarray(fdur, dtype=np.float64), np.ascontiguousarray(bdur, dtype=np.float64),
-                   np.ascontiguousarray(fsend, dtype=np.float64), np.ascontiguousarray(bsend, dtype=np.float64))
-    if not out[5]:
+    """(fstart, fend, bstart, bend) indexed [virtual stage, micro-batch], and each stage's end."""
+    global _calls
+    _calls += 1
+    n = p * v * m
+    if _calls <= JIT_AFTER:
+        bufs: list[Any] = [[-1.0] * n for _ in range(4)]
+        ptr: Any = [0] * p
+        clock: Any = [0.0] * p
+        args = [np.asarray(x, dtype=np.float64).tolist() for x in (fdur, bdur, fsend, bsend)]
+        ok = simulate(p, v, m, args[0], args[1], args[2], args[3], bufs[0], bufs[1], bufs[2], bufs[3], ptr, clock)
+    else:
+        bufs = [np.full(n, -1.0) for _ in range(4)]
+        ptr, clock = np.zeros(p, np.int64), np.zeros(p)
+        args = [np.ascontiguousarray(x, dtype=np.float64) for x in (fdur, bdur, fsend, bsend)]
+        ok = _compiled()(p, v, m, *args, *bufs, ptr, clock)
+    if not ok:
         raise RuntimeError(f"pipeline schedule deadlocked (p={p}, v={v}, m={m}); this is a bug")
-    return out[0], out[1], out[2], out[3], out[4]
+    fs, fe, bs, be = (np.asarray(x, dtype=np.float64).reshape(p * v, m) for x in bufs)
+    return fs, fe, bs, be, np.asarray(clock, dtype=np.float64)
 
 
 def in_flight(p: int, v: int, m: int, stage: int) -> int:
