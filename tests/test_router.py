@@ -62,4 +62,9 @@ def test_replicas_follow_load_up_and_down_without_losing_requests(tmp_path) -> N
         assert events.index("drain") < events.index("stop")
         frame = router.frame()
         assert {"t", "replicas", "inflight"} <= set(frame.columns) and frame["inflight"].max() >= 2
+        pytest.importorskip("plotly")
+        from workbench.viz.replicas import replicas_figure
+
+        fig = replicas_figure(frame, router.events)
+        assert max(fig.data[0].y) == 2 and "drain" in list(fig.data[-1].text)
     assert not router.replicas

@@ -18,7 +18,7 @@ require("plotly.graph_objects", "notebook")
 
 from workbench.viz.topology import link_colour_update, topology_figure, update_in_place  # noqa: E402
 
-SUBMODULES = ("topology", "fabrics", "training", "results", "transport", "placement")
+SUBMODULES = ("topology", "fabrics", "training", "results", "transport", "placement", "serving", "replicas")
 
 __all__ = ["SUBMODULES", "link_colour_update", "topology_figure", "update_in_place"]
 
