@@ -282,3 +282,29 @@ def test_bench_client_against_the_server(service: Any, tmp_path: Path) -> None:
     ok = res.requests
     assert np.allclose(ok["tpot"], (ok["e2el"] - ok["ttft"]) / (ok["output_tokens"] - 1))
     assert set(res.frame().columns) >= {"request_throughput", "output_throughput", "mean_ttft_ms", "p99_itl_ms"}
+
+
+@pytest.mark.slow
+def test_live_serving_run_through_the_job_core(llama: Path) -> None:
+    """wb.start on a serving job streams Updates in the Result schema and ends in a measured Result,
+    which calibrates the simulator (engine steps only)."""
+    import workbench as wb
+    from workbench.serve.calibrate import calibrate_job
+    from workbench.serve.compare import compare_serving
+    from workbench.serving import Serving
+
+    job = wb.Job.create("local", str(llama / "config.json"), plan="tp=1,replicas=1",
+                        workload=Serving(traffic="concurrency=2,isl=12,osl=5,requests=4"))
+    handle = wb.start(job, checkpoint=str(llama), **SPEC)
+    updates = list(handle.updates(timeout=300))
+    result = handle.wait(timeout=60)
+    assert updates and result.source == "run" and result.job is job
+    assert result.metrics["completed"] == 4 and len(result.requests) == 4
+    ev = result.events
+    assert set(ev["op"]) >= {"prefill", "decode", "request"}
+    assert (ev.loc[ev["op"] == "request", "ttft"] > 0).all()
+    assert (result.memory["category"] == "kv_cache").all() and result.memory["bytes"].max() > 0
+    calibrated, fitted = calibrate_job(job, result)
+    assert fitted["steps"] > 0 and calibrated.plan.scheduler_us == pytest.approx(fitted["scheduler_us"])
+    table = compare_serving(wb.simulate(calibrated), result)
+    assert set(table.index) >= {"mean_ttft_ms", "mean_tpot_ms", "output_throughput"}
