@@ -59,3 +59,17 @@ def test_bad_checkpoint_names_the_problem(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(WorkbenchError, match="not served"):
         load_config(tmp_path)
+
+
+def test_a_converter_package_serves_the_same_tokens(tmp_path: Path) -> None:
+    """A checkpoint converted into a two-stage package (fp32) loads through the converter's loader."""
+    pytest.importorskip("workbench.convert.package")
+    from workbench.convert.package import convert
+    from workbench.plan.placement import Placement, Replica, Stage
+
+    ckpt = make_llama(tmp_path / "ckpt")
+    pl = Placement("t", 3, (Replica((Stage(("n0.g0",), (0, 1), "fp32", "bf16"), Stage(("n0.g1",), (2, 2), "fp32", "bf16"))),))
+    convert(ckpt, pl, tmp_path / "pkg", progress=False)
+    prompts = _prompts(2, seed=4)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    assert generate(Model.load(tmp_path / "pkg"), prompts, params) == generate(Model.load(ckpt), prompts, params)

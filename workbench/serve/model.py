@@ -334,10 +334,20 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_weights(path: str | Path, cfg: ModelConfig, layers: range | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of `*.safetensors` under `path` that the given layers (and ends) need."""
+    """The tensors of `*.safetensors` under `path` that the given layers (and ends) need (or of a
+    converter package: a folder with `manifest.json`, loaded through `workbench.convert.loader`)."""
     from safetensors import safe_open
 
     path = Path(path)
+    if (path / "manifest.json").is_file():  # a model package from `workbench convert`: its loader checks and dequantises
+        from workbench.convert.loader import load_package
+
+        layers_ = layers if layers is not None else range(cfg.num_layers)
+        keep = {k: v for k, v in load_package(path).items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) in layers_}
+        if cfg.tie_embeddings and "lm_head.weight" not in keep and "model.embed_tokens.weight" in keep:
+            keep["lm_head.weight"] = keep["model.embed_tokens.weight"]
+        return keep
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WorkbenchError(f"model: no *.safetensors under {str(path)!r} (save the model with save_pretrained)")
