@@ -103,3 +103,9 @@ def test_pp2_dp2_run_compares_stage_by_stage_with_its_simulation() -> None:
     # stage 1 (the last) runs the head and loss: its compute per step is measured and predicted there
     row = by_stage[(by_stage["stage"] == 1) & (by_stage["kind"] == "compute")].iloc[0]
     assert row["sim_seconds"] > 0 and row["measured_seconds"] > 0
+
+
+def test_a_step_with_too_many_micro_batches_is_an_error_not_a_runaway() -> None:
+    job = wb.Job.create("aws-p5:nodes=2", "llama3-8b", "tp=8,pp=2,dp=1,mbs=1,gbs=65536")
+    with pytest.raises(WorkbenchError, match="plan.gbs: 65536 micro-batches"):
+        wb.simulate(job)

@@ -7,6 +7,9 @@ from workbench.models.spec import ModelSpec
 from workbench.plan.spec import Plan
 
 
+MAX_MICRO_BATCHES = 4096  # the schedule is laid out per micro-batch: beyond this a step is not a real plan
+
+
 def gpus_per_node(cluster: object) -> int:
     nodes = cluster.nodes  # type: ignore[attr-defined]
     return min(n.gpus for n in nodes)
@@ -31,6 +34,9 @@ def problem(plan: Plan, world: int, node_gpus: int, model: ModelSpec, precisions
     if plan.gbs % (dp * plan.mbs):
         return f"plan.gbs: global batch {plan.gbs} is not divisible by dp·mbs = {dp * plan.mbs}"
     m = plan.gbs // (dp * plan.mbs)
+    if m > MAX_MICRO_BATCHES:
+        return (f"plan.gbs: {m} micro-batches per pipeline per step (gbs / (dp·mbs)) is more than the "
+                f"{MAX_MICRO_BATCHES} the step schedule lays out; raise mbs or dp, or lower gbs")
     if v > 1 and pp == 1:
         return "plan.vpp: interleaving (vpp > 1) needs pp > 1"
     if v > 1 and m % pp:
