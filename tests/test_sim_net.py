@@ -145,17 +145,6 @@ def test_groups_tp_dp_arbitrary_and_cpu() -> None:
     assert e.busbw_GBps <= 3.0  # the loopback link's measured rate
 
 
-def test_closed_form_is_fast() -> None:
-    c = load_cluster("aws-p5:nodes=128")
-    g = c.gpus[::8]
-    collective(c, "all_reduce", MiB, g)
-    t = time.perf_counter()
-    for i in range(2000):
-        collective(c, "all_reduce", MiB + i, g)
-    per_call = (time.perf_counter() - t) / 2000
-    assert per_call < 100e-6  # target < 50 µs; margin for loaded CI machines
-
-
 # ------------------------------------------------------------------ flows
 def test_flow_matches_closed_form_and_respects_capacity() -> None:
     for spec in ("dgx-h100:nodes=2", "aws-p5en:nodes=4"):
