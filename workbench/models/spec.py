@@ -132,7 +132,7 @@ class ModelSpec:
         return asdict(self)
 
     def summary(self) -> dict[str, Any]:
-        from workbench.models.costs import parameter_count
+        from workbench.models.params import parameter_count
 
         pc = parameter_count(self)
         return {"name": self.name, "params_B": round(pc.total / 1e9, 3), "active_params_B": round(pc.active / 1e9, 3),
