@@ -247,8 +247,10 @@ def test_disaggregated_equals_colocated_equals_transformers(arch: str, tmp_path:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_equals_transformers(llama: Path) -> None:
-    """TP=2 (two processes, gloo all-reduces; NCCL on GPUs) gives transformers' greedy tokens."""
+@pytest.mark.parametrize("shard", [{"tp": 2}, {"pp": 3}])
+def test_tensor_and_pipeline_parallel_equal_transformers(llama: Path, shard: dict[str, int]) -> None:
+    """TP=2 (two processes, gloo all-reduces; NCCL on GPUs) and PP=3 (three processes, activations
+    and logits over the tcp transport) give transformers' greedy tokens."""
     import torch
 
     from workbench.serve.backend import Backend
@@ -266,7 +268,7 @@ def test_tensor_parallel_equals_transformers(llama: Path) -> None:
             return out
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
-    with Backend(str(llama), "colocated", tp=2, **SPEC) as b:
+    with Backend(str(llama), "colocated", **shard, **SPEC) as b:
         got = asyncio.run(run_all(b))
     assert got == [hf_greedy(llama, p, 12) for p in prompts]
 

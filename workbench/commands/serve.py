@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-device", default=None, help="disaggregated: the prefill worker's device")
     p.add_argument("--decode-device", default=None, help="disaggregated: the decode worker's device")
     p.add_argument("--transport", default="tcp", help="disaggregated: tcp, cuda_ipc or nixl")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of the (colocated) worker: processes holding "
+                   "contiguous layer ranges, activations between them over the transport")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the (colocated) worker: "
                    "devices DEVICE, DEVICE+1, … (NCCL), or CPU processes (gloo)")
     p.add_argument("--kv-cache", default="256MiB", help="KV-cache size per worker (e.g. 256MiB, 4GiB)")
@@ -41,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--port: must be 0..65535, got {args.port}")
     if args.tp > 1 and args.mode != "colocated":
         raise WorkbenchError("--tp: tensor parallelism is served with --mode colocated (not yet with prefill/decode workers)")
-    for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp"):
+    if args.pp > 1 and (args.mode != "colocated" or args.tp > 1):
+        raise WorkbenchError("--pp: pipeline stages are served with --mode colocated and --tp 1 (not yet combined)")
+    for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp", "pp"):
         if getattr(args, name) < 1:
             raise WorkbenchError(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(args, name)}")
     if args.replicas:
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                         max_inflight=args.max_inflight, device=args.device, dtype=args.dtype,
                         kv_bytes=parse_size(args.kv_cache, "--kv-cache"), page_size=args.page_size,
                         max_batched_tokens=args.max_batched_tokens, max_seqs=args.max_seqs,
-                        transport=args.transport, prefill=prefill, decode=decode, tp=args.tp)
+                        transport=args.transport, prefill=prefill, decode=decode, tp=args.tp, pp=args.pp)
     print(f"serving {svc.model_name!r} ({args.mode}) at {svc.url}/v1  —  metrics at {svc.url}/metrics; Ctrl-C stops",
           flush=True)
     try:

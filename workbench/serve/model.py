@@ -107,6 +107,7 @@ class Batch:
     slot_pages: torch.Tensor      # [T] the page each new token's K/V goes to
     slot_offsets: torch.Tensor    # [T] its slot inside that page
     chunks: list[SeqChunk] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)   # what it was built from (pipeline stages rebuild it)
 
     @classmethod
     def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
@@ -134,7 +135,7 @@ class Batch:
         for c, k in zip(chunks, need):
             c.page_idx = allv[a:a + k]
             a += k
-        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks)
+        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items))
 
 
 class Model:

@@ -39,6 +39,7 @@ class WorkerSpec:
     threads: int = 0                   # torch intra-op threads (0: leave the default)
     netns: str | None = None           # run inside this network namespace (emulated hosts)
     tp: int = 1                        # tensor-parallel ranks (processes; devices cuda:N, cuda:N+1, …)
+    pp: int = 1                        # pipeline stages (processes; activations between them over `transport`)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,9 +76,18 @@ class _Worker:
             if spec.role != "colocated":
                 raise RuntimeError("tensor parallelism is served colocated here (tp with prefill/decode workers: not yet)")
             self.followers = _start_tp(spec)
-        model = Model.load(spec.model, device=spec.device, dtype=dtype, tp_rank=0, tp_size=spec.tp)
+        model: Any
+        if spec.pp > 1:
+            if spec.role != "colocated" or spec.tp > 1:
+                raise RuntimeError("pipeline stages are served colocated and without tp here (not yet combined)")
+            from workbench.serve.pipeline import PipelineModel
+
+            model = PipelineModel(spec, dtype)
+        else:
+            model = Model.load(spec.model, device=spec.device, dtype=dtype, tp_rank=0, tp_size=spec.tp)
         pages = _num_pages(spec, model)
-        kv = KVCache(model.cfg, pages, spec.page_size, dtype=dtype, device=spec.device, kv_heads=model.num_kv_heads)
+        kv = KVCache(model.cfg, pages, spec.page_size, dtype=dtype, device=spec.device, kv_heads=model.num_kv_heads,
+                     layers=len(model.layers))
         c = model.cfg
         self.engine = Engine(model, EngineConfig(pages, spec.page_size, spec.max_batched_tokens, spec.max_seqs,
                                                  spec.role), kv)
@@ -143,6 +153,8 @@ class _Worker:
                     elif self.engine.pending_kv:
                         time.sleep(0.0005)
         finally:
+            if hasattr(self.engine.model, "close"):
+                self.engine.model.close()
             if self.followers:
                 try:
                     self._bcast(("stop",))
@@ -282,7 +294,9 @@ def _tp_device(spec: WorkerSpec, rank: int) -> str:
 
 
 def _num_pages(spec: WorkerSpec, model: Any) -> int:
-    elem = model.w["model.norm.weight"].element_size() if "model.norm.weight" in model.w else 4
+    import torch
+
+    elem = torch.tensor([], dtype=model.dtype).element_size()
     page_bytes = 2 * model.num_kv_heads * spec.page_size * model.cfg.head_dim * elem
     return spec.num_pages or max(4, spec.kv_bytes // (page_bytes * model.cfg.num_layers))
 
