@@ -26,6 +26,7 @@ $(RDMA_STAMP): $(STAMP)
 	touch $(RDMA_STAMP)
 
 demo: install
+	mkdir -p reports
 	$(BIN)/workbench demo --out reports/demo.html
 
 test: install $(RDMA_STAMP)
