@@ -84,15 +84,32 @@ def search(job: Job | None = None, *, top: int | None = None, **fields: Any) -> 
     return searcher(j.kind)(j, top=top)  # type: ignore[no-any-return]
 
 
+def _kind(r: Any) -> str:
+    return str(r.job.kind) if getattr(r, "job", None) is not None else "training"
+
+
 def compare(simulated: Result, measured: Result, by: Any = ("kind", "op")) -> pd.DataFrame:
-    """Per-step seconds of a prediction beside a measurement, with the error in percent."""
+    """A prediction beside a measurement: per-step seconds by kind/op with the error in percent
+    (training), or the `vllm bench serve` metrics side by side with their errors (serving)."""
+    if _kind(measured) == "serving" or _kind(simulated) == "serving":
+        from workbench.serve.compare import compare_serving
+
+        return compare_serving(simulated, measured)
     from workbench.comparison import compare as _compare
 
     return _compare(simulated, measured, by=by)
 
 
-def calibrate(measured: Result, cluster: Cluster | None = None) -> Cluster:
-    """The cluster with its compute and link parameters fitted from a measured run (microbenchmark level)."""
+def calibrate(measured: Result, cluster: Cluster | None = None) -> Any:
+    """Fit the simulator to a measured run at the level of its parts, never its end-to-end numbers.
+
+    Training: the cluster with its compute and link parameters fitted (returns a Cluster).
+    Serving: the job with its per-step host cost and rate factor fitted from the engine's steps
+    (returns the calibrated Job)."""
+    if _kind(measured) == "serving":
+        from workbench.serve.calibrate import calibrate_job
+
+        return calibrate_job(measured.job, measured)[0]
     from workbench.calibration.run import from_run
 
     base = cluster if cluster is not None else (measured.job.cluster if measured.job is not None else None)

@@ -36,6 +36,8 @@ class LoopResult:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        if self.job.kind == "serving":
+            return self._serving_summary()
         from workbench.comparison import per_step, step_error_pct
 
         m = self.measured.metrics
@@ -79,9 +81,55 @@ class LoopResult:
         return out
 
 
+    def _serving_summary(self) -> dict[str, Any]:
+        m = self.measured.metrics
+        out: dict[str, Any] = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None}
+        for label, sim in (("before", self.predicted), ("after", self.recalibrated)):
+            if sim is None:
+                continue
+            for k in ("mean_ttft_ms", "mean_tpot_ms", "output_throughput"):
+                a, b = sim.metrics.get(k), m.get(k)
+                out[f"sim_{k}_{label}"] = a
+                out[f"sim_error_pct_{k}_{label}"] = (a / b - 1) * 100 if a is not None and b else None
+        if isinstance(self.calibrated, dict):
+            out["calibrated"] = self.calibrated
+        if self.notes:
+            out["sim_note"] = "; ".join(self.notes)
+        return out
+
+
+def _serving_loop(job: Job, *, simulate: bool, calibrate: bool, on_update: Callable[[Update], None] | None,
+                  **run_options: Any) -> LoopResult:
+    """The loop for a serving job: serve its traffic for real, predict it, compare the `vllm bench serve`
+    metrics, calibrate the simulator on the engine's steps and predict again."""
+    from workbench import api
+
+    handle = api.start(job, **run_options)
+    for u in handle.updates():
+        if on_update is not None:
+            on_update(u)
+    measured = handle.wait()
+    out = LoopResult(job=job, measured=measured)
+    if not simulate:
+        return out
+    try:
+        from workbench.serve.calibrate import calibrate_job
+        from workbench.serve.compare import compare_serving
+
+        out.predicted = api.simulate(job)
+        out.comparison = compare_serving(out.predicted, measured)
+        if calibrate:
+            cal_job, fitted = calibrate_job(job, measured)
+            out.calibrated = fitted
+            out.recalibrated = api.simulate(cal_job)
+    except Exception as exc:  # noqa: BLE001 - the measured numbers stand even if the simulator cannot model it
+        out.notes.append(f"simulation failed: {type(exc).__name__}: {exc}")
+    return out
+
+
 def loop(job: Job, *, simulate: bool = True, calibrate: bool = True, overhead: str = "none",
          on_update: Callable[[Update], None] | None = None, **run_options: Any) -> LoopResult:
-    """Predict `job`, run it for real, compare, calibrate on the run and predict again.
+    """Predict `job`, run it for real, compare, calibrate on the run and predict again (training or serving).
 
     `overhead`: "none", "off"/"separate" (a second run with telemetry off) or "ab" (one run alternating
     telemetry per step, ≥ 30 steps) measures what watching costs. `on_update` sees every live
@@ -91,6 +139,8 @@ def loop(job: Job, *, simulate: bool = True, calibrate: bool = True, overhead: s
     from workbench import api
     from workbench.comparison import compare
 
+    if job.kind == "serving":
+        return _serving_loop(job, simulate=simulate, calibrate=calibrate, on_update=on_update, **run_options)
     overhead = "off" if overhead == "separate" else overhead
     if overhead not in ("none", "off", "ab"):
         from workbench.errors import WorkbenchError
