@@ -35,11 +35,12 @@ def test_loop_sections_from_results(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.html"
-    assert main(["demo", "--out", str(out), "--cluster", "local", "--steps", "3"]) == 0
+    assert main(["demo", "--out", str(out), "--cluster", "local", "--steps", "3", "--serve-requests", "8"]) == 0
     text = out.read_text()
     for title in ("Topology of local", "Run vs prediction", "Simulated vs measured, per step",
                   "Timeline: measured, with the prediction under each rank", "Link bandwidth",
-                  "Memory per rank", "Latency per op"):
+                  "Memory per rank", "Latency per op", "Serving: measured (vllm bench serve metrics)",
+                  "Serving: simulated vs measured", "after calibration"):
         assert title in text, title
     assert "Not in this report yet" not in text
     trace = json.loads((tmp_path / "demo-trace.json").read_text())["traceEvents"]

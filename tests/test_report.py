@@ -98,7 +98,8 @@ def test_cluster_sections() -> None:
 
 def test_demo_command_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.html"
-    assert main(["demo", "--out", str(out), "--cluster", "mixed", "--cluster", "aws-p5:nodes=2", "--steps", "0"]) == 0
+    assert main(["demo", "--out", str(out), "--cluster", "mixed", "--cluster", "aws-p5:nodes=2", "--steps", "0",
+                 "--serve-requests", "0"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     text = out.read_text()
     assert text.count(PLOTLY_HEAD) == 1 and text.count("Plotly.newPlot") == 2
@@ -109,7 +110,7 @@ def test_demo_command_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_demo_default_is_this_machine_and_a_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.html"
-    assert main(["demo", "--out", str(out), "--steps", "0"]) == 0  # the loop part: tests/test_dashboard_report.py
+    assert main(["demo", "--out", str(out), "--steps", "0", "--serve-requests", "0"]) == 0  # the loops: test_dashboard_report
     text = out.read_text()
     assert "Topology of local" in text and "Topology of aws-p5:nodes=2" in text
 
