@@ -53,7 +53,8 @@ def test_replicas_follow_load_up_and_down_without_losing_requests(tmp_path) -> N
         assert up == 2, f"no second replica under load: {router.events}"
         # idle: the extra replica drains and stops
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(router.replicas) > 1:
+        while time.monotonic() < deadline and (len(router.replicas) > 1
+                                               or "stop" not in [e["event"] for e in router.events]):
             time.sleep(0.5)
         assert len(router.replicas) == 1, f"the idle replica was not removed: {router.events}"
         m = results[0].metrics
