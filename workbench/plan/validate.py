@@ -6,7 +6,6 @@ from workbench.errors import WorkbenchError
 from workbench.models.spec import ModelSpec
 from workbench.plan.spec import Plan
 
-
 MAX_MICRO_BATCHES = 4096  # the schedule is laid out per micro-batch: beyond this a step is not a real plan
 
 
