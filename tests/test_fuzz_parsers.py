@@ -82,6 +82,19 @@ PLAN_KEYS = ["tp", "pp", "dp", "ep", "cp", "sp", "vpp", "zero", "fsdp", "recompu
              "offload", "v", "dtype"]
 
 
+def test_fuzz_properties_reach_their_success_branch() -> None:
+    """The properties below check parsed objects only when parsing succeeds: known-good inputs must
+    parse (so those checks run) and out-of-range ones must be refused naming the field."""
+    from workbench.serving import Traffic
+    from workbench.topology import load_cluster
+    from workbench.topology.spec import MAX_GPUS
+
+    assert clean(load_cluster, "aws-p5:nodes=2").num_gpus == 16
+    assert clean(load_cluster, f"dgx-h100:nodes={MAX_GPUS}") is None
+    assert clean(Traffic.parse, "concurrency=4,isl=16,osl=8,requests=10").requests == 10
+    assert clean(Traffic.parse, "rate=-1,isl=16,osl=8") is None
+
+
 @FUZZ
 @given(st.sampled_from(["aws-p5", "dgx-h100", "aws-p4d", "nope"]), spec(CLUSTER_KEYS))
 def test_cluster_specs(name: str, opts: str) -> None:
