@@ -240,6 +240,7 @@ def test_disaggregated_equals_colocated_equals_transformers(arch: str, tmp_path:
         with Backend(str(path), mode, **SPEC) as b:
             got[mode] = asyncio.run(run_all(b))
             if mode == "disaggregated":
+                assert b.settle(10.0), "KV transfers were not all logged within 10 s"
                 moved = list(b.transfers)
     ref = [hf_greedy(path, p, 16) for p in prompts]
     assert got["disaggregated"] == got["colocated"] == ref

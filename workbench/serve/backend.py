@@ -118,6 +118,7 @@ class Backend:
         self.steps: deque[dict[str, Any]] = deque(maxlen=100_000)   # per-step stats rows (worker, t0, t1, batch)
         self.transfers: deque[dict[str, Any]] = deque(maxlen=100_000)  # KV transfers (bytes, t0, t1)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        self.kv_expected = 0   # prompts handed to the prefill worker with decode pages to write
         self.finished: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -166,6 +167,19 @@ class Backend:
                 p.proc.kill()
                 p.proc.join(5)
             p.conn.close()
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Wait (bounded) until every KV transfer handed to the prefill worker is logged in `transfers`.
+
+        The decoder starts on the immediate count, so a request can finish before the prefill
+        worker has seen its own write acknowledged; call this before reading `transfers` as complete.
+        """
+        end = time.time() + timeout
+        while len(self.transfers) < self.kv_expected and time.time() < end:
+            if any(p.dead for p in self.procs.values()):
+                return False
+            time.sleep(0.01)
+        return len(self.transfers) >= self.kv_expected
 
     def __enter__(self) -> Backend:
         return self.start()
@@ -323,6 +337,7 @@ class Backend:
             if req is None:
                 p.send(("abort", rid))
                 return
+            self.kv_expected += 1
             self.procs["prefill-0"].send(("add", rid, req.prompt, req.params, (pages, imm)))
         elif kind == "kv":
             _, rid, nbytes, t0, t1, err, writes = msg

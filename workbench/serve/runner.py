@@ -112,6 +112,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
             svc.stop()
             handle._finish(error=RunFailed(None, f"serve: the traffic run failed: {exc}"))
             return
+        svc.backend.settle()
         done.set()
         pumper.join()
         svc.stop()
