@@ -194,9 +194,9 @@ def test_oversubscribed_fabric_slows_all_to_all() -> None:
 def test_flow_all_to_all_1024_gpus_under_a_second() -> None:
     c = load_cluster("aws-p5:nodes=128")
     simulate(c, all_to_all_flows(c, MiB))
-    t = time.perf_counter()
+    t = time.process_time()  # CPU seconds: a loaded CI machine must not fail a speed bound
     res = simulate(c, all_to_all_flows(c, MiB))
-    assert time.perf_counter() - t < 2.0  # target < 1 s on 2 cores (see benchmarks/results)
+    assert time.process_time() - t < 2.0  # target < 1 s on 2 cores (see benchmarks/results)
     assert res.flows == 1024 * 1023 and res.max_utilisation() <= 1.0 + 1e-9
 
 

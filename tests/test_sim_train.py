@@ -174,10 +174,10 @@ def test_moe_plan_prices_all_to_all() -> None:
 
 def test_eval_is_fast(gpt1t: TrainContext) -> None:
     evaluate(gpt1t, None, MEGATRON_1T)
-    t = time.perf_counter()
+    t = time.process_time()  # CPU seconds, so other load on a shared CI machine does not count
     for _ in range(20):
         evaluate(gpt1t, None, MEGATRON_1T)
-    assert (time.perf_counter() - t) / 20 < 0.02  # 2 ms on an idle core; loose for shared CI
+    assert (time.process_time() - t) / 20 < 0.02  # 2 ms on an idle core; loose for shared CI
 
 
 def test_invalid_plans_raise(gpt1t: TrainContext) -> None:
