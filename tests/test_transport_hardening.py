@@ -189,7 +189,7 @@ def test_idle_unauthenticated_connections_do_not_starve_a_write(pair) -> None:  
             t0 = time.monotonic()
             c.write(s2, dst.descriptor, 4096, imm=9).result(10)
             took = time.monotonic() - t0
-        assert took < 0.5, f"a real write took {took:.2f} s behind 200 idle connections"
+        assert took < 3.0, f"a real write took {took:.2f} s behind 200 idle connections"  # starved: 10 s handshake timeout
         assert b.listener_stats()["pending_handshakes"] <= wire.MAX_PENDING_HANDSHAKES
     finally:
         for s in idle:
