@@ -32,7 +32,6 @@ import contextlib
 import datetime
 import json
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from torch import nn
 from workbench.core.layout import RankLayout, split_layers
 from workbench.models.spec import ModelSpec
 from workbench.runner.llama import Llama, build, hf_config, hf_state_dict
+from workbench.runner.steps import run_steps
 from workbench.runner.telemetry import Recorder
 
 
@@ -424,30 +424,8 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
         tr = NativeTrainer(job, rank, world, device, rec)
         sink.send({"type": "info", "rank": rank, "p2p": "torch.distributed.pipelining" if p["pp"] > 1 else "none",
                    "engine": "native", "start_step": tr.start_step, "params": sum(q.numel() for q in tr.params)})
-        fail_at = job.get("fail_rank_at_step")
-        profile = os.environ.get("WORKBENCH_PROFILE") if rank == 0 else None
-        losses: list[float | None] = []
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        for i in range(job["steps"]):
-            step = tr.start_step + i
-            if fail_at and fail_at[0] == rank and fail_at[1] == i:
-                raise RuntimeError(f"injected failure at step {i}")
-            if job["telemetry"] == "ab":
-                rec.enabled = i % 2 == 1
-            t0 = time.perf_counter()
-            if profile and i == job["steps"] - 2:  # one late step under torch.profiler (rank 0)
-                with torch.profiler.profile(record_shapes=False) as prof:
-                    loss = tr.step(step)
-                sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-                Path(profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
-            else:
-                loss = tr.step(step)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            rec.step_done(i, t0, t1, loss)
-            losses.append(loss)
+        profile = os.environ.get("WORKBENCH_PROFILE") if rank == 0 else None  # one late step under torch.profiler
+        losses = run_steps(tr.step, job, rank, rec, device, start_step=tr.start_step, profile=profile)
         if job.get("checkpoint_dir"):
             path = tr.save_checkpoint(tr.start_step + job["steps"])
             sink.send({"type": "info", "rank": rank, "checkpoint": path})

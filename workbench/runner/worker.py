@@ -113,6 +113,7 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
 
     from workbench.runner.gpt import GPTConfig
     from workbench.runner.parallel import Comm, Layout, Trainer
+    from workbench.runner.steps import run_steps
 
     torch.set_num_threads(int(job.get("threads") or 1))
     plan = job["plan"]
@@ -134,22 +135,7 @@ def _train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Any
                      plan.get("zero", 0), job["optimizer"], job["lr"], job["seed"], job.get("p2p", "auto"),
                      float(job.get("collective_timeout_s", 120)))
         sink.send({"type": "info", "rank": rank, "p2p": tr.p2p_mode})
-        fail_at = job.get("fail_rank_at_step")  # fault injection for tests: [rank, step]
-        losses: list[float | None] = []
-        if device.type == "cuda":  # every step starts on an idle stream (the recorder's per-step time anchor)
-            torch.cuda.synchronize()
-        for step in range(job["steps"]):
-            if fail_at and fail_at[0] == rank and fail_at[1] == step:
-                raise RuntimeError(f"injected failure at step {step}")
-            if job["telemetry"] == "ab":  # overhead measurement: telemetry off and on in alternate steps
-                rec.enabled = step % 2 == 1
-            t0 = time.perf_counter()
-            loss = tr.step(step)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            rec.step_done(step, t0, t1, loss)
-            losses.append(loss)
+        losses = run_steps(tr.step, job, rank, rec, device)
         if job.get("dump_params"):
             os.makedirs(job["dump_params"], exist_ok=True)
             torch.save(tr.reference_state(), os.path.join(job["dump_params"], f"rank{rank}.pt"))
