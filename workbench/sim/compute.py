@@ -7,7 +7,8 @@ and `datasets/gemm_efficiency.csv` (which measured file and curve applies to whi
 precision, optionally rescaled to a GPU's publicly measured best GEMM efficiency, e.g. the A100's;
 the basis of each row is stated). Lookups interpolate log-linearly on the measured grid and clamp
 outside it. `datasets/interference_measured.csv` holds the GEMM slowdown beside an NCCL collective
-in flight (two H200s), used where communication overlaps compute. CPU ranks (`GPUSpec.is_cpu`)
+in flight (two H200s), used where communication overlaps compute, and the collective's own stretch
+beside the GEMM (its bus bandwidth alone / beside). CPU ranks (`GPUSpec.is_cpu`)
 run at their measured `fp32_tflops` and `memory_GBps` with efficiency 1.
 """
 
@@ -193,6 +194,26 @@ def interference_slowdown(gpu_model: str) -> tuple[float, str]:
     if mine.empty:
         mine, basis = df, f"assumption: measured on {', '.join(sorted(set(df['gpu'])))}"
     return max(float(mine["gemm_slowdown"].median()) - 1.0, 0.0), basis
+
+
+@cache
+def interference_comm_stretch(gpu_model: str) -> tuple[float, str]:
+    """(factor by which an NCCL collective lasts longer while a GEMM runs beside it, basis).
+
+    From `datasets/interference_measured.csv`: median over rows of busbw alone / busbw beside the GEMM
+    (two GPUs of one host over NVLink); a GPU without rows uses the measured one's figure (basis says so);
+    1 if none is measured.
+    """
+    try:
+        df = read_csv("interference_measured.csv")
+    except FileNotFoundError:
+        return 1.0, "not measured"
+    mine = df[df["gpu"] == gpu_model]
+    basis = "measured"
+    if mine.empty:
+        mine, basis = df, f"assumption: measured on {', '.join(sorted(set(df['gpu'])))}"
+    ratio = mine["busbw_alone_GBps"].astype(float) / mine["busbw_beside_GBps"].astype(float)
+    return max(float(ratio.median()), 1.0), basis
 
 
 class DeviceModel:

@@ -75,6 +75,7 @@ class StageCost:
     parts_b: dict[str, float] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     params: float = 0.0  # non-expert parameters per rank
+    edge_params: float = 0.0  # of which the embedding and the LM head (FSDP2's root unit)
     expert_params: float = 0.0  # expert parameters per rank
     act_bytes: float = 0.0  # stored activations per micro-batch
     peak_layer_bytes: float = 0.0  # one layer's full activations (live during recompute)
@@ -192,6 +193,20 @@ class TrainContext:
 
         return interference_slowdown(spec.model)[0]
 
+    def stretch(self, rank: int, stack: Stack, ranks: tuple[int, ...]) -> float:
+        """Factor by which a collective over `ranks` lasts longer while compute runs beside it: the measured
+        bus-bandwidth loss beside a GEMM (`datasets/interference_measured.csv`, two GPUs over NVLink) for a
+        group inside one node; 1 across nodes (NIC-bound, not measured), on CPU ranks, and where the stack
+        reserves SMs for communication (`comm_sm_fraction`)."""
+        spec = self.spec_of(rank)
+        if stack.comm_sm_fraction is not None or spec.is_cpu or len(ranks) <= 1:
+            return 1.0
+        if self.node_of(ranks[0]) != self.node_of(ranks[-1]):
+            return 1.0
+        from workbench.sim.compute import interference_comm_stretch
+
+        return interference_comm_stretch(spec.model)[0]
+
     def pcie_Bps(self, rank: int) -> float:
         from workbench.topology.catalogue import node_link
 
@@ -219,11 +234,16 @@ def _groups_of(tp: int, cp: int, dp: int, pp: int, ep: int, stage: int) -> dict[
 _COLPAR = ("qkv", "q", "q_down", "kv_down", "ffn_up", "shared_up", "router")  # GEMMs fed by the (SP-gathered) hidden
 
 
-def _overlap(comm: float, compute: float, slow: float) -> tuple[float, float]:
-    """(exposed communication, extra compute time) when `comm` runs beside `compute`: the part of the
-    communication longer than the compute is exposed; the compute it overlaps is slowed by `slow`
-    (fractional GEMM slowdown beside a collective, measured)."""
-    return max(0.0, comm - compute), slow * min(comm, compute)
+def _overlap(comm: float, compute: float, slow: float, stretch: float = 1.0) -> tuple[float, float]:
+    """(exposed communication, extra compute time) when `comm` (seconds alone) runs beside `compute`.
+
+    Beside compute the collective lasts `stretch` times longer (measured bus-bandwidth loss beside a GEMM);
+    the compute it overlaps is slowed by `slow` (fractional GEMM slowdown beside a collective, measured).
+    What the compute cannot cover finishes alone, at full speed, exposed."""
+    beside = comm * stretch
+    if beside <= compute:
+        return 0.0, slow * beside
+    return comm - compute / stretch, slow * compute
 
 
 def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dict[str, tuple[int, ...]]) -> tuple:
@@ -243,6 +263,7 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
     dm: DeviceModel = device_model(spec, prec)
     dma = device_model(spec, "fp32" if prec == "fp32" else ("bf16" if prec in ("fp8",) else prec))
     slow = ctx.slowdown(rank, st)
+    k_tp, k_dp, k_cp = (ctx.stretch(rank, st, groups[g]) for g in ("tp", "dp", "cp"))
     elem = _elem(prec)
     b = plan.mbs or 1
     tokens = b * m.seq // cp
@@ -298,23 +319,27 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         if sp:
             ag, rs = ctx.coll("all_gather", full, groups["tp"]), ctx.coll("reduce_scatter", full, groups["tp"])
             t_f = 2 * ag + 2 * rs  # AG before QKV and FC1, RS after the projection and FC2
-            # backward: AG of the row-parallel outputs' gradients (exposed); the input re-gathered for the
-            # weight gradient beside the dgrad GEMM and the input-gradient RS beside the wgrad GEMM
-            # (Megatron's LinearWithGradAccumulationAndAsyncCommunication)
-            e1, x1 = _overlap(2 * ag, dg_col, slow)
-            e2, x2 = _overlap(2 * rs, wg_col, slow)
-            t_b, extra_b = 2 * ag + e1 + e2, x1 + x2
+            if st.sp_async_backward:
+                # backward: AG of the row-parallel outputs' gradients (exposed); the input re-gathered for the
+                # weight gradient beside the dgrad GEMM and the input-gradient RS beside the wgrad GEMM
+                # (Megatron's LinearWithGradAccumulationAndAsyncCommunication)
+                e1, x1 = _overlap(2 * ag, dg_col, slow, k_tp)
+                e2, x2 = _overlap(2 * rs, wg_col, slow, k_tp)
+                t_b, extra_b = 2 * ag + e1 + e2, x1 + x2
+            else:  # DTensor: each forward collective's transpose (RS for AG, AG for RS), exposed; the
+                # gathered input is saved for the weight gradient, not re-gathered
+                t_b, extra_b = 2 * ag + 2 * rs, 0.0
         else:
             ar = ctx.coll("all_reduce", full, groups["tp"])
             t_f = 2 * ar
             if st.tp_async_backward:  # the input-gradient all-reduce beside the wgrad GEMM
-                e, extra_b = _overlap(2 * ar, wg_col, slow)
+                e, extra_b = _overlap(2 * ar, wg_col, slow, k_tp)
                 t_b = e
             else:
                 t_b, extra_b = 2 * ar, 0.0
         if st.tp_overlap:  # userbuffers: every TP collective beside the GEMM it feeds or follows
-            t_f, x_f = _overlap(t_f, f_g, slow)
-            t_b, x_b = _overlap(t_b, b_g, slow)
+            t_f, x_f = _overlap(t_f, f_g, slow, k_tp)
+            t_b, x_b = _overlap(t_b, b_g, slow, k_tp)
             f["forward"] += x_f
             extra_b += x_b
         f["tp_comm"] = t_f
@@ -348,8 +373,8 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         else:  # ring: cp − 1 steps, each beside the attention block it feeds
             pair = (groups["cp"][0], groups["cp"][1])
             step = ctx.coll("send_recv", chunk, pair)
-            ef, xf = _overlap((cp - 1) * step, f_a * (cp - 1) / cp, slow)
-            eb, xb = _overlap((cp - 1) * 2 * step, b_a * (cp - 1) / cp, slow)
+            ef, xf = _overlap((cp - 1) * step, f_a * (cp - 1) / cp, slow, k_cp)
+            eb, xb = _overlap((cp - 1) * 2 * step, b_a * (cp - 1) / cp, slow, k_cp)
             f["cp_comm"], bw["cp_comm"] = ef, eb
             f["forward"] += xf
             bw["backward"] += xb
@@ -372,10 +397,14 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         g_ne, g_ex = groups["dp"], groups["edp"]
         ag = ctx.coll("all_gather", ne * wbytes, g_ne) + ctx.coll("all_gather", ex * wbytes, g_ex)
         rs = ctx.coll("reduce_scatter", ne * gbytes, g_ne) + ctx.coll("reduce_scatter", ex * gbytes, g_ex)
-        f["fsdp_comm"], xf = _overlap(ag, f["forward"], slow)
-        bw["fsdp_comm"], xb = _overlap(ag + rs, bw["backward"], slow)
+        f["fsdp_comm"], xf = _overlap(ag, f["forward"], slow, k_dp)
+        bw["fsdp_comm"], xb = _overlap(ag + rs, bw["backward"], slow, k_dp)
         f["forward"] += xf
         bw["backward"] += xb
+        if st.sharding == "fsdp2":  # copy-out of each gather and the gradients' chunk_cat, on the compute stream
+            lay = ne + ex
+            f["forward"] += dm.memory_seconds(4.0 * lay * wbytes / 2, lay)
+            bw["backward"] += dm.memory_seconds(4.0 * lay * wbytes / 2 + (wbytes + gbytes) * lay, lay)
         if plan.recompute == "full":
             rc["fsdp_comm"] = f["fsdp_comm"]
     act = activation_bytes_per_token(m, kind, tp, sp, str(plan.recompute), elem) * tokens
@@ -404,8 +433,9 @@ def _stage_costs(ctx: TrainContext, plan: Plan) -> list[StageCost]:
     counts = split_layers(ctx.model.layers, pp * v)
     out: list[StageCost] = []
     start = 0
+    casts = load_stack(plan.stack).param_cast == "autocast"  # its gradient accumulation depends on the micro-batches
     pkey = (plan.tp, plan.cp, plan.dp, plan.ep, plan.sp, plan.precision, plan.mbs, plan.recompute, plan.zero,
-            plan.offload, pp * v, plan.stack)
+            plan.offload, pp * v, plan.stack, plan.micro_batches if casts else 0)
     for vs in range(pp * v):
         kinds = ctx.kinds[start:start + counts[vs]]
         start += counts[vs]
@@ -449,6 +479,7 @@ def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int,
     dm = device_model(ctx.spec_of(rank), prec)
     if edge & 1:  # embedding lookup (vocab-parallel) and its gradient
         sc.params += m.vocab * m.hidden / tp
+        sc.edge_params += m.vocab * m.hidden / tp
         e = tokens * m.hidden * elem
         sc.add("f", "forward", dm.memory_seconds(2 * e))
         sc.add("b", "backward", dm.memory_seconds(4 * e))
@@ -456,6 +487,7 @@ def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int,
     if edge & 2:  # final norm, LM head, cross-entropy in fp32
         if not m.tied or not edge & 1:
             sc.params += m.vocab * m.hidden / tp
+            sc.edge_params += m.vocab * m.hidden / tp
         g = (tokens, max(m.vocab // tp, 1), m.hidden)
         sc.add("f", "forward", dm.gemm_seconds(*g) + dm.memory_seconds(3 * 4 * tokens * g[1]))
         sc.add("b", "backward", dm.gemm_seconds(g[0], g[2], g[1]) + dm.gemm_seconds(g[2], g[1], g[0])
@@ -465,11 +497,26 @@ def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int,
             sc.add("f", "tp_comm", t)
             sc.add("b", "tp_comm", t)
         sc.logits_bytes = tokens * g[1] * (elem + 4)
+    st = load_stack(plan.stack)
+    if st.param_cast == "autocast" and prec != "fp32" and not _fsdp2_sharded(plan, st):
+        # torch.autocast over fp32 parameters, per micro-batch: the forward casts every weight to bf16
+        # (read 4, write 2 bytes); the backward casts its bf16 gradient to fp32 (read 2, write 4) and, from
+        # the second micro-batch on, adds it to .grad (read 4 + 4, write 4)
+        nparam = sc.params + sc.expert_params
+        hint = nparam / max(7 * len(kinds), 1) * 6.0  # one weight matrix's cast (7 per layer)
+        acc = (plan.micro_batches - 1) / max(plan.micro_batches, 1)
+        sc.add("f", "forward", dm.memory_seconds(6.0 * nparam, hint))
+        sc.add("b", "backward", dm.memory_seconds(6.0 * nparam, hint) + acc * dm.memory_seconds(12.0 * nparam, 2 * hint))
     if plan.offload:  # copies to host during forward, back during backward (exposed beyond compute)
         t = sc.act_bytes / ctx.pcie_Bps(rank)
         sc.add("f", "offload", max(0.0, t - sc.parts_f.get("forward", 0.0)))
         sc.add("b", "offload", max(0.0, t - sc.parts_b.get("backward", 0.0)))
     return sc
+
+
+def _fsdp2_sharded(plan: Plan, st: Stack) -> bool:
+    """True where torch's FSDP2 shards this plan's parameters (its mixed-precision policy casts them)."""
+    return st.sharding == "fsdp2" and (plan.zero or 0) >= 1 and (plan.dp or 1) * (plan.cp or 1) > 1
 
 
 def _memory(ctx: TrainContext, plan: Plan, costs: list[StageCost], stage: int, held: int) -> dict[str, float]:
@@ -542,6 +589,42 @@ def _stage_sync_costs(ctx: TrainContext, plan: Plan, costs: list[StageCost], s: 
         elem = _elem(prec)
         ag = ctx.coll("all_gather", ne * elem, groups["dp"]) + ctx.coll("all_gather", ex * elem, groups["edp"])
     return sync, emb, opt, ag
+
+
+def _param_gather(ctx: TrainContext, plan: Plan, stk: Stack, costs: list[StageCost], s: int, ag: float,
+                  slow: float) -> float:
+    """Seconds a step spends on the ZeRO-1/2 parameter all-gather of stage `s` (`ag` seconds alone).
+
+    Megatron: after the optimizer, beside the next step's first forward (exposed beyond it; the forward it
+    overlaps slowed by the measured interference). FSDP2: each block's gather before its forward, the root
+    unit's and the first block's exposed, the rest beside the forward (stretched, slowing it), plus the
+    memory-bound copies on the compute stream (copy-out, gradient cast + chunk_cat) and the copy-in
+    (cast + pack of the local shard) on the gather's stream.
+    """
+    pp, v = plan.pp or 1, plan.vpp or 1
+    dp_group = _groups(plan, 0 if ctx.homogeneous else s)["dp"]
+    k = ctx.stretch(s * (plan.tp or 1) * (plan.cp or 1) * (plan.dp or 1), stk, dp_group)
+    mine = [costs[c * pp + s] for c in range(v)]
+    fwd = sum(c.fwd for c in mine)
+    if stk.sharding != "fsdp2":
+        e, x = _overlap(ag, costs[s].fwd, slow, k)
+        return e + x
+    prec = str(plan.precision)
+    elem = _elem(prec)
+    n = sum(c.params + c.expert_params for c in mine)
+    first = mine[0]
+    nl = max(len(first.layers), 1)
+    unit = first.edge_params + (first.params + first.expert_params - first.edge_params) / nl
+    exposed = min(ag, ctx.coll("all_gather", unit * elem, dp_group))
+    rank = dp_group[0]
+    dm = device_model(ctx.spec_of(rank), prec)
+    w = len(dp_group)
+    fp32_master = prec != "fp32"
+    copy_in = dm.memory_seconds((4.0 + elem + 2 * elem if fp32_master else 4 * elem) * n / w, n / w / nl)
+    e, x = _overlap(ag - exposed + copy_in, fwd, slow, k)
+    g_bytes = 4.0
+    copies = dm.memory_seconds(2.0 * elem * n, n / nl) + dm.memory_seconds((elem + g_bytes) * n, n / nl)
+    return exposed + e + x + copies
 
 
 def _dualpipe_pairs(costs: list[StageCost], fdur: np.ndarray, bdur: np.ndarray, fsend: np.ndarray, bsend: np.ndarray,
@@ -698,6 +781,8 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
             hit = sync_cache[key2] = _stage_sync_costs(ctx, plan, costs, st)
         sync[:, st], emb[st], opt[st], ag[st] = hit
     stream_end = np.zeros(pp)
+    # beside the backward the buckets last k_dp times longer (measured bus-bandwidth loss beside a GEMM)
+    k_dp = ctx.stretch(0, stk, _groups(plan, 0)["dp"]) if stk.dp_overlap else 1.0
     if sync.any():
         nl = np.array([max(len(c.layers), 1) for c in costs], dtype=float).reshape(v, pp)
         width = int(nl.max())
@@ -706,21 +791,23 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
         be = last_be.reshape(v, 1, pp)
         valid = j <= nl[:, None, :]
         ready = np.where(valid, bs + j / nl[:, None, :] * (be - bs), -np.inf).reshape(v * width, pp)
-        dur = np.where(valid, (sync / nl)[:, None, :], 0.0).reshape(v * width, pp)
+        dur = np.where(valid, (k_dp * sync / nl)[:, None, :], 0.0).reshape(v * width, pp)
         order = np.argsort(ready, axis=0, kind="stable")
         ready = np.take_along_axis(ready, order, axis=0)
         dur = np.take_along_axis(dur, order, axis=0)
         suffix = np.cumsum(dur[::-1], axis=0)[::-1]  # work still queued from bucket k on
         stream_end = np.max(ready + suffix, axis=0)  # single comm stream: max_k(ready_k + remaining work)
+    slow0 = ctx.slowdown(0, stk)
     if stk.dp_overlap:
-        dp_tail = np.maximum(0.0, stream_end - stage_end)
-        # the part of the gradient reduction that ran beside the backward slowed it (measured interference)
-        hidden = np.maximum(sync.sum(axis=0) - dp_tail, 0.0)
-        dp_tail = dp_tail + ctx.slowdown(0, stk) * hidden
+        beside = np.maximum(0.0, stream_end - stage_end)  # queued work left when the backward ends (stretched s)
+        # what is left finishes alone, at full speed; the part that ran beside the backward slowed it
+        dp_tail = beside / k_dp + slow0 * np.maximum(k_dp * sync.sum(axis=0) - beside, 0.0)
     else:  # local DDP: the gradients are reduced after the backward pass, nothing overlaps
         dp_tail = sync.sum(axis=0)
-    first_fwd = np.array([costs[st].fwd for st in range(pp)])
-    gather = np.maximum(0.0, ag - first_fwd)
+    gather = np.zeros(pp)
+    for st in range(pp):
+        if ag[st] > 0:
+            gather[st] = _param_gather(ctx, plan, stk, costs, st, float(ag[st]), slow0)
     step_by_stage = stage_end + dp_tail + emb + opt + gather
     tails = list(zip(dp_tail.tolist(), emb.tolist(), opt.tolist(), gather.tolist()))
     crit = int(np.argmax(step_by_stage))

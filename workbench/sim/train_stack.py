@@ -3,7 +3,8 @@
 A stack is a fact about software, not a tuned number: flash or unfused attention, fused or separate
 elementwise kernels, data-parallel gradient reduction overlapped or not, TP communication overlap,
 blocking or asynchronous pipeline sends, CP by ring or all-gather, 1F1B or DualPipe, fp8 MoE dispatch,
-node-limited routing. Presets live in `datasets/software_stacks.yaml`, each with its source; the
+node-limited routing, fp32 parameters cast per micro-batch (autocast), Megatron's or FSDP2's sharded data
+parallelism. Presets live in `datasets/software_stacks.yaml`, each with its source; the
 default is `modern` (today's Megatron-core / TransformerEngine).
 """
 
@@ -20,6 +21,8 @@ ATTENTION = ("flash", "unfused")
 ELEMENTWISE = ("fused", "megatron-2021")
 CP_EXCHANGE = ("ring", "all_gather")
 SCHEDULES = ("1f1b", "dualpipe")
+PARAM_CAST = ("none", "autocast")
+SHARDING = ("megatron", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Stack:
     dp_overlap: bool = True
     tp_overlap: bool = False
     tp_async_backward: bool = True
+    sp_async_backward: bool = True
     p2p_overlap: bool = True
     p2p_scatter_gather: bool = True
     cp_exchange: str = "ring"
@@ -41,6 +45,8 @@ class Stack:
     node_limit: int = 0
     comm_sm_fraction: float | None = None
     expert_imbalance: float = 1.0
+    param_cast: str = "none"
+    sharding: str = "megatron"
     description: str = ""
     source: str = ""
 
@@ -48,7 +54,9 @@ class Stack:
         for field, value, allowed in (("attention", self.attention, ATTENTION),
                                       ("elementwise", self.elementwise, ELEMENTWISE),
                                       ("cp_exchange", self.cp_exchange, CP_EXCHANGE),
-                                      ("schedule", self.schedule, SCHEDULES)):
+                                      ("schedule", self.schedule, SCHEDULES),
+                                      ("param_cast", self.param_cast, PARAM_CAST),
+                                      ("sharding", self.sharding, SHARDING)):
             if value not in allowed:
                 raise WorkbenchError(f"stack.{field}: {value!r} is not one of {', '.join(allowed)} "
                                      f"(stack {self.name!r} in datasets/software_stacks.yaml)")
