@@ -130,7 +130,8 @@ def _pnorm(a: float, b: float, p: float) -> float:
 
 
 def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int = 0, page_bytes: int = 0,
-          peers: int = 1, params: NetParams | None = None, steady_state: bool = False) -> TransferEstimate:
+          peers: int = 1, params: NetParams | None = None, steady_state: bool = False,
+          protocol: str | None = None) -> TransferEstimate:
     """Cost of one write from `src` to `dst` as a TransferEngine issues it.
 
     - `pages == 0` and `nbytes > 0`: a single contiguous write, sharded over the NICs;
@@ -139,6 +140,8 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
     - `peers > 1`: the same write scattered to `peers` peers (each gets the payload; routes
       like `dst`), paying the host posting cost per peer.
     `steady_state` leaves out fixed costs (posting, latency): the rate of a long pipelined stream.
+    `protocol` prices the route's lanes with another protocol's parameters than the link's own, e.g.
+    `cuda_ipc` (`cuda_ipc-local` within one GPU) for the transport's CUDA IPC backend as measured.
     """
     if nbytes < 0 or pages < 0 or page_bytes < 0:
         raise WorkbenchError("bytes: sizes and page counts must not be negative")
@@ -148,7 +151,8 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
         raise WorkbenchError(f"peers: must be at least 1, got {peers}")
     params = params or NetParams.default()
     r = route(cluster, src, dst)
-    pp = params.protocol(r.protocol)
+    proto = protocol or r.protocol
+    pp = params.protocol(proto)
     k = len(r.lanes)
     if pages:
         total = pages * page_bytes
@@ -194,7 +198,7 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
     moved = total * peers
     ops = (pages or 1) * peers  # user-level operations: writes, pages, or imm-only writes
     return TransferEstimate(
-        seconds=seconds, bytes=moved, messages=messages, lanes=k, protocol=r.protocol,
+        seconds=seconds, bytes=moved, messages=messages, lanes=k, protocol=proto,
         Gbps=moved * 8 / seconds / 1e9 if seconds > 0 else 0.0,
         ops_per_s=ops / seconds if seconds > 0 else 0.0,
     )
