@@ -7,6 +7,8 @@ a web page, a test) can use it:
 - `LiveData`: each pushed chunk of Update rows turned into numpy arrays once; views
   (`timeline`, `predicted_timeline`, `latency`, `busiest_links`, `utilisation`, `memory`)
   cost the same however long the run has been going;
+- `ServingLiveData`: the same for a serving run (finished requests, KV-cache occupancy per
+  worker, KV hand-offs per link), with its prediction fed through the same views;
 - `replay_updates(result, frames)`: a finished Result cut into Updates, to replay it;
 - the array builders static figures share with the live view (`timeline_arrays`, `segments`,
   `align_prediction`, `latency_table`), so a static figure and the live view of the same
@@ -357,14 +359,217 @@ def replay_updates(result: Result, frames: int = 30) -> Iterable[Update]:
     has_steps = "step" in ev and len(ev) > 0 and bool(ev["step"].notna().any())
     step_end = ev.groupby("step")["end"].max() if has_steps else pd.Series(dtype=float)
     steps = len(step_end) if has_steps else frames
+    served = np.sort(ev.loc[ev["op"] == "request", "end"].to_numpy(float)) if len(ev) and not has_steps else np.empty(0)
+    if len(served):  # a serving run: progress counts finished requests, as its live stream does
+        steps = len(served)
     edges = np.linspace(t_start, t_end, frames + 1)
     edges[0] = -np.inf
     for i in range(frames):
         lo, hi = edges[i], edges[i + 1]
         e = ev[(ev["end"] > lo) & (ev["end"] <= hi)]
         step = int((step_end <= hi).sum()) if has_steps else i + 1
+        if len(served):
+            step = int(np.searchsorted(served, hi, side="right"))
         yield Update(
             events=e, memory=mem[(mem["time"] > lo) & (mem["time"] <= hi)],
             links=links[(links["end"] > lo) & (links["end"] <= hi)],
             step=step, steps=steps, progress=(i + 1) / frames, t=float(hi),
         )
+
+
+# ---------------------------------------------------------------- serving
+SERVING_LATENCIES = ("ttft", "tpot", "e2el")
+_REQUEST_COLUMNS = ("arrival", "end", "ttft", "tpot", "e2el", "output_tokens")
+
+
+def _column(frame: pd.DataFrame, *names: str) -> np.ndarray:
+    """The first of `names` that `frame` has, as floats (NaN where none)."""
+    for name in names:
+        if name in frame:
+            return pd.to_numeric(frame[name], errors="coerce").to_numpy(float)
+    return np.full(len(frame), np.nan)
+
+
+def request_rows(events: pd.DataFrame | None) -> pd.DataFrame:
+    """The finished requests of a serving run or simulation, in one shape (seconds): arrival, end,
+    ttft, tpot, e2el, output_tokens.
+
+    Both engines write a request as an event with op `request` (start = arrival); the runner's
+    rows carry `ttft`/`tpot`/`e2el`, the simulator's `ttft_s`/`tpot_s`/`e2el_s` and `completed`.
+    TPOT follows `vllm bench serve`: (E2EL − TTFT)/(output tokens − 1), NaN for one-token outputs.
+    """
+    if events is None or not len(events) or "op" not in events:
+        return pd.DataFrame({c: np.empty(0) for c in _REQUEST_COLUMNS})
+    r = events[events["op"] == "request"]
+    out = pd.DataFrame({"arrival": _column(r, "start"), "end": _column(r, "end"),
+                        "ttft": _column(r, "ttft", "ttft_s"), "tpot": _column(r, "tpot", "tpot_s"),
+                        "e2el": _column(r, "e2el", "e2el_s"), "output_tokens": _column(r, "output_tokens")})
+    ok = ~np.isnan(out["e2el"].to_numpy())
+    if "completed" in r:
+        ok &= r["completed"].fillna(False).astype(bool).to_numpy()
+    return out[ok].reset_index(drop=True)
+
+
+def transfer_label(device: str, links: Any) -> str:
+    """What a KV transfer is drawn under: the simulator's `src->dst` device pair, else its first link."""
+    if "->" in device:
+        return device
+    if isinstance(links, (tuple, list)) and links:
+        return str(links[0])
+    return device
+
+
+class ServingLiveData:
+    """What a dashboard has received of a serving run, and the same views of its prediction.
+
+    Fed with Update rows (`add`): finished requests (op `request`), engine steps (their start
+    marks when traffic began), KV-cache occupancy per worker (memory rows, category `kv_cache`)
+    and KV hand-offs (op `kv_transfer`). Every view is in seconds since the first request
+    arrived, so a run that started its server first and a simulation that starts at 0 overlay.
+    `prediction` (a simulated serving Result) is fed through the same code once, into
+    `self.predicted`; `summary()` puts both side by side with `vllm bench serve`'s names.
+    """
+
+    def __init__(self, prediction: Result | None = None, max_points: int = 4000) -> None:
+        self.max_points = max_points
+        self.n_events = 0
+        self.n_requests = 0
+        self.versions = {"requests": 0, "kv": 0, "transfers": 0}
+        self._requests: list[np.ndarray] = []  # chunks of _REQUEST_COLUMNS rows
+        self._kv: dict[int, list[np.ndarray]] = {}  # rank -> chunks of (time, bytes)
+        self._transfers: dict[str, list[np.ndarray]] = {}  # label -> chunks of (end, GB/s, bytes)
+        self.workers: dict[int, str] = {}  # rank -> worker name (the simulator names them)
+        self._t0 = np.inf
+        self.metrics: dict[str, Any] = {}
+        self.predicted: ServingLiveData | None = None
+        if prediction is not None:
+            self.predicted = ServingLiveData(None, max_points)
+            self.predicted.add(prediction.events, prediction.memory, prediction.links)
+            self.predicted.metrics = dict(prediction.metrics)
+
+    # ---- ingest
+    def add(self, events: pd.DataFrame | None, memory: pd.DataFrame | None, links: pd.DataFrame | None = None) -> None:
+        """Take one batch of Result-schema rows (`links` rows are not needed: transfers come as events)."""
+        if events is not None and len(events):
+            self.n_events += len(events)
+            ops = events["op"].astype(str).to_numpy()
+            steps = np.isin(ops, ("prefill", "decode", "mixed"))
+            if steps.any():
+                self._t0 = min(self._t0, float(events["start"].to_numpy(float)[steps].min()))
+            req = request_rows(events)
+            if len(req):
+                self._requests.append(req[list(_REQUEST_COLUMNS)].to_numpy(float))
+                self._t0 = min(self._t0, float(req["arrival"].min()))
+                self.n_requests += len(req)
+                self.versions["requests"] += 1
+            tx = events[ops == "kv_transfer"]
+            if len(tx):
+                start, end = tx["start"].to_numpy(float), tx["end"].to_numpy(float)
+                nbytes = tx["bytes"].fillna(0).to_numpy(float)
+                rows = np.column_stack([end, nbytes / np.maximum(end - start, 1e-9) / 1e9, nbytes])
+                labels = np.array([transfer_label(str(d), lk) for d, lk in zip(tx["device"], tx["links"])])
+                for label in pd.unique(labels):
+                    self._transfers.setdefault(str(label), []).append(rows[labels == label])
+                self.versions["transfers"] += 1
+        if memory is not None and len(memory):
+            kv = memory[memory["category"].astype(str) == "kv_cache"]
+            if len(kv):
+                ranks = kv["rank"].to_numpy()
+                rows = np.column_stack([kv["time"].to_numpy(float), kv["bytes"].to_numpy(float)])
+                for r in pd.unique(ranks):
+                    self._kv.setdefault(int(r), []).append(rows[ranks == r])
+                if "worker" in kv:
+                    for r, w in zip(ranks, kv["worker"].astype(str)):
+                        self.workers.setdefault(int(r), w)
+                self.versions["kv"] += 1
+
+    # ---- views (seconds since the first request arrived)
+    @property
+    def t0(self) -> float:
+        return float(self._t0) if np.isfinite(self._t0) else 0.0
+
+    def requests(self) -> np.ndarray:
+        """All finished requests so far as rows of (arrival, end, ttft, tpot, e2el, output_tokens)."""
+        return np.concatenate(self._requests) if self._requests else np.empty((0, len(_REQUEST_COLUMNS)))
+
+    def latency(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per latency (ttft, tpot, e2el): (finish time, seconds) of every finished request, by finish time."""
+        req = self.requests()
+        req = req[np.argsort(req[:, 1], kind="stable")]
+        x = req[:, 1] - self.t0
+        return {m: (x, req[:, 2 + i]) for i, m in enumerate(SERVING_LATENCIES)}
+
+    def quantiles(self, q: float) -> dict[str, float]:
+        """The q-th percentile (0–100) of each latency over the finished requests (NaN before the first)."""
+        req = self.requests()
+        out = {}
+        for i, m in enumerate(SERVING_LATENCIES):
+            v = req[:, 2 + i]
+            v = v[~np.isnan(v)]
+            out[m] = float(np.percentile(v, q)) if len(v) else float("nan")
+        return out
+
+    def throughput(self) -> tuple[np.ndarray, np.ndarray]:
+        """Output tokens per second so far: tokens of the requests finished by t over (t − first arrival)."""
+        req = self.requests()
+        if not len(req):
+            return np.empty(0), np.empty(0)
+        req = req[np.argsort(req[:, 1], kind="stable")]
+        x = req[:, 1] - self.t0
+        tokens = np.cumsum(np.nan_to_num(req[:, 5]))
+        return x, tokens / np.maximum(x, 1e-9)
+
+    def kv(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """KV-cache bytes in use per worker rank over time (at most `max_points` samples each)."""
+        out = {}
+        for r in sorted(self._kv):
+            rows = np.concatenate(self._kv[r])
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            if len(rows) > self.max_points:
+                rows = rows[np.linspace(0, len(rows) - 1, self.max_points).astype(int)]
+            out[r] = (rows[:, 0] - self.t0, rows[:, 1])
+        return out
+
+    def transfers(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per link (or device pair): (end time, GB/s) of every KV hand-off, the rate over its own span."""
+        out = {}
+        for label in sorted(self._transfers):
+            rows = np.concatenate(self._transfers[label])
+            rows = rows[np.argsort(rows[:, 0], kind="stable")][-self.max_points:]
+            out[label] = (rows[:, 0] - self.t0, rows[:, 1])
+        return out
+
+    def x_max(self) -> float:
+        """The latest time any view reaches (for lines drawn across a panel)."""
+        ends = [self.requests()[:, 1].max() - self.t0] if self.n_requests else []
+        ends += [float(x.max()) for x, _ in self.kv().values() if len(x)]
+        return float(max(ends)) if ends else 0.0
+
+    def figures(self) -> dict[str, float]:
+        """The `vllm bench serve` numbers of the requests finished so far (median/p99 in ms, output tok/s)."""
+        req = self.requests()
+        out: dict[str, float] = {"completed": float(len(req))}
+        for q, name in ((50, "median"), (99, "p99")):
+            for m, value in self.quantiles(q).items():
+                out[f"{name}_{m}_ms"] = value * 1e3
+        for i, m in enumerate(SERVING_LATENCIES):
+            v = req[:, 2 + i]
+            v = v[~np.isnan(v)]
+            out[f"mean_{m}_ms"] = float(v.mean()) * 1e3 if len(v) else float("nan")
+        span = float(req[:, 1].max()) - self.t0 if len(req) else 0.0
+        out["output_throughput"] = float(np.nansum(req[:, 5])) / span if span > 0 else float("nan")
+        return out
+
+    def summary(self) -> pd.DataFrame:
+        """Measured so far beside the prediction: one row per metric (`vllm bench serve` names);
+        error = simulated / measured − 1, as `workbench.compare` reports it."""
+        keys = ("completed", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+                "p99_tpot_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "output_throughput")
+        mine = self.figures()
+        theirs = self.predicted.figures() if self.predicted is not None else {}
+        rows = []
+        for k in keys:
+            m, s = mine.get(k, float("nan")), theirs.get(k, float("nan"))
+            err = s / m - 1.0 if k != "completed" and np.isfinite(m) and m != 0 and np.isfinite(s) else float("nan")
+            rows.append({"metric": k, "measured": m, "simulated": s, "error": err})
+        return pd.DataFrame(rows).set_index("metric")

@@ -9,7 +9,10 @@ dash.replay(measured)                             # or: play a finished Result
 
 Panels: the topology with links coloured by current utilisation, GB/s per link over time,
 memory per rank stacked by category against capacity, p50/p99 latency per op, a
-timeline per rank with the prediction overlaid, and a progress bar.
+timeline per rank with the prediction overlaid, and a progress bar. A serving job
+(`kind="serving"`, or a serving prediction) gets the serving panels instead
+(`workbench.widgets.serving`): latency per request, throughput, KV cache per worker, KV
+transfers per link, each with the prediction laid over it, and a measured-vs-predicted table.
 
 How it stays smooth (REFERENCE §5): `push()` only appends to buffers under a lock; a
 render thread redraws at most `max_fps` times a second (slower when a redraw itself takes
@@ -31,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError, require
-from workbench.live import LiveData, replay_updates
+from workbench.live import LiveData, ServingLiveData, replay_updates
 from workbench.result import Result
 from workbench.viz import results as vr
 from workbench.viz.topology import UTIL_EDGES
@@ -54,17 +57,22 @@ class Dashboard:
     timeline keeps drawn; `window` the seconds of run time over which the topology averages
     each link's utilisation; `width` the dashboard's width in pixels (two panels per row);
     `panels_per_redraw` how many changed panels one redraw sends to the browser (least recently
-    drawn first; None: all), which bounds the browser's work per redraw.
+    drawn first; None: all), which bounds the browser's work per redraw. `kind` is "training" or
+    "serving" (None: the prediction's job kind, else training).
     """
 
     def __init__(self, cluster: Cluster | None = None, prediction: Result | None = None, *,
                  max_fps: float = 4.0, top_links: int = 6, max_events: int = 4000,
                  window: float = 0.5, width: int = 1100, panels_per_redraw: int | None = None,
-                 title: str = "workbench · live run") -> None:
+                 title: str = "workbench · live run", kind: str | None = None) -> None:
         if max_fps <= 0:
             raise WorkbenchError(f"max_fps: must be positive, got {max_fps} (e.g. 10 redraws per second)")
         if top_links < 1:
             raise WorkbenchError(f"top_links: must be at least 1, got {top_links}")
+        kind = kind or _kind_of(prediction)
+        if kind not in ("training", "serving"):
+            raise WorkbenchError(f"kind: {kind!r} is not a dashboard kind (use 'training' or 'serving')")
+        self.kind = kind
         self._go = require("plotly.graph_objects", "notebook")
         self._w = require("ipywidgets", "notebook")
         self.cluster = cluster
@@ -100,7 +108,34 @@ class Dashboard:
         return self._box
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self._box._repr_mimebundle_(**kwargs)
+        bundle = self._box._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if isinstance(data, dict):  # a front end without widgets (nbmake, a console) shows this text
+            data["text/plain"] = self.text()
+        return bundle
+
+    def text(self) -> str:
+        """What the dashboard shows, as plain text: the status line (and, serving, the measured-vs-predicted table)."""
+        with self._render_lock:
+            data = self._take()
+        with self._lock:
+            step, steps, t = self._step, self._steps, self._t
+        line = f"{self.title}: {self._unit} {step}/{steps} · {t:.1f} s · {self.updates_pushed} updates"
+        if self.kind == "serving":
+            from workbench.widgets.serving import summary_text
+
+            return line + "\n" + summary_text(data)
+        return line
+
+    def summary(self) -> pd.DataFrame:
+        """Serving: the measured-so-far metrics beside the prediction (`ServingLiveData.summary`);
+        training: p50/p99 seconds per op measured so far."""
+        with self._render_lock:
+            data = self._take()
+        if isinstance(data, ServingLiveData):
+            return data.summary()
+        ops, p50, p99 = data.latency()
+        return pd.DataFrame({"op": ops, "p50": p50, "p99": p99}).set_index("op")
 
     def push(self, update: Update) -> None:
         """Add one telemetry update; redraws now if the last redraw is older than 1/max_fps
@@ -253,7 +288,8 @@ class Dashboard:
     # ------------------------------------------------------------------ data
     def _reset_data(self) -> None:
         with self._lock:
-            self._data = LiveData(self.prediction, self.max_events)
+            self._data: Any = (ServingLiveData(self.prediction, self.max_events) if self.kind == "serving"
+                               else LiveData(self.prediction, self.max_events))
             self._drawn: dict[str, Any] = {}
             self._drawn_at: dict[str, float] = {}
             self._pending: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
@@ -263,7 +299,7 @@ class Dashboard:
             self._last_render = 0.0
             self.updates_pushed = 0
 
-    def _take(self) -> LiveData:
+    def _take(self) -> Any:
         with self._lock:
             pending, self._pending = self._pending, []
             self._dirty = False
@@ -275,6 +311,19 @@ class Dashboard:
     def _build(self) -> None:
         go, w = self._go, self._w
         self._figs: dict[str, Any] = {}
+        self._unit = "requests" if self.kind == "serving" else "step"
+        self._bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress",
+                                    layout=w.Layout(width="50%"))
+        self._status = w.HTML(value=self._status_html())
+        if self.kind == "serving":
+            from workbench.widgets.serving import ServingPanels
+
+            self._serving = ServingPanels(go, w, self.width)
+            self._serving.render(self._data)  # the prediction is on show before the run starts
+            self._figs.update(self._serving.figs)
+            self._box = w.VBox([w.HTML(f"<b>{html.escape(self.title)}</b>"), w.HBox([self._bar, self._status]),
+                                *self._serving.rows])
+            return
         if self.cluster is not None:
             self._figs["topology"] = go.FigureWidget(_topology_figure(self.cluster))
         links = go.FigureWidget(layout=vr.link_layout("Link bandwidth"))
@@ -300,9 +349,6 @@ class Dashboard:
                 tl.add_trace(vr.timeline_trace(go, kind, np.empty(0), np.empty(0), np.empty(0, str), predicted=True))
         self._figs["timeline"] = tl
 
-        self._bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress",
-                                    layout=w.Layout(width="50%"))
-        self._status = w.HTML(value=self._status_html())
         header = w.HBox([self._bar, self._status])
         half = self.width // 2 - 8
         for name in ("topology", "links", "memory", "latency"):
@@ -318,6 +364,12 @@ class Dashboard:
         data = self._take()
         with self._lock:
             step, steps, progress, t = self._step, self._steps, self._progress, self._t
+        if self.kind == "serving":
+            if self._serving.render(data, budget):
+                with self._lock:
+                    self._dirty = True
+            self._show_status(progress, step, steps, t, data.n_events)
+            return
         # A panel is sent to the browser only when its data changed, and at most `budget` panels
         # per redraw (least recently drawn first): every restyle costs the frontend a full plotly
         # redraw, and a slow browser falls behind long before the kernel does.
@@ -336,9 +388,12 @@ class Dashboard:
         if budget is not None and len(changed) > budget:
             with self._lock:
                 self._dirty = True  # the rest on the next redraw
+        self._show_status(progress, step, steps, t, data.n_events)
+
+    def _show_status(self, progress: float, step: int, steps: int, t: float, events: int) -> None:
         self._bar.value = min(max(progress, 0.0), 1.0)
         self._bar.bar_style = "danger" if self.error else ("success" if progress >= 1.0 else "info")
-        self._status.value = self._status_html(step, steps, t, data.n_events)
+        self._status.value = self._status_html(step, steps, t, events)
 
     def _render_timeline(self, data: LiveData) -> None:
         fig = self._figs["timeline"]
@@ -400,11 +455,22 @@ class Dashboard:
     def _status_html(self, step: int = 0, steps: int = 0, t: float = 0.0, events: int = 0) -> str:
         if self.error is not None:
             return f"<span style='color:#c00'>error: {html.escape(str(self.error).splitlines()[0])}</span>"
-        return (f"<span style='font-family:monospace'>step {step}/{steps} · {t:.1f} s · {events} events · "
+        return (f"<span style='font-family:monospace'>{self._unit} {step}/{steps} · {t:.1f} s · {events} events · "
                 f"{self.updates_pushed} updates · redraw ≤ {1.0 / self.interval:.0f}/s</span>")
 
     def __repr__(self) -> str:
         return f"Dashboard(panels={list(self._figs)}, {self.updates_pushed} updates, {self.renders} redraws)"
+
+
+def _kind_of(prediction: Result | None) -> str:
+    """The dashboard kind a prediction asks for: its job's kind, or serving when it holds requests."""
+    if prediction is None:
+        return "training"
+    job = getattr(prediction, "job", None)
+    if job is not None:
+        return str(job.kind)
+    ev = prediction.events
+    return "serving" if len(ev) and "op" in ev and bool((ev["op"] == "request").any()) else "training"
 
 
 def _topology_figure(cluster: Cluster) -> Any:
