@@ -1,4 +1,4 @@
-"""The embedded small model of `workbench serve demo`, and `serve_demo()` for `make demo`.
+"""The embedded small model of `workbench serve demo` (`workbench.serve.service.serve_demo()` serves it).
 
 On first use a tiny Llama (transformers `LlamaForCausalLM`, ~1 M parameters) with a byte-level
 BPE tokenizer (`tokenizers`, 1024 tokens) is trained for about a minute on CPU on the
@@ -118,25 +118,3 @@ def _train(path: Path, seconds: float) -> dict[str, Any]:
     else:
         os.replace(tmp, path)
     return info
-
-
-def serve_demo(traffic: str = "concurrency=4,dataset=conversation,scale=0.05,max_isl=200,max_osl=48,requests=24",
-               mode: str = "colocated", slo: str | None = "ttft=2000,tpot=200", progress: bool = False,
-               **spec: Any) -> Any:
-    """Start the server on the demo model, drive it with the traffic benchmark, stop it.
-
-    Returns the `BenchResult` (metrics in `vllm bench serve` names, per-request rows) with a
-    sample completion in `meta["sample"]`.
-    """
-    import httpx
-
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
-    with start_service("demo", mode, **spec) as svc:
-        sample = httpx.post(svc.url + "/v1/completions", timeout=60, json={
-            "prompt": "The transport", "max_tokens": 40, "temperature": 0}).json()
-        result = bench.run(svc.url, traffic, slo=slo, progress=progress)
-        result.meta["sample"] = "The transport" + sample["choices"][0]["text"]
-        result.meta["mode"] = mode
-    return result

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from workbench.serve.model import Batch, Model, load_config
+from workbench.serve.worker_spec import WorkerSpec, num_pages, rank_device
 
 TAG_HELLO, TAG_NEXT, TAG_STEP = 11, 12, 13
 TIMEOUT = 120.0
@@ -34,13 +35,6 @@ def split_layers(n: int, pp: int) -> list[range]:
         raise WorkbenchError(f"plan.pp: {pp} stages for {n} layers; choose 1 ≤ pp ≤ {n}")
     b = [round(i * n / pp) for i in range(pp + 1)]
     return [range(b[i], b[i + 1]) for i in range(pp)]
-
-
-def _device(spec: Any, stage: int) -> str:
-    if spec.device.startswith("cuda"):
-        base = int(spec.device.split(":")[1]) if ":" in spec.device else 0
-        return f"cuda:{base + stage}"
-    return "cpu"
 
 
 class PipelineModel:
@@ -109,12 +103,11 @@ def stage_main(spec_d: dict[str, Any], stage: int, leader: str) -> None:
     from transport import Engine as Transport
     from transport import MemoryDescriptor, TransferTimeout
     from workbench.serve.kv import KVCache
-    from workbench.serve.worker import WorkerSpec, _num_pages
 
     spec = WorkerSpec(**spec_d)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    dev = _device(spec, stage)
+    dev = rank_device(spec, stage)
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
     dtype = getattr(torch, spec.dtype)
@@ -122,7 +115,7 @@ def stage_main(spec_d: dict[str, Any], stage: int, leader: str) -> None:
     rng = split_layers(cfg.num_layers, spec.pp)[stage]
     last = rng.stop == cfg.num_layers
     model = Model.load(spec.model, layers=rng, device=dev, dtype=dtype)
-    kv = KVCache(cfg, _num_pages(spec, model), spec.page_size, layers=len(rng), dtype=dtype, device=dev)
+    kv = KVCache(cfg, num_pages(spec, model), spec.page_size, layers=len(rng), dtype=dtype, device=dev)
     tx = Transport("tcp", lanes=spec.lanes, host=spec.transport_host, name=f"{spec.name}-pp{stage}")
     inbuf = torch.zeros(spec.max_batched_tokens * cfg.hidden_size, dtype=dtype, device=dev)
     out = (torch.zeros(spec.max_seqs * cfg.vocab_size, dtype=torch.float32, device=dev) if last

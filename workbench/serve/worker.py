@@ -14,33 +14,9 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("colocated", "prefill", "decode")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    model: str
-    role: str = "colocated"
-    name: str = "worker-0"
-    device: str = "cpu"
-    dtype: str = "float32"
-    kv_bytes: int = 256 << 20          # KV cache size (all layers) when num_pages is 0
-    num_pages: int = 0
-    page_size: int = 16
-    max_batched_tokens: int = 256
-    max_seqs: int = 64
-    transport: str = "tcp"             # how KV pages move between prefill and decode workers
-    transport_host: str = "127.0.0.1"
-    lanes: int = 2
-    kv_timeout: float = 60.0
-    threads: int = 0                   # torch intra-op threads (0: leave the default)
-    netns: str | None = None           # run inside this network namespace (emulated hosts)
-    tp: int = 1                        # tensor-parallel ranks (processes; devices cuda:N, cuda:N+1, …)
-    pp: int = 1                        # pipeline stages (processes; activations between them over `transport`)
-    env: dict[str, str] = field(default_factory=dict)
+from workbench.serve.worker_spec import ROLES, WorkerSpec, num_pages, rank_device  # noqa: F401 (ROLES: old path)
 
 
 def main(conn: Any, spec: WorkerSpec) -> None:
@@ -85,7 +61,7 @@ class _Worker:
             model = PipelineModel(spec, dtype)
         else:
             model = Model.load(spec.model, device=spec.device, dtype=dtype, tp_rank=0, tp_size=spec.tp)
-        pages = _num_pages(spec, model)
+        pages = num_pages(spec, model)
         kv = KVCache(model.cfg, pages, spec.page_size, dtype=dtype, device=spec.device, kv_heads=model.num_kv_heads,
                      layers=len(model.layers))
         c = model.cfg
@@ -286,28 +262,13 @@ class _Worker:
 
 
 # ----- tensor parallelism: rank 0 runs the engine, the other ranks replay its batches -----
-def _tp_device(spec: WorkerSpec, rank: int) -> str:
-    if spec.device.startswith("cuda"):
-        base = int(spec.device.split(":")[1]) if ":" in spec.device else 0
-        return f"cuda:{base + rank}"
-    return "cpu"
-
-
-def _num_pages(spec: WorkerSpec, model: Any) -> int:
-    import torch
-
-    elem = torch.tensor([], dtype=model.dtype).element_size()
-    page_bytes = 2 * model.num_kv_heads * spec.page_size * model.cfg.head_dim * elem
-    return spec.num_pages or max(4, spec.kv_bytes // (page_bytes * model.cfg.num_layers))
-
-
 def _init_tp(spec: WorkerSpec, rank: int, port: int) -> None:
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    dev = _tp_device(spec, rank)
+    dev = rank_device(spec, rank)
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
     dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -349,10 +310,10 @@ def _follower(spec: WorkerSpec, rank: int, port: int) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     _init_tp(spec, rank, port)
-    dev = _tp_device(spec, rank)
+    dev = rank_device(spec, rank)
     dtype = getattr(torch, spec.dtype)
     model = Model.load(spec.model, device=dev, dtype=dtype, tp_rank=rank, tp_size=spec.tp)
-    kv = KVCache(model.cfg, _num_pages(spec, model), spec.page_size, dtype=dtype, device=dev,
+    kv = KVCache(model.cfg, num_pages(spec, model), spec.page_size, dtype=dtype, device=dev,
                  kv_heads=model.num_kv_heads)
     try:
         while True:
