@@ -18,7 +18,7 @@ Usage (on a GPU machine):
     python3 benchmarks/fidelity_sweep.py sustained --out sustained.csv [--seconds 40]
     torchrun --nproc-per-node 2 benchmarks/fidelity_sweep.py interference --out interference.csv
 
-Timing: CUDA events, median over repetitions (see `gemm_sweep.timed`).
+Timing: CUDA events, median over repetitions (`kernels.bench._gpu_time`, as `gemm_sweep.py`).
 """
 
 from __future__ import annotations
@@ -29,22 +29,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/, no install needed
 
-def timed(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times)
+from kernels.bench import _gpu_time  # noqa: E402 (after the path)
+
+REPS = 5  # timed repetitions per measurement unless a call says otherwise
 
 
 def source_of(extra: str) -> str:
@@ -59,10 +52,10 @@ def _flash_times(batch: int, heads: int, seq: int, d: int, reps: int) -> tuple[f
     q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        fwd = timed(lambda: sdpa(q, k, v, is_causal=True), reps)
+        fwd = _gpu_time(lambda: sdpa(q, k, v, is_causal=True), reps)
         out = sdpa(q, k, v, is_causal=True)
         g = torch.randn_like(out)
-        bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
+        bwd = _gpu_time(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
     return fwd, bwd
 
 
@@ -71,8 +64,9 @@ def _unfused_times(b: int, heads: int, seq: int, d: int) -> tuple[float, float, 
     kt = torch.randn(b * heads, d, seq, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(b * heads, seq, d, device="cuda", dtype=torch.bfloat16)
     s_ = torch.bmm(q, kt)
-    return (timed(lambda: torch.bmm(q, kt)), timed(lambda: torch.softmax(s_, dim=-1)),
-            timed(lambda: torch.nn.functional.dropout(s_, 0.1, training=True)), timed(lambda: torch.bmm(s_, v)))
+    return (_gpu_time(lambda: torch.bmm(q, kt), REPS), _gpu_time(lambda: torch.softmax(s_, dim=-1), REPS),
+            _gpu_time(lambda: torch.nn.functional.dropout(s_, 0.1, training=True), REPS),
+            _gpu_time(lambda: torch.bmm(s_, v), REPS))
 
 
 def attention(args: argparse.Namespace) -> int:
@@ -208,9 +202,9 @@ def interference(args: argparse.Namespace) -> int:
                 # alone
                 dist.barrier()
                 torch.cuda.synchronize()
-                g_alone = timed(gemms, 3) / gemm_reps
+                g_alone = _gpu_time(gemms, 3) / gemm_reps
                 dist.barrier()
-                c_alone = timed(coll, 5)
+                c_alone = _gpu_time(coll, REPS)
                 # together: the collective loops on its stream for as long as the GEMMs run
                 c_reps_t = torch.tensor([max(2, int(g_alone * gemm_reps / max(c_alone, 1e-6)) + 2)], device=dev)
                 dist.all_reduce(c_reps_t, op=dist.ReduceOp.MAX)  # every rank must issue as many collectives

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/ and workbench/, no install needed
+
+from kernels.bench import _gpu_time  # noqa: E402 (after the path)
 
 POW2 = [256, 512, 1024, 2048, 4096, 8192, 16384]
 FIELDS = ["op", "dtype", "m", "n", "k", "batch", "heads", "seq", "head_dim", "causal", "bytes",
@@ -27,23 +31,14 @@ FIELDS = ["op", "dtype", "m", "n", "k", "batch", "heads", "seq", "head_dim", "ca
 
 
 def timed(fn, target_s: float = 0.02, max_reps: int = 200) -> float:
-    """Median seconds of `fn()` over repetitions sized to take about `target_s`."""
+    """Median seconds of `fn()` over repetitions sized to take about `target_s` (CUDA events: `kernels.bench`)."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     once = max(time.perf_counter() - t0, 1e-6)
-    reps = int(min(max(target_s / once, 3), max_reps))
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times)
+    return _gpu_time(fn, int(min(max(target_s / once, 3), max_reps)))
 
 
 def attention_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[float, float]:

@@ -6,16 +6,22 @@ the serving simulator's step-time composition against a real forward pass (valid
 Decode steps (one token per sequence, contiguous KV caches, CUDA-graph replay) at several batch sizes and
 context lengths, and prefill steps (one prompt, causal flash attention, eager) of several lengths; each
 step is every layer (RMSNorm, QKV, attention, O, RMSNorm, gate/up, SiLU·mul, down, residuals) plus the LM
-head and an argmax. RoPE is left out (an elementwise pass the simulator does count). Median of timed repeats.
+head and an argmax. RoPE is left out (an elementwise pass the simulator does count). Median of timed repeats
+(CUDA events: `kernels.bench._gpu_time`).
 """
 
 from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/, no install needed
+
+from kernels.bench import _gpu_time  # noqa: E402 (after the path)
 
 H, HEADS, KVH, D, FFN, LAYERS, VOCAB = 4096, 32, 8, 128, 14336, 32, 128256
 
@@ -51,20 +57,6 @@ def main(out: str) -> None:
             x = layer(x, p, kv[i][0] if kv else None, kv[i][1] if kv else None, causal)
         return (x[:, -1] @ head).argmax(-1)
 
-    def timed(fn, reps: int = 20) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        return sorted(ts)[len(ts) // 2]
-
     rows = []
     gpu = torch.cuda.get_device_name()
     with torch.no_grad():
@@ -78,8 +70,8 @@ def main(out: str) -> None:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 forward(x, kv, False)
-            sec = timed(graph.replay)
-            eager = timed(lambda x=x, kv=kv: forward(x, kv, False), reps=5)
+            sec = _gpu_time(graph.replay, 20)
+            eager = _gpu_time(lambda x=x, kv=kv: forward(x, kv, False), 5)
             rows.append({"mode": "decode", "batch": batch, "context": ctx, "tokens": batch, "seconds": sec,
                          "eager_seconds": eager, "gpu": gpu, "torch": torch.__version__})
             print(rows[-1], flush=True)
@@ -87,7 +79,7 @@ def main(out: str) -> None:
             torch.cuda.empty_cache()
         for n in (512, 2048, 8192):
             x = w(1, n, H)
-            sec = timed(lambda x=x: forward(x, None, True), reps=5)
+            sec = _gpu_time(lambda x=x: forward(x, None, True), 5)
             rows.append({"mode": "prefill", "batch": 1, "context": 0, "tokens": n, "seconds": sec,
                          "eager_seconds": sec, "gpu": gpu, "torch": torch.__version__})
             print(rows[-1], flush=True)
