@@ -402,9 +402,9 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         f["forward"] += xf
         bw["backward"] += xb
         if st.sharding == "fsdp2":  # copy-out of each gather and the gradients' chunk_cat, on the compute stream
-            lay = ne + ex
-            f["forward"] += dm.memory_seconds(4.0 * lay * wbytes / 2, lay)
-            bw["backward"] += dm.memory_seconds(4.0 * lay * wbytes / 2 + (wbytes + gbytes) * lay, lay)
+            out_b, rs_b = 2.0 * wbytes * (ne + ex), (wbytes + gbytes) * (ne + ex)
+            f["forward"] += dm.memory_seconds(out_b)
+            bw["backward"] += dm.memory_seconds(out_b) + dm.memory_seconds(rs_b)
         if plan.recompute == "full":
             rc["fsdp_comm"] = f["fsdp_comm"]
     act = activation_bytes_per_token(m, kind, tp, sp, str(plan.recompute), elem) * tokens
@@ -620,10 +620,12 @@ def _param_gather(ctx: TrainContext, plan: Plan, stk: Stack, costs: list[StageCo
     dm = device_model(ctx.spec_of(rank), prec)
     w = len(dp_group)
     fp32_master = prec != "fp32"
-    copy_in = dm.memory_seconds((4.0 + elem + 2 * elem if fp32_master else 4 * elem) * n / w, n / w / nl)
+    b_in = (4.0 + elem + 2 * elem if fp32_master else 4 * elem) * n / w
+    copy_in = dm.memory_seconds(b_in, b_in / nl)  # one block's copy-in per kernel
     e, x = _overlap(ag - exposed + copy_in, fwd, slow, k)
     g_bytes = 4.0
-    copies = dm.memory_seconds(2.0 * elem * n, n / nl) + dm.memory_seconds((elem + g_bytes) * n, n / nl)
+    b_out, b_rs = 2.0 * elem * n, (elem + g_bytes) * n
+    copies = dm.memory_seconds(b_out, b_out / nl) + dm.memory_seconds(b_rs, b_rs / nl)
     return exposed + e + x + copies
 
 
