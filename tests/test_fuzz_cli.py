@@ -47,6 +47,16 @@ FILES = {
     "job_nan.yaml": "cluster: aws-p5\nmodel: llama3-8b\nworkload: {kind: training, lr: .nan}\n",
     "job_list.yaml": "[1, 2]\n",
     "job_kind.yaml": "cluster: aws-p5\nmodel: llama3-8b\nkind: cooking\n",
+    # checkpoint folders `workbench serve` must refuse before starting a worker
+    "ckpt_noweights/config.json": '{"architectures": ["LlamaForCausalLM"], "vocab_size": 258, "hidden_size": 64, '
+                                  '"intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}',
+    "ckpt_gpt2/config.json": '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2}',
+    "ckpt_gpt2/model.safetensors": "not read: the architecture is refused first",
+    "ckpt_bin/config.json": '{"model_type": "llama", "vocab_size": 258, "hidden_size": 64, "intermediate_size": 128, '
+                            '"num_hidden_layers": 2, "num_attention_heads": 4}',
+    "ckpt_bin/pytorch_model.bin": "a pickle the server does not load",
+    "ckpt_badjson/config.json": '{"architectures": ["LlamaForCausalLM"],',
+    "ckpt_nokeys/config.json": '{"architectures": ["LlamaForCausalLM"]}',
 }
 BINARY = {"bin.yaml": b"\xff\xfe\x00\x81garbage", "bin.json": bytes(range(256))}
 
@@ -219,9 +229,12 @@ CORPUS: list[Any] = [
     (["serve", "demo", "--port", "99999999"], "--port"),
     (["serve", "demo", "--max-seqs", "-1"], "--max-seqs"),
     (["serve", "{d}/missing"], "model"),
-    pytest.param(["serve", "{d}"], "model", marks=pytest.mark.xfail(
-        strict=True, reason="workbench/serve checks the checkpoint folder only inside its worker process, which "
-                            "prints a traceback")),
+    (["serve", "{d}"], "model"),  # no config.json: refused before any worker starts
+    (["serve", "{d}/ckpt_noweights"], "model"),
+    (["serve", "{d}/ckpt_gpt2"], "model"),
+    (["serve", "{d}/ckpt_bin", "--replicas", "1:2"], "model"),
+    (["serve", "{d}/ckpt_badjson"], "model"),
+    (["serve", "{d}/ckpt_nokeys"], "model"),
 ]
 
 
@@ -234,6 +247,7 @@ def _id(argv: list[str]) -> str:
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
     for name, text in FILES.items():
+        (d / name).parent.mkdir(exist_ok=True)
         (d / name).write_text(text)
     for name, data in BINARY.items():
         (d / name).write_bytes(data)

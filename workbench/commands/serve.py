@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("page_size", "max_batched_tokens", "max_seqs", "max_inflight", "tp", "pp"):
         if getattr(args, name) < 1:
             raise WorkbenchError(f"--{name.replace('_', '-')}: must be ≥ 1, got {getattr(args, name)}")
+    if args.model != "demo":  # a clean error here, not a traceback from a worker process
+        from workbench.serve.checkpoints import check_checkpoint
+
+        check_checkpoint(args.model)
     if args.replicas:
         return _replicated(args)
     prefill = {"device": args.prefill_device} if args.prefill_device else {}

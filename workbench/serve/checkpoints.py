@@ -10,6 +10,43 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    """The folder if the server can load it, else a `WorkbenchError` naming the folder and the fix: a
+    directory with a readable `config.json` of an architecture served here and weights (`*.safetensors`, or
+    a model package's `manifest.json`). Checked before any worker process starts."""
+    from workbench.errors import WorkbenchError
+
+    use = ("give a Hugging Face checkpoint directory (config.json + *.safetensors, as save_pretrained writes it), "
+           "a model package from `workbench convert`, or 'demo'")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise WorkbenchError(f"model: {str(path)!r} is not a directory; {use}")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise WorkbenchError(f"model: {str(p)!r} has no config.json; {use}")
+    try:
+        raw = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"model: {str(cfg)!r} is not readable JSON ({str(exc)[:120]}); {use}") from None
+    if not isinstance(raw, dict):
+        raise WorkbenchError(f"model: {str(cfg)!r} holds a JSON {type(raw).__name__}, not an object; {use}")
+    from workbench.serve.model import ModelConfig
+
+    try:
+        ModelConfig.from_hf(raw, name=p.name)
+    except WorkbenchError as exc:
+        raise WorkbenchError(f"model: {str(p)!r}: {exc}; serve a Llama, Mistral or Mixtral checkpoint") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WorkbenchError(f"model: {str(cfg)!r} lacks or mistypes {str(exc)[:80]}; {use}") from None
+    if not (p / "manifest.json").is_file() and not any(p.glob("*.safetensors")):
+        pickles = sorted(x.name for x in p.glob("*.bin"))[:2]
+        hint = (f" (found {', '.join(pickles)}: PyTorch pickles are not loaded; re-save with "
+                "save_pretrained(..., safe_serialization=True))") if pickles else ""
+        raise WorkbenchError(f"model: {str(p)!r} has config.json but no weights (*.safetensors or a package's "
+                             f"manifest.json){hint}; {use}")
+    return p
+
+
 def byte_tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer: 256 byte tokens, then <s> (256) and </s> (257), and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
