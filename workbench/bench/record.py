@@ -58,6 +58,23 @@ def record(benchmark: str, rows: Iterable[Mapping[str, Any]], summary: Mapping[s
     return out
 
 
+def flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`values` as summary entries: nested mappings become `outer_inner` keys, lists comma-separated text.
+
+    For a benchmark's extra fields (a soak's counts, notes, versions) that belong beside its headline numbers.
+    """
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out |= flat(v, key + "_")
+        elif isinstance(v, (list, tuple, set)):
+            out[key] = ",".join(str(x) for x in v)
+        else:
+            out[key] = v
+    return out
+
+
 def check(rec: Any, where: str = "record") -> None:
     """Raise `WorkbenchError` naming the field when `rec` is not the one result shape."""
     if not isinstance(rec, Mapping):

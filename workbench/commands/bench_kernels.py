@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
 from workbench.commands import Command
 
@@ -13,12 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--size", default="64MiB", help="CPU output size per kernel (default 64MiB)")
     p.add_argument("--gpu-sizes", default="256MiB,1GiB", help="GPU output sizes (default 256MiB,1GiB)")
-    p.add_argument("--out", help="also write {machine, command, rows} to this JSON file")
+    p.add_argument("--out", help="also write the benchmark record (workbench.bench.record: machine, command, summary, rows) here")
     p.add_argument("--machine", help="machine name recorded with --out")
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from workbench.errors import WorkbenchError
@@ -41,13 +40,26 @@ def _run(args: argparse.Namespace) -> int:
     except KernelInputError as exc:
         raise WorkbenchError(str(exc)) from exc
     if args.out:
-        command = " ".join(["workbench bench kernels", *sys.argv[3:]]) if len(sys.argv) > 2 else "workbench bench kernels"
-        try:
-            Path(args.out).write_text(json.dumps(bench.record(rows, args.machine, command), indent=2))
-        except OSError as exc:
-            raise WorkbenchError(f"--out: cannot write {args.out!r}: {exc.strerror}") from exc
+        from workbench.bench.record import write
+
+        command = f"workbench bench kernels --device {args.device} --size {args.size} --gpu-sizes {args.gpu_sizes}"
+        write(record(rows, bench.machine(), command, args.machine), args.out)
     bench.print_rows(rows, args.json)
     return 0
+
+
+def record(rows: list[dict[str, Any]], software: dict[str, Any], command: str, name: str | None) -> dict[str, Any]:
+    """The run as the one benchmark record (`workbench.bench.record`) with `workbench.bench.machine`'s machine
+    block. Summary: each kernel's ratio to a plain copy at its largest size (`<kernel>_<device>_vs_copy`) and
+    what the machine block does not hold (`kernels.bench.machine()`'s numba/numpy/torch/CuPy versions, numba
+    threads, the GPU torch saw)."""
+    from workbench.bench.machine import machine
+    from workbench.bench.record import record as make
+
+    summary = {k: v for k, v in software.items() if k not in ("cpu", "cores")}
+    for r in sorted(rows, key=lambda r: r["bytes"]):  # the largest size of a kernel and device wins
+        summary[f"{r['kernel']}_{r['device']}_vs_copy"] = r["ratio"]
+    return make("kernels", rows, summary, command, machine=machine(name))
 
 
 COMMANDS = [

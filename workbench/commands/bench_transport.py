@@ -4,6 +4,7 @@ gloo; on GPUs a device copy and NCCL), soak."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from workbench.commands import Command, emit
 from workbench.errors import WorkbenchError
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from transport import bench
     from transport.backends import BACKENDS
     from transport.errors import TransportError
+    from workbench.bench.record import write
     from workbench.result import Result
 
     if args.backend not in BACKENDS:
@@ -65,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
     rows = [{k: r.get(k) for k in bench.ROW_KEYS} for r in report.rows]
     if args.save:
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": machine, "platform": platform.platform(), "cpus": _cpus(), "backend": args.backend,
-                "device": args.device, "command": "workbench bench transport " + " ".join(_argv(args))}
-        (out / f"transport-{machine}.json").write_text(json.dumps(
-            {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "soak": report.soak,
-             "notes": report.notes}, indent=1, default=str))
+        saved = record(report, args, machine)
+        write(saved, out / f"transport-{machine}.json", "--save")
+        m = saved["machine"]
         (out / f"transport-{machine}.md").write_text(
-            f"# Transport benchmark on {machine}\n\n`{meta['command']}` — {meta['platform']}, {meta['cpus']} CPUs\n\n"
+            f"# Transport benchmark on {machine}\n\n`{saved['command']}` — {m['platform']}, {m['cpus_usable']} CPUs\n\n"
             + report.table() + "\n\nRatios: " + json.dumps(report.ratios(), indent=1)
             + "\n\nSoak: " + json.dumps(report.soak) + "\n")
     if args.trace:
@@ -88,10 +88,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpus() -> int:
-    import os
+def record(report: Any, args: argparse.Namespace, machine: str) -> dict[str, Any]:
+    """The run as the one benchmark record (`workbench.bench.record`), with `workbench.bench.machine`'s
+    machine block: the rows as measured; the summary holds the backend and devices, the headline ratios,
+    the soak's counts (`soak_*`) and the run's notes (the paged writes' single-write reference, the copy
+    paths used), flattened."""
+    from workbench.bench.machine import machine as machine_record
+    from workbench.bench.record import flat
+    from workbench.bench.record import record as make
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    summary = {"backend": args.backend, "device": args.device, "target_device": args.target_device or args.device,
+               **report.metrics(), **flat(report.notes)}
+    return make("transport", report.rows, summary, "workbench bench transport " + " ".join(_argv(args)),
+                machine=machine_record(machine))
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
