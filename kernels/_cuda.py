@@ -351,6 +351,36 @@ def copy_ranges(src_ptr: int, dst_ptr: int, ranges_ptr: int, n: int, word: int, 
                                                np.int64(n)), stream=_external(stream_ptr, device))
 
 
+# An immediate posted through GPU-visible memory (the transport's cuda_ipc mailbox): after the copy
+# before it on the same stream, store the entry word, fence system-wide, then store its sequence
+# number; a host thread polling the sequence word then sees the entry and every byte of the copy.
+# A module of its own: it compiles (or fails) apart from the kernels above.
+_IMM_SRC = r"""
+extern "C" __global__ void post_imm(unsigned long long* slot, unsigned long long word, unsigned long long seq) {
+  slot[0] = word;
+  __threadfence_system();
+  *((volatile unsigned long long*)(slot + 1)) = seq;
+}
+"""
+
+
+@functools.cache
+def _imm_fn(device: int) -> Any:
+    cp = cupy()
+    with cp.cuda.Device(device):
+        return cp.RawModule(code=_IMM_SRC).get_function("post_imm")
+
+
+def post_imm(slot_ptr: int, word: int, seq: int, device: int, stream_ptr: int) -> None:
+    """Launch `post_imm` (one thread) on `device` and the CUDA stream `stream_ptr`: stores `word` at
+    `slot_ptr` and then `seq` at `slot_ptr + 8` (device-visible memory, e.g. registered host memory)
+    once the stream's earlier work is done. Returns once launched."""
+    cp = cupy()
+    fn = _imm_fn(device)
+    with cp.cuda.Device(device):
+        fn((1,), (1,), (np.uint64(slot_ptr), np.uint64(word), np.uint64(seq)), stream=_external(stream_ptr, device))
+
+
 def combine(y: Any, index: Any, weights: Any, out: Any, bf16: bool) -> None:
     """out[t] = sum_k weights[t, k] * y[index[t, k]] on the GPU (fp32 out)."""
     cp = cupy()

@@ -205,9 +205,9 @@ class Engine:
                                      self._listener.port, backend, lanes, host_id())
         self._path: DataPath | None = None
         if backend == "cuda_ipc":
-            from transport.backends.cuda_ipc import CudaIpcPath
+            from transport.backends.cuda_ipc import make_path
 
-            self._path = CudaIpcPath(self, **backend_options)
+            self._path = make_path(self, on_imm=self._path_imm, **backend_options)
         elif backend == "nixl":
             from transport.backends.nixl import NixlPath
 
@@ -609,7 +609,8 @@ class Engine:
                             left[0] -= 1
                             return left[0] == 0
 
-                    self._submit_path(t, link, src, targets[g[0]].dst, pieces, imm, last_of_peer=last)
+                    one = len(groups_) == 1 and getattr(self._path, "imm_in_batches", False)  # the path posts its imm
+                    self._submit_path(t, link, src, targets[g[0]].dst, pieces, imm, last_of_peer=None if one else last)
             else:
                 lanes += self._post_batch(t, link, src, [targets[i] for i in groups_[0]], imm)
         t.lanes = tuple(lanes)
@@ -687,6 +688,17 @@ class Engine:
         else:
             msg = wire.pack(wire.NOTICE, flags=wire.F_IMM if with_imm else 0, imm=imm or 0, tid=t.tid,
                             region=dst.region, offset=offset, length=length)
+        try:
+            link.ctrl.send_now([msg])
+        except OSError as e:
+            link.failed(e, link.ctrl)
+
+    def _notify_imm(self, dst: MemoryDescriptor, imm: int, tid: int) -> None:
+        """A data path that could not post an immediate itself sends it, once its bytes landed, as a one-way notice."""
+        link = self._links.get(dst.engine)
+        if link is None or not link.alive:
+            return  # the peer is gone: its transfers fail through the link
+        msg = wire.pack(wire.NOTICE, flags=wire.F_IMM | F_NOACK, imm=imm, tid=tid, region=dst.region)
         try:
             link.ctrl.send_now([msg])
         except OSError as e:

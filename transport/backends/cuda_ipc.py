@@ -1,27 +1,39 @@
 """CUDA IPC backend: device-to-device writes between processes of one host (one GPU or several).
 
 A registered CUDA tensor's descriptor carries its CUDA IPC handle (through
-`torch.multiprocessing.reductions.reduce_tensor`). A writer on the same host (same boot)
-opens the peer's memory once per registration (cached until the peer revokes it) and
-copies on a CUDA stream per lane, in the caller's thread:
+`torch.multiprocessing.reductions.reduce_tensor`) and the name of the receiver's imm mailbox
+(`cuda_ipc_mailbox`). A writer on the same host (same boot) opens the peer's memory once per
+registration (cached until the peer revokes it) and enqueues its copies in the caller's
+thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torch dispatch):
 
-- one contiguous write: one `copy_` (a device-to-device or peer-to-peer memcpy);
+- per (device, lane), created once: a stream, an event that orders the lane after the source's
+  current stream (record + wait: the producers of the source finish first), a lock; completion
+  events come from a per-device pool and go back to it; no device switch when the device is
+  already current;
+- one contiguous write on one GPU: one `cudaMemcpyAsync` (the copy engine);
 - many pieces (a paged write of a whole layer, a batch of writes to one region): one
-  `copy_ranges` kernel (`kernels._cuda`) that reads every local page and writes it straight
-  into the peer's pages; its list of ranges is written into a slot of a pinned host ring
-  that the kernel reads directly (no upload); between two GPUs: one gather kernel on the
-  source GPU, one peer-to-peer memcpy, one scatter kernel on the destination GPU (no
-  kernel dereferences the other GPU's memory). Without CuPy the same moves run as torch
-  indexing;
-- a contiguous write to another GPU goes peer-to-peer into a staging buffer on that GPU,
-  then into the peer's memory by a local copy: copying straight into memory that another
-  process exported is several times slower between GPUs (measured on two H200s: 16 MiB in
-  473 µs directly, ~60 µs into a plain buffer);
-- completion: a CUDA event recorded after the copy; the engine's poller thread waits for it
-  (`cudaEventSynchronize`, GIL released) and completes the transfer. The bytes are then in
-  the peer's memory, so no acknowledgement round trip is needed; an immediate goes to the
-  peer as a one-way notice on the engine's control socket.
+  `copy_ranges` kernel launch (`kernels._cuda`) that reads every local page and writes it
+  straight into the peer's pages; its range list is written into a slot of a pinned host ring
+  that the kernel reads directly (no upload);
+- between two GPUs (`peer="staged"`, the default): through a staging ring of `STAGE_SLOTS`
+  chunks on the destination GPU, created once per lane: chunk i goes peer-to-peer (the source
+  GPU's copy engine over NVLink) while chunk i-1 is copied into the peer's memory on the
+  destination GPU, so a large write runs at the peer-copy rate (copying straight into memory
+  another process exported was several times slower between GPUs: 16 MiB in 473 µs against
+  ~60 µs into a plain buffer, two H200s). Pieces: gather kernel on the source GPU, one peer
+  copy, scatter kernel on the destination GPU. `peer="direct"`: one peer memcpy straight into
+  the peer's memory;
+- the immediate: on the last copy's stream, right after it, a one-thread kernel stores it into
+  the receiver's mailbox (shared host memory registered with CUDA); the receiver's watcher sees
+  it without any socket. No mailbox, a full ring or a failed launch: the entry is stored from
+  the host once the copy completed, or (no mailbox) sent as a one-way notice on the control socket;
+- completion: an event per write. A caller waiting in `result()` synchronises on it directly;
+  a poller thread completes the writes nobody waits for (it queries events after a grace
+  period instead of racing the waiting caller for the GIL).
 
+`WORKBENCH_CUDA_IPC=legacy` (or `Engine("cuda_ipc", path="legacy")`) selects the previous
+path (`cuda_ipc_legacy`: torch streams, events and copies per write, immediates over the
+control socket); `WORKBENCH_CUDA_IPC_PEER=direct|staged` chooses the cross-GPU copy.
 Writes that are not CUDA→CUDA on one host fall back to the TCP lanes.
 """
 
@@ -29,9 +41,12 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 import pickle
 import threading
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,51 +57,43 @@ from transport.descriptors import MemoryDescriptor
 from transport.errors import BackendUnavailable, TransportError
 from transport.memory import Region
 
+MODE_ENV = "WORKBENCH_CUDA_IPC"  # fast (default) or legacy
+PEER_ENV = "WORKBENCH_CUDA_IPC_PEER"  # staged (default) or direct
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
+STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
+STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
+STAGE_BYTES = STAGE_CHUNK * STAGE_SLOTS
+GRACE_S = 100e-6  # the poller leaves a write this long to a caller waiting in result()
+TICK_S = 50e-6
+MAX_TICK_S = 1e-3
+LINGER_S = 0.005  # the poller keeps ticking this long after the queue emptied, then blocks
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault (unified addressing picks the direction)
+EVENT_DISABLE_TIMING = 2
+NOT_READY = 600  # cudaErrorNotReady
+PEER_ALREADY_ENABLED = 704
+HOST_REGISTER_PORTABLE_MAPPED = 3
+CAN_USE_HOST_POINTER = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
 
-class _Busy:
-    """A ring slot taken by a submission whose completion event is not recorded yet."""
-
-    @staticmethod
-    def query() -> bool:
-        return False
+class _NoRuntime(Exception):
+    """CuPy's CUDA runtime bindings are missing: the legacy path serves instead."""
 
 
-class _HostRing:
-    """Pinned host slots holding the range lists the copy kernel reads (mapped into the device's
-    address space by unified addressing: no upload). A slot is reused once the event of the copy
-    that read it completed; when none is free the caller uploads the list instead."""
+def make_path(engine: EngineView, path: str | None = None, on_imm: Callable[[int, int, str], Any] | None = None,
+              **options: Any) -> DataPath:
+    """The cuda_ipc data path: `fast` (default) or `legacy` (option `path`, else `$WORKBENCH_CUDA_IPC`)."""
+    mode = path if path is not None else os.environ.get(MODE_ENV, "fast")
+    if mode not in ("fast", "legacy"):
+        raise BackendUnavailable(f"cuda_ipc: path must be 'fast' or 'legacy' (option path= or ${MODE_ENV}), "
+                                 f"got {mode!r}")
+    if mode == "fast":
+        try:
+            return CudaIpcPath(engine, on_imm=on_imm, **options)
+        except _NoRuntime as exc:
+            engine._log(f"cuda_ipc: fast path unavailable ({exc}); using the legacy path")
+    from transport.backends.cuda_ipc_legacy import LegacyCudaIpcPath
 
-    SLOT = 64 << 10
-    SLOTS = 64
-
-    def __init__(self, torch: Any) -> None:
-        self.buf = torch.empty(self.SLOT * self.SLOTS, dtype=torch.uint8, pin_memory=True)
-        self.words = self.buf.numpy().view(np.int64)
-        self.ptr = int(self.buf.data_ptr())
-        self.busy: list[Any] = [None] * self.SLOTS
-        self.next = 0
-        self.lock = threading.Lock()
-
-    def take(self, r: np.ndarray) -> tuple[int, int] | None:
-        """(slot, device-readable address of `r`'s copy), or None when no slot is free."""
-        if r.nbytes > self.SLOT:
-            return None
-        with self.lock:
-            i = self.next
-            ev = self.busy[i]
-            if ev is not None and not ev.query():
-                return None
-            self.next = (i + 1) % self.SLOTS
-            self.busy[i] = _Busy
-        off = i * self.SLOT // 8
-        self.words[off:off + r.size] = r
-        return i, self.ptr + i * self.SLOT
-
-    def release(self, slots: list[int], event: Any) -> None:
-        for i in slots:
-            self.busy[i] = event
+    return LegacyCudaIpcPath(engine, **{k: v for k, v in options.items() if k == "kernel"})
 
 
 def _word(*values: int) -> int:
@@ -100,44 +107,131 @@ def _word(*values: int) -> int:
     return 1
 
 
-def _ranges(src: np.ndarray, dst: np.ndarray, length: np.ndarray, word: int) -> np.ndarray:
-    """int64 [3n]: source offsets, destination offsets, lengths, in words, long pieces split into chunks."""
-    keep = length > 0
-    s, d, n = src[keep] // word, dst[keep] // word, length[keep] // word
-    cw = max(1, CHUNK // word)
-    if n.size and int(n.max()) > cw:
-        k = -(-n // cw)
-        rep = np.repeat(np.arange(n.size), k)
+def _split(src: np.ndarray, dst: np.ndarray, length: np.ndarray, limit: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop empty pieces and split those longer than `limit` bytes into pieces of at most `limit`."""
+    if not (length > 0).all():
+        keep = length > 0
+        src, dst, length = src[keep], dst[keep], length[keep]
+    if length.size and int(length.max()) > limit:
+        k = -(-length // limit)
+        rep = np.repeat(np.arange(length.size), k)
         j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
-        s, d, n = s[rep] + j * cw, d[rep] + j * cw, np.minimum(cw, n[rep] - j * cw)
-    return np.concatenate([s, d, n]).astype(np.int64, copy=False)
+        src, dst, length = src[rep] + j * limit, dst[rep] + j * limit, np.minimum(limit, length[rep] - j * limit)
+    return src, dst, length
 
 
-class _Once:
-    """A completion callback that runs once, whoever calls it first (the poller or a waiting caller)."""
+class _HostRing:
+    """Pinned host slots holding the range lists the copy kernel reads (device-readable through unified
+    addressing: no upload). A slot goes back to the ring when the write that read it completed."""
 
-    __slots__ = ("done", "fired", "lock")
+    SLOT = 256 << 10
+    SLOTS = 32
+
+    def __init__(self, torch: Any) -> None:
+        self.buf = torch.empty(self.SLOT * self.SLOTS, dtype=torch.uint8, pin_memory=True)
+        self.words = self.buf.numpy().view(np.int64)
+        self.ptr = int(self.buf.data_ptr())
+        self.free: deque[int] = deque(range(self.SLOTS))
+        self.lock = threading.Lock()
+
+    def take(self, nwords: int) -> tuple[int, np.ndarray, int] | None:
+        """(slot, writable view of `nwords` words, device-readable address), or None when none is free."""
+        if nwords * 8 > self.SLOT:
+            return None
+        with self.lock:
+            if not self.free:
+                return None
+            i = self.free.popleft()
+        off = i * self.SLOT // 8
+        return i, self.words[off:off + nwords], self.ptr + i * self.SLOT
+
+    def give(self, slots: list[int]) -> None:
+        with self.lock:
+            self.free.extend(slots)
+
+
+class _Lane:
+    """A stream on one device for one lane, its ordering event and lock (created once)."""
+
+    __slots__ = ("dev", "stream", "ptr", "prod", "lock")
+
+    def __init__(self, dev: int, stream: Any, prod: int) -> None:
+        self.dev, self.stream, self.ptr, self.prod = dev, stream, int(stream.cuda_stream), prod
+        self.lock = threading.Lock()
+
+
+class _Cross:
+    """Staging between two GPUs for one lane: a ring of chunks on the destination GPU, a grow-only gather
+    buffer on the source GPU, and the events that order them (created once)."""
+
+    __slots__ = ("stage", "stage_ptr", "gather", "gather_ptr", "copied", "freed", "bdone", "bdone_set")
+
+    def __init__(self) -> None:
+        self.stage: Any = None
+        self.stage_ptr = 0
+        self.gather: Any = None
+        self.gather_ptr = 0
+        self.copied: list[int] = []
+        self.freed: list[int] = []
+        self.bdone = 0
+        self.bdone_set = False
+
+
+class _Remote:
+    __slots__ = ("tensor", "ptr", "dev")
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor, self.ptr, self.dev = tensor, int(tensor.data_ptr()), int(tensor.device.index)
+
+
+class _Pending:
+    """One submitted write: its completion event and what to do once it completed (whoever sees it first)."""
+
+    __slots__ = ("done", "fired", "lock", "ev", "dev", "t0", "slots", "host_imm", "notice")
 
     def __init__(self, done: Done) -> None:
         self.done, self.fired, self.lock = done, False, threading.Lock()
+        self.ev = 0
+        self.dev = 0
+        self.t0 = 0.0
+        self.slots: list[int] = []
+        self.host_imm: tuple[Any, int, int, int] | None = None  # (outbox, address, word, seq)
+        self.notice: tuple[MemoryDescriptor, int, int] | None = None  # (dst, imm, tid) over the control socket
 
-    def __call__(self, exc: BaseException | None) -> None:
-        with self.lock:
-            if self.fired:
-                return
-            self.fired = True
-        self.done(exc)
+
+class _Device:
+    """Tracks the calling thread's current device; switches only when needed and restores at the end."""
+
+    __slots__ = ("rt", "prev", "cur")
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self.prev = self.cur = rt.getDevice()
+
+    def use(self, dev: int) -> None:
+        if self.cur != dev:
+            self.rt.setDevice(dev)
+            self.cur = dev
+
+    def restore(self) -> None:
+        if self.cur != self.prev:
+            self.rt.setDevice(self.prev)
+            self.cur = self.prev
 
 
 class CudaIpcPath(DataPath):
     """The data path of `Engine(backend="cuda_ipc")`.
 
     kernel: `auto` (the CuPy range-copy kernel when CuPy works, else torch), `cupy` or `torch`.
+    peer: `staged` (default, or `$WORKBENCH_CUDA_IPC_PEER`) or `direct`: how a write crosses GPUs.
     """
 
     name = "cuda_ipc"
+    imm_in_batches = True  # a batch to one peer region is one submission: the path posts its immediate
 
-    def __init__(self, engine: EngineView, kernel: str = "auto") -> None:
+    def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
+                 on_imm: Callable[[int, int, str], Any] | None = None) -> None:
         try:
             import torch
         except ImportError as exc:  # pragma: no cover
@@ -146,17 +240,41 @@ class CudaIpcPath(DataPath):
             raise BackendUnavailable("cuda_ipc: no CUDA device is visible (use backend='tcp')")
         if kernel not in ("auto", "cupy", "torch"):
             raise BackendUnavailable(f"cuda_ipc: kernel must be auto, cupy or torch, got {kernel!r}")
+        peer = peer if peer is not None else os.environ.get(PEER_ENV, "staged")
+        if peer not in ("staged", "direct"):
+            raise BackendUnavailable(f"cuda_ipc: peer must be 'staged' or 'direct' (option peer= or ${PEER_ENV}), "
+                                     f"got {peer!r}")
+        try:
+            import cupy  # noqa: F401 - sets up the CUDA libraries its runtime bindings load
+            from cupy.cuda import runtime as rt
+        except Exception as exc:  # noqa: BLE001 - no CuPy, or one that cannot load its CUDA libraries
+            raise _NoRuntime(f"CuPy's CUDA runtime: {type(exc).__name__}: {exc}") from exc
         super().__init__(engine)
         self.torch = torch
+        self.rt = rt
         self.kernel = kernel
-        self.used: Counter[str] = Counter()  # how pieces were moved: memcpy, kernel, torch, peer
-        self._streams: dict[tuple[int, int], Any] = {}
-        self._opened: dict[tuple[str, int], Any] = {}
+        self.peer = peer
+        self.on_imm = on_imm
+        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.used: Counter[str] = Counter()  # how bytes and immediates moved: memcpy, kernel, peer, imm_gpu, …
+        self._lanes: dict[tuple[int, int], _Lane] = {}
+        self._cross: dict[tuple[int, int, int], _Cross] = {}
+        self._events: dict[int, list[int]] = {}
+        self._all_events: list[tuple[int, int]] = []
+        self._peer_ok: set[tuple[int, int]] = set()
+        self._host_ptr_ok: dict[int, bool] = {}
+        self._opened: dict[tuple[str, int], _Remote] = {}
+        self._outboxes: dict[str, Any] = {}
+        self._registered: list[int] = []
+        self._mailbox: Any = None
+        self._mailbox_failed = False
+        self._gpu_imm = True
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._ring: _HostRing | None = None
-        self._queue: deque[tuple[Any, Done]] = deque()
+        self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
+        self._sleeping = False
         self._closed = False
         self._poller = threading.Thread(target=self._poll, name=f"wbt-{engine.name}-ipc", daemon=True)
         self._poller.start()
@@ -168,7 +286,24 @@ class CudaIpcPath(DataPath):
         from torch.multiprocessing.reductions import reduce_tensor
 
         fn, args = reduce_tensor(region.flat)
-        return {"ipc": base64.b64encode(pickle.dumps((fn, args))).decode()}
+        extra = {"ipc": base64.b64encode(pickle.dumps((fn, args))).decode()}
+        box = self._receiver_mailbox()
+        if box is not None:
+            extra["mbox"] = box.name
+        return extra
+
+    def _receiver_mailbox(self) -> Any:
+        if self._mailbox is None and not self._mailbox_failed and self.on_imm is not None:
+            from transport.backends.cuda_ipc_mailbox import Mailbox, MailboxError
+
+            with self._lock:
+                if self._mailbox is None and not self._mailbox_failed:
+                    try:
+                        self._mailbox = Mailbox(self.on_imm, self.engine._log, thread_name=f"wbt-{self.engine.name}-mbox")
+                    except MailboxError as exc:
+                        self._mailbox_failed = True
+                        self.engine._log(f"cuda_ipc: no imm mailbox ({exc}); immediates come over the control socket")
+        return self._mailbox
 
     def forget_remote(self, peer: str, region: int) -> None:
         with self._lock:
@@ -182,170 +317,474 @@ class CudaIpcPath(DataPath):
     def confirms_delivery(self) -> bool:
         return True
 
-    def _remote(self, dst: MemoryDescriptor) -> Any:
+    @property
+    def delivers_imm(self) -> bool:
+        return True
+
+    def _remote(self, dst: MemoryDescriptor) -> _Remote:
         key = (dst.engine, dst.region)
-        t = self._opened.get(key)
-        if t is None:
+        r = self._opened.get(key)
+        if r is None:
             with self._lock:
-                t = self._opened.get(key)
-                if t is None:
+                r = self._opened.get(key)
+                if r is None:
                     fn, args = pickle.loads(base64.b64decode(dst.extra["ipc"]))
                     t = fn(*args)
                     if t.numel() < dst.nbytes:
                         raise TransportError(f"cuda_ipc: the peer's region {dst.region} maps {t.numel()} bytes, "
                                              f"the descriptor claims {dst.nbytes}")
-                    self._opened[key] = t
-        return t
+                    r = self._opened[key] = _Remote(t)
+        return r
 
-    def _stream(self, device: int, lane: int) -> Any:
-        key = (device, lane)
-        s = self._streams.get(key)
-        if s is None:
+    # per-device resources (created once) --------------------------------------
+    def _lane(self, dev: int, lane: int, d: _Device) -> _Lane:
+        key = (dev, lane)
+        la = self._lanes.get(key)
+        if la is None:
             with self._lock:
-                s = self._streams.get(key)
-                if s is None:
-                    s = self._streams[key] = self.torch.cuda.Stream(device=device)
-        return s
+                la = self._lanes.get(key)
+                if la is None:
+                    d.use(dev)
+                    la = self._lanes[key] = _Lane(dev, self.torch.cuda.Stream(device=dev), self._new_event(dev))
+        return la
+
+    def _new_event(self, dev: int) -> int:
+        """A fresh event on `dev` (the caller made `dev` current)."""
+        ev = int(self.rt.eventCreateWithFlags(EVENT_DISABLE_TIMING))
+        self._all_events.append((dev, ev))
+        return ev
+
+    def _event(self, dev: int) -> int:
+        pool = self._events.get(dev)
+        if pool:
+            try:
+                return pool.pop()
+            except IndexError:
+                pass
+        with self._lock:
+            return self._new_event(dev)
+
+    def _give_event(self, dev: int, ev: int) -> None:
+        self._events.setdefault(dev, []).append(ev)
+
+    def _current_stream(self, dev: int) -> int:
+        if self._raw_stream is not None:
+            return int(self._raw_stream(dev))
+        return int(self.torch.cuda.current_stream(dev).cuda_stream)
+
+    def _enable_peer(self, a: int, b: int, d: _Device) -> None:
+        if (a, b) in self._peer_ok:
+            return
+        for x, y in ((a, b), (b, a)):
+            d.use(x)
+            try:
+                if self.rt.deviceCanAccessPeer(x, y):
+                    self.rt.deviceEnablePeerAccess(y)
+            except Exception as exc:  # noqa: BLE001 - already enabled (704) is fine; else the driver stages
+                if getattr(exc, "status", None) != PEER_ALREADY_ENABLED:
+                    self.engine._log(f"cuda_ipc: peer access {x}->{y}: {exc}")
+        self._peer_ok.add((a, b))
+
+    def _cross_state(self, lane: int, sdev: int, ddev: int, d: _Device) -> _Cross:
+        key = (lane, sdev, ddev)
+        x = self._cross.get(key)
+        if x is None:
+            torch = self.torch
+            x = _Cross()
+            d.use(ddev)
+            x.stage = torch.empty(STAGE_BYTES, dtype=torch.uint8, device=f"cuda:{ddev}")
+            x.stage_ptr = int(x.stage.data_ptr())
+            x.freed = [self._new_event(ddev) for _ in range(STAGE_SLOTS)]
+            x.bdone = self._new_event(ddev)
+            d.use(sdev)
+            x.copied = [self._new_event(sdev) for _ in range(STAGE_SLOTS)]
+            self._cross[key] = x
+        return x
 
     # data path ---------------------------------------------------------------
     def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: Pieces, done: Done,
                imm: int | None = None) -> None:
-        torch = self.torch
-        remote = self._remote(dst)
+        rt = self.rt
+        rem = self._remote(dst)
         flat = src.flat
-        sdev, ddev = flat.device, remote.device
-        lane = next(self._rr) % self.lanes
-        t.lanes = (lane,)
-        s = self._stream(sdev.index, lane)
-        slots: list[int] = []
-        with torch.cuda.device(sdev.index):
-            s.wait_stream(torch.cuda.current_stream(sdev.index))  # the source's producers finish first
-            with torch.cuda.stream(s):
-                if sdev == ddev:
-                    self._copy_local(flat, remote, pieces, s, slots)
-                    last = s
+        sdev = flat.device.index
+        lane_i = next(self._rr) % self.lanes
+        t.lanes = (lane_i,)
+        p = _Pending(done)
+        d = _Device(rt)
+        try:
+            la = self._lane(sdev, lane_i, d)
+            with la.lock:
+                d.use(sdev)
+                rt.eventRecord(la.prod, self._current_stream(sdev))  # the source's producers finish first
+                rt.streamWaitEvent(la.ptr, la.prod, 0)
+                if rem.dev == sdev:
+                    self._local(la, flat, rem, pieces, p)
+                    last = la
                 else:
-                    ds = self._stream(ddev.index, lane)
-                    with torch.cuda.device(ddev.index), torch.cuda.stream(ds):
-                        self._copy_across(flat, remote, pieces, s, ds, slots)
-                    last = ds
-                ev = torch.cuda.Event()
-                ev.record(last)
-        if slots and self._ring is not None:
-            self._ring.release(slots, ev)
-        once = _Once(done)
-        t.hooks.append(lambda: self._finish(ev, once))  # a caller waiting in result() finishes it itself
+                    last = self._across(la, lane_i, flat, rem, pieces, p, d)
+                d.use(last.dev)
+                if imm is not None:
+                    self._post_imm(t, dst, imm, last, p)
+                p.dev = last.dev
+                p.ev = self._event(last.dev)
+                rt.eventRecord(p.ev, last.ptr)
+        except BaseException:
+            if p.slots and self._ring is not None:
+                self._ring.give(p.slots)
+            raise
+        finally:
+            d.restore()
+        p.t0 = time.perf_counter()
+        t.hooks.append(lambda: self._finish(p))  # a caller waiting in result() completes it itself
         with self._cond:
-            self._queue.append((ev, once))
-            self._cond.notify()
+            self._queue.append(p)
+            if self._sleeping:
+                self._cond.notify()
 
-    def _copy_local(self, flat: Any, remote: Any, pieces: Pieces, s: Any, slots: list[int]) -> None:
+    def _local(self, la: _Lane, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending) -> None:
         if len(pieces) == 1:
-            so, do, n = int(pieces.src[0]), int(pieces.dst[0]), int(pieces.length[0])
-            remote.narrow(0, do, n).copy_(flat.narrow(0, so, n), non_blocking=True)
+            n = int(pieces.length[0])
+            if n:
+                self.rt.memcpyAsync(rem.ptr + int(pieces.dst[0]), int(flat.data_ptr()) + int(pieces.src[0]), n,
+                                    MEMCPY_DEFAULT, la.ptr)
             self.used["memcpy"] += 1
             return
-        self._ranges(flat, remote, pieces.src, pieces.dst, pieces.length, s, slots)
+        self._ranges(la, flat, rem.tensor, pieces.src, pieces.dst, pieces.length, p)
 
-    def _copy_across(self, flat: Any, remote: Any, pieces: Pieces, s: Any, ds: Any, slots: list[int]) -> None:
-        """Between two GPUs: gather on the source GPU, one peer copy into a plain buffer on the
-        destination GPU, scatter there (current streams: `s` on the source device, `ds` on the
-        destination; torch orders the peer copy between them)."""
-        torch = self.torch
-        total = pieces.nbytes
-        dstage = torch.empty(total, dtype=torch.uint8, device=remote.device)
+    def _across(self, la: _Lane, lane_i: int, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending,
+                d: _Device) -> _Lane:
+        """Copy to another GPU; returns the lane whose stream holds the last operation."""
+        rt = self.rt
+        sdev, ddev = la.dev, rem.dev
+        self._enable_peer(sdev, ddev, d)
+        src_ptr = int(flat.data_ptr())
         self.used["peer"] += 1
+        if len(pieces) == 1 and self.peer == "direct":
+            n = int(pieces.length[0])
+            d.use(sdev)
+            if n:
+                rt.memcpyAsync(rem.ptr + int(pieces.dst[0]), src_ptr + int(pieces.src[0]), n, MEMCPY_DEFAULT, la.ptr)
+            self.used["memcpy"] += 1
+            return la
+        lb = self._lane(ddev, lane_i, d)
+        x = self._cross_state(lane_i, sdev, ddev, d)
+        d.use(sdev)
+        if x.bdone_set:  # the last write of this lane finished reading the staging ring
+            rt.streamWaitEvent(la.ptr, x.bdone, 0)
         if len(pieces) == 1:
-            so, do, n = int(pieces.src[0]), int(pieces.dst[0]), int(pieces.length[0])
-            dstage.copy_(flat.narrow(0, so, n), non_blocking=True)
-            remote.narrow(0, do, n).copy_(dstage, non_blocking=True)
-            return
-        starts = np.concatenate([[0], np.cumsum(pieces.length)[:-1]]).astype(np.int64)
-        with torch.cuda.device(flat.device.index):
-            stage = torch.empty(total, dtype=torch.uint8, device=flat.device)
-            self._ranges(flat, stage, pieces.src, starts, pieces.length, s, slots)
-        dstage.copy_(stage, non_blocking=True)
-        self._ranges(dstage, remote, starts, pieces.dst, pieces.length, ds, slots)
+            self._staged_contiguous(la, lb, x, src_ptr + int(pieces.src[0]), rem.ptr + int(pieces.dst[0]),
+                                    int(pieces.length[0]), d)
+        else:
+            so, do, ln = _split(pieces.src, pieces.dst, pieces.length, STAGE_BYTES)
+            start = 0
+            while start < ln.size:  # groups of pieces that fit the staging ring
+                ends = np.cumsum(ln[start:])
+                stop = start + max(1, int(np.searchsorted(ends, STAGE_BYTES, side="right")))
+                self._staged_pieces(la, lb, x, flat, rem, so[start:stop], do[start:stop], ln[start:stop], p, d)
+                start = stop
+        d.use(ddev)
+        rt.eventRecord(x.bdone, lb.ptr)
+        x.bdone_set = True
+        return lb
 
-    def _ranges(self, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray, stream: Any,
-                slots: list[int]) -> None:
-        """b[do[i]:do[i]+n[i]] = a[so[i]:so[i]+n[i]] on `stream` (a and b on the stream's device)."""
-        torch = self.torch
+    def _staged_contiguous(self, la: _Lane, lb: _Lane, x: _Cross, src: int, dst: int, n: int, d: _Device) -> None:
+        """n bytes src (source GPU) -> dst (peer's memory on the destination GPU) in pipelined chunks: peer
+        copies on the source lane, local copies on the destination lane, one round of slots at a time."""
+        rt = self.rt
+        chunks = [(o, min(STAGE_CHUNK, n - o)) for o in range(0, n, STAGE_CHUNK)]
+        for r0 in range(0, len(chunks), STAGE_SLOTS):
+            rnd = chunks[r0:r0 + STAGE_SLOTS]
+            d.use(la.dev)
+            for j, (o, k) in enumerate(rnd):
+                if r0:
+                    rt.streamWaitEvent(la.ptr, x.freed[j], 0)  # slot j was read by the previous round
+                rt.memcpyAsync(x.stage_ptr + j * STAGE_CHUNK, src + o, k, MEMCPY_DEFAULT, la.ptr)
+                rt.eventRecord(x.copied[j], la.ptr)
+            d.use(lb.dev)
+            for j, (o, k) in enumerate(rnd):
+                rt.streamWaitEvent(lb.ptr, x.copied[j], 0)
+                rt.memcpyAsync(dst + o, x.stage_ptr + j * STAGE_CHUNK, k, MEMCPY_DEFAULT, lb.ptr)
+                rt.eventRecord(x.freed[j], lb.ptr)
+        self.used["memcpy"] += 1
+
+    def _staged_pieces(self, la: _Lane, lb: _Lane, x: _Cross, flat: Any, rem: _Remote, so: np.ndarray,
+                       do: np.ndarray, n: np.ndarray, p: _Pending, d: _Device) -> None:
+        """Pieces (total <= the staging ring) to another GPU: gather on the source GPU, one peer copy, scatter
+        on the destination GPU."""
+        rt = self.rt
+        total = int(n.sum())
+        if not total:
+            return
+        at = np.zeros(n.size, np.int64)
+        np.cumsum(n[:-1], out=at[1:])
+        d.use(la.dev)
+        if x.gather is None or x.gather.numel() < total:
+            if x.gather is not None:
+                x.gather.record_stream(la.stream)  # freed only after this lane's queued work
+            x.gather = self.torch.empty(max(total, 1 << 20), dtype=self.torch.uint8, device=flat.device)
+            x.gather_ptr = int(x.gather.data_ptr())
+        self._ranges(la, flat, x.gather, so, at, n, p)
+        rt.memcpyAsync(x.stage_ptr, x.gather_ptr, total, MEMCPY_DEFAULT, la.ptr)
+        rt.eventRecord(x.copied[0], la.ptr)
+        d.use(lb.dev)
+        rt.streamWaitEvent(lb.ptr, x.copied[0], 0)
+        self._ranges(lb, x.stage, rem.tensor, at, do, n, p)
+        rt.eventRecord(x.freed[0], lb.ptr)
+        d.use(la.dev)
+        rt.streamWaitEvent(la.ptr, x.freed[0], 0)  # the next group overwrites the staging ring
+
+    def _ranges(self, lane: _Lane, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray,
+                p: _Pending) -> None:
+        """b[do[i]:do[i]+n[i]] = a[so[i]:so[i]+n[i]] on `lane`'s stream (a and b on its device, current)."""
         if self.kernel != "torch":
             try:
-                self._ranges_kernel(a, b, so, do, n, stream, slots)
+                self._ranges_kernel(lane, a, b, so, do, n, p)
                 return
             except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: torch does the same moves
                 if self.kernel == "cupy":
                     raise TransportError(f"cuda_ipc: the CuPy copy kernel failed: {exc}") from exc
                 self.engine._log(f"cuda_ipc: CuPy copy kernel unavailable ({type(exc).__name__}: {exc}); using torch")
                 self.kernel = "torch"
-        dev = a.device
-        page = int(n[0])
-        if (n == page).all():  # equal pages: one gather and one scatter over word indices
-            w = min(8, _word(page, a.data_ptr(), b.data_ptr(), np.bitwise_or.reduce(so), np.bitwise_or.reduce(do)))
-            dt = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w]
-            av, bv = a[: a.numel() // w * w].view(dt), b[: b.numel() // w * w].view(dt)
-            ar = torch.arange(page // w, device=dev)
-            si = torch.from_numpy(so // w).to(dev)[:, None] + ar
-            di = torch.from_numpy(do // w).to(dev)[:, None] + ar
-            bv[di.reshape(-1)] = av[si.reshape(-1)]
-        else:
-            for x, y, k in zip(so.tolist(), do.tolist(), n.tolist()):
-                b.narrow(0, y, k).copy_(a.narrow(0, x, k), non_blocking=True)
+        torch = self.torch
+        with torch.cuda.stream(lane.stream):
+            dev = a.device
+            page = int(n[0]) if n.size else 0
+            if n.size and (n == page).all():  # equal pages: one gather and one scatter over word indices
+                w = min(8, _word(page, a.data_ptr(), b.data_ptr(), np.bitwise_or.reduce(so),
+                                 np.bitwise_or.reduce(do)))
+                dt = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w]
+                av, bv = a[: a.numel() // w * w].view(dt), b[: b.numel() // w * w].view(dt)
+                ar = torch.arange(page // w, device=dev)
+                si = torch.from_numpy(so // w).to(dev, non_blocking=True)[:, None] + ar
+                di = torch.from_numpy(do // w).to(dev, non_blocking=True)[:, None] + ar
+                bv[di.reshape(-1)] = av[si.reshape(-1)]
+            else:
+                for x, y, k in zip(so.tolist(), do.tolist(), n.tolist()):
+                    b.narrow(0, y, k).copy_(a.narrow(0, x, k), non_blocking=True)
         self.used["torch"] += 1
 
-    def _ranges_kernel(self, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray, stream: Any,
-                       slots: list[int]) -> None:
+    def _ranges_kernel(self, lane: _Lane, a: Any, b: Any, so: np.ndarray, do: np.ndarray, n: np.ndarray,
+                       p: _Pending) -> None:
         from kernels._cuda import copy_ranges
 
-        torch = self.torch
-        w = _word(a.data_ptr(), b.data_ptr(), np.bitwise_or.reduce(so), np.bitwise_or.reduce(do),
-                  np.bitwise_or.reduce(n))
-        r = _ranges(so, do, n, w)
-        count = r.size // 3
+        a_ptr, b_ptr = int(a.data_ptr()), int(b.data_ptr())
+        w = _word(a_ptr, b_ptr, np.bitwise_or.reduce(so), np.bitwise_or.reduce(do), np.bitwise_or.reduce(n))
+        s, t, k = _split(so, do, n, CHUNK)
+        count = int(k.size)
         if not count:
             return
         if self._ring is None:
-            self._ring = _HostRing(torch)
-        got = self._ring.take(r)
+            with self._lock:
+                if self._ring is None:
+                    self._ring = _HostRing(self.torch)
+        got = self._ring.take(3 * count)
         if got is not None:  # the kernel reads the list from pinned host memory
-            slots.append(got[0])
-            ptr = got[1]
-        else:  # no free slot: upload the list (on `stream`, ordered before the kernel)
-            dev_r = torch.from_numpy(r).pin_memory().to(a.device, non_blocking=True)
-            dev_r.record_stream(stream)
-            ptr = dev_r.data_ptr()
+            slot, view, ptr = got
+            p.slots.append(slot)
+            if w == 1:
+                view[:count], view[count:2 * count], view[2 * count:] = s, t, k
+            else:
+                np.floor_divide(s, w, out=view[:count])
+                np.floor_divide(t, w, out=view[count:2 * count])
+                np.floor_divide(k, w, out=view[2 * count:])
+        else:  # no free slot: upload the list on the lane's stream (ordered before the kernel)
+            torch = self.torch
+            r = np.concatenate([s // w, t // w, k // w]).astype(np.int64, copy=False)
+            with torch.cuda.stream(lane.stream):
+                dev_r = torch.from_numpy(r).pin_memory().to(a.device, non_blocking=True)
+            dev_r.record_stream(lane.stream)
+            ptr = int(dev_r.data_ptr())
             self.used["upload"] += 1
-        copy_ranges(a.data_ptr(), b.data_ptr(), ptr, count, w, a.device.index, stream.cuda_stream)
+        copy_ranges(a_ptr, b_ptr, ptr, count, w, lane.dev, lane.ptr)
         self.used["kernel"] += 1
 
+    # immediates --------------------------------------------------------------
+    def _outbox(self, dst: MemoryDescriptor) -> Any:
+        name = dst.extra.get("mbox")
+        if not isinstance(name, str):
+            return None
+        box = self._outboxes.get(name, False)
+        if box is not False:
+            return box
+        from transport.backends.cuda_ipc_mailbox import MailboxError, Outbox
+
+        with self._lock:
+            box = self._outboxes.get(name, False)
+            if box is not False:
+                return box
+            box = None
+            try:
+                box = Outbox(name, self.engine.name)
+                try:
+                    self.rt.hostRegister(box.address, box.nbytes, HOST_REGISTER_PORTABLE_MAPPED)
+                    self._registered.append(box.address)
+                except Exception as exc:  # noqa: BLE001 - entries are then stored from the host
+                    self.engine._log(f"cuda_ipc: cannot register the imm mailbox with CUDA ({exc}); "
+                                     "immediates are posted from the host")
+                    self._gpu_imm = False
+            except MailboxError as exc:
+                self.engine._log(f"cuda_ipc: imm mailbox of {dst.engine}: {exc}; immediates over the control socket")
+                box = None
+            self._outboxes[name] = box
+        return box
+
+    def _post_imm(self, t: Transfer, dst: MemoryDescriptor, imm: int, last: _Lane, p: _Pending) -> None:
+        """Post the immediate after the copy on `last`'s stream (its device is current)."""
+        from transport.backends.cuda_ipc_mailbox import pack
+
+        box = self._outbox(dst)
+        got = box.reserve() if box is not None else None
+        if got is None:
+            p.notice = (dst, imm, t.tid)
+            self.used["imm_socket"] += 1
+            return
+        addr, seq = got
+        word = pack(imm, dst.region)
+        if self._gpu_imm and self._host_pointer_ok(last.dev):
+            try:
+                from kernels._cuda import post_imm
+
+                post_imm(addr, word, seq, last.dev, last.ptr)
+                self.used["imm_gpu"] += 1
+                return
+            except Exception as exc:  # noqa: BLE001 - the host stores it once the copy completed
+                self._gpu_imm = False
+                self.engine._log(f"cuda_ipc: the imm kernel failed ({type(exc).__name__}: {exc}); "
+                                 "immediates are posted from the host")
+        p.host_imm = (box, addr, word, seq)
+        self.used["imm_host"] += 1
+
+    def _host_pointer_ok(self, dev: int) -> bool:
+        ok = self._host_ptr_ok.get(dev)
+        if ok is None:
+            try:
+                ok = bool(self.rt.deviceGetAttribute(CAN_USE_HOST_POINTER, dev))
+            except Exception:  # noqa: BLE001
+                ok = False
+            self._host_ptr_ok[dev] = ok
+        return ok
+
     # completion --------------------------------------------------------------
-    def _finish(self, ev: Any, done: Done) -> None:
+    def _complete(self, p: _Pending, exc: BaseException | None) -> None:
+        with p.lock:
+            if p.fired:
+                return
+            p.fired = True
+        if exc is None:
+            self._give_event(p.dev, p.ev)
+        if p.slots and self._ring is not None:
+            self._ring.give(p.slots)
+        if exc is None:
+            try:
+                if p.host_imm is not None:
+                    box, addr, word, seq = p.host_imm
+                    box.write_host(addr, word, seq)
+                if p.notice is not None:
+                    dst, imm, tid = p.notice
+                    notify = getattr(self.engine, "_notify_imm", None)
+                    if notify is not None:
+                        notify(dst, imm, tid)
+            except Exception as e:  # noqa: BLE001
+                exc = TransportError(f"cuda_ipc: delivering the immediate failed: {e}")
         try:
-            ev.synchronize()  # releases the GIL while the GPU finishes
-        except Exception as exc:  # noqa: BLE001
-            done(TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
+            p.done(exc)
+        except Exception as e:  # noqa: BLE001 - never let one completion stop the poller
+            self.engine._log(f"cuda_ipc: completion callback failed: {e}")
+
+    def _finish(self, p: _Pending) -> None:
+        """Wait for `p` in the calling thread (GIL released while the GPU finishes) and complete it."""
+        if p.fired:
             return
         try:
-            done(None)
-        except Exception as exc:  # noqa: BLE001 - never let one completion stop the poller
-            self.engine._log(f"cuda_ipc: completion callback failed: {exc}")
+            self.rt.eventSynchronize(p.ev)
+        except Exception as exc:  # noqa: BLE001
+            self._complete(p, TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
+            return
+        self._complete(p, None)
 
     def _poll(self) -> None:
+        """Complete the writes nobody waits for: after a grace period, query their events (no blocking
+        wait that would race a caller for the GIL); block on the condition once idle for a while."""
+        idle_since: float | None = None
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
                 if not self._queue:
-                    return
-                ev, done = self._queue.popleft()
-            self._finish(ev, done)
+                    if self._closed:
+                        return
+                    now = time.perf_counter()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since > LINGER_S:
+                        self._sleeping = True
+                        self._cond.wait(1.0)
+                        self._sleeping = False
+                        idle_since = None
+                        continue
+                    items: list[_Pending] = []
+                else:
+                    idle_since = None
+                    items = list(itertools.islice(self._queue, 64))
+            if not items:
+                time.sleep(TICK_S)
+                continue
+            now = time.perf_counter()
+            finished: list[_Pending] = []
+            wait = MAX_TICK_S
+            for p in items:
+                if p.fired:
+                    finished.append(p)
+                    continue
+                age = now - p.t0
+                if age < GRACE_S:
+                    wait = min(wait, GRACE_S - age)
+                    continue
+                st = self.rt.eventQuery(p.ev)
+                if st == 0:
+                    self._complete(p, None)
+                    finished.append(p)
+                elif st == NOT_READY:
+                    wait = min(wait, max(TICK_S, age / 8))
+                else:
+                    self._complete(p, TransportError(f"cuda_ipc: the copy failed on the GPU (CUDA error {st})"))
+                    finished.append(p)
+            if finished:
+                gone = set(map(id, finished))
+                with self._cond:
+                    self._queue = deque(q for q in self._queue if id(q) not in gone)
+                continue
+            time.sleep(wait)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._poller.join(5)
+        rt = self.rt
+        try:  # queued copies and imm kernels may still touch the staging, the mailboxes, the events
+            for la in list(self._lanes.values()):
+                la.stream.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            self.engine._log(f"cuda_ipc: close: {exc}")
+        for addr in self._registered:
+            try:
+                rt.hostUnregister(addr)
+            except Exception:  # noqa: BLE001
+                pass
+        self._registered.clear()
+        for box in self._outboxes.values():
+            if box is not None:
+                box.close()
+        self._outboxes.clear()
+        if self._mailbox is not None:
+            self._mailbox.close()
+            self._mailbox = None
+        for _dev, ev in self._all_events:
+            try:
+                rt.eventDestroy(ev)
+            except Exception:  # noqa: BLE001
+                pass
+        self._all_events.clear()
+        self._events.clear()
         with self._lock:
             self._opened.clear()
+            self._cross.clear()
