@@ -2,10 +2,16 @@
 
     python benchmarks/serve_calibrate.py --machine cpu2-vm
 
-Measures the server (colocated, CPU) at two closed-loop concurrencies, calibrates the simulator on
-the first run's engine steps (`workbench.serve.calibrate`: per-step host cost + a rate factor, no
-end-to-end metric fitted), and compares the simulator with both runs before and after.
-Writes benchmarks/results/serve-calibration-MACHINE.{json,md}.
+1. Microbenchmarks (`workbench.serve.calibrate`): the engine's steps through the real worker process
+   without HTTP, for batches of 1..16 sequences and prompts of 16..128 tokens (`measure_steps`), and the
+   cost of a request outside the engine through the real HTTP server (`measure_overheads`). Both are
+   written to `datasets/serving/serve_{steps,overheads}_MACHINE_measured.csv` with the command and machine.
+2. The server (colocated, CPU) under closed-loop traffic at each concurrency of `--levels`.
+3. The simulator calibrated on the microbenchmarks and the FIRST level's engine steps (per-step and
+   per-sequence host costs, a rate factor, the per-request cost; no end-to-end metric fitted), compared
+   with every level, before and after. `--rounds N` repeats 2–3 N times (the machine is shared: the
+   spread says how much of an error is the machine's).
+Writes benchmarks/results/serve-calibration-MACHINE.{json,md}; the previous record is kept in it as `previous`.
 """
 
 from __future__ import annotations
@@ -14,42 +20,58 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PLAN = "tp=1,replicas=1,max_seqs=64,max_tokens=256,block=16,prefix_caching=false,cuda_graph=false,chunked_prefill=true"
 KEYS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
+SPEC = {"page_size": 16, "max_batched_tokens": 256, "max_seqs": 64, "threads": 1}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--machine", required=True)
-    ap.add_argument("--levels", default="2,6", help="closed-loop concurrencies: calibrate on the first")
-    ap.add_argument("--lengths", default="isl=48,osl=16,requests=24")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args()
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
+
+def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str, float]) -> list[str]:
+    import pandas as pd
+
+    d = ROOT / "datasets" / "serving"
+    head = (f"# measured by `{command}` on {machine} ({platform.platform()}, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}); workbench.serve.calibrate: ")
+    steps = d / f"serve_steps_{machine}_measured.csv"
+    steps.write_text(head + "measure_steps: engine steps of the real CPU worker process driven through its pipe "
+                     "(no HTTP); seconds = the step, gap = the worker loop before the next step, period = both\n"
+                     + micro.to_csv(index=False, float_format="%.6g"))
+    ov = d / f"serve_overheads_{machine}_measured.csv"
+    rows = pd.DataFrame([{"parameter": k, "value": v} for k, v in overheads.items()])
+    ov.write_text(head + "measure_overheads: one request at a time through the real HTTP server and the traffic "
+                  "benchmark's client; request_us = client TTFT - the engine's one step\n"
+                  + rows.to_csv(index=False, float_format="%.6g"))
+    return [str(steps.relative_to(ROOT)), str(ov.relative_to(ROOT))]
+
+
+def one_round(model: Path, levels: list[int], lengths: str) -> dict[str, Any]:
     import workbench as wb
-    from workbench.serve.calibrate import calibrate_job
-    from workbench.serve.checkpoints import random_llama
+    from workbench.serve.calibrate import calibrate_job, measure_overheads, measure_steps
     from workbench.serve.compare import compare_serving
     from workbench.serving import Serving
 
-    model = Path("/tmp/wb-serve-calib")
-    if not (model / "model.safetensors").is_file():
-        random_llama(model, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, dtype="float32")
-    levels = [int(x) for x in args.levels.split(",")]
+    micro = measure_steps(str(model), **SPEC)
+    overheads = measure_overheads(str(model), **SPEC)
     jobs, measured = [], []
     for c in levels:
         job = wb.Job.create("local", str(model / "config.json"), plan=PLAN,
-                            workload=Serving(traffic=f"concurrency={c},{args.lengths}"))
-        r = wb.start(job, checkpoint=str(model), page_size=16, max_batched_tokens=256, max_seqs=64,
-                     threads=1).wait(timeout=900)
+                            workload=Serving(traffic=f"concurrency={c},{lengths}"))
+        measured.append(wb.start(job, checkpoint=str(model), **SPEC).wait(timeout=900))
         jobs.append(job)
-        measured.append(r)
-    cal_job, fitted = calibrate_job(jobs[0], measured[0])
+    cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=micro, overheads=overheads)
     rows = []
     for job, r, c in zip(jobs, measured, levels):
         before = compare_serving(wb.simulate(job), r, KEYS)
@@ -60,27 +82,88 @@ def main() -> None:
                          "sim_before": before.loc[k, "simulated"], "error_before": before.loc[k, "error"],
                          "sim_after": after.loc[k, "simulated"], "error_after": after.loc[k, "error"]})
         print(json.dumps(rows[-3:], default=float), flush=True)
-    meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(),
-            "command": "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:]), "plan": PLAN,
-            "fitted": fitted, "load_average": os.getloadavg()}
+    return {"rows": rows, "fitted": fitted, "overheads": overheads, "micro": micro,
+            "load_average": os.getloadavg()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--machine", required=True)
+    ap.add_argument("--levels", default="2,6", help="closed-loop concurrencies: calibrate on the first")
+    ap.add_argument("--lengths", default="isl=48,osl=16,requests=24")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat microbenchmarks + levels + calibration")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    from workbench.serve.checkpoints import random_llama
+
+    model = Path("/tmp/wb-serve-calib")
+    if not (model / "model.safetensors").is_file():
+        random_llama(model, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, dtype="float32")
+    levels = [int(x) for x in args.levels.split(",")]
+    command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
+    t0, c0 = time.time(), _cpu()
+    rounds = [one_round(model, levels, args.lengths) for _ in range(args.rounds)]
+    wall, cpu = time.time() - t0, _cpu() - c0
+    files = _write_datasets(args.machine, command, rounds[-1]["micro"], rounds[-1]["overheads"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve-calibration-{args.machine}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1,
-                                                                          default=float))
-    lines = [f"# Serving simulator vs the real server on {args.machine}", "", f"`{meta['command']}`", "",
-             f"{meta['platform']}, {meta['cpus']} CPUs, load average at the end {meta['load_average']}; "
-             f"random Llama (hidden 256, 4 layers), colocated CPU worker, closed loop `{args.lengths}`; "
-             f"simulator plan `{PLAN}` on the `local` cluster.", "",
-             f"Fitted on the first level's engine steps: scheduler_us = {fitted['scheduler_us']:.0f}, "
-             f"rate factor = {fitted['rate_factor']:.3g} (R² of the step fit {fitted['r2']:.2f}, "
-             f"{fitted['steps']:.0f} steps).", "",
-             "| concurrency | role | metric | measured | sim before | error before | sim after | error after |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['role']} | {r['metric']} | {r['measured']:.4g} | {r['sim_before']:.4g} "
-                     f"| {r['error_before']:+.1%} | {r['sim_after']:.4g} | {r['error_after']:+.1%} |")
-    (out / f"serve-calibration-{args.machine}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    jpath = out / f"serve-calibration-{args.machine}.json"
+    previous = None
+    if jpath.is_file():
+        old = json.loads(jpath.read_text())
+        old.pop("previous", None)
+        previous = old
+    meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
+            "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
+            "load_average_end": os.getloadavg(), "datasets": files}
+    record = {"meta": meta, "rounds": [{k: v for k, v in r.items() if k != "micro"} for r in rounds],
+              "rows": rounds[-1]["rows"], "previous": previous}
+    jpath.write_text(json.dumps(record, indent=1, default=float))
+    md = render(record)
+    (out / f"serve-calibration-{args.machine}.md").write_text(md)
+    print(md)
+
+
+def render(record: dict[str, Any]) -> str:
+    meta = record["meta"]
+    lines = [f"# Serving simulator vs the real server on {meta['machine']}", "", f"`{meta['command']}`", "",
+             f"{meta['platform']}, {meta['cpus']} CPUs (shared), {meta['wall_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU "
+             f"(this process and its workers), load average at the end {meta['load_average_end'][0]:.1f}; random "
+             f"Llama (hidden 256, 4 layers), colocated CPU worker (1 thread), closed loop `{meta['lengths']}`; "
+             f"simulator plan `{meta['plan']}` on the `local` cluster.", "",
+             "Calibration inputs (no end-to-end metric is fitted): the engine-step microbenchmark and the first "
+             f"level's engine steps (`{meta['datasets'][0]}`), the per-request microbenchmark "
+             f"(`{meta['datasets'][1]}`).", ""]
+    for i, r in enumerate(record["rounds"]):
+        f, o = r["fitted"], r["overheads"]
+        lines.append(f"Round {i + 1}: scheduler_us = {f['scheduler_us']:.0f}, seq_us = {f['seq_us']:.0f}, rate factor "
+                     f"= {f['rate_factor']:.3g} (shape from {f['steps']:.0f} microbenchmark steps: R² {f['r2']:.2f}, "
+                     f"median |error| {f['median_abs_error']:.0%}; scaled by the calibration run's "
+                     f"{f.get('run_steps', 0):.0f} busy steps: contention {f.get('contention', 1.0):.2f}); request_us = "
+                     f"{f['request_us']:.0f} = the run's HTTP hop {f['hop_us']:.0f} + handler→engine "
+                     f"{o['server_request_us']:.0f} (one-token requests alone: client TTFT − step "
+                     f"{o['request_us']:.0f}); per output token outside the engine {o['token_us']:.0f} µs (not applied); "
+                     f"load average {r['load_average'][0]:.1f}.")
+    lines.append("")
+    for i, r in enumerate(record["rounds"]):
+        lines += [f"## Round {i + 1}", "",
+                  "| concurrency | role | metric | measured | sim uncalibrated | error | sim calibrated | error |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} "
+                  f"| {x['error_before']:+.1%} | {x['sim_after']:.4g} | {x['error_after']:+.1%} |" for x in r["rows"]]
+        lines.append("")
+    prev = record.get("previous")
+    if prev:
+        pm = prev["meta"]
+        fitted = pm.get("fitted") or (prev.get("rounds") or [{}])[-1].get("fitted", {})
+        lines += ["## Before: the previous record", "",
+                  f"`{pm['command']}`, load average at the end {pm.get('load_average', pm.get('load_average_end'))}; "
+                  f"calibration then: {', '.join(f'{k} = {v:.4g}' for k, v in fitted.items())}.", "",
+                  "| concurrency | role | metric | measured | sim calibrated | error |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_after']:.4g} "
+                  f"| {x['error_after']:+.1%} |" for x in prev["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

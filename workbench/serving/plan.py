@@ -41,7 +41,10 @@ class ServingPlan:
     (auto = the activations' bf16). `chunk`: the longest prefill chunk per request per step (0 = up to
     `max_tokens`). `max_len`: the longest prompt + output accepted (vLLM's max_model_len; 0 = whatever
     fits the KV pool; presets' `seq` is a training length, not a context limit). `scheduler_us`: host time per step not hidden behind the GPU (0: an overlapped
-    scheduler, as vLLM V1 and SGLang run it). `policy`: max_utilization (admit what fits now, preempt
+    scheduler, as vLLM V1 and SGLang run it); `seq_us`: host time per sequence in a step (Python per sequence,
+    sampling, page tables); `request_us`: time per request outside the engine (HTTP, tokenisation, the pipe to
+    the worker, streaming back): added to TTFT and E2EL and to a closed-loop client's turnaround (both 0 unless
+    calibrated: `workbench.serve.calibrate`). `policy`: max_utilization (admit what fits now, preempt
     under KV pressure: vLLM, TensorRT-LLM's MAX_UTILIZATION) or guaranteed_no_evict (reserve prompt +
     all output blocks at admission, never preempt: TensorRT-LLM's default capacity scheduler).
     """
@@ -65,6 +68,8 @@ class ServingPlan:
     policy: str = "max_utilization"
     mem_util: float = 0.9
     scheduler_us: float = 0.0
+    seq_us: float = 0.0
+    request_us: float = 0.0
     prefill_workers: int = 0
     prefill_tp: int = 0
     prefill_ep: int = 0
@@ -88,7 +93,8 @@ class ServingPlan:
         if self.preemption not in PREEMPTION:
             raise WorkbenchError(f"plan.preemption: {show(self.preemption)} is not one of {', '.join(PREEMPTION)}")
         number(self.mem_util, "plan.mem_util", 0.0, 1.0)
-        number(self.scheduler_us, "plan.scheduler_us", 0.0, 1e7, lo_open=False)
+        for k in ("scheduler_us", "seq_us", "request_us"):
+            number(getattr(self, k), f"plan.{k}", 0.0, 1e7, lo_open=False)
         if self.max_tokens < self.max_seqs and self.chunked_prefill:
             raise WorkbenchError(f"plan.max_tokens: {self.max_tokens} is below max_seqs {self.max_seqs}; a step must "
                                  "fit one token of every running sequence (raise max_tokens or lower max_seqs)")
@@ -139,7 +145,7 @@ class ServingPlan:
                 kw[name] = whole(v, f"plan.{name}", 0, 1 << 24)
             elif name in _BOOL:
                 kw[name] = boolean(v, f"plan.{name}")
-            elif name in ("mem_util", "scheduler_us"):
+            elif name in ("mem_util", "scheduler_us", "seq_us", "request_us"):
                 kw[name] = number(v, f"plan.{name}", 0.0, 1e7, lo_open=False)
             else:
                 kw[name] = str(v).strip()

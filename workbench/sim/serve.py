@@ -11,7 +11,8 @@ Each worker runs the loop an engine like vLLM's V1 runs (one iteration = one ste
    sequence per step): first the partly prefilled, then waiting requests in arrival order while
    fewer than `max_seqs` run and their blocks fit (`block` tokens per block; a shared `prefix` is
    computed and stored once with prefix caching);
-4. the step's time comes from `WorkerCost` (the model's shapes on the worker's GPUs); decoded and
+4. the step's time comes from `WorkerCost` (the model's shapes on the worker's GPUs, plus the plan's host
+   costs per step `scheduler_us` and per sequence `seq_us`); decoded and
    completed-prefill sequences get a token at its end.
 
 Stretches where nothing but decoding can happen (no arrival that could be admitted, no prefill, no
@@ -76,12 +77,16 @@ def run_engine(cost: WorkerCost, arrival: np.ndarray, isl: np.ndarray, osl: np.n
     `closed` > 0: closed loop with that many clients (arrivals of later requests are set by finishes).
     `mode`: colocated; prefill (each request ends when its prompt is done and its first token sampled);
     decode (requests arrive with their prompt's KV already in place and their first token out at
-    `first_token`)."""
+    `first_token`). Colocated: `arrival` is when clients send; a request reaches the engine `plan.request_us`
+    later (HTTP, tokenisation, the pipe to the worker and the tokens' way back, as one term), and the returned
+    `arrival` is the clients' again."""
     from workbench.sim import serve_kernel as K
 
     plan = cost.plan
     n = len(isl)
     arr = np.ascontiguousarray(arrival, dtype=np.float64).copy()
+    req_s = plan.request_us * 1e-6 if mode == "colocated" else 0.0
+    arr += req_s  # closed loop: the kernel sets arrivals itself, request_us included
     osl_eff = np.ones(n, np.int64) if mode == "prefill" else np.ascontiguousarray(osl, dtype=np.int64)
     ip = np.zeros(11, np.int64)
     ip[K.I_B] = plan.block
@@ -100,7 +105,8 @@ def run_engine(cost: WorkerCost, arrival: np.ndarray, isl: np.ndarray, osl: np.n
     ft = np.zeros(n) if first_token is None else np.ascontiguousarray(first_token, dtype=np.float64)
     out = K.kernel()(arr, np.ascontiguousarray(isl, dtype=np.int64), osl_eff, ft, ip, fp, *cost.kernel_tables())
     t_sched, t_first, t_finish, preempt, failed, s0, sdt, spf, sdc, sbl, extra, hits = out
-    return EngineRun(t_sched, t_first, t_finish, preempt, arr, s0, sdt, spf, sdc, sbl, list(extra), int(hits), failed)
+    return EngineRun(t_sched, t_first, t_finish, preempt, arr - req_s, s0, sdt, spf, sdc, sbl, list(extra), int(hits),
+                     failed)
 
 
 def _swap_Bps(cost: WorkerCost) -> float:
@@ -247,8 +253,10 @@ def simulate_requests(cluster: Any, model: Any, plan: ServingPlan, req: Requests
         arr = _closed_guess(pws[0].cost, dws[0].cost, req)
     rounds = 6 if req.closed else 1
     out: Outcome | None = None
+    req_s = plan.request_us * 1e-6  # outside the engines: the prefill worker sees a request request_us after it is sent
     for _ in range(rounds):
-        out = _disaggregated(cluster, pws, dws, req, arr, gpus)
+        out = _disaggregated(cluster, pws, dws, req, arr + req_s, gpus)
+        out.arrival = arr.copy()
         if not req.closed:
             break
         fin = np.sort(out.t_finish[~np.isnan(out.t_finish)])

@@ -420,7 +420,7 @@ class WorkerCost:
         n_k = self.kernels * pp
         t = gpu + n_k * self.launch_graph  # back-to-back kernels: the per-kernel gap measured in a graph
         t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager))  # eager: the host launches each kernel
-        return t + self.plan.scheduler_us * 1e-6
+        return t + self.plan.scheduler_us * 1e-6 + self.plan.seq_us * 1e-6 * np.asarray(sampled, float)
 
     def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """TP/EP collective seconds in steps of `tokens` (for the events table)."""
@@ -441,13 +441,14 @@ class WorkerCost:
         """The scalars of the price, as the compiled scheduler loop takes them (`serve_kernel.F_*`)."""
         from workbench.sim import serve_kernel as K
 
-        fp = np.zeros(16)
+        fp = np.zeros(18)
         fp[K.F_PP], fp[K.F_DP], fp[K.F_LAYERS] = self.pp, self.dp, self.layers_per_stage
         fp[K.F_FLOP_PER], fp[K.F_PF_SCALE], fp[K.F_KVB] = self.attn_flop_per, self._pf_scale, self._kvb
         fp[K.F_DC_SCALE], fp[K.F_CPU] = self._dc_scale, float(self.spec.is_cpu)
         fp[K.F_ATTN_PEAK], fp[K.F_MEM_BPS] = self.dev.attn_peak, self.spec.memory_GBps * 1e9
         fp[K.F_LAUNCH_GRAPH], fp[K.F_LAUNCH_EAGER], fp[K.F_KERNELS] = self.launch_graph, self.launch_eager, self.kernels
         fp[K.F_GRAPH], fp[K.F_SCHED] = float(self.plan.cuda_graph), self.plan.scheduler_us * 1e-6
+        fp[K.F_SEQ], fp[K.F_REQ] = self.plan.seq_us * 1e-6, self.plan.request_us * 1e-6
         return fp
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
@@ -481,7 +482,7 @@ class WorkerCost:
         t = gpu + n_k * self.launch_graph
         if not (decode_only and self.plan.cuda_graph):
             t = max(t, n_k * self.launch_eager)
-        return t + self.plan.scheduler_us * 1e-6
+        return t + self.plan.scheduler_us * 1e-6 + self.plan.seq_us * 1e-6 * sampled
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:

@@ -16,7 +16,7 @@ from numba import njit
 
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
-    F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S = range(16)
+    F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ = range(18)
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
@@ -49,7 +49,7 @@ def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, samp
     t = gpu + nk * fp[F_LAUNCH_GRAPH]  # back-to-back kernels: the per-kernel gap measured in a graph
     if not (decode_only and fp[F_GRAPH] > 0):
         t = max(t, nk * fp[F_LAUNCH_EAGER])  # eager: the host launches every kernel
-    return t + fp[F_SCHED]
+    return t + fp[F_SCHED] + fp[F_SEQ] * sampled
 
 
 @njit(cache=True)
@@ -97,7 +97,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     if closed > 0:
         issued = min(closed, n)
         for i in range(n):
-            arr[i] = 0.0 if i < issued else np.inf
+            arr[i] = fp[F_REQ] if i < issued else np.inf  # a client's request reaches the engine after request_us
     # running set (admission order) and waiting ring buffer
     run_ids = np.empty(max_seqs + 1, np.int64)
     nr = 0
@@ -353,7 +353,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                 alloc[i] = 0
                 done += 1
                 if closed > 0 and issued < n:
-                    arr[issued] = now
+                    arr[issued] = now + fp[F_REQ]  # the last token's way back and the next request's way in
                     issued += 1
             else:
                 run_ids[w] = i
