@@ -86,12 +86,40 @@ def one_round(model: Path, levels: list[int], lengths: str) -> dict[str, Any]:
             "load_average": os.getloadavg()}
 
 
+def demo_compare() -> dict[str, Any]:
+    """`make demo`'s serving comparison: the embedded model under the demo's traffic through `workbench.loop`
+    (calibrated on that run's engine steps and HTTP hop only: no microbenchmark), before and after."""
+    from workbench.commands.demo import SERVE_TRAFFIC
+    from workbench.core.job import Job
+    from workbench.serve.demo import demo_checkpoint
+    from workbench.serving import Serving
+    from workbench.workflow import loop
+
+    ckpt = demo_checkpoint()
+    job = Job.create("local", str(ckpt / "config.json"), "tp=1,max_seqs=64,max_tokens=256,block=16",
+                     Serving(traffic=SERVE_TRAFFIC, slo="ttft=3000,tpot=300"))
+    res = loop(job, checkpoint=str(ckpt), threads=1)
+    m = res.measured.metrics
+    rows = []
+    for k in KEYS:
+        b = m.get(k)
+        a0 = res.predicted.metrics.get(k) if res.predicted is not None else None
+        a1 = res.recalibrated.metrics.get(k) if res.recalibrated is not None else None
+        rows.append({"metric": k, "measured": b, "sim_before": a0, "sim_after": a1,
+                     "error_before": a0 / b - 1 if a0 is not None and b else float("nan"),
+                     "error_after": a1 / b - 1 if a1 is not None and b else float("nan")})
+    print(json.dumps(rows, default=float), flush=True)
+    return {"traffic": SERVE_TRAFFIC, "rows": rows, "fitted": res.calibrated, "notes": res.notes,
+            "load_average": os.getloadavg()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--machine", required=True)
     ap.add_argument("--levels", default="2,6", help="closed-loop concurrencies: calibrate on the first")
     ap.add_argument("--lengths", default="isl=48,osl=16,requests=24")
     ap.add_argument("--rounds", type=int, default=1, help="repeat microbenchmarks + levels + calibration")
+    ap.add_argument("--demo", action="store_true", help="also run make demo's serving comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -104,6 +132,7 @@ def main() -> None:
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     t0, c0 = time.time(), _cpu()
     rounds = [one_round(model, levels, args.lengths) for _ in range(args.rounds)]
+    demo = demo_compare() if args.demo else None
     wall, cpu = time.time() - t0, _cpu() - c0
     files = _write_datasets(args.machine, command, rounds[-1]["micro"], rounds[-1]["overheads"])
     out = Path(args.out)
@@ -118,7 +147,7 @@ def main() -> None:
             "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
             "load_average_end": os.getloadavg(), "datasets": files}
     record = {"meta": meta, "rounds": [{k: v for k, v in r.items() if k != "micro"} for r in rounds],
-              "rows": rounds[-1]["rows"], "previous": previous}
+              "rows": rounds[-1]["rows"], "demo": demo, "previous": previous}
     jpath.write_text(json.dumps(record, indent=1, default=float))
     md = render(record)
     (out / f"serve-calibration-{args.machine}.md").write_text(md)
@@ -146,12 +175,35 @@ def render(record: dict[str, Any]) -> str:
                      f"{o['request_us']:.0f}); per output token outside the engine {o['token_us']:.0f} µs (not applied); "
                      f"load average {r['load_average'][0]:.1f}.")
     lines.append("")
+    if len(record["rounds"]) > 1:
+        import numpy as np
+
+        lines += ["## Median over the rounds (calibrated simulator)", "", "| concurrency | role | metric | errors of the "
+                  "rounds | median |", "|---|---|---|---|---|"]
+        first = record["rounds"][0]["rows"]
+        for j, x in enumerate(first):
+            errs = [r["rows"][j]["error_after"] for r in record["rounds"]]
+            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | "
+                         f"{', '.join(f'{e:+.1%}' for e in errs)} | {float(np.median(errs)):+.1%} |")
+        lines.append("")
     for i, r in enumerate(record["rounds"]):
         lines += [f"## Round {i + 1}", "",
                   "| concurrency | role | metric | measured | sim uncalibrated | error | sim calibrated | error |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} "
                   f"| {x['error_before']:+.1%} | {x['sim_after']:.4g} | {x['error_after']:+.1%} |" for x in r["rows"]]
+        lines.append("")
+    demo = record.get("demo")
+    if demo:
+        f = demo.get("fitted") or {}
+        lines += ["## `make demo`'s serving comparison", "",
+                  f"The embedded model, traffic `{demo['traffic']}`, through `workbench.loop`: calibrated on that run's "
+                  f"engine steps and HTTP hop only (scheduler_us = {f.get('scheduler_us', 0):.0f}, seq_us = "
+                  f"{f.get('seq_us', 0):.0f}, rate factor = {f.get('rate_factor', 1):.3g}, request_us = "
+                  f"{f.get('request_us', 0):.0f}), compared with the same run; load average {demo['load_average'][0]:.1f}.",
+                  "", "| metric | measured | sim uncalibrated | error | sim calibrated | error |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} | {x['error_before']:+.1%} | "
+                  f"{x['sim_after']:.4g} | {x['error_after']:+.1%} |" for x in demo["rows"]]
         lines.append("")
     prev = record.get("previous")
     if prev:
