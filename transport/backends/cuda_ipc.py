@@ -623,7 +623,7 @@ class CudaIpcPath(DataPath):
                     self.engine._log(f"cuda_ipc: cannot register the imm mailbox with CUDA ({exc}); "
                                      "immediates are posted from the host")
                     self._gpu_imm = False
-            except MailboxError as exc:
+            except (MailboxError, OSError, ValueError) as exc:
                 self.engine._log(f"cuda_ipc: imm mailbox of {dst.engine}: {exc}; immediates over the control socket")
                 box = None
             self._outboxes[name] = box
@@ -709,9 +709,9 @@ class CudaIpcPath(DataPath):
         idle_since: float | None = None
         while True:
             with self._cond:
+                if self._closed:
+                    return  # pending completions never fire after close (see DataPath.close)
                 if not self._queue:
-                    if self._closed:
-                        return
                     now = time.perf_counter()
                     idle_since = now if idle_since is None else idle_since
                     if now - idle_since > LINGER_S:

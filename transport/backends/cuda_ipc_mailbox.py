@@ -46,6 +46,7 @@ SPIN_S = 0.0005  # after an arrival, poll without sleeping this long
 FAST_S = 50e-6  # then sleep this long between polls while writes are posted or recently seen
 IDLE_S = 0.0005  # and this long once idle for IDLE_AFTER_S
 IDLE_AFTER_S = 0.05
+EMPTY_S = 0.005  # and this long while no writer holds a ring
 STUCK_S = 1.0  # an entry missing this long from a writer whose process is gone is given up
 
 
@@ -201,7 +202,9 @@ class Mailbox:
             if found:
                 last = now
             quiet = now - last
-            if quiet < SPIN_S or (waiting and quiet < IDLE_AFTER_S):
+            if not self._rings:  # no writer has claimed a ring: nothing can arrive soon
+                time.sleep(EMPTY_S)
+            elif quiet < SPIN_S or (waiting and quiet < IDLE_AFTER_S):
                 time.sleep(0)
             elif quiet < IDLE_AFTER_S or waiting:
                 time.sleep(FAST_S)

@@ -1,0 +1,134 @@
+"""cuda_ipc on one GPU or two, the fast path or the legacy one, in one command (issue 15's targets).
+
+    python3 benchmarks/transport_cuda_ipc.py --path fast --target-device cuda:1 --out fast-2gpu.json
+    python3 benchmarks/transport_cuda_ipc.py --path legacy --target-device cuda:0 --out legacy-1gpu.json
+
+Runs `transport.bench.run` (the rows of `workbench bench transport`: single writes over 1 and 2
+lanes, batches, paged writes and the paged layer write, the imm round trip, the device-copy and,
+across GPUs, NCCL baselines in the same run) with at most `--iters` repetitions per point, then
+the per-write costs of 4 KiB single writes against a fresh target: the median time until
+`write()` returned (posting) and until done, and the round trip of a write whose immediate the
+target echoes over the control socket (imm delivery + echo). Writes JSON (rows, ratios, per-write
+costs, which copies and immediates the path used, the machine) and prints the markdown table.
+`--backend tcp --device cpu` runs the same plumbing without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = (4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB)
+
+
+def _median_us(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e6 if xs else float("nan")
+
+
+def per_write(backend: str, device: str, target_device: str, iters: int) -> dict[str, Any]:
+    """Posting and completion of 4 KiB single writes, and the round trip of a write with an echoed immediate."""
+    from transport import bench
+    from transport.engine import Engine
+
+    target = bench._Target(backend, 1 * MiB, target_device)
+    out: dict[str, Any] = {}
+    try:
+        with Engine(backend, lanes=2) as eng:
+            src = eng.register(bench._source(eng, 1 * MiB, device))
+            eng.connect(target.desc)
+            post, done = [], []
+            for i in range(iters + 20):
+                a = time.perf_counter()
+                t = eng.write(src, target.desc, 4 * KiB)
+                b = time.perf_counter()
+                t.result(60)
+                c = time.perf_counter()
+                if i >= 20:
+                    post.append(b - a)
+                    done.append(c - a)
+            rt, k = [], 0
+            for i in range(iters // 2 + 10):
+                a = time.perf_counter()
+                t = eng.write(src, target.desc, 4 * KiB, imm=9)
+                k += 1
+                eng.counter.wait(9, k, timeout=10)
+                if i >= 10:
+                    rt.append(time.perf_counter() - a)
+                t.result(10)
+            out = {"write_4KiB_post_us": _median_us(post), "write_4KiB_done_us": _median_us(done),
+                   "write_4KiB_imm_echo_rt_us": _median_us(rt), "iters": iters,
+                   "used": dict(getattr(getattr(eng, "_path", None), "used", {}) or {})}
+    finally:
+        target.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--path", choices=("fast", "legacy"), default="fast", help="the cuda_ipc data path")
+    ap.add_argument("--peer", choices=("staged", "direct"), default=None, help="how writes cross GPUs (fast path)")
+    ap.add_argument("--backend", default="cuda_ipc")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--target-device", default="cuda:0")
+    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=100, help="at most this many repetitions per point")
+    ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES), help="single-write sizes in bytes")
+    ap.add_argument("--machine", default=platform.node())
+    ap.add_argument("--out", required=True, help="the JSON file to write")
+    args = ap.parse_args(argv)
+    os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
+    if args.peer:
+        os.environ["WORKBENCH_CUDA_IPC_PEER"] = args.peer
+    from transport import bench
+
+    cap = args.iters
+    base = bench.iterations
+
+    def iterations(nbytes: int, budget: int = 512 * MiB, lo: int = 3, hi: int = 300) -> int:
+        return base(nbytes, budget, min(lo, cap), min(hi, cap))
+
+    bench.iterations = iterations  # type: ignore[assignment]
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = bench.run(args.backend, args.lanes, sizes=sizes, baselines=False, soak_writes=0, device=args.device,
+                       machine=args.machine, target_device=args.target_device,
+                       gpu_baselines=args.device.startswith("cuda"))
+    pw = per_write(args.backend, args.device, args.target_device, min(400, 4 * cap))
+    meta: dict[str, Any] = {"machine": args.machine, "path": args.path, "peer": args.peer or "default",
+                            "device": args.device, "target_device": args.target_device, "platform": platform.platform(),
+                            "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
+                            "cpu_s": round(time.process_time() - c0, 1), "loadavg": os.getloadavg(),
+                            "command": "python3 benchmarks/transport_cuda_ipc.py " + " ".join(argv or sys.argv[1:])}
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            meta["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        import cupy
+
+        meta["cupy"] = cupy.__version__
+    except Exception as exc:  # noqa: BLE001
+        meta["versions_error"] = str(exc)
+    doc = {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "per_write": pw, "notes": report.notes}
+    Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
+    print(f"# {args.backend} {args.path} {args.device}->{args.target_device} on {args.machine}")
+    print(report.table())
+    print("ratios:", json.dumps(report.ratios(), indent=1))
+    print("per write:", json.dumps(pw))
+    print("meta:", json.dumps(meta, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
