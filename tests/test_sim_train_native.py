@@ -155,3 +155,16 @@ def test_native_runs_bad_input(tmp_path: Path) -> None:
     with pytest.raises(WorkbenchError, match="plan.stack"):
         validate_runs(RUNS, stack="no-such-stack")
     assert main([str(tmp_path)]) == 2
+
+
+def test_dp_reduction_beside_backward_stretched_and_slowing_it() -> None:
+    ctx = _ctx(2)
+    plan = "dp=2,tp=1,pp=1,zero=1,mbs=4,gbs=16"
+    with_it = _est(ctx, plan, "modern").breakdown["dp_comm"]
+    without = _est(ctx, plan, "modern:comm_sm_fraction=0").breakdown["dp_comm"]  # no interference either way
+    k, slow = interference_comm_stretch("H200")[0], interference_slowdown("H200")[0]
+    # the buckets run beside the last backward (which outlasts them all but the last): the exposed tail is
+    # the last bucket; the backward beside the others is slowed for their stretched time
+    assert without > 0 and with_it > without
+    sync = ctx.coll("reduce_scatter", (1.104e9 - 2 * 32000 * 2048) / 16 * 4, (0, 1))
+    assert with_it - without == pytest.approx(slow * k * 15 * sync, rel=0.2)
