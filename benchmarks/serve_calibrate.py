@@ -2,8 +2,9 @@
 
     python benchmarks/serve_calibrate.py --machine cpu2-vm
 
-1. Microbenchmarks (`workbench.serve.calibrate`): the engine's steps through the real worker process
-   without HTTP, for batches of 1..16 sequences and prompts of 16..128 tokens (`measure_steps`), and the
+1. Microbenchmarks (`workbench.serve.calibrate`): the engine's steps for batches of 1..16 sequences and
+   prompts of 16..128 tokens (`measure_steps`), through the worker's pipe alone (the engine) and as
+   streaming requests through the HTTP server (the engine beside its front end: the shape used), and the
    cost of a request outside the engine through the real HTTP server (`measure_overheads`). Both are
    written to `datasets/serving/serve_{steps,overheads}_MACHINE_measured.csv` with the command and machine.
 2. The server (colocated, CPU) under closed-loop traffic at each concurrency of `--levels`.
@@ -46,8 +47,9 @@ def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str,
     head = (f"# measured by `{command}` on {machine} ({platform.platform()}, {os.cpu_count()} CPUs, load average "
             f"{os.getloadavg()[0]:.1f}); workbench.serve.calibrate: ")
     steps = d / f"serve_steps_{machine}_measured.csv"
-    steps.write_text(head + "measure_steps: engine steps of the real CPU worker process driven through its pipe "
-                     "(no HTTP); seconds = the step, gap = the worker loop before the next step, period = both\n"
+    steps.write_text(head + "measure_steps: engine steps of the real CPU worker process, driven through its pipe "
+                     "alone (path=pipe) or as streaming requests through the HTTP server (path=http); seconds = the "
+                     "step, gap = the worker loop before the next step, period = both\n"
                      + micro.to_csv(index=False, float_format="%.6g"))
     ov = d / f"serve_overheads_{machine}_measured.csv"
     rows = pd.DataFrame([{"parameter": k, "value": v} for k, v in overheads.items()])
@@ -58,12 +60,15 @@ def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str,
 
 
 def one_round(model: Path, levels: list[int], lengths: str) -> dict[str, Any]:
+    import pandas as pd
+
     import workbench as wb
-    from workbench.serve.calibrate import calibrate_job, measure_overheads, measure_steps
+    from workbench.serve.calibrate import calibrate_job, fit_steps, measure_overheads, measure_steps
     from workbench.serve.compare import compare_serving
     from workbench.serving import Serving
 
-    micro = measure_steps(str(model), **SPEC)
+    pipe = measure_steps(str(model), **SPEC).assign(path="pipe")
+    micro = measure_steps(str(model), http=True, **SPEC).assign(path="http")
     overheads = measure_overheads(str(model), **SPEC)
     jobs, measured = [], []
     for c in levels:
@@ -82,7 +87,9 @@ def one_round(model: Path, levels: list[int], lengths: str) -> dict[str, Any]:
                          "sim_before": before.loc[k, "simulated"], "error_before": before.loc[k, "error"],
                          "sim_after": after.loc[k, "simulated"], "error_after": after.loc[k, "error"]})
         print(json.dumps(rows[-3:], default=float), flush=True)
-    return {"rows": rows, "fitted": fitted, "overheads": overheads, "micro": micro,
+    engine_alone = fit_steps(jobs[0], pipe)
+    return {"rows": rows, "fitted": fitted, "overheads": overheads, "micro": pd.concat([pipe, micro]),
+            "engine_alone": engine_alone,
             "load_average": os.getloadavg()}
 
 
@@ -167,13 +174,18 @@ def render(record: dict[str, Any]) -> str:
     for i, r in enumerate(record["rounds"]):
         f, o = r["fitted"], r["overheads"]
         lines.append(f"Round {i + 1}: scheduler_us = {f['scheduler_us']:.0f}, seq_us = {f['seq_us']:.0f}, rate factor "
-                     f"= {f['rate_factor']:.3g} (shape from {f['steps']:.0f} microbenchmark steps: R² {f['r2']:.2f}, "
+                     f"= {f['rate_factor']:.3g} (shape from {f['steps']:.0f} microbenchmark steps through HTTP: R² {f['r2']:.2f}, "
                      f"median |error| {f['median_abs_error']:.0%}; scaled by the calibration run's "
                      f"{f.get('run_steps', 0):.0f} busy steps: contention {f.get('contention', 1.0):.2f}); request_us = "
                      f"{f['request_us']:.0f} = the run's HTTP hop {f['hop_us']:.0f} + handler→engine "
                      f"{o['server_request_us']:.0f} (one-token requests alone: client TTFT − step "
                      f"{o['request_us']:.0f}); per output token outside the engine {o['token_us']:.0f} µs (not applied); "
                      f"load average {r['load_average'][0]:.1f}.")
+        e = r.get("engine_alone")
+        if e:
+            lines.append(f"  The engine alone (through its pipe, no HTTP) fits scheduler_us = {e['scheduler_us']:.0f}, "
+                         f"seq_us = {e['seq_us']:.0f}, rate factor = {e['rate_factor']:.3g} (R² {e['r2']:.2f}); "
+                         "the difference is the front end's CPU beside the steps (not used: a serving run has it).")
     lines.append("")
     if len(record["rounds"]) > 1:
         import numpy as np

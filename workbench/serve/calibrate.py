@@ -3,9 +3,11 @@
 Three kinds of host cost sit outside the model's arithmetic on a small CPU server, each measured on
 its own (never fitted to the end-to-end TTFT/TPOT/throughput that the calibrated simulator then predicts):
 
-- the engine step: `measure_steps` drives the real worker process through its pipe (no HTTP) with
-  batches of 1..N decoding sequences and prompts of several lengths; each step's duration and the
-  worker loop's gap before the next step (sending the tokens back, taking new requests) are logged.
+- the engine step: `measure_steps` drives the real worker process with batches of 1..N sequences and
+  prompts of several lengths, through its pipe alone (the engine) or as streaming requests through the
+  HTTP server (the engine beside its front end, whose CPU work slows the steps on a small machine: the
+  shape a serving run sees); each step's duration and the worker loop's gap before the next step
+  (sending the tokens back, taking new requests) are logged.
   A least-squares fit `period = s + q·seqs + k·sim(tokens)` against the simulator's price of the same batch
   gives the per-step host cost `s` (plan `scheduler_us`), the per-sequence cost `q` (plan `seq_us`:
   Python per sequence, per-sequence attention calls, sampling, page tables) and a rate factor `k`
@@ -163,22 +165,49 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
 
 # ====================================================================== microbenchmarks
 def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16),
-                  prompts: tuple[int, ...] = (16, 48, 128), output: int = 10, repeat: int = 2,
+                  prompts: tuple[int, ...] = (16, 48, 128), output: int = 10, repeat: int = 1, http: bool = False,
                   **spec: Any) -> pd.DataFrame:
-    """Engine steps of the real worker process (driven through its pipe, no HTTP) for batches of `batches`
-    sequences with prompts of `prompts` tokens each, `output` tokens each; one row per step: tokens, seqs,
-    seconds (the step), gap (the worker loop before the next step; NaN after the last step of a batch),
-    period = seconds + gap, and the shape that produced it."""
+    """Engine steps of the real worker process for batches of `batches` sequences with prompts of `prompts`
+    tokens each, `output` tokens each; one row per step: tokens, seqs, seconds (the step), gap (the worker loop
+    before the next step; NaN after a batch's last step), period = seconds + gap, and the shape.
+
+    `http=False`: driven through the worker's pipe only (the engine alone). `http=True`: the same batches as
+    streaming requests through the real HTTP server and the traffic benchmark's client (all of a batch sent
+    at once), so the front end's CPU work (parsing, tokenising, streaming every token) runs beside the steps
+    as it does in a serving run; on a small machine it slows them."""
+    rows: list[dict[str, Any]] = []
+
+    def log(got: list[dict[str, Any]], n: int, plen: int) -> None:
+        for a, b in zip(got, got[1:] + [None]):
+            busy = b is not None and (a["running"] > 0 or a["waiting"] > 0)
+            gap = (b["t0"] - a["t1"]) if busy and b is not None else float("nan")
+            rows.append({"batch": n, "prompt": plen, "tokens": a["batch_tokens"], "seqs": a["batch_seqs"],
+                         "seconds": a["t1"] - a["t0"], "gap": gap, "period": a["t1"] - a["t0"] + gap})
+
+    shapes = [(n, plen) for _ in range(repeat) for plen in prompts for n in batches]
+    if http:
+        from workbench.serve import bench
+        from workbench.serve.service import start_service
+
+        with start_service(checkpoint, "colocated", **spec) as svc:
+            def drive(n: int, plen: int) -> None:
+                asyncio.run(bench.run_async(svc.url, f"rate=inf,isl={plen},osl={output},requests={n}",
+                                            progress=False, tokenizer=svc.app.tok))
+
+            drive(2, 8)  # warm-up
+            for n, plen in shapes:
+                k0 = len(svc.backend.steps)
+                drive(n, plen)
+                log(list(svc.backend.steps)[k0:], n, plen)
+        return pd.DataFrame(rows)
+
     from workbench.serve.backend import Backend
     from workbench.serve.sampling import SamplingParams
 
-    rows: list[dict[str, Any]] = []
     with Backend(checkpoint, "colocated", **spec) as backend:
-        vocab = 200
-
         async def batch(n: int, plen: int, seed: int) -> None:
             params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
-            gens = [backend.generate([(seed * 31 + i * 7 + j) % vocab + 1 for j in range(plen)], params)
+            gens = [backend.generate([(seed * 31 + i * 7 + j) % 200 + 1 for j in range(plen)], params)
                     for i in range(n)]
 
             async def drain(g: Any) -> None:
@@ -189,18 +218,10 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
 
         async def sweep() -> None:
             await batch(2, 8, 0)  # warm-up: first calls allocate
-            for r in range(repeat):
-                for plen in prompts:
-                    for n in batches:
-                        k0 = len(backend.steps)
-                        await batch(n, plen, r)
-                        got = list(backend.steps)[k0:]
-                        for a, b in zip(got, got[1:] + [None]):
-                            busy = b is not None and (a["running"] > 0 or a["waiting"] > 0)
-                            gap = (b["t0"] - a["t1"]) if busy and b is not None else float("nan")
-                            rows.append({"batch": n, "prompt": plen, "tokens": a["batch_tokens"],
-                                         "seqs": a["batch_seqs"], "seconds": a["t1"] - a["t0"], "gap": gap,
-                                         "period": a["t1"] - a["t0"] + gap})
+            for i, (n, plen) in enumerate(shapes):
+                k0 = len(backend.steps)
+                await batch(n, plen, i)
+                log(list(backend.steps)[k0:], n, plen)
 
         asyncio.run(sweep())
     return pd.DataFrame(rows)
