@@ -619,8 +619,8 @@ def _param_gather(ctx: TrainContext, plan: Plan, stk: Stack, costs: list[StageCo
     rank = dp_group[0]
     dm = device_model(ctx.spec_of(rank), prec)
     w = len(dp_group)
-    fp32_master = prec != "fp32"
-    b_in = (4.0 + elem + 2 * elem if fp32_master else 4 * elem) * n / w
+    cast = 4.0 + elem if prec != "fp32" else 0.0  # fp32 shard → bf16 (read 4, write 2); none in fp32
+    b_in = (cast + 2 * elem) * n / w  # + the pack into the gather's input (read, write)
     copy_in = dm.memory_seconds(b_in, b_in / nl)  # one block's copy-in per kernel
     e, x = _overlap(ag - exposed + copy_in, fwd, slow, k)
     g_bytes = 4.0
