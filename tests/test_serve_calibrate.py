@@ -137,3 +137,11 @@ def test_host_terms_parse_and_reject_bad_values() -> None:
         ServingPlan.parse("tp=1,seq_us=-1")
     with pytest.raises(wb.WorkbenchError, match="plan.request_us"):
         ServingPlan.parse("tp=1,request_us=nan")
+
+
+def test_a_short_run_without_busy_periods_fits_the_step_durations(job) -> None:  # type: ignore[no-untyped-def]
+    table = _table(job, 2e-3, 5e-4, 3.0).head(6)
+    res = _measured(job, table, gap=0.0)
+    mem = res.memory.assign(bytes=0)  # the worker idled after every step: no period is known
+    f = fit(job, Result(res.events, mem, metrics={}, source="run", fidelity="measured", job=job))
+    assert f["steps"] == 6

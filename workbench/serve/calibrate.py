@@ -112,8 +112,11 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     `measure_steps` table: its wider range of batch shapes gives the shape (s, q, k), and the run's own steps
     one factor `contention` = Σ measured periods / Σ predicted over them, which scales all three (the machine
     is shared: the microbenchmark ran at another moment than the run)."""
-    run = steps(measured)[["tokens", "seqs", "period"]]
+    st = steps(measured)
+    run = st[["tokens", "seqs", "period"]]
     if micro is None or not len(micro):
+        if run["period"].notna().sum() < 4:  # a short run: the steps' durations (the loop's gaps unseen)
+            run = st[["tokens", "seqs"]].assign(period=st["seconds"])
         return fit_steps(job, run)
     f = fit_steps(job, micro[["tokens", "seqs", "period"]])
     r = run.dropna(subset=["period"])
