@@ -66,7 +66,7 @@ SECRET_ENV = "WORKBENCH_TRANSPORT_SECRET"
 SHARD_ALIGN = 8 << 10  # shards are multiples of 8 KiB (as in TransferEngine)
 MIN_SHARD = 512 << 10  # shards are at least this big (smaller writes go over fewer lanes)
 MAX_SEND = 64 << 20  # two-sided messages are for control
-INLINE_MAX = 64 << 10  # small writes go out from the caller's thread when their lane is idle
+INLINE_MAX = 1 << 20  # a write (its last shard) up to this size goes out from the caller's thread when its lane is idle
 INLINE_BATCH = 1 << 20  # a batch's messages for one lane go out from the caller's thread up to this size
 MAX_PAGES = 1 << 20  # pages in one paged message (a receiver reads 8 bytes of offset per page first)
 MAX_BATCH_PER_PEER = 0xFFFF  # messages of one batch to one peer (the wire's shard count is 16 bits)
@@ -480,13 +480,16 @@ class Engine:
         flags = wire.F_IMM if imm is not None else 0
         first = link.next_lane()
         lanes = []
+        last = len(shards) - 1
         for i, (o, n) in enumerate(shards):
             hdr = wire.pack(wire.WRITE, flags=flags, nshards=len(shards), imm=imm or 0, tid=t.tid,
                             region=dst.region, offset=dst_offset + o, length=n)
             lane = link.data[(first + i) % nl]
             lanes.append(lane.index)
             job = _WriteJob(t, hdr, src, src_offset + o, n)
-            if not (n <= INLINE_MAX and src.view is not None and job.inline(lane)):
+            # the other shards go to their lanes' senders first; the last one leaves from this thread when its
+            # lane is idle (no hand-off to a sender thread: that wake-up costs more than a loopback send)
+            if not (i == last and n <= INLINE_MAX and src.view is not None and job.inline(lane)):
                 lane.post(job)
         t.lanes = tuple(lanes)
         return t
@@ -1026,17 +1029,9 @@ class _WriteJob:
         self.t, self.hdr, self.src, self.off, self.n = t, hdr, src, off, n
 
     def inline(self, lane: wire.Lane) -> bool:
-        """Send from the calling thread if the lane is idle (no queue, no delay); False otherwise."""
-        if lane.delay or not lane.queue.empty() or not lane.send_lock.acquire(blocking=False):
-            return False
-        try:
-            assert self.src.view is not None
-            wire.send_gather(lane.sock, [self.hdr, self.src.view[self.off:self.off + self.n]])
-        except OSError as exc:
-            lane.link.failed(exc, lane)
-        finally:
-            lane.send_lock.release()
-        return True
+        """Send from the calling thread if the lane is idle (see `Lane.send_inline`); False otherwise."""
+        assert self.src.view is not None
+        return lane.send_inline([self.hdr, self.src.view[self.off:self.off + self.n]])
 
     def __call__(self, lane: wire.Lane) -> None:
         if self.t.done():
@@ -1044,10 +1039,10 @@ class _WriteJob:
         if lane.delay:
             time.sleep(lane.delay)
         if self.src.view is not None:
-            with lane.send_lock:
+            with lane:
                 wire.send_gather(lane.sock, [self.hdr, self.src.view[self.off:self.off + self.n]])
             return
-        with lane.send_lock:
+        with lane:
             lane.sock.sendall(self.hdr)
             for _o, k, mv in _stage_out(lane, self.src, self.off, self.n):
                 lane.sock.sendall(mv[:k])
@@ -1062,22 +1057,14 @@ class _GatherJob:
         self.t, self.bufs = t, bufs
 
     def inline(self, lane: wire.Lane) -> bool:
-        if lane.delay or not lane.queue.empty() or not lane.send_lock.acquire(blocking=False):
-            return False
-        try:
-            wire.send_gather(lane.sock, self.bufs)
-        except OSError as exc:
-            lane.link.failed(exc, lane)
-        finally:
-            lane.send_lock.release()
-        return True
+        return lane.send_inline(self.bufs)
 
     def __call__(self, lane: wire.Lane) -> None:
         if self.t.done():
             return
         if lane.delay:
             time.sleep(lane.delay)
-        with lane.send_lock:
+        with lane:
             wire.send_gather(lane.sock, self.bufs)
 
 
@@ -1095,7 +1082,7 @@ class _PagedJob:
         p = self.page
         if self.src.view is not None:
             view = self.src.view
-            with lane.send_lock:
+            with lane:
                 wire.send_gather(lane.sock, [self.hdr] + [view[o:o + p] for o in self.offs.tolist()])
             return
         import torch
@@ -1103,7 +1090,7 @@ class _PagedJob:
         flat = self.src.flat
         idx = torch.as_tensor(self.offs, device=flat.device).unsqueeze(1) + torch.arange(p, device=flat.device)
         host = flat[idx.reshape(-1)].cpu()
-        with lane.send_lock:
+        with lane:
             wire.send_gather(lane.sock, [self.hdr, memoryview(host.numpy())])
 
 

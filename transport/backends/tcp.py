@@ -28,11 +28,12 @@ import hmac
 import json
 import os
 import queue
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from transport.errors import AuthError, PeerGone, TransportError
@@ -118,7 +119,7 @@ def recv_scatter(sock: socket.socket, bufs: list[memoryview]) -> None:
             break
 
 
-def send_gather(sock: socket.socket, bufs: list[memoryview | bytes]) -> None:
+def send_gather(sock: socket.socket, bufs: Sequence[memoryview | bytes]) -> None:
     """Send every buffer in order with `sendmsg` (gather, no copy), handling partial sends."""
     pending = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b for b in bufs]
     while pending:
@@ -133,6 +134,27 @@ def send_gather(sock: socket.socket, bufs: list[memoryview | bytes]) -> None:
                 pending[drop] = b[k:]
                 break
         del pending[:drop]
+
+
+def send_some(sock: socket.socket, bufs: list[Any]) -> list[memoryview]:
+    """Send as much of `bufs` as the socket takes now without blocking; return what is left (empty: all
+    sent), the partly sent buffer sliced, so the caller can hand the rest to a thread that may block."""
+    pending = [b if isinstance(b, memoryview) else memoryview(b).cast("B") for b in bufs]
+    while pending:
+        try:
+            k = sock.sendmsg(pending[:IOV_BATCH], [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return pending
+        drop = 0
+        for b in pending[:IOV_BATCH]:
+            if k >= len(b):
+                k -= len(b)
+                drop += 1
+            else:
+                pending[drop] = b[k:]
+                break
+        del pending[:drop]
+    return pending
 
 
 class Reader:
@@ -209,6 +231,13 @@ def drain(sock: socket.socket, n: int) -> None:
         n -= k
 
 
+def _finish_rest(lane: Lane) -> None:
+    """A sender-thread job: send the tail `send_inline` left (entering the lane sends it), always, even
+    when its transfer was cancelled meanwhile, since the peer is mid-message."""
+    with lane:
+        pass
+
+
 # ---------------------------------------------------------------- handshake
 def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"|".join(parts), hashlib.sha256).digest()
@@ -267,8 +296,11 @@ class Lane:
         self.sock = sock
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.send_lock = threading.Lock()
+        self.rest: list[memoryview] | None = None  # the unsent tail of messages `send_inline` started
         self.delay = 0.0  # fault injection: seconds slept before each data message
         self.staging: Any = None  # pinned host buffer for CUDA regions (lazy)
+        self._poll = select.poll()  # "is more waiting?" without a syscall that raises when nothing is
+        self._poll.register(sock, select.POLLIN)
         name = f"wbt-{link.engine.name}-{link.peer}-{index}"
         self.tx = threading.Thread(target=self._send_loop, name=name + "-tx", daemon=True)
         self.rx = threading.Thread(target=self._recv_loop, name=name + "-rx", daemon=True)
@@ -277,13 +309,53 @@ class Lane:
         self.tx.start()
         self.rx.start()
 
+    def __enter__(self) -> Lane:
+        """`with lane:` holds the send lock, the tail of a message `send_inline` started already sent
+        (every sender goes through here, so no message ever cuts into another)."""
+        self.send_lock.acquire()
+        if self.rest is not None:
+            try:
+                send_gather(self.sock, self.rest)
+            except BaseException:
+                self.send_lock.release()
+                raise
+            self.rest = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.send_lock.release()
+
     def send_now(self, bufs: list[Any]) -> None:
         """Send a small message from the calling thread (never from a control receiver)."""
-        with self.send_lock:
-            send_gather(self.sock, bufs)
+        with self:
+            if len(bufs) == 1:
+                self.sock.sendall(bufs[0])
+            else:
+                send_gather(self.sock, bufs)
 
     def post(self, item: Any) -> None:
         self.queue.put(item)
+
+    def send_inline(self, bufs: list[Any]) -> bool:
+        """Send whole messages from the calling thread when this lane is idle (no queue, no lock holder, no
+        injected delay); False (nothing sent) otherwise. Never blocks: what the socket does not take at once
+        is queued as a `Rest` for the sender thread, and nothing cuts in before it went out."""
+        if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.rest is not None:
+                return False
+            try:
+                rest = send_some(self.sock, bufs)
+            except OSError as exc:
+                self.link.failed(exc, self)
+                return True
+            if rest:
+                self.rest = rest
+                self.queue.put(_finish_rest)  # the sender thread sends it unless another sender did first
+            return True
+        finally:
+            self.send_lock.release()
 
     def ack(self, status: int, tid: int, count: int = 1) -> None:
         """Queue an acknowledgement (sent by `flush_acks`, merged with the last one of the same transfer)."""
@@ -303,12 +375,12 @@ class Lane:
             self.link.ctrl.send_now(msgs)
 
     def _more_waiting(self) -> bool:
+        """Bytes of another message already here (buffered or in the socket): acks can wait for it."""
         if self.reader.buffered():
             return True
         try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
-            return False
+            ready = self._poll.poll(0)
+            return bool(ready and ready[0][1] & select.POLLIN)
         except OSError:
             return False
 
