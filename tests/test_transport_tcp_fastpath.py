@@ -140,7 +140,7 @@ def test_inline_writes_that_overflow_small_socket_buffers_land_intact(monkeypatc
         for w in ws:
             w.join(60)
         assert not errors and not any(w.is_alive() for w in ws)
-        for i, t in kept:
+        for _i, t in kept:
             t.result(60)
         view = rx._regions[dst.id].view
         assert view is not None
