@@ -194,3 +194,18 @@ def test_writes_never_block_on_a_stopped_peer_and_fail_when_it_dies() -> None:
         if p.proc.is_alive() and p.proc.pid is not None:
             os.kill(p.proc.pid, signal.SIGCONT)
         p.close()
+
+
+def test_bench_reports_the_per_write_overhead_of_batches_over_raw_sends() -> None:
+    """`ratios()` sets each batch against the back-to-back raw sends of the same shape measured beside it."""
+    from transport.bench import BenchReport, _row
+
+    rows = [_row("tcp", "single", 64 * KiB, 4, [200e-6]), _row("baseline", "raw_socket", 64 * KiB, 1, [100e-6])]
+    for k, eng_us, raw_us in ((16, 60.0, 45.0), (256, 70.0, 62.0)):
+        rows.append(_row("tcp", "batch", 64 * KiB * k, 4, [eng_us * k * 1e-6], writes=k, write_bytes=64 * KiB))
+        rows.append(_row("baseline", "raw_socket_batch", 64 * KiB * k, 1, [raw_us * k * 1e-6], writes=k,
+                         write_bytes=64 * KiB))
+    r = BenchReport(rows).ratios()
+    assert r["batch_max_overhead_us_per_write"] == pytest.approx(15.0)
+    assert r["batch_min_ratio_vs_raw_socket_batch"] == pytest.approx(45.0 / 60.0)
+    assert r["min_ratio_vs_raw_socket_ge_64KiB"] == pytest.approx(0.5)

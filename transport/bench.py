@@ -67,7 +67,8 @@ class BenchReport:
 
     def ratios(self) -> dict[str, float]:
         """Headline ratios: engine vs raw socket (>= 64 KiB, >= 1 MiB), vs device copy and NCCL
-        (>= 64 MiB), batches vs back-to-back raw sends, lanes vs one lane, paged vs single."""
+        (>= 64 MiB), batches vs back-to-back raw sends (and the per-write overhead over them), lanes vs
+        one lane, paged vs single."""
         df = self.frame()
         out: dict[str, float] = {}
         single = df[df["mode"] == "single"]
@@ -95,6 +96,12 @@ class BenchReport:
                      for r in batch.itertuples() if ((rb["bytes"] == r.bytes) & (rb["writes"] == r.writes)).any()]
             if pairs:
                 out["batch_min_ratio_vs_raw_socket_batch"] = min(a / b for a, b in pairs)
+            # the engine's own cost per write: its time per write less the raw socket's for the same batch
+            over = [float(r.us_per_write) - float(rb[(rb["bytes"] == r.bytes) & (rb["writes"] == r.writes)]
+                                                  ["us_per_write"].iloc[0])
+                    for r in batch.itertuples() if ((rb["bytes"] == r.bytes) & (rb["writes"] == r.writes)).any()]
+            if over:
+                out["batch_max_overhead_us_per_write"] = max(over)
         bigg = [b for b in best.index if b >= MiB and b in gloo.index]
         if bigg:
             out["mean_ratio_vs_gloo_ge_1MiB"] = float(statistics.mean(best[b] / gloo[b] for b in bigg))
