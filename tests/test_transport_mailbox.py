@@ -50,11 +50,11 @@ def test_entries_from_another_process_counted_once_in_any_order() -> None:
             out.close()
         """)
         subprocess.run([sys.executable, "-c", child], check=True, timeout=30)
-        assert _wait(lambda: len(got) == 300), len(got)
+        assert _wait(lambda: box.counted >= 300), box.counted  # set at the end of the poll that counted them
         assert sorted(imm for imm, _, _ in got) == list(range(1000, 1300))
         assert {(region, peer) for _, region, peer in got} == {(5, "writer-7")}
         time.sleep(0.05)
-        assert len(got) == 300 and box.counted == 300  # nothing counted twice
+        assert len(got) == 300 and box.counted == 300  # later polls count nothing twice
     finally:
         box.close()
     assert not box.path.exists()
