@@ -1,0 +1,190 @@
+"""tcp transport before/after: `workbench bench transport` on an older `transport/` and on this tree, in
+alternating runs on the same machine, composed into one markdown table and one benchmark record.
+
+    python benchmarks/transport_tcp_before_after.py --before 317f609~1 --pairs 2 --soak 20000 \
+        --name cpu2-vm-fastpath
+
+The older code is `git archive REF transport` put first on PYTHONPATH (the command itself is this tree's).
+Each run's raw-socket and gloo baselines are measured in that run; every ratio is within its run. Runs
+alternate (before, after, after, before, …) so drift in the machine's load falls on both. The load average
+and the CPU seconds of the whole process tree are recorded beside each run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path, lanes: int) -> dict[str, Any]:
+    """One `workbench bench transport` run; its record plus load, wall and CPU seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [str(Path(sys.executable).parent / "workbench"), "bench", "transport", "--backend", "tcp",
+           "--lanes", str(lanes), "--soak", str(soak), "--save", "run", "--out-dir", str(out)]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load0, t0 = _load(), time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: the benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    rec = json.loads((out / "transport-run.json").read_text())
+    return {"label": label, "code": code, "record": rec, "load_start": load0, "load_end": _load(),
+            "wall_s": round(wall, 1), "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 1),
+            "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 1)}
+
+
+def _rows(run: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in run["record"]["rows"] if r["mode"] == mode]
+
+
+def _single(run: dict[str, Any]) -> dict[int, tuple[float, float, float]]:
+    """bytes -> (best engine GB/s over lane counts, raw socket GB/s, engine p50 µs at one lane)."""
+    raw = {r["bytes"]: r["GBps"] for r in _rows(run, "raw_socket")}
+    out: dict[int, tuple[float, float, float]] = {}
+    for r in _rows(run, "single"):
+        b = r["bytes"]
+        best, _, p50 = out.get(b, (0.0, 0.0, float("nan")))
+        out[b] = (max(best, r["GBps"]), raw.get(b, float("nan")), r["p50_us"] if r["lanes"] == 1 else p50)
+    return out
+
+
+def _batch(run: dict[str, Any]) -> dict[tuple[Any, Any], tuple[float, float]]:
+    """(bytes per write, writes) -> (engine µs per write, raw socket back-to-back µs per write)."""
+    raw = {(r.get("write_bytes"), r["writes"]): r["us_per_write"] for r in _rows(run, "raw_socket_batch")}
+    return {(r.get("write_bytes"), r["writes"]): (r["us_per_write"], raw.get((r.get("write_bytes"), r["writes"]),
+                                                                             float("nan")))
+            for r in _rows(run, "batch")}
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str) -> tuple[str, dict[str, Any]]:
+    before = [r for r in runs if r["code"] == "before"]
+    after = [r for r in runs if r["code"] == "after"]
+    lines = [f"# tcp transport before/after on {name}", "",
+             f"`{command}`", "",
+             f"Before = `transport/` of `{before_ref}` (`git archive`), after = this tree; runs in the order "
+             f"{', '.join(r['label'] for r in runs)}, one at a time on the same machine, each with its own raw-socket "
+             "and gloo baselines (ratios are within a run). GB/s = bytes over the median call time. The machine "
+             "is shared: read each run's load average beside it.", "",
+             "| run | code | load average at start → end | wall s | CPU s (user + sys, whole process tree) |",
+             "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['label']} | {r['code']} | {r['load_start']} → {r['load_end']} | {r['wall_s']} | "
+                     f"{r['cpu_user_s']} + {r['cpu_sys_s']} |")
+    sizes = sorted(_single(runs[0]))
+    lines += ["", "## Single writes (one write per call, waited): best over 1/2/4 lanes vs the raw socket", "",
+              "| bytes | " + " | ".join(f"{r['label']} engine GB/s (raw) → ratio" for r in runs)
+              + " | p50 µs at 1 lane, before → after (medians of runs) |",
+              "|---|" + "---|" * (len(runs) + 1)]
+    for b in sizes:
+        cells = []
+        for r in runs:
+            e, raw, _ = _single(r)[b]
+            cells.append(f"{e:.2f} ({raw:.2f}) → **{e / raw:.2f}**")
+        p_b = statistics.median(_single(r)[b][2] for r in before)
+        p_a = statistics.median(_single(r)[b][2] for r in after)
+        lines.append(f"| {_fmt_bytes(b)} | " + " | ".join(cells) + f" | {p_b:.0f} → {p_a:.0f} |")
+    keys = sorted(_batch(runs[0]))
+    lines += ["", "## Batched writes (one `write_batch` per call): µs per write, engine (raw socket back to back)"
+              " → overhead = engine − raw", "",
+              "| bytes × writes | " + " | ".join(f"{r['label']} ({r['code']})" for r in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for k in keys:
+        cells = []
+        for r in runs:
+            e, raw = _batch(r).get(k, (float("nan"), float("nan")))
+            cells.append(f"{e:.1f} ({raw:.1f}) → {e - raw:+.1f}")
+        lines.append(f"| {_fmt_bytes(int(k[0]))} × {k[1]} | " + " | ".join(cells) + " |")
+    heads = ["min_ratio_vs_raw_socket_ge_64KiB", "min_ratio_vs_raw_socket_ge_1MiB", "batch_min_us_per_write",
+             "batch_max_writes_per_s", "batch_min_ratio_vs_raw_socket_batch", "batch_max_overhead_us_per_write",
+             "paged_32KiB_vs_single", "paged_64KiB_vs_single", "paged_layer_256x32KiB_post_us",
+             "soak_writes", "soak_lost", "soak_corrupted", "soak_writes_per_s"]
+    lines += ["", "## Headline numbers of each run", "", "| | " + " | ".join(f"{r['label']} ({r['code']})" for r in runs)
+              + " |", "|---|" + "---|" * len(runs)]
+    for h in heads:
+        vals = []
+        for r in runs:
+            v = r["record"]["summary"].get(h)
+            if v is None and h == "batch_max_overhead_us_per_write":  # older records: computed from the rows
+                over = [e - raw for e, raw in _batch(r).values()]
+                v = max(over) if over else None
+            vals.append("—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {h} | " + " | ".join(vals) + " |")
+    imm = [f"{r['label']}: {_rows(r, 'imm')[0]['p50_us']:.0f} µs" for r in runs if _rows(r, "imm")]
+    lines += ["", "imm round trip p50: " + ", ".join(imm), ""]
+    summary: dict[str, Any] = {"before_ref": before_ref}
+    for r in runs:
+        for h in heads:
+            v = r["record"]["summary"].get(h)
+            if isinstance(v, (int, float)):
+                summary[f"{r['label']}_{h}"] = v
+        summary[f"{r['label']}_load_start"] = r["load_start"]
+        summary[f"{r['label']}_cpu_s"] = round(r["cpu_user_s"] + r["cpu_sys_s"], 1)
+        summary[f"{r['label']}_wall_s"] = r["wall_s"]
+    rows = [dict(row, run=r["label"], code=r["code"]) for r in runs for row in r["record"]["rows"]]
+    rec = {"benchmark": "transport", "machine": dict(after[0]["record"]["machine"], name=name) if after else {},
+           "command": command, "date": runs[-1]["record"]["date"], "summary": summary, "rows": rows}
+    return "\n".join(lines), rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", required=True, help="git ref whose transport/ is the 'before' code")
+    ap.add_argument("--pairs", type=int, default=2, help="before/after pairs (alternating order)")
+    ap.add_argument("--soak", type=int, default=20000)
+    ap.add_argument("--lanes", type=int, default=4)
+    ap.add_argument("--name", default="cpu2-vm-fastpath", help="results file: benchmarks/results/transport-NAME.*")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    command = (f"python benchmarks/transport_tcp_before_after.py --before {args.before} --pairs {args.pairs} "
+               f"--soak {args.soak} --name {args.name}")
+    with tempfile.TemporaryDirectory(prefix="wb-transport-before-") as tmp:
+        archive = Path(tmp) / "transport.tar"
+        subprocess.run(["git", "archive", "-o", str(archive), args.before, "transport"], cwd=ROOT, check=True)
+        old = Path(tmp) / "old"
+        with tarfile.open(archive) as tf:
+            tf.extractall(old)  # noqa: S202 - our own repository's archive
+        order = []
+        for i in range(args.pairs):
+            pair = [("before", str(old)), ("after", None)]
+            order += pair if i % 2 == 0 else pair[::-1]
+        runs = []
+        for k, (code, path) in enumerate(order, 1):
+            label = f"{code}{(k + 1) // 2}"
+            print(f"[{time.strftime('%H:%M:%S')}] {label} …", flush=True)
+            runs.append(run_one(label, code, path, args.soak, Path(tmp) / label, args.lanes))
+    md, rec = compose(runs, args.before, args.name, command)
+    out = Path(args.out)
+    from workbench.bench.record import write
+
+    write(rec, out / f"transport-{args.name}.json")
+    (out / f"transport-{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
