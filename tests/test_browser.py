@@ -1,9 +1,10 @@
-"""A real browser: JupyterLab on 127.0.0.1 runs the quickstart notebook in Debian's chromium.
+"""A real browser: JupyterLab on 127.0.0.1 runs the notebooks with a live dashboard in Debian's chromium
+(the quickstart's training run; 07's serving run with its prediction laid over it).
 
 Checks what a user sees: every cell runs without an error output, the plotly figures and the
 Dashboard's widgets render (no "Error displaying widget", no widget shown as plain text), and
 the dashboard's figures hold more data after the run cell than when they were first shown.
-Saves a screenshot to reports/browser-quickstart.png. Skips only when /usr/bin/chromium or
+Saves a screenshot to reports/browser-<name>.png. Skips only when /usr/bin/chromium or
 Playwright is missing. Bounded in time: the server, the page and every wait have timeouts.
 """
 
@@ -16,18 +17,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
 CELL_TIMEOUT_S = 240
-SCREENSHOT = ROOT / "reports" / "browser-quickstart.png"
+# notebook, report name, distinct dashboard states the browser must see while the run cell runs: the
+# quickstart's starts empty (empty, partial, final); 07's shows the prediction before the run (prediction, ..., final)
+NOTEBOOKS = [("00_quickstart.ipynb", "quickstart", 3), ("07_serving.ipynb", "serving", 2)]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture
-def lab(jupyter_lab):
-    """JupyterLab serving a copy of the quickstart; (base url, token, folder)."""
-    server = jupyter_lab(NOTEBOOK)
-    return server.base, server.token, server.dir
+@pytest.fixture(params=NOTEBOOKS, ids=[name for _, name, _ in NOTEBOOKS])
+def lab(jupyter_lab, request):
+    """JupyterLab serving a copy of one notebook; (base url, token, folder, notebook, name, live states)."""
+    notebook, name, states = request.param
+    server = jupyter_lab(ROOT / "notebooks" / notebook)
+    return server.base, server.token, server.dir, ROOT / "notebooks" / notebook, name, states
 
 
 # JavaScript run in the page (window.jupyterapp exists because of expose_app_in_browser)
@@ -99,10 +102,11 @@ def _settle(page, quiet_ms: int = 1500, timeout: float = 90.0) -> None:
         page.wait_for_timeout(250)
 
 
-def test_quickstart_runs_in_chromium(lab, chromium):
+def test_notebook_runs_in_chromium(lab, chromium):
     from playwright.sync_api import sync_playwright
 
-    base, token, work = lab
+    base, token, work, notebook, name, min_states = lab
+    screenshot = ROOT / "reports" / f"browser-{name}.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(**chromium)
         try:
@@ -110,7 +114,7 @@ def test_quickstart_runs_in_chromium(lab, chromium):
             page_errors: list[str] = []
             page.on("pageerror", lambda e: page_errors.append(str(e)))
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?reset&token={token}", timeout=90_000)
+            page.goto(f"{base}/lab/tree/{notebook.name}?reset&token={token}", timeout=90_000)
             page.wait_for_function(_JS_KERNEL_IDLE, timeout=120_000)
             page.evaluate(_JS_LONG_TASKS)
             cells = page.evaluate(_JS_STATE)["cells"]
@@ -141,12 +145,12 @@ def test_quickstart_runs_in_chromium(lab, chromium):
             page.wait_for_timeout(2000)
             final = page.evaluate(_JS_FIGURES)
             text = page.inner_text("body")
-            SCREENSHOT.parent.mkdir(exist_ok=True)
+            screenshot.parent.mkdir(exist_ok=True)
             dash = max(range(len(final)), key=lambda ci: len(final[ci]))
             page.evaluate("(ci) => window.jupyterapp.shell.currentWidget.content.widgets[ci].node"
                           ".scrollIntoView()", dash)
             page.wait_for_timeout(500)
-            page.screenshot(path=str(SCREENSHOT))
+            page.screenshot(path=str(screenshot))
         finally:
             browser.close()
 
@@ -164,17 +168,17 @@ def test_quickstart_runs_in_chromium(lab, chromium):
     assert any(ci == dash for ci, _ in changed), (
         f"no figure of the dashboard (cell {dash}) changed after the run cell; points first/now: "
         f"{[(first_seen.get((dash, fi)), f['points']) for fi, f in enumerate(final[dash])]}")
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
     # what the browser went through (recorded, not asserted: it depends on the machine's CPU and GPU)
     distinct = sorted(set(live))
     per_cell = {i: [d for s, d in long_tasks if b <= s <= e] for i, (b, e) in spans.items()}
-    SCREENSHOT.with_suffix(".json").write_text(json.dumps({
+    screenshot.with_suffix(".json").write_text(json.dumps({
         "seconds_all_cells": elapsed, "plots": n_plots, "dashboard_points_sampled_while_running": distinct,
         "long_tasks_per_cell": {i: {"count": len(v), "ms_total": sum(v), "ms_max": max(v, default=0),
                                     "cell_seconds": round((spans[i][1] - spans[i][0]) / 1e3, 2)}
                                 for i, v in per_cell.items()}}, indent=2))
-    assert len(distinct) >= 3, (
-        f"the dashboard should have redrawn in the browser while the run cell ran (empty, partial, final); "
+    assert len(distinct) >= min_states, (
+        f"the dashboard should have redrawn in the browser while the run cell ran ({min_states} states or more); "
         f"sampled points: {distinct}")
-    print(f"quickstart ran in chromium in {elapsed:.1f} s; {n_plots} plots, changed: {changed}; "
+    print(f"{notebook.name} ran in chromium in {elapsed:.1f} s; {n_plots} plots, changed: {changed}; "
           f"dashboard points seen live: {distinct}")

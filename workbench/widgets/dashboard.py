@@ -318,8 +318,7 @@ class Dashboard:
         if self.kind == "serving":
             from workbench.widgets.serving import ServingPanels
 
-            self._serving = ServingPanels(go, w, self.width)
-            self._serving.render(self._data)  # the prediction is on show before the run starts
+            self._serving = ServingPanels(go, w, self.width, self._data)  # the prediction shows before the run
             self._figs.update(self._serving.figs)
             self._box = w.VBox([w.HTML(f"<b>{html.escape(self.title)}</b>"), w.HBox([self._bar, self._status]),
                                 *self._serving.rows])

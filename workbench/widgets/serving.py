@@ -26,23 +26,24 @@ SUMMARY_ROWS = ("completed", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", 
 class ServingPanels:
     """Four FigureWidgets and a summary table, redrawn in place from a `ServingLiveData`."""
 
-    def __init__(self, go: Any, w: Any, width: int) -> None:
+    def __init__(self, go: Any, w: Any, width: int, data: ServingLiveData) -> None:
         self._go = go
-        layouts = vs.serving_layouts()
-        self.figs = {p: go.FigureWidget(layout=layouts[p] | {"width": width // 2 - 8}) for p in vs.SERVING_PANELS}
-        self.table = w.HTML(value=summary_html(ServingLiveData()))
+        layouts = vs.serving_layouts(vs.kv_scale(data)[1])
+        # the first series (the prediction, before the run) go in with the figure: a restyle sent before
+        # the browser has drawn the widget leaves it blank
+        self.figs = {p: go.FigureWidget(data=[go.Scatter(**s) for s in vs.SERIES[p](data)],
+                                        layout=layouts[p] | {"width": width // 2 - 8}) for p in vs.SERVING_PANELS}
+        self.table = w.HTML(value=summary_html(data))
         self.rows = [w.HBox([self.figs["latency"], self.figs["throughput"]]),
                      w.HBox([self.figs["kv_cache"], self.figs["kv_transfer"]]), self.table]
-        self._drawn: dict[str, Any] = {}
+        self._drawn: dict[str, Any] = _keys(data)
         self._drawn_at: dict[str, float] = {}
-        self._unit = "MiB"
+        self._unit = layouts["kv_cache"]["yaxis"]["title"]["text"]
 
     def render(self, data: ServingLiveData, budget: int | None = None) -> bool:
         """Redraw the panels whose data changed (at most `budget`, least recently drawn first);
         True when some were left for the next redraw."""
-        v, me = data.versions, id(data)  # a new run's data (attach, replay) redraws everything
-        keys = {"latency": (me, v["requests"], v["kv"]), "throughput": (me, v["requests"]), "kv_cache": (me, v["kv"]),
-                "kv_transfer": (me, v["transfers"])}
+        keys = _keys(data)
         changed = sorted((p for p in keys if keys[p] != self._drawn.get(p)), key=lambda p: self._drawn_at.get(p, 0.0))
         for panel in changed[:budget]:
             self._sync(panel, vs.SERIES[panel](data))
@@ -51,7 +52,7 @@ class ServingPanels:
                 if unit != self._unit:
                     self.figs[panel].layout.yaxis.title.text = self._unit = unit
             self._drawn[panel], self._drawn_at[panel] = keys[panel], time.perf_counter()
-        if "latency" in changed[:budget] or not self._drawn:
+        if "latency" in changed[:budget]:
             self.table.value = summary_html(data)
         return budget is not None and len(changed) > budget
 
@@ -61,8 +62,8 @@ class ServingPanels:
         fig = self.figs[panel]
         have = {t.name: t for t in fig.data}
         for s in series:
-            if s["name"] not in have:
-                fig.add_trace(self._go.Scatter(**s))
+            if s["name"] not in have:  # added empty: arrays travel only in the restyle below
+                fig.add_trace(self._go.Scatter(**(s | {"x": [], "y": []})))
                 have[s["name"]] = fig.data[-1]
         with fig.batch_update():
             for s in series:
@@ -70,14 +71,23 @@ class ServingPanels:
                 trace.x, trace.y = s["x"], s["y"]
 
 
+def _keys(data: ServingLiveData) -> dict[str, Any]:
+    """What each panel was drawn from: a new run's data (attach, replay) redraws everything."""
+    v, me = data.versions, id(data)
+    return {"latency": (me, v["requests"], v["kv"]), "throughput": (me, v["requests"]), "kv_cache": (me, v["kv"]),
+            "kv_transfer": (me, v["transfers"])}
+
+
 def summary_html(data: ServingLiveData) -> str:
     """The measured-so-far vs predicted table as escaped HTML (the same numbers as `summary_text`)."""
     tab = data.summary().loc[list(SUMMARY_ROWS)]
-    head = "<tr><th style='text-align:left'>metric</th><th>measured</th><th>predicted</th><th>error</th></tr>"
+    cell = "style='padding:1px 10px;text-align:right'"
+    head = (f"<tr><th style='padding:1px 10px;text-align:left'>metric</th><th {cell}>measured</th>"
+            f"<th {cell}>predicted</th><th {cell}>error</th></tr>")
     body = "".join(
-        f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{_num(r['measured'])}</td>"
-        f"<td>{_num(r['simulated'])}</td><td>{_pct(r['error'])}</td></tr>" for k, r in tab.iterrows())
-    return (f"<table style='font-family:monospace;font-size:12px;border-collapse:collapse'>{head}{body}</table>")
+        f"<tr><td style='padding:1px 10px;text-align:left'>{html.escape(str(k))}</td><td {cell}>{_num(r['measured'])}</td>"
+        f"<td {cell}>{_num(r['simulated'])}</td><td {cell}>{_pct(r['error'])}</td></tr>" for k, r in tab.iterrows())
+    return f"<table style='font-family:monospace;font-size:12px;border-collapse:collapse'>{head}{body}</table>"
 
 
 def summary_text(data: ServingLiveData) -> str:
