@@ -77,6 +77,15 @@ def _batch(run: dict[str, Any]) -> dict[tuple[Any, Any], tuple[float, float]]:
             for r in _rows(run, "batch")}
 
 
+def _headline(run: dict[str, Any], key: str) -> Any:
+    """A summary number of a run (the batch overhead computed from the rows where an older record lacks it)."""
+    v = run["record"]["summary"].get(key)
+    if v is None and key == "batch_max_overhead_us_per_write":
+        over = [e - raw for e, raw in _batch(run).values()]
+        v = max(over) if over else None
+    return v
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
@@ -128,18 +137,30 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
     for h in heads:
         vals = []
         for r in runs:
-            v = r["record"]["summary"].get(h)
-            if v is None and h == "batch_max_overhead_us_per_write":  # older records: computed from the rows
-                over = [e - raw for e, raw in _batch(r).values()]
-                v = max(over) if over else None
+            v = _headline(r, h)
             vals.append("—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
         lines.append(f"| {h} | " + " | ".join(vals) + " |")
+    targets = (("≥ 0.9× a raw socket at every size ≥ 64 KiB (single writes)", "min_ratio_vs_raw_socket_ge_64KiB",
+                lambda v: v >= 0.9),
+               ("per-write overhead ≤ 30 µs in batches (engine − raw socket, same batch)",
+                "batch_max_overhead_us_per_write", lambda v: v <= 30),
+               ("≥ 50 k small writes/s batched", "batch_max_writes_per_s", lambda v: v >= 50_000),
+               ("soak: 0 lost", "soak_lost", lambda v: v == 0), ("soak: 0 corrupted", "soak_corrupted", lambda v: v == 0))
+    lines += ["", "## Against the targets of issue 15 (tcp over loopback)", "",
+              "| target | " + " | ".join(f"{r['label']} ({r['code']})" for r in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for text, key, ok in targets:
+        cells = []
+        for r in runs:
+            v = _headline(r, key)
+            cells.append("—" if v is None else f"{v:.3g} {'met' if ok(v) else '**not met**'}")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
     imm = [f"{r['label']}: {_rows(r, 'imm')[0]['p50_us']:.0f} µs" for r in runs if _rows(r, "imm")]
     lines += ["", "imm round trip p50: " + ", ".join(imm), ""]
     summary: dict[str, Any] = {"before_ref": before_ref}
     for r in runs:
         for h in heads:
-            v = r["record"]["summary"].get(h)
+            v = _headline(r, h)
             if isinstance(v, (int, float)):
                 summary[f"{r['label']}_{h}"] = v
         summary[f"{r['label']}_load_start"] = r["load_start"]
