@@ -456,14 +456,14 @@ class ServingLiveData:
             steps = np.isin(ops, ("prefill", "decode", "mixed"))
             if steps.any():
                 self._t0 = min(self._t0, float(events["start"].to_numpy(float)[steps].min()))
-            req = request_rows(events)
-            if len(req):
+            req = request_rows(events) if (ops == "request").any() else None
+            if req is not None and len(req):
                 self._requests.append(req[list(_REQUEST_COLUMNS)].to_numpy(float))
                 self._t0 = min(self._t0, float(req["arrival"].min()))
                 self.n_requests += len(req)
                 self.versions["requests"] += 1
-            tx = events[ops == "kv_transfer"]
-            if len(tx):
+            tx = events[ops == "kv_transfer"] if (ops == "kv_transfer").any() else None
+            if tx is not None and len(tx):
                 start, end = tx["start"].to_numpy(float), tx["end"].to_numpy(float)
                 nbytes = tx["bytes"].fillna(0).to_numpy(float)
                 rows = np.column_stack([end, nbytes / np.maximum(end - start, 1e-9) / 1e9, nbytes])
