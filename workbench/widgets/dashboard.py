@@ -117,7 +117,7 @@ class Dashboard:
     def text(self) -> str:
         """What the dashboard shows, as plain text: the status line (and, serving, the measured-vs-predicted table)."""
         with self._render_lock:
-            data = self._take()
+            data = self._take(redrawing=False)
         with self._lock:
             step, steps, t = self._step, self._steps, self._t
         line = f"{self.title}: {self._unit} {step}/{steps} · {t:.1f} s · {self.updates_pushed} updates"
@@ -131,7 +131,7 @@ class Dashboard:
         """Serving: the measured-so-far metrics beside the prediction (`ServingLiveData.summary`);
         training: p50/p99 seconds per op measured so far."""
         with self._render_lock:
-            data = self._take()
+            data = self._take(redrawing=False)
         if isinstance(data, ServingLiveData):
             return data.summary()
         ops, p50, p99 = data.latency()
@@ -299,10 +299,12 @@ class Dashboard:
             self._last_render = 0.0
             self.updates_pushed = 0
 
-    def _take(self) -> Any:
+    def _take(self, redrawing: bool = True) -> Any:
+        """Add the pending updates to the data (`redrawing`: the caller draws them, so the render thread need not)."""
         with self._lock:
             pending, self._pending = self._pending, []
-            self._dirty = False
+            if redrawing:
+                self._dirty = False
         for events, memory, links in pending:  # outside the lock: push() never waits for this
             self._data.add(events, memory, links)
         return self._data
