@@ -49,6 +49,10 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
     if proc.returncode != 0:
         raise SystemExit(f"{label}: the benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rec = json.loads((out / "transport-run.json").read_text())
+    if "summary" not in rec:  # the command's earlier --save layout: {meta, rows, ratios, soak, notes}
+        rec = {"machine": dict(rec.get("meta", {}), name=rec.get("meta", {}).get("machine", "")),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "rows": rec["rows"],
+               "summary": {**rec.get("ratios", {}), **{f"soak_{k}": v for k, v in rec.get("soak", {}).items()}}}
     return {"label": label, "code": code, "record": rec, "load_start": load0, "load_end": _load(),
             "wall_s": round(wall, 1), "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 1),
             "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 1)}
