@@ -3,8 +3,10 @@
 Per peer connection: one control socket (acks, imm-only writes, notices, send/recv,
 barriers) and `lanes` data sockets (writes and paged writes). Each data socket has a
 sender thread fed by a queue and a receiver thread that `recv_into`s payloads straight
-into the registered buffer (`recvmsg_into` scatters paged writes). Control receivers never
-block on sends, so the mesh cannot deadlock.
+into the registered buffer (`recvmsg_into` scatters paged writes). A caller whose lane is
+idle sends its messages itself (`Lane.send_inline`), never blocking: the socket takes what
+it can at once, the rest goes out before any other message of that lane. Control receivers
+never block on sends, so the mesh cannot deadlock.
 
 Wire: every message is a 40-byte header `<BBHIQIIQQ`: type, flags, nshards, imm, tid,
 region, count, offset, length; then, for PAGED, `count` u64 destination offsets; then the
@@ -339,7 +341,8 @@ class Lane:
     def send_inline(self, bufs: list[Any]) -> bool:
         """Send whole messages from the calling thread when this lane is idle (no queue, no lock holder, no
         injected delay); False (nothing sent) otherwise. Never blocks: what the socket does not take at once
-        is queued as a `Rest` for the sender thread, and nothing cuts in before it went out."""
+        stays as the lane's `rest`, a job for the sender thread is queued, and whichever sender enters the
+        lane next sends it before anything else (see `__enter__`)."""
         if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
             return False
         try:
