@@ -12,7 +12,7 @@
    per-sequence host costs, a rate factor, the per-request cost; no end-to-end metric fitted), compared
    with every level, before and after. `--rounds N` repeats 2–3 N times (the machine is shared: the
    spread says how much of an error is the machine's).
-Writes benchmarks/results/serve-calibration-MACHINE.{json,md}; the previous record is kept in it as `previous`.
+Writes benchmarks/results/serve-calibration-MACHINE.{json,md}; earlier records are kept in it as `history`.
 """
 
 from __future__ import annotations
@@ -150,16 +150,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"serve-calibration-{args.machine}.json"
-    previous = None
+    history: list[dict[str, Any]] = []  # earlier records, oldest first (meta and rows only)
     if jpath.is_file():
         old = json.loads(jpath.read_text())
-        old.pop("previous", None)
-        previous = old
+        history = list(old.pop("history", None) or ([old.pop("previous")] if old.get("previous") else []))
+        rounds_rows = [r["rows"] for r in old.get("rounds", [])] or [old["rows"]]
+        history.append({"meta": old["meta"], "rows": old["rows"], "rounds_rows": rounds_rows,
+                        "fitted": old["meta"].get("fitted") or old.get("rounds", [{}])[-1].get("fitted", {})})
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
             "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
             "load_average_end": os.getloadavg(), "datasets": files}
     record = {"meta": meta, "rounds": [{k: v for k, v in r.items() if k != "micro"} for r in rounds],
-              "rows": rounds[-1]["rows"], "demo": demo, "previous": previous}
+              "rows": rounds[-1]["rows"], "demo": demo, "history": history}
     jpath.write_text(json.dumps(record, indent=1, default=float))
     md = render(record)
     (out / f"serve-calibration-{args.machine}.md").write_text(md)
@@ -229,16 +231,22 @@ def render(record: dict[str, Any]) -> str:
         lines += [f"| {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} | {x['error_before']:+.1%} | "
                   f"{x['sim_after']:.4g} | {x['error_after']:+.1%} |" for x in demo["rows"]]
         lines.append("")
-    prev = record.get("previous")
-    if prev:
+    for prev in reversed(record.get("history") or []):
         pm = prev["meta"]
-        fitted = pm.get("fitted") or (prev.get("rounds") or [{}])[-1].get("fitted", {})
-        lines += ["## Before: the previous record", "",
-                  f"`{pm['command']}`, load average at the end {pm.get('load_average', pm.get('load_average_end'))}; "
-                  f"calibration then: {', '.join(f'{k} = {v:.4g}' for k, v in fitted.items())}.", "",
-                  "| concurrency | role | metric | measured | sim calibrated | error |", "|---|---|---|---|---|---|"]
-        lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_after']:.4g} "
-                  f"| {x['error_after']:+.1%} |" for x in prev["rows"]]
+        import numpy as np
+
+        fitted = prev.get("fitted") or pm.get("fitted") or {}
+        rr = prev.get("rounds_rows") or [prev["rows"]]
+        load = pm.get("load_average", pm.get("load_average_end"))
+        lines += [f"## Earlier record: `{pm['command']}`", "",
+                  f"Load average at the end {load}; code of that time; calibration of its last round: "
+                  f"{', '.join(f'{k} = {v:.4g}' for k, v in fitted.items())}.", "",
+                  "| concurrency | role | metric | errors of the rounds (calibrated) | median |", "|---|---|---|---|---|"]
+        for j, x in enumerate(rr[0]):
+            errs = [r[j]["error_after"] for r in rr]
+            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | "
+                         f"{', '.join(f'{e:+.1%}' for e in errs)} | {float(np.median(errs)):+.1%} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
