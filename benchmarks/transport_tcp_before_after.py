@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+CURVE = ("import json; from transport.bench import cost_curve; "
+         "print(json.dumps(cost_curve('tcp', lanes=2, writes=(1, 4, 16, 64, 256), iters=60)))")
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -49,11 +51,17 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
     if proc.returncode != 0:
         raise SystemExit(f"{label}: the benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rec = json.loads((out / "transport-run.json").read_text())
+    # the per-operation cost curve: one write_batch of k 4 KiB writes, until done and until posted
+    curve = subprocess.run([sys.executable, "-c", CURVE], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    if curve.returncode != 0:
+        raise SystemExit(f"{label}: the cost curve failed:\n{curve.stderr[-3000:]}")
     if "summary" not in rec:  # the command's earlier --save layout: {meta, rows, ratios, soak, notes}
         rec = {"machine": dict(rec.get("meta", {}), name=rec.get("meta", {}).get("machine", "")),
                "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "rows": rec["rows"],
                "summary": {**rec.get("ratios", {}), **{f"soak_{k}": v for k, v in rec.get("soak", {}).items()}}}
-    return {"label": label, "code": code, "record": rec, "load_start": load0, "load_end": _load(),
+    return {"label": label, "code": code, "record": rec, "curve": json.loads(curve.stdout.strip().splitlines()[-1]),
+            "load_start": load0, "load_end": _load(),
             "wall_s": round(wall, 1), "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 1),
             "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 1)}
 
@@ -159,6 +167,17 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
             v = _headline(r, key)
             cells.append("—" if v is None else f"{v:.3g} {'met' if ok(v) else '**not met**'}")
         lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    ks = [c["writes"] for c in runs[0]["curve"]]
+    lines += ["", "## Per-operation cost: one `write_batch` of k 4 KiB writes over 2 lanes "
+              "(`transport.bench.cost_curve`): µs per write until done (until the call returned, per call)", "",
+              "| writes per call | " + " | ".join(f"{r['label']} ({r['code']})" for r in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for k in ks:
+        cells = []
+        for r in runs:
+            c = next(c for c in r["curve"] if c["writes"] == k)
+            cells.append(f"{c['us_per_write']:.1f} ({c.get('post_us', float('nan')):.0f})")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     imm = [f"{r['label']}: {_rows(r, 'imm')[0]['p50_us']:.0f} µs" for r in runs if _rows(r, "imm")]
     lines += ["", "imm round trip p50: " + ", ".join(imm), ""]
     summary: dict[str, Any] = {"before_ref": before_ref}
@@ -171,6 +190,7 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
         summary[f"{r['label']}_cpu_s"] = round(r["cpu_user_s"] + r["cpu_sys_s"], 1)
         summary[f"{r['label']}_wall_s"] = r["wall_s"]
     rows = [dict(row, run=r["label"], code=r["code"]) for r in runs for row in r["record"]["rows"]]
+    rows += [dict(row, mode="cost_curve", run=r["label"], code=r["code"]) for r in runs for row in r["curve"]]
     rec = {"benchmark": "transport", "machine": dict(after[0]["record"]["machine"], name=name) if after else {},
            "command": command, "date": runs[-1]["record"]["date"], "summary": summary, "rows": rows}
     return "\n".join(lines), rec
