@@ -98,6 +98,11 @@ def _headline(run: dict[str, Any], key: str) -> Any:
     return v
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    return (f"Machine: {m.get('platform', '?')}, {m.get('cpus_usable', m.get('cpus', '?'))} CPUs "
+            f"({m.get('cpu', '?')}), Python {m.get('python', '?')}.")
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
@@ -107,6 +112,7 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
     after = [r for r in runs if r["code"] == "after"]
     lines = [f"# tcp transport before/after on {name}", "",
              f"`{command}`", "",
+             _machine_line(after[0]["record"]["machine"] if after else {}), "",
              f"Before = `transport/` of `{before_ref}` (`git archive`), after = this tree; runs in the order "
              f"{', '.join(r['label'] for r in runs)}, one at a time on the same machine, each with its own raw-socket "
              "and gloo baselines (ratios are within a run). GB/s = bytes over the median call time. The machine "
