@@ -18,7 +18,7 @@ Usage (on a GPU machine):
     python3 benchmarks/fidelity_sweep.py sustained --out sustained.csv [--seconds 40]
     torchrun --nproc-per-node 2 benchmarks/fidelity_sweep.py interference --out interference.csv
 
-Timing: CUDA events, median over repetitions (`kernels.bench._gpu_time`, as `gemm_sweep.py`).
+Timing: CUDA events, median over repetitions (`kernels.bench.gpu_time`, as `gemm_sweep.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/, no install needed
 
-from kernels.bench import _gpu_time  # noqa: E402 (after the path)
+from kernels.bench import gpu_time  # noqa: E402 (after the path)
 
 REPS = 5  # timed repetitions per measurement unless a call says otherwise
 
@@ -52,10 +52,10 @@ def _flash_times(batch: int, heads: int, seq: int, d: int, reps: int) -> tuple[f
     q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        fwd = _gpu_time(lambda: sdpa(q, k, v, is_causal=True), reps)
+        fwd = gpu_time(lambda: sdpa(q, k, v, is_causal=True), reps)
         out = sdpa(q, k, v, is_causal=True)
         g = torch.randn_like(out)
-        bwd = _gpu_time(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
+        bwd = gpu_time(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), reps)
     return fwd, bwd
 
 
@@ -64,9 +64,9 @@ def _unfused_times(b: int, heads: int, seq: int, d: int) -> tuple[float, float, 
     kt = torch.randn(b * heads, d, seq, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(b * heads, seq, d, device="cuda", dtype=torch.bfloat16)
     s_ = torch.bmm(q, kt)
-    return (_gpu_time(lambda: torch.bmm(q, kt), REPS), _gpu_time(lambda: torch.softmax(s_, dim=-1), REPS),
-            _gpu_time(lambda: torch.nn.functional.dropout(s_, 0.1, training=True), REPS),
-            _gpu_time(lambda: torch.bmm(s_, v), REPS))
+    return (gpu_time(lambda: torch.bmm(q, kt), REPS), gpu_time(lambda: torch.softmax(s_, dim=-1), REPS),
+            gpu_time(lambda: torch.nn.functional.dropout(s_, 0.1, training=True), REPS),
+            gpu_time(lambda: torch.bmm(s_, v), REPS))
 
 
 def attention(args: argparse.Namespace) -> int:
@@ -202,9 +202,9 @@ def interference(args: argparse.Namespace) -> int:
                 # alone
                 dist.barrier()
                 torch.cuda.synchronize()
-                g_alone = _gpu_time(gemms, 3) / gemm_reps
+                g_alone = gpu_time(gemms, 3) / gemm_reps
                 dist.barrier()
-                c_alone = _gpu_time(coll, REPS)
+                c_alone = gpu_time(coll, REPS)
                 # together: the collective loops on its stream for as long as the GEMMs run
                 c_reps_t = torch.tensor([max(2, int(g_alone * gemm_reps / max(c_alone, 1e-6)) + 2)], device=dev)
                 dist.all_reduce(c_reps_t, op=dist.ReduceOp.MAX)  # every rank must issue as many collectives

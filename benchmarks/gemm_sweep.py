@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/ and workbench/, no install needed
 
-from kernels.bench import _gpu_time  # noqa: E402 (after the path)
+from kernels.bench import gpu_time  # noqa: E402 (after the path)
 
 POW2 = [256, 512, 1024, 2048, 4096, 8192, 16384]
 FIELDS = ["op", "dtype", "m", "n", "k", "batch", "heads", "seq", "head_dim", "causal", "bytes",
@@ -38,7 +38,7 @@ def timed(fn, target_s: float = 0.02, max_reps: int = 200) -> float:
     fn()
     torch.cuda.synchronize()
     once = max(time.perf_counter() - t0, 1e-6)
-    return _gpu_time(fn, int(min(max(target_s / once, 3), max_reps)))
+    return gpu_time(fn, int(min(max(target_s / once, 3), max_reps)))
 
 
 def attention_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[float, float]:

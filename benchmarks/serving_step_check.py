@@ -7,7 +7,7 @@ Decode steps (one token per sequence, contiguous KV caches, CUDA-graph replay) a
 context lengths, and prefill steps (one prompt, causal flash attention, eager) of several lengths; each
 step is every layer (RMSNorm, QKV, attention, O, RMSNorm, gate/up, SiLU·mul, down, residuals) plus the LM
 head and an argmax. RoPE is left out (an elementwise pass the simulator does count). Median of timed repeats
-(CUDA events: `kernels.bench._gpu_time`).
+(CUDA events: `kernels.bench.gpu_time`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's kernels/, no install needed
 
-from kernels.bench import _gpu_time  # noqa: E402 (after the path)
+from kernels.bench import gpu_time  # noqa: E402 (after the path)
 
 H, HEADS, KVH, D, FFN, LAYERS, VOCAB = 4096, 32, 8, 128, 14336, 32, 128256
 
@@ -70,8 +70,8 @@ def main(out: str) -> None:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 forward(x, kv, False)
-            sec = _gpu_time(graph.replay, 20)
-            eager = _gpu_time(lambda x=x, kv=kv: forward(x, kv, False), 5)
+            sec = gpu_time(graph.replay, 20)
+            eager = gpu_time(lambda x=x, kv=kv: forward(x, kv, False), 5)
             rows.append({"mode": "decode", "batch": batch, "context": ctx, "tokens": batch, "seconds": sec,
                          "eager_seconds": eager, "gpu": gpu, "torch": torch.__version__})
             print(rows[-1], flush=True)
@@ -79,7 +79,7 @@ def main(out: str) -> None:
             torch.cuda.empty_cache()
         for n in (512, 2048, 8192):
             x = w(1, n, H)
-            sec = _gpu_time(lambda x=x: forward(x, None, True), 5)
+            sec = gpu_time(lambda x=x: forward(x, None, True), 5)
             rows.append({"mode": "prefill", "batch": 1, "context": 0, "tokens": n, "seconds": sec,
                          "eager_seconds": sec, "gpu": gpu, "torch": torch.__version__})
             print(rows[-1], flush=True)

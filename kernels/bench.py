@@ -148,7 +148,7 @@ def bench_cpu(size: int = 64 * MiB, repeats: int = 7) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- GPU
 
 
-def _gpu_time(fn: Callable[[], Any], repeats: int) -> float:
+def gpu_time(fn: Callable[[], Any], repeats: int) -> float:
     import torch
 
     for _ in range(2):
@@ -319,9 +319,9 @@ def _gpu_row(kernel: str, nbytes: int, fn: Callable[[], Any], ref: Callable[[], 
 
     half = nbytes // 2
     src, dst = cp.empty(half, dtype=cp.uint8), cp.empty(half, dtype=cp.uint8)
-    t = _gpu_time(fn, repeats)
-    tc = _gpu_time(lambda: dst.data.copy_from_device_async(src.data, half), repeats)
-    tt = _gpu_time(ref, repeats)
+    t = gpu_time(fn, repeats)
+    tc = gpu_time(lambda: dst.data.copy_from_device_async(src.data, half), repeats)
+    tt = gpu_time(ref, repeats)
     match = _same(fn(), ref())
     return _row(kernel, "gpu", nbytes, t, tc, torch_GBps=nbytes / tt / 1e9, torch_ratio=tt / t,
                 out_MiB=size // MiB, match=match, shape=shape)
