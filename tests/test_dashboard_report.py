@@ -40,7 +40,8 @@ def test_demo_runs_the_whole_loop(tmp_path: Path, capsys: pytest.CaptureFixture[
     for title in ("Topology of local", "Run vs prediction", "Simulated vs measured, per step",
                   "Timeline: measured, with the prediction under each rank", "Link bandwidth",
                   "Memory per rank", "Latency per op", "Serving: measured (vllm bench serve metrics)",
-                  "Serving: simulated vs measured", "after calibration"):
+                  "Serving: simulated vs measured", "after calibration",
+                  "Serving: the run with its prediction laid over it", "KV cache in use per worker"):
         assert title in text, title
     assert "Not in this report yet" not in text
     trace = json.loads((tmp_path / "demo-trace.json").read_text())["traceEvents"]

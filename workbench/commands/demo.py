@@ -84,7 +84,7 @@ def serve_part(ctx: DemoContext) -> list[Any]:
     import pandas as pd
 
     from workbench.core.job import Job
-    from workbench.report import metrics_section, table_section, text_section
+    from workbench.report import figure_section, metrics_section, table_section, text_section
     from workbench.serve.demo import demo_checkpoint
     from workbench.serving import Serving
     from workbench.workflow import loop
@@ -114,6 +114,13 @@ def serve_part(ctx: DemoContext) -> list[Any]:
         out.append(table_section("Serving: simulated vs measured", pd.DataFrame(rows),
                                  note="calibrated on this run's engine steps only (per-step host cost and a rate "
                                       "factor); end-to-end metrics are never fitted"))
+    from workbench.viz.serving import serving_run_figure
+
+    best = res.recalibrated or res.predicted
+    label = "after calibration" if res.recalibrated is not None else "before calibration"
+    out.append(figure_section("Serving: the run with its prediction laid over it", serving_run_figure(res.measured, best),
+                              note=f"solid: measured; dashed/open: the serving simulator's prediction ({label}) "
+                                   "of the same job"))
     for note in res.notes:
         out.append(text_section("Serving: note", note))
     return out
