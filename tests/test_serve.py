@@ -247,6 +247,39 @@ def test_disaggregated_equals_colocated_equals_transformers(arch: str, tmp_path:
     assert len(moved) == len(prompts) and all(t["error"] is None and t["bytes"] > 0 for t in moved)
 
 
+
+@pytest.mark.slow
+def test_disaggregated_over_nixl_equals_transformers(llama: Path) -> None:
+    """The KV pages move through the nixl backend (its agent in a child of the prefill and decode
+    workers) and the greedy tokens still equal transformers'; every worker is gone afterwards."""
+    pytest.importorskip("nixl")
+    import torch
+
+    from workbench.serve.backend import Backend
+    from workbench.serve.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 37, 70)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+
+    async def run_all(b: Backend) -> list[list[int]]:
+        async def one(p: list[int]) -> list[int]:
+            out: list[int] = []
+            async for ev in b.generate(p, params):
+                assert ev.error is None, ev.error
+                out.extend(ev.tokens)
+            return out
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    with Backend(str(llama), "disaggregated", transport="nixl", **SPEC) as b:
+        got = asyncio.run(run_all(b))
+        assert b.settle(10.0), "KV transfers were not all logged within 10 s"
+        moved = list(b.transfers)
+        procs = [p.proc for p in b.procs.values()]
+    assert got == [hf_greedy(llama, p, 12) for p in prompts]
+    assert len(moved) == len(prompts) and all(t["error"] is None and t["bytes"] > 0 for t in moved)
+    assert not any(p.is_alive() for p in procs)
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", [{"tp": 2}, {"pp": 3}])
 def test_tensor_and_pipeline_parallel_equal_transformers(llama: Path, shard: dict[str, int]) -> None:

@@ -84,6 +84,10 @@ def _entry(conn: Any, spec: WorkerSpec) -> None:
             raise OSError(ctypes.get_errno(), f"setns into network namespace {spec.netns!r}")
         os.close(fd)
     os.environ.update(spec.env)
+    if spec.transport == "nixl":
+        # The nixl agent runs in a child process, which a daemonic process may not start. Only this
+        # process's own view changes: the backend still stops (and at exit terminates) the worker.
+        mp.current_process().daemon = False
     from workbench.serve.worker import main
 
     main(conn, spec)
