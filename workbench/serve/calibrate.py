@@ -33,34 +33,61 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 
-HOST_TERMS = ("scheduler_us", "seq_us", "request_us")
-
-
 # ====================================================================== the calibration run's steps
-def steps(measured: Any) -> pd.DataFrame:
-    """The engine steps of a measured serving run (worker rank 0): tokens, seqs, seconds, and `period`
-    (start of the next step − start of this one) where the worker was busy after the step (KV pages
-    still held by running sequences), NaN where it went idle."""
+ROLES = ("colocated", "prefill", "decode")
+
+
+def step_roles(measured: Any, job: Any = None) -> dict[int, str]:
+    """The role of each worker rank that logged engine steps: a `worker` column's name where the events have
+    one ("prefill-0", "decode0"), else the plan's order (disaggregated: prefill workers first, as the server
+    and the simulator number them), else colocated."""
     ev = measured.events
-    s = ev[(ev["kind"] == "compute") & ev["op"].isin(["prefill", "decode"]) & (ev["rank"] == 0)]
+    s = ev[(ev["kind"] == "compute") & ev["op"].isin(["prefill", "decode", "mixed"]) & (ev["rank"] >= 0)]
+    ranks = sorted(int(r) for r in s["rank"].unique())
+    if "worker" in s.columns and s["worker"].notna().all():
+        named = s.groupby("rank")["worker"].first()
+        out = {int(r): next((x for x in ROLES if str(w).startswith(x)), "") for r, w in named.items()}
+        if all(out.values()):
+            return out
+    plan = getattr(job if job is not None else getattr(measured, "job", None), "plan", None)
+    if plan is not None and getattr(plan, "disaggregated", False):
+        return {r: "prefill" if i < plan.prefill_workers else "decode" for i, r in enumerate(ranks)}
+    return dict.fromkeys(ranks, "colocated")
+
+
+def steps(measured: Any, job: Any = None) -> pd.DataFrame:
+    """The engine steps of a measured serving run, every worker's (its rank and role): tokens, seqs, seconds,
+    and `period` (start of the worker's next step − start of this one) where the worker was busy after the
+    step (KV pages still held), NaN where it went idle. A prefill worker's pages stay held while its KV is in
+    flight, idle or not, so its period is the step itself."""
+    ev = measured.events
+    s = ev[(ev["kind"] == "compute") & ev["op"].isin(["prefill", "decode", "mixed"]) & (ev["rank"] >= 0)]
     if s.empty or "batch_tokens" not in s.columns:
         raise WorkbenchError("measured: the Result has no engine steps (a serving run's Result is needed)")
-    s = s.sort_values("start")
-    start, end = s["start"].to_numpy(float), s["end"].to_numpy(float)
-    period = np.append(start[1:] - start[:-1], np.nan)
-    busy = _busy_after(measured, end)
-    period[~busy] = np.nan
-    return pd.DataFrame({"tokens": s["batch_tokens"].astype(float).to_numpy(), "seqs": s["batch_seqs"].astype(float).to_numpy(),
-                         "seconds": end - start, "period": period})
+    roles = step_roles(measured, job)
+    parts = []
+    for rank, g in s.groupby("rank"):
+        g = g.sort_values("start")
+        start, end = g["start"].to_numpy(float), g["end"].to_numpy(float)
+        role = roles.get(int(rank), "colocated")
+        if role == "prefill":
+            period = end - start
+        else:
+            period = np.append(start[1:] - start[:-1], np.nan)
+            period[~_busy_after(measured, end, int(rank))] = np.nan
+        parts.append(pd.DataFrame({"tokens": g["batch_tokens"].astype(float).to_numpy(),
+                                   "seqs": g["batch_seqs"].astype(float).to_numpy(), "seconds": end - start,
+                                   "period": period, "rank": int(rank), "role": role, "start": start, "end": end}))
+    return pd.concat(parts, ignore_index=True)
 
 
-def _busy_after(measured: Any, ends: np.ndarray) -> np.ndarray:
-    """Whether sequences held KV pages after each step (the memory row logged at its end), i.e. the worker loop
-    went straight on to the next step."""
+def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
+    """Whether sequences held KV pages after each step of `rank` (the memory row logged at its end), i.e. the
+    worker loop went straight on to the next step."""
     mem = measured.memory
     if mem is None or mem.empty or "category" not in mem.columns:
         return np.zeros(len(ends), bool)
-    kv = mem[(mem["category"] == "kv_cache") & (mem["rank"] == 0)].sort_values("time")
+    kv = mem[(mem["category"] == "kv_cache") & (mem["rank"] == rank)].sort_values("time")
     t, b = kv["time"].to_numpy(float), kv["bytes"].to_numpy(float)
     if not len(t):
         return np.zeros(len(ends), bool)
@@ -69,18 +96,24 @@ def _busy_after(measured: Any, ends: np.ndarray) -> np.ndarray:
 
 
 # ====================================================================== the fit
-def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray) -> np.ndarray:
-    """The simulator's price of steps of `tokens` (prefill work and KV reads ignored) without host terms."""
+def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated") -> np.ndarray:
+    """The simulator's price of steps of `tokens` (prefill work and KV reads ignored) on a worker of `role`,
+    without host terms."""
     from workbench.sim.serve import workers
 
-    plan = job.plan.with_(replicas=1, **dict.fromkeys(HOST_TERMS, 0.0))
-    cost = workers(job.cluster, job.model, plan)[0].cost
-    return np.asarray(cost.step_seconds(tokens, 0.0, 0.0, seqs, False), float)
+    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, request_us=0.0, prefill_scheduler_us=None,
+                          prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
+    ws = workers(job.cluster, job.model, plan)
+    w = next((x for x in ws if x.role == role), ws[0])
+    return np.asarray(w.cost.step_seconds(tokens, 0.0, 0.0, seqs, False), float)
 
 
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
-    """Fit `period = s + q·seqs + k·sim(tokens)` by least squares with s, q, k ≥ 0 to rows of tokens, seqs and
-    period (seconds); {'scheduler_us', 'seq_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'}.
+    """Fit `period = s_r + q_r·seqs + k·sim_r(tokens)` by least squares with s, q, k ≥ 0 to rows of tokens, seqs,
+    period (seconds) and optionally role: a per-step cost `s_r` and a per-sequence cost `q_r` for each worker role
+    (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs). Returns
+    {'scheduler_us', 'seq_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
+    '{role}_scheduler_us', '{role}_seq_us' (the plain keys hold the colocated or else the decode worker's).
 
     Plain least squares on purpose: end-to-end metrics add steps up, so the fit must match their mean
     (slow steps when another process takes the CPU included), not their median."""
@@ -91,32 +124,65 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     if len(t) < 4:
         raise WorkbenchError(f"measured: {len(t)} busy engine steps; at least 4 are needed to fit the step cost "
                              "(run more requests, or at a concurrency above 1)")
+    role = t["role"].astype(str).to_numpy() if "role" in t.columns else np.full(len(t), "colocated")
+    present = [r for r in ROLES if (role == r).any()]
     y = t["period"].to_numpy(float)
     seqs = t["seqs"].to_numpy(float)
-    sim = _price(job, t["tokens"].to_numpy(float), seqs)
-    A = np.stack([np.ones_like(y), seqs, sim], axis=1)
+    tokens = t["tokens"].to_numpy(float)
+    sim = np.zeros(len(t))
+    cols = []
+    for r in present:
+        m = role == r
+        sim[m] = _price(job, tokens[m], seqs[m], r)
+        cols += [m.astype(float), seqs * m]
+    A = np.stack(cols + [sim], axis=1)
     x, _ = nnls(A, y)
-    s, q, k = (float(v) for v in x)
+    k = float(x[-1])
     if k <= 0:  # the steps do not grow with their tokens here: keep the node's rates
         k = 1.0
-        x, _ = nnls(A[:, :2], y - sim)
-        s, q = (float(v) for v in x)
-    pred = s + q * seqs + k * sim
+        x, _ = nnls(A[:, :-1], y - sim)
+        x = np.append(x, k)
+    pred = A @ x
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    return {"scheduler_us": s * 1e6, "seq_us": q * 1e6, "rate_factor": k, "r2": r2, "steps": float(len(t)),
-            "median_abs_error": float(np.median(np.abs(pred - y) / y))}
+    out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
+                             "median_abs_error": float(np.median(np.abs(pred - y) / y))}
+    for i, r in enumerate(present):
+        out[f"{r}_scheduler_us"], out[f"{r}_seq_us"] = float(x[2 * i]) * 1e6, float(x[2 * i + 1]) * 1e6
+        out[f"{r}_steps"] = float((role == r).sum())
+    main = "colocated" if "colocated" in present else present[-1]
+    out["scheduler_us"], out["seq_us"] = out[f"{main}_scheduler_us"], out[f"{main}_seq_us"]
+    return out
 
 
-def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str, float]:
-    """The step cost of `measured`'s engine. Without `micro`: `fit_steps` over the run's busy steps. With a
-    `measure_steps` table: its wider range of batch shapes gives the shape (s, q, k), and the run's own steps
-    one factor `contention` = Σ measured periods / Σ predicted over them, which scales all three (the machine
-    is shared: the microbenchmark ran at another moment than the run)."""
-    st = steps(measured)
-    run = st[["tokens", "seqs", "period"]]
-    if micro is None or not len(micro):
+def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
+    """A fit with every time term multiplied by `lam` (the machine's contention at another moment)."""
+    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us")) or k == "rate_factor" else v) for k, v in f.items()}
+
+
+def fe_busy(seqs: np.ndarray, base: np.ndarray, frontend: dict[str, float] | None) -> np.ndarray:
+    """The front end's busy fraction during steps that follow steps of `seqs` streamed tokens, the steps
+    lasting `base` seconds: min(1, (per-step + per-token work) / base); 0 without a front-end model."""
+    if not frontend:
+        return np.zeros_like(base)
+    work = (frontend.get("fe_step_us", 0.0) + seqs * frontend.get("fe_token_us", 0.0)) * 1e-6
+    return np.minimum(work / np.maximum(base, 1e-9), 1.0)
+
+
+def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None,
+        frontend: dict[str, float] | None = None) -> dict[str, float]:
+    """The step cost of `measured`'s engine, per worker role. Without `micro`: `fit_steps` over the run's busy
+    steps. With a `measure_steps` table (a colocated worker): its wider range of batch shapes gives the shape
+    (s, q, k), and the run's own steps one factor `contention` = Σ measured periods / Σ predicted over them,
+    which scales all three (the machine is shared: the microbenchmark ran at another moment than the run).
+    With `frontend` (`measure_frontend` + `measure_slowdown`), the prediction of the run's steps includes the
+    front end's slowdown `1 + fe_slowdown · busy`, so `contention` is the machine's alone. A disaggregated run
+    is fitted on its own steps (the microbenchmark is of a colocated worker)."""
+    st = steps(measured, job)
+    run = st[["tokens", "seqs", "period", "role"]]
+    disagg = bool((st["role"] != "colocated").any())
+    if micro is None or not len(micro) or disagg:
         if run["period"].notna().sum() < 4:  # a short run: the steps' durations (the loop's gaps unseen)
-            run = st[["tokens", "seqs"]].assign(period=st["seconds"])
+            run = st[["tokens", "seqs", "role"]].assign(period=st["seconds"])
         return fit_steps(job, run)
     f = fit_steps(job, micro[["tokens", "seqs", "period"]])
     r = run.dropna(subset=["period"])
@@ -125,9 +191,51 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
         pred = (f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6 + f["rate_factor"] * _price(job, r["tokens"].to_numpy(float), seqs)
+        if frontend:
+            pred = pred * (1.0 + frontend.get("fe_slowdown", 0.0) * fe_busy(seqs, pred, frontend))
         lam = float(r["period"].sum() / pred.sum())
-    return f | {"scheduler_us": f["scheduler_us"] * lam, "seq_us": f["seq_us"] * lam,
-                "rate_factor": f["rate_factor"] * lam, "contention": lam, "run_steps": float(len(r))}
+    return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
+
+
+def kv_handoff(job: Any, measured: Any) -> dict[str, float]:
+    """The KV hand-off as the simulator prices it, from a disaggregated run's `kv_transfer` events: the time
+    each transfer ran past the end of the prefill step that issued it (the last layer's write, exposed) against
+    that layer's bytes, `tail = a + b·bytes` by least squares (b = 0 when the prompts' sizes hardly vary).
+    {'kv_us': a, 'kv_GBps': 1/b in the simulator's KV bytes (the run's KV dtype may differ from the plan's),
+    'kv_transfers', 'kv_tail_us' (mean)}; {} without transfers."""
+    from scipy.optimize import nnls
+
+    from workbench.sim.serve import workers
+
+    ev = measured.events
+    tr = ev[(ev["kind"] == "transfer") & (ev["op"] == "kv_transfer")]
+    if tr.empty:
+        return {}
+    st = steps(measured, job)
+    pf = st[st["role"] == "prefill"].sort_values("start")
+    if pf.empty:
+        return {}
+    t0, t1 = tr["start"].to_numpy(float), tr["end"].to_numpy(float)
+    i = np.clip(np.searchsorted(pf["start"].to_numpy(float), t0, side="right") - 1, 0, len(pf) - 1)
+    tail = np.maximum(t1 - pf["end"].to_numpy(float)[i], 0.0)
+    layers = float(job.model.layers)
+    per_layer = tr["bytes"].to_numpy(float) / layers
+    A = np.stack([np.ones_like(tail), per_layer], axis=1)
+    varies = len(tail) >= 3 and per_layer.std() > 0.05 * per_layer.mean()
+    x = nnls(A, tail)[0] if varies else np.array([tail.mean(), 0.0])
+    out = {"kv_us": float(x[0]) * 1e6, "kv_transfers": float(len(tail)), "kv_tail_us": float(tail.mean()) * 1e6}
+    if x[1] > 0:
+        # the simulator's bytes for the same prompts (its KV format) over the bytes the run moved
+        req = ev[(ev["op"] == "request") & (ev["rank"] == -1)]
+        ratio = 1.0
+        if "prompt_tokens" in req.columns and req["prompt_tokens"].notna().any():
+            w = next(x for x in workers(job.cluster, job.model, job.plan) if x.role == "prefill")
+            B = job.plan.block
+            toks = -(-req["prompt_tokens"].dropna().to_numpy(float) // B) * B
+            ratio = float(toks.mean() * w.cost.kv_bytes_per_token_model() / tr["bytes"].astype(float).mean())
+        out["kv_GBps"] = ratio / float(x[1]) / 1e9
+        out["kv_bytes_ratio"] = ratio
+    return out
 
 
 def hop_seconds(measured: Any) -> float:
@@ -147,22 +255,46 @@ def hop_seconds(measured: Any) -> float:
 
 
 def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
-                  overheads: dict[str, float] | None = None) -> tuple[Any, dict[str, float]]:
-    """The job with its cluster's rates and its plan's host costs fitted from `measured`'s engine steps (and
-    the `measure_steps` table `micro`), and its per-request cost: the run's HTTP hop (`hop_seconds`) plus,
-    from `measure_overheads`, the part between the request handler and the engine (the pipe both ways)."""
+                  overheads: dict[str, float] | None = None,
+                  frontend: dict[str, float] | None = None) -> tuple[Any, dict[str, float]]:
+    """The job with its cluster's rates and its plan's host costs fitted from `measured`'s engine steps (per worker
+    role; and the `measure_steps` table `micro`), a disaggregated run's KV hand-off (`kv_handoff`), and its
+    per-request cost.
+
+    Without `frontend`: `request_us` = the run's HTTP hop (`hop_seconds`) plus, from `measure_overheads`, the part
+    between the request handler and the engine. With `frontend` (`measure_frontend` | `measure_slowdown`, each
+    measured on its own): the front end is a mechanism of the plan (`fe_*`) and `request_us` is the hop of one
+    request alone (`measure_overheads`' client TTFT − step) less the front end's own work for it, so the hop's
+    growth with load comes from the front end's backlog, not from the calibration run."""
     from workbench.calibration.run import _with_specs
 
-    f = fit(job, measured, micro)
+    f = fit(job, measured, micro, frontend)
     spec = job.cluster.nodes[0].gpu_spec
     k = f["rate_factor"]
     specs = {f"{p}_tflops": v / k for p, v in spec.peak_tflops} | {"memory_GBps": spec.memory_GBps / k}
     cluster = _with_specs(job.cluster, **specs)
     hop = hop_seconds(measured)
-    inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
-    f["request_us"] = f["hop_us"] + max(inner, 0.0)
-    changes = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"], "request_us": f["request_us"], "replicas": 1}
+    changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"], "replicas": 1}
+    if frontend and overheads is not None:
+        fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
+        own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
+        f["request_us"] = max(float(overheads["request_us"]) - own, 0.0)
+        f.update(fe)
+        changes.update(fe)
+    else:
+        inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
+        f["request_us"] = f["hop_us"] + max(inner, 0.0)
+    changes["request_us"] = f["request_us"]
+    if job.plan.disaggregated:
+        for r in ("prefill", "decode"):
+            if f"{r}_scheduler_us" in f:
+                changes[f"{r}_scheduler_us"], changes[f"{r}_seq_us"] = f[f"{r}_scheduler_us"], f[f"{r}_seq_us"]
+        kv = kv_handoff(job, measured)
+        f.update(kv)
+        if "kv_us" in kv:
+            changes["kv_us"] = kv["kv_us"]
+            changes["kv_GBps"] = kv.get("kv_GBps")
     return job.with_cluster(cluster).with_plan(job.plan.with_(**changes)), f
 
 
@@ -268,3 +400,79 @@ def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **s
             "token_us": (tpot - period) * 1e6, "engine_step_1tok_us": float(np.median(step1)) * 1e6,
             "decode_period_us": period * 1e6, "client_tpot_us": tpot * 1e6, "requests": float(len(one)),
             "cpu_count": float(os.cpu_count() or 0), "load_average": float(os.getloadavg()[0]), "when": time.time()}
+
+
+# ====================================================================== the front end, measured on its own
+FRONTEND_RUNS = ((1, 1, 12), (1, 24, 6), (2, 48, 6), (4, 1, 16), (4, 24, 12), (8, 1, 24), (8, 8, 16), (8, 32, 16))
+
+
+def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = FRONTEND_RUNS, isl: int = 16,
+                     **spec: Any) -> dict[str, float]:
+    """The front end's CPU cost (the server process: HTTP, parsing, tokenising, the pipe to the worker and back,
+    detokenising, SSE; and the benchmark client, which shares the process in a serving run), measured as this
+    process's CPU time (the engine runs in its own process, so none of its work is counted) over closed-loop
+    runs of (concurrency, output tokens, requests) against the real server. Least squares with no intercept after
+    the idle process's CPU per second is taken off: `cpu = a·requests + b·tokens + c·steps`.
+    {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'idle_cpu_per_s', 'r2', 'runs'}."""
+    from scipy.optimize import nnls
+
+    from workbench.serve import bench
+    from workbench.serve.service import start_service
+
+    rows = []
+    with start_service(checkpoint, "colocated", **spec) as svc:
+        b = svc.backend
+
+        def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float]:
+            k0, c0, w0 = len(b.steps), time.process_time(), time.perf_counter()
+            res = asyncio.run(bench.run_async(svc.url, f"concurrency={c},isl={isl},osl={osl},requests={n}",
+                                              progress=False, tokenizer=svc.app.tok))
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            ok = res.requests[res.requests["success"]]
+            return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall
+
+        one(2, 4, 4)  # warm-up
+        c0, w0 = time.process_time(), time.perf_counter()
+        time.sleep(1.0)
+        idle = (time.process_time() - c0) / (time.perf_counter() - w0)
+        for c, osl, n in runs:
+            req, tok, nsteps, cpu, wall = one(c, osl, n)
+            rows.append({"concurrency": c, "osl": osl, "requests": req, "tokens": tok, "steps": nsteps, "cpu_s": cpu,
+                         "wall_s": wall, "load_average": os.getloadavg()[0]})
+    df = pd.DataFrame(rows)
+    y = (df["cpu_s"] - idle * df["wall_s"]).to_numpy(float)
+    A = df[["requests", "tokens", "steps"]].to_numpy(float)
+    x, _ = nnls(A, y)
+    pred = A @ x
+    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+    return {"fe_request_us": float(x[0]) * 1e6, "fe_token_us": float(x[1]) * 1e6, "fe_step_us": float(x[2]) * 1e6,
+            "idle_cpu_per_s": idle, "r2": r2, "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
+            "load_average": float(os.getloadavg()[0]), "when": time.time()}
+
+
+def measure_slowdown(checkpoint: str, batches: tuple[int, ...] = (1, 4, 8, 16), prompts: tuple[int, ...] = (16, 64),
+                     **spec: Any) -> dict[str, float]:
+    """How much slower the engine's steps run while the front end is busy: the engine alone (through its pipe,
+    `measure_steps`) without, with, and again without a process that keeps one core busy (what a saturated
+    front end does: one Python process, one core at most). `fe_slowdown` = Σ periods with / mean Σ without − 1
+    over the same batch shapes (≥ 0); 0 where the machine has a core to spare."""
+    import subprocess
+    import sys
+
+    def total(df: pd.DataFrame) -> pd.Series:
+        return df.dropna(subset=["period"]).groupby(["batch", "prompt"])["period"].sum()
+
+    off1 = total(measure_steps(checkpoint, batches, prompts, **spec))
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        on = total(measure_steps(checkpoint, batches, prompts, **spec))
+    finally:
+        burner.kill()
+        burner.wait(10)
+    off2 = total(measure_steps(checkpoint, batches, prompts, **spec))
+    keys = off1.index.intersection(on.index).intersection(off2.index)
+    base = (off1[keys].sum() + off2[keys].sum()) / 2
+    ratio = float(on[keys].sum() / base) if base > 0 else 1.0
+    return {"fe_slowdown": max(ratio - 1.0, 0.0), "ratio": ratio, "off_drift": float(off2[keys].sum() / off1[keys].sum()),
+            "shapes": float(len(keys)), "cpu_count": float(os.cpu_count() or 0), "load_average": float(os.getloadavg()[0]),
+            "when": time.time()}

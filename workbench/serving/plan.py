@@ -23,6 +23,8 @@ POLICIES = ("max_utilization", "guaranteed_no_evict")
 _INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block", "max_len",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
+_HOST = ("scheduler_us", "seq_us", "request_us", "fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")
+_OPTIONAL = ("prefill_scheduler_us", "prefill_seq_us", "decode_scheduler_us", "decode_seq_us", "kv_us", "kv_GBps")
 ALIASES = {"max_num_seqs": "max_seqs", "max_num_batched_tokens": "max_tokens", "block_size": "block",
            "kv_cache_dtype": "kv_precision", "dtype": "precision", "gpu_memory_utilization": "mem_util",
            "preemption_mode": "preemption", "capacity_scheduler_policy": "policy", "max_model_len": "max_len"}
@@ -44,7 +46,13 @@ class ServingPlan:
     scheduler, as vLLM V1 and SGLang run it); `seq_us`: host time per sequence in a step (Python per sequence,
     sampling, page tables); `request_us`: time per request outside the engine (HTTP, tokenisation, the pipe to
     the worker, streaming back): added to TTFT and E2EL and to a closed-loop client's turnaround (both 0 unless
-    calibrated: `workbench.serve.calibrate`). `policy`: max_utilization (admit what fits now, preempt
+    calibrated: `workbench.serve.calibrate`). `prefill_scheduler_us`, `prefill_seq_us`, `decode_scheduler_us`,
+    `decode_seq_us`: the same host costs for one role of a disaggregated plan (unset: the plan's). `kv_us`,
+    `kv_GBps`: a KV hand-off's per-layer write priced as `kv_us` + its bytes / `kv_GBps` (measured; unset: the
+    cluster's route through `workbench.sim.p2p`). The front end (`fe_*`, 0 unless measured): one server that
+    spends `fe_request_us` per request, `fe_token_us` per streamed token and `fe_step_us` per engine step's
+    output; tokens reach clients only when it is through with the work ahead of them, and while it is busy
+    the engine's steps run `1 + fe_slowdown` times slower (they share CPU cores). `policy`: max_utilization (admit what fits now, preempt
     under KV pressure: vLLM, TensorRT-LLM's MAX_UTILIZATION) or guaranteed_no_evict (reserve prompt +
     all output blocks at admission, never preempt: TensorRT-LLM's default capacity scheduler).
     """
@@ -70,6 +78,16 @@ class ServingPlan:
     scheduler_us: float = 0.0
     seq_us: float = 0.0
     request_us: float = 0.0
+    prefill_scheduler_us: float | None = None
+    prefill_seq_us: float | None = None
+    decode_scheduler_us: float | None = None
+    decode_seq_us: float | None = None
+    kv_us: float | None = None
+    kv_GBps: float | None = None
+    fe_request_us: float = 0.0
+    fe_token_us: float = 0.0
+    fe_step_us: float = 0.0
+    fe_slowdown: float = 0.0
     prefill_workers: int = 0
     prefill_tp: int = 0
     prefill_ep: int = 0
@@ -93,8 +111,11 @@ class ServingPlan:
         if self.preemption not in PREEMPTION:
             raise WorkbenchError(f"plan.preemption: {show(self.preemption)} is not one of {', '.join(PREEMPTION)}")
         number(self.mem_util, "plan.mem_util", 0.0, 1.0)
-        for k in ("scheduler_us", "seq_us", "request_us"):
+        for k in _HOST:
             number(getattr(self, k), f"plan.{k}", 0.0, 1e7, lo_open=False)
+        for k in _OPTIONAL:
+            if getattr(self, k) is not None:
+                number(getattr(self, k), f"plan.{k}", 0.0, 1e7, lo_open=k == "kv_GBps")
         if self.max_tokens < self.max_seqs and self.chunked_prefill:
             raise WorkbenchError(f"plan.max_tokens: {self.max_tokens} is below max_seqs {self.max_seqs}; a step must "
                                  "fit one token of every running sequence (raise max_tokens or lower max_seqs)")
@@ -107,6 +128,12 @@ class ServingPlan:
     @property
     def disaggregated(self) -> bool:
         return self.prefill_workers > 0 and self.decode_workers > 0
+
+    def host(self, role: str) -> tuple[float, float]:
+        """(scheduler_us, seq_us) of a worker of `role`: its own where set, else the plan's."""
+        s = getattr(self, f"{role}_scheduler_us", None) if role in ("prefill", "decode") else None
+        q = getattr(self, f"{role}_seq_us", None) if role in ("prefill", "decode") else None
+        return (self.scheduler_us if s is None else s), (self.seq_us if q is None else q)
 
     def kv_format(self) -> str:
         return "bf16" if self.kv_precision == "auto" else self.kv_precision
@@ -145,7 +172,10 @@ class ServingPlan:
                 kw[name] = whole(v, f"plan.{name}", 0, 1 << 24)
             elif name in _BOOL:
                 kw[name] = boolean(v, f"plan.{name}")
-            elif name in ("mem_util", "scheduler_us", "seq_us", "request_us"):
+            elif name in _OPTIONAL:
+                kw[name] = None if v is None or str(v).strip().lower() in ("", "none") else \
+                    number(v, f"plan.{name}", 0.0, 1e7, lo_open=name == "kv_GBps")
+            elif name == "mem_util" or name in _HOST:
                 kw[name] = number(v, f"plan.{name}", 0.0, 1e7, lo_open=False)
             else:
                 kw[name] = str(v).strip()

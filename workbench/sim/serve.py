@@ -19,8 +19,8 @@ Stretches where nothing but decoding can happen (no arrival that could be admitt
 block shortage) are priced as one array of steps, so long generations cost little to simulate.
 
 Disaggregated plans run prefill workers first (prefill-only engines), move each request's KV cache
-to a decode worker layer by layer (paged writes priced by `workbench.sim.p2p`, overlapped with the
-prefill: only what is left after the last layer is exposed), then run the decode workers on the
+to a decode worker layer by layer (paged writes priced by `workbench.sim.p2p`, or by the plan's measured
+`kv_us` and `kv_GBps`, overlapped with the prefill: only what is left after the last layer is exposed), then run the decode workers on the
 arrivals that leaves. Closed-loop traffic couples the two; it is solved by iterating to a fixed point.
 
 The Result: events (one row per step per worker: prefill/decode/mixed compute with its collectives'
@@ -326,8 +326,15 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
     src0, dst0 = pws[0].devices[0], dws[0].devices[0]
     page = int(B * per_tok_pair)
     memo = cluster.graph.__dict__.setdefault("_serve_kv_writes", {})
+    plan = pcost.plan
+    measured_kv = plan.kv_us is not None or plan.kv_GBps is not None
     for j, s in enumerate(uniq.tolist()):
         pages = int(_ceil_div(s, B))
+        if measured_kv:  # the hand-off as measured: a fixed cost per layer write, then its bytes at kv_GBps
+            per_layer = pages * max(page, 1) / (plan.kv_GBps * 1e9) if plan.kv_GBps else 0.0
+            t_layer[j] = (plan.kv_us or 0.0) * 1e-6 + per_layer
+            t_all[j] = t_layer[j] + (L - 1) * per_layer
+            continue
         key = (src0, dst0, pages, page, L)
         hit = memo.get(key)
         if hit is None:

@@ -420,7 +420,8 @@ class WorkerCost:
         n_k = self.kernels * pp
         t = gpu + n_k * self.launch_graph  # back-to-back kernels: the per-kernel gap measured in a graph
         t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager))  # eager: the host launches each kernel
-        return t + self.plan.scheduler_us * 1e-6 + self.plan.seq_us * 1e-6 * np.asarray(sampled, float)
+        sched, seq = self.plan.host(self.role)
+        return t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float)
 
     def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """TP/EP collective seconds in steps of `tokens` (for the events table)."""
@@ -441,14 +442,20 @@ class WorkerCost:
         """The scalars of the price, as the compiled scheduler loop takes them (`serve_kernel.F_*`)."""
         from workbench.sim import serve_kernel as K
 
-        fp = np.zeros(18)
+        fp = np.zeros(K.N_F)
         fp[K.F_PP], fp[K.F_DP], fp[K.F_LAYERS] = self.pp, self.dp, self.layers_per_stage
         fp[K.F_FLOP_PER], fp[K.F_PF_SCALE], fp[K.F_KVB] = self.attn_flop_per, self._pf_scale, self._kvb
         fp[K.F_DC_SCALE], fp[K.F_CPU] = self._dc_scale, float(self.spec.is_cpu)
         fp[K.F_ATTN_PEAK], fp[K.F_MEM_BPS] = self.dev.attn_peak, self.spec.memory_GBps * 1e9
         fp[K.F_LAUNCH_GRAPH], fp[K.F_LAUNCH_EAGER], fp[K.F_KERNELS] = self.launch_graph, self.launch_eager, self.kernels
-        fp[K.F_GRAPH], fp[K.F_SCHED] = float(self.plan.cuda_graph), self.plan.scheduler_us * 1e-6
-        fp[K.F_SEQ], fp[K.F_REQ] = self.plan.seq_us * 1e-6, self.plan.request_us * 1e-6
+        sched, seq = self.plan.host(self.role)
+        fp[K.F_GRAPH], fp[K.F_SCHED] = float(self.plan.cuda_graph), sched * 1e-6
+        fp[K.F_SEQ], fp[K.F_REQ] = seq * 1e-6, self.plan.request_us * 1e-6
+        fe = self.role == "colocated"  # the front end is modelled beside a colocated engine
+        fp[K.F_FE_REQ] = self.plan.fe_request_us * 1e-6 * fe
+        fp[K.F_FE_TOK] = self.plan.fe_token_us * 1e-6 * fe
+        fp[K.F_FE_STEP] = self.plan.fe_step_us * 1e-6 * fe
+        fp[K.F_FE_SLOW] = self.plan.fe_slowdown * fe
         return fp
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
@@ -482,7 +489,8 @@ class WorkerCost:
         t = gpu + n_k * self.launch_graph
         if not (decode_only and self.plan.cuda_graph):
             t = max(t, n_k * self.launch_eager)
-        return t + self.plan.scheduler_us * 1e-6 + self.plan.seq_us * 1e-6 * sampled
+        sched, seq = self.plan.host(self.role)
+        return t + sched * 1e-6 + seq * 1e-6 * sampled
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:

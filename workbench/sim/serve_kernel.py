@@ -3,7 +3,13 @@
 Everything lives in flat arrays: per-request state (`kv` tokens stored, `P` tokens to compute before
 decoding, `gen` tokens generated, `alloc` KV blocks held, `shared` prefix blocks used), the running
 set in admission order, and the waiting queue as a ring buffer (preempted requests go back to its
-front). The step price is `WorkerCost.step` written over the same tables. Only `workbench.sim.serve`
+front). The step price is `WorkerCost.step` written over the same tables.
+
+The front end (`F_FE_*`, all 0 unless measured): one server beside the engine that spends a fixed time per
+request, per step's output and per streamed token, first come first served. A step's tokens reach the
+clients when the front end is through with them (`deliver`), so TTFT, TPOT and a closed-loop client's next
+request see its backlog; and a step that starts while the front end still has `b` seconds of work runs
+`1 + F_FE_SLOW · min(b, dt) / dt` times longer (the two share the CPU cores). Only `workbench.sim.serve`
 imports this module (numba is imported here, not when `workbench` is).
 """
 
@@ -16,7 +22,9 @@ from numba import njit
 
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
-    F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ = range(18)
+    F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ, \
+    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW = range(22)
+N_F = 22
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
@@ -123,11 +131,15 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     ch_id = np.empty(max_seqs + 1, np.int64)
     ch_c = np.empty(max_seqs + 1, np.int64)
     isdec = np.zeros(max_seqs + 1, np.bool_)
+    fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0
+    fe_free = 0.0
     while done < n:
         while nxt < n and arr[nxt] <= now:
             if not failed[nxt]:
                 wq[(wh + wn) % cap] = nxt
                 wn += 1
+                if fe_on:
+                    fe_free = max(fe_free, arr[nxt]) + fp[F_FE_REQ]
             nxt += 1
         if nr == 0 and wn == 0:
             if nxt >= n or not np.isfinite(arr[nxt]):
@@ -288,8 +300,14 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                 completing += 1
         dt = step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, float(n_dec + pf_tokens), work, dkv,
                         float(n_dec + completing), pf_tokens == 0) + extra_s
+        if fe_on and fp[F_FE_SLOW] > 0 and fe_free > now:
+            dt *= 1.0 + fp[F_FE_SLOW] * min(fe_free - now, dt) / dt
         start = now
         now += dt
+        deliver = now
+        if fe_on:
+            deliver = max(now, fe_free) + fp[F_FE_STEP] + (n_dec + completing) * fp[F_FE_TOK]
+            fe_free = deliver
         if use_dec:
             for j in range(nr):
                 if isdec[j]:
@@ -307,7 +325,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
             if kv[i] >= P[i]:
                 gen[i] += 1
                 if np.isnan(t_first[i]):
-                    t_first[i] = now
+                    t_first[i] = deliver
                 elif resumed[i]:
                     if ne == extra.shape[0]:
                         e2 = np.empty(ne * 2)
@@ -348,12 +366,12 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
         for j in range(nr):
             i = run_ids[j]
             if gen[i] >= osl[i]:
-                t_finish[i] = now
+                t_finish[i] = deliver
                 free += alloc[i]
                 alloc[i] = 0
                 done += 1
                 if closed > 0 and issued < n:
-                    arr[issued] = now + fp[F_REQ]  # the last token's way back and the next request's way in
+                    arr[issued] = deliver + fp[F_REQ]  # the last token's way back and the next request's way in
                     issued += 1
             else:
                 run_ids[w] = i
