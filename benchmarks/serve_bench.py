@@ -11,6 +11,7 @@ transfer window, and bytes over the summed windows. Writes benchmarks/results/se
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,8 +30,11 @@ SHAPES = {  # a random-weight Llama of a meaningful size for each machine
 
 def runs(kind: str) -> list[tuple[str, str, dict]]:
     if kind == "cpu":
-        return [("colocated-cpu", "colocated", dict(device="cpu", threads=1)),
-                ("disaggregated-cpu-tcp", "disaggregated", dict(device="cpu", transport="tcp", threads=1))]
+        out = [("colocated-cpu", "colocated", dict(device="cpu", threads=1)),
+               ("disaggregated-cpu-tcp", "disaggregated", dict(device="cpu", transport="tcp", threads=1))]
+        if importlib.util.find_spec("nixl") is not None:  # the nixl backend where it is installed (UCX tcp/shm)
+            out.append(("disaggregated-cpu-nixl", "disaggregated", dict(device="cpu", transport="nixl", threads=1)))
+        return out
     return [("colocated-1xH200", "colocated", dict(device="cuda:0", dtype="bfloat16")),
             ("disaggregated-2xH200-cuda_ipc", "disaggregated",
              dict(dtype="bfloat16", transport="cuda_ipc", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"})),
