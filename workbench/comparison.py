@@ -2,8 +2,9 @@
 
 Both results use the shared schema. Events are aligned by `kind` and (normalised) `op`, and
 by `rank` when asked; times are seconds **per step** (the measured run's first step, a
-warm-up, is left out when there are more), so a one-step simulation lines up with a
-many-step run. The step row compares the results' `step_seconds` metrics.
+warm-up, is left out when there are more; a kind is averaged over the steps that recorded it,
+as the native engine records its collectives on sampled steps), so a one-step simulation lines
+up with a many-step run. The step row compares the results' `step_seconds` metrics.
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ def per_step(r: Result, by: Sequence[str] = ("kind", "op")) -> pd.DataFrame:
     if steps:
         ev = ev[ev["step"].isin(steps)]
     n_steps = max(len(steps), 1) if steps else max(int(r.metrics.get("steps", 1) or 1), 1)
-    ev = ev.assign(op=ev["op"].map(normalise_op), seconds=ev["end"] - ev["start"])
+    ev = ev.assign(op=ev["op"].map(normalise_op), seconds=ev["end"] - ev["start"], count=1.0)
+    if steps:  # a kind recorded on some steps only (the native engine samples its collectives) per step it was in
+        per_kind = ev["kind"].map(ev.groupby("kind")["step"].nunique()).astype(float)
+        ev = ev.assign(seconds=ev["seconds"] / per_kind, count=1.0 / per_kind)
     if "stage" in by:
         ev = ev.assign(stage=stages_of(r, ev))
     keys = list(dict.fromkeys([*by, "rank"]))
-    per_rank = ev.groupby(keys, as_index=False).agg(seconds=("seconds", "sum"), count=("op", "size"))
-    per_rank[["seconds", "count"]] = per_rank[["seconds", "count"]] / n_steps
+    per_rank = ev.groupby(keys, as_index=False).agg(seconds=("seconds", "sum"), count=("count", "sum"))
+    if not steps:
+        per_rank[["seconds", "count"]] = per_rank[["seconds", "count"]] / n_steps
     if "rank" in by:
         return per_rank
     return per_rank.groupby(list(by), as_index=False)[["seconds", "count"]].mean()

@@ -22,8 +22,11 @@ house's `RankLayout` (tp fastest, then dp, then pp):
   HF-format export (safetensors + config.json + tokenizer.json) for `LlamaForCausalLM`.
 
 Telemetry: forward and backward spans per micro-batch (and chunk, under PP) with their model
-FLOPs, the optimizer, and memory by category; the collectives run inside torch's engines on their
-own streams, so they show inside the compute spans they delay rather than as separate events.
+FLOPs, the optimizer, and memory by category. The collectives and pipeline transfers run inside
+torch's engines on their own threads (gloo) or streams (NCCL); one step in `comm_every` (the job's
+key or `WORKBENCH_COMM_EVERY`, default 10; 0 turns it off) runs under `torch.profiler` and each of
+them becomes an event with its op, bytes, group, peer and measured duration
+(`workbench.runner.native_comm`). Those events overlap the compute spans they run beside.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +43,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from workbench.core.layout import RankLayout, split_layers
 from workbench.models.spec import ModelSpec
 from workbench.runner.llama import Llama, build, hf_config, hf_state_dict
+from workbench.runner.native_comm import GROUP_RANGE, CommSampler, Groups
 from workbench.runner.steps import run_steps
 from workbench.runner.telemetry import Recorder
 
@@ -327,7 +332,7 @@ class NativeTrainer:
         """ZeRO-0: average the gradients over the data-parallel replicas, one flat bucket per dtype."""
         group = self.mesh["dp"].get_group()
         grads = [_local(q.grad) for q in self.params if q.grad is not None]
-        with self.rec.comm("collective", "all_reduce", _bytes(grads), "dp"):
+        with record_function(GROUP_RANGE + "dp"):  # timed by the profiler on sampled steps, as every native collective
             for dtype in {g.dtype for g in grads}:
                 gs = [g for g in grads if g.dtype == dtype]
                 flat = torch.cat([g.reshape(-1) for g in gs])
@@ -425,7 +430,13 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
         sink.send({"type": "info", "rank": rank, "p2p": "torch.distributed.pipelining" if p["pp"] > 1 else "none",
                    "engine": "native", "start_step": tr.start_step, "params": sum(q.numel() for q in tr.params)})
         profile = os.environ.get("WORKBENCH_PROFILE") if rank == 0 else None  # one late step under torch.profiler
-        losses = run_steps(tr.step, job, rank, rec, device, start_step=tr.start_step, profile=profile)
+        step: Callable[[int], Any] = tr.step
+        every = int(job.get("comm_every", os.environ.get("WORKBENCH_COMM_EVERY", 10)))
+        if job["telemetry"] is not False and every > 0:  # collectives and transfers from sampled steps
+            pp_ranks = tuple(dist.get_process_group_ranks(tr.mesh["pp"].get_group())) if p["pp"] > 1 else ()
+            step = CommSampler(rec, Groups(p["dp"], p["tp"], p["pp"], pp_ranks), every,
+                               device.type == "cuda").wrap(tr.step)
+        losses = run_steps(step, job, rank, rec, device, start_step=tr.start_step, profile=profile)
         if job.get("checkpoint_dir"):
             path = tr.save_checkpoint(tr.start_step + job["steps"])
             sink.send({"type": "info", "rank": rank, "checkpoint": path})

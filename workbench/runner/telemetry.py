@@ -129,6 +129,15 @@ class Recorder:
                 self._open[1] = end
             self.cost_s += time.perf_counter() - c1
 
+    def add_event(self, kind: str, op: str, nbytes: int, group: str, peer: int, start: float, end: float,
+                  step: int) -> None:
+        """A collective or transfer timed elsewhere (the native engine's profiler, `native_comm`), with
+        `start`/`end` on the host's `perf_counter` clock; it may overlap the compute spans."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self.events.append((kind, op, int(nbytes), group, int(peer), float(start), float(end), int(step), 0.0))
+
     def resolve(self) -> None:
         """CUDA: turn the pending spans' events into host times (waits for the last one) and
         recycle the events. Called by `step_done`; the next boundary becomes the new anchor."""
