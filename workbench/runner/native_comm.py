@@ -100,6 +100,7 @@ class CommEvent:
     peer: int
     start: int
     end: int
+    source: str = "gloo"  # what timed it: gloo's span, or the device activities it launched ("device")
 
 
 def spans_from_profiler(results: Any) -> list[Span]:
@@ -234,9 +235,11 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
         group = _group_of(op, tags)
         exe: Span | None = None
         acts = launched.get(id(req))
+        source = "device"
         if acts:
             start, end = min(a.start for a in acts), max(a.end for a in acts)
         else:
+            source = "gloo"
             exe = _pair_gloo(req, op, gloo, used)
             if exe is None:
                 missed += 1
@@ -247,7 +250,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
             local = int(req.inputs[2])  # the peer's rank in the process group
             peer = groups.pp_ranks[local] if 0 <= local < len(groups.pp_ranks) else -1
         kind = "transfer" if op in P2P else "collective"
-        events.append(CommEvent(kind, op, _bytes_of(op, req, exe, groups, group), group, peer, start, end))
+        events.append(CommEvent(kind, op, _bytes_of(op, req, exe, groups, group), group, peer, start, end, source))
     return events, missed
 
 
@@ -289,8 +292,9 @@ class CommSampler:
         self.rec, self.groups, self.every, self.cuda = rec, groups, max(int(every), 1), cuda
         self.calls = 0
         self.next = 1  # the first step after the warm-up
-        self.sampled: list[int] = []
-        self.missed = 0
+        self.sampled: list[int] = []  # the steps recorded
+        self.missed = 0  # c10d ops with no execution found
+        self.sources: dict[str, int] = {}  # events per timing source (gloo, device)
 
     def due(self) -> bool:
         import torch
@@ -344,6 +348,7 @@ class CommSampler:
         step = self.rec.step
         self.sampled.append(step)
         for ev in events:
+            self.sources[ev.source] = self.sources.get(ev.source, 0) + 1
             self.rec.add_event(ev.kind, ev.op, ev.nbytes, ev.group, ev.peer, host_anchor + (ev.start - anchor) * 1e-9,
                                host_anchor + (ev.end - anchor) * 1e-9, step)
         return len(events)

@@ -1,0 +1,175 @@
+"""The native engine's collectives and pipeline transfers as events (workbench.runner.native_comm): the pairing
+of c10d ops with their execution, real profiler records on a one-rank process group (gloo here, NCCL on a
+GPU), and real dp=2 and tp=2 runs whose events carry FSDP's and DTensor's collectives into compare."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from workbench.runner.native_comm import GROUP_RANGE, CommSampler, Groups, Span, comm_events  # noqa: E402
+from workbench.runner.telemetry import Recorder  # noqa: E402
+
+LLAMA = "llama3-8b:layers=2,hidden=64,heads=4,kv_heads=2,head_dim=16,ffn=160,vocab=512,seq=32"
+
+
+def _op(name: str, t: int, s: int, e: int, shapes: tuple = (), dtypes: tuple = (), inputs: tuple = (),
+        corr: int = 0) -> Span:
+    return Span(name, t, s, e, False, shapes, dtypes, inputs, corr, 0)
+
+
+def test_c10d_ops_pair_with_their_gloo_spans_and_name_group_bytes_and_peer() -> None:
+    spans = [
+        _op("FSDP::all_gather (0)", 1, 100, 400),
+        _op("c10d::_allgather_base_", 1, 110, 120, ([8], [4]), ("float", "float")),
+        _op(GROUP_RANGE + "dp", 1, 500, 900),
+        _op("c10d::allreduce_", 1, 510, 520, ([[10], [6]],), ("TensorList",)),
+        _op("c10d::_reduce_scatter_base_", 1, 1000, 1010, ([3], [6]), ("c10::BFloat16", "c10::BFloat16")),
+        _op("c10d::send", 1, 1100, 1110, ([[2, 5]],), ("TensorList",), (None, None, 1, 0)),
+        _op("c10d::recv_", 1, 1200, 1210, ([[2, 5]],), ("TensorList",), (None, None, 0, 0)),
+        # executions: gloo's worker spans (a reduce-scatter runs as an all-reduce of its input)
+        _op("gloo:all_gather", 2, 130, 300, ([4],), ("float",)),
+        _op("gloo:all_reduce", 3, 530, 800, ([16],), ("float",)),
+        _op("gloo:all_reduce", 2, 1020, 1090, ([6],), ("c10::BFloat16",)),
+        _op("gloo:send", 1, 1105, 1150, ([2, 5],), ("float",)),
+        _op("gloo:recv", 1, 1205, 1400, ([2, 5],), ("float",)),
+    ]
+    events, missed = comm_events(spans, Groups(dp=2, tp=2, pp=2, pp_ranks=(3, 7)))
+    assert missed == 0
+    got = [(e.kind, e.op, e.nbytes, e.group, e.peer, e.start, e.end) for e in events]
+    assert got == [
+        ("collective", "all_gather", 32, "dp", -1, 130, 300),  # under FSDP's range; the gathered output
+        ("collective", "all_reduce", 64, "dp", -1, 530, 800),  # under the engine's own group range
+        ("collective", "reduce_scatter", 12, "tp", -1, 1020, 1090),  # outside both: DTensor's; its bf16 input
+        ("transfer", "send_recv", 40, "pp", 7, 1105, 1150),  # the peer's global rank
+        ("transfer", "recv_wait", 40, "pp", 3, 1205, 1400),
+    ]
+
+
+def test_device_activities_time_the_op_they_were_launched_from() -> None:
+    spans = [
+        _op("c10d::_allgather_base_", 1, 100, 150, ([64], [32]), ("c10::BFloat16", "c10::BFloat16"), corr=7),
+        _op("nccl:_all_gather_base", 1, 110, 140, corr=8),  # an op inside it launched the kernel
+        Span("ncclDevKernel_AllGather_RING_LL", 9, 400, 900, True, linked=8),
+        Span("gemm_kernel", 9, 950, 990, True, linked=99),  # launched by something else
+        _op("c10d::allreduce_", 1, 200, 210, ([[4]],), ("TensorList",), corr=11),  # no kernel, no gloo span
+    ]
+    events, missed = comm_events(spans, Groups(tp=2))
+    assert [(e.op, e.nbytes, e.start, e.end) for e in events] == [("all_gather", 128, 400, 900)]
+    assert missed == 1
+
+
+def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], CommSampler]:
+    """Two steps of real collectives on a one-rank process group, the second under the sampler (FSDP2 and
+    DTensor issue none on one rank, so the step calls c10d as they do: base all-gather and reduce-scatter,
+    an all-reduce under the engine's group range, and a functional all-reduce as DTensor's)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.profiler import record_function
+
+    extra = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **extra)
+    try:
+        rec = Recorder(0, cuda=device.type == "cuda")
+        sampler = CommSampler(rec, Groups(dp=1, tp=1), every=1, cuda=device.type == "cuda")
+        shard = torch.ones(300, dtype=torch.bfloat16, device=device)
+        full = torch.empty(300, dtype=torch.bfloat16, device=device)
+        grads = torch.ones(500, device=device)
+        flat = torch.ones(1000, device=device)
+        act = torch.ones(8, 16, device=device)
+
+        def step(i: int) -> None:
+            rec.step = i
+            with record_function(GROUP_RANGE + "dp"):
+                dist.all_gather_into_tensor(full, shard)
+                dist.reduce_scatter_tensor(torch.empty(500, device=device), grads)
+                dist.all_reduce(flat)
+            funcol.all_reduce(act, "sum", dist.group.WORLD).wait()
+
+        run = sampler.wrap(step)
+        run(0)  # the warm-up step is not sampled
+        run(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return list(rec.take()["events"]), sampler
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_one_rank(events: list[tuple], sampler: CommSampler) -> None:
+    assert sampler.sampled == [1] and sampler.missed == 0
+    got = sorted((e[1], e[2], e[3]) for e in events if e[0] == "collective")
+    assert got == [("all_gather", 600, "dp"), ("all_reduce", 512, "tp"), ("all_reduce", 4000, "dp"),
+                   ("reduce_scatter", 2000, "dp")]
+    assert all(e[7] == 1 and e[6] > e[5] for e in events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_profiled_step_on_a_one_rank_gloo_group_gives_events() -> None:
+    events, sampler = _one_rank_step("gloo", torch.device("cpu"))
+    _check_one_rank(events, sampler)
+    assert sampler.sources == {"gloo": 4}
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_profiled_step_on_a_one_rank_nccl_group_times_the_kernels() -> None:
+    events, sampler = _one_rank_step("nccl", torch.device("cuda", 0))
+    _check_one_rank(events, sampler)
+    assert sampler.sources == {"device": 4}
+
+
+def _sharded_bytes(spec: str, dp: int) -> list[int]:
+    """Per FSDP unit (each block, then the root's remaining parameters): dp × its padded fp32 shards."""
+    from workbench.models.presets import load_model
+    from workbench.runner.llama import build
+
+    m = build(load_model(spec), seed=0)
+
+    def unit(params: list[torch.Tensor]) -> int:
+        return sum(-(-p.shape[0] // dp) * dp * (p.numel() // p.shape[0]) * 4 for p in params)
+
+    blocks = [unit(list(b.parameters())) for b in m.layers.values()]
+    inner = {id(p) for b in m.layers.values() for p in b.parameters()}
+    return [*blocks, unit([p for p in m.parameters() if id(p) not in inner])]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_dp2_run_has_fsdp_gathers_and_reduce_scatters_of_the_sharded_parameters() -> None:
+    from workbench.runner import run_train
+
+    r = run_train(model=LLAMA, plan="dp=2,zero=1,mbs=1,gbs=4", steps=3, timeout=200)
+    ev = r.events
+    comm = ev[ev["kind"] != "compute"]
+    assert set(comm["group"]) == {"dp"} and set(comm["step"]) == {1} and (comm["end"] > comm["start"]).all()
+    units = _sharded_bytes(LLAMA, 2)
+    for rank in (0, 1):
+        mine = comm[comm["rank"] == rank]
+        gathers = mine[mine["op"] == "all_gather"]["bytes"]
+        assert len(gathers) > 0 and set(gathers) == set(units)
+        # gradients reduce-scattered once per unit per step (synced on the last micro-batch only)
+        assert sorted(mine[mine["op"] == "reduce_scatter"]["bytes"]) == sorted(units)
+    assert len(r.links) > 0 and set(r.links["op"]) >= {"all_gather", "reduce_scatter"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tp2_run_has_tp_events_and_compare_shows_its_comm_rows() -> None:
+    import workbench as wb
+    from workbench.runner import run_train
+
+    r = run_train(model=LLAMA, plan="tp=2,mbs=2,gbs=4", steps=3, timeout=200)
+    ev = r.events
+    comm = ev[ev["kind"] == "collective"]
+    assert set(comm["group"]) == {"tp"} and set(comm["rank"]) == {0, 1} and (comm["bytes"] > 0).all()
+    assert {"all_gather", "reduce_scatter"} <= set(comm["op"])  # sequence parallelism's pair
+    t = wb.compare(wb.simulate(r.job), r).set_index(["kind", "op"])
+    for op in ("all_gather", "reduce_scatter"):
+        row = t.loc[("collective", op)]
+        assert row["measured_seconds"] > 0 and row["sim_seconds"] > 0 and row["measured_count"] >= 1
+    # per step: the one sampled step's collectives, not diluted by the steps that were not sampled
+    gathers = comm[comm["op"] == "all_gather"].groupby("rank").size()
+    assert t.loc[("collective", "all_gather"), "measured_count"] == pytest.approx(gathers.mean())
