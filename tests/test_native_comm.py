@@ -60,6 +60,27 @@ def test_device_activities_time_the_op_they_were_launched_from() -> None:
     assert missed == 1
 
 
+def test_nccl_records_as_torch_2_11_writes_them_on_an_h200() -> None:
+    # the shape of the records `benchmarks/native_comm_check.py --backend nccl` read on one H200 (torch 2.11):
+    # the device work is linked to an op inside the c10d op, TensorList shapes are not recorded, and NCCL's
+    # own host span names the tensor
+    spans = [
+        _op("c10d::_allgather_base_", 1, 100, 4000, ([1 << 20], [1 << 20]), ("c10::BFloat16", "c10::BFloat16"),
+            corr=1026),
+        _op("record_param_comms", 1, 120, 3960, corr=1027),
+        _op("nccl:_all_gather_base", 1, 3700, 3870, ([1 << 20],), ("c10::BFloat16",), corr=1028),
+        Span("Memcpy DtoD (Device -> Device)", 1, 5000, 5014, True, linked=1027),
+        _op("c10d::allreduce_", 1, 6000, 6120, ([], []), ("TensorList", ""), corr=1035),
+        _op("nccl:all_reduce", 1, 6050, 6100, ([1 << 20],), ("float",), corr=1037),
+        _op("aten::copy_", 1, 6101, 6110, corr=1040),
+        Span("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 7, 7000, 9000, True, linked=1040),
+    ]
+    events, missed = comm_events(spans, Groups(tp=2))
+    assert missed == 0
+    assert [(e.op, e.nbytes, e.start, e.end, e.source) for e in events] == [
+        ("all_gather", 2 << 20, 5000, 5014, "device"), ("all_reduce", 4 << 20, 7000, 9000, "device")]
+
+
 def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], CommSampler]:
     """Two steps of real collectives on a one-rank process group, the second under the sampler (FSDP2 and
     DTensor issue none on one rank, so the step calls c10d as they do: base all-gather and reduce-scatter,
@@ -97,11 +118,10 @@ def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], Com
         dist.destroy_process_group()
 
 
-def _check_one_rank(events: list[tuple], sampler: CommSampler) -> None:
-    assert sampler.sampled == [1] and sampler.missed == 0
+def _check_one_rank(events: list[tuple], sampler: CommSampler, expected: list[tuple]) -> None:
+    assert sampler.sampled == [1]
     got = sorted((e[1], e[2], e[3]) for e in events if e[0] == "collective")
-    assert got == [("all_gather", 600, "dp"), ("all_reduce", 512, "tp"), ("all_reduce", 4000, "dp"),
-                   ("reduce_scatter", 2000, "dp")]
+    assert got == expected
     assert all(e[7] == 1 and e[6] > e[5] for e in events)
 
 
@@ -109,16 +129,18 @@ def _check_one_rank(events: list[tuple], sampler: CommSampler) -> None:
 @pytest.mark.timeout(120)
 def test_profiled_step_on_a_one_rank_gloo_group_gives_events() -> None:
     events, sampler = _one_rank_step("gloo", torch.device("cpu"))
-    _check_one_rank(events, sampler)
-    assert sampler.sources == {"gloo": 4}
+    _check_one_rank(events, sampler, [("all_gather", 600, "dp"), ("all_reduce", 512, "tp"),
+                                      ("all_reduce", 4000, "dp"), ("reduce_scatter", 2000, "dp")])
+    assert sampler.sources == {"gloo": 4} and sampler.missed == 0
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(120)
-def test_profiled_step_on_a_one_rank_nccl_group_times_the_kernels() -> None:
+def test_profiled_step_on_a_one_rank_nccl_group_times_the_device_work() -> None:
     events, sampler = _one_rank_step("nccl", torch.device("cuda", 0))
-    _check_one_rank(events, sampler)
-    assert sampler.sources == {"device": 4}
+    # on one rank NCCL copies for all-gather and reduce-scatter and launches nothing for an in-place all-reduce
+    _check_one_rank(events, sampler, [("all_gather", 600, "dp"), ("reduce_scatter", 2000, "dp")])
+    assert sampler.sources == {"device": 2} and sampler.missed == 2
 
 
 def _sharded_bytes(spec: str, dp: int) -> list[int]:

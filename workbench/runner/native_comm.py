@@ -104,29 +104,45 @@ class CommEvent:
 
 
 def spans_from_profiler(results: Any) -> list[Span]:
-    """The records of a finished `torch.profiler.profile` (`prof.profiler.kineto_results`) as `Span`s:
-    the c10d ops and their ancestors' ranges, the gloo spans, device activities and the anchor."""
+    """The records of a finished `torch.profiler.profile` (`prof.profiler.kineto_results`) as `Span`s: the
+    c10d ops, the ranges that name their group, gloo's and NCCL's own spans, the device activities launched
+    from a host op and those host ops, and the anchor."""
     from torch.autograd import DeviceType
 
+    events = list(results.events())
+    device = [e.device_type() != DeviceType.CPU for e in events]
+    launchers = {e.linked_correlation_id() for e, dev in zip(events, device) if dev and e.linked_correlation_id() > 0}
     out = []
-    for e in results.events():
-        dev = e.device_type() != DeviceType.CPU
+    for e, dev in zip(events, device):
         name = e.name()
-        if not dev and e.linked_correlation_id() > 0:
+        linked = int(e.linked_correlation_id())
+        if dev:
+            if linked <= 0:
+                continue  # annotations on the device timeline, not work
+        elif linked > 0:
             continue  # host-side runtime calls (cudaLaunchKernel …): the device activity is what counts
-        keep = dev or name in C10D_OPS or name.startswith(("gloo:", "FSDP::", GROUP_RANGE, "workbench::"))
-        if not keep:
+        elif not (name in C10D_OPS or name.startswith(_HOST_NAMES) or e.correlation_id() in launchers):
             continue
         shapes: tuple[Any, ...] = ()
         dtypes: tuple[str, ...] = ()
         inputs: tuple[Any, ...] = ()
-        if name in C10D_OPS or name.startswith("gloo:"):
+        if not dev and (name in C10D_OPS or name.startswith(("gloo:", "nccl:"))):
             shapes = tuple(_structured(e))
             dtypes = tuple(e.dtypes())
-            inputs = tuple(e.concrete_inputs())
+            inputs = tuple(_concrete(e))
         out.append(Span(name, int(e.start_thread_id()), int(e.start_ns()), int(e.end_ns()), dev, shapes, dtypes,
-                        inputs, int(e.correlation_id()), int(e.linked_correlation_id())))
+                        inputs, int(e.correlation_id()), linked))
     return out
+
+
+_HOST_NAMES = ("gloo:", "nccl:", "FSDP::", GROUP_RANGE, "workbench::")
+
+
+def _concrete(e: Any) -> list[Any]:
+    try:
+        return list(e.concrete_inputs())
+    except (AttributeError, RuntimeError):
+        return []
 
 
 def _structured(e: Any) -> list[Any]:
@@ -163,7 +179,7 @@ def _bytes_of(op: str, req: Span, exe: Span | None, groups: Groups, group: str) 
     t = _tensor(req, 0 if op == "all_gather" or not base else 1)
     dt = t[1] if t else ""
     if (t is None or dt not in DTYPE_BYTES) and exe is not None:
-        e = _tensor(exe, 0)  # gloo's span names the tensor it moved, with its dtype
+        e = _tensor(exe, 0)  # gloo's and NCCL's spans name the tensor they move, with its dtype
         if e is not None:
             if t is None:
                 t = (e[0] * (groups.size(group) if op == "all_gather" else 1), e[1])
@@ -184,22 +200,31 @@ def _group_of(op: str, tags: list[str]) -> str:
     return "tp"
 
 
-def _requests(spans: list[Span]) -> list[tuple[Span, list[str]]]:
-    """The c10d ops in start order, each with the group-naming ranges it was issued under (same thread)."""
+def _requests(spans: list[Span]) -> list[tuple[Span, list[str], Span | None]]:
+    """The c10d ops in start order, each with the group-naming ranges it was issued under (same thread) and
+    NCCL's host span inside it (which names the tensor where the op's own record lists none)."""
     by_thread: dict[int, list[Span]] = {}
     for s in spans:
-        if not s.device and (s.name in C10D_OPS or s.name.startswith(("FSDP::", GROUP_RANGE))):
+        if not s.device and (s.name in C10D_OPS or s.name.startswith(("FSDP::", GROUP_RANGE, "nccl:"))):
             by_thread.setdefault(s.thread, []).append(s)
-    out: list[tuple[Span, list[str]]] = []
+    out: list[tuple[Span, list[str], Span | None]] = []
     for items in by_thread.values():
         items.sort(key=lambda s: (s.start, -s.end))
         stack: list[Span] = []
+        tags: dict[int, list[str]] = {}
+        inner: dict[int, Span] = {}
         for s in items:
             while stack and stack[-1].end <= s.start:
                 stack.pop()
+            if s.name.startswith("nccl:"):
+                owner = next((a for a in reversed(stack) if a.name in C10D_OPS), None)
+                if owner is not None:
+                    inner.setdefault(id(owner), s)
+                continue
             if s.name in C10D_OPS:
-                out.append((s, [a.name for a in stack]))
+                tags[id(s)] = [a.name for a in stack]
             stack.append(s)
+        out.extend((s, tags[id(s)], inner.get(id(s))) for s in items if s.name in C10D_OPS)
     out.sort(key=lambda r: r[0].start)
     return out
 
@@ -213,7 +238,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
     # device activities -> the c10d op they were launched from (its correlation id, or an op it encloses)
     host = {s.corr: s for s in spans if not s.device and s.corr}
     by_thread: dict[int, list[Span]] = {}
-    for r, _ in reqs:
+    for r, _, _ in reqs:
         by_thread.setdefault(r.thread, []).append(r)
     starts = {t: [r.start for r in rs] for t, rs in by_thread.items()}
     launched: dict[int, list[Span]] = {}
@@ -230,19 +255,17 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
     used = [False] * len(gloo)
     events: list[CommEvent] = []
     missed = 0
-    for req, tags in reqs:
+    for req, tags, nccl in reqs:
         op = C10D_OPS[req.name]
         group = _group_of(op, tags)
-        exe: Span | None = None
         acts = launched.get(id(req))
-        source = "device"
         if acts:
+            exe, source = nccl, "device"
             start, end = min(a.start for a in acts), max(a.end for a in acts)
         else:
-            source = "gloo"
-            exe = _pair_gloo(req, op, gloo, used)
+            exe, source = _pair_gloo(req, op, gloo, used), "gloo"
             if exe is None:
-                missed += 1
+                missed += 1  # e.g. NCCL on one rank: an in-place all-reduce launches nothing to time
                 continue
             start, end = exe.start, exe.end
         peer = -1
