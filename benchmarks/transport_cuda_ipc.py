@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,46 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
     return out
 
 
+def probe(repeats: int) -> dict[str, float]:
+    """GPU time (CUDA events, median µs) of the copies under the writes, apart from posting: cudaMemcpyAsync
+    against torch's `copy_` (16, 64, 256 MiB), and for each paged shape of the benchmark the page-copy
+    kernel (`copy_pages`, byte offsets) against the range kernel (`copy_ranges`, 16-byte words) that
+    paged writes used before, with their offsets in device memory."""
+    import numpy as np
+    import torch
+    from cupy.cuda import runtime as rt
+
+    from kernels._cuda import copy_pages, copy_ranges
+    from kernels.bench import gpu_time
+
+    stream = torch.cuda.current_stream().cuda_stream
+    src = torch.randint(0, 255, (256 * MiB,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty_like(src)
+    sp_, dp_ = src.data_ptr(), dst.data_ptr()
+    out: dict[str, float] = {}
+    for size in (16 * MiB, 64 * MiB, 256 * MiB):
+        out[f"memcpy_{size // MiB}MiB_us"] = 1e6 * gpu_time(partial(rt.memcpyAsync, dp_, sp_, size, 4, stream), repeats)
+        out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(partial(dst[:size].copy_, src[:size]), repeats)
+    shapes = ((KiB, 16384), (4 * KiB, 4096), (16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256))
+    for page, n in shapes:
+        rng = np.random.default_rng(page + n)
+        sp, dp = rng.permutation(n), rng.permutation(n)
+        offs = torch.from_numpy(np.concatenate([sp * page, dp * page]).astype(np.int64)).to("cuda:0")
+        ranges = torch.from_numpy(np.concatenate([sp * page // 16, dp * page // 16, np.full(n, page // 16)])
+                                  .astype(np.int64)).to("cuda:0")
+        o_, r_ = offs.data_ptr(), ranges.data_ptr()
+        key = f"{page // KiB}KiBx{n}"
+        out[f"pages_{key}_us"] = 1e6 * gpu_time(partial(copy_pages, sp_, dp_, o_, n, page, 0, stream), repeats)
+        out[f"ranges_{key}_us"] = 1e6 * gpu_time(partial(copy_ranges, sp_, dp_, r_, n, 16, 0, stream), repeats)
+        dst.zero_()
+        copy_pages(sp_, dp_, o_, n, page, 0, stream)
+        torch.cuda.synchronize()
+        ok = bool(torch.equal(dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()],
+                              src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
+        out[f"pages_{key}_correct"] = float(ok)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--path", choices=("fast", "legacy"), default="fast", help="the cuda_ipc data path")
@@ -85,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES), help="single-write sizes in bytes")
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", required=True, help="the JSON file to write")
+    ap.add_argument("--probe", action="store_true", help="also time the copies alone on the GPU (CUDA events)")
     args = ap.parse_args(argv)
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.peer:
@@ -121,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         meta["versions_error"] = str(exc)
     doc = {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "per_write": pw, "notes": report.notes}
+    if args.probe:
+        try:
+            doc["probe"] = probe(min(50, cap))
+        except Exception as exc:  # noqa: BLE001 - the rows above stand without it
+            doc["probe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("probe:", json.dumps(doc["probe"]))
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
     print(f"# {args.backend} {args.path} {args.device}->{args.target_device} on {args.machine}")
     print(report.table())

@@ -1,21 +1,26 @@
 """The cuda_ipc fast path on real GPUs: immediates through GPU-visible memory, writes larger than the
 staging ring between two GPUs (staged and direct), paged writes split into several staging groups,
-and the switch back to the previous path. Real bytes between real processes, checked by CRC32.
+the page-copy kernel at every size and alignment, and the switch back to the previous path. Real
+bytes between real processes, checked by CRC32.
 
-Without a GPU only the path selection's argument checks run.
+Without a GPU: the path selection's argument checks, the paged-write validation, and the posting
+logic itself driven with a stand-in CUDA runtime that records every call (what is launched with
+which arguments and offsets, that posting never synchronises, that ring slots come back).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import zlib
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from transport import BackendUnavailable, Engine, Target
-from transport.backends.cuda_ipc import MODE_ENV, STAGE_BYTES, make_path
+from transport import BackendUnavailable, Engine, OutOfRange, Target
+from transport.backends.cuda_ipc import MODE_ENV, STAGE_BYTES, CudaIpcPath, _HostRing, _Remote, make_path
 from transport.testing import PeerProcess
 
 pytestmark = pytest.mark.timeout(300)
@@ -136,3 +141,217 @@ def test_path_options_are_checked() -> None:
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
+
+
+# ---- the page-copy kernel on a GPU: every size and alignment against numpy ------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
+@pytest.mark.parametrize("page", [1, 3, 16, 1000, 4096, 4100, 3 * 4096 + 8, 65536])
+@pytest.mark.parametrize("shift", [(0, 0), (1, 8), (8, 4)])
+def test_copy_pages_kernel_matches_numpy(page: int, shift: tuple[int, int]) -> None:
+    import torch
+
+    from kernels._cuda import copy_pages
+
+    n = 64 if page < 16384 else 16
+    nslots = 2 * n + 3
+    rng = np.random.default_rng(page)
+    data = rand(nslots * page + 64, seed=page)
+    src = torch.from_numpy(data).to("cuda:0")
+    dst = torch.zeros(nslots * page + 64, dtype=torch.uint8, device="cuda:0")
+    sp, dp = rng.choice(nslots, n, replace=False), rng.choice(nslots, n, replace=False)
+    offs = torch.from_numpy(np.concatenate([sp * page, dp * page]).astype(np.int64)).to("cuda:0")
+    s0, d0 = shift
+    copy_pages(src.data_ptr() + s0, dst.data_ptr() + d0, offs.data_ptr(), n, page, 0,
+               torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    want = np.zeros_like(data)
+    for a, b in zip(sp, dp):
+        want[d0 + b * page:d0 + (b + 1) * page] = data[s0 + a * page:s0 + (a + 1) * page]
+    assert np.array_equal(dst.cpu().numpy(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
+def test_paged_writes_of_odd_pages_and_offsets(peer) -> None:  # type: ignore[no-untyped-def]
+    if peer.desc.device != "cuda:0":
+        pytest.skip("one-GPU case")
+    data = rand(4 << 20, seed=11)
+    with Engine("cuda_ipc", lanes=2) as eng:
+        src = eng.register(cuda_buf(data))
+        for page, n, so, do in [(1000, 700, 3, 5), (4096, 300, 0, 8), (12296, 200, 16, 0), (65536, 40, 1, 1)]:
+            rng = np.random.default_rng(page)
+            sp, dp = rng.permutation(n), rng.permutation(n)
+            peer.call("fill", 0)
+            eng.write_paged(src, peer.desc, page_bytes=page, src_pages=sp, dst_pages=dp, src_offset=so,
+                            dst_offset=do).result(60)
+            got = np.frombuffer(peer.read(do, n * page), np.uint8).reshape(n, page)
+            want = data[so:so + n * page].reshape(n, page)
+            assert np.array_equal(got[dp], want[sp]), (page, n)
+        assert eng._path.used["pages"] == 4 and eng._path.used["torch"] == 0, dict(eng._path.used)
+
+
+# ---- the posting logic without a GPU: a stand-in CUDA runtime records every call -------------------------
+
+class _Rt:
+    """Records the CUDA runtime calls; synchronising while `posting` is set is an error."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.posting = False
+        self.busy = False  # the source's current stream still has work queued
+        self._ev = itertools.count(1)
+
+    def _rec(self, *call: Any) -> None:
+        assert not (self.posting and call[0] in ("eventSynchronize", "streamSynchronize")), call
+        self.calls.append(call)
+
+    def getDevice(self) -> int:
+        return 0
+
+    def setDevice(self, dev: int) -> None:
+        self._rec("setDevice", dev)
+
+    def streamQuery(self, stream: int) -> int:
+        self._rec("streamQuery", stream)
+        return 600 if self.busy else 0
+
+    def eventCreateWithFlags(self, flags: int) -> int:
+        return next(self._ev)
+
+    def eventRecord(self, ev: int, stream: int) -> None:
+        self._rec("eventRecord", ev, stream)
+
+    def streamWaitEvent(self, stream: int, ev: int, flags: int) -> None:
+        self._rec("streamWaitEvent", stream, ev)
+
+    def memcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> None:
+        self._rec("memcpyAsync", dst, src, n, stream)
+
+    def eventSynchronize(self, ev: int) -> None:
+        self._rec("eventSynchronize", ev)
+
+    def eventQuery(self, ev: int) -> int:
+        return 0
+
+    def eventDestroy(self, ev: int) -> None:
+        return None
+
+
+class _Tensor:
+    def __init__(self, n: int, ptr: int) -> None:
+        self.n, self.ptr = n, ptr
+        self.device = SimpleNamespace(index=0, type="cuda")
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    def numel(self) -> int:
+        return self.n
+
+
+LANE_STREAM = 0x5000
+SRC_PTR, DST_PTR = 1 << 40, 1 << 41
+
+
+def _fake_torch() -> Any:
+    torch = pytest.importorskip("torch")
+    stream = SimpleNamespace(cuda_stream=LANE_STREAM, synchronize=lambda: None)
+    return SimpleNamespace(uint8=torch.uint8, cuda=SimpleNamespace(Stream=lambda device=None: stream),
+                           empty=lambda n, dtype=None, pin_memory=False, device=None: torch.empty(n, dtype=dtype),
+                           _C=SimpleNamespace(_cuda_getCurrentRawStream=lambda dev: 0))
+
+
+@pytest.fixture
+def posting(monkeypatch):  # type: ignore[no-untyped-def]
+    """A tcp engine pair whose writer moves CUDA-like regions through `CudaIpcPath` on a recording runtime."""
+    import kernels._cuda as kc
+
+    rt, launches = _Rt(), []
+
+    class Launch:
+        def __call__(self, device: int, grid: int, threads: int, stream: int, *args: int) -> None:
+            assert rt.posting, "a launch outside posting"
+            launches.append((grid, threads, stream, args))
+
+    monkeypatch.setattr(kc, "_raw", lambda device, name: Launch())
+    nbytes = 32 << 20
+    with Engine("tcp", lanes=2) as tgt, Engine("tcp", lanes=2) as eng:
+        dst = tgt.register(np.zeros(nbytes, np.uint8)).descriptor
+        src = eng.register(np.zeros(nbytes, np.uint8))
+        src.flat = _Tensor(nbytes, SRC_PTR)
+        eng.connect(dst)
+        path = CudaIpcPath(eng, runtime=(_fake_torch(), rt))
+        path.handles = lambda s, d: True  # type: ignore[method-assign]
+        path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(nbytes, DST_PTR))
+        eng._path, old = path, eng._path
+        try:
+            yield SimpleNamespace(eng=eng, src=src, dst=dst, rt=rt, launches=launches, path=path)
+        finally:
+            eng._path = old
+            path.close()
+
+
+def _post(fx: Any, fn: Any) -> Any:
+    fx.rt.posting = True
+    try:
+        return fn()
+    finally:
+        fx.rt.posting = False
+
+
+def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(posting) -> None:  # type: ignore[no-untyped-def]
+    fx = posting
+    page, n = 32 << 10, 256
+    rng = np.random.default_rng(7)
+    sp, dp = rng.permutation(n), rng.permutation(n)
+    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
+                                             src_offset=64, dst_offset=128))
+    assert len(fx.launches) == 1
+    grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp) = fx.launches[0]
+    assert (s_ptr, d_ptr, count, pg, cpp, stream, threads) == (SRC_PTR, DST_PTR, n, page, 8, LANE_STREAM, 256)
+    assert grid == n * cpp // 8  # one warp per 4 KiB chunk, 8 warps a block
+    ring = fx.path._ring
+    slot = (off_ptr - ring.ptr) // _HostRing.SLOT
+    words = ring.words[slot * _HostRing.SLOT // 8:][:2 * n]
+    assert np.array_equal(words[:n], 64 + sp * page) and np.array_equal(words[n:], 128 + dp * page)
+    names = [c[0] for c in fx.rt.calls]
+    assert names == ["streamQuery", "eventRecord"], names  # producers idle: no ordering event, one completion event
+    assert slot not in ring.free  # the kernel may still read it
+    t.result(5)
+    assert fx.rt.calls[-1][0] == "eventSynchronize" and slot in ring.free
+    assert fx.path.used["pages"] == 1 and fx.path.used["kernel"] == 0
+
+
+def test_posting_orders_after_busy_producers_and_single_writes_are_one_memcpy(posting) -> None:  # type: ignore[no-untyped-def]
+    fx = posting
+    fx.rt.busy = True
+    t = _post(fx, lambda: fx.eng.write(fx.src, fx.dst, 3 << 20, src_offset=5, dst_offset=7))
+    names = [c[0] for c in fx.rt.calls]
+    assert names == ["streamQuery", "eventRecord", "streamWaitEvent", "memcpyAsync", "eventRecord"], names
+    assert fx.rt.calls[3][1:] == ("memcpyAsync", DST_PTR + 7, SRC_PTR + 5, 3 << 20, LANE_STREAM)[1:]
+    assert fx.rt.calls[1][2] == 0 and fx.rt.calls[2][1] == LANE_STREAM  # record on the source's stream, wait on the lane
+    assert not fx.launches
+    t.result(5)
+    # a batch of unequal pieces to one region: the general range kernel, its list in a ring slot
+    t = _post(fx, lambda: fx.eng.write_batch(fx.src, [Target(fx.dst, 100 + i, 1000 * i, 2000 * i) for i in range(5)]))
+    t.result(5)
+    assert len(fx.launches) == 1 and fx.path.used["kernel"] == 1 and len(fx.path._ring.free) == _HostRing.SLOTS
+
+
+def test_paged_write_validation() -> None:
+    with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=1) as eng:
+        dst = tgt.register(np.zeros(1 << 20, np.uint8)).descriptor
+        src = eng.register(np.zeros(1 << 20, np.uint8))
+        for sp, dp in [([-1], [0]), ([0], [-5]), ([1 << 61], [0]), ([0], [1 << 62])]:
+            with pytest.raises(OutOfRange, match="page indices must be >= 0"):
+                eng.write_paged(src, dst, page_bytes=64, src_pages=sp, dst_pages=dp)
+        with pytest.raises(OutOfRange, match="source page falls outside"):
+            eng.write_paged(src, dst, page_bytes=4096, src_pages=[255, 256], dst_pages=[0, 1])
+        with pytest.raises(OutOfRange, match="outside the peer's region"):
+            eng.write_paged(src, dst, page_bytes=4096, src_pages=[0, 1], dst_pages=[0, 256], dst_offset=0)
+        with pytest.raises(OutOfRange, match="source page falls outside"):
+            eng.write_paged(src, dst, page_bytes=4096, src_pages=[0, 255], dst_pages=[0, 1], src_offset=1)
+        eng.write_paged(src, dst, page_bytes=4096, src_pages=[255], dst_pages=[0]).result(10)
+        assert not eng._pending

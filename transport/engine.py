@@ -36,6 +36,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -106,6 +107,21 @@ def _index_array(name: str, v: Any) -> np.ndarray:
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         raise InvalidArgument(f"{name}: expected a 1-D list of integers, got {a.dtype} of shape {a.shape}")
     return a.astype(np.int64, copy=False)
+
+
+_LENGTHS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _lengths(n: int, page: int) -> np.ndarray:
+    """`n` copies of `page` as a read-only int64 array, shared by the paged writes of one shape."""
+    a = _LENGTHS.get((n, page))
+    if a is None:
+        if len(_LENGTHS) >= 256:
+            _LENGTHS.clear()
+        a = np.full(n, page, np.int64)
+        a.flags.writeable = False
+        _LENGTHS[(n, page)] = a
+    return a
 
 
 def _round_up(n: int, a: int) -> int:
@@ -485,12 +501,15 @@ class Engine:
             hdr = wire.pack(wire.WRITE, flags=flags, nshards=len(shards), imm=imm or 0, tid=t.tid,
                             region=dst.region, offset=dst_offset + o, length=n)
             lane = link.data[(first + i) % nl]
+            lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
             lanes.append(lane.index)
             job = _WriteJob(t, hdr, src, src_offset + o, n)
             # the other shards go to their lanes' senders first; the last one leaves from this thread when its
             # lane is idle (no hand-off to a sender thread: that wake-up costs more than a loopback send)
             if not (i == last and n <= INLINE_MAX and src.view is not None and job.inline(lane)):
                 lane.post(job)
+        if len(shards) == 1:
+            t.hooks.append(partial(lane.read_acks, t.future.done))
         t.lanes = tuple(lanes)
         return t
 
@@ -514,20 +533,26 @@ class Engine:
             raise InvalidArgument(f"write_paged: {len(sp)} source pages but {len(dp)} destination pages")
         if not len(sp) or len(sp) > MAX_PAGES:
             raise InvalidArgument(f"write_paged: the page lists must hold 1..{MAX_PAGES} pages, got {len(sp)}")
-        if sp.min() < 0 or dp.min() < 0 or max(int(sp.max()) * ss, int(dp.max()) * ds) >= 1 << 62:
+        # one reduction per list: read as unsigned, a negative index is >= 2^63 and fails the bound too
+        smax, dmax = int(sp.view(np.uint64).max()), int(dp.view(np.uint64).max())
+        if max(smax * ss, dmax * ds) >= 1 << 62:
             raise OutOfRange("write_paged: page indices must be >= 0 and their offsets below 2^62")
-        soffs = src_offset + sp * ss
-        doffs = dst_offset + dp * ds
-        if soffs.max() + page_bytes > src.nbytes:
+        soffs = sp * ss
+        if src_offset:
+            soffs += src_offset
+        doffs = dp * ds
+        if dst_offset:
+            doffs += dst_offset
+        if src_offset + smax * ss + page_bytes > src.nbytes:
             raise OutOfRange(f"write_paged: a source page falls outside the registered region of {src.nbytes} bytes")
-        self._check_dst(dst, int(doffs.max()), page_bytes, "write_paged")
+        self._check_dst(dst, dst_offset + dmax * ds, page_bytes, "write_paged")
         link = self._link(dst.address, timeout)
         npages = len(soffs)
         total = npages * page_bytes
         what = f"paged write {npages}x{page_bytes} B to {dst.engine}/{dst.region}"
         if self._path is not None and self._path.handles(src, dst):
             t = self._new(what, dst.engine, 1, total, timeout, callback)
-            pieces = Pieces(soffs, doffs, np.full(npages, page_bytes, np.int64), page_bytes)
+            pieces = Pieces(soffs, doffs, _lengths(npages, page_bytes), page_bytes)
             self._submit_path(t, link, src, dst, pieces, imm)
             return t
         nl = len(link.data)
@@ -542,8 +567,11 @@ class Engine:
             hdr = wire.pack(wire.PAGED, flags=flags, nshards=len(groups), imm=imm or 0, tid=t.tid,
                             region=dst.region, count=b - a, offset=page_bytes, length=(b - a) * page_bytes)
             lane = link.data[(first + k) % nl]
+            lane.shared = True
             lanes.append(lane.index)
             lane.post(_PagedJob(t, hdr + doffs[a:b].astype("<u8").tobytes(), src, soffs[a:b], page_bytes))
+        if len(groups) == 1:
+            t.hooks.append(partial(lane.read_acks, t.future.done))
         t.lanes = tuple(lanes)
         return t
 
@@ -634,6 +662,7 @@ class Engine:
         used = []
         for c, a in enumerate(range(0, k, per)):
             lane = link.data[(first + c) % nl]
+            lane.shared = True
             used.append(lane.index)
             chunk = range(a, min(a + per, k))
             if src.view is None:  # CUDA source over tcp: staged message by message
@@ -650,6 +679,8 @@ class Engine:
             job = _GatherJob(t, bufs)
             if not (sum(targets[i].length for i in chunk) <= INLINE_BATCH and job.inline(lane)):
                 lane.post(job)
+        if len(used) == 1 and not t.peers[1:]:  # one lane to one peer: its waiting caller may read the acks
+            t.hooks.append(partial(lane.read_acks, t.future.done))
         return used
 
     def _submit_path(self, t: Transfer, link: wire.Link, src: Region, dst: MemoryDescriptor, pieces: Pieces,
@@ -679,18 +710,18 @@ class Engine:
         with_imm = imm is not None and (last_of_peer is None or last_of_peer())
         path = self._path
         assert path is not None
-        offset, length = int(pieces.dst.min()), int(pieces.length.max())
         if path.confirms_delivery:  # the bytes are in the peer's memory: count this part, tell the peer one way
             if t.part_done(1):
                 with self._lock:
                     self._pending.pop(t.tid, None)
             if not with_imm:
                 return
-            msg = wire.pack(wire.NOTICE, flags=wire.F_IMM | F_NOACK, imm=imm or 0, tid=t.tid, region=dst.region,
-                            offset=offset, length=length)
+            flags = wire.F_IMM | F_NOACK
         else:
-            msg = wire.pack(wire.NOTICE, flags=wire.F_IMM if with_imm else 0, imm=imm or 0, tid=t.tid,
-                            region=dst.region, offset=offset, length=length)
+            flags = wire.F_IMM if with_imm else 0
+        offset, length = int(pieces.dst.min()), pieces.page or int(pieces.length.max())
+        msg = wire.pack(wire.NOTICE, flags=flags, imm=imm or 0, tid=t.tid, region=dst.region, offset=offset,
+                        length=length)
         try:
             link.ctrl.send_now([msg])
         except OSError as e:

@@ -65,7 +65,7 @@ class Pieces:
 
     @property
     def nbytes(self) -> int:
-        return int(self.length.sum())
+        return self.page * int(self.src.shape[0]) if self.page else int(self.length.sum())
 
     @classmethod
     def one(cls, src: int, dst: int, length: int) -> Pieces:

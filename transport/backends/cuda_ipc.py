@@ -63,10 +63,9 @@ CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces a
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
 STAGE_BYTES = STAGE_CHUNK * STAGE_SLOTS
-GRACE_S = 100e-6  # the poller leaves a write this long to a caller waiting in result()
+GRACE_S = 200e-6  # the poller leaves a write this long to a caller waiting in result()
 TICK_S = 50e-6
 MAX_TICK_S = 1e-3
-LINGER_S = 0.005  # the poller keeps ticking this long after the queue emptied, then blocks
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault (unified addressing picks the direction)
 EVENT_DISABLE_TIMING = 2
 NOT_READY = 600  # cudaErrorNotReady
@@ -94,6 +93,22 @@ def make_path(engine: EngineView, path: str | None = None, on_imm: Callable[[int
     from transport.backends.cuda_ipc_legacy import LegacyCudaIpcPath
 
     return LegacyCudaIpcPath(engine, **{k: v for k, v in options.items() if k == "kernel"})
+
+
+def _runtime() -> tuple[Any, Any]:
+    """torch (with a visible GPU) and CuPy's CUDA runtime bindings."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover
+        raise BackendUnavailable("cuda_ipc needs torch with CUDA") from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("cuda_ipc: no CUDA device is visible (use backend='tcp')")
+    try:
+        import cupy  # noqa: F401 - sets up the CUDA libraries its runtime bindings load
+        from cupy.cuda import runtime as rt
+    except Exception as exc:  # noqa: BLE001 - no CuPy, or one that cannot load its CUDA libraries
+        raise _NoRuntime(f"CuPy's CUDA runtime: {type(exc).__name__}: {exc}") from exc
+    return torch, rt
 
 
 def _word(*values: int) -> int:
@@ -231,31 +246,23 @@ class CudaIpcPath(DataPath):
     imm_in_batches = True  # a batch to one peer region is one submission: the path posts its immediate
 
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
-                 on_imm: Callable[[int, int, str], Any] | None = None) -> None:
-        try:
-            import torch
-        except ImportError as exc:  # pragma: no cover
-            raise BackendUnavailable("cuda_ipc needs torch with CUDA") from exc
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("cuda_ipc: no CUDA device is visible (use backend='tcp')")
+                 on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None) -> None:
+        """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
+        drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
             raise BackendUnavailable(f"cuda_ipc: kernel must be auto, cupy or torch, got {kernel!r}")
         peer = peer if peer is not None else os.environ.get(PEER_ENV, "staged")
         if peer not in ("staged", "direct"):
             raise BackendUnavailable(f"cuda_ipc: peer must be 'staged' or 'direct' (option peer= or ${PEER_ENV}), "
                                      f"got {peer!r}")
-        try:
-            import cupy  # noqa: F401 - sets up the CUDA libraries its runtime bindings load
-            from cupy.cuda import runtime as rt
-        except Exception as exc:  # noqa: BLE001 - no CuPy, or one that cannot load its CUDA libraries
-            raise _NoRuntime(f"CuPy's CUDA runtime: {type(exc).__name__}: {exc}") from exc
+        torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
         self.rt = rt
         self.kernel = kernel
         self.peer = peer
         self.on_imm = on_imm
-        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._raw_stream = getattr(getattr(torch, "_C", None), "_cuda_getCurrentRawStream", None)
         self.used: Counter[str] = Counter()  # how bytes and immediates moved: memcpy, kernel, peer, imm_gpu, …
         self._lanes: dict[tuple[int, int], _Lane] = {}
         self._cross: dict[tuple[int, int, int], _Cross] = {}
@@ -272,6 +279,7 @@ class CudaIpcPath(DataPath):
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._ring: _HostRing | None = None
+        self._pages_ok = True  # the page-copy kernel works (cleared on its first failure)
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -416,8 +424,10 @@ class CudaIpcPath(DataPath):
             la = self._lane(sdev, lane_i, d)
             with la.lock:
                 d.use(sdev)
-                rt.eventRecord(la.prod, self._current_stream(sdev))  # the source's producers finish first
-                rt.streamWaitEvent(la.ptr, la.prod, 0)
+                cur = self._current_stream(sdev)
+                if rt.streamQuery(cur) != 0:  # the source's producers still run: they finish first
+                    rt.eventRecord(la.prod, cur)
+                    rt.streamWaitEvent(la.ptr, la.prod, 0)
                 if rem.dev == sdev:
                     self._local(la, flat, rem, pieces, p)
                     last = la
@@ -450,7 +460,43 @@ class CudaIpcPath(DataPath):
                                     MEMCPY_DEFAULT, la.ptr)
             self.used["memcpy"] += 1
             return
+        if (pieces.page and self._pages_ok and self.kernel != "torch"
+                and self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p)):
+            return
         self._ranges(la, flat, rem.tensor, pieces.src, pieces.dst, pieces.length, p)
+
+    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pieces: Pieces, p: _Pending) -> bool:
+        """Equal pages (a paged write) on one GPU: their byte offsets go into a pinned ring slot as they are
+        (no splitting, no word-size arithmetic: the kernel picks the word per chunk) and one `copy_pages`
+        launch moves them all. False when no slot is free or the kernel is unavailable (the caller then
+        takes the general range path)."""
+        n = len(pieces)
+        ring = self._ring
+        if ring is None:
+            with self._lock:
+                if self._ring is None:
+                    self._ring = _HostRing(self.torch)
+                ring = self._ring
+        got = ring.take(2 * n)
+        if got is None:
+            return False
+        slot, view, ptr = got
+        view[:n] = pieces.src
+        view[n:] = pieces.dst
+        try:
+            from kernels._cuda import copy_pages
+
+            copy_pages(src_ptr, dst_ptr, ptr, n, pieces.page, la.dev, la.ptr)
+        except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does it
+            ring.give([slot])
+            self._pages_ok = False
+            if self.kernel == "cupy":
+                raise TransportError(f"cuda_ipc: the CuPy page-copy kernel failed: {exc}") from exc
+            self.engine._log(f"cuda_ipc: page-copy kernel unavailable ({type(exc).__name__}: {exc})")
+            return False
+        p.slots.append(slot)
+        self.used["pages"] += 1
+        return True
 
     def _across(self, la: _Lane, lane_i: int, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending,
                 d: _Device) -> _Lane:
@@ -704,29 +750,19 @@ class CudaIpcPath(DataPath):
         self._complete(p, None)
 
     def _poll(self) -> None:
-        """Complete the writes nobody waits for: after a grace period, query their events (no blocking
-        wait that would race a caller for the GIL); block on the condition once idle for a while."""
-        idle_since: float | None = None
+        """Complete the writes nobody waits for. Blocked while nothing is queued (a submit to an empty queue
+        wakes it), else asleep until the earliest write's grace period ends, when a caller waiting in
+        result() has usually completed it already; then it queries events with a back-off. It never ticks
+        on its own, so it takes the GIL from a posting thread at most about once per grace period."""
         while True:
             with self._cond:
+                while not self._queue and not self._closed:
+                    self._sleeping = True
+                    self._cond.wait(1.0)
+                self._sleeping = False
                 if self._closed:
                     return  # pending completions never fire after close (see DataPath.close)
-                if not self._queue:
-                    now = time.perf_counter()
-                    idle_since = now if idle_since is None else idle_since
-                    if now - idle_since > LINGER_S:
-                        self._sleeping = True
-                        self._cond.wait(1.0)
-                        self._sleeping = False
-                        idle_since = None
-                        continue
-                    items: list[_Pending] = []
-                else:
-                    idle_since = None
-                    items = list(itertools.islice(self._queue, 64))
-            if not items:
-                time.sleep(TICK_S)
-                continue
+                items = list(itertools.islice(self._queue, 64))
             now = time.perf_counter()
             finished: list[_Pending] = []
             wait = MAX_TICK_S
@@ -751,7 +787,10 @@ class CudaIpcPath(DataPath):
                 gone = set(map(id, finished))
                 with self._cond:
                     self._queue = deque(q for q in self._queue if id(q) not in gone)
-                continue
+                    if not self._queue:
+                        continue
+                if len(finished) == len(items):
+                    continue  # the rest of a long queue: look at it now
             time.sleep(wait)
 
     def close(self) -> None:
