@@ -2,16 +2,23 @@
 
     python benchmarks/serve_calibrate.py --machine cpu2-vm
 
+    python benchmarks/serve_calibrate.py --machine h200 --device cuda:0 --model-shape 1b --cluster dgx-h100:nodes=1,gpu=H200
+
 1. Microbenchmarks (`workbench.serve.calibrate`): the engine's steps for batches of 1..16 sequences and
    prompts of 16..128 tokens (`measure_steps`), through the worker's pipe alone (the engine) and as
-   streaming requests through the HTTP server (the engine beside its front end: the shape used), and the
-   cost of a request outside the engine through the real HTTP server (`measure_overheads`). Both are
-   written to `datasets/serving/serve_{steps,overheads}_MACHINE_measured.csv` with the command and machine.
-2. The server (colocated, CPU) under closed-loop traffic at each concurrency of `--levels`.
-3. The simulator calibrated on the microbenchmarks and the FIRST level's engine steps (per-step and
-   per-sequence host costs, a rate factor, the per-request cost; no end-to-end metric fitted), compared
-   with every level, before and after. `--rounds N` repeats 2–3 N times (the machine is shared: the
-   spread says how much of an error is the machine's).
+   streaming requests through the HTTP server (the engine beside its front end), the cost of a request
+   outside the engine through the real HTTP server (`measure_overheads`), the front end's CPU per request,
+   per engine step and per streamed token (`measure_frontend`: the server process's CPU time, the engine
+   being in its own process) and the engine's slowdown while one core is kept busy (`measure_slowdown`).
+   All are written to `datasets/serving/serve_{steps,overheads,frontend}_MACHINE_measured.csv` with the
+   command and machine.
+2. The server (colocated) under closed-loop traffic at each concurrency of `--levels`.
+3. The simulator calibrated on the microbenchmarks and the FIRST level's engine steps only (no end-to-end
+   metric fitted), compared with every level: uncalibrated; the previous calibration (shape from the
+   steps through HTTP, `request_us` = the calibration run's HTTP hop); and the front end as a mechanism
+   (shape from the engine alone, the measured `fe_*` terms, `request_us` = the hop of one request alone).
+   `--rounds N` repeats 2–3 N times (the machine is shared: the spread says how much of an error is the
+   machine's).
 Writes benchmarks/results/serve-calibration-MACHINE.{json,md}; earlier records are kept in it as `history`.
 """
 
@@ -32,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 PLAN = "tp=1,replicas=1,max_seqs=64,max_tokens=256,block=16,prefix_caching=false,cuda_graph=false,chunked_prefill=true"
 KEYS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 SPEC = {"page_size": 16, "max_batched_tokens": 256, "max_seqs": 64, "threads": 1}
+SHAPES = {"tiny": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768),
+          "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192)}
 
 
 def _cpu() -> float:
@@ -40,7 +49,8 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
 
-def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str, float]) -> list[str]:
+def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str, float],
+                    frontend: dict[str, float]) -> list[str]:
     import pandas as pd
 
     d = ROOT / "datasets" / "serving"
@@ -56,46 +66,64 @@ def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str,
     ov.write_text(head + "measure_overheads: one request at a time through the real HTTP server and the traffic "
                   "benchmark's client; request_us = client TTFT - the engine's one step\n"
                   + rows.to_csv(index=False, float_format="%.6g"))
-    return [str(steps.relative_to(ROOT)), str(ov.relative_to(ROOT))]
+    fe = d / f"serve_frontend_{machine}_measured.csv"
+    rows = pd.DataFrame([{"parameter": k, "value": v} for k, v in frontend.items()])
+    fe.write_text(head + "measure_frontend: the server process's CPU seconds (HTTP, tokenising, the pipe, SSE, the "
+                  "benchmark client; the engine's process not counted) over closed-loop runs, least squares per "
+                  "request, per streamed token and per engine step; measure_slowdown: the engine alone through its "
+                  "pipe with and without one core kept busy (fe_slowdown = periods with / without - 1)\n"
+                  + rows.to_csv(index=False, float_format="%.6g"))
+    return [str(steps.relative_to(ROOT)), str(ov.relative_to(ROOT)), str(fe.relative_to(ROOT))]
 
 
-def one_round(model: Path, levels: list[int], lengths: str) -> dict[str, Any]:
+def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
     import workbench as wb
-    from workbench.serve.calibrate import calibrate_job, fit_steps, measure_overheads, measure_steps
+    from workbench.serve.calibrate import (
+        calibrate_job,
+        fit_steps,
+        measure_frontend,
+        measure_overheads,
+        measure_slowdown,
+        measure_steps,
+    )
     from workbench.serve.compare import compare_serving
     from workbench.serving import Serving
 
-    pipe = measure_steps(str(model), **SPEC).assign(path="pipe")
-    micro = measure_steps(str(model), http=True, **SPEC).assign(path="http")
-    overheads = measure_overheads(str(model), **SPEC)
+    pipe = measure_steps(str(model), **spec).assign(path="pipe")
+    micro = measure_steps(str(model), http=True, **spec).assign(path="http")
+    overheads = measure_overheads(str(model), **spec)
+    frontend = measure_frontend(str(model), **spec) | measure_slowdown(str(model), **spec)
+    print(json.dumps({"overheads": overheads, "frontend": frontend}, default=float), flush=True)
     jobs, measured = [], []
     for c in levels:
-        job = wb.Job.create("local", str(model / "config.json"), plan=PLAN,
+        job = wb.Job.create(cluster, str(model / "config.json"), plan=PLAN,
                             workload=Serving(traffic=f"concurrency={c},{lengths}"))
-        measured.append(wb.start(job, checkpoint=str(model), **SPEC).wait(timeout=900))
+        measured.append(wb.start(job, checkpoint=str(model), **spec).wait(timeout=900))
         jobs.append(job)
-    cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=micro, overheads=overheads)
+    hop_job, hop_fit = calibrate_job(jobs[0], measured[0], micro=micro, overheads=overheads)
+    cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=pipe, overheads=overheads, frontend=frontend)
     rows = []
     for job, r, c in zip(jobs, measured, levels):
         before = compare_serving(wb.simulate(job), r, KEYS)
+        hop = compare_serving(wb.simulate(hop_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
         after = compare_serving(wb.simulate(cal_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
-        # diagnostic, not a prediction: calibrated on this run's own steps and hop (the machine's state then)
-        own_job, own = calibrate_job(job, r, micro=micro, overheads=overheads)
+        # diagnostic, not a prediction: calibrated on this run's own steps (the machine's state then)
+        own_job, own = calibrate_job(job, r, micro=pipe, overheads=overheads, frontend=frontend)
         self_cal = compare_serving(wb.simulate(own_job), r, KEYS)
         for k in KEYS:
             rows.append({"concurrency": c, "role": "calibrated on" if c == levels[0] else "predicted",
                          "metric": k, "measured": after.loc[k, "measured"],
                          "sim_before": before.loc[k, "simulated"], "error_before": before.loc[k, "error"],
+                         "sim_hop": hop.loc[k, "simulated"], "error_hop": hop.loc[k, "error"],
                          "sim_after": after.loc[k, "simulated"], "error_after": after.loc[k, "error"],
                          "error_self": self_cal.loc[k, "error"], "contention": own.get("contention", float("nan")),
-                         "hop_us": own["hop_us"]})
+                         "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0])})
         print(json.dumps(rows[-3:], default=float), flush=True)
     engine_alone = fit_steps(jobs[0], pipe)
-    return {"rows": rows, "fitted": fitted, "overheads": overheads, "micro": pd.concat([pipe, micro]),
-            "engine_alone": engine_alone,
-            "load_average": os.getloadavg()}
+    return {"rows": rows, "fitted": fitted, "fitted_hop": hop_fit, "overheads": overheads, "frontend": frontend,
+            "micro": pd.concat([pipe, micro]), "engine_alone": engine_alone, "load_average": os.getloadavg()}
 
 
 def demo_compare() -> dict[str, Any]:
@@ -133,20 +161,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repeat microbenchmarks + levels + calibration")
     ap.add_argument("--demo", action="store_true", help="also run make demo's serving comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda:N")
+    ap.add_argument("--model-shape", default="tiny", choices=list(SHAPES))
+    ap.add_argument("--cluster", default="local", help="the simulator's cluster (a GPU run: e.g. dgx-h100:nodes=1,gpu=H200)")
     args = ap.parse_args()
 
     from workbench.serve.checkpoints import random_llama
 
-    model = Path("/tmp/wb-serve-calib")
+    gpu = args.device.startswith("cuda")
+    dtype = "bfloat16" if gpu else "float32"
+    model = Path(f"/tmp/wb-serve-calib-{args.model_shape}-{dtype}" if args.model_shape != "tiny" or gpu
+                 else "/tmp/wb-serve-calib")
     if not (model / "model.safetensors").is_file():
-        random_llama(model, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, dtype="float32")
+        random_llama(model, **SHAPES[args.model_shape], dtype=dtype, device="cuda" if gpu else "cpu")
+    spec = SPEC | ({"device": args.device, "dtype": dtype} if gpu else {})
     levels = [int(x) for x in args.levels.split(",")]
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     t0, c0 = time.time(), _cpu()
-    rounds = [one_round(model, levels, args.lengths) for _ in range(args.rounds)]
+    rounds = [one_round(model, levels, args.lengths, args.cluster, spec) for _ in range(args.rounds)]
     demo = demo_compare() if args.demo else None
     wall, cpu = time.time() - t0, _cpu() - c0
-    files = _write_datasets(args.machine, command, rounds[-1]["micro"], rounds[-1]["overheads"])
+    files = _write_datasets(args.machine, command, rounds[-1]["micro"], rounds[-1]["overheads"], rounds[-1]["frontend"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"serve-calibration-{args.machine}.json"
@@ -159,7 +194,13 @@ def main() -> None:
                         "fitted": old["meta"].get("fitted") or old.get("rounds", [{}])[-1].get("fitted", {})})
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
             "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
-            "load_average_end": os.getloadavg(), "datasets": files}
+            "load_average_end": os.getloadavg(), "datasets": files, "device": args.device,
+            "model": {"shape": args.model_shape, **SHAPES[args.model_shape], "dtype": dtype,
+                      "weights": "random N(0,0.02), HF Llama format"}, "cluster": args.cluster}
+    if gpu:
+        import torch
+
+        meta["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     record = {"meta": meta, "rounds": [{k: v for k, v in r.items() if k != "micro"} for r in rounds],
               "rows": rounds[-1]["rows"], "demo": demo, "history": history}
     jpath.write_text(json.dumps(record, indent=1, default=float))
@@ -169,53 +210,66 @@ def main() -> None:
 
 
 def render(record: dict[str, Any]) -> str:
+    import numpy as np
+
     meta = record["meta"]
+    mod = meta.get("model") or {"shape": "tiny", "hidden": 256, "layers": 4, "dtype": "float32"}
+    where = (f"{', '.join(meta['gpus'])}, worker on {meta['device']}" if meta.get("gpus")
+             else "colocated CPU worker (1 thread)")
     lines = [f"# Serving simulator vs the real server on {meta['machine']}", "", f"`{meta['command']}`", "",
              f"{meta['platform']}, {meta['cpus']} CPUs (shared), {meta['wall_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU "
-             f"(this process and its workers), load average at the end {meta['load_average_end'][0]:.1f}; random "
-             f"Llama (hidden 256, 4 layers), colocated CPU worker (1 thread), closed loop `{meta['lengths']}`; "
-             f"simulator plan `{meta['plan']}` on the `local` cluster.", "",
-             "Calibration inputs (no end-to-end metric is fitted): the engine-step microbenchmark and the first "
-             f"level's engine steps (`{meta['datasets'][0]}`), the per-request microbenchmark "
-             f"(`{meta['datasets'][1]}`).", ""]
+             f"(this process and its workers), load average at the end {meta['load_average_end'][0]:.1f}; random-weight "
+             f"Llama (hidden {mod['hidden']}, {mod['layers']} layers, {mod['dtype']}), {where}, closed loop "
+             f"`{meta['lengths']}`; simulator plan `{meta['plan']}` on the `{meta.get('cluster', 'local')}` cluster.", "",
+             "Calibration inputs (no end-to-end metric is fitted, and nothing of the predicted level): the engine-step "
+             f"microbenchmark and the first level's engine steps (`{meta['datasets'][0]}`), the per-request microbenchmark "
+             f"(`{meta['datasets'][1]}`)" + (f", the front end's microbenchmarks (`{meta['datasets'][2]}`)"
+                                              if len(meta["datasets"]) > 2 else "") + ".", "",
+             "Three simulators per level: uncalibrated; **previous calibration** (step shape from the microbenchmark "
+             "through HTTP, scaled by the calibration run's steps; `request_us` = the calibration run's HTTP hop); "
+             "**front-end model** (step shape from the engine alone, scaled by the calibration run's steps; the front "
+             "end as a mechanism: `fe_request_us`, `fe_step_us`, `fe_token_us`, `fe_slowdown` measured on their own; "
+             "`request_us` = the hop of one request alone).", ""]
     for i, r in enumerate(record["rounds"]):
         f, o = r["fitted"], r["overheads"]
-        lines.append(f"Round {i + 1}: scheduler_us = {f['scheduler_us']:.0f}, seq_us = {f['seq_us']:.0f}, rate factor "
-                     f"= {f['rate_factor']:.3g} (shape from {f['steps']:.0f} microbenchmark steps through HTTP: R² {f['r2']:.2f}, "
-                     f"median |error| {f['median_abs_error']:.0%}; scaled by the calibration run's "
-                     f"{f.get('run_steps', 0):.0f} busy steps: contention {f.get('contention', 1.0):.2f}); request_us = "
-                     f"{f['request_us']:.0f} = the run's HTTP hop {f['hop_us']:.0f} + handler→engine "
-                     f"{o['server_request_us']:.0f} (one-token requests alone: client TTFT − step "
-                     f"{o['request_us']:.0f}); per output token outside the engine {o['token_us']:.0f} µs (not applied); "
-                     f"load average {r['load_average'][0]:.1f}.")
-        e = r.get("engine_alone")
-        if e:
-            lines.append(f"  The engine alone (through its pipe, no HTTP) fits scheduler_us = {e['scheduler_us']:.0f}, "
-                         f"seq_us = {e['seq_us']:.0f}, rate factor = {e['rate_factor']:.3g} (R² {e['r2']:.2f}); "
-                         "the difference is the front end's CPU beside the steps (not used: a serving run has it).")
-    lines += ["", "The last column of each round's table is a diagnostic, not a prediction: the simulator calibrated "
-              "on that run's own steps and HTTP hop, and that run's contention factor (its step periods over the "
-              "microbenchmark's shape). Where it is small and the prediction's error is not, the error is the "
+        fe = r.get("frontend")
+        lines.append(f"Round {i + 1}: load average {r['load_average'][0]:.1f}. Engine: scheduler_us = {f['scheduler_us']:.0f}, "
+                     f"seq_us = {f['seq_us']:.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
+                     f"{f['steps']:.0f} microbenchmark steps; the calibration run's {f.get('run_steps', 0):.0f} busy steps: "
+                     f"contention {f.get('contention', 1.0):.2f}); request_us = {f['request_us']:.0f} (one request alone: "
+                     f"client TTFT − step {o['request_us']:.0f}).")
+        if fe:
+            lines.append(f"  Front end: fe_request_us = {fe['fe_request_us']:.0f}, fe_step_us = {fe['fe_step_us']:.0f}, "
+                         f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs), "
+                         f"fe_slowdown = {fe['fe_slowdown']:.2f} (steps {fe['ratio']:.2f}× with one core kept busy; "
+                         f"the runs without drifted {fe['off_drift']:.2f}×).")
+        h = r.get("fitted_hop")
+        if h:
+            lines.append(f"  Previous calibration: scheduler_us = {h['scheduler_us']:.0f}, seq_us = {h['seq_us']:.0f}, "
+                         f"rate factor = {h['rate_factor']:.3g}, request_us = {h['request_us']:.0f} (the run's hop "
+                         f"{h['hop_us']:.0f} + handler→engine {o['server_request_us']:.0f}).")
+    lines += ["", "The diagnostic column is not a prediction: the front-end model calibrated on that run's own steps "
+              "(the machine's state then). Where it is small and the prediction's error is not, the error is the "
               "machine's state changing between the runs (a shared 2-core VM), not the model.", ""]
     if len(record["rounds"]) > 1:
-        import numpy as np
-
-        lines += ["## Median over the rounds (calibrated simulator)", "", "| concurrency | role | metric | errors of the "
-                  "rounds | median |", "|---|---|---|---|---|"]
+        lines += ["## Median over the rounds", "", "| concurrency | role | metric | previous calibration: errors "
+                  "| median | front-end model: errors | median |", "|---|---|---|---|---|---|---|"]
         first = record["rounds"][0]["rows"]
         for j, x in enumerate(first):
-            errs = [r["rows"][j]["error_after"] for r in record["rounds"]]
-            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | "
-                         f"{', '.join(f'{e:+.1%}' for e in errs)} | {float(np.median(errs)):+.1%} |")
+            eh = [r["rows"][j].get("error_hop", float("nan")) for r in record["rounds"]]
+            ea = [r["rows"][j]["error_after"] for r in record["rounds"]]
+            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | {', '.join(f'{e:+.1%}' for e in eh)} "
+                         f"| {float(np.median(eh)):+.1%} | {', '.join(f'{e:+.1%}' for e in ea)} "
+                         f"| {float(np.median(ea)):+.1%} |")
         lines.append("")
     for i, r in enumerate(record["rounds"]):
         lines += [f"## Round {i + 1}", "",
-                  "| concurrency | role | metric | measured | sim uncalibrated | error | sim calibrated | error | "
-                  "diagnostic: error calibrated on this run | this run's contention, HTTP hop |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| concurrency | role | metric | measured | uncalibrated | error | previous calibration | error "
+                  "| front-end model | error | diagnostic: calibrated on this run | this run's contention, HTTP hop |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} "
-                  f"| {x['error_before']:+.1%} | {x['sim_after']:.4g} | {x['error_after']:+.1%} "
-                  f"| {x.get('error_self', float('nan')):+.1%} "
+                  f"| {x['error_before']:+.1%} | {x.get('sim_hop', float('nan')):.4g} | {x.get('error_hop', float('nan')):+.1%} "
+                  f"| {x['sim_after']:.4g} | {x['error_after']:+.1%} | {x.get('error_self', float('nan')):+.1%} "
                   f"| {x.get('contention', float('nan')):.2f}, {x.get('hop_us', float('nan')) / 1e3:.0f} ms |"
                   for x in r["rows"]]
         lines.append("")
@@ -233,8 +287,6 @@ def render(record: dict[str, Any]) -> str:
         lines.append("")
     for prev in reversed(record.get("history") or []):
         pm = prev["meta"]
-        import numpy as np
-
         fitted = prev.get("fitted") or pm.get("fitted") or {}
         rr = prev.get("rounds_rows") or [prev["rows"]]
         load = pm.get("load_average", pm.get("load_average_end"))

@@ -9,9 +9,9 @@ import pytest
 
 import workbench as wb
 from workbench.result import Result, events_frame, memory_frame
-from workbench.serve.calibrate import _price, calibrate_job, fe_busy, kv_handoff, steps
+from workbench.serve.calibrate import _price, calibrate_job, kv_handoff, steps
 from workbench.serving import Serving, ServingPlan
-from workbench.sim.serve import simulate_serving, workers
+from workbench.sim.serve import requests, simulate_serving, workers
 from workbench.topology import load_cluster
 
 NODE = "dgx-h100:nodes=1"
@@ -143,11 +143,34 @@ def test_a_busy_frontend_slows_the_engine_steps() -> None:
     assert ratio == pytest.approx(1.5, rel=0.02)
 
 
-def test_frontend_busy_fraction() -> None:
-    fe = {"fe_step_us": 100.0, "fe_token_us": 50.0}
-    got = fe_busy(np.array([2.0, 100.0]), np.array([1e-3, 1e-3]), fe)
-    assert got == pytest.approx([0.2, 1.0])
-    assert not fe_busy(np.array([2.0]), np.array([1e-3]), None).any()
+def test_requests_wait_behind_the_frontend_on_their_way_in() -> None:
+    """Four requests sent at once, 50 ms of front-end work each: they reach the engine 50 ms apart."""
+    node = load_cluster(NODE)
+    res = simulate_serving(node, MODEL, "tp=1,replicas=1,fe_request_us=50000", "rate=inf,isl=16,osl=2,requests=4")
+    r = requests(res).sort_values("queue_s")
+    assert r["queue_s"].to_numpy() == pytest.approx([0.0, 0.05, 0.10, 0.15], abs=1e-9)  # the first's is in request_us
+    # one front end, first come first served: the first token waits while the next request is taken in
+    assert r["ttft_s"].to_numpy() == pytest.approx([0.05, 0.10, 0.15, 0.15 + r["ttft_s"].iloc[3] - 0.15], abs=1e-9)
+    assert 0.15 < r["ttft_s"].iloc[3] < 0.17
+
+
+def test_calibrating_with_a_measured_frontend(job) -> None:  # type: ignore[no-untyped-def]
+    colo = job.with_plan("tp=1,replicas=1,cuda_graph=false")
+    m = _disaggregated_run(job)
+    ev = m.events[m.events["rank"] != 0]
+    res = Result(ev.assign(rank=ev["rank"].where(ev["rank"] < 0, 0)), m.memory[m.memory["rank"] == 1].assign(rank=0),
+                 metrics={}, source="run", fidelity="measured", job=colo)
+    micro = steps(res, colo)[["tokens", "seqs", "period"]].dropna()
+    fe = {"fe_request_us": 3000.0, "fe_token_us": 100.0, "fe_step_us": 400.0, "fe_slowdown": 0.0}
+    cal, f = calibrate_job(colo, res, micro=micro, overheads={"request_us": 9000.0, "server_request_us": 1.0}, frontend=fe)
+    assert cal.plan.request_us == pytest.approx(9000 - 400 - 100)  # the first token's front-end work is the model's
+    assert (cal.plan.fe_request_us, cal.plan.fe_token_us, cal.plan.fe_step_us) == (3000.0, 100.0, 400.0)
+    assert f["contention"] == pytest.approx(1.0, rel=1e-6)
+    slowed, g = calibrate_job(colo, res, micro=micro, overheads={"request_us": 9000.0, "server_request_us": 1.0},
+                              frontend=fe | {"fe_slowdown": 1.0, "fe_token_us": 3000.0})
+    assert g["fe_mean_slowdown"] > 1.05  # the run's steps were partly the front end's doing
+    assert g["contention"] == pytest.approx(1.0 / g["fe_mean_slowdown"], rel=0.1)
+    assert slowed.plan.scheduler_us < cal.plan.scheduler_us
 
 
 def test_plan_role_and_frontend_terms_parse_and_reject_bad_values() -> None:

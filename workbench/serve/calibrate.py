@@ -159,23 +159,12 @@ def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
     return {k: (v * lam if k.endswith(("scheduler_us", "seq_us")) or k == "rate_factor" else v) for k, v in f.items()}
 
 
-def fe_busy(seqs: np.ndarray, base: np.ndarray, frontend: dict[str, float] | None) -> np.ndarray:
-    """The front end's busy fraction during steps that follow steps of `seqs` streamed tokens, the steps
-    lasting `base` seconds: min(1, (per-step + per-token work) / base); 0 without a front-end model."""
-    if not frontend:
-        return np.zeros_like(base)
-    work = (frontend.get("fe_step_us", 0.0) + seqs * frontend.get("fe_token_us", 0.0)) * 1e-6
-    return np.minimum(work / np.maximum(base, 1e-9), 1.0)
-
-
-def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None,
-        frontend: dict[str, float] | None = None) -> dict[str, float]:
+def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str, float]:
     """The step cost of `measured`'s engine, per worker role. Without `micro`: `fit_steps` over the run's busy
     steps. With a `measure_steps` table (a colocated worker): its wider range of batch shapes gives the shape
     (s, q, k), and the run's own steps one factor `contention` = Σ measured periods / Σ predicted over them,
     which scales all three (the machine is shared: the microbenchmark ran at another moment than the run).
-    With `frontend` (`measure_frontend` + `measure_slowdown`), the prediction of the run's steps includes the
-    front end's slowdown `1 + fe_slowdown · busy`, so `contention` is the machine's alone. A disaggregated run
+    A disaggregated run
     is fitted on its own steps (the microbenchmark is of a colocated worker)."""
     st = steps(measured, job)
     run = st[["tokens", "seqs", "period", "role"]]
@@ -191,8 +180,6 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
         pred = (f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6 + f["rate_factor"] * _price(job, r["tokens"].to_numpy(float), seqs)
-        if frontend:
-            pred = pred * (1.0 + frontend.get("fe_slowdown", 0.0) * fe_busy(seqs, pred, frontend))
         lam = float(r["period"].sum() / pred.sum())
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
 
@@ -268,11 +255,13 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     growth with load comes from the front end's backlog, not from the calibration run."""
     from workbench.calibration.run import _with_specs
 
-    f = fit(job, measured, micro, frontend)
+    f = fit(job, measured, micro)
     spec = job.cluster.nodes[0].gpu_spec
-    k = f["rate_factor"]
-    specs = {f"{p}_tflops": v / k for p, v in spec.peak_tflops} | {"memory_GBps": spec.memory_GBps / k}
-    cluster = _with_specs(job.cluster, **specs)
+
+    def rates(k: float) -> Any:
+        specs = {f"{p}_tflops": v / k for p, v in spec.peak_tflops} | {"memory_GBps": spec.memory_GBps / k}
+        return _with_specs(job.cluster, **specs)
+
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
     changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"], "replicas": 1}
@@ -282,6 +271,15 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
         f["request_us"] = max(float(overheads["request_us"]) - own, 0.0)
         f.update(fe)
         changes.update(fe)
+        if fe["fe_slowdown"] > 0 and "contention" in f:
+            # the run's steps were slowed by its front end as well: the model's own mean slowdown at this load
+            # (the same job simulated with and without it) comes out of the machine's contention factor
+            f0 = dict(f)
+            for _ in range(3):  # the slowdown depends a little on the step costs it rescales: a fixed point
+                trial = job.with_cluster(rates(f["rate_factor"])).with_plan(job.plan.with_(**changes))
+                e = _mean_slowdown(trial)
+                f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
+                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"])
     else:
         inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
         f["request_us"] = f["hop_us"] + max(inner, 0.0)
@@ -295,13 +293,28 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
         if "kv_us" in kv:
             changes["kv_us"] = kv["kv_us"]
             changes["kv_GBps"] = kv.get("kv_GBps")
-    return job.with_cluster(cluster).with_plan(job.plan.with_(**changes)), f
+    return job.with_cluster(rates(f["rate_factor"])).with_plan(job.plan.with_(**changes)), f
+
+
+def _mean_slowdown(job: Any) -> float:
+    """Σ engine step time of `job` simulated / the same with `fe_slowdown=0`: how much its front end slows the
+    engine on average at the job's load."""
+    from workbench.api import simulate
+
+    def busy(j: Any) -> float:
+        ev = simulate(j).events
+        s = ev[(ev["kind"] == "compute") & (ev["op"] != "request")]
+        return float((s["end"] - s["start"]).sum())
+
+    slow = job.with_plan(job.plan.with_(fe_slowdown=0.0))
+    # the same steps without the slowdown take less time; the ratio is the mean factor at this load
+    return max(busy(job) / max(busy(slow), 1e-12), 1.0)
 
 
 # ====================================================================== microbenchmarks
 def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16),
                   prompts: tuple[int, ...] = (16, 48, 128), output: int = 10, repeat: int = 1, http: bool = False,
-                  **spec: Any) -> pd.DataFrame:
+                  backend: Any = None, **spec: Any) -> pd.DataFrame:
     """Engine steps of the real worker process for batches of `batches` sequences with prompts of `prompts`
     tokens each, `output` tokens each; one row per step: tokens, seqs, seconds (the step), gap (the worker loop
     before the next step; NaN after a batch's last step), period = seconds + gap, and the shape.
@@ -309,7 +322,8 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
     `http=False`: driven through the worker's pipe only (the engine alone). `http=True`: the same batches as
     streaming requests through the real HTTP server and the traffic benchmark's client (all of a batch sent
     at once), so the front end's CPU work (parsing, tokenising, streaming every token) runs beside the steps
-    as it does in a serving run; on a small machine it slows them."""
+    as it does in a serving run; on a small machine it slows them. `backend`: a running colocated `Backend` to
+    drive (pipe only) instead of starting one."""
     rows: list[dict[str, Any]] = []
 
     def log(got: list[dict[str, Any]], n: int, plen: int) -> None:
@@ -336,10 +350,12 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
                 log(list(svc.backend.steps)[k0:], n, plen)
         return pd.DataFrame(rows)
 
+    from contextlib import nullcontext
+
     from workbench.serve.backend import Backend
     from workbench.serve.sampling import SamplingParams
 
-    with Backend(checkpoint, "colocated", **spec) as backend:
+    with (nullcontext(backend) if backend is not None else Backend(checkpoint, "colocated", **spec)) as backend:
         async def batch(n: int, plen: int, seed: int) -> None:
             params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
             gens = [backend.generate([(seed * 31 + i * 7 + j) % 200 + 1 for j in range(plen)], params)
@@ -411,9 +427,13 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     """The front end's CPU cost (the server process: HTTP, parsing, tokenising, the pipe to the worker and back,
     detokenising, SSE; and the benchmark client, which shares the process in a serving run), measured as this
     process's CPU time (the engine runs in its own process, so none of its work is counted) over closed-loop
-    runs of (concurrency, output tokens, requests) against the real server. Least squares with no intercept after
-    the idle process's CPU per second is taken off: `cpu = a·requests + b·tokens + c·steps`.
-    {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'idle_cpu_per_s', 'r2', 'runs'}."""
+    runs of (concurrency, output tokens, requests) against the real server. The idle process's CPU per second and
+    the client's prompt building (done before the first request is sent, measured the same way) are taken off,
+    then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
+    list). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
+    'runs'}."""
+    import random
+
     from scipy.optimize import nnls
 
     from workbench.serve import bench
@@ -428,6 +448,11 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
             res = asyncio.run(bench.run_async(svc.url, f"concurrency={c},isl={isl},osl={osl},requests={n}",
                                               progress=False, tokenizer=svc.app.tok))
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            c1 = time.process_time()  # the prompts the client built before sending, built again and timed
+            words, rnd = bench._corpus(), random.Random(0)
+            for _ in range(n):
+                bench._prompt(words, rnd, isl, svc.app.tok)
+            cpu -= time.process_time() - c1
             ok = res.requests[res.requests["success"]]
             return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall
 
@@ -441,17 +466,17 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
                          "wall_s": wall, "load_average": os.getloadavg()[0]})
     df = pd.DataFrame(rows)
     y = (df["cpu_s"] - idle * df["wall_s"]).to_numpy(float)
-    A = df[["requests", "tokens", "steps"]].to_numpy(float)
+    A = df[["requests", "tokens", "steps"]].assign(run=1.0).to_numpy(float)
     x, _ = nnls(A, y)
     pred = A @ x
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     return {"fe_request_us": float(x[0]) * 1e6, "fe_token_us": float(x[1]) * 1e6, "fe_step_us": float(x[2]) * 1e6,
-            "idle_cpu_per_s": idle, "r2": r2, "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
+            "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2, "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
             "load_average": float(os.getloadavg()[0]), "when": time.time()}
 
 
 def measure_slowdown(checkpoint: str, batches: tuple[int, ...] = (1, 4, 8, 16), prompts: tuple[int, ...] = (16, 64),
-                     **spec: Any) -> dict[str, float]:
+                     cycles: int = 2, **spec: Any) -> dict[str, Any]:
     """How much slower the engine's steps run while the front end is busy: the engine alone (through its pipe,
     `measure_steps`) without, with, and again without a process that keeps one core busy (what a saturated
     front end does: one Python process, one core at most). `fe_slowdown` = Σ periods with / mean Σ without − 1
@@ -462,17 +487,24 @@ def measure_slowdown(checkpoint: str, batches: tuple[int, ...] = (1, 4, 8, 16), 
     def total(df: pd.DataFrame) -> pd.Series:
         return df.dropna(subset=["period"]).groupby(["batch", "prompt"])["period"].sum()
 
-    off1 = total(measure_steps(checkpoint, batches, prompts, **spec))
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        on = total(measure_steps(checkpoint, batches, prompts, **spec))
-    finally:
-        burner.kill()
-        burner.wait(10)
-    off2 = total(measure_steps(checkpoint, batches, prompts, **spec))
-    keys = off1.index.intersection(on.index).intersection(off2.index)
-    base = (off1[keys].sum() + off2[keys].sum()) / 2
-    ratio = float(on[keys].sum() / base) if base > 0 else 1.0
-    return {"fe_slowdown": max(ratio - 1.0, 0.0), "ratio": ratio, "off_drift": float(off2[keys].sum() / off1[keys].sum()),
+    from workbench.serve.backend import Backend
+
+    with Backend(checkpoint, "colocated", **spec) as b:
+        offs, ons = [total(measure_steps(checkpoint, batches, prompts, backend=b))], []
+        for _ in range(cycles):  # off, on, off, on, off: the machine drifts; each "on" against its neighbours
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                ons.append(total(measure_steps(checkpoint, batches, prompts, backend=b)))
+            finally:
+                burner.kill()
+                burner.wait(10)
+            offs.append(total(measure_steps(checkpoint, batches, prompts, backend=b)))
+    keys = offs[0].index
+    for x in offs[1:] + ons:
+        keys = keys.intersection(x.index)
+    ratios = [float(on[keys].sum() / ((offs[i][keys].sum() + offs[i + 1][keys].sum()) / 2)) for i, on in enumerate(ons)]
+    ratio = float(np.median(ratios))
+    return {"fe_slowdown": max(ratio - 1.0, 0.0), "ratio": ratio, "ratios": ratios,
+            "off_drift": float(offs[-1][keys].sum() / offs[0][keys].sum()),
             "shapes": float(len(keys)), "cpu_count": float(os.cpu_count() or 0), "load_average": float(os.getloadavg()[0]),
             "when": time.time()}

@@ -6,7 +6,8 @@ set in admission order, and the waiting queue as a ring buffer (preempted reques
 front). The step price is `WorkerCost.step` written over the same tables.
 
 The front end (`F_FE_*`, all 0 unless measured): one server beside the engine that spends a fixed time per
-request, per step's output and per streamed token, first come first served. A step's tokens reach the
+request (just before it reaches the engine: a request waits behind the front end's backlog), per step's
+output and per streamed token, first come first served. A step's tokens reach the
 clients when the front end is through with them (`deliver`), so TTFT, TPOT and a closed-loop client's next
 request see its backlog; and a step that starts while the front end still has `b` seconds of work runs
 `1 + F_FE_SLOW · min(b, dt) / dt` times longer (the two share the CPU cores). Only `workbench.sim.serve`
@@ -132,19 +133,26 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     ch_c = np.empty(max_seqs + 1, np.int64)
     isdec = np.zeros(max_seqs + 1, np.bool_)
     fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0
-    fe_free = 0.0
+    fe_free = -np.inf  # when the front end is next free
+    at = arr.copy()  # when each request reaches the engine (`arr`: as the clients see it, + request_us)
+    fe_in = np.zeros(n, np.bool_)  # the front end has taken the request in (its work just before it reaches the engine)
     while done < n:
-        while nxt < n and arr[nxt] <= now:
+        while nxt < n and at[nxt] <= now:
+            if fe_on and not fe_in[nxt] and not failed[nxt]:
+                fe_in[nxt] = True
+                eff = max(at[nxt], fe_free + fp[F_FE_REQ])  # behind the front end's backlog
+                fe_free = eff
+                if eff > now:
+                    at[nxt] = eff
+                    break
             if not failed[nxt]:
                 wq[(wh + wn) % cap] = nxt
                 wn += 1
-                if fe_on:
-                    fe_free = max(fe_free, arr[nxt]) + fp[F_FE_REQ]
             nxt += 1
         if nr == 0 and wn == 0:
-            if nxt >= n or not np.isfinite(arr[nxt]):
+            if nxt >= n or not np.isfinite(at[nxt]):
                 break
-            now = max(now, arr[nxt])
+            now = max(now, at[nxt])
             continue
         budget = max_tokens
         extra_s = 0.0
@@ -279,8 +287,8 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                     n_dec += 1
                     dkv += kv[i] + 1
         if nc == 0 and n_dec == 0:
-            if nxt < n and np.isfinite(arr[nxt]):
-                now = max(now, arr[nxt])
+            if nxt < n and np.isfinite(at[nxt]):
+                now = max(now, at[nxt])
                 continue
             for k in range(wn):  # nothing runs and nothing arrives: what waits never fits
                 i = wq[(wh + k) % cap]
@@ -372,6 +380,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                 done += 1
                 if closed > 0 and issued < n:
                     arr[issued] = deliver + fp[F_REQ]  # the last token's way back and the next request's way in
+                    at[issued] = arr[issued]
                     issued += 1
             else:
                 run_ids[w] = i
