@@ -13,12 +13,21 @@ region, count, offset, length; then, for PAGED, `count` u64 destination offsets;
 payload. Handshake per socket: server nonce; client nonce + HMAC-SHA256(secret) + hello;
 server HMAC back (mutual challenge–response, nothing secret on the wire).
 
-Acknowledgements go back on the control socket, coalesced: a receiver that has more data
-waiting in its socket defers the acks and sends them together (one `sendmsg`; acks of one
-transfer merged into one header with a count). A data receiver sends them itself (the
-peer's control receiver always drains); a control receiver queues them to its sender
-thread, so no receiver ever waits on a socket the peer is not reading: the mesh cannot
-deadlock, whatever both sides write to each other. At most
+Acknowledgements of writes go back on the data socket the write came in on (its other direction:
+TCP acknowledges the data in the same segment, as a plain socket's request/ack loop does), coalesced:
+a receiver that has more data waiting defers the acks and sends them together (acks of one transfer
+merged into one header with a count). A data receiver sends them itself, never blocking: when that
+socket is busy or full they go on the control socket instead (the peer's control receiver always
+drains); a control receiver queues its acks to its sender thread. So no receiver ever waits on a
+socket the peer is not reading: the mesh cannot deadlock, whatever both sides write to each other.
+
+The writer reads its own acknowledgement ("caller reads"): once this side has written on a data lane,
+the lane's receiver thread waits for data with `epoll` and reads only while it holds the lane's read
+token; a caller waiting in `Transfer.result()` for a write that went out on one lane takes the token
+when it is free, masks the receiver thread's `epoll` (so it sleeps on) and reads the acks itself with
+bounded, non-blocking reads: no thread hand-off between the ack on the socket and the waiting caller.
+It handles acks only; at any other message it hands the lane back to the receiver thread (waking it
+through an eventfd), and after `CALLER_READ_S` it gives up and waits on the future. At most
 `MAX_PENDING_HANDSHAKES` connections may be unauthenticated at once; beyond that the
 oldest is dropped, so idle or slow strangers cannot pile up threads and sockets.
 """
@@ -50,6 +59,8 @@ HANDSHAKE_TIMEOUT = 10.0
 STAGE_BYTES = 8 << 20  # pinned staging chunk for CUDA regions
 MAX_PENDING_HANDSHAKES = 64  # unauthenticated connections held at once (the oldest is dropped beyond)
 ACK_BATCH = 64  # flush coalesced acks at least this often
+CALLER_READ_S = 0.2  # a caller reads its acks itself for at most this long, then waits on the future
+CALLER_SLICE_MS = 2  # ... polling in slices this long (ms), so a completion by another route is seen soon
 
 
 class LinkOwner(Protocol):
@@ -190,6 +201,24 @@ class Reader:
                 raise PeerGone("connection closed by peer")
             self.end += k
 
+    def fill_nowait(self) -> int:
+        """Append what the socket holds now to the buffer without blocking; bytes read (0: none yet).
+        `PeerGone` on EOF."""
+        if self.pos == self.end:
+            self.pos = self.end = 0
+        elif self.end == len(self.buf):  # compact: move the unread tail to the front
+            n = self.end - self.pos
+            self.mv[:n] = self.mv[self.pos:self.end]
+            self.pos, self.end = 0, n
+        try:
+            k = self.sock.recv_into(self.mv[self.end:], 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        if k == 0:
+            raise PeerGone("connection closed by peer")
+        self.end += k
+        return k
+
     def header(self) -> tuple[int, ...]:
         self._fill(HEADER_SIZE)
         msg = HEADER.unpack_from(self.buf, self.pos)
@@ -303,6 +332,12 @@ class Lane:
         self.staging: Any = None  # pinned host buffer for CUDA regions (lazy)
         self._poll = select.poll()  # "is more waiting?" without a syscall that raises when nothing is
         self._poll.register(sock, select.POLLIN)
+        # caller reads (see the module docstring): whoever holds `token` reads the socket; once this side wrote
+        # on the lane (`shared`), the receiver thread waits in `_ep` (the socket and the `_kick` eventfd)
+        self.token = threading.Lock()
+        self.shared = False
+        self._ep: Any = None
+        self._kick = -1
         name = f"wbt-{link.engine.name}-{link.peer}-{index}"
         self.tx = threading.Thread(target=self._send_loop, name=name + "-tx", daemon=True)
         self.rx = threading.Thread(target=self._recv_loop, name=name + "-rx", daemon=True)
@@ -360,6 +395,28 @@ class Lane:
         finally:
             self.send_lock.release()
 
+    def send_small(self, data: bytes) -> bool:
+        """Send one small message (an ack) from the calling thread if this lane is idle, never blocking; False
+        (nothing sent) when the lane is busy, delayed or its socket full, so the caller sends it elsewhere."""
+        if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.rest is not None:
+                return False
+            try:
+                k = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self.link.failed(exc, self)
+                return True
+            if k < len(data):  # the sender thread sends the tail before anything else (see `__enter__`)
+                self.rest = [memoryview(data)[k:]]
+                self.queue.put(_finish_rest)
+            return True
+        finally:
+            self.send_lock.release()
+
     def ack(self, status: int, tid: int, count: int = 1) -> None:
         """Queue an acknowledgement (sent by `flush_acks`, merged with the last one of the same transfer)."""
         if self.acks and self.acks[-1][0] == status and self.acks[-1][1] == tid:
@@ -374,8 +431,8 @@ class Lane:
         msgs = [pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks]
         if self.index == 0:
             self.link.ctrl.post(msgs)  # a control receiver never blocks on a send
-        else:
-            self.link.ctrl.send_now(msgs)
+        elif not self.send_small(msgs[0] if len(msgs) == 1 else b"".join(msgs)):
+            self.link.ctrl.send_now(msgs)  # this lane is busy: the peer's control receiver always drains
 
     def _more_waiting(self) -> bool:
         """Bytes of another message already here (buffered or in the socket): acks can wait for it."""
@@ -404,23 +461,132 @@ class Lane:
             self.link.failed(exc, self)
 
     def _recv_loop(self) -> None:
+        """Read and handle messages. Holding the read token throughout until this side writes on the lane
+        (`shared`); from then on it waits for data in `epoll` without the token and takes the token only to
+        read what arrived, so a waiting caller can read its own acks (`read_acks`)."""
         handler = self.link.engine._on_message
         reader = self.reader
         try:
             while True:
-                msg = reader.header()
-                if msg[0] == BYE:
-                    self.flush_acks()
-                    self.link.closed_by_peer()
+                if self._ep is not None and not self._wait_readable():
                     return
-                handler(self, msg)
-                if self.acks and (len(self.acks) >= ACK_BATCH or not self._more_waiting()):
-                    self.flush_acks()
+                with self.token:
+                    if self._ep is not None and not self._more_waiting():
+                        continue  # a caller read it, or a kick with nothing left
+                    while True:
+                        msg = reader.header()
+                        if msg[0] == BYE:
+                            self.flush_acks()
+                            self.link.closed_by_peer()
+                            return
+                        handler(self, msg)
+                        more = None
+                        if self.acks and (len(self.acks) >= ACK_BATCH or not (more := self._more_waiting())):
+                            self.flush_acks()
+                        if self.shared and not (more if more is not None else self._more_waiting()):
+                            if self._ep is None:
+                                self._go_shared()
+                            break
         except (OSError, PeerGone) as exc:
             self.link.failed(exc, self)
         except Exception as exc:  # noqa: BLE001 - a protocol violation or a bug: drop the link, say why
             self.link.engine._log(f"dropped the link to {self.link.peer}: {type(exc).__name__}: {exc}")
             self.link.failed(exc, self)
+        finally:
+            self._close_wait()
+
+    def _go_shared(self) -> None:
+        """From now on the receiver thread waits in `epoll` (the socket, and an eventfd a caller kicks)."""
+        ep = select.epoll()
+        try:
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            ep.close()
+            raise
+        ep.register(self.sock.fileno(), select.EPOLLIN)
+        ep.register(kick, select.EPOLLIN)
+        self._kick = kick
+        self._ep = ep
+
+    def _wait_readable(self) -> bool:
+        """Block (token not held) until the socket or a kick has something; False once the lane is closed."""
+        ep = self._ep
+        while True:
+            if self.sock.fileno() < 0:
+                return False
+            try:
+                events = ep.poll(1.0)
+            except (OSError, ValueError):
+                return False
+            for fd, _ in events:
+                if fd == self._kick:
+                    try:
+                        os.eventfd_read(self._kick)
+                    except OSError:
+                        pass
+            if events:
+                return True
+
+    def _close_wait(self) -> None:
+        """Close the epoll and the eventfd holding the read token, so no caller uses them meanwhile."""
+        got = self.token.acquire(timeout=CALLER_READ_S + 5.0)
+        try:
+            ep, kick = self._ep, self._kick
+            self._ep, self._kick = None, -1
+            if ep is not None:
+                ep.close()
+            if kick >= 0:
+                os.close(kick)
+        finally:
+            if got:
+                self.token.release()
+
+    def read_acks(self, done: Callable[[], bool], seconds: float = CALLER_READ_S) -> None:
+        """Caller reads: the waiting caller of a write that went out on this lane reads the acks from the
+        socket itself until `done()` (or `seconds` passed, or a message other than an ack is next: that one
+        is the receiver thread's). Returns at once when the receiver thread holds the lane. Reads never block:
+        a peer that stops mid-message cannot hold the caller beyond `seconds`."""
+        if self._ep is None or not self.token.acquire(blocking=False):
+            return
+        ep = self._ep  # closed only by a holder of the token
+        reader, handler = self.reader, self.link.engine._on_message
+        handover = False
+        try:
+            fd = self.sock.fileno()
+            if ep is None or fd < 0:
+                return
+            ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
+            deadline = time.monotonic() + seconds
+            while not done():
+                if reader.end > reader.pos:
+                    if reader.buf[reader.pos] != ACK:
+                        handover = True
+                        break
+                    if reader.end - reader.pos >= HEADER_SIZE:
+                        handler(self, reader.header())
+                        continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ready = self._poll.poll(min(CALLER_SLICE_MS, left * 1000.0))
+                if ready and ready[0][1] & select.POLLNVAL:
+                    raise PeerGone("socket closed")
+                if ready:
+                    reader.fill_nowait()
+        except (OSError, ValueError, PeerGone) as exc:
+            self.link.failed(exc, self)
+        except Exception as exc:  # noqa: BLE001 - a protocol violation or a bug: drop the link, say why
+            self.link.engine._log(f"dropped the link to {self.link.peer}: {type(exc).__name__}: {exc}")
+            self.link.failed(exc, self)
+        finally:
+            try:
+                if ep is not None and self.sock.fileno() >= 0:
+                    ep.modify(self.sock.fileno(), select.EPOLLIN)
+                    if handover or reader.end > reader.pos:  # bytes in the buffer: epoll cannot see them
+                        os.eventfd_write(self._kick, 1)
+            except (OSError, ValueError):
+                pass
+            self.token.release()
 
     def close(self) -> None:
         self.queue.put(None)
