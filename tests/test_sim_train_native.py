@@ -136,7 +136,8 @@ def test_native_runs_repredicted_from_microbenchmarks() -> None:
     from workbench.calibration.native_runs import markdown, validate_runs
 
     df = validate_runs(RUNS)
-    assert len(df) >= 7 and set(df["stack"]) == {"torch-native"}
+    assert len(df) >= 7 and set(df["stack"]) == {"torch-native", "torch-native-eager"}
+    assert (df["stack"] == "torch-native-eager").tolist() == (~df["compile"]).tolist()  # the stack that ran
     err = (df["after_s"] - df["measured_s"]) / df["measured_s"] * 100
     assert (err - df["error_after_pct"]).abs().max() < 1e-9
     assert "| dp2-fsdp" in markdown(df)

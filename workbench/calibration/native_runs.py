@@ -10,7 +10,7 @@ predictions are checked against.
     python -m workbench.calibration.native_runs benchmarks/results/h200x2-native [--stack modern]
 
 The software stack is the one that ran: `torch-native` for the native engine (PyTorch's FSDP2, DTensor,
-pipelining); `--stack NAME` prices the same jobs with another stack (e.g. `modern`, the default before
+pipelining, blocks compiled), `torch-native-eager` for its runs without torch.compile; `--stack NAME` prices the same jobs with another stack (e.g. `modern`, the default before
 the native stack existed) to show what the stack's terms do.
 """
 
@@ -41,10 +41,11 @@ def _sweeps(folder: Path) -> tuple[Any, Any]:
 
 
 def stack_of(job: Any) -> str:
-    """The software stack a recorded job ran with: `torch-native` for the native engine, else the plan's."""
+    """The software stack a recorded job ran with: for the native engine `torch-native` (each block under
+    torch.compile) or `torch-native-eager` (without the compiler), else the plan's."""
     wl = job.workload
     if getattr(wl, "engine", None) == "native":
-        return NATIVE_STACK
+        return NATIVE_STACK if getattr(wl, "compile", False) else NATIVE_STACK + "-eager"
     return str(job.plan.stack or "modern")
 
 

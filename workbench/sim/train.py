@@ -58,7 +58,7 @@ from workbench.topology.model import Cluster
 GiB = 1024**3
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "buffers")
 BREAKDOWN = ("forward", "backward", "recompute", "tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "offload",
-             "pp_comm", "pipeline_bubble", "dp_comm", "embedding_sync", "optimizer", "param_gather")
+             "pp_comm", "pipeline_bubble", "dp_comm", "embedding_sync", "optimizer", "param_gather", "host_bound")
 
 
 def _elem(precision: str) -> int:
@@ -81,6 +81,8 @@ class StageCost:
     peak_layer_bytes: float = 0.0  # one layer's full activations (live during recompute)
     logits_bytes: float = 0.0
     layer_grad_comm: list[float] = field(default_factory=list)
+    host_f: float = 0.0  # host seconds to issue one micro-batch's forward (stacks that price host dispatch)
+    host_b: float = 0.0
 
     def add(self, which: str, part: str, seconds: float) -> None:
         d = self.parts_f if which == "f" else self.parts_b
@@ -297,11 +299,17 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         f_a = qk + av + dma.memory_seconds(ew_f)
         b_a = (dma.bmm_seconds(q, hd, kv, cnt, elem) + dma.bmm_seconds(kv, hd, q, cnt, elem)
                + dma.bmm_seconds(q, kv, vd, cnt, elem) + dma.bmm_seconds(kv, vd, q, cnt, elem) + dma.memory_seconds(ew_b))
-    ew = elementwise_bytes_per_token(m, kind, tp, sp, elem, st.elementwise) * tokens
-    if kind == "moe":  # token permutation before the experts and un-permutation after (read + write each copy)
-        ew += 2.0 * (1 + m.top_k) * m.hidden * elem * tokens / (tp if sp else 1)
-    f_e = dm.memory_seconds(ew, ew / 8)
-    b_e = 2 * f_e
+    if st.elementwise == "eager":  # PyTorch without the compiler: each op its own kernel (counted, measured)
+        from workbench.sim.train_host import eager_layer_bytes, eager_seconds
+
+        e_f, e_b = eager_layer_bytes(m, tp, sp, tokens)
+        f_e, b_e = eager_seconds(dm, e_f), eager_seconds(dm, e_b)
+    else:
+        ew = elementwise_bytes_per_token(m, kind, tp, sp, elem, st.elementwise) * tokens
+        if kind == "moe":  # token permutation before the experts and un-permutation after (read + write each copy)
+            ew += 2.0 * (1 + m.top_k) * m.hidden * elem * tokens / (tp if sp else 1)
+        f_e = dm.memory_seconds(ew, ew / 8)
+        b_e = 2 * f_e
     if prec == "fp8":  # each fp8 GEMM's input is quantized first (read bf16, write fp8): forward inputs,
         # and in backward the output gradients plus the transposed copies the wgrad GEMMs read
         q_f = sum(w * 3.0 * g.m * g.k * g.count for g, w in zip(gemms, gw))
@@ -507,6 +515,13 @@ def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int,
         acc = (plan.micro_batches - 1) / max(plan.micro_batches, 1)
         sc.add("f", "forward", dm.memory_seconds(6.0 * nparam, hint))
         sc.add("b", "backward", dm.memory_seconds(6.0 * nparam, hint) + acc * dm.memory_seconds(12.0 * nparam, 2 * hint))
+    spec = ctx.spec_of(rank)
+    if st.host != "none" and not spec.is_cpu:  # the host's dispatch of each op (eager PyTorch, DTensor, compiled)
+        from workbench.sim.train_host import host_costs, host_seconds
+
+        hc = host_costs(spec.model)
+        if hc is not None:
+            sc.host_f, sc.host_b = host_seconds(hc, st.host, tp, sp, len(kinds), bool(edge & 2))
     if plan.offload:  # copies to host during forward, back during backward (exposed beyond compute)
         t = sc.act_bytes / ctx.pcie_Bps(rank)
         sc.add("f", "offload", max(0.0, t - sc.parts_f.get("forward", 0.0)))
@@ -811,6 +826,20 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
         if ag[st] > 0:
             gather[st] = _param_gather(ctx, plan, stk, costs, st, float(ag[st]), slow0)
     step_by_stage = stage_end + dp_tail + emb + opt + gather
+    host_extra = np.zeros(pp)
+    if stk.host != "none" and stk.schedule != "dualpipe":
+        from workbench.sim.train_host import host_bound
+
+        for st in range(pp):  # the host runs ahead of the GPU until the step's end; bound by its issue time
+            chunks = [costs[c * pp + st] for c in range(v)]
+            if not any(c.host_f or c.host_b for c in chunks):
+                continue
+            segs = [seg for c in range(v) for seg in ((chunks[c].host_f, float(fdur[c * pp + st])),
+                                                      (chunks[c].host_b, float(bdur[c * pp + st])))] * nmb
+            tail = float(dp_tail[st] + emb[st] + opt[st] + gather[st])
+            bound = host_bound(segs + [(0.0, tail)])
+            host_extra[st] = max(0.0, bound - float(step_by_stage[st]))
+        step_by_stage = step_by_stage + host_extra
     tails = list(zip(dp_tail.tolist(), emb.tolist(), opt.tolist(), gather.tolist()))
     crit = int(np.argmax(step_by_stage))
     step = float(step_by_stage[crit])
@@ -830,6 +859,7 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     busy = sum(bd.values())
     bd["pipeline_bubble"] = max(0.0, float(stage_end[crit]) - busy)
     bd["dp_comm"], bd["embedding_sync"], bd["optimizer"], bd["param_gather"] = tails[crit]
+    bd["host_bound"] = float(host_extra[crit])  # the GPU waiting for the host's dispatch beyond its own work
     tokens_step = (plan.gbs or 0) * m.seq
     mf = model_flops_per_token(m) * tokens_step
     hf = mf

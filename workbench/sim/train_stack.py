@@ -4,7 +4,7 @@ A stack is a fact about software, not a tuned number: flash or unfused attention
 elementwise kernels, data-parallel gradient reduction overlapped or not, TP communication overlap,
 blocking or asynchronous pipeline sends, CP by ring or all-gather, 1F1B or DualPipe, fp8 MoE dispatch,
 node-limited routing, fp32 parameters cast per micro-batch (autocast), Megatron's or FSDP2's sharded data
-parallelism. Presets live in `datasets/software_stacks.yaml`, each with its source; the
+parallelism, the host's dispatch of each op (eager PyTorch, DTensor, compiled blocks: `train_host.py`). Presets live in `datasets/software_stacks.yaml`, each with its source; the
 default is `modern` (today's Megatron-core / TransformerEngine).
 """
 
@@ -18,11 +18,12 @@ from workbench.errors import WorkbenchError
 
 DEFAULT_STACK = "modern"
 ATTENTION = ("flash", "unfused")
-ELEMENTWISE = ("fused", "megatron-2021")
+ELEMENTWISE = ("fused", "megatron-2021", "eager")
 CP_EXCHANGE = ("ring", "all_gather")
 SCHEDULES = ("1f1b", "dualpipe")
 PARAM_CAST = ("none", "autocast")
 SHARDING = ("megatron", "fsdp2")
+HOST = ("none", "eager", "compiled")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Stack:
     expert_imbalance: float = 1.0
     param_cast: str = "none"
     sharding: str = "megatron"
+    host: str = "none"
     description: str = ""
     source: str = ""
 
@@ -56,7 +58,8 @@ class Stack:
                                       ("cp_exchange", self.cp_exchange, CP_EXCHANGE),
                                       ("schedule", self.schedule, SCHEDULES),
                                       ("param_cast", self.param_cast, PARAM_CAST),
-                                      ("sharding", self.sharding, SHARDING)):
+                                      ("sharding", self.sharding, SHARDING),
+                                      ("host", self.host, HOST)):
             if value not in allowed:
                 raise WorkbenchError(f"stack.{field}: {value!r} is not one of {', '.join(allowed)} "
                                      f"(stack {self.name!r} in datasets/software_stacks.yaml)")
