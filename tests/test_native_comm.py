@@ -81,6 +81,30 @@ def test_nccl_records_as_torch_2_11_writes_them_on_an_h200() -> None:
         ("all_gather", 2 << 20, 5000, 5014, "device"), ("all_reduce", 4 << 20, 7000, 9000, "device")]
 
 
+def test_sampler_spreads_a_profiled_steps_measured_extra_time_within_its_budget() -> None:
+    class Rec:
+        enabled = True
+
+    s = CommSampler(Rec(), Groups(), every=10, budget_pct=2.0)
+    s._done(False, 5.0)  # the warm-up step
+    assert s.due()  # the first step after it is sampled
+    s._done(True, 0.19)  # a profiled step of 190 ms against 100 ms steps: 90 % extra
+    for wall in (0.1, 0.12, 0.09):
+        assert not s.due()
+        s._done(False, wall)
+    assert s.gaps == [45] and s.next == 1 + 45  # 90 % / 45 = 2 %
+    cheap = CommSampler(Rec(), Groups(), every=10, budget_pct=2.0)
+    cheap._done(False, 1.0)
+    cheap._done(True, 1.01)
+    for _ in range(3):
+        cheap._done(False, 1.0)
+    assert cheap.gaps == [10]  # never closer than `every`
+    cheap.next = cheap.calls  # due now, but not while the recorder is off (the silent half of an A/B)
+    assert cheap.due()
+    Rec.enabled = False
+    assert not cheap.due()
+
+
 def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], CommSampler]:
     """Two steps of real collectives on a one-rank process group, the second under the sampler (FSDP2 and
     DTensor issue none on one rank, so the step calls c10d as they do: base all-gather and reduce-scatter,

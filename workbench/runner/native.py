@@ -23,10 +23,13 @@ house's `RankLayout` (tp fastest, then dp, then pp):
 
 Telemetry: forward and backward spans per micro-batch (and chunk, under PP) with their model
 FLOPs, the optimizer, and memory by category. The collectives and pipeline transfers run inside
-torch's engines on their own threads (gloo) or streams (NCCL); one step in `comm_every` (the job's
-key or `WORKBENCH_COMM_EVERY`, default 10; 0 turns it off) runs under `torch.profiler` and each of
-them becomes an event with its op, bytes, group, peer and measured duration
-(`workbench.runner.native_comm`). Those events overlap the compute spans they run beside.
+torch's engines on their own threads (gloo) or streams (NCCL); sampled steps run under
+`torch.profiler` and each of them becomes an event with its op, bytes, group, peer and measured
+duration (`workbench.runner.native_comm`): the first step after the warm-up, then one in
+`comm_every` at most (the job's key or `WORKBENCH_COMM_EVERY`, default 10; 0 turns it off), further
+apart when a profiled step's measured extra time would exceed `comm_budget_pct` of the steps
+(`WORKBENCH_COMM_BUDGET_PCT`, default 2 %; 0: a fixed one in `comm_every`). Those events overlap
+the compute spans they run beside.
 """
 
 from __future__ import annotations
@@ -432,10 +435,11 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
         profile = os.environ.get("WORKBENCH_PROFILE") if rank == 0 else None  # one late step under torch.profiler
         step: Callable[[int], Any] = tr.step
         every = int(job.get("comm_every", os.environ.get("WORKBENCH_COMM_EVERY", 10)))
+        budget = float(job.get("comm_budget_pct", os.environ.get("WORKBENCH_COMM_BUDGET_PCT", 2.0)))
         if job["telemetry"] is not False and every > 0:  # collectives and transfers from sampled steps
             pp_ranks = tuple(dist.get_process_group_ranks(tr.mesh["pp"].get_group())) if p["pp"] > 1 else ()
             step = CommSampler(rec, Groups(p["dp"], p["tp"], p["pp"], pp_ranks), every,
-                               device.type == "cuda").wrap(tr.step)
+                               device.type == "cuda", budget).wrap(tr.step)
         losses = run_steps(step, job, rank, rec, device, start_step=tr.start_step, profile=profile)
         if job.get("checkpoint_dir"):
             path = tr.save_checkpoint(tr.start_step + job["steps"])

@@ -34,6 +34,7 @@ comm is asynchronous), unlike the hand-written engine's, which are split out of 
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -109,20 +110,22 @@ def spans_from_profiler(results: Any) -> list[Span]:
     from a host op and those host ops, and the anchor."""
     from torch.autograd import DeviceType
 
-    events = list(results.events())
-    device = [e.device_type() != DeviceType.CPU for e in events]
-    launchers = {e.linked_correlation_id() for e, dev in zip(events, device) if dev and e.linked_correlation_id() > 0}
+    events = results.events()
+    linked = [e.linked_correlation_id() for e in events]
+    device = {i for i, k in enumerate(linked) if k > 0 and events[i].device_type() != DeviceType.CPU}
+    launchers = {linked[i] for i in device}
     out = []
-    for e, dev in zip(events, device):
+    for i, e in enumerate(events):
         name = e.name()
-        linked = int(e.linked_correlation_id())
-        if dev:
-            if linked <= 0:
-                continue  # annotations on the device timeline, not work
-        elif linked > 0:
+        if i in device:
+            pass  # work on the device, launched from a host op
+        elif linked[i] > 0:
             continue  # host-side runtime calls (cudaLaunchKernel …): the device activity is what counts
-        elif not (name in C10D_OPS or name.startswith(_HOST_NAMES) or e.correlation_id() in launchers):
+        elif not (name in C10D_OPS or name.startswith(_HOST_NAMES) or (launchers and e.correlation_id() in launchers)):
             continue
+        elif e.device_type() != DeviceType.CPU:
+            continue  # annotations on the device timeline, not work
+        dev = i in device
         shapes: tuple[Any, ...] = ()
         dtypes: tuple[str, ...] = ()
         inputs: tuple[Any, ...] = ()
@@ -131,7 +134,7 @@ def spans_from_profiler(results: Any) -> list[Span]:
             dtypes = tuple(e.dtypes())
             inputs = tuple(_concrete(e))
         out.append(Span(name, int(e.start_thread_id()), int(e.start_ns()), int(e.end_ns()), dev, shapes, dtypes,
-                        inputs, int(e.correlation_id()), linked))
+                        inputs, int(e.correlation_id()), int(linked[i])))
     return out
 
 
@@ -304,37 +307,62 @@ def _pair_gloo(req: Span, op: str, gloo: list[Span], used: list[bool]) -> Span |
 
 
 class CommSampler:
-    """Runs one step in `every` under `torch.profiler` and hands its collectives and transfers to the recorder.
+    """Runs sampled steps under `torch.profiler` and hands their collectives and transfers to the recorder.
 
-    `wrap(step)` returns the step function to run; a sampled step's profiler work (start, stop, pairing)
-    is counted in the recorder's `cost_s`. Nothing is recorded while the recorder is off (A/B steps) or
-    when another profiler is already running (`WORKBENCH_PROFILE`).
+    The first step after the warm-up is sampled, then one in `every` at most; with `budget_pct` > 0 the gap
+    also grows so that a profiled step's extra time, spread over the gap, stays within `budget_pct` of a
+    step (the extra time is measured: the sampled step's wall time against the median of the next three
+    steps). `wrap(step)` returns the step function to run; a sampled step's profiler work (start, stop,
+    pairing) is counted in the recorder's `cost_s`. Nothing is recorded while the recorder is off (A/B
+    steps) or while another profiler runs (`WORKBENCH_PROFILE`).
     """
 
-    def __init__(self, rec: Any, groups: Groups, every: int = 10, cuda: bool = False) -> None:
+    def __init__(self, rec: Any, groups: Groups, every: int = 10, cuda: bool = False, budget_pct: float = 2.0) -> None:
         self.rec, self.groups, self.every, self.cuda = rec, groups, max(int(every), 1), cuda
+        self.budget = max(float(budget_pct), 0.0) / 100
         self.calls = 0
         self.next = 1  # the first step after the warm-up
         self.sampled: list[int] = []  # the steps recorded
+        self.gaps: list[int] = []  # steps from each sample to the next
         self.missed = 0  # c10d ops with no execution found
         self.sources: dict[str, int] = {}  # events per timing source (gloo, device)
+        self._last = -1  # the call index of the last sample
+        self._sample_s = 0.0  # its wall time
+        self._after: list[float] = []  # wall times of the steps after it
 
     def due(self) -> bool:
         import torch
 
-        return self.rec.enabled and self.calls >= self.next and not torch.autograd._profiler_enabled()
+        return bool(self.rec.enabled) and self.calls >= self.next and not torch.autograd._profiler_enabled()
 
     def wrap(self, step: Callable[[int], Any]) -> Callable[[int], Any]:
         def run(i: int) -> Any:
+            sample = self.due()
+            t0 = time.perf_counter()
             try:
-                if not self.due():
-                    return step(i)
-                self.next = self.calls + self.every
-                return self._profiled(step, i)
+                return self._profiled(step, i) if sample else step(i)
             finally:
-                self.calls += 1
+                if self.cuda:  # the step loop waits for the device after each step anyway
+                    import torch
+
+                    torch.cuda.synchronize()
+                self._done(sample, time.perf_counter() - t0)
 
         return run
+
+    def _done(self, sample: bool, wall: float) -> None:
+        if sample:
+            self._last, self._sample_s, self._after = self.calls, wall, []
+            self.next = self.calls + self.every
+            self.gaps.append(self.every)
+        elif self._last >= 0 and len(self._after) < 3:
+            self._after.append(wall)
+            if len(self._after) == 3 and self.budget > 0:  # spread the measured extra time within the budget
+                base = sorted(self._after)[1]
+                gap = math.ceil(max(self._sample_s - base, 0.0) / (self.budget * base)) if base > 0 else self.every
+                self.gaps[-1] = max(self.every, gap)
+                self.next = self._last + self.gaps[-1]
+        self.calls += 1
 
     def _profiled(self, step: Callable[[int], Any], i: int) -> Any:
         import torch
