@@ -168,12 +168,17 @@ def main() -> int:
 
 def simulate_row(row: dict[str, Any], job: Any, calibrated: Any, measured: Any = None) -> None:
     """Add the simulator's step time on the catalogue machine (before) and on `calibrated` (after; with a
-    measured CPU-rank run, the cluster fitted from that run) to a plan's row, and the errors (%)."""
+    measured CPU-rank run, the cluster fitted from that run) to a plan's row, and the errors (%), priced with
+    the software stack the run used (`workbench.calibration.native_runs.stack_of`)."""
+    from workbench.calibration.native_runs import stack_of
     from workbench.core.engines import simulator
     from workbench.runner.launcher import runnable_plan
 
     on = row["step_seconds_on"]
     full = dataclasses.replace(job, plan=runnable_plan(job))
+    # the software stack the run used (torch-native, or torch-native-eager without torch.compile)
+    full = dataclasses.replace(full, plan=dataclasses.replace(full.plan, stack=stack_of(full)))
+    row["sim_stack"] = full.plan.stack
     sim = simulator("training")
     try:
         before = sim(full)
