@@ -109,6 +109,7 @@ def _index_array(name: str, v: Any) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
+_UMAX = np.maximum.reduce
 _LENGTHS: dict[tuple[int, int], np.ndarray] = {}
 
 
@@ -533,21 +534,32 @@ class Engine:
             raise InvalidArgument(f"write_paged: {len(sp)} source pages but {len(dp)} destination pages")
         if not len(sp) or len(sp) > MAX_PAGES:
             raise InvalidArgument(f"write_paged: the page lists must hold 1..{MAX_PAGES} pages, got {len(sp)}")
-        # one reduction per list: read as unsigned, a negative index is >= 2^63 and fails the bound too
-        smax, dmax = int(sp.view(np.uint64).max()), int(dp.view(np.uint64).max())
-        if max(smax * ss, dmax * ds) >= 1 << 62:
-            raise OutOfRange("write_paged: page indices must be >= 0 and their offsets below 2^62")
-        soffs = sp * ss
+        # Both lists in one buffer ([source offsets, destination offsets], the layout a GPU copy reads), checked
+        # with one reduction: read as unsigned, a negative index is >= 2^63 and fails every bound. Only when
+        # the largest index of both misses a bound are the lists checked one by one (to name which).
+        npages = len(sp)
+        both = np.concatenate((sp, dp))
+        smax = dmax = int(_UMAX(both.view(np.uint64)))
+        if (smax * max(ss, ds) >= 1 << 62 or src_offset + smax * ss + page_bytes > src.nbytes
+                or dst_offset + dmax * ds + page_bytes > getattr(dst, "nbytes", 0)):
+            smax, dmax = int(_UMAX(sp.view(np.uint64))), int(_UMAX(dp.view(np.uint64)))
+            if max(smax * ss, dmax * ds) >= 1 << 62:
+                raise OutOfRange("write_paged: page indices must be >= 0 and their offsets below 2^62")
+            if src_offset + smax * ss + page_bytes > src.nbytes:
+                raise OutOfRange(f"write_paged: a source page falls outside the registered region of {src.nbytes} "
+                                 "bytes")
+        self._check_dst(dst, dst_offset + dmax * ds, page_bytes, "write_paged")
+        if ss == ds:
+            both *= ss
+        else:
+            both[:npages] *= ss
+            both[npages:] *= ds
+        soffs, doffs = both[:npages], both[npages:]
         if src_offset:
             soffs += src_offset
-        doffs = dp * ds
         if dst_offset:
             doffs += dst_offset
-        if src_offset + smax * ss + page_bytes > src.nbytes:
-            raise OutOfRange(f"write_paged: a source page falls outside the registered region of {src.nbytes} bytes")
-        self._check_dst(dst, dst_offset + dmax * ds, page_bytes, "write_paged")
         link = self._link(dst.address, timeout)
-        npages = len(soffs)
         total = npages * page_bytes
         what = f"paged write {npages}x{page_bytes} B to {dst.engine}/{dst.region}"
         if self._path is not None and self._path.handles(src, dst):
