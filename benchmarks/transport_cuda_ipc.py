@@ -41,11 +41,11 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
     from transport import bench
     from transport.engine import Engine
 
-    target = bench._Target(backend, 1 * MiB, target_device)
+    target = bench._Target(backend, 16 * MiB, target_device)
     out: dict[str, Any] = {}
     try:
         with Engine(backend, lanes=2) as eng:
-            src = eng.register(bench._source(eng, 1 * MiB, device))
+            src = eng.register(bench._source(eng, 16 * MiB, device))
             eng.connect(target.desc)
             post, done = [], []
             for i in range(iters + 20):
@@ -94,6 +94,9 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
                                         np.full(n, page, np.int64), page)}
     out = {}
     for name, pieces in shapes.items():
+        end = int((pieces.src + pieces.length).max()), int((pieces.dst + pieces.length).max())
+        if end[0] > src.nbytes or end[1] > desc.nbytes:  # submit trusts the engine's checks: keep within both
+            raise ValueError(f"{name}: pieces end at {end}, regions hold {src.nbytes} / {desc.nbytes} bytes")
         ts = []
         for i in range(iters + 20):
             t = Transfer(0, name, None)

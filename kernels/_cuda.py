@@ -6,7 +6,9 @@ CuPy arrays; sizes and offsets are passed in the kernel's word units.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import struct
 import threading
 from typing import Any
 
@@ -380,18 +382,18 @@ class _Raw:
         self.ptr = int(getattr(fn, "ptr", 0) or 0)
         self.launch = getattr(driver, "launchKernel", None) if self.ptr else None
 
-    def __call__(self, device: int, grid: int, threads: int, stream_ptr: int, *args: int) -> None:
+    def __call__(self, device: int, grid: int, threads: int, stream_ptr: int, *args: int, current: bool = False) -> None:
+        """Launch on `device` (made current for the call unless the caller says it is `current`)."""
         rt = self.rt
-        prev = rt.getDevice()
+        prev = device if current else rt.getDevice()
         if prev != device:
             rt.setDevice(device)
         try:
             if self.launch is None:
                 self.fn((grid,), (threads,), tuple(np.uint64(a) for a in args), stream=_external(stream_ptr, device))
                 return
-            vals, _ptrs, pp = _words()
-            for i, a in enumerate(args):
-                vals[i] = a
+            words, pp = _words()
+            _PACK[len(args)].pack_into(words, 0, *args)
             self.launch(self.ptr, grid, 1, 1, threads, 1, 1, 0, stream_ptr, pp, 0)
         finally:
             if prev != device:
@@ -400,15 +402,17 @@ class _Raw:
 
 _tls = threading.local()
 _MAX_ARGS = 8
+_PACK = [struct.Struct(f"<{k}Q") for k in range(_MAX_ARGS + 1)]  # k 8-byte words, packed in one C call
 
 
-def _words() -> tuple[np.ndarray, np.ndarray, int]:
-    """This thread's argument words, the array of their addresses and that array's address."""
+def _words() -> tuple[Any, int]:
+    """This thread's argument words (a C array) and the address of the array of their addresses."""
     got = getattr(_tls, "words", None)
     if got is None:
-        vals = np.zeros(_MAX_ARGS, np.uint64)
-        ptrs = np.uint64(vals.ctypes.data) + np.arange(_MAX_ARGS, dtype=np.uint64) * np.uint64(8)
-        got = _tls.words = (vals, ptrs, int(ptrs.ctypes.data))
+        words = (ctypes.c_uint64 * _MAX_ARGS)()
+        ptrs = (ctypes.c_void_p * _MAX_ARGS)(*(ctypes.addressof(words) + 8 * i for i in range(_MAX_ARGS)))
+        _tls.keep = ptrs
+        got = _tls.words = (words, ctypes.addressof(ptrs))
     return got
 
 
@@ -443,17 +447,20 @@ PAGE_CHUNK = 4096  # bytes one warp of `copy_pages` moves per item (the kernel's
 PAGE_WARPS = 8  # warps per CUDA block of `copy_pages`
 
 
-def copy_pages(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, device: int, stream_ptr: int) -> None:
+def copy_pages(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, device: int, stream_ptr: int,
+               current: bool = False) -> None:
     """Launch `copy_pages` on `device` and the CUDA stream `stream_ptr`: n pages of `page` bytes, page i
     from `src_ptr + off[i]` to `dst_ptr + off[n + i]`, where `offsets_ptr` holds those 2n int64 byte
     offsets where the device can read them (device memory, or mapped pinned host memory). Any page
     size and alignment (each 4 KiB chunk uses the widest word its addresses allow); one warp per
-    chunk, enough blocks to cover every chunk once. Returns once launched."""
+    chunk, enough blocks to cover every chunk once. `current`: the caller already made `device` current.
+    Returns once launched."""
     if n <= 0 or page <= 0:
         return
     cpp = -(-page // PAGE_CHUNK)
-    grid = int(min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID))
-    _raw(device, "copy_pages")(device, grid, 32 * PAGE_WARPS, stream_ptr, src_ptr, dst_ptr, offsets_ptr, n, page, cpp)
+    grid = min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID)
+    _raw(device, "copy_pages")(device, grid, 32 * PAGE_WARPS, stream_ptr, src_ptr, dst_ptr, offsets_ptr, n, page, cpp,
+                               current=current)
 
 
 # An immediate posted through GPU-visible memory (the transport's cuda_ipc mailbox): after the copy

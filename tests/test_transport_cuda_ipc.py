@@ -271,9 +271,9 @@ def posting(monkeypatch):  # type: ignore[no-untyped-def]
     rt, launches = _Rt(), []
 
     class Launch:
-        def __call__(self, device: int, grid: int, threads: int, stream: int, *args: int) -> None:
+        def __call__(self, device: int, grid: int, threads: int, stream: int, *args: int, current: bool = False) -> None:
             assert rt.posting, "a launch outside posting"
-            launches.append((grid, threads, stream, args))
+            launches.append((grid, threads, stream, args, current))
 
     monkeypatch.setattr(kc, "_raw", lambda device, name: Launch())
     nbytes = 32 << 20
@@ -309,7 +309,8 @@ def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(post
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
                                              src_offset=64, dst_offset=128))
     assert len(fx.launches) == 1
-    grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp) = fx.launches[0]
+    grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp), current = fx.launches[0]
+    assert current  # the path made the device current: no device query per launch
     assert (s_ptr, d_ptr, count, pg, cpp, stream, threads) == (SRC_PTR, DST_PTR, n, page, 8, LANE_STREAM, 256)
     assert grid == n * cpp // 8  # one warp per 4 KiB chunk, 8 warps a block
     ring = fx.path._ring
@@ -354,4 +355,17 @@ def test_paged_write_validation() -> None:
         with pytest.raises(OutOfRange, match="source page falls outside"):
             eng.write_paged(src, dst, page_bytes=4096, src_pages=[0, 255], dst_pages=[0, 1], src_offset=1)
         eng.write_paged(src, dst, page_bytes=4096, src_pages=[255], dst_pages=[0]).result(10)
+        # a source index beyond the (smaller) destination region is fine: the lists are bounded one by one
+        small_buf = np.zeros(16 << 10, np.uint8)
+        small = tgt.register(small_buf).descriptor
+        src_buf = np.frombuffer(src.view, np.uint8)
+        src_buf[:] = np.random.default_rng(3).integers(0, 255, src_buf.size, dtype=np.uint8)
+        eng.write_paged(src, small, page_bytes=4096, src_pages=[200, 7], dst_pages=[3, 0]).result(10)
+        eng.write_paged(src, small, page_bytes=1000, src_pages=[9], dst_pages=[1], src_stride=4096, dst_stride=8192,
+                        src_offset=5, dst_offset=3).result(10)
+        assert np.array_equal(small_buf[3 * 4096:4 * 4096], src_buf[200 * 4096:201 * 4096])
+        assert np.array_equal(small_buf[:3], src_buf[7 * 4096:7 * 4096 + 3])
+        assert np.array_equal(small_buf[8195:9195], src_buf[5 + 9 * 4096:5 + 9 * 4096 + 1000])
+        with pytest.raises(OutOfRange, match="outside the peer's region"):
+            eng.write_paged(src, small, page_bytes=4096, src_pages=[0], dst_pages=[4])
         assert not eng._pending

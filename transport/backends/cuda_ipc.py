@@ -280,6 +280,7 @@ class CudaIpcPath(DataPath):
         self._rr = itertools.count()
         self._ring: _HostRing | None = None
         self._pages_ok = True  # the page-copy kernel works (cleared on its first failure)
+        self._copy_pages: Callable[..., None] | None = None
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -481,12 +482,14 @@ class CudaIpcPath(DataPath):
         if got is None:
             return False
         slot, view, ptr = got
-        view[:n] = pieces.src
-        view[n:] = pieces.dst
+        np.concatenate((pieces.src, pieces.dst), out=view)
         try:
-            from kernels._cuda import copy_pages
+            launch = self._copy_pages
+            if launch is None:
+                from kernels._cuda import copy_pages
 
-            copy_pages(src_ptr, dst_ptr, ptr, n, pieces.page, la.dev, la.ptr)
+                launch = self._copy_pages = copy_pages
+            launch(src_ptr, dst_ptr, ptr, n, pieces.page, la.dev, la.ptr, current=True)
         except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does it
             ring.give([slot])
             self._pages_ok = False
