@@ -147,23 +147,21 @@ class _HostRing:
         self.buf = torch.empty(self.SLOT * self.SLOTS, dtype=torch.uint8, pin_memory=True)
         self.words = self.buf.numpy().view(np.int64)
         self.ptr = int(self.buf.data_ptr())
-        self.free: deque[int] = deque(range(self.SLOTS))
-        self.lock = threading.Lock()
+        self.free: deque[int] = deque(range(self.SLOTS))  # popleft and extend are atomic: no lock
 
     def take(self, nwords: int) -> tuple[int, np.ndarray, int] | None:
         """(slot, writable view of `nwords` words, device-readable address), or None when none is free."""
         if nwords * 8 > self.SLOT:
             return None
-        with self.lock:
-            if not self.free:
-                return None
+        try:
             i = self.free.popleft()
+        except IndexError:
+            return None
         off = i * self.SLOT // 8
         return i, self.words[off:off + nwords], self.ptr + i * self.SLOT
 
     def give(self, slots: list[int]) -> None:
-        with self.lock:
-            self.free.extend(slots)
+        self.free.extend(slots)
 
 
 class _Lane:
