@@ -7,7 +7,7 @@ machine (before calibration) and on the machine calibrated from the sweeps only 
 both beside the measured step time. The measured step times are never fitted to: they are what the
 predictions are checked against.
 
-    python -m workbench.calibration.native_runs benchmarks/results/h200x2-native [--stack modern]
+    python -m workbench.calibration.native_runs benchmarks/results/h200x2-native [--stack modern] [--changes :host=none]
 
 The software stack is the one that ran: `torch-native` for the native engine (PyTorch's FSDP2, DTensor,
 pipelining, blocks compiled), `torch-native-eager` for its runs without torch.compile; `--stack NAME` prices the same jobs with another stack (e.g. `modern`, the default before
@@ -49,10 +49,11 @@ def stack_of(job: Any) -> str:
     return str(job.plan.stack or "modern")
 
 
-def validate_runs(folder: str | Path, stack: str | None = None) -> Any:
+def validate_runs(folder: str | Path, stack: str | None = None, changes: str = "") -> Any:
     """A DataFrame, one row per measured plan: name, run, compile, plan, stack, measured, before and after
     (seconds per step), their errors (% of measured; negative = the simulator is too fast) and the
-    after-calibration breakdown (ms)."""
+    after-calibration breakdown (ms). `changes` (e.g. ":host=none") is appended to each plan's stack: one
+    term switched off on the stack each run used."""
     import pandas as pd
 
     from workbench.calibration.run import from_sweeps
@@ -65,8 +66,8 @@ def validate_runs(folder: str | Path, stack: str | None = None) -> Any:
     if not path.is_file():
         raise WorkbenchError(f"folder: {str(folder)[:200]!r} has no native.json (give a folder written by "
                              "benchmarks/native_train.py, e.g. benchmarks/results/h200x2-native)")
-    if stack is not None:
-        load_stack(stack)  # an unknown stack fails here, naming the known ones
+    if stack is not None or changes:
+        load_stack((stack or NATIVE_STACK) + changes)  # an unknown stack or field fails here, naming the known ones
     report = json.loads(path.read_text())
     gemm, nccl = _sweeps(folder)
     if gemm is None and nccl is None:
@@ -78,7 +79,7 @@ def validate_runs(folder: str | Path, stack: str | None = None) -> Any:
         if "job" not in r or "step_seconds_on" not in r:
             continue
         job = Job.from_dict(r["job"])
-        st = stack or stack_of(job)
+        st = (stack or stack_of(job)) + changes
         job = dataclasses.replace(job, plan=dataclasses.replace(job.plan, stack=st))
         world = int(r["world"])
         key = (job.cluster.name, world)
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("folder", help="a folder written by benchmarks/native_train.py")
     ap.add_argument("--stack", default=None, help="price every plan with this software stack (default: the one that ran)")
+    ap.add_argument("--changes", default="", help="appended to each plan's stack, e.g. ':host=none' (one term off)")
     ap.add_argument("--breakdown", action="store_true", help="also print each plan's after-calibration breakdown (ms)")
     args = ap.parse_args(argv)
     try:
-        df = validate_runs(args.folder, args.stack)
+        df = validate_runs(args.folder, args.stack, args.changes)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,11 +33,13 @@ REFERENCE = "llama3-8b:layers=2,hidden=128,heads=4,kv_heads=2,head_dim=32,ffn=25
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm")
 VIEWLIKE = ("detach", "_unsafe_view", "alias", "lift_fresh", "_to_copy_noop")
 PROGRAMS = ("eager", "tp", "tp-sp")
+C10D_HELPERS = ("wait_tensor", "_wrap_tensor_autograd")  # c10d functional ops that launch no collective
 
 
 @dataclass
 class Tally:
-    """Ops seen in one phase: counts by host kind (plain | dtensor | collective) and memory-bound bytes."""
+    """Ops seen in one phase: counts by host kind (plain | dtensor | collective launches | c10d: waits and
+    autograd wraps of collectives) and memory-bound bytes."""
 
     host: Counter[str] = field(default_factory=Counter)
     kernels: Counter[str] = field(default_factory=Counter)  # memory-bound kernel ops by name
@@ -98,8 +100,9 @@ class _Counter:
         t = self.tallies.setdefault(self.phase, Tally())
         ins = _tensors((args, kwargs))
         kind = _classify(func)
-        if kind == "collective":
-            t.host["collective"] += 1
+        if kind == "collective":  # a collective launch, or c10d's bookkeeping around one (wait, autograd wrap)
+            name = func._schema.name.split("::")[-1]
+            t.host["c10d" if name in C10D_HELPERS else "collective"] += 1
             return
         t.host["dtensor" if any(isinstance(x, DTensor) for x in ins) else "plain"] += 1
         if kind != "memory":
@@ -214,7 +217,7 @@ def per_layer(spec: Any, program: str, device: str = "cpu", mbs: int = 2, autoca
     rows: list[dict[str, Any]] = []
     for phase in ("fwd", "bwd"):
         a, b = one.get(phase, Tally()), two.get(phase, Tally())
-        for kind in ("plain", "dtensor", "collective"):
+        for kind in ("plain", "dtensor", "collective", "c10d"):
             layer = b.host[kind] - a.host[kind]
             rows.append({"program": program, "phase": phase, "where": "layer", "kind": kind, "count": layer})
             rows.append({"program": program, "phase": phase, "where": "rest", "kind": kind,

@@ -7,8 +7,9 @@ once per step, at its end), so a step lasts max over k of (host time to issue th
 time of the rest): the GPU's critical path when the host keeps ahead, the host's time when it does not.
 
 - op counts per layer and for the rest of the model (embedding, final norm, LM head, loss), forward and
-  backward, plain / DTensor / collective: counted from the native model on CUDA by
-  `workbench.calibration.op_counts` (a TorchDispatchMode), recorded in `datasets/host_dispatch_measured.csv`;
+  backward, plain / DTensor: counted from the native model on CUDA by `workbench.calibration.op_counts` (a
+  TorchDispatchMode), recorded in `datasets/host_dispatch_measured.csv`; the NCCL launches among c10d's ops
+  counted by the same counter on CPU (they match the collectives the profiler saw in the real tp=2 step);
 - seconds per op: measured on the H200 machine on a launch-bound tiny model (`benchmarks/host_dispatch.py`):
   Δ host seconds / Δ ops between a 2- and a 6-layer build; a DTensor op's cost is what is left after the plain
   ops are charged at the eager cost; a compiled block (`torch.compile`) costs its measured seconds per call;
@@ -31,7 +32,8 @@ from typing import Any
 from workbench.errors import WorkbenchError
 
 FILE = "host_dispatch_measured.csv"
-KINDS = ("plain", "dtensor", "collective")
+KINDS = ("plain", "dtensor", "collective")  # collective: NCCL launches (c10d's waits and wraps cost as DTensor's)
+UNITS = {"plain": "plain", "dtensor": "dtensor", "collective": "collective_launch"}
 TERMS = ("T*hidden", "T*q", "T*kv", "T*ffn", "T", "params", "seq*head_dim", "T*seq")
 
 
@@ -83,10 +85,10 @@ def op_counts(program: str) -> dict[tuple[str, str, str], float]:
     out: dict[tuple[str, str, str], float] = {}
     for phase in ("fwd", "bwd"):
         for kind in KINDS:
-            if df[(df["program"] == program) & (df["unit"] == kind)].empty:
+            if df[(df["program"] == program) & (df["unit"] == UNITS[kind])].empty:
                 layer, two = 0.0, 0.0
             else:
-                layer, two = _per_layer(df, "ops", program, phase, kind)
+                layer, two = _per_layer(df, "ops", program, phase, UNITS[kind])
             out[(phase, "layer", kind)] = layer
             out[(phase, "rest", kind)] = max(two - 2 * layer, 0.0)
     return out
@@ -106,9 +108,9 @@ def host_costs(gpu_model: str) -> HostCosts | None:
 
     def cost(program: str, phase: str) -> tuple[float, dict[str, float]]:
         h, _ = _per_layer(mine, "host_s", program, phase)
-        n = {k: _per_layer(mine[mine["measure"] == "ops"], "ops", program, phase, k)[0]
-             if not mine[(mine["measure"] == "ops") & (mine["program"] == program) & (mine["unit"] == k)].empty
-             else 0.0 for k in KINDS}
+        ops = mine[mine["measure"] == "ops"]
+        n = {k: _per_layer(ops, "ops", program, phase, k)[0]
+             if not ops[(ops["program"] == program) & (ops["unit"] == k)].empty else 0.0 for k in ("plain", "dtensor")}
         return h, n
 
     plain = []
@@ -120,7 +122,8 @@ def host_costs(gpu_model: str) -> HostCosts | None:
         vals = []
         for i, ph in enumerate(("fwd", "bwd")):
             h, n = cost(prog, ph)
-            vals.append(max(h - n["plain"] * plain[i], 0.0) / max(n["dtensor"], 1.0))  # its collectives included
+            # what is left after the plain ops: DTensor's ops with the c10d calls they make (on the fake group)
+            vals.append(max(h - n["plain"] * plain[i], 0.0) / max(n["dtensor"], 1.0))
         dtensor[prog] = (vals[0], vals[1])
     region = {}
     for prog, name in (("eager", "compiled"), ("tp-sp", "compiled-tp-sp")):
