@@ -219,3 +219,11 @@ def test_tp2_run_has_tp_events_and_compare_shows_its_comm_rows() -> None:
     # per step: the one sampled step's collectives, not diluted by the steps that were not sampled
     gathers = comm[comm["op"] == "all_gather"].groupby("rank").size()
     assert t.loc[("collective", "all_gather"), "measured_count"] == pytest.approx(gathers.mean())
+    # the dashboard's data model: the comm ops reach its latency panel and the links its link panel
+    from workbench.live import LiveData
+
+    live = LiveData(None, 10_000)
+    live.add(r.events, r.memory, r.links)
+    ops, p50, _ = live.latency()
+    assert {"all_gather", "reduce_scatter"} <= set(ops) and (p50 > 0).all()
+    assert len(live.busiest_links(2)) == 2  # each rank's link to the host
