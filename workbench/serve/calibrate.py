@@ -1,24 +1,26 @@
 """Calibrate the serving simulator from microbenchmarks of the real server and its engine's step logs.
 
-Three kinds of host cost sit outside the model's arithmetic on a small CPU server, each measured on
-its own (never fitted to the end-to-end TTFT/TPOT/throughput that the calibrated simulator then predicts):
+Each cost outside the model's arithmetic is measured on its own, never fitted to the end-to-end
+TTFT/TPOT/throughput that the calibrated simulator then predicts:
 
-- the engine step: `measure_steps` drives the real worker process with batches of 1..N sequences and
-  prompts of several lengths, through its pipe alone (the engine) or as streaming requests through the
-  HTTP server (the engine beside its front end, whose CPU work slows the steps on a small machine: the
-  shape a serving run sees); each step's duration and the worker loop's gap before the next step
-  (sending the tokens back, taking new requests) are logged.
-  A least-squares fit `period = s + q·seqs + k·sim(tokens)` against the simulator's price of the same batch
-  gives the per-step host cost `s` (plan `scheduler_us`), the per-sequence cost `q` (plan `seq_us`:
-  Python per sequence, per-sequence attention calls, sampling, page tables) and a rate factor `k`
-  (the node's compute and memory rates divided by `k`). The calibration run's own steps join the fit
-  (a step's period is known when sequences still held KV pages after it: the worker went straight on);
-- the request (plan `request_us`): the run's HTTP hop, the clients' mean TTFT minus the server's mean TTFT
-  over the same requests (timestamps at two hops: no engine time in it), plus the part between the request
-  handler and the engine (the pipe both ways), from `measure_overheads`: requests whose engine work is
-  one step of one token, one at a time, the server's TTFT minus the engine's step;
-- per output token outside the engine: the same with longer outputs (TPOT on the client minus the
-  engine's step period); reported, not applied (the front end streams while the engine computes).
+- the engine step, per worker role: `measure_steps` drives the real worker process with batches of 1..N
+  sequences and prompts of several lengths, through its pipe alone (the engine) or as streaming requests
+  through the HTTP server (the engine beside its front end); each step's duration and the worker loop's gap
+  before the next step are logged. A least-squares fit `period = s_r + q_r·seqs + k·sim_r(tokens)` against
+  the simulator's price of the same batch gives per role r (colocated; or a disaggregated run's prefill and
+  decode workers, each fitted on its own steps) a per-step host cost `s` (plan `scheduler_us`, or
+  `prefill_/decode_scheduler_us`), a per-sequence cost `q` (`seq_us`: Python per sequence, per-sequence
+  attention calls, sampling, page tables) and one rate factor `k` (the node's compute and memory rates divided
+  by `k`). With a microbenchmark, its shape is scaled by one contention factor from the calibration run's own
+  busy steps (the machine is shared);
+- the KV hand-off of a disaggregated run (`kv_handoff`): how long each transfer ran past the prefill step that
+  issued it, against the layer's bytes: plan `kv_us` and `kv_GBps`;
+- the front end (`measure_frontend`, `measure_slowdown`): the server process's CPU per request, per engine step
+  and per streamed token, and the engine's slowdown while a core is kept busy: plan `fe_*`, a mechanism of the
+  serving kernel (a request waits behind the front end's backlog, tokens reach clients after it, steps slow
+  while it is busy); `request_us` is then the hop of one request alone (`measure_overheads`). Without them,
+  `request_us` is the calibration run's HTTP hop (the clients' mean TTFT minus the server's) plus the part
+  between the request handler and the engine.
 """
 
 from __future__ import annotations
