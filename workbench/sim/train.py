@@ -299,7 +299,8 @@ def _layer_cost(ctx: TrainContext, plan: Plan, kind: str, rank: int, groups: dic
         f_a = qk + av + dma.memory_seconds(ew_f)
         b_a = (dma.bmm_seconds(q, hd, kv, cnt, elem) + dma.bmm_seconds(kv, hd, q, cnt, elem)
                + dma.bmm_seconds(q, kv, vd, cnt, elem) + dma.bmm_seconds(kv, vd, q, cnt, elem) + dma.memory_seconds(ew_b))
-    if st.elementwise == "eager":  # PyTorch without the compiler: each op its own kernel (counted, measured)
+    if st.elementwise == "eager" and prec == "bf16":  # PyTorch without the compiler: each op its own kernel
+        # (bytes counted under autocast bf16, the regime the coefficients hold for; other precisions fused)
         from workbench.sim.train_host import eager_layer_bytes, eager_seconds
 
         e_f, e_b = eager_layer_bytes(m, tp, sp, tokens)
