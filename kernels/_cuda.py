@@ -10,6 +10,7 @@ import ctypes
 import functools
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -101,7 +102,7 @@ RANGES(1, unsigned char)
 // Copy n equal pages of `page` bytes: page i from src + off[i] to dst + off[n + i] (byte offsets; `off`
 // may live in mapped pinned host memory). One warp moves one item, a PAGE_CHUNK-byte chunk of a page
 // (items = n * cpp, cpp = chunks per page), with the widest word (16, 8, 4 or 1 bytes) dividing both
-// addresses and the chunk's length, four independent loads per thread in flight before the stores.
+// addresses and the chunk's length, up to eight independent loads per thread in flight before the stores.
 // Under the transport's paged writes: a whole layer's pages in one launch, no word-size or offset
 // arithmetic on the host.
 #define PAGE_CHUNK 4096
@@ -111,6 +112,13 @@ __device__ __forceinline__ void warp_copy(const unsigned char* s0, unsigned char
   T* __restrict__ d = (T*)d0;
   const long long cnt = bytes / (long long)sizeof(T);
   long long k = lane;
+  for (; k + 224 < cnt; k += 256) {  // a whole 4 KiB chunk of 16-byte words: one round trip to memory
+    T v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = s[k + 32 * u];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) d[k + 32 * u] = v[u];
+  }
   for (; k + 96 < cnt; k += 128) {
     T a = s[k], b = s[k + 32], c = s[k + 64], e = s[k + 96];
     d[k] = a; d[k + 32] = b; d[k + 64] = c; d[k + 96] = e;
@@ -444,7 +452,7 @@ def copy_ranges(src_ptr: int, dst_ptr: int, ranges_ptr: int, n: int, word: int, 
 
 
 PAGE_CHUNK = 4096  # bytes one warp of `copy_pages` moves per item (the kernel's PAGE_CHUNK)
-PAGE_WARPS = 8  # warps per CUDA block of `copy_pages`
+PAGE_WARPS = 4  # warps per CUDA block of `copy_pages` (small blocks spread evenly over the SMs)
 
 
 def copy_pages(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, device: int, stream_ptr: int,
@@ -461,6 +469,25 @@ def copy_pages(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, 
     grid = min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID)
     _raw(device, "copy_pages")(device, grid, 32 * PAGE_WARPS, stream_ptr, src_ptr, dst_ptr, offsets_ptr, n, page, cpp,
                                current=current)
+
+
+def page_copier(device: int) -> Callable[[int, int, int, int, int, int], None]:
+    """`copy_pages` bound to `device`, for a caller that keeps `device` current in its thread (the transport's
+    posting path): `fn(src_ptr, dst_ptr, offsets_ptr, n, page, stream_ptr)`, one packing call and one
+    `cuLaunchKernel` per write, nothing looked up per call."""
+    raw = _raw(device, "copy_pages")
+    launch, fptr, pack = raw.launch, raw.ptr, _PACK[6].pack_into
+    if launch is None:
+        return lambda s, d, o, n, page, stream: copy_pages(s, d, o, n, page, device, stream, current=True)
+
+    def go(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, stream_ptr: int) -> None:
+        if n <= 0 or page <= 0:
+            return
+        cpp = -(-page // PAGE_CHUNK)
+        words, pp = _words()
+        pack(words, 0, src_ptr, dst_ptr, offsets_ptr, n, page, cpp)
+        launch(fptr, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp, 0)
+    return go
 
 
 # An immediate posted through GPU-visible memory (the transport's cuda_ipc mailbox): after the copy

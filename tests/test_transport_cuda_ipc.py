@@ -10,6 +10,7 @@ which arguments and offsets, that posting never synchronises, that ring slots co
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import itertools
 import zlib
@@ -269,13 +270,24 @@ def posting(monkeypatch):  # type: ignore[no-untyped-def]
     import kernels._cuda as kc
 
     rt, launches = _Rt(), []
+    nargs = {"copy_pages": 6, "post_imm": 3}
 
-    class Launch:
-        def __call__(self, device: int, grid: int, threads: int, stream: int, *args: int, current: bool = False) -> None:
+    def raw(device: int, name: str) -> Any:
+        """The kernel launcher with a stand-in `cuLaunchKernel` that reads the argument words back through the
+        pointer array the driver would read."""
+
+        def launch(fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
+                   params: int, extra: int) -> None:
             assert rt.posting, "a launch outside posting"
-            launches.append((grid, threads, stream, args, current))
+            ptrs = (ctypes.c_void_p * nargs.get(name, 4)).from_address(params)
+            args = tuple(ctypes.c_uint64.from_address(p).value for p in ptrs)
+            launches.append((name, gx, bx, stream, args))
 
-    monkeypatch.setattr(kc, "_raw", lambda device, name: Launch())
+        r = kc._Raw.__new__(kc._Raw)
+        r.fn, r.ptr, r.launch, r.rt = None, 1, launch, rt
+        return r
+
+    monkeypatch.setattr(kc, "_raw", raw)
     nbytes = 32 << 20
     with Engine("tcp", lanes=2) as tgt, Engine("tcp", lanes=2) as eng:
         dst = tgt.register(np.zeros(nbytes, np.uint8)).descriptor
@@ -302,6 +314,8 @@ def _post(fx: Any, fn: Any) -> Any:
 
 
 def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(posting) -> None:  # type: ignore[no-untyped-def]
+    import kernels._cuda as kc
+
     fx = posting
     page, n = 32 << 10, 256
     rng = np.random.default_rng(7)
@@ -309,16 +323,17 @@ def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(post
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
                                              src_offset=64, dst_offset=128))
     assert len(fx.launches) == 1
-    grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp), current = fx.launches[0]
-    assert current  # the path made the device current: no device query per launch
-    assert (s_ptr, d_ptr, count, pg, cpp, stream, threads) == (SRC_PTR, DST_PTR, n, page, 8, LANE_STREAM, 256)
-    assert grid == n * cpp // 8  # one warp per 4 KiB chunk, 8 warps a block
+    name, grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp) = fx.launches[0]
+    assert name == "copy_pages"
+    assert (s_ptr, d_ptr, count, pg, cpp, stream) == (SRC_PTR, DST_PTR, n, page, 8, LANE_STREAM)
+    assert threads == 32 * kc.PAGE_WARPS and grid == n * cpp // kc.PAGE_WARPS  # one warp per 4 KiB chunk
     ring = fx.path._ring
     slot = (off_ptr - ring.ptr) // _HostRing.SLOT
     words = ring.words[slot * _HostRing.SLOT // 8:][:2 * n]
     assert np.array_equal(words[:n], 64 + sp * page) and np.array_equal(words[n:], 128 + dp * page)
     names = [c[0] for c in fx.rt.calls]
-    assert names == ["streamQuery", "eventRecord"], names  # producers idle: no ordering event, one completion event
+    # producers idle: no ordering event; the device already current: no device query; one completion event
+    assert names == ["streamQuery", "eventRecord"], names
     assert slot not in ring.free  # the kernel may still read it
     t.result(5)
     assert fx.rt.calls[-1][0] == "eventSynchronize" and slot in ring.free
@@ -339,6 +354,11 @@ def test_posting_orders_after_busy_producers_and_single_writes_are_one_memcpy(po
     t = _post(fx, lambda: fx.eng.write_batch(fx.src, [Target(fx.dst, 100 + i, 1000 * i, 2000 * i) for i in range(5)]))
     t.result(5)
     assert len(fx.launches) == 1 and fx.path.used["kernel"] == 1 and len(fx.path._ring.free) == _HostRing.SLOTS
+    name, grid, threads, stream, (s_ptr, d_ptr, r_ptr, count) = fx.launches[0]
+    ring = fx.path._ring
+    words = ring.words[(r_ptr - ring.ptr) // 8:][:3 * count]  # 1-byte words: the lengths are odd
+    assert (name, s_ptr, d_ptr, count, stream) == ("copy_ranges_1", SRC_PTR, DST_PTR, 5, LANE_STREAM)
+    assert words.tolist() == [1000 * i for i in range(5)] + [2000 * i for i in range(5)] + [100 + i for i in range(5)]
 
 
 def test_paged_write_validation() -> None:

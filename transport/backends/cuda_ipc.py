@@ -278,7 +278,7 @@ class CudaIpcPath(DataPath):
         self._rr = itertools.count()
         self._ring: _HostRing | None = None
         self._pages_ok = True  # the page-copy kernel works (cleared on its first failure)
-        self._copy_pages: Callable[..., None] | None = None
+        self._copy_pages: dict[int, Callable[[int, int, int, int, int, int], None]] = {}  # per device
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -482,12 +482,12 @@ class CudaIpcPath(DataPath):
         slot, view, ptr = got
         np.concatenate((pieces.src, pieces.dst), out=view)
         try:
-            launch = self._copy_pages
+            launch = self._copy_pages.get(la.dev)
             if launch is None:
-                from kernels._cuda import copy_pages
+                from kernels._cuda import page_copier
 
-                launch = self._copy_pages = copy_pages
-            launch(src_ptr, dst_ptr, ptr, n, pieces.page, la.dev, la.ptr, current=True)
+                launch = self._copy_pages[la.dev] = page_copier(la.dev)
+            launch(src_ptr, dst_ptr, ptr, n, pieces.page, la.ptr)  # submit made the lane's device current
         except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does it
             ring.give([slot])
             self._pages_ok = False
