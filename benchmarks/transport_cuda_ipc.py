@@ -111,16 +111,35 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
     return out
 
 
-def probe(repeats: int) -> dict[str, float]:
-    """GPU time (CUDA events, median µs) of the copies under the writes, apart from posting: cudaMemcpyAsync
-    against torch's `copy_` (16, 64, 256 MiB), and for each paged shape of the benchmark the page-copy
-    kernel (`copy_pages`, byte offsets) against the range kernel (`copy_ranges`, 16-byte words) that
-    paged writes used before, with their offsets in device memory."""
+def _batched(fn: Any, k: int) -> Any:
+    def run() -> None:
+        for _ in range(k):
+            fn()
+    return run
+
+
+def _cpu_us(fn: Any, repeats: int) -> float:
+    """Median µs of the host calling `fn` (what a posting thread pays for it)."""
+    ts = []
+    for _ in range(repeats):
+        a = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - a)
+    return _median_us(ts)
+
+
+def probe(repeats: int, k: int = 10) -> dict[str, float]:
+    """The copies under the writes, apart from the engine: GPU time (CUDA events around `k` back-to-back
+    launches, per launch, so the host's issue time hides behind the GPU's work) of cudaMemcpyAsync
+    against torch's `copy_` (16, 64, 256 MiB) and, for each paged shape of the benchmark, of the
+    page-copy kernel (`copy_pages`, byte offsets) against the range kernel that paged writes used
+    before (`copy_ranges`, 16-byte words), offsets in device memory; the host's cost of one launch of
+    each, and of the numpy steps a 256-page write takes; and whether each page copy was exact."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt
 
-    from kernels._cuda import copy_pages, copy_ranges
+    from kernels._cuda import copy_pages, copy_ranges, page_copier
     from kernels.bench import gpu_time
 
     stream = torch.cuda.current_stream().cuda_stream
@@ -129,8 +148,11 @@ def probe(repeats: int) -> dict[str, float]:
     sp_, dp_ = src.data_ptr(), dst.data_ptr()
     out: dict[str, float] = {}
     for size in (16 * MiB, 64 * MiB, 256 * MiB):
-        out[f"memcpy_{size // MiB}MiB_us"] = 1e6 * gpu_time(partial(rt.memcpyAsync, dp_, sp_, size, 4, stream), repeats)
-        out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(partial(dst[:size].copy_, src[:size]), repeats)
+        mc = partial(rt.memcpyAsync, dp_, sp_, size, 4, stream)
+        out[f"memcpy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(mc, k), repeats) / k
+        tc = partial(dst[:size].copy_, src[:size])
+        out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(tc, k), repeats) / k
+    go = page_copier(0)
     shapes = ((KiB, 16384), (4 * KiB, 4096), (16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256))
     for page, n in shapes:
         rng = np.random.default_rng(page + n)
@@ -140,15 +162,29 @@ def probe(repeats: int) -> dict[str, float]:
                                   .astype(np.int64)).to("cuda:0")
         o_, r_ = offs.data_ptr(), ranges.data_ptr()
         key = f"{page // KiB}KiBx{n}"
-        out[f"pages_{key}_us"] = 1e6 * gpu_time(partial(copy_pages, sp_, dp_, o_, n, page, 0, stream), repeats)
-        out[f"ranges_{key}_us"] = 1e6 * gpu_time(partial(copy_ranges, sp_, dp_, r_, n, 16, 0, stream), repeats)
+        pg = partial(go, sp_, dp_, o_, n, page, stream)
+        out[f"pages_{key}_us"] = 1e6 * gpu_time(_batched(pg, k), repeats) / k
+        rg = partial(copy_ranges, sp_, dp_, r_, n, 16, 0, stream)
+        out[f"ranges_{key}_us"] = 1e6 * gpu_time(_batched(rg, k), repeats) / k
         dst.zero_()
         copy_pages(sp_, dp_, o_, n, page, 0, stream)
         torch.cuda.synchronize()
         ok = bool(torch.equal(dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()],
                               src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
         out[f"pages_{key}_correct"] = float(ok)
-    return {k: round(v, 2) for k, v in out.items()}
+        if n == 256:
+            out["host_launch_pages_us"] = _cpu_us(pg, repeats)
+            buf = torch.empty(2 * n, dtype=torch.int64, pin_memory=True).numpy()
+            out["host_concat_256_us"] = _cpu_us(partial(np.concatenate, (sp, dp), out=buf), repeats)
+            both = np.concatenate((sp, dp))
+            out["host_max_512_us"] = _cpu_us(partial(np.maximum.reduce, both.view(np.uint64)), repeats)
+            out["host_mul_512_us"] = _cpu_us(partial(np.multiply, both, page, out=both), repeats)
+        torch.cuda.synchronize()
+    out["host_memcpy_async_us"] = _cpu_us(partial(rt.memcpyAsync, dp_, sp_, 4096, 4, stream), repeats)
+    out["host_event_record_us"] = _cpu_us(partial(rt.eventRecord, rt.eventCreateWithFlags(2), stream), repeats)
+    out["host_stream_query_us"] = _cpu_us(partial(rt.streamQuery, stream), repeats)
+    torch.cuda.synchronize()
+    return {k_: round(v, 2) for k_, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
