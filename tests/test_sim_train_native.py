@@ -298,3 +298,17 @@ def test_op_counts_match_the_profile_of_the_real_tp2_step() -> None:
     launches = sum(16 * n[(ph, "layer", "collective")] + n[(ph, "rest", "collective")] for ph in ("fwd", "bwd"))
     assert dtensor == pytest.approx(calls("PythonSubclass"), rel=0.02)
     assert launches == calls("_c10d_functional::all_gather_into_tensor") + calls("_c10d_functional::reduce_scatter_tensor")
+
+
+def test_host_wait_shows_as_an_idle_event_ending_the_step() -> None:
+    from workbench.core.job import Job, Training
+    from workbench.sim.train import simulate_job
+
+    ctx = _ctx(2)
+    r = simulate_job(Job.create(ctx.cluster, MODEL, "dp=1,tp=2,pp=1,sp=1,mbs=8,gbs=8,stack=torch-native-eager",
+                                Training()))
+    idle = r.events[r.events["kind"] == "idle"]
+    assert list(idle["op"]) == ["host_dispatch"]
+    wait = float((idle["end"] - idle["start"]).iloc[0])
+    assert wait == pytest.approx(r.metrics["breakdown_seconds"]["host_bound"], rel=1e-6)
+    assert float(r.events["end"].max()) == pytest.approx(r.metrics["step_seconds"], rel=1e-9)

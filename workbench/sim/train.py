@@ -877,7 +877,7 @@ def evaluate(cluster: Cluster | TrainContext, model: ModelSpec | None = None, pl
     )
     if detail:
         return est, {"costs": costs, "fsend": fsend, "bsend": bsend, "tails": tails, "ctx": ctx, "fdur": fdur,
-                     "bdur": bdur, "blocking": fadd + badd if blocking else None}
+                     "bdur": bdur, "blocking": fadd + badd if blocking else None, "host_extra": host_extra}
     return est
 
 
@@ -1017,4 +1017,9 @@ def _events(ctx: TrainContext, est: TrainEstimate, det: dict[str, Any]) -> Any:
         if gather > 0:
             rows.append({**base, "kind": "collective", "op": "all_gather", "bytes": int(ne * elem), "start": t,
                          "end": t + gather, "group": "dp"})
+            t += gather
+        wait = float(det["host_extra"][s]) if "host_extra" in det else 0.0
+        if wait > 0:  # the GPU waiting for the host's dispatch, in all (spread over the step in reality)
+            rows.append({**base, "kind": "idle", "op": "host_dispatch", "bytes": 0, "start": t, "end": t + wait,
+                         "group": ""})
     return pd.DataFrame(rows)
