@@ -87,6 +87,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
         measure_overheads,
         measure_slowdown,
         measure_steps,
+        steps,
     )
     from workbench.serve.compare import compare_serving
     from workbench.serving import Serving
@@ -122,7 +123,10 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                          "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0])})
         print(json.dumps(rows[-3:], default=float), flush=True)
     engine_alone = fit_steps(jobs[0], pipe)
-    return {"rows": rows, "fitted": fitted, "fitted_hop": hop_fit, "overheads": overheads, "frontend": frontend,
+    # each level's engine steps (tokens, seqs, seconds, period in s), for diagnosing the step shape later
+    run_steps = {str(c): steps(r, j)[["tokens", "seqs", "seconds", "period"]].round(6).to_numpy().tolist()
+                 for j, r, c in zip(jobs, measured, levels)}
+    return {"rows": rows, "run_steps": run_steps, "fitted": fitted, "fitted_hop": hop_fit, "overheads": overheads, "frontend": frontend,
             "micro": pd.concat([pipe, micro]), "engine_alone": engine_alone, "load_average": os.getloadavg()}
 
 
