@@ -312,3 +312,25 @@ def test_host_wait_shows_as_an_idle_event_ending_the_step() -> None:
     wait = float((idle["end"] - idle["start"]).iloc[0])
     assert wait == pytest.approx(r.metrics["breakdown_seconds"]["host_bound"], rel=1e-6)
     assert float(r.events["end"].max()) == pytest.approx(r.metrics["step_seconds"], rel=1e-9)
+
+
+def test_native_train_benchmark_predicts_with_the_stack_each_run_used(tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+
+    from workbench.calibration.native_runs import validate_runs
+
+    script = RUNS.parents[2] / "benchmarks" / "native_train.py"
+    spec = importlib.util.spec_from_file_location("native_train_bench", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shutil.copy(RUNS / "native.json", tmp_path / "native.json")
+    rep = mod.resimulate(tmp_path / "native.json", RUNS)
+    df = validate_runs(RUNS)
+    rows = [r for r in rep["plans"] if "sim_step_seconds_after" in r]
+    assert len(rows) == len(df)
+    for r in rows:
+        want = df[(df["name"] == r["name"]) & (df["run"] == int(r.get("run", 1)))].iloc[0]
+        assert r["sim_stack"] == want["stack"] == ("torch-native" if r["compile"] else "torch-native-eager")
+        assert r["sim_error_pct_after"] == pytest.approx(want["error_after_pct"], abs=1e-6)

@@ -14,9 +14,11 @@ GPUs) or on a GPU; the model is `workbench.runner.llama` exactly as the native e
 `workbench.runner.native.apply_tp` for tensor/sequence parallelism and `torch.autocast` over fp32
 parameters as the engine runs without FSDP.
 
-    python -m workbench.calibration.op_counts --write datasets/host_ops.csv
+    python -m workbench.calibration.op_counts [--detail] [--write FILE]   # the counts on this machine's CPU
 
-needs torch (imported lazily: `import workbench` does not import it).
+`benchmarks/host_dispatch.py` runs the same counter on CUDA beside its timings: those counts are the ones
+the simulator uses (`datasets/host_dispatch_measured.csv`; CPU kernels differ, e.g. RMSNorm decomposes on
+CPU). Needs torch (imported lazily: `import workbench` does not import it).
 """
 
 from __future__ import annotations
@@ -294,7 +296,7 @@ def solve_coefficients(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict
 
 
 def count_table(model: str = REFERENCE, programs: tuple[str, ...] = PROGRAMS) -> Any:
-    """The per-layer/rest host op counts of every program on CPU (a DataFrame, `datasets/host_ops.csv`'s rows)."""
+    """The per-layer/rest host op counts of every program on CPU (a DataFrame)."""
     import pandas as pd
     import torch
 
@@ -313,7 +315,7 @@ def count_table(model: str = REFERENCE, programs: tuple[str, ...] = PROGRAMS) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--write", default=None, help="write the table as CSV here (e.g. datasets/host_ops.csv)")
+    ap.add_argument("--write", default=None, help="also write the table as CSV here")
     ap.add_argument("--model", default=REFERENCE)
     ap.add_argument("--detail", action="store_true", help="also list the memory-bound kernels of one layer")
     args = ap.parse_args(argv)
