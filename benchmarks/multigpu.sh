@@ -9,6 +9,8 @@
 #           the simulator before (catalogue) and after calibration from the sweeps -> native.json
 #   transport  the transport between GPUs (cuda_ipc, and tcp with CUDA tensors) -> transport-*.json
 #   kernels    the MoE / KV / FP8 kernels that feed it -> kernels.json
+#   dispatch   this host's CPU cost per eager / DTensor op, compiled block call and NCCL launch, and
+#              the eager elementwise kernels (benchmarks/host_dispatch.py) -> dispatch/*.csv
 #
 # Usage, from the repository root on the GPU host (no install needed; the image's python3
 # with torch, numpy, pandas, pyyaml, numba, tokenizers, safetensors):
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 OUT=${OUT:-benchmarks/results/multigpu}
-PARTS=${PARTS:-sweeps fit train transport kernels}
+PARTS=${PARTS:-sweeps fit train transport kernels dispatch}
 MAXBYTES=${MAXBYTES:-1G}
 STEPS=${STEPS:-16}
 MODEL=${MODEL:-llama3-8b:layers=16,hidden=2048,heads=16,kv_heads=4,head_dim=128,ffn=8192,vocab=32000,seq=2048}
@@ -74,6 +76,11 @@ fi
 if want kernels; then
   step "kernels feeding the transport"
   timeout 600 $PY -m kernels.bench --device gpu --json --out "$OUT/kernels.json" > /dev/null || fail kernels
+fi
+
+if want dispatch; then
+  step "dispatch: host cost per op on this host (the simulator's host-bound term)"
+  timeout 300 $PY benchmarks/host_dispatch.py --out "$OUT/dispatch" || fail "host dispatch"
 fi
 
 echo "exit status $status; results in $OUT"
