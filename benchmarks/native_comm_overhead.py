@@ -2,9 +2,10 @@
 
     python3 benchmarks/native_comm_overhead.py --out benchmarks/results/native-comm-overhead-cpu.json
 
-For each plan (default dp=2 with FSDP2, tp=2 with DTensor + SP, pp=2 with 1F1B; gloo on CPU ranks) two runs
-of the same job with telemetry on: one with the comm sampler every 2nd step (`WORKBENCH_COMM_EVERY=2`: odd
-steps run under `torch.profiler`) and one with it off (the control). In each run every odd step's time is
+For each plan (default dp=2 with FSDP2, tp=2 with DTensor + SP, pp=2 with 1F1B; gloo on CPU ranks) three
+runs of the same job with telemetry on: the comm sampler every 2nd step (`WORKBENCH_COMM_EVERY=2`: odd steps
+run under `torch.profiler`) as it runs by default (the ops' shapes recorded on the first sample only), the
+same with shapes on every sample (`WORKBENCH_COMM_REUSE_SHAPES=0`), and the sampler off (the control). In each run every odd step's time is
 divided by the mean of its two even neighbours (drift in the machine's load cancels); the median of those
 ratios − 1 is the extra time of a profiled step, and the control's the noise of the pairing. Spread over
 the steps between samples it is the overhead: at one in 10 (the least gap), and at the gap the sampler's
@@ -37,11 +38,12 @@ def paired(times: list[float], odd: bool = True) -> list[float]:
     return [times[i] / ((times[i - 1] + times[i + 1]) / 2) for i in range(3, len(times) - 1) if (i % 2 == 1) == odd]
 
 
-def one(plan: str, every: int, steps: int, model: str) -> dict[str, Any]:
+def one(plan: str, every: int, steps: int, model: str, reuse: bool = True) -> dict[str, Any]:
     from workbench.runner import run_train
 
     os.environ["WORKBENCH_COMM_EVERY"] = str(every)
     os.environ["WORKBENCH_COMM_BUDGET_PCT"] = "0"  # a fixed one step in `every`
+    os.environ["WORKBENCH_COMM_REUSE_SHAPES"] = "1" if reuse else "0"
     load0 = os.getloadavg()[0]
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -77,10 +79,14 @@ def main() -> int:
     rows, summary = [], {}
     for plan in a.plans.split(";"):
         control = one(plan, 0, a.steps, a.model)
+        shaped = one(plan, 2, a.steps, a.model, reuse=False)
         profiled = one(plan, 2, a.steps, a.model)
         extra = profiled["odd_vs_neighbours_pct"] - control["odd_vs_neighbours_pct"]
-        rows += [control | {"mode": "control"}, profiled | {"mode": "profiled every 2nd step"}]
+        extra_shaped = shaped["odd_vs_neighbours_pct"] - control["odd_vs_neighbours_pct"]
+        rows += [control | {"mode": "control"}, shaped | {"mode": "profiled every 2nd step, shapes every time"},
+                 profiled | {"mode": "profiled every 2nd step (shapes on the first)"}]
         key = plan.split(",")[0].replace("=", "")
+        summary[f"{key}_profiled_step_with_shapes_extra_pct"] = round(extra_shaped, 1)
         gap = max(DEFAULT_EVERY, math.ceil(max(extra, 0.0) / BUDGET_PCT))  # what the sampler's budget picks
         summary[f"{key}_profiled_step_extra_pct"] = round(extra, 1)
         summary[f"{key}_overhead_at_every_{DEFAULT_EVERY}_pct"] = round(extra / DEFAULT_EVERY, 2)
@@ -88,6 +94,7 @@ def main() -> int:
         summary[f"{key}_overhead_at_budget_gap_pct"] = round(extra / gap, 2)
         summary[f"{key}_step_s"] = round(control["step_s_median"], 4)
         print(f"{plan:>24}: step {control['step_s_median'] * 1e3:7.1f} ms, profiled step {extra:+.1f} % "
+              f"(with shapes {extra_shaped:+.1f} %) "
               f"(control {control['odd_vs_neighbours_pct']:+.1f} %); at 1 in {DEFAULT_EVERY}: "
               f"{extra / DEFAULT_EVERY:+.2f} %; the {BUDGET_PCT:g} % budget samples 1 in {gap}: {extra / gap:+.2f} %; "
               f"{profiled['comm_events_per_sampled_step_per_rank']:.0f} events per profiled step per rank "

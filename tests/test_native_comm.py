@@ -105,6 +105,34 @@ def test_sampler_spreads_a_profiled_steps_measured_extra_time_within_its_budget(
     assert not cheap.due()
 
 
+def test_samples_without_shapes_take_bytes_and_peers_from_the_template() -> None:
+    class Rec:
+        enabled, step, cost_s = True, 0, 0.0
+        rows: list[tuple] = []
+
+        def add_event(self, *row: object) -> None:
+            self.rows.append(row)
+
+    def spans(shapes: bool, second: str = "c10d::recv_") -> list[Span]:
+        sh = (lambda *a: a) if shapes else (lambda *a: ())
+        return [_op("workbench::anchor", 1, 0, 1),
+                _op("c10d::send", 1, 100, 110, sh([[2, 5]]), sh("TensorList"), sh(None, None, 1, 0)),
+                _op(second, 1, 200, 210, sh([[2, 5]]), sh("TensorList"), sh(None, None, 1, 0)),
+                _op("gloo:send", 1, 105, 150, sh([2, 5]), sh("float")),
+                _op("gloo:recv" if second == "c10d::recv_" else "gloo:send", 1, 205, 400, sh([2, 5]), sh("float"))]
+
+    rec = Rec()
+    s = CommSampler(rec, Groups(pp=2, pp_ranks=(0, 4)))
+    assert s.record(spans(True), 10.0, shapes=True) == 2
+    assert s.record(spans(False), 20.0, shapes=False) == 2
+    assert [r[:5] for r in rec.rows[2:]] == [r[:5] for r in rec.rows[:2]] == [
+        ("transfer", "send_recv", 40, "pp", 4), ("transfer", "recv_wait", 40, "pp", 4)]
+    assert rec.rows[3][5] == pytest.approx(20.0 + 204e-9)  # on the host clock through the anchor
+    assert s.record(spans(False, "c10d::send"), 30.0, shapes=False) == 0  # other ops: dropped, learnt again
+    assert s.template is None and s.dropped == 1 and s.light == 1 and len(rec.rows) == 4
+    assert not CommSampler(rec, Groups(dp=2, tp=2)).light_ok  # gloo spans of two groups need their shapes
+
+
 def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], CommSampler]:
     """Two steps of real collectives on a one-rank process group, the second under the sampler (FSDP2 and
     DTensor issue none on one rank, so the step calls c10d as they do: base all-gather and reduce-scatter,
@@ -134,7 +162,8 @@ def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], Com
 
         run = sampler.wrap(step)
         run(0)  # the warm-up step is not sampled
-        run(1)
+        run(1)  # profiled with shapes: its bytes and peers become the template
+        run(2)  # profiled without shapes: the same ops, bytes and peers from the template
         if device.type == "cuda":
             torch.cuda.synchronize()
         return list(rec.take()["events"]), sampler
@@ -143,10 +172,11 @@ def _one_rank_step(backend: str, device: torch.device) -> tuple[list[tuple], Com
 
 
 def _check_one_rank(events: list[tuple], sampler: CommSampler, expected: list[tuple]) -> None:
-    assert sampler.sampled == [1]
-    got = sorted((e[1], e[2], e[3]) for e in events if e[0] == "collective")
-    assert got == expected
-    assert all(e[7] == 1 and e[6] > e[5] for e in events)
+    assert sampler.sampled == [1, 2] and sampler.light == 1 and sampler.dropped == 0
+    for step in (1, 2):
+        got = sorted((e[1], e[2], e[3]) for e in events if e[0] == "collective" and e[7] == step)
+        assert got == expected, step
+    assert all(e[6] > e[5] for e in events)
 
 
 @pytest.mark.slow
@@ -155,7 +185,7 @@ def test_profiled_step_on_a_one_rank_gloo_group_gives_events() -> None:
     events, sampler = _one_rank_step("gloo", torch.device("cpu"))
     _check_one_rank(events, sampler, [("all_gather", 600, "dp"), ("all_reduce", 512, "tp"),
                                       ("all_reduce", 4000, "dp"), ("reduce_scatter", 2000, "dp")])
-    assert sampler.sources == {"gloo": 4} and sampler.missed == 0
+    assert sampler.sources == {"gloo": 8} and sampler.missed == 0
 
 
 @pytest.mark.gpu
@@ -164,7 +194,7 @@ def test_profiled_step_on_a_one_rank_nccl_group_times_the_device_work() -> None:
     events, sampler = _one_rank_step("nccl", torch.device("cuda", 0))
     # on one rank NCCL copies for all-gather and reduce-scatter and launches nothing for an in-place all-reduce
     _check_one_rank(events, sampler, [("all_gather", 600, "dp"), ("reduce_scatter", 2000, "dp")])
-    assert sampler.sources == {"device": 2} and sampler.missed == 2
+    assert sampler.sources == {"device": 4} and sampler.missed == 4
 
 
 def _sharded_bytes(spec: str, dp: int) -> list[int]:

@@ -436,10 +436,11 @@ def train(job: dict[str, Any], rank: int, world: int, local_rank: int, rec: Reco
         step: Callable[[int], Any] = tr.step
         every = int(job.get("comm_every", os.environ.get("WORKBENCH_COMM_EVERY", 10)))
         budget = float(job.get("comm_budget_pct", os.environ.get("WORKBENCH_COMM_BUDGET_PCT", 2.0)))
+        reuse = os.environ.get("WORKBENCH_COMM_REUSE_SHAPES", "1") != "0"  # 0: shapes on every sample (benchmark)
         if job["telemetry"] is not False and every > 0:  # collectives and transfers from sampled steps
             pp_ranks = tuple(dist.get_process_group_ranks(tr.mesh["pp"].get_group())) if p["pp"] > 1 else ()
             step = CommSampler(rec, Groups(p["dp"], p["tp"], p["pp"], pp_ranks), every,
-                               device.type == "cuda", budget).wrap(tr.step)
+                               device.type == "cuda", budget, reuse).wrap(tr.step)
         losses = run_steps(step, job, rank, rec, device, start_step=tr.start_step, profile=profile)
         if job.get("checkpoint_dir"):
             path = tr.save_checkpoint(tr.start_step + job["steps"])

@@ -37,7 +37,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # c10d op -> the house op name; the ops every engine's collectives and p2p reach the process group by
@@ -256,6 +256,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
         if i >= 0:
             launched.setdefault(id(rs[i]), []).append(d)
     used = [False] * len(gloo)
+    gloo_starts = [g.start for g in gloo]
     events: list[CommEvent] = []
     missed = 0
     for req, tags, nccl in reqs:
@@ -266,7 +267,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
             exe, source = nccl, "device"
             start, end = min(a.start for a in acts), max(a.end for a in acts)
         else:
-            exe, source = _pair_gloo(req, op, gloo, used), "gloo"
+            exe, source = _pair_gloo(req, op, gloo, gloo_starts, used), "gloo"
             if exe is None:
                 missed += 1  # e.g. NCCL on one rank: an in-place all-reduce launches nothing to time
                 continue
@@ -280,7 +281,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
     return events, missed
 
 
-def _pair_gloo(req: Span, op: str, gloo: list[Span], used: list[bool]) -> Span | None:
+def _pair_gloo(req: Span, op: str, gloo: list[Span], starts: list[int], used: list[bool]) -> Span | None:
     """The first unused gloo span that started after `req`, moves the same number of elements, and is of
     the same family (send, recv, or a collective: gloo runs reduce-scatter as an all-reduce)."""
     family = {"send_recv": "gloo:send", "recv_wait": "gloo:recv"}.get(op)
@@ -291,7 +292,7 @@ def _pair_gloo(req: Span, op: str, gloo: list[Span], used: list[bool]) -> Span |
     elif req.name in ("c10d::allreduce_", "c10d::broadcast_", "c10d::send", "c10d::recv_"):
         t = _tensor(req, 0)
         want = t[0] if t else None
-    lo = bisect.bisect_left([g.start for g in gloo], req.start)
+    lo = bisect.bisect_left(starts, req.start)
     for i in range(lo, len(gloo)):
         g = gloo[i]
         if used[i]:
@@ -317,7 +318,8 @@ class CommSampler:
     steps) or while another profiler runs (`WORKBENCH_PROFILE`).
     """
 
-    def __init__(self, rec: Any, groups: Groups, every: int = 10, cuda: bool = False, budget_pct: float = 2.0) -> None:
+    def __init__(self, rec: Any, groups: Groups, every: int = 10, cuda: bool = False, budget_pct: float = 2.0,
+                 reuse_shapes: bool = True) -> None:
         self.rec, self.groups, self.every, self.cuda = rec, groups, max(int(every), 1), cuda
         self.budget = max(float(budget_pct), 0.0) / 100
         self.calls = 0
@@ -326,6 +328,13 @@ class CommSampler:
         self.gaps: list[int] = []  # steps from each sample to the next
         self.missed = 0  # c10d ops with no execution found
         self.sources: dict[str, int] = {}  # events per timing source (gloo, device)
+        # bytes and peers need the ops' shapes, which triple the profiler's cost: recorded on the first
+        # sample and reused while the ops repeat (gloo spans are then paired by order alone, so not when
+        # two collective groups share the step on CPU ranks)
+        self.template: list[tuple[str, str, str, int, int]] | None = None
+        self.light_ok = reuse_shapes and (cuda or not (groups.dp > 1 and groups.tp > 1))
+        self.light = 0  # samples taken without shapes
+        self.dropped = 0  # samples whose ops did not match the template
         self._last = -1  # the call index of the last sample
         self._sample_s = 0.0  # its wall time
         self._after: list[float] = []  # wall times of the steps after it
@@ -369,8 +378,9 @@ class CommSampler:
         from torch.profiler import ProfilerActivity, profile, record_function
 
         c0 = time.perf_counter()
+        shapes = self.template is None or not self.light_ok
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        prof = profile(activities=acts, record_shapes=True)
+        prof = profile(activities=acts, record_shapes=shapes)
         prof.__enter__()
         try:
             host = time.perf_counter()
@@ -384,17 +394,32 @@ class CommSampler:
                 torch.cuda.synchronize()
             prof.__exit__(None, None, None)
         spans = spans_from_profiler(prof.profiler.kineto_results)  # type: ignore[union-attr]
-        self.record(spans, host)
+        self.record(spans, host, shapes)
         self.rec.cost_s += time.perf_counter() - c1
         return out
 
-    def record(self, spans: list[Span], host_anchor: float) -> int:
+    def record(self, spans: list[Span], host_anchor: float, shapes: bool = True) -> int:
         """Map the spans' events onto the host clock (the anchor range started at `host_anchor`) and
-        add them to the recorder; returns how many."""
+        add them to the recorder; returns how many.
+
+        A step profiled with shapes (the first, and any after a mismatch) keeps its events' bytes and
+        peers as the template; a step profiled without them (a third of the profiler's cost) takes
+        them from the template when its ops come in the same order, else it is dropped and the next
+        sample records shapes again."""
         anchor = next((s.start for s in spans if s.name == "workbench::anchor"), None)
         if anchor is None:
             return 0
         events, missed = comm_events(spans, self.groups)
+        if shapes:
+            self.template = [(e.kind, e.op, e.group, e.nbytes, e.peer) for e in events]
+        else:
+            tpl = self.template or []
+            if [(e.kind, e.op, e.group) for e in events] != [t[:3] for t in tpl]:
+                self.template = None  # the step's ops differ from the template's: learn them again
+                self.dropped += 1
+                return 0
+            events = [replace(e, nbytes=t[3], peer=t[4]) for e, t in zip(events, tpl)]
+            self.light += 1
         self.missed += missed
         step = self.rec.step
         self.sampled.append(step)
