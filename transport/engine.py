@@ -491,6 +491,18 @@ class Engine:
             return t
         nl = len(link.data)
         nshards = max(1, min(nl, length // MIN_SHARD))
+        if nshards == 1 and src.view is not None:  # one message on one lane (the common case, kept short)
+            t = self._new(what, dst.engine, 1, length, timeout, callback)
+            lane = link.data[link.next_lane()]
+            lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
+            t.lanes = (lane.index,)
+            t.hooks.append(partial(lane.read_acks, t.future.done))
+            hdr = wire.HEADER.pack(wire.WRITE, 0 if imm is None else wire.F_IMM, 1, imm or 0, t.tid, dst.region, 0,
+                                   dst_offset, length)
+            # from this thread when the lane is idle (a hand-off to the sender thread costs more than the send)
+            if not (length <= INLINE_MAX and lane.send_inline([hdr, src.view[src_offset:src_offset + length]])):
+                lane.post(_WriteJob(t, hdr, src, src_offset, length))
+            return t
         chunk = _round_up(-(-length // nshards), SHARD_ALIGN) if nshards > 1 else length
         shards = [(o, min(chunk, length - o)) for o in range(0, length, chunk)] or [(0, 0)]
         t = self._new(what, dst.engine, len(shards), length, timeout, callback)

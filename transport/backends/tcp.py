@@ -44,7 +44,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from transport.errors import AuthError, PeerGone, TransportError
@@ -152,6 +152,14 @@ def send_gather(sock: socket.socket, bufs: Sequence[memoryview | bytes]) -> None
 def send_some(sock: socket.socket, bufs: list[Any]) -> list[memoryview]:
     """Send as much of `bufs` as the socket takes now without blocking; return what is left (empty: all
     sent), the partly sent buffer sliced, so the caller can hand the rest to a thread that may block."""
+    if len(bufs) <= IOV_BATCH:  # the usual case: one call takes it all
+        try:
+            k = sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            k = 0
+        if k == sum(map(len, bufs)):
+            return []
+        bufs = list(_skip(bufs, k))
     pending = [b if isinstance(b, memoryview) else memoryview(b).cast("B") for b in bufs]
     while pending:
         try:
@@ -170,6 +178,17 @@ def send_some(sock: socket.socket, bufs: list[Any]) -> list[memoryview]:
     return pending
 
 
+def _skip(bufs: list[Any], k: int) -> Iterator[Any]:
+    """`bufs` less their first `k` bytes."""
+    for b in bufs:
+        n = len(b)
+        if k >= n:
+            k -= n
+            continue
+        yield (b if isinstance(b, memoryview) else memoryview(b).cast("B"))[k:] if k else b
+        k = 0
+
+
 class Reader:
     """Buffered receive side of a socket: headers and small payloads come out of one `recv_into` of
     up to `size` bytes (one system call for many small messages); large payloads go straight into
@@ -181,12 +200,13 @@ class Reader:
         self.mv = memoryview(self.buf)
         self.pos = 0
         self.end = 0
+        self.lean = False  # the last payload was large: read the next header alone (its payload goes straight in)
 
     def buffered(self) -> int:
         return self.end - self.pos
 
-    def _fill(self, want: int) -> None:
-        """Make at least `want` (<= buffer size) bytes available."""
+    def _fill(self, want: int, exact: bool = False) -> None:
+        """Make at least `want` (<= buffer size) bytes available (`exact`: read no more than that)."""
         if self.end - self.pos >= want:
             return
         if self.pos == self.end:
@@ -196,7 +216,7 @@ class Reader:
             self.mv[:n] = self.mv[self.pos:self.end]
             self.pos, self.end = 0, n
         while self.end - self.pos < want:
-            k = self.sock.recv_into(self.mv[self.end:])
+            k = self.sock.recv_into(self.mv[self.end:], want - (self.end - self.pos) if exact else 0)
             if k == 0:
                 raise PeerGone("connection closed by peer")
             self.end += k
@@ -220,7 +240,7 @@ class Reader:
         return k
 
     def header(self) -> tuple[int, ...]:
-        self._fill(HEADER_SIZE)
+        self._fill(HEADER_SIZE, self.lean)
         msg = HEADER.unpack_from(self.buf, self.pos)
         self.pos += HEADER_SIZE
         return msg
@@ -228,6 +248,7 @@ class Reader:
     def read_into(self, dst: memoryview) -> None:
         """Fill `dst` exactly."""
         n = len(dst)
+        self.lean = n >= len(self.buf) // 4
         k = min(n, self.end - self.pos)
         if k:
             dst[:k] = self.mv[self.pos:self.pos + k]
@@ -428,16 +449,25 @@ class Lane:
         acks, self.acks = self.acks, []
         if not acks:
             return
+        if len(acks) == 1 and self.index:
+            st, tid, n = acks[0]
+            one = HEADER.pack(ACK, st, 1, 0, tid, 0, n, 0, 0)
+            if not self.send_small(one):
+                self.link.ctrl.send_now([one])
+            return
         msgs = [pack(ACK, flags=st, tid=tid, count=n) for st, tid, n in acks]
         if self.index == 0:
             self.link.ctrl.post(msgs)  # a control receiver never blocks on a send
         elif not self.send_small(msgs[0] if len(msgs) == 1 else b"".join(msgs)):
             self.link.ctrl.send_now(msgs)  # this lane is busy: the peer's control receiver always drains
 
-    def _more_waiting(self) -> bool:
-        """Bytes of another message already here (buffered or in the socket): acks can wait for it."""
+    def _more_waiting(self, cheap: bool = False) -> bool:
+        """Bytes of another message already here (buffered or in the socket): acks can wait for it.
+        `cheap`: after a small payload an empty buffer means nothing more (the last read took all there was)."""
         if self.reader.buffered():
             return True
+        if cheap and not self.reader.lean:
+            return False
         try:
             ready = self._poll.poll(0)
             return bool(ready and ready[0][1] & select.POLLIN)
@@ -480,10 +510,9 @@ class Lane:
                             self.link.closed_by_peer()
                             return
                         handler(self, msg)
-                        more = None
-                        if self.acks and (len(self.acks) >= ACK_BATCH or not (more := self._more_waiting())):
+                        if self.acks and (len(self.acks) >= ACK_BATCH or not self._more_waiting(cheap=True)):
                             self.flush_acks()
-                        if self.shared and not (more if more is not None else self._more_waiting()):
+                        if self.shared and not self._more_waiting():
                             if self._ep is None:
                                 self._go_shared()
                             break
