@@ -7,14 +7,16 @@ registration (cached until the peer revokes it) and enqueues its copies in the c
 thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torch dispatch):
 
 - per (device, lane), created once: a stream, an event that orders the lane after the source's
-  current stream (record + wait: the producers of the source finish first), a lock; completion
-  events come from a per-device pool and go back to it; no device switch when the device is
-  already current;
-- one contiguous write on one GPU: one `cudaMemcpyAsync` (the copy engine);
-- many pieces (a paged write of a whole layer, a batch of writes to one region): one
-  `copy_ranges` kernel launch (`kernels._cuda`) that reads every local page and writes it
-  straight into the peer's pages; its range list is written into a slot of a pinned host ring
-  that the kernel reads directly (no upload);
+  current stream (record + wait, only when that stream still has work queued: the producers of
+  the source finish first), a lock; completion events come from a per-device pool and go back to
+  it; no device switch when the device is already current;
+- one contiguous write on one GPU: one `cudaMemcpyAsync`;
+- a paged write on one GPU (equal pages, a whole layer): its byte offsets are copied as they are
+  into a slot of a pinned host ring, and one `copy_pages` launch (`kernels._cuda`: a warp per
+  4 KiB chunk, the widest word each chunk allows) reads every local page and writes it straight
+  into the peer's pages; no word-size, splitting or division work on the host;
+- other pieces (a batch of unequal writes to one region): one `copy_ranges` kernel launch, its
+  range list (in words) in a ring slot; kernels are launched with `cuLaunchKernel` directly;
 - between two GPUs (`peer="staged"`, the default): through a staging ring of `STAGE_SLOTS`
   chunks on the destination GPU, created once per lane: chunk i goes peer-to-peer (the source
   GPU's copy engine over NVLink) while chunk i-1 is copied into the peer's memory on the
@@ -28,8 +30,9 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   it without any socket. No mailbox, a full ring or a failed launch: the entry is stored from
   the host once the copy completed, or (no mailbox) sent as a one-way notice on the control socket;
 - completion: an event per write. A caller waiting in `result()` synchronises on it directly;
-  a poller thread completes the writes nobody waits for (it queries events after a grace
-  period instead of racing the waiting caller for the GIL).
+  a poller thread completes the writes nobody waits for: blocked while nothing is queued, else
+  asleep until the oldest write's grace period ends (it never ticks while a caller posts, so it
+  seldom takes the GIL from the posting thread), then it queries events with a back-off.
 
 `WORKBENCH_CUDA_IPC=legacy` (or `Engine("cuda_ipc", path="legacy")`) selects the previous
 path (`cuda_ipc_legacy`: torch streams, events and copies per write, immediates over the
