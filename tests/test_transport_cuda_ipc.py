@@ -234,7 +234,7 @@ class _Rt:
         self._rec("eventSynchronize", ev)
 
     def eventQuery(self, ev: int) -> int:
-        return 0
+        return 600  # not ready: only a caller waiting in result() completes a write here (no race with the poller)
 
     def eventDestroy(self, ev: int) -> None:
         return None
