@@ -25,10 +25,16 @@ The group of an op: one issued under FSDP's profiler ranges (`FSDP::…`) or und
 send/recv belong to the pipeline (pp); any other collective is DTensor's tensor parallelism (tp),
 the only other engine that issues collectives inside a step.
 
-`CommSampler` records one step in `every` (the first after the warm-up step, then every
-`every`-th telemetry step), so the profiler's cost is spread thin; `compare` averages each event
-kind over the steps that recorded it. The events overlap the compute spans they run beside (the
-comm is asynchronous), unlike the hand-written engine's, which are split out of them.
+`CommSampler` records the first step after the warm-up, then at most one step in `every`, further
+apart when the measured extra time of a profiled step would exceed its budget; the ops' shapes
+(bytes, peers), which triple the profiler's cost, are recorded on the first sample and reused while
+the same ops come in the same order. `compare` averages each event kind over the steps that recorded
+it. The events overlap the compute spans they run beside (the comm is asynchronous), unlike the
+hand-written engine's, which are split out of them.
+
+Not seen yet (one GPU here): NCCL's batched send/recv (pipelining's `batch_isend_irecv`) launch one
+grouped kernel after the ops, outside every `c10d::send`/`recv_`; those ops find no device activity
+and are counted in `missed` rather than shown.
 """
 
 from __future__ import annotations
