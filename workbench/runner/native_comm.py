@@ -27,7 +27,7 @@ the only other engine that issues collectives inside a step.
 
 `CommSampler` records the first step after the warm-up, then at most one step in `every`, further
 apart when the measured extra time of a profiled step would exceed its budget; the ops' shapes
-(bytes, peers), which triple the profiler's cost, are recorded on the first sample and reused while
+(bytes, peers), which double to quadruple the profiler's cost, are recorded on the first sample and reused while
 the same ops come in the same order. `compare` averages each event kind over the steps that recorded
 it. The events overlap the compute spans they run beside (the comm is asynchronous), unlike the
 hand-written engine's, which are split out of them.
@@ -409,7 +409,7 @@ class CommSampler:
         add them to the recorder; returns how many.
 
         A step profiled with shapes (the first, and any after a mismatch) keeps its events' bytes and
-        peers as the template; a step profiled without them (a third of the profiler's cost) takes
+        peers as the template; a step profiled without them (a quarter to a half of the cost) takes
         them from the template when its ops come in the same order, else it is dropped and the next
         sample records shapes again."""
         anchor = next((s.start for s in spans if s.name == "workbench::anchor"), None)
