@@ -499,8 +499,10 @@ class Engine:
             t.hooks.append(partial(lane.read_acks, t.future.done))
             hdr = wire.HEADER.pack(wire.WRITE, 0 if imm is None else wire.F_IMM, 1, imm or 0, t.tid, dst.region, 0,
                                    dst_offset, length)
-            # from this thread when the lane is idle (a hand-off to the sender thread costs more than the send)
-            if not (length <= INLINE_MAX and lane.send_inline([hdr, src.view[src_offset:src_offset + length]])):
+            # from this thread when the lane is idle (a hand-off to the sender thread costs more than the send),
+            # reading the ack if it is back already
+            if not (length <= INLINE_MAX and lane.send_reaping([hdr, src.view[src_offset:src_offset + length]],
+                                                               t.future.done)):
                 lane.post(_WriteJob(t, hdr, src, src_offset, length))
             return t
         chunk = _round_up(-(-length // nshards), SHARD_ALIGN) if nshards > 1 else length

@@ -573,19 +573,37 @@ class Lane:
     def read_acks(self, done: Callable[[], bool], seconds: float = CALLER_READ_S) -> None:
         """Caller reads: the waiting caller of a write that went out on this lane reads the acks from the
         socket itself until `done()` (or `seconds` passed, or a message other than an ack is next: that one
-        is the receiver thread's). Returns at once when the receiver thread holds the lane. Reads never block:
+        is the receiver thread's). Returns when the receiver thread keeps the lane. Reads never block:
         a peer that stops mid-message cannot hold the caller beyond `seconds`."""
-        if self._ep is None or not self.token.acquire(blocking=False):
+        # the receiver thread holds the token only while it reads what arrived (often this very ack): wait that out
+        if self._ep is None or not self.token.acquire(timeout=CALLER_SLICE_MS / 1000):
             return
+        self._reap(done, seconds, None)
+
+    def send_reaping(self, bufs: list[Any], done: Callable[[], bool]) -> bool:
+        """`send_inline` with the receiver thread's epoll masked meanwhile, then the acks that already came back
+        read from this thread (non-blocking): on loopback the peer often answers while this thread is still in
+        the send, and then no thread is woken for the ack at all."""
+        if self._ep is None or not self.token.acquire(blocking=False):
+            return self.send_inline(bufs)
+        return self._reap(done, 0.0, bufs)
+
+    def _reap(self, done: Callable[[], bool], seconds: float, bufs: list[Any] | None) -> bool:
+        """Holding the token (released here): mask the receiver thread's epoll, send `bufs` if given, read acks
+        until `done()` or `seconds` (0: only what is there now), re-arm the epoll (kick if bytes stay
+        buffered). True unless `bufs` were not sent."""
         ep = self._ep  # closed only by a holder of the token
         reader, handler = self.reader, self.link.engine._on_message
-        handover = False
+        handover, sent = False, True
         try:
             fd = self.sock.fileno()
             if ep is None or fd < 0:
-                return
+                return self.send_inline(bufs) if bufs is not None else True
             ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
+            if bufs is not None and not self.send_inline(bufs):
+                return False
             deadline = time.monotonic() + seconds
+            fresh = True
             while not done():
                 if reader.end > reader.pos:
                     if reader.buf[reader.pos] != ACK:
@@ -594,6 +612,11 @@ class Lane:
                     if reader.end - reader.pos >= HEADER_SIZE:
                         handler(self, reader.header())
                         continue
+                if fresh or not seconds:  # first look without poll: the ack is often there already
+                    fresh = False
+                    if reader.fill_nowait() or seconds:
+                        continue
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -616,6 +639,7 @@ class Lane:
             except (OSError, ValueError):
                 pass
             self.token.release()
+        return sent
 
     def close(self) -> None:
         self.queue.put(None)
