@@ -25,12 +25,15 @@ def test_c10d_ops_pair_with_their_gloo_spans_and_name_group_bytes_and_peer() -> 
         _op("c10d::_allgather_base_", 1, 110, 120, ([8], [4]), ("float", "float")),
         _op(GROUP_RANGE + "dp", 1, 500, 900),
         _op("c10d::allreduce_", 1, 510, 520, ([[10], [6]],), ("TensorList",)),
+        _op("FSDP::post_backward_reduce (1)", 1, 950, 990),
+        _op("c10d::allreduce_", 1, 960, 970, ([[64]],), ("TensorList",)),  # DTensor's, inside FSDP's hook
         _op("c10d::_reduce_scatter_base_", 1, 1000, 1010, ([3], [6]), ("c10::BFloat16", "c10::BFloat16")),
         _op("c10d::send", 1, 1100, 1110, ([[2, 5]],), ("TensorList",), (None, None, 1, 0)),
         _op("c10d::recv_", 1, 1200, 1210, ([[2, 5]],), ("TensorList",), (None, None, 0, 0)),
         # executions: gloo's worker spans (a reduce-scatter runs as an all-reduce of its input)
         _op("gloo:all_gather", 2, 130, 300, ([4],), ("float",)),
         _op("gloo:all_reduce", 3, 530, 800, ([16],), ("float",)),
+        _op("gloo:all_reduce", 4, 962, 980, ([64],), ("float",)),
         _op("gloo:all_reduce", 2, 1020, 1090, ([6],), ("c10::BFloat16",)),
         _op("gloo:send", 1, 1105, 1150, ([2, 5],), ("float",)),
         _op("gloo:recv", 1, 1205, 1400, ([2, 5],), ("float",)),
@@ -41,6 +44,7 @@ def test_c10d_ops_pair_with_their_gloo_spans_and_name_group_bytes_and_peer() -> 
     assert got == [
         ("collective", "all_gather", 32, "dp", -1, 130, 300),  # under FSDP's range; the gathered output
         ("collective", "all_reduce", 64, "dp", -1, 530, 800),  # under the engine's own group range
+        ("collective", "all_reduce", 256, "tp", -1, 962, 980),  # FSDP2 issues no all-reduce: DTensor's
         ("collective", "reduce_scatter", 12, "tp", -1, 1020, 1090),  # outside both: DTensor's; its bf16 input
         ("transfer", "send_recv", 40, "pp", 7, 1105, 1150),  # the peer's global rank
         ("transfer", "recv_wait", 40, "pp", 3, 1205, 1400),

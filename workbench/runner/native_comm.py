@@ -20,10 +20,12 @@ through functional collectives below Python, and wrapping `torch.distributed` fu
 the enqueue, not the transfer. The profiler is what the field uses (torchtitan, HTA, Kineto
 traces), works the same on gloo and NCCL, and costs nothing on steps it does not record.
 
-The group of an op: one issued under FSDP's profiler ranges (`FSDP::…`) or under a range
-`workbench.group:NAME` (the native engine's ZeRO-0 gradient all-reduce) belongs to that group (dp);
-send/recv belong to the pipeline (pp); any other collective is DTensor's tensor parallelism (tp),
-the only other engine that issues collectives inside a step.
+The group of an op: one issued under a range `workbench.group:NAME` (the native engine's ZeRO-0
+gradient all-reduce) belongs to that group; an all-gather or reduce-scatter issued under FSDP's
+profiler ranges (`FSDP::…`) to dp (FSDP2 without HSDP issues nothing else: an all-reduce inside
+its hooks is DTensor reducing a tensor-parallel gradient); send/recv to the pipeline (pp); any
+other collective is DTensor's tensor parallelism (tp), the only other engine that issues
+collectives inside a step.
 
 `CommSampler` records the first step after the warm-up, then at most one step in `every`, further
 apart when the measured extra time of a profiled step would exceed its budget; the ops' shapes
@@ -198,15 +200,15 @@ def _bytes_of(op: str, req: Span, exe: Span | None, groups: Groups, group: str) 
     return t[0] * DTYPE_BYTES.get(dt, 4 if dt in ("", "TensorList") else 0)
 
 
-def _group_of(op: str, tags: list[str]) -> str:
+def _group_of(op: str, tags: list[str], groups: Groups) -> str:
     if op in P2P:
         return "pp"
     for tag in reversed(tags):  # the innermost range that names a group
         if tag.startswith(GROUP_RANGE):
             return tag[len(GROUP_RANGE):]
-        if tag.startswith("FSDP::"):
-            return "dp"
-    return "tp"
+        if tag.startswith("FSDP::") and op in ("all_gather", "reduce_scatter"):
+            return "dp"  # FSDP2 (without HSDP) issues only these; others in its hooks are DTensor's
+    return "tp" if groups.tp > 1 or groups.dp == 1 else "dp"
 
 
 def _requests(spans: list[Span]) -> list[tuple[Span, list[str], Span | None]]:
@@ -267,7 +269,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
     missed = 0
     for req, tags, nccl in reqs:
         op = C10D_OPS[req.name]
-        group = _group_of(op, tags)
+        group = _group_of(op, tags, groups)
         acts = launched.get(id(req))
         if acts:
             exe, source = nccl, "device"
