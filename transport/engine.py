@@ -77,7 +77,10 @@ REVOKE = 10  # control message: the sender deregistered `region` (peers drop wha
 F_NOACK = 2  # a notice that needs no acknowledgement (the writer already knows the bytes landed)
 
 
-def _int(name: str, v: Any, lo: int = 0, hi: int = 1 << 62) -> int:
+_MAX_INT = 1 << 62
+
+
+def _int(name: str, v: Any, lo: int = 0, hi: int = _MAX_INT) -> int:
     """`v` as an int in [lo, hi), else `InvalidArgument` naming `name` (bools and floats are refused)."""
     if isinstance(v, bool):
         raise InvalidArgument(f"{name}: expected an integer, got {v!r}")
@@ -478,9 +481,18 @@ class Engine:
         `UnknownDescriptor`, `PeerGone`, `TransferTimeout`, `Cancelled`.
         """
         self._check_src(src, "write")
-        src_offset, dst_offset = _int("src_offset", src_offset), _int("dst_offset", dst_offset)
-        length = src.nbytes - src_offset if length is None else _int("length", length)
-        imm, timeout = _imm("imm", imm), _timeout(timeout)
+        if type(src_offset) is not int or not 0 <= src_offset < _MAX_INT:  # plain ints pass without a call
+            src_offset = _int("src_offset", src_offset)
+        if type(dst_offset) is not int or not 0 <= dst_offset < _MAX_INT:
+            dst_offset = _int("dst_offset", dst_offset)
+        if length is None:
+            length = src.nbytes - src_offset
+        elif type(length) is not int or not 0 <= length < _MAX_INT:
+            length = _int("length", length)
+        if imm is not None:
+            imm = _imm("imm", imm)
+        if timeout is not None:
+            timeout = _timeout(timeout)
         src.check(src_offset, length, "write: source")
         self._check_dst(dst, dst_offset, length)
         link = self._link(dst.address, timeout)
@@ -493,7 +505,7 @@ class Engine:
         nshards = max(1, min(nl, length // MIN_SHARD))
         if nshards == 1 and src.view is not None:  # one message on one lane (the common case, kept short)
             t = self._new(what, dst.engine, 1, length, timeout, callback)
-            lane = link.data[link.next_lane()]
+            lane = link.data[link.next_lane() if nl > 1 else 0]
             lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
             t.lanes = (lane.index,)
             t.hooks.append(partial(lane.read_acks, t.future.done))

@@ -594,29 +594,38 @@ class Lane:
         buffered). True unless `bufs` were not sent."""
         ep = self._ep  # closed only by a holder of the token
         reader, handler = self.reader, self.link.engine._on_message
-        handover, sent = False, True
+        handover = False
+        fd = self.sock.fileno()
         try:
-            fd = self.sock.fileno()
             if ep is None or fd < 0:
                 return self.send_inline(bufs) if bufs is not None else True
             ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
             if bufs is not None and not self.send_inline(bufs):
                 return False
-            deadline = time.monotonic() + seconds
+            deadline = 0.0
             fresh = True
-            while not done():
+            while True:
                 if reader.end > reader.pos:
                     if reader.buf[reader.pos] != ACK:
                         handover = True
                         break
                     if reader.end - reader.pos >= HEADER_SIZE:
                         handler(self, reader.header())
+                        if done():
+                            break
                         continue
-                if fresh or not seconds:  # first look without poll: the ack is often there already
+                if done():
+                    break
+                if fresh or not seconds:  # a first look that does not wait: the ack is often there already
                     fresh = False
-                    if reader.fill_nowait() or seconds:
+                    if self._poll.poll(0):  # (cheaper than a recv that raises BlockingIOError)
+                        reader.fill_nowait()
+                        continue
+                    if seconds:
                         continue
                     break
+                if not deadline:
+                    deadline = time.monotonic() + seconds
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -632,14 +641,14 @@ class Lane:
             self.link.failed(exc, self)
         finally:
             try:
-                if ep is not None and self.sock.fileno() >= 0:
-                    ep.modify(self.sock.fileno(), select.EPOLLIN)
+                if ep is not None and fd >= 0 and self.sock.fileno() >= 0:
+                    ep.modify(fd, select.EPOLLIN)
                     if handover or reader.end > reader.pos:  # bytes in the buffer: epoll cannot see them
                         os.eventfd_write(self._kick, 1)
             except (OSError, ValueError):
                 pass
             self.token.release()
-        return sent
+        return True
 
     def close(self) -> None:
         self.queue.put(None)
