@@ -109,6 +109,26 @@ def test_sampler_spreads_a_profiled_steps_measured_extra_time_within_its_budget(
     assert not cheap.due()
 
 
+def test_nccl_batched_send_recv_take_the_grouped_kernel_of_their_batch() -> None:
+    # pipelining's batch_isend_irecv on NCCL: the ops launch nothing; the batch's close launches one kernel
+    spans = [
+        _op("c10d::send", 1, 100, 110, ([[4, 8]],), ("TensorList",), (None, None, 1, 0)),
+        _op("c10d::recv_", 1, 120, 130, ([[4, 8]],), ("TensorList",), (None, None, 1, 0)),
+        _op("nccl:coalesced", 1, 140, 150),
+        _op("c10d::send", 1, 300, 310, ([[4, 8]],), ("TensorList",), (None, None, 1, 0)),
+        _op("nccl:coalesced", 1, 320, 330),
+        Span("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 7, 500, 800, True),
+        Span("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 7, 900, 950, True),
+    ]
+    events, missed = comm_events(spans, Groups(pp=2, pp_ranks=(0, 1)))
+    assert missed == 0
+    assert [(e.op, e.peer, e.start, e.end, e.source) for e in events] == [
+        ("send_recv", 1, 500, 800, "device"), ("recv_wait", 1, 500, 800, "device"), ("send_recv", 1, 900, 950, "device")]
+    # a count that does not agree (a kernel of some other batch is missing): nothing is guessed
+    events, missed = comm_events(spans[:-1], Groups(pp=2, pp_ranks=(0, 1)))
+    assert events == [] and missed == 3
+
+
 def test_samples_without_shapes_take_bytes_and_peers_from_the_template() -> None:
     class Rec:
         enabled, step, cost_s = True, 0, 0.0

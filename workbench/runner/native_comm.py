@@ -35,8 +35,8 @@ it. The events overlap the compute spans they run beside (the comm is asynchrono
 hand-written engine's, which are split out of them.
 
 Not seen yet (one GPU here): NCCL's batched send/recv (pipelining's `batch_isend_irecv`) launch one
-grouped kernel after the ops, outside every `c10d::send`/`recv_`; those ops find no device activity
-and are counted in `missed` rather than shown.
+grouped kernel when the batch closes, outside every `c10d::send`/`recv_`; `_batched_p2p` gives the
+k-th batch the k-th such kernel when their counts agree, else those ops are counted in `missed`.
 """
 
 from __future__ import annotations
@@ -125,15 +125,15 @@ def spans_from_profiler(results: Any) -> list[Span]:
     out = []
     for i, e in enumerate(events):
         name = e.name()
-        if i in device:
-            pass  # work on the device, launched from a host op
+        dev = i in device or (linked[i] <= 0 and "SendRecv" in name and e.device_type() != DeviceType.CPU)
+        if dev:
+            pass  # work on the device (NCCL's grouped send/recv kernel may be linked to no op)
         elif linked[i] > 0:
             continue  # host-side runtime calls (cudaLaunchKernel …): the device activity is what counts
         elif not (name in C10D_OPS or name.startswith(_HOST_NAMES) or (launchers and e.correlation_id() in launchers)):
             continue
         elif e.device_type() != DeviceType.CPU:
             continue  # annotations on the device timeline, not work
-        dev = i in device
         shapes: tuple[Any, ...] = ()
         dtypes: tuple[str, ...] = ()
         inputs: tuple[Any, ...] = ()
@@ -197,7 +197,7 @@ def _bytes_of(op: str, req: Span, exe: Span | None, groups: Groups, group: str) 
             dt = e[1]
     if t is None:
         return 0
-    return t[0] * DTYPE_BYTES.get(dt, 4 if dt in ("", "TensorList") else 0)
+    return t[0] * DTYPE_BYTES.get(dt, 0)  # 0: the records name no dtype (NCCL's batched send/recv)
 
 
 def _group_of(op: str, tags: list[str], groups: Groups) -> str:
@@ -263,6 +263,7 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
             i -= 1
         if i >= 0:
             launched.setdefault(id(rs[i]), []).append(d)
+    _batched_p2p(reqs, launched, spans)
     used = [False] * len(gloo)
     gloo_starts = [g.start for g in gloo]
     events: list[CommEvent] = []
@@ -287,6 +288,31 @@ def comm_events(spans: Iterable[Span], groups: Groups) -> tuple[list[CommEvent],
         kind = "transfer" if op in P2P else "collective"
         events.append(CommEvent(kind, op, _bytes_of(op, req, exe, groups, group), group, peer, start, end, source))
     return events, missed
+
+
+def _batched_p2p(reqs: list[tuple[Span, list[str], Span | None]], launched: dict[int, list[Span]],
+                 spans: list[Span]) -> None:
+    """NCCL's batched send/recv (`batch_isend_irecv`, what pipelining uses on GPUs) run as one grouped
+    kernel launched when the batch closes (a `nccl:coalesced` host span), after its `c10d::send`/`recv_`
+    ops: the k-th batch of p2p ops with no device work of their own takes the k-th `SendRecv` kernel
+    that no op launched. Only when the counts agree; otherwise the ops stay unmatched."""
+    taken = {id(d) for acts in launched.values() for d in acts}
+    kernels = sorted((s for s in spans if s.device and "SendRecv" in s.name and id(s) not in taken),
+                     key=lambda s: s.start)
+    if not kernels:
+        return
+    pending = [r for r, _, _ in reqs if C10D_OPS[r.name] in P2P and id(r) not in launched]
+    batches: list[list[Span]] = []
+    for mark in sorted((s for s in spans if not s.device and s.name == "nccl:coalesced"), key=lambda s: s.start):
+        batch = [r for r in pending if r.thread == mark.thread and r.start < mark.start]
+        if batch:
+            batches.append(batch)
+            pending = [r for r in pending if r not in batch]
+    if len(batches) != len(kernels):
+        return
+    for batch, k in zip(batches, kernels):
+        for r in batch:
+            launched[id(r)] = [k]
 
 
 def _pair_gloo(req: Span, op: str, gloo: list[Span], starts: list[int], used: list[bool]) -> Span | None:
