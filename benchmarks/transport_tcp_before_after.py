@@ -117,6 +117,11 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
              f"{', '.join(r['label'] for r in runs)}, one at a time on the same machine, each with its own raw-socket "
              "and gloo baselines (ratios are within a run). GB/s = bytes over the median call time. The machine "
              "is shared: read each run's load average beside it.", "",
+             "The raw socket completes like a waited write: one plain socket pair, the sender sends an 8-byte "
+             "length and the payload, the receiver (another process) `recv_into`s it into its buffer and "
+             "answers one byte on the same socket, the sender waits for that byte; the engine's write is done "
+             "when the target's acknowledgement (40 bytes, on the write's own data socket since this change) "
+             "is back.", "",
              "| run | code | load average at start → end | wall s | CPU s (user + sys, whole process tree) |",
              "|---|---|---|---|---|"]
     for r in runs:
@@ -232,9 +237,33 @@ def main() -> None:
     out = Path(args.out)
     from workbench.bench.record import write
 
+    md += history(out / f"transport-{args.name}.json", out / f"transport-{args.name}.md")
     write(rec, out / f"transport-{args.name}.json")
     (out / f"transport-{args.name}.md").write_text(md)
     print(md)
+
+
+def history(old_json: Path, old_md: Path) -> str:
+    """A "History" section: the earlier record's headline single-write ratios (the run this one replaces), then
+    the history lines the earlier table carried."""
+    lines: list[str] = []
+    if old_json.exists():
+        old = json.loads(old_json.read_text())
+        summ = old.get("summary", {})
+        cells = [f"{k.removesuffix('_min_ratio_vs_raw_socket_ge_64KiB')} {v:.2f}" for k, v in summ.items()
+                 if k.endswith("_min_ratio_vs_raw_socket_ge_64KiB")]
+        over = [f"{v:.1f}" for k, v in summ.items() if k.endswith("_batch_max_overhead_us_per_write")]
+        if cells:
+            lines.append(f"- {old.get('date', '?')[:16]}, before = `{summ.get('before_ref', '?')}` (`{old.get('command', '')}`): "
+                         f"single writes >= 64 KiB, worst ratio to the raw socket per run: {', '.join(cells)}; "
+                         f"batch overhead per write at most {', '.join(over)} us")
+    if old_md.exists():
+        text = old_md.read_text()
+        if "\n## History\n" in text:
+            lines += [ln for ln in text.split("\n## History\n", 1)[1].splitlines() if ln.startswith("- ")]
+    if not lines:
+        return ""
+    return "\n## History\n\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
