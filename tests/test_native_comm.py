@@ -281,3 +281,13 @@ def test_tp2_run_has_tp_events_and_compare_shows_its_comm_rows() -> None:
     ops, p50, _ = live.latency()
     assert {"all_gather", "reduce_scatter"} <= set(ops) and (p50 > 0).all()
     assert len(live.busiest_links(2)) == 2  # each rank's link to the host
+    # calibration: the sampled comm spans (gloo's, with the waiting in them) show where time went but
+    # are not fitted as the link's rate; the fit equals that of the same run without them
+    import dataclasses
+
+    from workbench.calibration.run import from_run
+
+    bare = dataclasses.replace(r, events=ev[ev["kind"] == "compute"])
+    fitted = from_run(r.job.cluster, r)
+    assert fitted.nodes[0].specs == from_run(r.job.cluster, bare).nodes[0].specs
+    assert dict(fitted.nodes[0].specs).get("link_GBps") == dict(r.job.cluster.nodes[0].specs).get("link_GBps")

@@ -13,7 +13,9 @@ next simulation of this machine lands closer. On GPU nodes the catalogue peaks (
 NVLink rates) are the starting point and only the ratio corrections apply; the microbenchmark
 fit of a GPU is `from_sweeps` (a GEMM sweep and an nccl-tests sweep measured on the machine).
 When the run's collectives run inside its compute spans (the native engine), the simulated
-communication is counted with the compute it delays.
+communication is counted with the compute it delays, and the run's sampled comm events (profiler
+spans beside the compute, on CPU ranks gloo's spans with the waiting for peers in them) are left
+out of the fit: they show where the time went, they are not the link's rate.
 """
 
 from __future__ import annotations
@@ -119,8 +121,22 @@ _SCALES = {"matmul": ("fp32_tflops", "bf16_tflops", "fp16_tflops"), "optimizer":
            "comm": ("link_GBps", "nvlink_GBps")}
 
 
+def comm_inside_compute(measured: Result) -> bool:
+    """Whether the run's collectives ran inside its compute spans (PyTorch's own engines)."""
+    return measured.metrics.get("engine") == "native"
+
+
+def _without_comm(measured: Result) -> Result:
+    ev = measured.events
+    keep = ev[~ev["kind"].isin(["collective", "transfer"])]
+    return dataclasses.replace(measured, events=keep)
+
+
 def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
     """`cluster` with CPU-rank specs (fp32_tflops, memory_GBps, link_GBps, link_latency_us) fitted from `measured`."""
+    inside = comm_inside_compute(measured)
+    if inside:
+        measured = _without_comm(measured)
     spec = cluster.nodes[0].gpu_spec
     specs: dict[str, Any] = {}
     if spec.is_cpu:
@@ -143,7 +159,7 @@ def from_run(cluster: Any, measured: Result, passes: int = 3) -> Any:
         got = _split(sim)
         cur = dict(out.nodes[0].specs)
         fix: dict[str, float] = {}
-        if meas["comm"] == 0 and got["comm"] > 0:  # engines whose collectives run inside the compute spans:
+        if (inside or meas["comm"] == 0) and got["comm"] > 0:  # collectives inside the compute spans:
             bd = sim.metrics.get("breakdown_seconds", {})  # the spans hold what the simulator leaves exposed
             exposed = sum(float(bd.get(k, 0.0)) for k in ("tp_comm", "ep_comm", "cp_comm", "fsdp_comm", "dp_comm"))
             got = got | {"matmul": got["matmul"] + exposed, "comm": 0.0}
