@@ -212,6 +212,20 @@ def test_a_dying_worker_fails_its_requests_with_503(llama: Path) -> None:
         assert c.get("/health").status_code == 503 and c.get("/metrics").status_code == 200   # still up
 
 
+def generate_all(b: Any, prompts: list[list[int]], params: Any) -> list[list[int]]:
+    """The tokens `b` streams for each prompt, all prompts in flight at once (a worker error fails the test)."""
+    async def one(p: list[int]) -> list[int]:
+        out: list[int] = []
+        async for ev in b.generate(p, params):
+            assert ev.error is None, ev.error
+            out.extend(ev.tokens)
+        return out
+
+    async def run_all() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    return asyncio.run(run_all())
+
+
 # ----- disaggregated == colocated == transformers -----
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
@@ -226,19 +240,10 @@ def test_disaggregated_equals_colocated_equals_transformers(arch: str, tmp_path:
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 37, 12, 70)]
     params = SamplingParams(max_tokens=16, temperature=0)
 
-    async def run_all(b: Backend) -> list[list[int]]:
-        async def one(p: list[int]) -> list[int]:
-            out: list[int] = []
-            async for ev in b.generate(p, params):
-                assert ev.error is None, ev.error
-                out.extend(ev.tokens)
-            return out
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
     got = {}
     for mode in ("colocated", "disaggregated"):
         with Backend(str(path), mode, **SPEC) as b:
-            got[mode] = asyncio.run(run_all(b))
+            got[mode] = generate_all(b, prompts, params)
             if mode == "disaggregated":
                 assert b.settle(10.0), "KV transfers were not all logged within 10 s"
                 moved = list(b.transfers)
@@ -262,17 +267,8 @@ def test_disaggregated_over_nixl_equals_transformers(llama: Path) -> None:
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 37, 70)]
     params = SamplingParams(max_tokens=12, temperature=0)
 
-    async def run_all(b: Backend) -> list[list[int]]:
-        async def one(p: list[int]) -> list[int]:
-            out: list[int] = []
-            async for ev in b.generate(p, params):
-                assert ev.error is None, ev.error
-                out.extend(ev.tokens)
-            return out
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
     with Backend(str(llama), "disaggregated", transport="nixl", **SPEC) as b:
-        got = asyncio.run(run_all(b))
+        got = generate_all(b, prompts, params)
         assert b.settle(10.0), "KV transfers were not all logged within 10 s"
         moved = list(b.transfers)
         procs = [p.proc for p in b.procs.values()]
@@ -293,17 +289,8 @@ def test_tensor_and_pipeline_parallel_equal_transformers(llama: Path, shard: dic
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 41)]
 
-    async def run_all(b: Backend) -> list[list[int]]:
-        async def one(p: list[int]) -> list[int]:
-            out: list[int] = []
-            async for ev in b.generate(p, SamplingParams(max_tokens=12, temperature=0)):
-                assert ev.error is None, ev.error
-                out.extend(ev.tokens)
-            return out
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
     with Backend(str(llama), "colocated", **shard, **SPEC) as b:
-        got = asyncio.run(run_all(b))
+        got = generate_all(b, prompts, SamplingParams(max_tokens=12, temperature=0))
     assert got == [hf_greedy(llama, p, 12) for p in prompts]
 
 
