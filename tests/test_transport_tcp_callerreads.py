@@ -115,6 +115,23 @@ def test_acks_sent_on_the_control_lane_still_complete_promptly() -> None:
         assert statistics.median(lat) < wire.CALLER_READ_S / 2, f"median {statistics.median(lat):.3f} s"
 
 
+def _wait_stopped(pid: int, timeout: float = 20.0) -> None:
+    """Until every thread of `pid` is stopped (a signal takes effect when each thread next runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = open(f"/proc/{pid}/task/{task}/stat").read()
+            except OSError:
+                continue
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        if states and all(st in "tT" for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+
 def test_waiting_on_a_stopped_peer_times_out_and_recovers() -> None:
     """The peer stops (SIGSTOP) before acknowledging: `result(timeout=2)` raises `TransferTimeout` in bounded
     time (the caller's reads never block); once the peer runs again the link still works."""
@@ -126,6 +143,7 @@ def test_waiting_on_a_stopped_peer_times_out_and_recovers() -> None:
             assert p.proc.pid is not None
             os.kill(p.proc.pid, signal.SIGSTOP)
             try:
+                _wait_stopped(p.proc.pid)
                 t = eng.write(src, p.desc, 256 * KiB)
                 t0 = time.monotonic()
                 with pytest.raises(TransferTimeout):
