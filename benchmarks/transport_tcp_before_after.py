@@ -28,6 +28,52 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CURVE = ("import json; from transport.bench import cost_curve; "
          "print(json.dumps(cost_curve('tcp', lanes=2, writes=(1, 4, 16, 64, 256), iters=60)))")
+# CPU and context switches per waited single write (all threads of both processes, from /proc schedstat and
+# status), engine at one lane and the raw socket, 1000 writes each at 4 and 64 KiB
+PER_WRITE = """
+import glob, json, os, statistics, time
+from transport import bench
+from transport.engine import Engine
+
+def cpu(pid):
+    ns = cs = 0
+    for t in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            ns += int(open(t + "/schedstat").read().split()[0])
+            cs += sum(int(x.split()[1]) for x in open(t + "/status") if "ctxt_switches" in x)
+        except OSError:
+            pass
+    return ns, cs
+
+def measure(fn, pids, n=1000):
+    a = [cpu(p) for p in pids]
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t0)
+    b = [cpu(p) for p in pids]
+    return {"cpu_us": round(sum(y[0] - x[0] for x, y in zip(a, b)) / n / 1e3, 1),
+            "ctx_switches": round(sum(y[1] - x[1] for x, y in zip(a, b)) / n, 2),
+            "p50_us": round(statistics.median(lat) * 1e6, 1)}
+
+if __name__ == "__main__":
+    out = []
+    target, raw = bench._Target("tcp", 1 << 20), bench._RawSocket(1 << 20)
+    eng = Engine("tcp", lanes=1)
+    try:
+        src = eng.register(bench._source(eng, 1 << 20, "cpu"))
+        eng.connect(target.desc)
+        for size in (4096, 65536):
+            for _ in range(100):
+                eng.write(src, target.desc, size).result(30)
+            out.append(dict(measure(lambda: eng.write(src, target.desc, size).result(30),
+                                    [os.getpid(), target.proc.pid]), mode="single", bytes=size))
+            out.append(dict(measure(lambda: raw.op(size), [os.getpid(), raw.proc.pid]), mode="raw_socket", bytes=size))
+    finally:
+        eng.close(), raw.close(), target.close()
+    print(json.dumps(out))
+"""
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -56,11 +102,16 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
                            timeout=600)
     if curve.returncode != 0:
         raise SystemExit(f"{label}: the cost curve failed:\n{curve.stderr[-3000:]}")
+    per = subprocess.run([sys.executable, "-c", PER_WRITE], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    if per.returncode != 0:
+        raise SystemExit(f"{label}: the per-write CPU measurement failed:\n{per.stderr[-3000:]}")
     if "summary" not in rec:  # the command's earlier --save layout: {meta, rows, ratios, soak, notes}
         rec = {"machine": dict(rec.get("meta", {}), name=rec.get("meta", {}).get("machine", "")),
                "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "rows": rec["rows"],
                "summary": {**rec.get("ratios", {}), **{f"soak_{k}": v for k, v in rec.get("soak", {}).items()}}}
     return {"label": label, "code": code, "record": rec, "curve": json.loads(curve.stdout.strip().splitlines()[-1]),
+            "per_write": json.loads(per.stdout.strip().splitlines()[-1]),
             "load_start": load0, "load_end": _load(),
             "wall_s": round(wall, 1), "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 1),
             "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 1)}
@@ -189,6 +240,16 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
             c = next(c for c in r["curve"] if c["writes"] == k)
             cells.append(f"{c['us_per_write']:.1f} ({c.get('post_us', float('nan')):.0f})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "## CPU and context switches per waited single write (one lane; both processes, all threads; "
+              "1000 writes each, in the same run)", "",
+              "| bytes | mode | " + " | ".join(f"{r['label']} ({r['code']}) CPU µs, switches, p50 µs" for r in runs) + " |",
+              "|---|---|" + "---|" * len(runs)]
+    for b, mode in ((4 * KiB, "single"), (4 * KiB, "raw_socket"), (64 * KiB, "single"), (64 * KiB, "raw_socket")):
+        cells = []
+        for r in runs:
+            c = next((c for c in r.get("per_write", []) if c["bytes"] == b and c["mode"] == mode), None)
+            cells.append("—" if c is None else f"{c['cpu_us']:.0f}, {c['ctx_switches']:.1f}, {c['p50_us']:.0f}")
+        lines.append(f"| {_fmt_bytes(b)} | {mode} | " + " | ".join(cells) + " |")
     imm = [f"{r['label']}: {_rows(r, 'imm')[0]['p50_us']:.0f} µs" for r in runs if _rows(r, "imm")]
     lines += ["", "imm round trip p50: " + ", ".join(imm), ""]
     summary: dict[str, Any] = {"before_ref": before_ref}
@@ -202,6 +263,8 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
         summary[f"{r['label']}_wall_s"] = r["wall_s"]
     rows = [dict(row, run=r["label"], code=r["code"]) for r in runs for row in r["record"]["rows"]]
     rows += [dict(row, mode="cost_curve", run=r["label"], code=r["code"]) for r in runs for row in r["curve"]]
+    rows += [dict(row, mode=f"per_write_{row['mode']}", run=r["label"], code=r["code"]) for r in runs
+             for row in r.get("per_write", [])]
     rec = {"benchmark": "transport", "machine": dict(after[0]["record"]["machine"], name=name) if after else {},
            "command": command, "date": runs[-1]["record"]["date"], "summary": summary, "rows": rows}
     return "\n".join(lines), rec
