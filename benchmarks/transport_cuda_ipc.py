@@ -69,6 +69,7 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
             out = {"write_4KiB_post_us": _median_us(post), "write_4KiB_done_us": _median_us(done),
                    "write_4KiB_imm_echo_rt_us": _median_us(rt), "iters": iters}
             out.update(_path_submit(eng, src, target.desc, iters))
+            out["stages"] = post_stages(eng, src, target.desc, iters)
             out["used"] = dict(getattr(getattr(eng, "_path", None), "used", {}) or {})
     finally:
         target.close()
@@ -111,6 +112,65 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
     return out
 
 
+_STAGES = (("engine", "_check_src"), ("engine", "_check_dst"), ("engine", "_link"), ("engine", "_new"),
+           ("engine", "_submit_path"), ("path", "submit"), ("path", "_remote"), ("path", "_lane"),
+           ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_batch"), ("path", "_event"))
+
+
+def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str, float]]:
+    """Where posting goes: each engine and path step of a paged write (16 MiB in 16 KiB pages, the 256 x 32 KiB
+    layer) and of a single 16 MiB write, timed with `perf_counter_ns` around the call (median µs per write;
+    each wrapper adds ~0.2 µs), next to the whole `write()`/`write_paged()` until it returned (`post`)."""
+    import numpy as np
+
+    path = getattr(eng, "_path", None)
+    if path is None:
+        return {}
+    owners = {"engine": eng, "path": path}
+    spent: dict[str, list[int]] = {}
+    wrapped = []
+    for who, name in _STAGES:
+        obj = owners[who]
+        fn = getattr(obj, name, None)
+        if fn is None:
+            continue
+
+        def timed(*a: Any, _fn: Any = fn, _key: str = f"{who}.{name}", **k: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent.setdefault(_key, []).append(time.perf_counter_ns() - t0)
+        setattr(obj, name, timed)
+        wrapped.append((obj, name))
+    out: dict[str, dict[str, float]] = {}
+    try:
+        shapes = {"single_16MiB": None, "paged_1024x16KiB": (16 * KiB, 1024), "paged_256x32KiB": (32 * KiB, 256)}
+        for label, shape in shapes.items():
+            if shape is not None:
+                rng = np.random.default_rng(shape[1])
+                sp, dp = rng.permutation(shape[1]), rng.permutation(shape[1])
+            posts = []
+            for i in range(iters + 20):
+                if i == 20:
+                    spent.clear()
+                a = time.perf_counter_ns()
+                if shape is None:
+                    t = eng.write(src, desc, 16 * MiB)
+                else:
+                    t = eng.write_paged(src, desc, page_bytes=shape[0], src_pages=sp, dst_pages=dp)
+                posts.append(time.perf_counter_ns() - a)
+                t.result(60)
+            row = {"post": statistics.median(posts[20:]) / 1e3}
+            row.update({k: statistics.median(v) / 1e3 for k, v in spent.items()})
+            row["calls_per_write"] = {k: round(len(v) / iters, 2) for k, v in spent.items()}  # type: ignore[assignment]
+            out[label] = row
+    finally:
+        for obj, name in wrapped:
+            delattr(obj, name)
+    return out
+
+
 def _batched(fn: Any, k: int) -> Any:
     def run() -> None:
         for _ in range(k):
@@ -118,10 +178,26 @@ def _batched(fn: Any, k: int) -> Any:
     return run
 
 
+def _after_sync(fn: Any) -> Any:
+    """`fn` whose timing starts once the GPU is idle (the synchronise is outside `_cpu_us`'s clock)."""
+    import torch
+
+    class _Sync:
+        def __call__(self) -> None:
+            fn()
+
+        def before(self) -> None:
+            torch.cuda.synchronize()
+    return _Sync()
+
+
 def _cpu_us(fn: Any, repeats: int) -> float:
     """Median µs of the host calling `fn` (what a posting thread pays for it)."""
     ts = []
+    before = getattr(fn, "before", None)
     for _ in range(repeats):
+        if before is not None:
+            before()
         a = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - a)
@@ -134,12 +210,14 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
     against torch's `copy_` (16, 64, 256 MiB) and, for each paged shape of the benchmark, of the
     page-copy kernel (`copy_pages`, byte offsets) against the range kernel that paged writes used
     before (`copy_ranges`, 16-byte words), offsets in device memory; the host's cost of one launch of
-    each, and of the numpy steps a 256-page write takes; and whether each page copy was exact."""
+    each, and of the numpy steps a 256-page write takes; and whether each page copy was exact. Also the
+    driver's batched copy (`cuMemcpyBatchAsync`, one call for all pages: GPU time, host cost, exactness),
+    the page kernel launched through ctypes' `cuLaunchKernel`, and host costs with the GPU idle (`_idle_`)."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt
 
-    from kernels._cuda import copy_pages, copy_ranges, page_copier
+    from kernels._cuda import batch_copier, copy_pages, copy_ranges, page_copier, page_copier_ctypes
     from kernels.bench import gpu_time
 
     stream = torch.cuda.current_stream().cuda_stream
@@ -153,6 +231,13 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         tc = partial(dst[:size].copy_, src[:size])
         out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(tc, k), repeats) / k
     go = page_copier(0)
+    try:
+        go_ct: Any = page_copier_ctypes(0)
+    except Exception as exc:  # noqa: BLE001
+        go_ct, out["ctypes_launch_error"] = None, float("nan")
+        print("probe: ctypes cuLaunchKernel:", exc)
+    bc = batch_copier(0)
+    out["batch_available"] = float(bc is not None)
     shapes = ((KiB, 16384), (4 * KiB, 4096), (16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256))
     for page, n in shapes:
         rng = np.random.default_rng(page + n)
@@ -169,9 +254,34 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         dst.zero_()
         copy_pages(sp_, dp_, o_, n, page, 0, stream)
         torch.cuda.synchronize()
-        ok = bool(torch.equal(dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()],
-                              src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
-        out[f"pages_{key}_correct"] = float(ok)
+
+        def exact(n: int = n, page: int = page, sp: Any = sp, dp: Any = dp) -> float:
+            return float(torch.equal(dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()],
+                                     src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
+        out[f"pages_{key}_correct"] = exact()
+        so64, do64 = (sp * page).astype(np.int64), (dp * page).astype(np.int64)
+        if bc is not None:
+            try:
+                bt = partial(bc, sp_, dp_, so64, do64, page, stream)
+                out[f"batch_{key}_us"] = 1e6 * gpu_time(_batched(bt, k), repeats if n <= 4096 else 5) / k
+                out[f"host_batch_{key}_us"] = _cpu_us(bt, repeats)
+                torch.cuda.synchronize()
+                dst.zero_()
+                bt()
+                torch.cuda.synchronize()
+                out[f"batch_{key}_correct"] = exact()
+            except Exception as exc:  # noqa: BLE001
+                print(f"probe: batch {key}: {type(exc).__name__}: {exc}")
+                out[f"batch_{key}_error"] = float("nan")
+        out[f"host_launch_pages_{key}_us"] = _cpu_us(pg, repeats)
+        if go_ct is not None:
+            out[f"host_launch_pages_ctypes_{key}_us"] = _cpu_us(partial(go_ct, sp_, dp_, o_, n, page, stream), repeats)
+        torch.cuda.synchronize()
+        # the host's cost with the GPU idle (each launch after a synchronise): no queue behind it
+        out[f"host_launch_pages_idle_{key}_us"] = _cpu_us(_after_sync(pg), repeats)
+        if bc is not None and f"batch_{key}_us" in out:
+            out[f"host_batch_idle_{key}_us"] = _cpu_us(_after_sync(partial(bc, sp_, dp_, so64, do64, page, stream)),
+                                                       repeats)
         if n == 256:
             out["host_launch_pages_us"] = _cpu_us(pg, repeats)
             buf = torch.empty(2 * n, dtype=torch.int64, pin_memory=True).numpy()
@@ -181,6 +291,7 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
             out["host_mul_512_us"] = _cpu_us(partial(np.multiply, both, page, out=both), repeats)
         torch.cuda.synchronize()
     out["host_memcpy_async_us"] = _cpu_us(partial(rt.memcpyAsync, dp_, sp_, 4096, 4, stream), repeats)
+    out["host_memcpy_async_idle_us"] = _cpu_us(_after_sync(partial(rt.memcpyAsync, dp_, sp_, 4096, 4, stream)), repeats)
     out["host_event_record_us"] = _cpu_us(partial(rt.eventRecord, rt.eventCreateWithFlags(2), stream), repeats)
     out["host_stream_query_us"] = _cpu_us(partial(rt.streamQuery, stream), repeats)
     torch.cuda.synchronize()
@@ -200,10 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", required=True, help="the JSON file to write")
     ap.add_argument("--probe", action="store_true", help="also time the copies alone on the GPU (CUDA events)")
+    ap.add_argument("--pages", choices=("kernel", "batch"), default=None,
+                    help="how paged writes move their pages on one GPU (fast path)")
     args = ap.parse_args(argv)
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.peer:
         os.environ["WORKBENCH_CUDA_IPC_PEER"] = args.peer
+    if args.pages:
+        os.environ["WORKBENCH_CUDA_IPC_PAGES"] = args.pages
     from transport import bench
 
     cap = args.iters
@@ -220,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                        gpu_baselines=args.device.startswith("cuda"))
     pw = per_write(args.backend, args.device, args.target_device, min(400, 4 * cap))
     meta: dict[str, Any] = {"machine": args.machine, "path": args.path, "peer": args.peer or "default",
+                            "pages": args.pages or "default",
                             "device": args.device, "target_device": args.target_device, "platform": platform.platform(),
                             "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
                             "cpu_s": round(time.process_time() - c0, 1), "loadavg": os.getloadavg(),

@@ -558,3 +558,108 @@ def dequantize(q: Any, scales: Any, bm: int, bn: int, fp8: bool, out: Any) -> No
         _kernel("dequant_blocks4")((min(m, _MAX_GRID),), (256,), args)
     else:
         _kernel("dequant_blocks")((min(m, _MAX_GRID),), (_threads(n),), args)
+
+
+# The driver's batched copy (`cuMemcpyBatchAsync`, CUDA 12.8+): one call enqueues many pointer-to-pointer
+# copies, no kernel of ours and no offsets in device-readable memory (the driver reads the three arrays
+# during the call). Bound through `cuGetProcAddress` at the CUDA 12.8 ABI (the one with `failIdx`; CUDA 13
+# dropped that argument from the newest entry point, and asking for 12.8's keeps one signature).
+_BATCH_ABI = 12080
+_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: the sources are read in stream order
+
+
+@functools.cache
+def _batch_entry() -> Any:
+    """The driver's `cuMemcpyBatchAsync` (12.8 ABI) as a ctypes function, or None where the driver lacks it."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        get = lib.cuGetProcAddress_v2
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_int
+    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
+                    ctypes.POINTER(ctypes.c_int)]
+    fn, found = ctypes.c_void_p(), ctypes.c_int(0)
+    if get(b"cuMemcpyBatchAsync", ctypes.byref(fn), _BATCH_ABI, 0, ctypes.byref(found)) != 0 or not fn.value:
+        return None
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, vp, vp, vp, sz, vp, vp, sz, vp, vp)  # releases the GIL while it runs
+    return proto(fn.value)
+
+
+class _BatchBufs:
+    """One thread's host arrays for the batched copy (grow-only) and the attributes every copy shares."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.src = np.empty(n, np.int64)
+        self.dst = np.empty(n, np.int64)
+        self.sizes = np.empty(n, np.uint64)
+        self.shape = (0, 0)  # (count, page) the sizes array holds
+        # CUmemcpyAttributes: srcAccessOrder, srcLocHint {type, id}, dstLocHint {type, id}, flags (no hints)
+        self.attrs = (ctypes.c_uint32 * 6)(_ORDER_STREAM, 0, 0, 0, 0, 0)
+        self.idx = (ctypes.c_size_t * 1)(0)
+        self.fail = ctypes.c_size_t(0)
+        self.addr = (self.dst.ctypes.data, self.src.ctypes.data, self.sizes.ctypes.data, ctypes.addressof(self.attrs),
+                     ctypes.addressof(self.idx), ctypes.addressof(self.fail))
+
+
+def batch_available() -> bool:
+    """True when the driver offers `cuMemcpyBatchAsync`."""
+    return _batch_entry() is not None
+
+
+def batch_copier(device: int) -> Callable[[int, int, Any, Any, int, int], None] | None:
+    """The driver's batched copy for equal pages, for a caller that keeps `device` current in its thread:
+    `fn(src_ptr, dst_ptr, src_offsets, dst_offsets, page, stream_ptr)` (int64 byte offsets, one array
+    each) enqueues page i from `src_ptr + src_offsets[i]` to `dst_ptr + dst_offsets[i]` on the stream
+    in one driver call. None where the driver lacks the call."""
+    entry = _batch_entry()
+    if entry is None:
+        return None
+    add = np.add
+
+    def go(src_ptr: int, dst_ptr: int, soffs: Any, doffs: Any, page: int, stream_ptr: int) -> None:
+        n = int(soffs.shape[0])
+        if n <= 0 or page <= 0:
+            return
+        b = getattr(_tls, "batch", None)
+        if b is None or b.n < n:
+            b = _tls.batch = _BatchBufs(max(n, 1024))
+        add(soffs, src_ptr, out=b.src[:n])
+        add(doffs, dst_ptr, out=b.dst[:n])
+        if b.shape != (n, page):
+            b.sizes[:n] = page
+            b.shape = (n, page)
+        d, s, z, at, ix, fl = b.addr
+        st = entry(d, s, z, n, at, ix, 1, fl, stream_ptr)
+        if st != 0:
+            raise RuntimeError(f"cuMemcpyBatchAsync failed (CUDA error {st}, copy {b.fail.value} of {n})")
+    return go
+
+
+@functools.cache
+def _launch_entry() -> Any:
+    """The driver's `cuLaunchKernel` through ctypes (the probe compares it with CuPy's binding)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernel
+    fn.restype = ctypes.c_int
+    u, vp = ctypes.c_uint, ctypes.c_void_p
+    fn.argtypes = [vp, u, u, u, u, u, u, u, vp, vp, vp]
+    return fn
+
+
+def page_copier_ctypes(device: int) -> Callable[[int, int, int, int, int, int], None]:
+    """`page_copier` launched through ctypes' `cuLaunchKernel` instead of CuPy's binding (for the probe)."""
+    raw = _raw(device, "copy_pages")
+    launch, fptr, pack = _launch_entry(), raw.ptr, _PACK[6].pack_into
+
+    def go(src_ptr: int, dst_ptr: int, offsets_ptr: int, n: int, page: int, stream_ptr: int) -> None:
+        cpp = -(-page // PAGE_CHUNK)
+        words, pp = _words()
+        pack(words, 0, src_ptr, dst_ptr, offsets_ptr, n, page, cpp)
+        st = launch(fptr, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp,
+                    None)
+        if st != 0:
+            raise RuntimeError(f"cuLaunchKernel failed (CUDA error {st})")
+    return go
