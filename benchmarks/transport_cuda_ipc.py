@@ -114,7 +114,7 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
 
 _STAGES = (("engine", "_check_src"), ("engine", "_check_dst"), ("engine", "_link"), ("engine", "_new"),
            ("engine", "_submit_path"), ("path", "submit"), ("path", "_remote"), ("path", "_lane"),
-           ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_batch"), ("path", "_event"))
+           ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_event"))
 
 
 def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str, float]]:
@@ -210,14 +210,15 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
     against torch's `copy_` (16, 64, 256 MiB) and, for each paged shape of the benchmark, of the
     page-copy kernel (`copy_pages`, byte offsets) against the range kernel that paged writes used
     before (`copy_ranges`, 16-byte words), offsets in device memory; the host's cost of one launch of
-    each, and of the numpy steps a 256-page write takes; and whether each page copy was exact. Also the
-    driver's batched copy (`cuMemcpyBatchAsync`, one call for all pages: GPU time, host cost, exactness),
-    the page kernel launched through ctypes' `cuLaunchKernel`, and host costs with the GPU idle (`_idle_`)."""
+    each, and of the numpy steps a 256-page write takes; and whether each page copy was exact. Host costs
+    with the GPU idle (`_idle_`: each call after a synchronise, as in a posting thread that waited) beside
+    the back-to-back ones. Where one launch costs the host more than the kernel runs, `pages_*_us` is the
+    launch rate, not the kernel's GPU time."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt
 
-    from kernels._cuda import batch_copier, copy_pages, copy_ranges, page_copier, page_copier_ctypes
+    from kernels._cuda import copy_pages, copy_ranges, page_copier
     from kernels.bench import gpu_time
 
     stream = torch.cuda.current_stream().cuda_stream
@@ -231,13 +232,6 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         tc = partial(dst[:size].copy_, src[:size])
         out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(tc, k), repeats) / k
     go = page_copier(0)
-    try:
-        go_ct: Any = page_copier_ctypes(0)
-    except Exception as exc:  # noqa: BLE001
-        go_ct, out["ctypes_launch_error"] = None, float("nan")
-        print("probe: ctypes cuLaunchKernel:", exc)
-    bc = batch_copier(0)
-    out["batch_available"] = float(bc is not None)
     shapes = ((KiB, 16384), (4 * KiB, 4096), (16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256))
     for page, n in shapes:
         rng = np.random.default_rng(page + n)
@@ -259,29 +253,10 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
             return float(torch.equal(dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()],
                                      src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
         out[f"pages_{key}_correct"] = exact()
-        so64, do64 = (sp * page).astype(np.int64), (dp * page).astype(np.int64)
-        if bc is not None:
-            try:
-                bt = partial(bc, sp_, dp_, so64, do64, page, stream)
-                out[f"batch_{key}_us"] = 1e6 * gpu_time(_batched(bt, k), repeats if n <= 4096 else 5) / k
-                out[f"host_batch_{key}_us"] = _cpu_us(bt, repeats)
-                torch.cuda.synchronize()
-                dst.zero_()
-                bt()
-                torch.cuda.synchronize()
-                out[f"batch_{key}_correct"] = exact()
-            except Exception as exc:  # noqa: BLE001
-                print(f"probe: batch {key}: {type(exc).__name__}: {exc}")
-                out[f"batch_{key}_error"] = float("nan")
         out[f"host_launch_pages_{key}_us"] = _cpu_us(pg, repeats)
-        if go_ct is not None:
-            out[f"host_launch_pages_ctypes_{key}_us"] = _cpu_us(partial(go_ct, sp_, dp_, o_, n, page, stream), repeats)
         torch.cuda.synchronize()
         # the host's cost with the GPU idle (each launch after a synchronise): no queue behind it
         out[f"host_launch_pages_idle_{key}_us"] = _cpu_us(_after_sync(pg), repeats)
-        if bc is not None and f"batch_{key}_us" in out:
-            out[f"host_batch_idle_{key}_us"] = _cpu_us(_after_sync(partial(bc, sp_, dp_, so64, do64, page, stream)),
-                                                       repeats)
         if n == 256:
             out["host_launch_pages_us"] = _cpu_us(pg, repeats)
             buf = torch.empty(2 * n, dtype=torch.int64, pin_memory=True).numpy()
@@ -311,14 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", required=True, help="the JSON file to write")
     ap.add_argument("--probe", action="store_true", help="also time the copies alone on the GPU (CUDA events)")
-    ap.add_argument("--pages", choices=("kernel", "batch"), default=None,
-                    help="how paged writes move their pages on one GPU (fast path)")
     args = ap.parse_args(argv)
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.peer:
         os.environ["WORKBENCH_CUDA_IPC_PEER"] = args.peer
-    if args.pages:
-        os.environ["WORKBENCH_CUDA_IPC_PAGES"] = args.pages
     from transport import bench
 
     cap = args.iters
@@ -335,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
                        gpu_baselines=args.device.startswith("cuda"))
     pw = per_write(args.backend, args.device, args.target_device, min(400, 4 * cap))
     meta: dict[str, Any] = {"machine": args.machine, "path": args.path, "peer": args.peer or "default",
-                            "pages": args.pages or "default",
                             "device": args.device, "target_device": args.target_device, "platform": platform.platform(),
                             "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
                             "cpu_s": round(time.process_time() - c0, 1), "loadavg": os.getloadavg(),

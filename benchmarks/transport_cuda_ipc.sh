@@ -6,9 +6,7 @@
 #   OUT=/tmp/ipc BUDGET=160 bash benchmarks/transport_cuda_ipc.sh
 #   git archive <commit> transport kernels benchmarks/transport_cuda_ipc.py | tar -x -C /tmp/before
 #   OUT=/tmp/ipc BEFORE=/tmp/before bash benchmarks/transport_cuda_ipc.sh
-# BATCH=1 (default) also runs the fast path with paged writes through the driver's batched copy (--pages batch,
-# one GPU); LEGACY=0 leaves out the legacy path.
-# Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,batch,legacy}-{1gpu,2gpu}.json.
+# Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,legacy}-{1gpu,2gpu}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/cuda_ipc}
@@ -33,8 +31,7 @@ if [ "$TEST_BUDGET" -gt 0 ]; then
 fi
 runs=("fast cuda:0 1gpu")
 [ -n "$BEFORE" ] && runs+=("before cuda:0 1gpu")
-[ "${BATCH:-1}" = 1 ] && runs+=("batch cuda:0 1gpu")
-[ "${LEGACY:-1}" = 1 ] && runs+=("legacy cuda:0 1gpu")
+runs+=("legacy cuda:0 1gpu")
 if [ "$gpus" -ge 2 ]; then
   runs+=("fast cuda:1 2gpu")
   [ -n "$BEFORE" ] && runs+=("before cuda:1 2gpu")
@@ -51,7 +48,6 @@ for run in "${runs[@]}"; do
     script=benchmarks/transport_cuda_ipc.py path=$1 extra="--probe"
   fi
   [ "$1" = legacy ] && extra=""
-  [ "$1" = batch ] && path=fast extra="--pages batch"  # paged writes through the driver's batched copy
   PYTHONPATH="$( [ "$1" = before ] && echo "$BEFORE:" )$PYTHONPATH" timeout $left $PY "$script" --path "$path" \
     --target-device "$2" --machine "h200-$3" --iters "$ITERS" --out "$OUT/$1-$3.json" $extra >> "$OUT/bench.log" 2>&1
   echo "$run rc=$? at ${SECONDS}s"

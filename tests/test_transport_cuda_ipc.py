@@ -142,8 +142,6 @@ def test_path_options_are_checked() -> None:
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
-        with pytest.raises(BackendUnavailable, match="pages must be 'kernel' or 'batch'"):
-            make_path(view, pages="pagewise")
 
 
 # ---- the page-copy kernel on a GPU: every size and alignment against numpy ------------------------------
@@ -193,30 +191,6 @@ def test_paged_writes_of_odd_pages_and_offsets(peer) -> None:  # type: ignore[no
             want = data[so:so + n * page].reshape(n, page)
             assert np.array_equal(got[dp], want[sp]), (page, n)
         assert eng._path.used["pages"] == 4 and eng._path.used["torch"] == 0, dict(eng._path.used)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
-def test_paged_writes_through_the_drivers_batched_copy(peer) -> None:  # type: ignore[no-untyped-def]
-    if peer.desc.device != "cuda:0":
-        pytest.skip("one-GPU case")
-    from kernels._cuda import batch_available
-
-    if not batch_available():
-        pytest.skip("the driver has no cuMemcpyBatchAsync")
-    data = rand(4 << 20, seed=12)
-    with Engine("cuda_ipc", lanes=2, pages="batch") as eng:
-        src = eng.register(cuda_buf(data))
-        for page, n, so, do in [(1000, 700, 3, 5), (4096, 300, 0, 8), (32768, 100, 16, 0)]:
-            rng = np.random.default_rng(page + 1)
-            sp, dp = rng.permutation(n), rng.permutation(n)
-            peer.call("fill", 0)
-            eng.write_paged(src, peer.desc, page_bytes=page, src_pages=sp, dst_pages=dp, src_offset=so,
-                            dst_offset=do).result(60)
-            got = np.frombuffer(peer.read(do, n * page), np.uint8).reshape(n, page)
-            want = data[so:so + n * page].reshape(n, page)
-            assert np.array_equal(got[dp], want[sp]), (page, n)
-        assert eng._path.used["batch"] == 3 and eng._path.used["pages"] == 0, dict(eng._path.used)
 
 
 # ---- the posting logic without a GPU: a stand-in CUDA runtime records every call -------------------------
@@ -415,40 +389,3 @@ def test_paged_write_validation() -> None:
         with pytest.raises(OutOfRange, match="outside the peer's region"):
             eng.write_paged(src, small, page_bytes=4096, src_pages=[0], dst_pages=[4])
         assert not eng._pending
-
-
-def test_paged_posting_through_the_batched_copy_is_one_driver_call(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import kernels._cuda as kc
-
-    fx = posting
-    calls = []
-
-    def entry(d: int, s: int, z: int, n: int, attrs: int, idx: int, nattrs: int, fail: int, stream: int) -> int:
-        """A stand-in `cuMemcpyBatchAsync`: reads the arrays the driver would read during the call."""
-        assert fx.rt.posting, "a batched copy outside posting"
-        arr = (ctypes.c_int64 * n)
-        calls.append((list(arr.from_address(d)), list(arr.from_address(s)), list(arr.from_address(z)), nattrs,
-                      list((ctypes.c_uint32 * 6).from_address(attrs)), stream))
-        return 0
-
-    monkeypatch.setattr(kc, "_batch_entry", lambda: entry)
-    fx.path.pages = "batch"
-    page, n = 32 << 10, 256
-    rng = np.random.default_rng(8)
-    sp, dp = rng.permutation(n), rng.permutation(n)
-    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
-                                             src_offset=64, dst_offset=128))
-    assert not fx.launches and len(calls) == 1
-    dsts, srcs, sizes, nattrs, attrs, stream = calls[0]
-    assert dsts == (DST_PTR + 128 + dp * page).tolist() and srcs == (SRC_PTR + 64 + sp * page).tolist()
-    assert sizes == [page] * n and nattrs == 1 and attrs[0] == kc._ORDER_STREAM and stream == LANE_STREAM
-    assert [c[0] for c in fx.rt.calls] == ["streamQuery", "eventRecord"]
-    assert fx.path._ring is None or len(fx.path._ring.free) == _HostRing.SLOTS  # nothing held past the call
-    t.result(5)
-    # a second shape reuses the thread's arrays with new sizes; a refused batch falls back to the page kernel
-    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=1000, src_pages=[3, 1], dst_pages=[0, 2])).result(5)
-    assert calls[1][2] == [1000, 1000] and calls[1][0] == [DST_PTR, DST_PTR + 2000]
-    monkeypatch.setattr(kc, "_batch_entry", lambda: lambda *a: 1)
-    fx.path._batch_pages.clear()
-    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp)).result(5)
-    assert fx.path.pages == "kernel" and len(fx.launches) == 1 and fx.path.used["batch"] == 2

@@ -62,7 +62,6 @@ from transport.memory import Region
 
 MODE_ENV = "WORKBENCH_CUDA_IPC"  # fast (default) or legacy
 PEER_ENV = "WORKBENCH_CUDA_IPC_PEER"  # staged (default) or direct
-PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # kernel (default) or batch: how equal pages move on one GPU
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
@@ -242,16 +241,13 @@ class CudaIpcPath(DataPath):
 
     kernel: `auto` (the CuPy range-copy kernel when CuPy works, else torch), `cupy` or `torch`.
     peer: `staged` (default, or `$WORKBENCH_CUDA_IPC_PEER`) or `direct`: how a write crosses GPUs.
-    pages: `kernel` (default, or `$WORKBENCH_CUDA_IPC_PAGES`: one `copy_pages` launch) or `batch` (the driver's
-    `cuMemcpyBatchAsync`, one call for all pages): how a paged write moves its pages on one GPU.
     """
 
     name = "cuda_ipc"
     imm_in_batches = True  # a batch to one peer region is one submission: the path posts its immediate
 
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
-                 on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
-                 pages: str | None = None) -> None:
+                 on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -260,17 +256,12 @@ class CudaIpcPath(DataPath):
         if peer not in ("staged", "direct"):
             raise BackendUnavailable(f"cuda_ipc: peer must be 'staged' or 'direct' (option peer= or ${PEER_ENV}), "
                                      f"got {peer!r}")
-        pages = pages if pages is not None else os.environ.get(PAGES_ENV, "kernel")
-        if pages not in ("kernel", "batch"):
-            raise BackendUnavailable(f"cuda_ipc: pages must be 'kernel' or 'batch' (option pages= or ${PAGES_ENV}), "
-                                     f"got {pages!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
         self.rt = rt
         self.kernel = kernel
         self.peer = peer
-        self.pages = pages
         self.on_imm = on_imm
         self._raw_stream = getattr(getattr(torch, "_C", None), "_cuda_getCurrentRawStream", None)
         self.used: Counter[str] = Counter()  # how bytes and immediates moved: memcpy, kernel, peer, imm_gpu, …
@@ -291,7 +282,6 @@ class CudaIpcPath(DataPath):
         self._ring: _HostRing | None = None
         self._pages_ok = True  # the page-copy kernel works (cleared on its first failure)
         self._copy_pages: dict[int, Callable[[int, int, int, int, int, int], None]] = {}  # per device
-        self._batch_pages: dict[int, Callable[[int, int, Any, Any, int, int], None]] = {}  # per device
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -482,8 +472,6 @@ class CudaIpcPath(DataPath):
         (no splitting, no word-size arithmetic: the kernel picks the word per chunk) and one `copy_pages`
         launch moves them all. False when no slot is free or the kernel is unavailable (the caller then
         takes the general range path)."""
-        if self.pages == "batch" and self._batch(la, src_ptr, dst_ptr, pieces):
-            return True
         n = len(pieces)
         ring = self._ring
         if ring is None:
@@ -512,28 +500,6 @@ class CudaIpcPath(DataPath):
             return False
         p.slots.append(slot)
         self.used["pages"] += 1
-        return True
-
-    def _batch(self, la: _Lane, src_ptr: int, dst_ptr: int, pieces: Pieces) -> bool:
-        """Equal pages through the driver's batched copy (one call; it reads the page addresses during the call,
-        so no ring slot is held). False where the driver lacks it (the page kernel does it from then on)."""
-        go = self._batch_pages.get(la.dev)
-        if go is None:
-            from kernels._cuda import batch_copier
-
-            got = batch_copier(la.dev)
-            if got is None:
-                self.pages = "kernel"
-                self.engine._log("cuda_ipc: the driver has no cuMemcpyBatchAsync; paged writes use the page kernel")
-                return False
-            go = self._batch_pages[la.dev] = got
-        try:
-            go(src_ptr, dst_ptr, pieces.src, pieces.dst, pieces.page, la.ptr)  # submit made the lane's device current
-        except Exception as exc:  # noqa: BLE001 - the driver refused the batch (checked before anything is queued)
-            self.pages = "kernel"
-            self.engine._log(f"cuda_ipc: batched copy unavailable ({exc}); paged writes use the page kernel")
-            return False
-        self.used["batch"] += 1
         return True
 
     def _across(self, la: _Lane, lane_i: int, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending,
