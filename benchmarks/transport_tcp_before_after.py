@@ -97,12 +97,18 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
     if proc.returncode != 0:
         raise SystemExit(f"{label}: the benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rec = json.loads((out / "transport-run.json").read_text())
-    # the per-operation cost curve: one write_batch of k 4 KiB writes, until done and until posted
-    curve = subprocess.run([sys.executable, "-c", CURVE], env=env, cwd=ROOT, capture_output=True, text=True,
+    # the per-operation cost curve: one write_batch of k 4 KiB writes, until done and until posted. `python -c`
+    # puts its working directory first on sys.path: run it in `out`, so the older tree on PYTHONPATH is imported
+    # (this tree comes from the editable install)
+    curve = subprocess.run([sys.executable, "-c", CURVE], env=env, cwd=out, capture_output=True, text=True,
                            timeout=600)
     if curve.returncode != 0:
         raise SystemExit(f"{label}: the cost curve failed:\n{curve.stderr[-3000:]}")
-    per = subprocess.run([sys.executable, "-c", PER_WRITE], env=env, cwd=ROOT, capture_output=True, text=True,
+    which = subprocess.run([sys.executable, "-c", "import transport; print(transport.__file__)"], env=env, cwd=out,
+                           capture_output=True, text=True, timeout=60).stdout.strip()
+    if pythonpath and not which.startswith(pythonpath):
+        raise SystemExit(f"{label}: imported {which}, not the tree under {pythonpath}")
+    per = subprocess.run([sys.executable, "-c", PER_WRITE], env=env, cwd=out, capture_output=True, text=True,
                          timeout=600)
     if per.returncode != 0:
         raise SystemExit(f"{label}: the per-write CPU measurement failed:\n{per.stderr[-3000:]}")
