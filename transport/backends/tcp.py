@@ -394,16 +394,24 @@ class Lane:
     def post(self, item: Any) -> None:
         self.queue.put(item)
 
+    def _take_idle(self) -> bool:
+        """Take the send lock if the lane is idle (no injected delay, nothing queued, no unsent rest);
+        the caller releases it. False (lock not held) otherwise."""
+        if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
+            return False
+        if self.rest is not None:
+            self.send_lock.release()
+            return False
+        return True
+
     def send_inline(self, bufs: list[Any]) -> bool:
         """Send whole messages from the calling thread when this lane is idle (no queue, no lock holder, no
         injected delay); False (nothing sent) otherwise. Never blocks: what the socket does not take at once
         stays as the lane's `rest`, a job for the sender thread is queued, and whichever sender enters the
         lane next sends it before anything else (see `__enter__`)."""
-        if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
+        if not self._take_idle():
             return False
         try:
-            if self.rest is not None:
-                return False
             try:
                 rest = send_some(self.sock, bufs)
             except OSError as exc:
@@ -419,11 +427,9 @@ class Lane:
     def send_small(self, data: bytes) -> bool:
         """Send one small message (an ack) from the calling thread if this lane is idle, never blocking; False
         (nothing sent) when the lane is busy, delayed or its socket full, so the caller sends it elsewhere."""
-        if self.delay or not self.queue.empty() or not self.send_lock.acquire(blocking=False):
+        if not self._take_idle():
             return False
         try:
-            if self.rest is not None:
-                return False
             try:
                 k = self.sock.send(data, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
