@@ -39,9 +39,14 @@ def test_dp_across_two_namespaces_goes_over_the_shaped_link() -> None:
     losses = r.metrics["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0]
     ar = r.events[(r.events["kind"] == "collective") & (r.events["step"] >= 1)]
-    # the gradient all-reduce (one gradient's worth of bytes each way on 2 ranks) cannot beat 100 Mbit/s
-    fastest = float((ar["end"] - ar["start"]).min())
-    assert fastest >= 0.9 * ar["bytes"].iloc[0] * 8 / 100e6
+    # the gradient all-reduce (one gradient's worth of bytes each way on 2 ranks, 38 ms at 100 Mbit/s;
+    # ~1 ms unshaped) goes at the shaped rate. A rank that enters late finds its peer's bytes already
+    # sent and times less than the wire did, so the bound is on each step's slowest rank. Observed:
+    # 0.91-0.94 of the nominal time (gloo's slowest rank; tc's burst is 1600 B), so 0.8 leaves margin
+    # for a loaded machine while an unshaped path (0.03) still fails.
+    per_step = ar.assign(s=ar["end"] - ar["start"]).groupby(["step", "op", "bytes"])["s"].max()
+    fastest = float(per_step.min())
+    assert fastest >= 0.8 * ar["bytes"].iloc[0] * 8 / 100e6, per_step
 
 
 @pytest.mark.root
