@@ -301,10 +301,10 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
 def _mean_slowdown(job: Any) -> float:
     """Σ engine step time of `job` simulated / the same with `fe_slowdown=0`: how much its front end slows the
     engine on average at the job's load."""
-    from workbench.api import simulate
+    from workbench.core.engines import simulator
 
     def busy(j: Any) -> float:
-        ev = simulate(j).events
+        ev = simulator(j.kind)(j).events
         s = ev[(ev["kind"] == "compute") & (ev["op"] != "request")]
         return float((s["end"] - s["start"]).sum())
 
