@@ -44,7 +44,6 @@ def test_comm_stretch_is_the_measured_median() -> None:
     median = (ratios[n // 2] + ratios[(n - 1) // 2]) / 2
     k, basis = interference_comm_stretch("H200")
     assert k == pytest.approx(median) and basis == "measured"
-    assert 1.1 < k < 2.5  # the collective loses bandwidth beside a GEMM
     assert interference_comm_stretch("A100")[1].startswith("assumption")
 
 
@@ -194,7 +193,7 @@ def test_host_time_is_counted_ops_times_measured_cost() -> None:
     from workbench.sim.train_host import KINDS, host_costs, host_seconds, op_counts
 
     c = host_costs("H200")
-    assert c is not None and c.basis == "measured"
+    assert c.basis == "measured"
     assert 1e-6 < c.plain[0] < 1e-4 and c.dtensor["tp-sp"][0] > 2 * c.plain[0]  # sharding propagation per op
     n = op_counts("tp-sp")
     assert n[("fwd", "layer", "dtensor")] > 0 and n[("fwd", "layer", "collective")] > 0
@@ -204,7 +203,7 @@ def test_host_time_is_counted_ops_times_measured_cost() -> None:
     assert f == pytest.approx(want)
     fc, _ = host_seconds(c, "compiled", 1, False, 16, False)
     assert fc == pytest.approx(16 * c.region["eager"][0])  # a compiled block: one measured call
-    assert host_costs("A100") is not None and host_costs("A100").basis.startswith("assumption")  # type: ignore[union-attr]
+    assert host_costs("A100").basis.startswith("assumption")
 
 
 @pytest.mark.parametrize("mbs", [1, 2, 8, 16])
@@ -214,7 +213,7 @@ def test_host_bound_regime_iff_host_issue_exceeds_gpu_time(mbs: int) -> None:
     ctx = _ctx(2)
     plan = parse_plan(f"dp=1,tp=2,pp=1,sp=1,mbs={mbs},gbs={mbs},stack=torch-native-eager")
     est, det = evaluate(ctx, None, plan, detail=True)
-    hf, hb = host_seconds(host_costs("H200"), "eager", 2, True, 16, True)  # type: ignore[arg-type]
+    hf, hb = host_seconds(host_costs("H200"), "eager", 2, True, 16, True)
     gf, gb = float(det["fdur"][0]), float(det["bdur"][0])
     tail = sum(det["tails"][0])
     host_bound_expected = hf > gf or hf + hb > gf + gb

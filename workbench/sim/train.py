@@ -520,9 +520,7 @@ def _one_stage(ctx: TrainContext, plan: Plan, kinds: tuple[str, ...], edge: int,
     if st.host != "none" and not spec.is_cpu:  # the host's dispatch of each op (eager PyTorch, DTensor, compiled)
         from workbench.sim.train_host import host_costs, host_seconds
 
-        hc = host_costs(spec.model)
-        if hc is not None:
-            sc.host_f, sc.host_b = host_seconds(hc, st.host, tp, sp, len(kinds), bool(edge & 2))
+        sc.host_f, sc.host_b = host_seconds(host_costs(spec.model), st.host, tp, sp, len(kinds), bool(edge & 2))
     if plan.offload:  # copies to host during forward, back during backward (exposed beyond compute)
         t = sc.act_bytes / ctx.pcie_Bps(rank)
         sc.add("f", "offload", max(0.0, t - sc.parts_f.get("forward", 0.0)))

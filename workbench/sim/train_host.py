@@ -49,13 +49,11 @@ class HostCosts:
     basis: str
 
 
+@cache
 def _rows() -> Any:
     from workbench.data import read_csv
 
-    try:
-        return read_csv(FILE)
-    except FileNotFoundError:
-        return None
+    return read_csv(FILE)
 
 
 def _per_layer(df: Any, measure: str, program: str, phase: str, unit: str | None = None) -> tuple[float, float]:
@@ -79,8 +77,6 @@ def op_counts(program: str) -> dict[tuple[str, str, str], float]:
     """{(phase, where = layer | rest, kind): ops per micro-batch} of `program` (eager | tp | tp-sp), counted on
     CUDA from the native model (the 2- and 6-layer builds of the host benchmark)."""
     df = _rows()
-    if df is None:
-        return {}
     df = df[df["measure"] == "ops"]
     out: dict[tuple[str, str, str], float] = {}
     for phase in ("fwd", "bwd"):
@@ -95,12 +91,9 @@ def op_counts(program: str) -> dict[tuple[str, str, str], float]:
 
 
 @cache
-def host_costs(gpu_model: str) -> HostCosts | None:
-    """Per-op host seconds on `gpu_model`'s host; a GPU without rows uses the measured one's (basis says so);
-    None if nothing is measured."""
+def host_costs(gpu_model: str) -> HostCosts:
+    """Per-op host seconds on `gpu_model`'s host; a GPU without rows uses the measured one's (basis says so)."""
     df = _rows()
-    if df is None or df.empty:
-        return None
     mine = df[df["gpu"] == gpu_model]
     basis = "measured"
     if mine.empty:
@@ -187,8 +180,6 @@ def byte_coefficients(program: str) -> dict[str, tuple[float, ...]]:
     from workbench.models import load_model
 
     df = _rows()
-    if df is None:
-        raise WorkbenchError(f"datasets/{FILE} is missing: the eager elementwise coefficients come from it")
     d = df[(df["measure"] == "layer_bytes") & (df["program"] == program)]
     if d.empty:
         raise WorkbenchError(f"datasets/{FILE}: no layer_bytes rows for program {program!r}")
@@ -229,8 +220,6 @@ def eager_bandwidth(gpu_model: str) -> tuple[float, float, str, str]:
     from the `ew_*`
     rows (the 2-layer minus the 1-layer build, eager program, mean over runs)."""
     df = _rows()
-    if df is None:
-        raise WorkbenchError(f"datasets/{FILE} is missing")
     mine = df[(df["gpu"] == gpu_model) & (df["program"] == "eager")]
     basis = "measured"
     if mine.empty or mine[mine["measure"] == "ew_bytes"].empty:
