@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from workbench.sim.train_host import TERMS, layer_terms, solve_terms
+
 # a reference model small enough to count in a second on CPU; counts per layer do not depend on the sizes
 REFERENCE = "llama3-8b:layers=2,hidden=128,heads=4,kv_heads=2,head_dim=32,ffn=256,vocab=512,seq=32"
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm")
@@ -236,24 +238,12 @@ VARIATIONS: tuple[dict[str, int], ...] = (
     {}, {"hidden": 256}, {"ffn": 512}, {"heads": 8}, {"kv_heads": 4}, {"seq": 64}, {"mbs": 4}, {"seq": 48},
     {"hidden": 192, "ffn": 384, "heads": 12, "kv_heads": 6, "seq": 48, "mbs": 3},
 )
-TERMS = ("T*hidden", "T*q", "T*kv", "T*ffn", "T", "params", "seq*head_dim", "T*seq")
 
 
 def spec_name(spec: Any) -> str:
     """A model string that `load_model` reads back to this spec (a `replace`d spec keeps its old name)."""
     return (f"llama3-8b:layers={spec.layers},hidden={spec.hidden},heads={spec.heads},kv_heads={spec.kv_heads},"
             f"head_dim={spec.head_dim},ffn={spec.ffn},vocab={spec.vocab},seq={spec.seq}")
-
-
-def terms(spec: Any, mbs: int) -> list[float]:
-    """The quantities a layer's memory-bound bytes are linear in: tokens × widths (q = heads·head_dim,
-    kv = kv_heads·head_dim, global sizes), tokens, the layer's parameters (autocast's weight casts) and
-    seq × head_dim (the RoPE tables' per-call casts) and tokens × seq (an attention path that materialises
-    the scores; 0 with flash attention)."""
-    t = mbs * spec.seq
-    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    params = spec.hidden * (2 * q + 2 * kv) + (3 if spec.gated else 2) * spec.hidden * spec.ffn + 2 * spec.hidden
-    return [t * spec.hidden, t * q, t * kv, t * spec.ffn, t, params, spec.seq * spec.head_dim, t * spec.seq]
 
 
 def layer_bytes(program: str, device: str = "cpu", model: str = REFERENCE) -> list[dict[str, Any]]:
@@ -271,7 +261,8 @@ def layer_bytes(program: str, device: str = "cpu", model: str = REFERENCE) -> li
         two = count_step(replace(spec, layers=2), program, device, mbs)
         for ph in ("fwd", "bwd"):
             rows.append({"program": program, "phase": ph, "model": spec_name(spec), "mbs": mbs,
-                         **dict(zip(TERMS, terms(spec, mbs))), "bytes": two[ph].ew_bytes - one[ph].ew_bytes})
+                         **dict(zip(TERMS, layer_terms(spec, mbs * spec.seq))),
+                         "bytes": two[ph].ew_bytes - one[ph].ew_bytes})
     return rows
 
 
@@ -279,18 +270,10 @@ def solve_coefficients(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict
     """Bytes per unit of each term, per (program, phase), solved exactly from the first len(TERMS) shapes
     (a linear system, not a fit: the kernels' sizes are linear in these terms); `residual` is the relative
     error on the remaining shapes (the check)."""
-    import numpy as np
-
     out: dict[tuple[str, str], dict[str, float]] = {}
-    keys = sorted({(r["program"], r["phase"]) for r in rows})
-    for key in keys:
+    for key in sorted({(r["program"], r["phase"]) for r in rows}):
         rs = [r for r in rows if (r["program"], r["phase"]) == key]
-        a = np.array([[float(r[t]) for t in TERMS] for r in rs])
-        b = np.array([float(r["bytes"]) for r in rs])
-        n = len(TERMS)
-        coef = np.linalg.solve(a[:n], b[:n])
-        check = a[n:] @ coef
-        resid = float(np.max(np.abs(check - b[n:]) / np.maximum(b[n:], 1.0))) if len(b) > n else float("nan")
+        coef, resid = solve_terms([[float(r[t]) for t in TERMS] for r in rs], [float(r["bytes"]) for r in rs])
         out[key] = {**{t: float(c) for t, c in zip(TERMS, coef)}, "residual": resid}
     return out
 

@@ -167,16 +167,31 @@ def host_bound(segments: list[tuple[float, float]]) -> float:
 
 
 # ------------------------------------------------------------------ eager elementwise kernels
-def _terms(hidden: int, q: int, kv: int, ffn: int, seq: int, head_dim: int, tokens: float) -> list[float]:
-    return [tokens * hidden, tokens * q, tokens * kv, tokens * ffn, tokens, 0.0, seq * head_dim, tokens * seq]
+def layer_terms(m: Any, tokens: float) -> list[float]:
+    """The quantities (`TERMS`) a layer's memory-bound bytes are linear in: tokens × widths (q = heads·head_dim,
+    kv = kv_heads·head_dim), tokens, the layer's parameters (autocast's weight casts), seq × head_dim (the RoPE
+    tables' casts) and tokens × seq (an attention path that materialises the scores; 0 with flash attention)."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    params = m.hidden * (2 * q + 2 * kv) + (3 if m.gated else 2) * m.hidden * m.ffn + 2 * m.hidden
+    return [tokens * m.hidden, tokens * q, tokens * kv, tokens * m.ffn, tokens, float(params), m.seq * m.head_dim,
+            tokens * m.seq]
+
+
+def solve_terms(a: Any, b: Any) -> tuple[Any, float]:
+    """Bytes per unit of each term, solved exactly from the first len(TERMS) shapes (the kernels' sizes are
+    linear in the terms: a linear system, not a fit), and the largest relative error on the other shapes."""
+    import numpy as np
+
+    a, b, n = np.asarray(a, dtype=float), np.asarray(b, dtype=float), len(TERMS)
+    coef = np.linalg.solve(a[:n], b[:n])
+    resid = float(np.max(np.abs(a[n:] @ coef - b[n:]) / np.maximum(b[n:], 1.0))) if len(b) > n else float("nan")
+    return coef, resid
 
 
 @cache
 def byte_coefficients(program: str) -> dict[str, tuple[float, ...]]:
     """{phase: bytes per unit of each of `TERMS`} of one layer's memory-bound kernels, solved from the
     `layer_bytes` rows (counted on CUDA); the weight-cast term (`params`) is kept but not used."""
-    import numpy as np
-
     from workbench.models import load_model
 
     df = _rows()
@@ -185,18 +200,9 @@ def byte_coefficients(program: str) -> dict[str, tuple[float, ...]]:
         raise WorkbenchError(f"datasets/{FILE}: no layer_bytes rows for program {program!r}")
     out = {}
     for phase in ("fwd", "bwd"):
-        rows = d[d["phase"] == phase]
-        a, b = [], []
-        for r in rows.itertuples():
-            m = load_model(str(r.model))
-            t = float(r.mbs) * m.seq
-            params = m.hidden * (2 * m.heads * m.head_dim + 2 * m.kv_heads * m.head_dim) + 3 * m.hidden * m.ffn + 2 * m.hidden
-            row = _terms(m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn, m.seq, m.head_dim, t)
-            row[5] = float(params)
-            a.append(row)
-            b.append(float(r.value))
-        n = len(TERMS)
-        coef = np.linalg.solve(np.array(a[:n]), np.array(b[:n]))
+        rows = list(d[d["phase"] == phase].itertuples())
+        a = [layer_terms(m, float(r.mbs) * m.seq) for r in rows for m in [load_model(str(r.model))]]
+        coef, _ = solve_terms(a, [float(r.value) for r in rows])
         out[phase] = tuple(float(x) for x in coef)
     return out
 
@@ -207,7 +213,8 @@ def eager_layer_bytes(m: Any, tp: int, sp: bool, tokens: float) -> tuple[float, 
     degrees the tp=2 bytes scale by 2/tp (an assumption)."""
     prog = program_of(tp, sp)
     co = byte_coefficients(prog)
-    x = _terms(m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn, m.seq, m.head_dim, tokens)
+    x = layer_terms(m, tokens)
+    x[TERMS.index("params")] = 0.0  # the weight casts: `param_cast` prices them
     scale = 1.0 if tp <= 2 else 2.0 / tp
     f = sum(c * v for c, v in zip(co["fwd"], x)) * scale
     b = sum(c * v for c, v in zip(co["bwd"], x)) * scale
