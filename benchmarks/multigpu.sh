@@ -16,6 +16,7 @@
 # with torch, numpy, pandas, pyyaml, numba, tokenizers, safetensors):
 #   OUT=/tmp/mg bash benchmarks/multigpu.sh                       # everything, every GPU of the host
 #   OUT=/tmp/mg PARTS="sweeps train" bash benchmarks/multigpu.sh  # issue 19's measurements only
+#   ONLY=tp2-sp,tp2-sp-compiled PROFILE=tp2-sp-compiled ...       # some plans; profile one step of some
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0 …): on shared hosts it can take GPUs down.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,7 @@ fi
 if want train; then
   step "train: the native engine, telemetry A/B, simulator before/after calibration"
   timeout 1500 $PY benchmarks/native_train.py --out "$OUT" --sweeps "$OUT" --model "$MODEL" --steps "$STEPS" \
-    ${ONLY:+--only "$ONLY"} || fail "native training"
+    ${ONLY:+--only "$ONLY"} ${PROFILE:+--profile "$PROFILE"} || fail "native training"
 fi
 
 if want transport; then
