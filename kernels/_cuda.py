@@ -10,6 +10,7 @@ import ctypes
 import functools
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +107,14 @@ RANGES(1, unsigned char)
 // Under the transport's paged writes: a whole layer's pages in one launch, no word-size or offset
 // arithmetic on the host.
 #define PAGE_CHUNK 4096
-template <typename T>
+// L2: load through L2 only (`ld.global.cg`): a resident kernel's L1 would otherwise keep lines of an earlier
+// copy's source (and of a reused index list) across writes.
+template <typename T, bool L2>
+__device__ __forceinline__ T ld(const T* p) {
+  if (L2) return __ldcg(p);
+  return *p;
+}
+template <typename T, bool L2>
 __device__ __forceinline__ void warp_copy(const unsigned char* s0, unsigned char* d0, long long bytes, int lane) {
   const T* __restrict__ s = (const T*)s0;
   T* __restrict__ d = (T*)d0;
@@ -115,15 +123,23 @@ __device__ __forceinline__ void warp_copy(const unsigned char* s0, unsigned char
   for (; k + 224 < cnt; k += 256) {  // a whole 4 KiB chunk of 16-byte words: one round trip to memory
     T v[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = s[k + 32 * u];
+    for (int u = 0; u < 8; ++u) v[u] = ld<T, L2>(s + k + 32 * u);
 #pragma unroll
     for (int u = 0; u < 8; ++u) d[k + 32 * u] = v[u];
   }
   for (; k + 96 < cnt; k += 128) {
-    T a = s[k], b = s[k + 32], c = s[k + 64], e = s[k + 96];
+    T a = ld<T, L2>(s + k), b = ld<T, L2>(s + k + 32), c = ld<T, L2>(s + k + 64), e = ld<T, L2>(s + k + 96);
     d[k] = a; d[k + 32] = b; d[k + 64] = c; d[k + 96] = e;
   }
-  for (; k < cnt; k += 32) d[k] = s[k];
+  for (; k < cnt; k += 32) d[k] = ld<T, L2>(s + k);
+}
+template <bool L2>
+__device__ __forceinline__ void chunk_copy(const unsigned char* s, unsigned char* d, long long len, int lane) {
+  const unsigned long long a = (unsigned long long)s | (unsigned long long)d | (unsigned long long)len;
+  if ((a & 15) == 0) warp_copy<uint4, L2>(s, d, len, lane);
+  else if ((a & 7) == 0) warp_copy<u64, L2>(s, d, len, lane);
+  else if ((a & 3) == 0) warp_copy<unsigned int, L2>(s, d, len, lane);
+  else warp_copy<unsigned char, L2>(s, d, len, lane);
 }
 extern "C" __global__ void copy_pages(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
                                       const long long* __restrict__ off, long long n, long long page,
@@ -136,13 +152,79 @@ extern "C" __global__ void copy_pages(const unsigned char* __restrict__ src, uns
     const long long i = it / cpp;
     const long long o = (it - i * cpp) * PAGE_CHUNK;
     const long long len = page - o < PAGE_CHUNK ? page - o : PAGE_CHUNK;
-    const unsigned char* s = src + off[i] + o;
-    unsigned char* d = dst + off[n + i] + o;
-    const unsigned long long a = (unsigned long long)s | (unsigned long long)d | (unsigned long long)len;
-    if ((a & 15) == 0) warp_copy<uint4>(s, d, len, lane);
-    else if ((a & 7) == 0) warp_copy<u64>(s, d, len, lane);
-    else if ((a & 3) == 0) warp_copy<unsigned int>(s, d, len, lane);
-    else warp_copy<unsigned char>(s, d, len, lane);
+    chunk_copy<false>(src + off[i] + o, dst + off[n + i] + o, len, lane);
+  }
+}
+
+// The same from page indices: page i from src + idx[i] * ss to dst + idx[n + i] * ds (src and dst already
+// hold the regions' byte offsets), so the host hands the caller's index lists over as they are.
+template <bool L2>
+__device__ __forceinline__ void index_pages(const unsigned char* src, unsigned char* dst, const long long* idx,
+                                            long long n, long long page, long long cpp, long long ss, long long ds,
+                                            long long first, long long step) {
+  const int lane = threadIdx.x & 31;
+  const long long items = n * cpp;
+  for (long long it = first; it < items; it += step) {
+    const long long i = it / cpp;
+    const long long o = (it - i * cpp) * PAGE_CHUNK;
+    const long long len = page - o < PAGE_CHUNK ? page - o : PAGE_CHUNK;
+    const long long si = L2 ? __ldcv(idx + i) : idx[i];
+    const long long di = L2 ? __ldcv(idx + n + i) : idx[n + i];
+    chunk_copy<L2>(src + si * ss + o, dst + di * ds + o, len, lane);
+  }
+}
+extern "C" __global__ void copy_pages_idx(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
+                                          const long long* __restrict__ idx, long long n, long long page,
+                                          long long cpp, long long ss, long long ds) {
+  const long long wpb = blockDim.x >> 5;
+  index_pages<false>(src, dst, idx, n, page, cpp, ss, ds, (long long)blockIdx.x * wpb + (threadIdx.x >> 5),
+                     (long long)gridDim.x * wpb);
+}
+
+// A resident page copier (opt-in): `gridDim.x` CTAs stay on the GPU and take paged writes from a ring in
+// mapped pinned host memory instead of one launch each. ctl[0]: jobs posted (the host's head), ctl[1]: stop.
+// Job j lives in jobs[(j % depth) * 8 ...]: src, dst, idx, n, page, cpp, ss, ds (as copy_pages_idx). Every
+// CTA moves its share of a job, counts itself in count[slot] (device memory); the last one fences
+// system-wide and stores j + 1 into done[slot], which the host polls. Thread 0 of each CTA polls the head
+// with volatile reads and a short sleep between them.
+extern "C" __global__ void page_server(const unsigned long long* ctl, const unsigned long long* jobs,
+                                       unsigned long long* done, unsigned int* count, long long depth) {
+  __shared__ unsigned long long job[8];
+  __shared__ int go;
+  const long long wpb = blockDim.x >> 5;
+  const volatile unsigned long long* vctl = ctl;
+  for (unsigned long long seq = 0;; ++seq) {
+    if (threadIdx.x == 0) {
+      int g = 0;
+      for (;;) {
+        if (vctl[0] > seq) { g = 1; break; }
+        if (vctl[1]) break;
+        __nanosleep(200);
+      }
+      if (g) {
+        __threadfence_system();
+        const volatile unsigned long long* j = jobs + (seq % (unsigned long long)depth) * 8;
+        for (int k = 0; k < 8; ++k) job[k] = j[k];
+      }
+      go = g;
+    }
+    __syncthreads();
+    if (!go) return;
+    index_pages<true>((const unsigned char*)job[0], (unsigned char*)job[1], (const long long*)job[2],
+                      (long long)job[3], (long long)job[4], (long long)job[5], (long long)job[6],
+                      (long long)job[7], (long long)blockIdx.x * wpb + (threadIdx.x >> 5),
+                      (long long)gridDim.x * wpb);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const unsigned long long slot = seq % (unsigned long long)depth;
+      __threadfence();
+      if (atomicAdd(count + slot, 1u) == gridDim.x - 1) {
+        count[slot] = 0;
+        __threadfence_system();
+        *((volatile unsigned long long*)(done + slot)) = seq + 1;
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -488,6 +570,99 @@ def page_copier(device: int) -> Callable[[int, int, int, int, int, int], None]:
         pack(words, 0, src_ptr, dst_ptr, offsets_ptr, n, page, cpp)
         launch(fptr, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp, 0)
     return go
+
+
+def index_copier(device: int) -> Callable[[int, int, int, int, int, int, int, int], None]:
+    """`copy_pages_idx` bound to `device` (kept current by the caller): `fn(src, dst, idx_ptr, n, page, ss, ds,
+    stream_ptr)` moves page i from `src + idx[i] * ss` to `dst + idx[n + i] * ds`, where `idx_ptr` holds the
+    2n int64 page indices (source list, then destination list) where the device can read them. The host
+    passes the caller's index lists as they are: no byte offsets computed per page. One `cuLaunchKernel`."""
+    raw = _raw(device, "copy_pages_idx")
+    launch, fptr, pack = raw.launch, raw.ptr, _PACK[8].pack_into
+    if launch is None:
+        def slow(s: int, d: int, i: int, n: int, page: int, ss: int, ds: int, stream: int) -> None:
+            if n > 0 and page > 0:
+                cpp = -(-page // PAGE_CHUNK)
+                raw(device, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 32 * PAGE_WARPS, stream, s, d, i, n, page,
+                    cpp, ss, ds, current=True)
+        return slow
+
+    def go(src: int, dst: int, idx_ptr: int, n: int, page: int, ss: int, ds: int, stream_ptr: int) -> None:
+        if n <= 0 or page <= 0:
+            return
+        cpp = -(-page // PAGE_CHUNK)
+        words, pp = _words()
+        pack(words, 0, src, dst, idx_ptr, n, page, cpp, ss, ds)
+        launch(fptr, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp, 0)
+    return go
+
+
+class ResidentPages:
+    """A resident page copier on one device (opt-in: it holds `ctas` CTAs of that GPU while it runs, and
+    a device-wide synchronise in this process waits for `stop()`). `post(...)` hands a paged write to the
+    running `page_server` kernel through a ring of `depth` jobs in mapped pinned host memory (a few
+    stores, no launch) and returns its ticket, or None when the ring is full; `finished(ticket)` says
+    whether every CTA is through with it (the kernel stores the ticket in the job's done word after a
+    system-wide fence). Jobs start as soon as posted: no stream orders them after earlier work."""
+
+    JOB_WORDS = 8
+
+    def __init__(self, device: int, torch: Any, ctas: int = 16, threads: int = 256, depth: int = 64) -> None:
+        from cupy.cuda import runtime
+
+        self.rt, self.device, self.depth, self.ctas = runtime, device, depth, ctas
+        w = self.JOB_WORDS
+        self._host = torch.zeros(8 + depth * w + depth, dtype=torch.int64, pin_memory=True)
+        self.words = self._host.numpy().view(np.uint64)
+        self.ctl = self.words[:8]
+        self.jobs = self.words[8:8 + depth * w]
+        self.done = self.words[8 + depth * w:]
+        self._count = torch.zeros(depth, dtype=torch.int32, device=f"cuda:{device}")
+        base = int(self._host.data_ptr())
+        self.seq = 0
+        self.lock = threading.Lock()
+        torch.cuda.synchronize(device)  # the zeroed counters are in place before the kernel's own stream starts
+        self.stream = int(runtime.streamCreateWithFlags(1))  # non-blocking: the legacy stream does not wait on it
+        _raw(device, "page_server")(device, ctas, threads, self.stream, base, base + 64, base + 64 + depth * w * 8,
+                                    int(self._count.data_ptr()), depth)
+        self.running = True
+
+    def post(self, src: int, dst: int, idx_ptr: int, n: int, page: int, ss: int, ds: int) -> int | None:
+        """Queue page i: `src + idx[i] * ss` -> `dst + idx[n + i] * ds` (the caller holds `lock`); None when full."""
+        seq = self.seq
+        slot = seq % self.depth
+        if seq >= self.depth and self.done[slot] != seq - self.depth + 1:
+            return None
+        j = slot * self.JOB_WORDS
+        self.jobs[j:j + self.JOB_WORDS] = (src, dst, idx_ptr, n, page, -(-page // PAGE_CHUNK), ss, ds)
+        self.seq = seq + 1
+        self.ctl[0] = seq + 1  # stored after the job's words (x86 keeps stores in order): the kernel sees both
+        return seq + 1
+
+    def finished(self, ticket: int) -> bool:
+        return bool(self.done[(ticket - 1) % self.depth] >= ticket)
+
+    def alive(self) -> bool:
+        """False once the kernel has exited (stopped, or failed)."""
+        return self.running and self.rt.streamQuery(self.stream) == 600
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Ask the kernel to exit once the posted jobs are done; True when it did within `timeout` s."""
+        if not self.running:
+            return True
+        self.ctl[1] = 1
+        end = time.monotonic() + timeout
+        ok = False
+        while time.monotonic() < end:
+            st = self.rt.streamQuery(self.stream)
+            if st != 600:
+                ok = st == 0
+                break
+            time.sleep(1e-4)
+        self.running = False
+        if ok:
+            self.rt.streamDestroy(self.stream)
+        return ok
 
 
 # An immediate posted through GPU-visible memory (the transport's cuda_ipc mailbox): after the copy

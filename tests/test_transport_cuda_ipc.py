@@ -139,6 +139,10 @@ def test_path_options_are_checked() -> None:
     view = SimpleNamespace(name="e", lanes=1, address=None, _log=lambda s: None)
     with pytest.raises(BackendUnavailable, match="path must be 'fast' or 'legacy'"):
         make_path(view, path="quick")
+    with pytest.raises(BackendUnavailable, match="pages must be 'launch' or 'resident'"):
+        CudaIpcPath(view, pages="persistent", runtime=(None, None))
+    with pytest.raises(BackendUnavailable, match="resident_ctas must be an integer"):
+        CudaIpcPath(view, resident_ctas=0, runtime=(None, None))
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
@@ -270,7 +274,7 @@ def posting(monkeypatch):  # type: ignore[no-untyped-def]
     import kernels._cuda as kc
 
     rt, launches = _Rt(), []
-    nargs = {"copy_pages": 6, "post_imm": 3}
+    nargs = {"copy_pages": 6, "copy_pages_idx": 8, "post_imm": 3}
 
     def raw(device: int, name: str) -> Any:
         """The kernel launcher with a stand-in `cuLaunchKernel` that reads the argument words back through the
@@ -313,7 +317,7 @@ def _post(fx: Any, fn: Any) -> Any:
         fx.rt.posting = False
 
 
-def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(posting) -> None:  # type: ignore[no-untyped-def]
+def test_paged_posting_is_one_launch_of_page_indices_and_never_synchronises(posting) -> None:  # type: ignore[no-untyped-def]
     import kernels._cuda as kc
 
     fx = posting
@@ -323,14 +327,16 @@ def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(post
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
                                              src_offset=64, dst_offset=128))
     assert len(fx.launches) == 1
-    name, grid, threads, stream, (s_ptr, d_ptr, off_ptr, count, pg, cpp) = fx.launches[0]
-    assert name == "copy_pages"
-    assert (s_ptr, d_ptr, count, pg, cpp, stream) == (SRC_PTR, DST_PTR, n, page, 8, LANE_STREAM)
+    name, grid, threads, stream, (s_ptr, d_ptr, idx_ptr, count, pg, cpp, ss, ds) = fx.launches[0]
+    assert name == "copy_pages_idx"
+    # the offsets ride on the base addresses, the strides are arguments: the kernel computes every page's address
+    assert (s_ptr, d_ptr, count, pg, cpp, ss, ds, stream) == (SRC_PTR + 64, DST_PTR + 128, n, page, 8, page, page,
+                                                              LANE_STREAM)
     assert threads == 32 * kc.PAGE_WARPS and grid == n * cpp // kc.PAGE_WARPS  # one warp per 4 KiB chunk
     ring = fx.path._ring
-    slot = (off_ptr - ring.ptr) // _HostRing.SLOT
+    slot = (idx_ptr - ring.ptr) // _HostRing.SLOT
     words = ring.words[slot * _HostRing.SLOT // 8:][:2 * n]
-    assert np.array_equal(words[:n], 64 + sp * page) and np.array_equal(words[n:], 128 + dp * page)
+    assert np.array_equal(words[:n], sp) and np.array_equal(words[n:], dp)  # the caller's indices as they are
     names = [c[0] for c in fx.rt.calls]
     # producers idle: no ordering event; the device already current: no device query; one completion event
     assert names == ["streamQuery", "eventRecord"], names
@@ -338,6 +344,20 @@ def test_paged_posting_is_one_launch_of_byte_offsets_and_never_synchronises(post
     t.result(5)
     assert fx.rt.calls[-1][0] == "eventSynchronize" and slot in ring.free
     assert fx.path.used["pages"] == 1 and fx.path.used["kernel"] == 0
+
+
+def test_paged_posting_with_strides_and_offsets(posting) -> None:  # type: ignore[no-untyped-def]
+    fx = posting
+    sp, dp = [5, 0, 9], [2, 7, 1]  # a list of ints, not an int64 array: converted once by the engine
+    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=1000, src_pages=sp, dst_pages=dp,
+                                             src_stride=4096, dst_stride=8192, src_offset=3, dst_offset=5))
+    t.result(5)
+    name, _grid, _threads, _stream, (s_ptr, d_ptr, idx_ptr, count, pg, cpp, ss, ds) = fx.launches[-1]
+    assert (name, s_ptr, d_ptr, count, pg, cpp, ss, ds) == ("copy_pages_idx", SRC_PTR + 3, DST_PTR + 5, 3, 1000, 1,
+                                                            4096, 8192)
+    ring = fx.path._ring
+    assert ring.words[(idx_ptr - ring.ptr) // 8:][:6].tolist() == sp + dp
+    assert fx.path.used["pages"] == 1 and len(ring.free) == _HostRing.SLOTS
 
 
 def test_posting_orders_after_busy_producers_and_single_writes_are_one_memcpy(posting) -> None:  # type: ignore[no-untyped-def]

@@ -128,6 +128,26 @@ def _lengths(n: int, page: int) -> np.ndarray:
     return a
 
 
+def _page_offsets(both: np.ndarray, n: int, ss: int, ds: int, so: int, do: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets of a paged write from its page indices (`both`: n source then n destination indices,
+    scaled in place): (source offsets, destination offsets)."""
+    if ss == ds:
+        both *= ss
+    else:
+        both[:n] *= ss
+        both[n:] *= ds
+    soffs, doffs = both[:n], both[n:]
+    if so:
+        soffs += so
+    if do:
+        doffs += do
+    return soffs, doffs
+
+
+_I64 = np.dtype(np.int64)
+_NO_PIECES = Pieces(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+
+
 def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -550,12 +570,22 @@ class Engine:
         The page list is split across lanes; one imm (if given) once all pages landed.
         """
         self._check_src(src, "write_paged")
-        page_bytes = _int("page_bytes", page_bytes, 1)
+        if type(page_bytes) is not int or not 0 < page_bytes < _MAX_INT:  # plain ints pass without a call
+            page_bytes = _int("page_bytes", page_bytes, 1)
         ss = page_bytes if src_stride is None else _int("src_stride", src_stride, 1)
         ds = page_bytes if dst_stride is None else _int("dst_stride", dst_stride, 1)
-        src_offset, dst_offset = _int("src_offset", src_offset), _int("dst_offset", dst_offset)
-        imm, timeout = _imm("imm", imm), _timeout(timeout)
-        sp, dp = _index_array("src_pages", src_pages), _index_array("dst_pages", dst_pages)
+        if type(src_offset) is not int or not 0 <= src_offset < _MAX_INT:
+            src_offset = _int("src_offset", src_offset)
+        if type(dst_offset) is not int or not 0 <= dst_offset < _MAX_INT:
+            dst_offset = _int("dst_offset", dst_offset)
+        if imm is not None:
+            imm = _imm("imm", imm)
+        if timeout is not None:
+            timeout = _timeout(timeout)
+        sp = (src_pages if type(src_pages) is np.ndarray and src_pages.dtype is _I64 and src_pages.ndim == 1
+              else _index_array("src_pages", src_pages))  # an int64 array passes as it is
+        dp = (dst_pages if type(dst_pages) is np.ndarray and dst_pages.dtype is _I64 and dst_pages.ndim == 1
+              else _index_array("dst_pages", dst_pages))
         if len(sp) != len(dp):
             raise InvalidArgument(f"write_paged: {len(sp)} source pages but {len(dp)} destination pages")
         if not len(sp) or len(sp) > MAX_PAGES:
@@ -575,24 +605,20 @@ class Engine:
                 raise OutOfRange(f"write_paged: a source page falls outside the registered region of {src.nbytes} "
                                  "bytes")
         self._check_dst(dst, dst_offset + dmax * ds, page_bytes, "write_paged")
-        if ss == ds:
-            both *= ss
-        else:
-            both[:npages] *= ss
-            both[npages:] *= ds
-        soffs, doffs = both[:npages], both[npages:]
-        if src_offset:
-            soffs += src_offset
-        if dst_offset:
-            doffs += dst_offset
         link = self._link(dst.address, timeout)
         total = npages * page_bytes
         what = f"paged write {npages}x{page_bytes} B to {dst.engine}/{dst.region}"
-        if self._path is not None and self._path.handles(src, dst):
+        path = self._path
+        if path is not None and path.handles(src, dst):
             t = self._new(what, dst.engine, 1, total, timeout, callback)
+            if getattr(path, "submit_pages", None) is not None:  # the path takes the indices as they are
+                self._submit_pages(t, link, src, dst, both, (page_bytes, ss, ds, src_offset, dst_offset), imm)
+                return t
+            soffs, doffs = _page_offsets(both, npages, ss, ds, src_offset, dst_offset)
             pieces = Pieces(soffs, doffs, _lengths(npages, page_bytes), page_bytes)
             self._submit_path(t, link, src, dst, pieces, imm)
             return t
+        soffs, doffs = _page_offsets(both, npages, ss, ds, src_offset, dst_offset)
         nl = len(link.data)
         nshards = max(1, min(nl, total // MIN_SHARD, npages))
         per = -(-npages // nshards)
@@ -732,6 +758,29 @@ class Engine:
 
         try:
             path.submit(t, src, dst, pieces, done, imm if give else None)
+        except Exception as exc:  # noqa: BLE001 - a failure to post fails this transfer only
+            done(exc if isinstance(exc, TransportError) else TransportError(f"{t.what}: {type(exc).__name__}: {exc}"))
+
+    def _submit_pages(self, t: Transfer, link: wire.Link, src: Region, dst: MemoryDescriptor, index: np.ndarray,
+                      shape: tuple[int, int, int, int, int], imm: int | None) -> None:
+        """A checked paged write handed to a path that takes page indices (`path.submit_pages`: the n source
+        indices then the n destination indices, and (page, src stride, dst stride, src offset, dst offset)):
+        no byte offsets are built here; a notice that needs them builds them once the write is done."""
+        path = self._path
+        assert path is not None
+        give = path.delivers_imm and imm is not None
+        need = not path.confirms_delivery or (imm is not None and not give)
+
+        def done(exc: BaseException | None) -> None:
+            pieces = _NO_PIECES
+            if need and exc is None:
+                page, ss, ds, so, do = shape
+                n = index.size // 2
+                pieces = Pieces(*_page_offsets(index.copy(), n, ss, ds, so, do), _lengths(n, page), page)
+            self._path_done(link, t, dst, pieces, None if give else imm, exc)
+
+        try:
+            path.submit_pages(t, src, dst, index, *shape, done, imm if give else None)  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - a failure to post fails this transfer only
             done(exc if isinstance(exc, TransportError) else TransportError(f"{t.what}: {type(exc).__name__}: {exc}"))
 

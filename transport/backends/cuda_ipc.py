@@ -62,6 +62,8 @@ from transport.memory import Region
 
 MODE_ENV = "WORKBENCH_CUDA_IPC"  # fast (default) or legacy
 PEER_ENV = "WORKBENCH_CUDA_IPC_PEER"  # staged (default) or direct
+PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # launch (default) or resident: how a paged write on one GPU is started
+RESIDENT_CTAS = 16  # CTAs of the resident page copier (pages="resident")
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
@@ -139,6 +141,31 @@ def _split(src: np.ndarray, dst: np.ndarray, length: np.ndarray, limit: int
     return src, dst, length
 
 
+class _PageIdx:
+    """A paged write as the engine checked it: `idx` holds the n source page indices then the n destination
+    indices (int64, the engine's own array); page i moves `page` bytes from `so + idx[i] * ss` to
+    `do + idx[n + i] * ds`. The page kernels take it as it is; `pieces()` gives the byte offsets the other
+    copies need."""
+
+    __slots__ = ("idx", "n", "page", "ss", "ds", "so", "do")
+
+    def __init__(self, idx: np.ndarray, page: int, ss: int, ds: int, so: int, do: int) -> None:
+        self.idx, self.n, self.page, self.ss, self.ds, self.so, self.do = idx, idx.size // 2, page, ss, ds, so, do
+
+    def __len__(self) -> int:
+        return self.n
+
+    def pieces(self) -> Pieces:
+        n = self.n
+        src = self.idx[:n] * self.ss
+        dst = self.idx[n:] * self.ds
+        if self.so:
+            src += self.so
+        if self.do:
+            dst += self.do
+        return Pieces(src, dst, np.full(n, self.page, np.int64), self.page)
+
+
 class _HostRing:
     """Pinned host slots holding the range lists the copy kernel reads (device-readable through unified
     addressing: no upload). A slot goes back to the ring when the write that read it completed."""
@@ -204,11 +231,13 @@ class _Remote:
 class _Pending:
     """One submitted write: its completion event and what to do once it completed (whoever sees it first)."""
 
-    __slots__ = ("done", "fired", "lock", "ev", "dev", "t0", "slots", "host_imm", "notice")
+    __slots__ = ("done", "fired", "lock", "ev", "dev", "t0", "slots", "host_imm", "notice", "res", "ticket")
 
     def __init__(self, done: Done) -> None:
         self.done, self.fired, self.lock = done, False, threading.Lock()
-        self.ev = 0
+        self.ev = 0  # the completion event, or 0 for a write the resident copier runs (`res`, `ticket`)
+        self.res: Any = None
+        self.ticket = 0
         self.dev = 0
         self.t0 = 0.0
         self.slots: list[int] = []
@@ -241,13 +270,20 @@ class CudaIpcPath(DataPath):
 
     kernel: `auto` (the CuPy range-copy kernel when CuPy works, else torch), `cupy` or `torch`.
     peer: `staged` (default, or `$WORKBENCH_CUDA_IPC_PEER`) or `direct`: how a write crosses GPUs.
+    pages: `launch` (default, or `$WORKBENCH_CUDA_IPC_PAGES`): a paged write on one GPU is one kernel launch;
+    `resident`: it is a job for a copier kernel that stays on the GPU while the engine is open
+    (`kernels._cuda.ResidentPages`, `resident_ctas` CTAs), started with a few stores instead of a launch.
+    Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
+    them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
+    closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
     """
 
     name = "cuda_ipc"
     imm_in_batches = True  # a batch to one peer region is one submission: the path posts its immediate
 
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
-                 on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None) -> None:
+                 on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
+                 pages: str | None = None, resident_ctas: int = RESIDENT_CTAS) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -256,6 +292,12 @@ class CudaIpcPath(DataPath):
         if peer not in ("staged", "direct"):
             raise BackendUnavailable(f"cuda_ipc: peer must be 'staged' or 'direct' (option peer= or ${PEER_ENV}), "
                                      f"got {peer!r}")
+        pages = pages if pages is not None else os.environ.get(PAGES_ENV, "launch")
+        if pages not in ("launch", "resident"):
+            raise BackendUnavailable(f"cuda_ipc: pages must be 'launch' or 'resident' (option pages= or ${PAGES_ENV}), "
+                                     f"got {pages!r}")
+        if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 1 <= resident_ctas <= 1024:
+            raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 1..1024, got {resident_ctas!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
@@ -281,7 +323,10 @@ class CudaIpcPath(DataPath):
         self._rr = itertools.count()
         self._ring: _HostRing | None = None
         self._pages_ok = True  # the page-copy kernel works (cleared on its first failure)
-        self._copy_pages: dict[int, Callable[[int, int, int, int, int, int], None]] = {}  # per device
+        self._copy_pages: dict[int, Callable[..., None]] = {}  # per device: copy_pages_idx bound to it
+        self.pages = pages
+        self.resident_ctas = resident_ctas
+        self._resident: dict[int, Any] = {}  # device -> kernels._cuda.ResidentPages (pages="resident"), or None
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -412,35 +457,45 @@ class CudaIpcPath(DataPath):
         return x
 
     # data path ---------------------------------------------------------------
+    def submit_pages(self, t: Transfer, src: Region, dst: MemoryDescriptor, index: np.ndarray, page: int, ss: int,
+                     ds: int, so: int, do: int, done: Done, imm: int | None = None) -> None:
+        """A paged write as the engine checked it, its page indices as they are (`Engine._submit_pages`): on one
+        GPU the page kernel computes each page's addresses from them; elsewhere they become byte offsets."""
+        self.submit(t, src, dst, _PageIdx(index, page, ss, ds, so, do), done, imm)  # type: ignore[arg-type]
+
     def submit(self, t: Transfer, src: Region, dst: MemoryDescriptor, pieces: Pieces, done: Done,
                imm: int | None = None) -> None:
         rt = self.rt
         rem = self._remote(dst)
         flat = src.flat
         sdev = flat.device.index
+        pg = pieces if type(pieces) is _PageIdx else None
+        if pg is not None and (rem.dev != sdev or not self._pages_ok or self.kernel == "torch"):
+            pieces, pg = pg.pieces(), None
         lane_i = next(self._rr) % self.lanes
         t.lanes = (lane_i,)
         p = _Pending(done)
         d = _Device(rt)
         try:
-            la = self._lane(sdev, lane_i, d)
-            with la.lock:
-                d.use(sdev)
-                cur = self._current_stream(sdev)
-                if rt.streamQuery(cur) != 0:  # the source's producers still run: they finish first
-                    rt.eventRecord(la.prod, cur)
-                    rt.streamWaitEvent(la.ptr, la.prod, 0)
-                if rem.dev == sdev:
-                    self._local(la, flat, rem, pieces, p)
-                    last = la
-                else:
-                    last = self._across(la, lane_i, flat, rem, pieces, p, d)
-                d.use(last.dev)
-                if imm is not None:
-                    self._post_imm(t, dst, imm, last, p)
-                p.dev = last.dev
-                p.ev = self._event(last.dev)
-                rt.eventRecord(p.ev, last.ptr)
+            if pg is None or self.pages != "resident" or not self._post_resident(t, dst, flat, rem, pg, p, d, imm):
+                la = self._lane(sdev, lane_i, d)
+                with la.lock:
+                    d.use(sdev)
+                    cur = self._current_stream(sdev)
+                    if rt.streamQuery(cur) != 0:  # the source's producers still run: they finish first
+                        rt.eventRecord(la.prod, cur)
+                        rt.streamWaitEvent(la.ptr, la.prod, 0)
+                    if rem.dev == sdev:
+                        self._local(la, flat, rem, pieces, p)
+                        last = la
+                    else:
+                        last = self._across(la, lane_i, flat, rem, pieces, p, d)
+                    d.use(last.dev)
+                    if imm is not None:
+                        self._post_imm(t, dst, imm, last, p)
+                    p.dev = last.dev
+                    p.ev = self._event(last.dev)
+                    rt.eventRecord(p.ev, last.ptr)
         except BaseException:
             if p.slots and self._ring is not None:
                 self._ring.give(p.slots)
@@ -454,7 +509,71 @@ class CudaIpcPath(DataPath):
             if self._sleeping:
                 self._cond.notify()
 
+    def _post_resident(self, t: Transfer, dst: MemoryDescriptor, flat: Any, rem: _Remote, pg: _PageIdx,
+                       p: _Pending, d: _Device, imm: int | None) -> bool:
+        """Hand a paged write on one GPU to the resident copier: its indices into a ring slot, one job into
+        the copier's ring. False (the caller launches it) while the source's stream is busy (the lane's
+        stream orders the copy after those producers; the copier cannot), when no copier runs or its ring
+        or the slot ring is full."""
+        dev = rem.dev
+        d.use(dev)
+        if self.rt.streamQuery(self._current_stream(dev)) != 0:
+            return False
+        res = self._resident.get(dev, False)
+        if res is False:
+            res = self._start_resident(dev, d)
+        if res is None:
+            return False
+        ring = self._host_ring()
+        got = ring.take(2 * pg.n)
+        if got is None:
+            return False
+        slot, view, ptr = got
+        view[:] = pg.idx
+        with res.lock:
+            ticket = res.post(int(flat.data_ptr()) + pg.so, rem.ptr + pg.do, ptr, pg.n, pg.page, pg.ss, pg.ds)
+        if ticket is None:
+            ring.give([slot])
+            self.used["resident_full"] += 1
+            return False
+        p.slots.append(slot)
+        p.res, p.ticket, p.dev = res, ticket, dev
+        if imm is not None:
+            self._post_imm(t, dst, imm, None, p)
+        self.used["resident"] += 1
+        return True
+
+    def _start_resident(self, dev: int, d: _Device) -> Any:
+        with self._lock:
+            res = self._resident.get(dev, False)
+            if res is not False:
+                return res
+            try:
+                from kernels._cuda import ResidentPages
+
+                d.use(dev)
+                res = ResidentPages(dev, self.torch, ctas=self.resident_ctas)
+            except Exception as exc:  # noqa: BLE001 - no CuPy / NVRTC / memory: paged writes are launched
+                self.engine._log(f"cuda_ipc: no resident page copier on cuda:{dev} ({type(exc).__name__}: {exc}); "
+                                 "paged writes are launched")
+                res = None
+            self._resident[dev] = res
+        return res
+
+    def _host_ring(self) -> _HostRing:
+        ring = self._ring
+        if ring is None:
+            with self._lock:
+                if self._ring is None:
+                    self._ring = _HostRing(self.torch)
+                ring = self._ring
+        return ring
+
     def _local(self, la: _Lane, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending) -> None:
+        if type(pieces) is _PageIdx:
+            if self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p):
+                return
+            pieces = pieces.pieces()
         if len(pieces) == 1:
             n = int(pieces.length[0])
             if n:
@@ -462,37 +581,34 @@ class CudaIpcPath(DataPath):
                                     MEMCPY_DEFAULT, la.ptr)
             self.used["memcpy"] += 1
             return
-        if (pieces.page and self._pages_ok and self.kernel != "torch"
-                and self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p)):
+        if (pieces.page and self._pages_ok and self.kernel != "torch"  # equal pieces: byte offsets as indices
+                and self._pages(la, int(flat.data_ptr()), rem.ptr,
+                                _PageIdx(np.concatenate((pieces.src, pieces.dst)), pieces.page, 1, 1, 0, 0), p)):
             return
         self._ranges(la, flat, rem.tensor, pieces.src, pieces.dst, pieces.length, p)
 
-    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pieces: Pieces, p: _Pending) -> bool:
-        """Equal pages (a paged write) on one GPU: their byte offsets go into a pinned ring slot as they are
-        (no splitting, no word-size arithmetic: the kernel picks the word per chunk) and one `copy_pages`
-        launch moves them all. False when no slot is free or the kernel is unavailable (the caller then
-        takes the general range path)."""
-        n = len(pieces)
-        ring = self._ring
-        if ring is None:
-            with self._lock:
-                if self._ring is None:
-                    self._ring = _HostRing(self.torch)
-                ring = self._ring
-        got = ring.take(2 * n)
+    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
+        """Equal pages (a paged write) on one GPU: their page indices go into a pinned ring slot as they are
+        and one `copy_pages_idx` launch moves them all, computing each page's addresses from its index, the
+        strides and the offsets (no byte offsets, splitting or word-size arithmetic on the host: the kernel
+        picks the word per 4 KiB chunk). False when no slot is free or the kernel is unavailable (the
+        caller then takes the general range path)."""
+        n = pg.n
+        got = self._host_ring().take(2 * n)
         if got is None:
             return False
         slot, view, ptr = got
-        np.concatenate((pieces.src, pieces.dst), out=view)
+        view[:] = pg.idx
         try:
             launch = self._copy_pages.get(la.dev)
             if launch is None:
-                from kernels._cuda import page_copier
+                from kernels._cuda import index_copier
 
-                launch = self._copy_pages[la.dev] = page_copier(la.dev)
-            launch(src_ptr, dst_ptr, ptr, n, pieces.page, la.ptr)  # submit made the lane's device current
+                launch = self._copy_pages[la.dev] = index_copier(la.dev)
+            # submit made the lane's device current
+            launch(src_ptr + pg.so, dst_ptr + pg.do, ptr, n, pg.page, pg.ss, pg.ds, la.ptr)
         except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does it
-            ring.give([slot])
+            self._host_ring().give([slot])
             self._pages_ok = False
             if self.kernel == "cupy":
                 raise TransportError(f"cuda_ipc: the CuPy page-copy kernel failed: {exc}") from exc
@@ -679,8 +795,9 @@ class CudaIpcPath(DataPath):
             self._outboxes[name] = box
         return box
 
-    def _post_imm(self, t: Transfer, dst: MemoryDescriptor, imm: int, last: _Lane, p: _Pending) -> None:
-        """Post the immediate after the copy on `last`'s stream (its device is current)."""
+    def _post_imm(self, t: Transfer, dst: MemoryDescriptor, imm: int, last: _Lane | None, p: _Pending) -> None:
+        """Post the immediate after the copy on `last`'s stream (its device is current); with no lane (the
+        resident copier's writes) the host stores it once the copy completed."""
         from transport.backends.cuda_ipc_mailbox import pack
 
         box = self._outbox(dst)
@@ -691,7 +808,7 @@ class CudaIpcPath(DataPath):
             return
         addr, seq = got
         word = pack(imm, dst.region)
-        if self._gpu_imm and self._host_pointer_ok(last.dev):
+        if last is not None and self._gpu_imm and self._host_pointer_ok(last.dev):
             try:
                 from kernels._cuda import post_imm
 
@@ -721,7 +838,7 @@ class CudaIpcPath(DataPath):
             if p.fired:
                 return
             p.fired = True
-        if exc is None:
+        if exc is None and p.ev:
             self._give_event(p.dev, p.ev)
         if p.slots and self._ring is not None:
             self._ring.give(p.slots)
@@ -746,11 +863,29 @@ class CudaIpcPath(DataPath):
         """Wait for `p` in the calling thread (GIL released while the GPU finishes) and complete it."""
         if p.fired:
             return
+        if p.res is not None:
+            self._wait_resident(p)
+            return
         try:
             self.rt.eventSynchronize(p.ev)
         except Exception as exc:  # noqa: BLE001
             self._complete(p, TransportError(f"cuda_ipc: the copy failed on the GPU: {exc}"))
             return
+        self._complete(p, None)
+
+    def _wait_resident(self, p: _Pending) -> None:
+        """Wait for the resident copier's done word of `p`: read it back to back (the copy usually takes tens
+        of microseconds), every 1024 reads check the copier still runs and sleep 20 µs."""
+        res, ticket = p.res, p.ticket
+        k = 0
+        while not res.finished(ticket):
+            k += 1
+            if not k & 1023:
+                if not res.alive():
+                    self._complete(p, TransportError("cuda_ipc: the resident page copier stopped before the write "
+                                                     "finished"))
+                    return
+                time.sleep(20e-6)
         self._complete(p, None)
 
     def _poll(self) -> None:
@@ -778,14 +913,18 @@ class CudaIpcPath(DataPath):
                 if age < GRACE_S:
                     wait = min(wait, GRACE_S - age)
                     continue
-                st = self.rt.eventQuery(p.ev)
+                if p.res is not None:
+                    st = 0 if p.res.finished(p.ticket) else NOT_READY if p.res.alive() else -1
+                else:
+                    st = self.rt.eventQuery(p.ev)
                 if st == 0:
                     self._complete(p, None)
                     finished.append(p)
                 elif st == NOT_READY:
                     wait = min(wait, max(TICK_S, age / 8))
                 else:
-                    self._complete(p, TransportError(f"cuda_ipc: the copy failed on the GPU (CUDA error {st})"))
+                    why = "the resident page copier stopped" if st == -1 else f"CUDA error {st}"
+                    self._complete(p, TransportError(f"cuda_ipc: the copy failed on the GPU ({why})"))
                     finished.append(p)
             if finished:
                 gone = set(map(id, finished))
@@ -803,6 +942,10 @@ class CudaIpcPath(DataPath):
             self._cond.notify_all()
         self._poller.join(5)
         rt = self.rt
+        for dev, res in list(self._resident.items()):  # it finishes the jobs posted, then exits
+            if res is not None and not res.stop():
+                self.engine._log(f"cuda_ipc: the resident page copier on cuda:{dev} did not stop within 5 s")
+        self._resident.clear()
         try:  # queued copies and imm kernels may still touch the staging, the mailboxes, the events
             for la in list(self._lanes.values()):
                 la.stream.synchronize()
