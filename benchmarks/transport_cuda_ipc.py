@@ -114,7 +114,8 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
 
 _STAGES = (("engine", "_check_src"), ("engine", "_check_dst"), ("engine", "_link"), ("engine", "_new"),
            ("engine", "_submit_path"), ("path", "submit"), ("path", "_remote"), ("path", "_lane"),
-           ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_event"))
+           ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_event"),
+           ("path", "_post_resident"))
 
 
 def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str, float]]:
@@ -171,6 +172,69 @@ def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str
     return out
 
 
+def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (16, 64)) -> dict[str, Any]:
+    """Paged writes started by a kernel launch (the default) against the resident copier (`pages="resident"`),
+    in one process, interleaved op by op: for each copier size a launch engine and a resident engine are open
+    at once (the resident CTAs stay on the GPU meanwhile), each paged shape's median time until done and until
+    posted, the launch engine's single 16 MiB write as the reference, and the posting stages of both. No
+    device-wide synchronise may run while a resident copier is up (it would wait for the engine to close)."""
+    import numpy as np
+    import torch
+
+    from transport import bench
+    from transport.engine import Engine
+
+    shapes = [(16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256)]
+    target = bench._Target("cuda_ipc", 32 * MiB, target_device)
+    out: dict[str, Any] = {"shapes": [f"{n}x{p // KiB}KiB" for p, n in shapes]}
+    try:
+        with Engine("cuda_ipc", lanes=2, pages="launch") as a:
+            src_a = a.register(bench._source(a, 16 * MiB, "cuda:0"))
+            a.connect(target.desc)
+            for k in ctas:
+                torch.cuda.synchronize()  # before the copier starts (none runs now)
+                with Engine("cuda_ipc", lanes=2, pages="resident", resident_ctas=k) as b:
+                    src_b = b.register(bench._source(b, 16 * MiB, "cuda:0"))
+                    torch.cuda.synchronize()
+                    b.connect(target.desc)
+                    posts: dict[str, list[float]] = {}
+                    ops: dict[str, Any] = {}
+
+                    def single(size: int, eng: Any = a, src: Any = src_a) -> None:
+                        eng.write(src, target.desc, 16 * MiB).result(60)
+                    ops["single_16MiB"] = single
+                    for page, n in shapes:
+                        rng = np.random.default_rng(page + n)
+                        sp, dp = rng.permutation(n), rng.permutation(n)
+                        for name, eng, src in (("launch", a, src_a), ("resident", b, src_b)):
+                            key = f"{name}_{n}x{page // KiB}KiB"
+                            posts[key] = []
+
+                            def op(size: int, eng: Any = eng, src: Any = src, page: int = page, sp: Any = sp,
+                                   dp: Any = dp, post: list[float] = posts[key]) -> None:
+                                t0 = time.perf_counter()
+                                t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)
+                                post.append(time.perf_counter() - t0)
+                                t.result(60)
+                            ops[key] = op
+                    lat = bench._interleaved(ops, 16 * MiB, iters)
+                    row: dict[str, Any] = {k_: round(_median_us(v), 2) for k_, v in lat.items()}
+                    row.update({f"{k_}_post": round(_median_us(v[1:]), 2) for k_, v in posts.items()})
+                    ref = _median_us(lat["single_16MiB"])
+                    for page, n in shapes[:3]:
+                        for name in ("launch", "resident"):
+                            key = f"{name}_{n}x{page // KiB}KiB"
+                            row[f"{key}_vs_single"] = round(ref / _median_us(lat[key]), 3)
+                    row["stages_resident"] = post_stages(b, src_b, target.desc, iters)
+                    row["used_resident"] = dict(b._path.used)
+                    out[f"ctas_{k}"] = row
+            out["stages_launch"] = post_stages(a, src_a, target.desc, iters)
+            out["used_launch"] = dict(a._path.used)
+    finally:
+        target.close()
+    return out
+
+
 def _batched(fn: Any, k: int) -> Any:
     def run() -> None:
         for _ in range(k):
@@ -218,7 +282,7 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
     import torch
     from cupy.cuda import runtime as rt
 
-    from kernels._cuda import copy_pages, copy_ranges, page_copier
+    from kernels._cuda import copy_pages, copy_ranges, index_copier, page_copier
     from kernels.bench import gpu_time
 
     stream = torch.cuda.current_stream().cuda_stream
@@ -231,7 +295,7 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         out[f"memcpy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(mc, k), repeats) / k
         tc = partial(dst[:size].copy_, src[:size])
         out[f"torch_copy_{size // MiB}MiB_us"] = 1e6 * gpu_time(_batched(tc, k), repeats) / k
-    go = page_copier(0)
+    go, gi = page_copier(0), index_copier(0)
     shapes = ((KiB, 16384), (4 * KiB, 4096), (16 * KiB, 1024), (32 * KiB, 512), (64 * KiB, 256), (32 * KiB, 256))
     for page, n in shapes:
         rng = np.random.default_rng(page + n)
@@ -243,6 +307,9 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         key = f"{page // KiB}KiBx{n}"
         pg = partial(go, sp_, dp_, o_, n, page, stream)
         out[f"pages_{key}_us"] = 1e6 * gpu_time(_batched(pg, k), repeats) / k
+        idx = torch.from_numpy(np.concatenate([sp, dp]).astype(np.int64)).to("cuda:0")
+        pi = partial(gi, sp_, dp_, idx.data_ptr(), n, page, page, page, stream)  # the page kernel from indices
+        out[f"pages_idx_{key}_us"] = 1e6 * gpu_time(_batched(pi, k), repeats) / k
         rg = partial(copy_ranges, sp_, dp_, r_, n, 16, 0, stream)
         out[f"ranges_{key}_us"] = 1e6 * gpu_time(_batched(rg, k), repeats) / k
         dst.zero_()
@@ -259,6 +326,12 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         out[f"host_launch_pages_idle_{key}_us"] = _cpu_us(_after_sync(pg), repeats)
         if n == 256:
             out["host_launch_pages_us"] = _cpu_us(pg, repeats)
+            out["host_launch_pages_idx_us"] = _cpu_us(pi, repeats)
+            torch.cuda.synchronize()
+            dst.zero_()
+            pi()
+            torch.cuda.synchronize()
+            out[f"pages_idx_{key}_correct"] = exact()
             buf = torch.empty(2 * n, dtype=torch.int64, pin_memory=True).numpy()
             out["host_concat_256_us"] = _cpu_us(partial(np.concatenate, (sp, dp), out=buf), repeats)
             both = np.concatenate((sp, dp))
@@ -286,7 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", required=True, help="the JSON file to write")
     ap.add_argument("--probe", action="store_true", help="also time the copies alone on the GPU (CUDA events)")
+    ap.add_argument("--resident", action="store_true",
+                    help="only compare launched paged writes with the resident copier (pages=resident), one GPU")
     args = ap.parse_args(argv)
+    if args.resident:
+        t0, c0 = time.perf_counter(), time.process_time()
+        doc = {"resident": resident_compare(args.target_device, args.iters)}
+        doc["meta"] = {"machine": args.machine, "target_device": args.target_device, "cpus": len(os.sched_getaffinity(0)),
+                       "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                       "loadavg": os.getloadavg(),
+                       "command": "python3 benchmarks/transport_cuda_ipc.py " + " ".join(argv or sys.argv[1:])}
+        Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
+        print("resident:", json.dumps(doc, default=str))
+        return 0
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.peer:
         os.environ["WORKBENCH_CUDA_IPC_PEER"] = args.peer

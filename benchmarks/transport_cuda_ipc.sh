@@ -6,6 +6,7 @@
 #   OUT=/tmp/ipc BUDGET=160 bash benchmarks/transport_cuda_ipc.sh
 #   git archive <commit> transport kernels benchmarks/transport_cuda_ipc.py | tar -x -C /tmp/before
 #   OUT=/tmp/ipc BEFORE=/tmp/before bash benchmarks/transport_cuda_ipc.sh
+# LEGACY=0 skips the legacy path; RESIDENT=1 adds the launch-vs-resident paged-write comparison on one GPU.
 # Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,legacy}-{1gpu,2gpu}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ TEST_BUDGET=${TEST_BUDGET:-$((BUDGET / 2))}
 ITERS=${ITERS:-60}
 PY=${PY:-python3}
 BEFORE=${BEFORE:-}
+LEGACY=${LEGACY:-1}
+RESIDENT=${RESIDENT:-0}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -31,11 +34,12 @@ if [ "$TEST_BUDGET" -gt 0 ]; then
 fi
 runs=("fast cuda:0 1gpu")
 [ -n "$BEFORE" ] && runs+=("before cuda:0 1gpu")
-runs+=("legacy cuda:0 1gpu")
+[ "$RESIDENT" = 1 ] && runs+=("resident cuda:0 1gpu")
+[ "$LEGACY" = 1 ] && runs+=("legacy cuda:0 1gpu")
 if [ "$gpus" -ge 2 ]; then
   runs+=("fast cuda:1 2gpu")
   [ -n "$BEFORE" ] && runs+=("before cuda:1 2gpu")
-  runs+=("legacy cuda:1 2gpu")
+  [ "$LEGACY" = 1 ] && runs+=("legacy cuda:1 2gpu")
 fi
 for run in "${runs[@]}"; do
   set -- $run
@@ -48,6 +52,7 @@ for run in "${runs[@]}"; do
     script=benchmarks/transport_cuda_ipc.py path=$1 extra="--probe"
   fi
   [ "$1" = legacy ] && extra=""
+  [ "$1" = resident ] && path=fast extra="--resident"
   PYTHONPATH="$( [ "$1" = before ] && echo "$BEFORE:" )$PYTHONPATH" timeout $left $PY "$script" --path "$path" \
     --target-device "$2" --machine "h200-$3" --iters "$ITERS" --out "$OUT/$1-$3.json" $extra >> "$OUT/bench.log" 2>&1
   echo "$run rc=$? at ${SECONDS}s"

@@ -621,7 +621,9 @@ class ResidentPages:
         base = int(self._host.data_ptr())
         self.seq = 0
         self.lock = threading.Lock()
-        torch.cuda.synchronize(device)  # the zeroed counters are in place before the kernel's own stream starts
+        # the zeroed counters are in place before the kernel's own stream starts (a stream's synchronise, not the
+        # device's: that one would wait for any other resident copier in this process)
+        torch.cuda.current_stream(device).synchronize()
         self.stream = int(runtime.streamCreateWithFlags(1))  # non-blocking: the legacy stream does not wait on it
         _raw(device, "page_server")(device, ctas, threads, self.stream, base, base + 64, base + 64 + depth * w * 8,
                                     int(self._count.data_ptr()), depth)

@@ -519,12 +519,12 @@ class CudaIpcPath(DataPath):
         d.use(dev)
         if self.rt.streamQuery(self._current_stream(dev)) != 0:
             return False
+        ring = self._host_ring()  # allocated before the copier starts (pinned allocations may synchronise)
         res = self._resident.get(dev, False)
         if res is False:
             res = self._start_resident(dev, d)
         if res is None:
             return False
-        ring = self._host_ring()
         got = ring.take(2 * pg.n)
         if got is None:
             return False
