@@ -226,10 +226,10 @@ def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (16
                             key = f"{name}_{n}x{page // KiB}KiB"
                             row[f"{key}_vs_single"] = round(ref / _median_us(lat[key]), 3)
                     row["stages_resident"] = post_stages(b, src_b, target.desc, iters)
-                    row["used_resident"] = dict(b._path.used)
+                    row["used_resident"] = dict(getattr(b._path, "used", {}))
                     out[f"ctas_{k}"] = row
             out["stages_launch"] = post_stages(a, src_a, target.desc, iters)
-            out["used_launch"] = dict(a._path.used)
+            out["used_launch"] = dict(getattr(a._path, "used", {}))
     finally:
         target.close()
     return out
@@ -364,13 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.resident:
         t0, c0 = time.perf_counter(), time.process_time()
-        doc = {"resident": resident_compare(args.target_device, args.iters)}
-        doc["meta"] = {"machine": args.machine, "target_device": args.target_device, "cpus": len(os.sched_getaffinity(0)),
+        rdoc: dict[str, Any] = {"resident": resident_compare(args.target_device, args.iters)}
+        rdoc["meta"] = {"machine": args.machine, "target_device": args.target_device, "cpus": len(os.sched_getaffinity(0)),
                        "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
                        "loadavg": os.getloadavg(),
                        "command": "python3 benchmarks/transport_cuda_ipc.py " + " ".join(argv or sys.argv[1:])}
-        Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
-        print("resident:", json.dumps(doc, default=str))
+        Path(args.out).write_text(json.dumps(rdoc, indent=1, default=str))
+        print("resident:", json.dumps(rdoc, default=str))
         return 0
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.peer:
