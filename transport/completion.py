@@ -8,14 +8,18 @@ lanes delivered them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as _FutTimeout
+from time import perf_counter
 from typing import Any
 
 from transport.errors import Cancelled, PeerGone, TransferTimeout, TransportError
+
+_log = logging.getLogger(__name__)
+PENDING, DONE, FAILED = 0, 1, 2
 
 
 class Transfer:
@@ -23,81 +27,135 @@ class Transfer:
 
     `result(timeout)` blocks and raises the transport error if it failed; `add_done_callback`
     takes `fn(transfer)`; `await transfer` works in asyncio; `cancel()` fails it with `Cancelled`.
+
+    A light future: one plain lock guards the state, and a waiting thread sleeps on a second lock that
+    completion releases (made only when a thread has to wait), so a write that is already complete when its
+    caller asks costs no condition variable (`concurrent.futures.Future` builds one per object).
     """
 
-    __slots__ = ("tid", "what", "peer", "nbytes", "future", "_remaining", "_lock", "_on_cancel",
-                 "submitted", "completed", "lanes", "peers", "hooks")
+    __slots__ = ("tid", "what", "peer", "nbytes", "_remaining", "_lock", "_on_cancel", "submitted", "completed",
+                 "lanes", "peers", "hooks", "lane", "_state", "_value", "_waiter", "_callbacks")
 
     def __init__(self, tid: int, what: str, peer: str | None, parts: int = 1, nbytes: int = 0,
                  on_cancel: Callable[[Transfer], None] | None = None) -> None:
-        import time
-
         self.tid = tid
         self.what = what
         self.peer = peer
         self.nbytes = nbytes
-        self.future: Future[Any] = Future()
         self._remaining = parts
         self._lock = threading.Lock()
         self._on_cancel = on_cancel
-        self.submitted = time.perf_counter()
+        self.submitted = perf_counter()
         self.completed: float | None = None
         self.lanes: tuple[int, ...] = ()
         self.peers: tuple[str, ...] = ()  # every peer of a multi-peer batch (else empty: see `peer`)
         self.hooks: list[Callable[[], Any]] = []  # a data path's way to finish it in the waiting thread
+        self.lane: Any = None  # a tcp lane whose acks complete it: the waiting caller reads them (`Lane.read_acks`)
+        self._state = PENDING
+        self._value: Any = None  # the result, or the exception once failed
+        self._waiter: threading.Lock | None = None  # held until completion while a thread waits
+        self._callbacks: list[Callable[[Transfer], Any]] | None = None
 
     # -- completion (engine side) --
     def part_done(self, n: int = 1) -> bool:
         """Count `n` finished parts; resolve when none remain. True when this call resolved it."""
         with self._lock:
-            if self.future.done():
+            if self._state:
                 return False
             self._remaining -= n
             if self._remaining > 0:
                 return False
-        return self.succeed()
+            self.completed = perf_counter()
+            self._state = DONE
+            waiter, callbacks = self._waiter, self._callbacks
+        if waiter is not None:
+            waiter.release()
+        if callbacks:
+            self._run(callbacks)
+        return True
 
     def succeed(self, value: Any = None) -> bool:
-        import time
-
-        self.completed = time.perf_counter()
-        try:
-            self.future.set_result(value)
-            return True
-        except Exception:  # already resolved (failed, cancelled, timed out)
-            return False
+        with self._lock:
+            if self._state:
+                return False  # already resolved (failed, cancelled, timed out)
+            self.completed = perf_counter()
+            self._value = value
+            self._state = DONE
+            waiter, callbacks = self._waiter, self._callbacks
+        if waiter is not None:
+            waiter.release()
+        if callbacks:
+            self._run(callbacks)
+        return True
 
     def fail(self, exc: BaseException) -> bool:
-        try:
-            self.future.set_exception(exc)
-            return True
-        except Exception:
-            return False
+        with self._lock:
+            if self._state:
+                return False
+            self._value = exc
+            self._state = FAILED
+            waiter, callbacks = self._waiter, self._callbacks
+        if waiter is not None:
+            waiter.release()
+        if callbacks:
+            self._run(callbacks)
+        return True
+
+    def _run(self, callbacks: list[Callable[[Transfer], Any]]) -> None:
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # as concurrent.futures does: one bad callback neither stops the others nor the engine
+                _log.exception("exception calling callback for %r", self)
 
     # -- user side --
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until resolved or `timeout` passed; True when resolved."""
+        with self._lock:
+            if self._state:
+                return True
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = threading.Lock()
+                waiter.acquire()
+        if waiter.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            waiter.release()  # the next waiting thread, if any, goes on too
+            return True
+        return bool(self._state)
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for completion; raise the transfer's `TransportError`, or `TransferTimeout` after `timeout`."""
-        if self.hooks and not self.future.done() and (timeout is None or timeout >= 1.0):
-            for hook in list(self.hooks):  # e.g. wait for the GPU copy here instead of being woken by a poller
-                hook()
-        try:
-            return self.future.result(timeout)
-        except _FutTimeout:
-            raise TransferTimeout(f"{self.what}: not complete after waiting {timeout} s in result()") from None
+        if not self._state:
+            if self.lane is not None and (timeout is None or timeout >= 1.0):
+                self.lane.read_acks(self)  # the ack is read by this thread, not handed over by another
+            if self.hooks and not self._state and (timeout is None or timeout >= 1.0):
+                for hook in list(self.hooks):  # e.g. wait for the GPU copy here instead of being woken by a poller
+                    hook()
+            if not self._state and not self._wait(timeout):
+                raise TransferTimeout(f"{self.what}: not complete after waiting {timeout} s in result()")
+        if self._state == DONE:
+            return self._value
+        raise self._value
 
     wait = result
 
     def done(self) -> bool:
-        return self.future.done()
+        return self._state != PENDING
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            return self.future.exception(timeout)
-        except _FutTimeout:
-            raise TransferTimeout(f"{self.what}: not complete after {timeout} s") from None
+        if not self._state and not self._wait(timeout):
+            raise TransferTimeout(f"{self.what}: not complete after {timeout} s")
+        return self._value if self._state == FAILED else None
 
     def add_done_callback(self, fn: Callable[[Transfer], Any]) -> None:
-        self.future.add_done_callback(lambda _f: fn(self))
+        """Call `fn(transfer)` once it is resolved (at once, in this thread, if it already is)."""
+        with self._lock:
+            if not self._state:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        self._run([fn])
 
     def cancel(self) -> bool:
         """Fail the transfer with `Cancelled` (unsent parts are dropped); False if already done."""
@@ -111,11 +169,25 @@ class Transfer:
     def seconds(self) -> float | None:
         return None if self.completed is None else self.completed - self.submitted
 
+    @property
+    def future(self) -> Future[Any]:
+        """A `concurrent.futures.Future` that resolves with this transfer (made on demand)."""
+        fut: Future[Any] = Future()
+
+        def copy(t: Transfer) -> None:
+            if t._state == DONE:
+                fut.set_result(t._value)
+            else:
+                fut.set_exception(t._value)
+
+        self.add_done_callback(copy)
+        return fut
+
     def __await__(self):  # type: ignore[no-untyped-def]
         return asyncio.wrap_future(self.future).__await__()
 
     def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self.future.exception() else "done")
+        state = ("pending", "done", "failed")[self._state]
         return f"Transfer({self.what!r}, peer={self.peer!r}, bytes={self.nbytes}, {state})"
 
 

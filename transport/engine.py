@@ -36,7 +36,6 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -78,6 +77,7 @@ F_NOACK = 2  # a notice that needs no acknowledgement (the writer already knows 
 
 
 _MAX_INT = 1 << 62
+_ACK, _WRITE = wire.ACK, wire.WRITE
 
 
 def _int(name: str, v: Any, lo: int = 0, hi: int = _MAX_INT) -> int:
@@ -435,7 +435,7 @@ class Engine:
                 del self._links[link.peer]
             if link in self._all_links:
                 self._all_links.remove(link)
-            doomed = [t for t in self._pending.values() if t.peer == link.peer or link.peer in t.peers]
+            doomed = [t for t in list(self._pending.values()) if t.peer == link.peer or link.peer in t.peers]
             for t in doomed:
                 self._pending.pop(t.tid, None)
         if self._closed:
@@ -453,8 +453,7 @@ class Engine:
     def _new(self, what: str, peer: str | None, parts: int, nbytes: int, timeout: float | None,
              callback: Callable[[Transfer], Any] | None) -> Transfer:
         t = Transfer(next(self._tids), what, peer, parts, nbytes, on_cancel=self._cancelled)
-        with self._lock:
-            self._pending[t.tid] = t
+        self._pending[t.tid] = t  # one dict store (atomic); readers that iterate take a copy (`_link_down`)
         if callback is not None:
             t.add_done_callback(lambda tr: self._callbacks.submit(callback, tr))
         if timeout is not None:
@@ -500,7 +499,8 @@ class Engine:
         Returns a `Transfer`, done when the peer confirmed all bytes; errors: `OutOfRange`,
         `UnknownDescriptor`, `PeerGone`, `TransferTimeout`, `Cancelled`.
         """
-        self._check_src(src, "write")
+        if type(src) is not Region or self._regions.get(src.id) is not src:  # (the checks below call only to fail)
+            self._check_src(src, "write")
         if type(src_offset) is not int or not 0 <= src_offset < _MAX_INT:  # plain ints pass without a call
             src_offset = _int("src_offset", src_offset)
         if type(dst_offset) is not int or not 0 <= dst_offset < _MAX_INT:
@@ -513,28 +513,33 @@ class Engine:
             imm = _imm("imm", imm)
         if timeout is not None:
             timeout = _timeout(timeout)
-        src.check(src_offset, length, "write: source")
-        self._check_dst(dst, dst_offset, length)
-        link = self._link(dst.address, timeout)
-        what = f"write {length} B to {dst.engine}/{dst.region}"
+        if src_offset + length > src.nbytes:
+            src.check(src_offset, length, "write: source")
+        if (type(dst) is not MemoryDescriptor or type(dst.region) is not int or not 0 <= dst.region < U32
+                or dst_offset + length > dst.nbytes or self._revoked):
+            self._check_dst(dst, dst_offset, length)
+        peer = dst.address.name
+        link = self._links.get(peer)
+        if link is None or not link.alive or self._closed:
+            link = self._link(dst.address, timeout)
+        what = f"write {length} B to {peer}/{dst.region}"
         if self._path is not None and self._path.handles(src, dst):
-            t = self._new(what, dst.engine, 1, length, timeout, callback)
+            t = self._new(what, peer, 1, length, timeout, callback)
             self._submit_path(t, link, src, dst, Pieces.one(src_offset, dst_offset, length), imm)
             return t
         nl = len(link.data)
         nshards = max(1, min(nl, length // MIN_SHARD))
         if nshards == 1 and src.view is not None:  # one message on one lane (the common case, kept short)
-            t = self._new(what, dst.engine, 1, length, timeout, callback)
+            t = self._new(what, peer, 1, length, timeout, callback)
             lane = link.data[link.next_lane() if nl > 1 else 0]
             lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
             t.lanes = (lane.index,)
-            t.hooks.append(partial(lane.read_acks, t.future.done))
+            t.lane = lane
             hdr = wire.HEADER.pack(wire.WRITE, 0 if imm is None else wire.F_IMM, 1, imm or 0, t.tid, dst.region, 0,
                                    dst_offset, length)
             # from this thread when the lane is idle (a hand-off to the sender thread costs more than the send),
             # reading the ack if it is back already
-            if not (length <= INLINE_MAX and lane.send_reaping([hdr, src.view[src_offset:src_offset + length]],
-                                                               t.future.done)):
+            if not (length <= INLINE_MAX and lane.send_reaping([hdr, src.view[src_offset:src_offset + length]], t)):
                 lane.post(_WriteJob(t, hdr, src, src_offset, length))
             return t
         chunk = _round_up(-(-length // nshards), SHARD_ALIGN) if nshards > 1 else length
@@ -556,7 +561,7 @@ class Engine:
             if not (i == last and n <= INLINE_MAX and src.view is not None and job.inline(lane)):
                 lane.post(job)
         if len(shards) == 1:
-            t.hooks.append(partial(lane.read_acks, t.future.done))
+            t.lane = lane
         t.lanes = tuple(lanes)
         return t
 
@@ -635,7 +640,7 @@ class Engine:
             lanes.append(lane.index)
             lane.post(_PagedJob(t, hdr + doffs[a:b].astype("<u8").tobytes(), src, soffs[a:b], page_bytes))
         if len(groups) == 1:
-            t.hooks.append(partial(lane.read_acks, t.future.done))
+            t.lane = lane
         t.lanes = tuple(lanes)
         return t
 
@@ -744,7 +749,7 @@ class Engine:
             if not (sum(targets[i].length for i in chunk) <= INLINE_BATCH and job.inline(lane)):
                 lane.post(job)
         if len(used) == 1 and not t.peers[1:]:  # one lane to one peer: its waiting caller may read the acks
-            t.hooks.append(partial(lane.read_acks, t.future.done))
+            t.lane = lane
         return used
 
     def _submit_path(self, t: Transfer, link: wire.Link, src: Region, dst: MemoryDescriptor, pieces: Pieces,
@@ -963,10 +968,28 @@ class Engine:
     # ------------------------------------------------------------------ receive path (lane threads)
     def _on_message(self, lane: wire.Lane, msg: tuple[int, ...]) -> None:
         mtype, flags, nshards, imm, tid, region, count, offset, length = msg
+        if mtype == _ACK:  # first: the message a caller waiting for its write reads
+            t = self._pending.get(tid)
+            if t is None:
+                return
+            if flags == STATUS_OK:
+                if t.part_done(count or 1):
+                    self._pending.pop(tid, None)
+            else:
+                self._pending.pop(tid, None)
+                t.fail(error_for_status(flags, t.what))
+            return
         link = lane.link
         rd = lane.reader
-        if mtype == wire.WRITE:
+        if mtype == _WRITE:
             r = self._regions.get(region)
+            if r is not None and offset + length <= r.nbytes and r.view is not None:  # the common case, kept short
+                rd.read_into(r.view[offset:offset + length])
+                if flags & wire.F_IMM:
+                    self._landed(lane, tid, nshards, flags, imm, STATUS_OK)
+                else:
+                    lane.ack(STATUS_OK, tid)
+                return
             if r is None:
                 status = STATUS_UNKNOWN_REGION
             elif offset + length > r.nbytes:
@@ -1002,18 +1025,6 @@ class Engine:
             elif r is not None:
                 _recv_cuda_pages(lane, r, offs, page)
             self._landed(lane, tid, nshards, flags, imm, status)
-        elif mtype == wire.ACK:
-            t = self._pending.get(tid)
-            if t is None:
-                return
-            if flags == STATUS_OK:
-                if t.part_done(count or 1):
-                    with self._lock:
-                        self._pending.pop(tid, None)
-            else:
-                with self._lock:
-                    self._pending.pop(tid, None)
-                t.fail(error_for_status(flags, t.what))
         elif mtype == wire.IMM:
             self._count(imm, link.peer)
             lane.ack(STATUS_OK, tid)

@@ -353,6 +353,7 @@ class Lane:
         self.staging: Any = None  # pinned host buffer for CUDA regions (lazy)
         self._poll = select.poll()  # "is more waiting?" without a syscall that raises when nothing is
         self._poll.register(sock, select.POLLIN)
+        self._fd = sock.fileno()
         # caller reads (see the module docstring): whoever holds `token` reads the socket; once this side wrote
         # on the lane (`shared`), the receiver thread waits in `_ep` (the socket and the `_kick` eventfd)
         self.token = threading.Lock()
@@ -409,7 +410,11 @@ class Lane:
         injected delay); False (nothing sent) otherwise. Never blocks: what the socket does not take at once
         stays as the lane's `rest`, a job for the sender thread is queued, and whichever sender enters the
         lane next sends it before anything else (see `__enter__`)."""
-        if not self._take_idle():
+        # idle: no injected delay, nothing queued, no unsent rest, the send lock free (as `_take_idle`, inline)
+        if self.delay or self.rest is not None or not self.queue.empty() or not self.send_lock.acquire(False):
+            return False
+        if self.rest is not None:
+            self.send_lock.release()
             return False
         try:
             try:
@@ -516,7 +521,10 @@ class Lane:
                             self.link.closed_by_peer()
                             return
                         handler(self, msg)
-                        if self.acks and (len(self.acks) >= ACK_BATCH or not self._more_waiting(cheap=True)):
+                        acks = self.acks
+                        # flush unless more is waiting (buffered, or after a large payload in the socket: one poll)
+                        if acks and (len(acks) >= ACK_BATCH or not (reader.end > reader.pos
+                                                                    or reader.lean and self._more_waiting())):
                             self.flush_acks()
                         if self.shared and not self._more_waiting():
                             if self._ep is None:
@@ -576,69 +584,70 @@ class Lane:
             if got:
                 self.token.release()
 
-    def read_acks(self, done: Callable[[], bool], seconds: float = CALLER_READ_S) -> None:
-        """Caller reads: the waiting caller of a write that went out on this lane reads the acks from the
-        socket itself until `done()` (or `seconds` passed, or a message other than an ack is next: that one
+    def read_acks(self, t: Any, seconds: float = CALLER_READ_S) -> None:
+        """Caller reads: the waiting caller of a write `t` that went out on this lane reads the acks from the
+        socket itself until `t` is done (or `seconds` passed, or a message other than an ack is next: that one
         is the receiver thread's). Returns when the receiver thread keeps the lane. Reads never block:
         a peer that stops mid-message cannot hold the caller beyond `seconds`."""
         # the receiver thread holds the token only while it reads what arrived (often this very ack): wait that out
-        if self._ep is None or not self.token.acquire(timeout=CALLER_SLICE_MS / 1000):
+        if self._ep is None or not (self.token.acquire(False) or self.token.acquire(True, CALLER_SLICE_MS / 1000)):
             return
-        self._reap(done, seconds, None)
+        self._reap(t, seconds, None)
 
-    def send_reaping(self, bufs: list[Any], done: Callable[[], bool]) -> bool:
+    def send_reaping(self, bufs: list[Any], t: Any) -> bool:
         """`send_inline` with the receiver thread's epoll masked meanwhile, then the acks that already came back
         read from this thread (non-blocking): on loopback the peer often answers while this thread is still in
         the send, and then no thread is woken for the ack at all."""
-        if self._ep is None or not self.token.acquire(blocking=False):
+        if self._ep is None or not self.token.acquire(False):
             return self.send_inline(bufs)
-        return self._reap(done, 0.0, bufs)
+        return self._reap(t, 0.0, bufs)
 
-    def _reap(self, done: Callable[[], bool], seconds: float, bufs: list[Any] | None) -> bool:
+    def _reap(self, t: Any, seconds: float, bufs: list[Any] | None) -> bool:
         """Holding the token (released here): mask the receiver thread's epoll, send `bufs` if given, read acks
-        until `done()` or `seconds` (0: only what is there now), re-arm the epoll (kick if bytes stay
+        until `t` is done or `seconds` passed (0: only what is there now), re-arm the epoll (kick if bytes stay
         buffered). True unless `bufs` were not sent."""
         ep = self._ep  # closed only by a holder of the token
-        reader, handler = self.reader, self.link.engine._on_message
+        reader = self.reader
         handover = False
-        fd = self.sock.fileno()
+        fd = self._fd
         try:
-            if ep is None or fd < 0:
+            if ep is None or self.sock.fileno() < 0:
                 return self.send_inline(bufs) if bufs is not None else True
             ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
             if bufs is not None and not self.send_inline(bufs):
                 return False
+            handler, poll = self.link.engine._on_message, self._poll.poll
             deadline = 0.0
-            fresh = True
             while True:
-                if reader.end > reader.pos:
-                    if reader.buf[reader.pos] != ACK:
+                pos = reader.pos
+                if reader.end > pos:
+                    if reader.buf[pos] != ACK:
                         handover = True
                         break
-                    if reader.end - reader.pos >= HEADER_SIZE:
-                        handler(self, reader.header())
-                        if done():
+                    if reader.end - pos >= HEADER_SIZE:  # a whole ack header is buffered: take it here
+                        reader.pos = pos + HEADER_SIZE
+                        handler(self, HEADER.unpack_from(reader.buf, pos))
+                        if t._state:
                             break
                         continue
-                if done():
+                if t._state:
                     break
-                if fresh or not seconds:  # a first look that does not wait: the ack is often there already
-                    fresh = False
-                    if self._poll.poll(0):  # (cheaper than a recv that raises BlockingIOError)
+                if not seconds:  # the send phase: one look that does not wait (the ack is often there already)
+                    if poll(0):  # (cheaper than a recv that raises BlockingIOError)
                         reader.fill_nowait()
                         continue
-                    if seconds:
-                        continue
                     break
-                if not deadline:
+                if deadline:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    ready = poll(min(CALLER_SLICE_MS, left * 1000.0))
+                else:  # the first slice: returns at once when the ack is there
                     deadline = time.monotonic() + seconds
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ready = self._poll.poll(min(CALLER_SLICE_MS, left * 1000.0))
-                if ready and ready[0][1] & select.POLLNVAL:
-                    raise PeerGone("socket closed")
+                    ready = poll(CALLER_SLICE_MS)
                 if ready:
+                    if ready[0][1] & select.POLLNVAL:
+                        raise PeerGone("socket closed")
                     reader.fill_nowait()
         except (OSError, ValueError, PeerGone) as exc:
             self.link.failed(exc, self)
@@ -647,7 +656,7 @@ class Lane:
             self.link.failed(exc, self)
         finally:
             try:
-                if ep is not None and fd >= 0 and self.sock.fileno() >= 0:
+                if ep is not None and self.sock.fileno() >= 0:
                     ep.modify(fd, select.EPOLLIN)
                     if handover or reader.end > reader.pos:  # bytes in the buffer: epoll cannot see them
                         os.eventfd_write(self._kick, 1)
