@@ -172,9 +172,10 @@ def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str
     return out
 
 
-def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (16, 64)) -> dict[str, Any]:
+def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (0, 32)) -> dict[str, Any]:
     """Paged writes started by a kernel launch (the default) against the resident copier (`pages="resident"`),
-    in one process, interleaved op by op: for each copier size a launch engine and a resident engine are open
+    in one process, interleaved op by op: for each copier size (CTAs, 0: one per SM) a launch engine and a
+    resident engine are open
     at once (the resident CTAs stay on the GPU meanwhile), each paged shape's median time until done and until
     posted, the launch engine's single 16 MiB write as the reference, and the posting stages of both. No
     device-wide synchronise may run while a resident copier is up (it would wait for the engine to close)."""
@@ -326,7 +327,10 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
         out[f"host_launch_pages_idle_{key}_us"] = _cpu_us(_after_sync(pg), repeats)
         if n == 256:
             out["host_launch_pages_us"] = _cpu_us(pg, repeats)
-            out["host_launch_pages_idx_us"] = _cpu_us(pi, repeats)
+            out["host_launch_pages_idx_us"] = _cpu_us(pi, repeats)  # five arguments (strides of one page)
+            # eight arguments: the general kernel (strides of two pages, indices below n, within the buffers)
+            out["host_launch_pages_idx8_us"] = _cpu_us(partial(gi, sp_, dp_, idx.data_ptr(), n, page, 2 * page,
+                                                               2 * page, stream), repeats)
             torch.cuda.synchronize()
             dst.zero_()
             pi()

@@ -181,47 +181,109 @@ extern "C" __global__ void copy_pages_idx(const unsigned char* __restrict__ src,
                      (long long)gridDim.x * wpb);
 }
 
+// The same for pages of one stride (src/dst strides = page): five arguments instead of eight (each argument
+// costs the host's launch call time on some VMs).
+extern "C" __global__ void copy_pages_pg(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
+                                         const long long* __restrict__ idx, long long n, long long page) {
+  const long long wpb = blockDim.x >> 5;
+  index_pages<false>(src, dst, idx, n, page, (page + PAGE_CHUNK - 1) / PAGE_CHUNK, page, page,
+                     (long long)blockIdx.x * wpb + (threadIdx.x >> 5), (long long)gridDim.x * wpb);
+}
+
 // A resident page copier (opt-in): `gridDim.x` CTAs stay on the GPU and take paged writes from a ring in
 // mapped pinned host memory instead of one launch each. ctl[0]: jobs posted (the host's head), ctl[1]: stop.
-// Job j lives in jobs[(j % depth) * 8 ...]: src, dst, idx, n, page, cpp, ss, ds (as copy_pages_idx). Every
-// CTA moves its share of a job, counts itself in count[slot] (device memory); the last one fences
-// system-wide and stores j + 1 into done[slot], which the host polls. Thread 0 of each CTA polls the head
-// with volatile reads and a short sleep between them.
+// Job j lives in jobs[(j % depth) * 8 ...]: src, dst, idx (host), n, page, cpp, ss, ds (as copy_pages_idx).
+// Only warp 0 of CTA 0 reads host memory while idle (the head, a short sleep between reads); for a job, CTA 0
+// copies its 2n indices into device memory (`st->idx`, `cap` entries) and publishes the job there (st->gen);
+// the other CTAs wait on that device word, not on host memory. Each CTA counts itself when through; the
+// last fences system-wide, stores j + 1 into done[j % depth] (host, polled by the host) and st->fin, which
+// CTA 0 waits for before it stages the next job (the index buffer is reused).
+struct Server {
+  unsigned long long gen, stop, fin, pad;
+  unsigned long long job[8];
+  unsigned int count;
+  unsigned int pad2[15];
+  long long idx[1];
+};
 extern "C" __global__ void page_server(const unsigned long long* ctl, const unsigned long long* jobs,
-                                       unsigned long long* done, unsigned int* count, long long depth) {
+                                       unsigned long long* done, Server* st, long long depth, long long cap) {
   __shared__ unsigned long long job[8];
   __shared__ int go;
   const long long wpb = blockDim.x >> 5;
   const volatile unsigned long long* vctl = ctl;
+  volatile Server* vst = st;
   for (unsigned long long seq = 0;; ++seq) {
-    if (threadIdx.x == 0) {
-      int g = 0;
-      for (;;) {
-        if (vctl[0] > seq) { g = 1; break; }
-        if (vctl[1]) break;
-        __nanosleep(200);
+    if (blockIdx.x == 0) {
+      if (threadIdx.x == 0) {
+        int g = 0;
+        while (vst->fin < seq) __nanosleep(100);  // every CTA is through with the previous job's indices
+        for (;;) {
+          if (vctl[0] > seq) { g = 1; break; }
+          if (vctl[1]) break;
+          __nanosleep(500);
+        }
+        if (g) {
+          __threadfence_system();
+          const volatile unsigned long long* j = jobs + (seq % (unsigned long long)depth) * 8;
+          for (int k = 0; k < 8; ++k) job[k] = j[k];
+        }
+        go = g;
       }
-      if (g) {
-        __threadfence_system();
-        const volatile unsigned long long* j = jobs + (seq % (unsigned long long)depth) * 8;
-        for (int k = 0; k < 8; ++k) job[k] = j[k];
+      __syncthreads();
+      if (!go) {
+        if (threadIdx.x == 0) { vst->stop = 1; __threadfence(); }
+        return;
       }
-      go = g;
+      const long long m = 2 * (long long)job[3];
+      const long long* h = (const long long*)job[2];
+      for (long long k0 = threadIdx.x; k0 < m; k0 += 8 * (long long)blockDim.x) {  // eight loads in flight
+        long long v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const long long k = k0 + u * (long long)blockDim.x;
+          if (k < m) v[u] = __ldcv(h + k);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const long long k = k0 + u * (long long)blockDim.x;
+          if (k < m) st->idx[k] = v[u];
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int k = 0; k < 8; ++k) vst->job[k] = job[k];
+        __threadfence();
+        vst->gen = seq + 1;
+      }
+    } else {
+      if (threadIdx.x == 0) {
+        int g = 1;
+        for (;;) {
+          if (vst->gen > seq) break;
+          if (vst->stop) { g = 0; break; }
+          __nanosleep(100);
+        }
+        if (g) {
+          __threadfence();
+          for (int k = 0; k < 8; ++k) job[k] = vst->job[k];
+        }
+        go = g;
+      }
+      __syncthreads();
+      if (!go) return;
     }
-    __syncthreads();
-    if (!go) return;
-    index_pages<true>((const unsigned char*)job[0], (unsigned char*)job[1], (const long long*)job[2],
+    index_pages<true>((const unsigned char*)job[0], (unsigned char*)job[1], st->idx,
                       (long long)job[3], (long long)job[4], (long long)job[5], (long long)job[6],
                       (long long)job[7], (long long)blockIdx.x * wpb + (threadIdx.x >> 5),
                       (long long)gridDim.x * wpb);
     __syncthreads();
     if (threadIdx.x == 0) {
-      const unsigned long long slot = seq % (unsigned long long)depth;
       __threadfence();
-      if (atomicAdd(count + slot, 1u) == gridDim.x - 1) {
-        count[slot] = 0;
+      if (atomicAdd(&st->count, 1u) == gridDim.x - 1) {
+        st->count = 0;
         __threadfence_system();
-        *((volatile unsigned long long*)(done + slot)) = seq + 1;
+        *((volatile unsigned long long*)(done + seq % (unsigned long long)depth)) = seq + 1;
+        vst->fin = seq + 1;
       }
     }
     __syncthreads();
@@ -577,9 +639,9 @@ def index_copier(device: int) -> Callable[[int, int, int, int, int, int, int, in
     stream_ptr)` moves page i from `src + idx[i] * ss` to `dst + idx[n + i] * ds`, where `idx_ptr` holds the
     2n int64 page indices (source list, then destination list) where the device can read them. The host
     passes the caller's index lists as they are: no byte offsets computed per page. One `cuLaunchKernel`."""
-    raw = _raw(device, "copy_pages_idx")
-    launch, fptr, pack = raw.launch, raw.ptr, _PACK[8].pack_into
-    if launch is None:
+    raw, raw_pg = _raw(device, "copy_pages_idx"), _raw(device, "copy_pages_pg")
+    launch, fptr, fptr_pg, pack, pack_pg = raw.launch, raw.ptr, raw_pg.ptr, _PACK[8].pack_into, _PACK[5].pack_into
+    if launch is None or raw_pg.launch is None:
         def slow(s: int, d: int, i: int, n: int, page: int, ss: int, ds: int, stream: int) -> None:
             if n > 0 and page > 0:
                 cpp = -(-page // PAGE_CHUNK)
@@ -588,52 +650,63 @@ def index_copier(device: int) -> Callable[[int, int, int, int, int, int, int, in
         return slow
 
     def go(src: int, dst: int, idx_ptr: int, n: int, page: int, ss: int, ds: int, stream_ptr: int) -> None:
+        """Pages of one stride (the usual KV layout): `copy_pages_pg`, five arguments; else `copy_pages_idx`."""
         if n <= 0 or page <= 0:
             return
         cpp = -(-page // PAGE_CHUNK)
         words, pp = _words()
-        pack(words, 0, src, dst, idx_ptr, n, page, cpp, ss, ds)
-        launch(fptr, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp, 0)
+        if ss == page and ds == page:
+            pack_pg(words, 0, src, dst, idx_ptr, n, page)
+            f = fptr_pg
+        else:
+            pack(words, 0, src, dst, idx_ptr, n, page, cpp, ss, ds)
+            f = fptr
+        launch(f, min(-(-(n * cpp) // PAGE_WARPS), _MAX_GRID), 1, 1, 32 * PAGE_WARPS, 1, 1, 0, stream_ptr, pp, 0)
     return go
 
 
 class ResidentPages:
-    """A resident page copier on one device (opt-in: it holds `ctas` CTAs of that GPU while it runs, and
-    a device-wide synchronise in this process waits for `stop()`). `post(...)` hands a paged write to the
-    running `page_server` kernel through a ring of `depth` jobs in mapped pinned host memory (a few
-    stores, no launch) and returns its ticket, or None when the ring is full; `finished(ticket)` says
-    whether every CTA is through with it (the kernel stores the ticket in the job's done word after a
-    system-wide fence). Jobs start as soon as posted: no stream orders them after earlier work."""
+    """A resident page copier on one device (opt-in: it holds `ctas` CTAs of that GPU, by default one per SM,
+    while it runs, and a device-wide synchronise in this process waits for `stop()`). `post(...)` hands a
+    paged write to the running `page_server` kernel through a ring of `depth` jobs in mapped pinned host
+    memory (a few stores, no launch) and returns its ticket, or None when the ring is full or the write
+    has more than `cap / 2` pages; `finished(ticket)` says whether every CTA is through with it (the kernel
+    stores the ticket in the job's done word after a system-wide fence). Jobs run one after the other, each
+    as soon as posted: no stream orders them after earlier work."""
 
     JOB_WORDS = 8
+    HEADER_WORDS = 20  # the kernel's `Server` struct before its index buffer
 
-    def __init__(self, device: int, torch: Any, ctas: int = 16, threads: int = 256, depth: int = 64) -> None:
+    def __init__(self, device: int, torch: Any, ctas: int = 0, threads: int = 256, depth: int = 64,
+                 cap: int = 2 << 14) -> None:
         from cupy.cuda import runtime
 
-        self.rt, self.device, self.depth, self.ctas = runtime, device, depth, ctas
+        if ctas <= 0:
+            ctas = int(torch.cuda.get_device_properties(device).multi_processor_count)
+        self.rt, self.device, self.depth, self.ctas, self.cap = runtime, device, depth, ctas, cap
         w = self.JOB_WORDS
         self._host = torch.zeros(8 + depth * w + depth, dtype=torch.int64, pin_memory=True)
         self.words = self._host.numpy().view(np.uint64)
         self.ctl = self.words[:8]
         self.jobs = self.words[8:8 + depth * w]
         self.done = self.words[8 + depth * w:]
-        self._count = torch.zeros(depth, dtype=torch.int32, device=f"cuda:{device}")
+        self._state = torch.zeros(self.HEADER_WORDS + cap, dtype=torch.int64, device=f"cuda:{device}")
         base = int(self._host.data_ptr())
         self.seq = 0
         self.lock = threading.Lock()
-        # the zeroed counters are in place before the kernel's own stream starts (a stream's synchronise, not the
+        # the zeroed state is in place before the kernel's own stream starts (a stream's synchronise, not the
         # device's: that one would wait for any other resident copier in this process)
         torch.cuda.current_stream(device).synchronize()
         self.stream = int(runtime.streamCreateWithFlags(1))  # non-blocking: the legacy stream does not wait on it
         _raw(device, "page_server")(device, ctas, threads, self.stream, base, base + 64, base + 64 + depth * w * 8,
-                                    int(self._count.data_ptr()), depth)
+                                    int(self._state.data_ptr()), depth, cap)
         self.running = True
 
     def post(self, src: int, dst: int, idx_ptr: int, n: int, page: int, ss: int, ds: int) -> int | None:
         """Queue page i: `src + idx[i] * ss` -> `dst + idx[n + i] * ds` (the caller holds `lock`); None when full."""
         seq = self.seq
         slot = seq % self.depth
-        if seq >= self.depth and self.done[slot] != seq - self.depth + 1:
+        if 2 * n > self.cap or (seq >= self.depth and self.done[slot] != seq - self.depth + 1):
             return None
         j = slot * self.JOB_WORDS
         self.jobs[j:j + self.JOB_WORDS] = (src, dst, idx_ptr, n, page, -(-page // PAGE_CHUNK), ss, ds)

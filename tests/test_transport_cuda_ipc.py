@@ -143,7 +143,7 @@ def test_path_options_are_checked() -> None:
     with pytest.raises(BackendUnavailable, match="pages must be 'launch' or 'resident'"):
         CudaIpcPath(view, pages="persistent", runtime=(None, None))
     with pytest.raises(BackendUnavailable, match="resident_ctas must be an integer"):
-        CudaIpcPath(view, resident_ctas=0, runtime=(None, None))
+        CudaIpcPath(view, resident_ctas=-1, runtime=(None, None))
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
@@ -181,16 +181,16 @@ def test_copy_pages_kernel_matches_numpy(page: int, shift: tuple[int, int]) -> N
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
 @pytest.mark.parametrize("page", [1, 1000, 4096, 3 * 4096 + 8, 65536])
-@pytest.mark.parametrize("strides", [(1, 1), (2, 3)])
-def test_copy_pages_idx_kernel_matches_numpy(page: int, strides: tuple[int, int]) -> None:
-    """Page i from src + idx[i] * ss to dst + idx[n + i] * ds, strides in pages here (a page with a gap after
-    it), the bases misaligned by a few bytes."""
+@pytest.mark.parametrize("strides", [None, (1, 1), (2, 3)])
+def test_copy_pages_idx_kernel_matches_numpy(page: int, strides: tuple[int, int] | None) -> None:
+    """Page i from src + idx[i] * ss to dst + idx[n + i] * ds: strides of one page (`copy_pages_pg`) or of pages
+    with gaps after them (`copy_pages_idx`), the bases misaligned by a few bytes."""
     import torch
 
     from kernels._cuda import index_copier
 
     n = 48 if page < 16384 else 12
-    ss, ds = strides[0] * page + 3, strides[1] * page + 8
+    ss, ds = (page, page) if strides is None else (strides[0] * page + 3, strides[1] * page + 8)
     nslots = 2 * n
     rng = np.random.default_rng(page + ss)
     data = rand(nslots * ss + 64, seed=page)
@@ -267,6 +267,7 @@ def test_resident_paged_writes_through_the_engine(peer) -> None:  # type: ignore
             rng = np.random.default_rng(page)
             sp, dp = rng.permutation(n), rng.permutation(n)
             peer.call("fill", 0)
+            peer.crc(0, 1)  # the target's fill is done (the copier starts at once: no stream orders it after it)
             eng.write_paged(src, peer.desc, page_bytes=page, src_pages=sp, dst_pages=dp, src_offset=so,
                             dst_offset=do, imm=88).result(60)
             got = np.frombuffer(peer.read(do, n * page), np.uint8).reshape(n, page)
@@ -379,21 +380,25 @@ def posting(monkeypatch):  # type: ignore[no-untyped-def]
     import kernels._cuda as kc
 
     rt, launches = _Rt(), []
-    nargs = {"copy_pages": 6, "copy_pages_idx": 8, "post_imm": 3}
+    nargs = {"copy_pages": 6, "copy_pages_idx": 8, "copy_pages_pg": 5, "post_imm": 3}
+
+    names: list[str] = []
+
+    def launch(fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
+               params: int, extra: int) -> None:
+        assert rt.posting, "a launch outside posting"
+        name = names[fn - 1]  # the function handle names the kernel, as the driver's does
+        ptrs = (ctypes.c_void_p * nargs.get(name, 4)).from_address(params)
+        args = tuple(ctypes.c_uint64.from_address(p).value for p in ptrs)
+        launches.append((name, gx, bx, stream, args))
 
     def raw(device: int, name: str) -> Any:
         """The kernel launcher with a stand-in `cuLaunchKernel` that reads the argument words back through the
         pointer array the driver would read."""
-
-        def launch(fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
-                   params: int, extra: int) -> None:
-            assert rt.posting, "a launch outside posting"
-            ptrs = (ctypes.c_void_p * nargs.get(name, 4)).from_address(params)
-            args = tuple(ctypes.c_uint64.from_address(p).value for p in ptrs)
-            launches.append((name, gx, bx, stream, args))
-
+        if name not in names:
+            names.append(name)
         r = kc._Raw.__new__(kc._Raw)
-        r.fn, r.ptr, r.launch, r.rt = None, 1, launch, rt
+        r.fn, r.ptr, r.launch, r.rt = None, names.index(name) + 1, launch, rt
         return r
 
     monkeypatch.setattr(kc, "_raw", raw)
@@ -432,12 +437,11 @@ def test_paged_posting_is_one_launch_of_page_indices_and_never_synchronises(post
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
                                              src_offset=64, dst_offset=128))
     assert len(fx.launches) == 1
-    name, grid, threads, stream, (s_ptr, d_ptr, idx_ptr, count, pg, cpp, ss, ds) = fx.launches[0]
-    assert name == "copy_pages_idx"
-    # the offsets ride on the base addresses, the strides are arguments: the kernel computes every page's address
-    assert (s_ptr, d_ptr, count, pg, cpp, ss, ds, stream) == (SRC_PTR + 64, DST_PTR + 128, n, page, 8, page, page,
-                                                              LANE_STREAM)
-    assert threads == 32 * kc.PAGE_WARPS and grid == n * cpp // kc.PAGE_WARPS  # one warp per 4 KiB chunk
+    name, grid, threads, stream, (s_ptr, d_ptr, idx_ptr, count, pg) = fx.launches[0]
+    assert name == "copy_pages_pg"  # strides of one page: the five-argument kernel
+    # the offsets ride on the base addresses: the kernel computes every page's address from its index
+    assert (s_ptr, d_ptr, count, pg, stream) == (SRC_PTR + 64, DST_PTR + 128, n, page, LANE_STREAM)
+    assert threads == 32 * kc.PAGE_WARPS and grid == n * (page // 4096) // kc.PAGE_WARPS  # a warp per 4 KiB chunk
     ring = fx.path._ring
     slot = (idx_ptr - ring.ptr) // _HostRing.SLOT
     words = ring.words[slot * _HostRing.SLOT // 8:][:2 * n]

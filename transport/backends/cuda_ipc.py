@@ -63,7 +63,7 @@ from transport.memory import Region
 MODE_ENV = "WORKBENCH_CUDA_IPC"  # fast (default) or legacy
 PEER_ENV = "WORKBENCH_CUDA_IPC_PEER"  # staged (default) or direct
 PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # launch (default) or resident: how a paged write on one GPU is started
-RESIDENT_CTAS = 16  # CTAs of the resident page copier (pages="resident")
+RESIDENT_CTAS = 0  # CTAs of the resident page copier (pages="resident"); 0: one per SM
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
@@ -272,7 +272,8 @@ class CudaIpcPath(DataPath):
     peer: `staged` (default, or `$WORKBENCH_CUDA_IPC_PEER`) or `direct`: how a write crosses GPUs.
     pages: `launch` (default, or `$WORKBENCH_CUDA_IPC_PAGES`): a paged write on one GPU is one kernel launch;
     `resident`: it is a job for a copier kernel that stays on the GPU while the engine is open
-    (`kernels._cuda.ResidentPages`, `resident_ctas` CTAs), started with a few stores instead of a launch.
+    (`kernels._cuda.ResidentPages`, `resident_ctas` CTAs, 0: one per SM), started with a few stores instead
+    of a launch.
     Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
     them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
     closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
@@ -296,8 +297,9 @@ class CudaIpcPath(DataPath):
         if pages not in ("launch", "resident"):
             raise BackendUnavailable(f"cuda_ipc: pages must be 'launch' or 'resident' (option pages= or ${PAGES_ENV}), "
                                      f"got {pages!r}")
-        if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 1 <= resident_ctas <= 1024:
-            raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 1..1024, got {resident_ctas!r}")
+        if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 0 <= resident_ctas <= 1024:
+            raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 0..1024 (0: one per SM), "
+                                     f"got {resident_ctas!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
