@@ -4,9 +4,10 @@
 
     python benchmarks/serve_calibrate.py --machine h200 --device cuda:0 --model-shape 1b --cluster dgx-h100:nodes=1,gpu=H200
 
-1. Microbenchmarks (`workbench.serve.calibrate`): the engine's steps for batches of 1..16 sequences and
-   prompts of 16..128 tokens (`measure_steps`), through the worker's pipe alone (the engine) and as
-   streaming requests through the HTTP server (the engine beside its front end), the cost of a request
+1. Microbenchmarks (`workbench.serve.microbench`): the engine's steps through the worker's pipe, for whole
+   batches of 1..16 equal requests with prompts of 16..128 tokens (`measure_steps`, "before") and for the
+   compositions a continuous-batching server forms — d decodes + k new prompts of p tokens, swept in
+   isolation (`measure_compositions`, "after"), the cost of a request
    outside the engine through the real HTTP server (`measure_overheads`), the front end's CPU per request,
    per engine step and per streamed token (`measure_frontend`: the server process's CPU time, the engine
    being in its own process) and the engine's slowdown while one core is kept busy (`measure_slowdown`).
@@ -14,9 +15,11 @@
    command and machine.
 2. The server (colocated) under closed-loop traffic at each concurrency of `--levels`.
 3. The simulator calibrated on the microbenchmarks and the FIRST level's engine steps only (no end-to-end
-   metric fitted), compared with every level: uncalibrated; the previous calibration (shape from the
-   steps through HTTP, `request_us` = the calibration run's HTTP hop); and the front end as a mechanism
-   (shape from the engine alone, the measured `fe_*` terms, `request_us` = the hop of one request alone).
+   metric fitted), compared with every level: uncalibrated; before (the step shape from whole batches) and
+   after (from the compositions); both with the front end as a mechanism (the measured `fe_*` terms,
+   `request_us` = the hop of one request alone).
+   `--trace` instead traces the server's steps and requests against both sweeps, composition by composition
+   (serve-calibration-MACHINE-trace.{json,md}).
    `--rounds N` repeats 2–3 N times (the machine is shared: the spread says how much of an error is the
    machine's).
 Writes benchmarks/results/serve-calibration-MACHINE.{json,md}; earlier records are kept in it as `history`.
@@ -57,9 +60,11 @@ def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str,
     head = (f"# measured by `{command}` on {machine} ({platform.platform()}, {os.cpu_count()} CPUs, load average "
             f"{os.getloadavg()[0]:.1f}); workbench.serve.calibrate: ")
     steps = d / f"serve_steps_{machine}_measured.csv"
-    steps.write_text(head + "measure_steps: engine steps of the real CPU worker process, driven through its pipe "
-                     "alone (path=pipe) or as streaming requests through the HTTP server (path=http); seconds = the "
-                     "step, gap = the worker loop before the next step, period = both\n"
+    steps.write_text(head + "engine steps of the real worker process driven through its pipe: whole batches of n "
+                     "equal requests (path=batches, measure_steps) and the compositions a server forms, d decodes + k "
+                     "new prompts of p tokens (path=compositions, measure_compositions); seconds = the step, gap = the "
+                     "worker loop before the next step, period = both; the composition and phase seconds (t_*, g_*) "
+                     "as the engine logged them\n"
                      + micro.to_csv(index=False, float_format="%.6g"))
     ov = d / f"serve_overheads_{machine}_measured.csv"
     rows = pd.DataFrame([{"parameter": k, "value": v} for k, v in overheads.items()])
@@ -80,20 +85,19 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
     import pandas as pd
 
     import workbench as wb
-    from workbench.serve.calibrate import (
-        calibrate_job,
-        fit_steps,
+    from workbench.serve.calibrate import calibrate_job, fit, fit_steps, steps
+    from workbench.serve.compare import compare_serving
+    from workbench.serve.microbench import (
+        measure_compositions,
         measure_frontend,
         measure_overheads,
         measure_slowdown,
         measure_steps,
-        steps,
     )
-    from workbench.serve.compare import compare_serving
     from workbench.serving import Serving
 
-    pipe = measure_steps(str(model), **spec).assign(path="pipe")
-    micro = measure_steps(str(model), http=True, **spec).assign(path="http")
+    batches = measure_steps(str(model), **spec).assign(path="batches")
+    comp = measure_compositions(str(model), **spec).assign(path="compositions")
     overheads = measure_overheads(str(model), **spec)
     frontend = measure_frontend(str(model), **spec) | measure_slowdown(str(model), **spec)
     print(json.dumps({"overheads": overheads, "frontend": frontend}, default=float), flush=True)
@@ -103,31 +107,115 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                             workload=Serving(traffic=f"concurrency={c},{lengths}"))
         measured.append(wb.start(job, checkpoint=str(model), **spec).wait(timeout=900))
         jobs.append(job)
-    hop_job, hop_fit = calibrate_job(jobs[0], measured[0], micro=micro, overheads=overheads)
-    cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=pipe, overheads=overheads, frontend=frontend)
+    # before: the step shape from whole batches; after: from the compositions the server forms (both with the
+    # front end as a mechanism, and scaled by the calibration run's own steps)
+    old_job, old_fit = calibrate_job(jobs[0], measured[0], micro=batches, overheads=overheads, frontend=frontend)
+    cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=comp, overheads=overheads, frontend=frontend)
     rows = []
     for job, r, c in zip(jobs, measured, levels):
         before = compare_serving(wb.simulate(job), r, KEYS)
-        hop = compare_serving(wb.simulate(hop_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
+        old = compare_serving(wb.simulate(old_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
         after = compare_serving(wb.simulate(cal_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
         # diagnostic, not a prediction: calibrated on this run's own steps (the machine's state then)
-        own_job, own = calibrate_job(job, r, micro=pipe, overheads=overheads, frontend=frontend)
+        own_job, own = calibrate_job(job, r, micro=comp, overheads=overheads, frontend=frontend)
         self_cal = compare_serving(wb.simulate(own_job), r, KEYS)
+        # the raw step factor of this run against each sweep (before the front end's modelled slowdown is taken off)
+        lam_b = fit(job, r, batches).get("contention", float("nan"))
+        lam_c = fit(job, r, comp).get("contention", float("nan"))
         for k in KEYS:
             rows.append({"concurrency": c, "role": "calibrated on" if c == levels[0] else "predicted",
                          "metric": k, "measured": after.loc[k, "measured"],
                          "sim_before": before.loc[k, "simulated"], "error_before": before.loc[k, "error"],
-                         "sim_hop": hop.loc[k, "simulated"], "error_hop": hop.loc[k, "error"],
+                         "sim_batches": old.loc[k, "simulated"], "error_batches": old.loc[k, "error"],
                          "sim_after": after.loc[k, "simulated"], "error_after": after.loc[k, "error"],
                          "error_self": self_cal.loc[k, "error"], "contention": own.get("contention", float("nan")),
+                         "steps_over_batches": lam_b, "steps_over_compositions": lam_c,
                          "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0])})
         print(json.dumps(rows[-3:], default=float), flush=True)
-    engine_alone = fit_steps(jobs[0], pipe)
-    # each level's engine steps (tokens, seqs, seconds, period in s), for diagnosing the step shape later
-    run_steps = {str(c): steps(r, j)[["tokens", "seqs", "seconds", "period"]].round(6).to_numpy().tolist()
+    engine_alone = fit_steps(jobs[0], batches)
+    # each level's engine steps (tokens, seqs, seconds, period in s; decodes, prefill chunks and tokens)
+    cols = ["tokens", "seqs", "seconds", "period", "decode_seqs", "prefill_seqs", "prefill_tokens"]
+    run_steps = {str(c): steps(r, j).reindex(columns=cols).round(6).to_numpy().tolist()
                  for j, r, c in zip(jobs, measured, levels)}
-    return {"rows": rows, "run_steps": run_steps, "fitted": fitted, "fitted_hop": hop_fit, "overheads": overheads, "frontend": frontend,
-            "micro": pd.concat([pipe, micro]), "engine_alone": engine_alone, "load_average": os.getloadavg()}
+    return {"rows": rows, "run_steps": run_steps, "run_steps_columns": cols, "fitted": fitted, "fitted_batches": old_fit,
+            "overheads": overheads, "frontend": frontend, "micro": pd.concat([batches, comp], ignore_index=True),
+            "engine_alone": engine_alone, "load_average": os.getloadavg()}
+
+
+PHASES = ("t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "g_admit", "g_send", "g_house")
+
+
+def by_composition(df: Any) -> Any:
+    """Median step seconds, period and phase milliseconds per composition (decodes, prefill chunks, prefill
+    tokens rounded to 16), with the step count."""
+    import numpy as np
+
+    d = df.dropna(subset=["decode_seqs"]).copy()
+    d["pf_tokens16"] = (np.ceil(d["prefill_tokens"] / 16) * 16).astype(int)
+    cols = ["seconds", "period", *[c for c in PHASES if c in d]]
+    g = d.groupby(["decode_seqs", "prefill_seqs", "pf_tokens16"])
+    out = (g[cols].median() * 1e3).round(3)
+    out.insert(0, "steps", g.size())
+    return out.reset_index()
+
+
+def trace_round(model: Path, levels: list[int], lengths: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The step the server runs against the step the microbenchmarks measure, composition by composition:
+    the older sweep (`measure_steps`, whole batches), the composition sweep (`measure_compositions`, the
+    worker's own step path on decode, prefill and mixed steps) and traced serving runs at each level
+    (`trace_run`: every step's phases, every request's time to first token split)."""
+    from workbench.serve.microbench import measure_compositions, measure_steps, trace_run
+
+    t0, c0 = time.time(), _cpu()
+    batches = measure_steps(str(model), **spec)
+    comp = measure_compositions(str(model), **spec)
+    out: dict[str, Any] = {"micro_batches": batches, "micro_compositions": comp, "levels": {}}
+    for c in levels:
+        tr = trace_run(str(model), f"concurrency={c},{lengths}", **spec)
+        out["levels"][str(c)] = tr
+        print(c, json.dumps({k: round(v, 2) for k, v in tr["ttft"].items()}), flush=True)
+    out.update(wall_s=time.time() - t0, cpu_s=_cpu() - c0, load_average=os.getloadavg())
+    return out
+
+
+def _md(t: Any) -> str:
+    """A DataFrame as a markdown table (no extra package)."""
+    head = "| " + " | ".join(map(str, t.columns)) + " |\n|" + "---|" * len(t.columns)
+    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
+            for r in t.itertuples(index=False)]
+    return "\n".join([head, *rows])
+
+
+def write_trace(args: Any, command: str, tr: dict[str, Any]) -> str:
+    """serve-calibration-MACHINE-trace.{json,md}: every step row and the per-composition comparison."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"micro_batches": by_composition(tr["micro_batches"]),
+              "micro_compositions": by_composition(tr["micro_compositions"])}
+    for c, x in tr["levels"].items():
+        tables[f"run_c{c}"] = by_composition(x["steps"])
+    rec = {"meta": {"machine": args.machine, "command": command, "platform": platform.platform(),
+                    "cpus": os.cpu_count(), "device": args.device, "model_shape": args.model_shape,
+                    "wall_s": tr["wall_s"], "cpu_s": tr["cpu_s"], "load_average": tr["load_average"]},
+           "ttft_ms": {c: x["ttft"] for c, x in tr["levels"].items()},
+           "metrics": {c: x["metrics"] for c, x in tr["levels"].items()},
+           "tables": {k: v.to_dict(orient="list") for k, v in tables.items()},
+           "steps": {"micro_batches": tr["micro_batches"].to_dict(orient="list"),
+                     "micro_compositions": tr["micro_compositions"].to_dict(orient="list"),
+                     **{f"run_c{c}": x["steps"].to_dict(orient="list") for c, x in tr["levels"].items()}},
+           "requests": {c: x["requests"].to_dict(orient="list") for c, x in tr["levels"].items()}}
+    (out / f"serve-calibration-{args.machine}-trace.json").write_text(json.dumps(rec, indent=0, default=float))
+    lines = [f"# Engine steps: the server's against the microbenchmarks' on {args.machine}", "", f"`{command}`", "",
+             f"{platform.platform()}, {os.cpu_count()} CPUs, {tr['wall_s']:.0f} s wall, {tr['cpu_s']:.0f} s CPU, "
+             f"load average at the end {tr['load_average'][0]:.1f}. Milliseconds, medians per composition "
+             "(decode sequences, prefill chunks, prefill tokens rounded up to 16): the step (`seconds`), start to "
+             "the next step's start (`period`), and the phases the engine and its worker loop log.", ""]
+    for c, x in tr["levels"].items():
+        lines.append(f"Concurrency {c}: mean TTFT split (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in x["ttft"].items()))
+    for name, t in tables.items():
+        lines += ["", f"## {name}", "", _md(t)]
+    (out / f"serve-calibration-{args.machine}-trace.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def demo_compare() -> dict[str, Any]:
@@ -168,6 +256,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda:N")
     ap.add_argument("--model-shape", default="tiny", choices=list(SHAPES))
     ap.add_argument("--cluster", default="local", help="the simulator's cluster (a GPU run: e.g. dgx-h100:nodes=1,gpu=H200)")
+    ap.add_argument("--trace", action="store_true", help="only trace the server's steps against the microbenchmarks' "
+                    "(serve-calibration-MACHINE-trace.{json,md})")
     args = ap.parse_args()
 
     from workbench.serve.checkpoints import random_llama
@@ -181,6 +271,9 @@ def main() -> None:
     spec = SPEC | ({"device": args.device, "dtype": dtype} if gpu else {})
     levels = [int(x) for x in args.levels.split(",")]
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
+    if args.trace:
+        print(write_trace(args, command, trace_round(model, levels, args.lengths, spec)))
+        return
     t0, c0 = time.time(), _cpu()
     rounds = [one_round(model, levels, args.lengths, args.cluster, spec) for _ in range(args.rounds)]
     demo = demo_compare() if args.demo else None
@@ -226,55 +319,61 @@ def render(record: dict[str, Any]) -> str:
              f"Llama (hidden {mod['hidden']}, {mod['layers']} layers, {mod['dtype']}), {where}, closed loop "
              f"`{meta['lengths']}`; simulator plan `{meta['plan']}` on the `{meta.get('cluster', 'local')}` cluster.", "",
              "Calibration inputs (no end-to-end metric is fitted, and nothing of the predicted level): the engine-step "
-             f"microbenchmark and the first level's engine steps (`{meta['datasets'][0]}`), the per-request microbenchmark "
-             f"(`{meta['datasets'][1]}`)" + (f", the front end's microbenchmarks (`{meta['datasets'][2]}`)"
-                                              if len(meta["datasets"]) > 2 else "") + ".", "",
-             "Three simulators per level: uncalibrated; **previous calibration** (step shape from the microbenchmark "
-             "through HTTP, scaled by the calibration run's steps; `request_us` = the calibration run's HTTP hop); "
-             "**front-end model** (step shape from the engine alone, scaled by the calibration run's steps; the front "
-             "end as a mechanism: `fe_request_us`, `fe_step_us`, `fe_token_us`, `fe_slowdown` measured on their own; "
-             "`request_us` = the hop of one request alone).", ""]
+             f"microbenchmarks and the first level's engine steps (`{meta['datasets'][0]}`), the per-request "
+             f"microbenchmark (`{meta['datasets'][1]}`), the front end's microbenchmarks (`{meta['datasets'][2]}`).", "",
+             "Three simulators per level: uncalibrated; **before** (the step shape from whole batches: n equal requests "
+             "sent together, prefilled together, then decoded together — `measure_steps`); **after** (the step shape "
+             "from the compositions a continuous-batching server forms: decode batches, prefill chunks and mixed "
+             "steps of d decodes + k new prompts, swept in isolation through the worker's own step path — "
+             "`measure_compositions`). Both price each step by the composition the engine logged, model the front "
+             "end as a mechanism (`fe_*` measured on their own, `request_us` = the hop of one request alone) and "
+             "scale the step shape by the calibration run's steps (`contention`).", ""]
     for i, r in enumerate(record["rounds"]):
         f, o = r["fitted"], r["overheads"]
         fe = r.get("frontend")
-        lines.append(f"Round {i + 1}: load average {r['load_average'][0]:.1f}. Engine: scheduler_us = {f['scheduler_us']:.0f}, "
+        lines.append(f"Round {i + 1}: load average {r['load_average'][0]:.1f}. After: scheduler_us = {f['scheduler_us']:.0f}, "
                      f"seq_us = {f['seq_us']:.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
                      f"{f['steps']:.0f} microbenchmark steps; the calibration run's {f.get('run_steps', 0):.0f} busy steps: "
                      f"contention {f.get('contention', 1.0):.2f}); request_us = {f['request_us']:.0f} (one request alone: "
                      f"client TTFT − step {o['request_us']:.0f}).")
+        h = r.get("fitted_batches")
+        if h:
+            lines.append(f"  Before: scheduler_us = {h['scheduler_us']:.0f}, seq_us = {h['seq_us']:.0f}, rate factor = "
+                         f"{h['rate_factor']:.3g} (R² {h['r2']:.2f} over {h['steps']:.0f} steps; contention "
+                         f"{h.get('contention', 1.0):.2f}).")
         if fe:
             lines.append(f"  Front end: fe_request_us = {fe['fe_request_us']:.0f}, fe_step_us = {fe['fe_step_us']:.0f}, "
                          f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs), "
                          f"fe_slowdown = {fe['fe_slowdown']:.2f} (steps {fe['ratio']:.2f}× with one core kept busy; "
                          f"the runs without drifted {fe['off_drift']:.2f}×).")
-        h = r.get("fitted_hop")
-        if h:
-            lines.append(f"  Previous calibration: scheduler_us = {h['scheduler_us']:.0f}, seq_us = {h['seq_us']:.0f}, "
-                         f"rate factor = {h['rate_factor']:.3g}, request_us = {h['request_us']:.0f} (the run's hop "
-                         f"{h['hop_us']:.0f} + handler→engine {o['server_request_us']:.0f}).")
-    lines += ["", "The diagnostic column is not a prediction: the front-end model calibrated on that run's own steps "
-              "(the machine's state then). Where it is small and the prediction's error is not, the error is the "
-              "machine's state changing between the runs (a shared 2-core VM), not the model.", ""]
+    lines += ["", "Step factor per level: Σ the run's busy step periods / Σ the fitted sweep's price of the same "
+              "compositions (1 = the microbenchmark measures the step the server runs). The diagnostic column is not "
+              "a prediction: 'after' calibrated on that run's own steps (the machine's state then).", ""]
     if len(record["rounds"]) > 1:
-        lines += ["## Median over the rounds", "", "| concurrency | role | metric | previous calibration: errors "
-                  "| median | front-end model: errors | median |", "|---|---|---|---|---|---|---|"]
+        lines += ["## Median over the rounds", "", "| concurrency | role | metric | before: errors | median "
+                  "| after: errors | median | step factor vs batches | vs compositions |", "|---|---|---|---|---|---|---|---|---|"]
         first = record["rounds"][0]["rows"]
         for j, x in enumerate(first):
-            eh = [r["rows"][j].get("error_hop", float("nan")) for r in record["rounds"]]
+            eb = [r["rows"][j].get("error_batches", float("nan")) for r in record["rounds"]]
             ea = [r["rows"][j]["error_after"] for r in record["rounds"]]
-            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | {', '.join(f'{e:+.1%}' for e in eh)} "
-                         f"| {float(np.median(eh)):+.1%} | {', '.join(f'{e:+.1%}' for e in ea)} "
-                         f"| {float(np.median(ea)):+.1%} |")
+            lb = [r["rows"][j].get("steps_over_batches", float("nan")) for r in record["rounds"]]
+            lc = [r["rows"][j].get("steps_over_compositions", float("nan")) for r in record["rounds"]]
+            lines.append(f"| {x['concurrency']} | {x['role']} | {x['metric']} | {', '.join(f'{e:+.1%}' for e in eb)} "
+                         f"| {float(np.median(eb)):+.1%} | {', '.join(f'{e:+.1%}' for e in ea)} "
+                         f"| {float(np.median(ea)):+.1%} | {', '.join(f'{e:.2f}' for e in lb)} "
+                         f"| {', '.join(f'{e:.2f}' for e in lc)} |")
         lines.append("")
     for i, r in enumerate(record["rounds"]):
         lines += [f"## Round {i + 1}", "",
-                  "| concurrency | role | metric | measured | uncalibrated | error | previous calibration | error "
-                  "| front-end model | error | diagnostic: calibrated on this run | this run's contention, HTTP hop |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| concurrency | role | metric | measured | uncalibrated | error | before | error "
+                  "| after | error | diagnostic: calibrated on this run | step factor vs batches, vs compositions "
+                  "| HTTP hop |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} "
-                  f"| {x['error_before']:+.1%} | {x.get('sim_hop', float('nan')):.4g} | {x.get('error_hop', float('nan')):+.1%} "
+                  f"| {x['error_before']:+.1%} | {x.get('sim_batches', float('nan')):.4g} "
+                  f"| {x.get('error_batches', float('nan')):+.1%} "
                   f"| {x['sim_after']:.4g} | {x['error_after']:+.1%} | {x.get('error_self', float('nan')):+.1%} "
-                  f"| {x.get('contention', float('nan')):.2f}, {x.get('hop_us', float('nan')) / 1e3:.0f} ms |"
+                  f"| {x.get('steps_over_batches', float('nan')):.2f}, {x.get('steps_over_compositions', float('nan')):.2f} "
+                  f"| {x.get('hop_us', float('nan')) / 1e3:.0f} ms |"
                   for x in r["rows"]]
         lines.append("")
     demo = record.get("demo")

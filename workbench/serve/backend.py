@@ -51,6 +51,7 @@ class _Req:
     workers: tuple[str, ...]
     t0: float = field(default_factory=time.time)
     done: bool = False
+    t_first: float | None = None     # when the first token reached the front end (the reader thread)
 
 
 class _Proc:
@@ -121,6 +122,10 @@ class Backend:
         self.t_start = time.time()
         self.steps: deque[dict[str, Any]] = deque(maxlen=100_000)   # per-step stats rows (worker, t0, t1, batch)
         self.transfers: deque[dict[str, Any]] = deque(maxlen=100_000)  # KV transfers (bytes, t0, t1)
+        # per request, where its time to first token went: submitted to a worker, reached its engine, first token
+        # back (seconds since t_start), and its first step's start and end
+        self.request_log: deque[dict[str, Any]] = deque(maxlen=100_000)
+        self._admitted: dict[str, tuple[float, float, float]] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
         self.kv_expected = 0   # prompts handed to the prefill worker with decode pages to write
         self.finished: dict[str, int] = {}
@@ -258,6 +263,7 @@ class Backend:
     def _close(self, rid: str, abort: bool) -> None:
         with self.lock:
             req = self.reqs.pop(rid, None)
+        self._admitted.pop(rid, None)
         if req is None:
             return
         if abort and not req.done:
@@ -274,8 +280,15 @@ class Backend:
             req = self.reqs.get(rid)
         if req is None:
             return
+        if ev.tokens and req.t_first is None:
+            req.t_first = time.time()
         if ev.finish is not None or ev.error is not None:
             req.done = True
+            t_add, s0, s1 = self._admitted.pop(rid, (float("nan"),) * 3)
+            self.request_log.append({"rid": rid, "t_submit": req.t0 - self.t_start, "t_engine": t_add,
+                                     "step_t0": s0, "step_t1": s1, "prompt_tokens": len(req.prompt),
+                                     "t_first": (req.t_first or float("nan")) - self.t_start,
+                                     "t_end": time.time() - self.t_start, "error": ev.error})
             if ev.finish is not None:
                 self.finished[ev.finish] = self.finished.get(ev.finish, 0) + 1
         if ev.tokens:
@@ -321,7 +334,12 @@ class Backend:
             self.steps.append({"worker": p.spec.name, "t0": stats["t0"] - self.t_start, "t1": stats["t1"] - self.t_start,
                                "batch_seqs": stats["batch_seqs"], "batch_tokens": stats["batch_tokens"],
                                "kv_bytes_used": stats["kv_bytes_used"], "running": stats["running"],
-                               "waiting": stats["waiting"]})
+                               "waiting": stats["waiting"],
+                               # the step's composition and phase seconds (Engine.last_step, the worker loop's gap)
+                               **{k: v for k, v in stats.items() if k.startswith(("t_", "g_", "prefill_", "decode_"))
+                                  or k == "sampled"}})
+            for sid, t_add in stats.get("admitted", ()):
+                self._admitted[sid] = (t_add - self.t_start, stats["t0"] - self.t_start, stats["t1"] - self.t_start)
             for o in outs:
                 if o.finish == "prefilled":
                     with self.lock:

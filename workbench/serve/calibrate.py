@@ -25,9 +25,6 @@ TTFT/TPOT/throughput that the calibrated simulator then predicts:
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +34,8 @@ from workbench.errors import WorkbenchError
 
 # ====================================================================== the calibration run's steps
 ROLES = ("colocated", "prefill", "decode")
+#: a step's composition as the engine logs it (`Engine.last_step`) and the simulator prices it
+COMPOSITION = ("prefill_seqs", "prefill_tokens", "prefill_work", "decode_seqs", "decode_kv", "sampled")
 
 
 def step_roles(measured: Any, job: Any = None) -> dict[int, str]:
@@ -77,9 +76,13 @@ def steps(measured: Any, job: Any = None) -> pd.DataFrame:
         else:
             period = np.append(start[1:] - start[:-1], np.nan)
             period[~_busy_after(measured, end, int(rank))] = np.nan
-        parts.append(pd.DataFrame({"tokens": g["batch_tokens"].astype(float).to_numpy(),
-                                   "seqs": g["batch_seqs"].astype(float).to_numpy(), "seconds": end - start,
-                                   "period": period, "rank": int(rank), "role": role, "start": start, "end": end}))
+        part = pd.DataFrame({"tokens": g["batch_tokens"].astype(float).to_numpy(),
+                             "seqs": g["batch_seqs"].astype(float).to_numpy(), "seconds": end - start,
+                             "period": period, "rank": int(rank), "role": role, "start": start, "end": end})
+        for c in COMPOSITION:   # what the engine logged the step held (runs recorded before it: absent)
+            if c in g.columns:
+                part[c] = g[c].astype(float).to_numpy()
+        parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -98,16 +101,28 @@ def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
 
 
 # ====================================================================== the fit
-def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated") -> np.ndarray:
-    """The simulator's price of steps of `tokens` (prefill work and KV reads ignored) on a worker of `role`,
-    without host terms."""
+def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated",
+           composition: pd.DataFrame | None = None) -> np.ndarray:
+    """The simulator's price of steps of `tokens` on a worker of `role`, without host terms. With the steps'
+    `composition` (columns `COMPOSITION`, as the engine logged them) they are priced as the simulator prices the
+    steps it forms: prefill attention work, decode KV reads, rows sampled, decode-only or not; without it, by
+    their tokens alone (prefill work and KV reads ignored)."""
     from workbench.sim.serve import workers
 
     plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, request_us=0.0, prefill_scheduler_us=None,
                           prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
     ws = workers(job.cluster, job.model, plan)
     w = next((x for x in ws if x.role == role), ws[0])
+    if composition is not None and _has_composition(composition):
+        c = composition
+        return np.asarray(w.cost.step_seconds(tokens, c["prefill_work"].to_numpy(float), c["decode_kv"].to_numpy(float),
+                                              np.maximum(c["sampled"].to_numpy(float), 1.0),
+                                              c["prefill_seqs"].to_numpy(float) == 0), float)
     return np.asarray(w.cost.step_seconds(tokens, 0.0, 0.0, seqs, False), float)
+
+
+def _has_composition(t: pd.DataFrame) -> bool:
+    return all(c in t.columns for c in COMPOSITION) and bool(t[list(COMPOSITION)].notna().all().all())
 
 
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
@@ -133,9 +148,10 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     tokens = t["tokens"].to_numpy(float)
     sim = np.zeros(len(t))
     cols = []
+    comp = t if _has_composition(t) else None
     for r in present:
         m = role == r
-        sim[m] = _price(job, tokens[m], seqs[m], r)
+        sim[m] = _price(job, tokens[m], seqs[m], r, None if comp is None else comp[m])
         cols += [m.astype(float), seqs * m]
     A = np.stack(cols + [sim], axis=1)
     x, _ = nnls(A, y)
@@ -169,19 +185,24 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     A disaggregated run
     is fitted on its own steps (the microbenchmark is of a colocated worker)."""
     st = steps(measured, job)
-    run = st[["tokens", "seqs", "period", "role"]]
+    extra = [c for c in COMPOSITION if c in st.columns]
+    run = st[["tokens", "seqs", "period", "role", *extra]]
     disagg = bool((st["role"] != "colocated").any())
     if micro is None or not len(micro) or disagg:
         if run["period"].notna().sum() < 4:  # a short run: the steps' durations (the loop's gaps unseen)
-            run = st[["tokens", "seqs", "role"]].assign(period=st["seconds"])
+            run = st[["tokens", "seqs", "role", *extra]].assign(period=st["seconds"])
         return fit_steps(job, run)
-    f = fit_steps(job, micro[["tokens", "seqs", "period"]])
+    # the microbenchmark and the run are priced alike: by their compositions where both logged them
+    both = _has_composition(micro) and _has_composition(run.dropna(subset=["period"]))
+    keep = ["tokens", "seqs", "period", *(COMPOSITION if both else ())]
+    f = fit_steps(job, micro[keep])
     r = run.dropna(subset=["period"])
     r = r[(r["period"] > 0) & (r["seqs"] > 0)]
     lam = 1.0
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
-        pred = (f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6 + f["rate_factor"] * _price(job, r["tokens"].to_numpy(float), seqs)
+        pred = (f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6 + f["rate_factor"] * _price(
+            job, r["tokens"].to_numpy(float), seqs, composition=r if both else None)
         lam = float(r["period"].sum() / pred.sum())
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
 
@@ -313,200 +334,13 @@ def _mean_slowdown(job: Any) -> float:
     return max(busy(job) / max(busy(slow), 1e-12), 1.0)
 
 
-# ====================================================================== microbenchmarks
-def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16),
-                  prompts: tuple[int, ...] = (16, 48, 128), output: int = 10, repeat: int = 1, http: bool = False,
-                  backend: Any = None, **spec: Any) -> pd.DataFrame:
-    """Engine steps of the real worker process for batches of `batches` sequences with prompts of `prompts`
-    tokens each, `output` tokens each; one row per step: tokens, seqs, seconds (the step), gap (the worker loop
-    before the next step; NaN after a batch's last step), period = seconds + gap, and the shape.
-
-    `http=False`: driven through the worker's pipe only (the engine alone). `http=True`: the same batches as
-    streaming requests through the real HTTP server and the traffic benchmark's client (all of a batch sent
-    at once), so the front end's CPU work (parsing, tokenising, streaming every token) runs beside the steps
-    as it does in a serving run; on a small machine it slows them. `backend`: a running colocated `Backend` to
-    drive (pipe only) instead of starting one."""
-    rows: list[dict[str, Any]] = []
-
-    def log(got: list[dict[str, Any]], n: int, plen: int) -> None:
-        for a, b in zip(got, got[1:] + [None]):
-            busy = b is not None and (a["running"] > 0 or a["waiting"] > 0)
-            gap = (b["t0"] - a["t1"]) if busy and b is not None else float("nan")
-            rows.append({"batch": n, "prompt": plen, "tokens": a["batch_tokens"], "seqs": a["batch_seqs"],
-                         "seconds": a["t1"] - a["t0"], "gap": gap, "period": a["t1"] - a["t0"] + gap})
-
-    shapes = [(n, plen) for _ in range(repeat) for plen in prompts for n in batches]
-    if http:
-        from workbench.serve import bench
-        from workbench.serve.service import start_service
-
-        with start_service(checkpoint, "colocated", **spec) as svc:
-            def drive(n: int, plen: int) -> None:
-                asyncio.run(bench.run_async(svc.url, f"rate=inf,isl={plen},osl={output},requests={n}",
-                                            progress=False, tokenizer=svc.app.tok))
-
-            drive(2, 8)  # warm-up
-            for n, plen in shapes:
-                k0 = len(svc.backend.steps)
-                drive(n, plen)
-                log(list(svc.backend.steps)[k0:], n, plen)
-        return pd.DataFrame(rows)
-
-    from contextlib import nullcontext
-
-    from workbench.serve.backend import Backend
-    from workbench.serve.sampling import SamplingParams
-
-    with (nullcontext(backend) if backend is not None else Backend(checkpoint, "colocated", **spec)) as backend:
-        async def batch(n: int, plen: int, seed: int) -> None:
-            params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
-            gens = [backend.generate([(seed * 31 + i * 7 + j) % 200 + 1 for j in range(plen)], params)
-                    for i in range(n)]
-
-            async def drain(g: Any) -> None:
-                async for _ in g:
-                    pass
-
-            await asyncio.gather(*(drain(g) for g in gens))
-
-        async def sweep() -> None:
-            await batch(2, 8, 0)  # warm-up: first calls allocate
-            for i, (n, plen) in enumerate(shapes):
-                k0 = len(backend.steps)
-                await batch(n, plen, i)
-                log(list(backend.steps)[k0:], n, plen)
-
-        asyncio.run(sweep())
-    return pd.DataFrame(rows)
-
-
-def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **spec: Any) -> dict[str, float]:
-    """Per-request and per-output-token costs outside the engine, through the real HTTP server and the
-    traffic benchmark's client (one request at a time): {'request_us': median over requests of the client's
-    TTFT − the engine's one step of a one-token prompt, 'token_us': median of the client's TPOT − the engine's
-    decode step period, 'server_request_us': the part of request_us after the server took the request}."""
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
-    with start_service(checkpoint, "colocated", **spec) as svc:
-        b = svc.backend
-
-        def run(osl: int, n: int) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
-            k0, r0 = len(b.steps), len(svc.app.records)
-            res = asyncio.run(bench.run_async(svc.url, f"concurrency=1,isl=1,osl={osl},requests={n}", progress=False,
-                                              tokenizer=svc.app.tok))
-            return res.requests, list(b.steps)[k0:], list(svc.app.records)[r0:]
-
-        run(1, 4)  # warm-up
-        one, st1, rec1 = run(1, requests)
-        ok = one["success"].to_numpy(bool)
-        if len(st1) != len(one) or len(rec1) != len(one) or ok.sum() < len(one) // 2:
-            why = one.loc[~ok, "error"].value_counts().to_dict() if "error" in one else {}
-            raise WorkbenchError(f"measure_overheads: {len(one)} one-token requests made {len(st1)} engine steps and "
-                                 f"{int(ok.sum())} successes (expected one step each, most succeeding; failures: "
-                                 f"{why}); is the server shared?")
-        step1 = np.array([s["t1"] - s["t0"] for s in st1])[ok]
-        ttft = one["ttft"].to_numpy(float)[ok]
-        server = np.array([r["ttft"] if r["ttft"] is not None else np.nan for r in rec1], float)[ok]
-        many, stn, _ = run(output, max(requests // 4, 4))
-        dec = pd.DataFrame(stn)
-        dec = dec[(dec["batch_tokens"] == 1) & (dec["running"] > 0)]
-        period = float(np.median(np.diff(dec["t0"].to_numpy(float)))) if len(dec) > 2 else float("nan")
-        tpot = float(np.median(many["tpot"].to_numpy(float)))
-    return {"request_us": float(np.median(ttft - step1)) * 1e6,
-            "server_request_us": float(np.nanmedian(server - step1)) * 1e6,
-            "token_us": (tpot - period) * 1e6, "engine_step_1tok_us": float(np.median(step1)) * 1e6,
-            "decode_period_us": period * 1e6, "client_tpot_us": tpot * 1e6, "requests": float(len(one)),
-            "cpu_count": float(os.cpu_count() or 0), "load_average": float(os.getloadavg()[0]), "when": time.time()}
-
-
-# ====================================================================== the front end, measured on its own
-FRONTEND_RUNS = ((1, 1, 12), (1, 24, 6), (2, 48, 6), (4, 1, 16), (4, 24, 12), (8, 1, 24), (8, 8, 16), (8, 32, 16))
-
-
-def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = FRONTEND_RUNS, isl: int = 16,
-                     **spec: Any) -> dict[str, float]:
-    """The front end's CPU cost (the server process: HTTP, parsing, tokenising, the pipe to the worker and back,
-    detokenising, SSE; and the benchmark client, which shares the process in a serving run), measured as this
-    process's CPU time (the engine runs in its own process, so none of its work is counted) over closed-loop
-    runs of (concurrency, output tokens, requests) against the real server. The idle process's CPU per second and
-    the client's prompt building (done before the first request is sent, measured the same way) are taken off,
-    then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
-    list). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
-    'runs'}."""
-    import random
-
-    from scipy.optimize import nnls
-
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
-    rows = []
-    with start_service(checkpoint, "colocated", **spec) as svc:
-        b = svc.backend
-
-        def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float]:
-            k0, c0, w0 = len(b.steps), time.process_time(), time.perf_counter()
-            res = asyncio.run(bench.run_async(svc.url, f"concurrency={c},isl={isl},osl={osl},requests={n}",
-                                              progress=False, tokenizer=svc.app.tok))
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-            c1 = time.process_time()  # the prompts the client built before sending, built again and timed
-            words, rnd = bench._corpus(), random.Random(0)
-            for _ in range(n):
-                bench._prompt(words, rnd, isl, svc.app.tok)
-            cpu -= time.process_time() - c1
-            ok = res.requests[res.requests["success"]]
-            return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall
-
-        one(2, 4, 4)  # warm-up
-        c0, w0 = time.process_time(), time.perf_counter()
-        time.sleep(1.0)
-        idle = (time.process_time() - c0) / (time.perf_counter() - w0)
-        for c, osl, n in runs:
-            req, tok, nsteps, cpu, wall = one(c, osl, n)
-            rows.append({"concurrency": c, "osl": osl, "requests": req, "tokens": tok, "steps": nsteps, "cpu_s": cpu,
-                         "wall_s": wall, "load_average": os.getloadavg()[0]})
-    df = pd.DataFrame(rows)
-    y = (df["cpu_s"] - idle * df["wall_s"]).to_numpy(float)
-    A = df[["requests", "tokens", "steps"]].assign(run=1.0).to_numpy(float)
-    x, _ = nnls(A, y)
-    pred = A @ x
-    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
-    return {"fe_request_us": float(x[0]) * 1e6, "fe_token_us": float(x[1]) * 1e6, "fe_step_us": float(x[2]) * 1e6,
-            "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2, "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
-            "load_average": float(os.getloadavg()[0]), "when": time.time()}
-
-
-def measure_slowdown(checkpoint: str, batches: tuple[int, ...] = (1, 4, 8, 16), prompts: tuple[int, ...] = (16, 64),
-                     cycles: int = 2, **spec: Any) -> dict[str, Any]:
-    """How much slower the engine's steps run while the front end is busy: the engine alone (through its pipe,
-    `measure_steps`) without, with, and again without a process that keeps one core busy (what a saturated
-    front end does: one Python process, one core at most). `fe_slowdown` = Σ periods with / mean Σ without − 1
-    over the same batch shapes (≥ 0); 0 where the machine has a core to spare."""
-    import subprocess
-    import sys
-
-    def total(df: pd.DataFrame) -> pd.Series:
-        return df.dropna(subset=["period"]).groupby(["batch", "prompt"])["period"].sum()
-
-    from workbench.serve.backend import Backend
-
-    with Backend(checkpoint, "colocated", **spec) as b:
-        offs, ons = [total(measure_steps(checkpoint, batches, prompts, backend=b))], []
-        for _ in range(cycles):  # off, on, off, on, off: the machine drifts; each "on" against its neighbours
-            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            try:
-                ons.append(total(measure_steps(checkpoint, batches, prompts, backend=b)))
-            finally:
-                burner.kill()
-                burner.wait(10)
-            offs.append(total(measure_steps(checkpoint, batches, prompts, backend=b)))
-    keys = offs[0].index
-    for x in offs[1:] + ons:
-        keys = keys.intersection(x.index)
-    ratios = [float(on[keys].sum() / ((offs[i][keys].sum() + offs[i + 1][keys].sum()) / 2)) for i, on in enumerate(ons)]
-    ratio = float(np.median(ratios))
-    return {"fe_slowdown": max(ratio - 1.0, 0.0), "ratio": ratio, "ratios": ratios,
-            "off_drift": float(offs[-1][keys].sum() / offs[0][keys].sum()),
-            "shapes": float(len(keys)), "cpu_count": float(os.cpu_count() or 0), "load_average": float(os.getloadavg()[0]),
-            "when": time.time()}
+# the microbenchmarks live in workbench.serve.microbench (imported here for older callers)
+from workbench.serve.microbench import (  # noqa: E402,F401
+    FRONTEND_RUNS,
+    measure_compositions,
+    measure_frontend,
+    measure_overheads,
+    measure_slowdown,
+    measure_steps,
+    trace_run,
+)

@@ -79,6 +79,10 @@ class Engine:
         self.eos = set(model.cfg.eos_token_ids)
         self.preemptions = 0
         self.last_batch = (0, 0)             # (sequences, tokens) of the last step
+        # the last step's composition and the seconds of each of its phases (`STEP_FIELDS`): what a step
+        # microbenchmark must reproduce to price the steps a server runs
+        self.last_step: dict[str, float] = {}
+        self.last_admitted: list[tuple[str, float]] = []
         # prefill role: `on_layer(layer, seqs)` after each layer for the sequences that finish their prompt now
         self.on_layer: Callable[[int, list[Seq]], None] | None = None
         # tensor parallelism: `on_batch(items)` hands each step's batch to the other ranks before the forward
@@ -177,23 +181,32 @@ class Engine:
         return plan
 
     def step(self) -> list[Output]:
+        t0 = time.perf_counter()
         plan = self.schedule()
         if not plan:
             self.last_batch = (0, 0)
+            self.last_step, self.last_admitted = {}, []
             return []
+        t1 = time.perf_counter()
+        # requests whose first prompt chunk runs now, with the (monotonic) time they reached the engine
+        self.last_admitted = [(seq.id, seq.arrival) for seq, n in plan if seq.computed == 0 and not seq.out]
         items = [(seq.tokens[seq.computed:seq.computed + n], seq.computed, list(seq.pages)) for seq, n in plan]
         if self.on_batch is not None:
             self.on_batch(items)
         batch = Batch.build(items, self.cfg.page_size, device=self.model.device)
+        comp = composition(plan)
+        t2 = time.perf_counter()
         finishing = [seq for seq, n in plan if seq.computed + n == seq.length]
         hook = None
         if self.on_layer is not None and finishing:
             on_layer = self.on_layer
             hook = lambda layer: on_layer(layer, finishing)  # noqa: E731
         logits = self.model.forward(batch, self.kv, after_layer=hook)
+        t3 = time.perf_counter()
         self.last_batch = (len(plan), int(batch.tokens.shape[0]))
         outs: list[Output] = []
-        greedy = logits.argmax(-1).tolist()            # one device→host copy for every greedy row
+        greedy = logits.argmax(-1).tolist()            # one device→host copy for every greedy row (waits for the GPU)
+        t4 = time.perf_counter()
         rows = None
         for i, (seq, n) in enumerate(plan):
             seq.computed += n
@@ -216,6 +229,9 @@ class Engine:
                 if self.cfg.role != "prefill":
                     self.alloc.release(seq.pages)
                     seq.pages = []
+        t5 = time.perf_counter()
+        self.last_step = comp | {"t_schedule": t1 - t0, "t_build": t2 - t1, "t_forward": t3 - t2, "t_sync": t4 - t3,
+                                 "t_finish": t5 - t4, "sampled": float(len(outs))}
         return outs
 
     def _finish_reason(self, seq: Seq, tok: int) -> str | None:
@@ -227,6 +243,29 @@ class Engine:
         if seq.length >= min(self.model.cfg.max_position, self.capacity):
             return "length"
         return None
+
+
+def composition(plan: list[tuple[Seq, int]]) -> dict[str, float]:
+    """What a step holds, in the terms the serving simulator prices: prefill chunks (`prefill_seqs`, their tokens,
+    `prefill_work` = Σ chunk·(context before it + chunk/2)), decodes (`decode_seqs`: one new token of a sequence that
+    has generated before, `decode_kv`: the KV tokens they read)."""
+    pf_seqs = pf_tokens = dec_seqs = dec_kv = 0
+    pf_work = 0.0
+    for seq, n in plan:
+        if n == 1 and seq.out and seq.computed == seq.length - 1:
+            dec_seqs += 1
+            dec_kv += seq.computed + 1
+        else:
+            pf_seqs += 1
+            pf_tokens += n
+            pf_work += n * (seq.computed + n / 2)
+    return {"prefill_seqs": float(pf_seqs), "prefill_tokens": float(pf_tokens), "prefill_work": float(pf_work),
+            "decode_seqs": float(dec_seqs), "decode_kv": float(dec_kv)}
+
+
+#: the per-step fields `Engine.last_step` holds (the composition, then the seconds of each phase)
+STEP_FIELDS = ("prefill_seqs", "prefill_tokens", "prefill_work", "decode_seqs", "decode_kv", "sampled",
+               "t_schedule", "t_build", "t_forward", "t_sync", "t_finish")
 
 
 def generate(model: Model, prompts: list[list[int]], params: SamplingParams, cfg: EngineConfig | None = None,

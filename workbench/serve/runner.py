@@ -48,7 +48,9 @@ class _Collector:
             ev.append({"rank": self.ranks[s["worker"]], "device": self.devices[s["worker"]], "kind": "compute",
                        "op": "decode" if role == "decode" or s["batch_tokens"] == s["batch_seqs"] else "prefill",
                        "bytes": 0, "links": (), "start": s["t0"] + self.shift, "end": s["t1"] + self.shift,
-                       "batch_seqs": s["batch_seqs"], "batch_tokens": s["batch_tokens"]})
+                       "batch_seqs": s["batch_seqs"], "batch_tokens": s["batch_tokens"],
+                       **{k: v for k, v in s.items() if k.startswith(("t_", "g_", "prefill_", "decode_"))
+                          or k == "sampled"}})   # composition and phase seconds (Engine.last_step)
             mem.append({"rank": self.ranks[s["worker"]], "category": "kv_cache", "bytes": s["kv_bytes_used"],
                         "time": s["t1"] + self.shift})
         for t in txs:

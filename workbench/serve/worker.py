@@ -103,29 +103,41 @@ class _Worker:
 
     # ----- the loop -----
     def run(self) -> None:
+        # seconds the loop spent since the last step on messages (`g_admit`: requests in, aborts), on sending
+        # the last step's outputs to the front end (`g_send`) and on the rest (`g_house`); logged with the next
+        # step, so a step's period (its start to the next one's) splits into its phases and these
+        gap = {"g_admit": 0.0, "g_send": 0.0, "g_house": 0.0}
         try:
             while True:
                 busy = self.engine.has_work or self.reservations or self.draining
                 if self.followers and not busy and time.time() - self.last_bcast > 5:
                     self._bcast(("ping",))   # idle: tell the other TP ranks the leader lives
                 if self.conn.poll(0 if busy else 0.05):
+                    a = time.perf_counter()
                     msg = self.conn.recv()
                     if msg[0] == "stop":
                         return
                     self._handle(msg)
                     if msg[0] == "abort" and not self.engine.has_work:
                         self.conn.send(("stats", self.engine.stats()))   # the gauges drop to idle now
+                    gap["g_admit"] += time.perf_counter() - a
                     continue
+                a = time.perf_counter()
                 self._release_sent()
                 self._grant_reservations()
                 self._expire_pending()
+                gap["g_house"] += time.perf_counter() - a
                 if self.engine.has_work:
-                    t0 = time.time()
+                    t0, m0 = time.time(), time.monotonic()
                     outs = self.engine.step()
                     if self.engine.last_batch[0] or outs:
                         stats = self.engine.stats()
-                        stats.update(t0=t0, t1=time.time())
+                        stats.update(self.engine.last_step, **gap, t0=t0, t1=time.time())
+                        if self.engine.last_admitted:   # when each new request reached the engine (wall clock)
+                            stats["admitted"] = [(sid, t0 - (m0 - arr)) for sid, arr in self.engine.last_admitted]
+                        a = time.perf_counter()
                         self.conn.send(("out", outs, stats))
+                        gap = {"g_admit": 0.0, "g_send": time.perf_counter() - a, "g_house": 0.0}
                     elif self.engine.pending_kv:
                         time.sleep(0.0005)
         finally:
