@@ -11,10 +11,15 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   the source finish first), a lock; completion events come from a per-device pool and go back to
   it; no device switch when the device is already current;
 - one contiguous write on one GPU: one `cudaMemcpyAsync`;
-- a paged write on one GPU (equal pages, a whole layer): its byte offsets are copied as they are
-  into a slot of a pinned host ring, and one `copy_pages` launch (`kernels._cuda`: a warp per
-  4 KiB chunk, the widest word each chunk allows) reads every local page and writes it straight
-  into the peer's pages; no word-size, splitting or division work on the host;
+- a paged write on one GPU (equal pages, a whole layer): the engine hands over its checked page
+  indices (`submit_pages`); they are copied as they are into a slot of a pinned host ring, and one
+  `copy_pages_pg` launch (`copy_pages_idx` for strides other than the page; `kernels._cuda`: a warp
+  per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
+  index, the stride and the offset, reads the local page and writes it straight into the peer's
+  page; no byte offsets, word-size, splitting or division work on the host;
+- `pages="resident"` (opt-in): those paged writes become jobs for a copier kernel that stays on the
+  GPU while the engine is open (`kernels._cuda.ResidentPages`): a few stores into pinned memory
+  instead of a launch, completion by a done word the kernel stores; see `CudaIpcPath`;
 - other pieces (a batch of unequal writes to one region): one `copy_ranges` kernel launch, its
   range list (in words) in a ring slot; kernels are launched with `cuLaunchKernel` directly;
 - between two GPUs (`peer="staged"`, the default): through a staging ring of `STAGE_SLOTS`
