@@ -52,6 +52,13 @@ async def _drain(g: Any) -> None:
         pass
 
 
+async def _idle(backend: Any, timeout: float = 60.0) -> None:
+    """Wait (bounded; between sweep points only, never beside a measured step) until no worker runs a sequence."""
+    end = time.monotonic() + timeout
+    while any(p.stats.get("running", 0) for p in backend.procs.values()) and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+
+
 def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16),
                          prefills: tuple[tuple[int, int], ...] = ((1, 16), (1, 48), (1, 128), (2, 48), (4, 48)),
                          context: int = 48, repeat: int = 2, between: int = 2, backend: Any = None,
@@ -122,6 +129,7 @@ def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3
                     await asyncio.gather(counter, return_exceptions=True)
                 for g in bg:
                     await g.aclose()   # aborts the request: its pages are freed
+                await _idle(b)         # the aborted sequences' last step is not the next point's
 
         async def sweep() -> None:
             await point(2, 0)   # warm-up: first calls allocate

@@ -1,0 +1,113 @@
+"""The engine step's own log (composition and phase times), the composition sweep that drives the real worker
+through the compositions a server forms, and the step fit that prices each step by what it held."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import workbench as wb
+from workbench.serve.calibrate import COMPOSITION, _price, fit_steps
+from workbench.serving import Serving
+
+SPEC = {"page_size": 16, "max_batched_tokens": 256, "max_seqs": 64, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workbench.serve.checkpoints import random_llama
+
+    return random_llama(tmp_path_factory.mktemp("tiny") / "m", hidden=64, layers=2, heads=4, kv_heads=2,
+                        intermediate=128, max_position=512, dtype="float32")
+
+
+def test_a_mixed_step_logs_what_it_held_and_its_phases(ckpt: Path) -> None:
+    import torch
+
+    from workbench.serve.engine import STEP_FIELDS, Engine, EngineConfig, Seq
+    from workbench.serve.model import Model
+    from workbench.serve.sampling import SamplingParams
+
+    eng = Engine(Model.load(ckpt), EngineConfig(num_pages=64, page_size=16))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with torch.inference_mode():
+        eng.add(Seq("a", list(range(1, 21)), greedy))
+        eng.add(Seq("b", list(range(5, 15)), greedy))
+        eng.step()                                          # both prompts: two prefill chunks
+        first = dict(eng.last_step)
+        assert sorted(i for i, _ in eng.last_admitted) == ["a", "b"]
+        eng.add(Seq("c", list(range(3, 10)), greedy))       # arrives beside two decoding sequences
+        eng.step()
+        mixed = dict(eng.last_step)
+        assert [i for i, _ in eng.last_admitted] == ["c"]
+    assert set(STEP_FIELDS) <= set(mixed)
+    assert (first["prefill_seqs"], first["prefill_tokens"], first["decode_seqs"]) == (2, 30, 0)
+    assert first["prefill_work"] == pytest.approx(20 * 10 + 10 * 5)     # Σ chunk·(context before + chunk/2)
+    assert (mixed["prefill_seqs"], mixed["prefill_tokens"], mixed["decode_seqs"], mixed["sampled"]) == (1, 7, 2, 3)
+    assert mixed["decode_kv"] == (20 + 1) + (10 + 1)                   # each decode reads its context + itself
+    assert mixed["prefill_work"] == pytest.approx(7 * 3.5)
+    assert all(mixed[k] >= 0 for k in STEP_FIELDS if k.startswith("t_"))
+    assert mixed["t_forward"] > 0
+
+
+@pytest.fixture(scope="module")
+def job():  # type: ignore[no-untyped-def]
+    return wb.Job.create("dgx-h100:nodes=1", "llama3.1-8b", plan="tp=1,replicas=1,cuda_graph=false",
+                         workload=Serving(traffic="concurrency=2,isl=48,osl=16,requests=8"))
+
+
+def _steps(d: np.ndarray, pf: np.ndarray) -> pd.DataFrame:
+    """Steps of d decodes (context 64) and one prefill chunk of pf tokens where pf > 0."""
+    chunks = (pf > 0).astype(float)
+    return pd.DataFrame({"tokens": d + pf, "seqs": d + chunks, "prefill_seqs": chunks, "prefill_tokens": pf,
+                         "prefill_work": pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + chunks})
+
+
+def test_composition_prices_prefill_work_and_kv_reads(job) -> None:  # type: ignore[no-untyped-def]
+    t = _steps(np.array([4.0, 4.0, 32.0]), np.array([0.0, 512.0, 0.0]))
+    with_comp = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t)
+    tokens_only = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy())
+    assert with_comp[1] > tokens_only[1]           # the prompt's attention is priced
+    assert with_comp[2] > tokens_only[2]           # the decodes' KV reads are priced
+    partial = t.drop(columns=["decode_kv"])        # a table without the full composition: by tokens alone
+    assert np.allclose(_price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=partial), tokens_only)
+
+
+def test_step_fit_on_compositions_recovers_known_costs(job) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 8)
+    pf = np.tile(np.array([0.0, 16.0, 48.0, 128.0]), 12)
+    t = _steps(d, pf)
+    t = t[t["seqs"] > 0].reset_index(drop=True)
+    s, q, k = 4e-3, 3e-4, 2.5
+    y = s + q * t["seqs"] + k * _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t)
+    t["period"] = y * (1 + 0.01 * rng.uniform(-1, 1, len(y)))
+    f = fit_steps(job, t)
+    assert f["scheduler_us"] == pytest.approx(4000, rel=0.05)
+    assert f["seq_us"] == pytest.approx(300, rel=0.1)
+    assert f["rate_factor"] == pytest.approx(2.5, rel=0.05)
+
+
+def test_the_composition_sweep_forms_the_steps_it_names(ckpt: Path) -> None:
+    from workbench.serve.microbench import measure_compositions
+
+    df = measure_compositions(str(ckpt), decodes=(0, 2), prefills=((1, 16), (2, 24)), context=20, repeat=1,
+                              between=1, **SPEC)
+    assert set(COMPOSITION) <= set(df.columns)
+    alone = df[(df["decodes"] == 0) & (df["prompt"] == 16)]
+    assert (alone["decode_seqs"] == 0).all() and alone["prefill_tokens"].tolist() == [16]
+    mixed = df[(df["decodes"] == 2) & (df["prefill_seqs"] > 0)]
+    # the new prompts join a step beside the two running decodes (two prompts sent together may reach the
+    # worker one step apart: each step that takes one still holds both decodes)
+    assert (mixed["decode_seqs"] == 2).all()
+    assert mixed.loc[mixed["prompt"] == 16, "prefill_tokens"].tolist() == [16]
+    assert mixed.loc[mixed["prompt"] == 24, "prefill_tokens"].sum() == 48
+    dec = df[(df["decodes"] == 2) & (df["prefill_seqs"] == 0)]
+    assert len(dec) >= 2 and (dec["decode_seqs"] == 2).all()
+    busy = df.dropna(subset=["period"])
+    assert (busy["period"] >= busy["seconds"]).all()
+    assert not math.isnan(float(busy["g_send"].median()))
