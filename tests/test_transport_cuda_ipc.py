@@ -518,3 +518,64 @@ def test_paged_write_validation() -> None:
         with pytest.raises(OutOfRange, match="outside the peer's region"):
             eng.write_paged(src, small, page_bytes=4096, src_pages=[0], dst_pages=[4])
         assert not eng._pending
+
+
+class _FakeCopier:
+    """Stands in for `kernels._cuda.ResidentPages`: records the jobs, finishes them when told."""
+
+    def __init__(self, device: int, torch: Any, ctas: int = 0) -> None:
+        self.jobs: list[tuple[int, ...]] = []
+        self.full = False
+        self.stopped = False
+        self.lock = __import__("threading").Lock()
+
+    def post(self, *job: int) -> int | None:
+        if self.full:
+            return None
+        self.jobs.append(job)
+        return len(self.jobs)
+
+    def finished(self, ticket: int) -> bool:
+        return True
+
+    def alive(self) -> bool:
+        return not self.stopped
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        self.stopped = True
+        return True
+
+
+def test_resident_posting_falls_back_to_a_launch_when_it_must(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """pages="resident": a paged write is a job for the copier (its indices in a ring slot, no launch, no event);
+    a busy source stream or a full copier ring launches the page kernel instead; close stops the copier."""
+    import kernels._cuda as kc
+
+    made: list[_FakeCopier] = []
+    monkeypatch.setattr(kc, "ResidentPages", lambda *a, **k: made.append(_FakeCopier(*a, **k)) or made[-1])
+    fx = posting
+    fx.path.pages = "resident"
+    sp, dp = [4, 1, 7], [0, 9, 3]
+
+    def paged(**kw: Any) -> Any:
+        return _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=4096, src_pages=sp, dst_pages=dp,
+                                                    src_offset=8, dst_offset=16, **kw))
+    paged().result(5)
+    (res,) = made
+    (job,) = res.jobs
+    ring = fx.path._ring
+    assert job[:2] == (SRC_PTR + 8, DST_PTR + 16) and job[3:] == (3, 4096, 4096, 4096)
+    assert ring.words[(job[2] - ring.ptr) // 8:][:6].tolist() == sp + dp
+    assert not fx.launches and [c[0] for c in fx.rt.calls] == ["streamQuery"]  # no event: the copier's done word
+    assert len(ring.free) == _HostRing.SLOTS  # the slot came back with the completion
+    fx.rt.busy = True  # the source's producers still run: the lane's stream orders the copy after them
+    paged().result(5)
+    assert len(res.jobs) == 1 and [x[0] for x in fx.launches] == ["copy_pages_pg"]
+    fx.rt.busy, res.full = False, True
+    paged(imm=5).result(5)
+    assert len(fx.launches) == 2 and fx.path.used["resident_full"] == 1
+    res.full = False
+    paged(imm=6).result(5)  # no mailbox here: the immediate goes as a notice once the copy is done
+    assert len(res.jobs) == 2 and fx.path.used["resident"] == 2 and fx.path.used["imm_socket"] == 2
+    fx.path.close()
+    assert res.stopped and fx.path._resident == {}
