@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CURVE = ("import json; from transport.bench import cost_curve; "
          "print(json.dumps(cost_curve('tcp', lanes=2, writes=(1, 4, 16, 64, 256), iters=60)))")
 # CPU and context switches per waited single write (all threads of both processes, from /proc schedstat and
-# status), engine at one lane and the raw socket, 1000 writes each at 4 and 64 KiB
+# status), engine at one lane and the raw socket, 1000 writes each at 4, 64 and 256 KiB; and the Python function
+# calls the writing process makes per waited write (cProfile's count over 500 writes: independent of the load)
 PER_WRITE = """
-import glob, json, os, statistics, time
+import cProfile, glob, json, os, pstats, statistics, time
 from transport import bench
 from transport.engine import Engine
 
@@ -55,7 +56,15 @@ def measure(fn, pids, n=1000):
     b = [cpu(p) for p in pids]
     return {"cpu_us": round(sum(y[0] - x[0] for x, y in zip(a, b)) / n / 1e3, 1),
             "ctx_switches": round(sum(y[1] - x[1] for x, y in zip(a, b)) / n, 2),
-            "p50_us": round(statistics.median(lat) * 1e6, 1)}
+            "p50_us": round(statistics.median(lat) * 1e6, 1), "py_calls": calls(fn)}
+
+def calls(fn, n=500):
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    return round(pstats.Stats(pr).total_calls / n, 1)
 
 if __name__ == "__main__":
     out = []
@@ -64,7 +73,7 @@ if __name__ == "__main__":
     try:
         src = eng.register(bench._source(eng, 1 << 20, "cpu"))
         eng.connect(target.desc)
-        for size in (4096, 65536):
+        for size in (4096, 65536, 262144):
             for _ in range(100):
                 eng.write(src, target.desc, size).result(30)
             out.append(dict(measure(lambda: eng.write(src, target.desc, size).result(30),
@@ -247,15 +256,19 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
             cells.append(f"{c['us_per_write']:.1f} ({c.get('post_us', float('nan')):.0f})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "## CPU and context switches per waited single write (one lane; both processes, all threads; "
-              "1000 writes each, in the same run)", "",
-              "| bytes | mode | " + " | ".join(f"{r['label']} ({r['code']}) CPU µs, switches, p50 µs" for r in runs) + " |",
+              "1000 writes each, in the same run), and the writing process's Python calls per write (cProfile)", "",
+              "| bytes | mode | " + " | ".join(f"{r['label']} ({r['code']}) CPU µs, switches, p50 µs, calls"
+                                             for r in runs) + " |",
               "|---|---|" + "---|" * len(runs)]
-    for b, mode in ((4 * KiB, "single"), (4 * KiB, "raw_socket"), (64 * KiB, "single"), (64 * KiB, "raw_socket")):
-        cells = []
-        for r in runs:
-            c = next((c for c in r.get("per_write", []) if c["bytes"] == b and c["mode"] == mode), None)
-            cells.append("—" if c is None else f"{c['cpu_us']:.0f}, {c['ctx_switches']:.1f}, {c['p50_us']:.0f}")
-        lines.append(f"| {_fmt_bytes(b)} | {mode} | " + " | ".join(cells) + " |")
+    for b in (4 * KiB, 64 * KiB, 256 * KiB):
+        for mode in ("single", "raw_socket"):
+            cells = []
+            for r in runs:
+                c = next((c for c in r.get("per_write", []) if c["bytes"] == b and c["mode"] == mode), None)
+                cells.append("—" if c is None else f"{c['cpu_us']:.0f}, {c['ctx_switches']:.1f}, {c['p50_us']:.0f}, "
+                             f"{c.get('py_calls', '—')}")
+            if any(c != "—" for c in cells):
+                lines.append(f"| {_fmt_bytes(b)} | {mode} | " + " | ".join(cells) + " |")
     imm = [f"{r['label']}: {_rows(r, 'imm')[0]['p50_us']:.0f} µs" for r in runs if _rows(r, "imm")]
     lines += ["", "imm round trip p50: " + ", ".join(imm), ""]
     summary: dict[str, Any] = {"before_ref": before_ref}
@@ -313,8 +326,9 @@ def main() -> None:
 
 
 def history(old_json: Path, old_md: Path) -> str:
-    """A "History" section: the earlier record's headline single-write ratios (the run this one replaces), then
-    the history lines the earlier table carried."""
+    """A "History" section: the earlier record's headline single-write ratios with each run's load and CPU seconds
+    (the run this one replaces), the history lines the earlier table carried, and the earlier table's run,
+    single-write and per-write CPU tables as they were."""
     lines: list[str] = []
     if old_json.exists():
         old = json.loads(old_json.read_text())
@@ -322,17 +336,27 @@ def history(old_json: Path, old_md: Path) -> str:
         cells = [f"{k.removesuffix('_min_ratio_vs_raw_socket_ge_64KiB')} {v:.2f}" for k, v in summ.items()
                  if k.endswith("_min_ratio_vs_raw_socket_ge_64KiB")]
         over = [f"{v:.1f}" for k, v in summ.items() if k.endswith("_batch_max_overhead_us_per_write")]
+        runs = [k.removesuffix("_cpu_s") for k in summ if k.endswith("_cpu_s")]
+        load = [f"{r} load {summ.get(f'{r}_load_start', '?')}, {summ[f'{r}_cpu_s']} CPU s" for r in runs]
         if cells:
-            lines.append(f"- {old.get('date', '?')[:16]}, before = `{summ.get('before_ref', '?')}` (`{old.get('command', '')}`): "
-                         f"single writes >= 64 KiB, worst ratio to the raw socket per run: {', '.join(cells)}; "
-                         f"batch overhead per write at most {', '.join(over)} us")
+            lines.append(f"- {old.get('date', '?')[:16]}, before = `{summ.get('before_ref', '?')}` "
+                         f"(`{old.get('command', '')}`): single writes >= 64 KiB, worst ratio to the raw socket per "
+                         f"run: {', '.join(cells)}; batch overhead per write at most {', '.join(over)} us"
+                         + (f"; {'; '.join(load)}" if load else ""))
+    tables = ""
     if old_md.exists():
-        text = old_md.read_text()
-        if "\n## History\n" in text:
-            lines += [ln for ln in text.split("\n## History\n", 1)[1].splitlines() if ln.startswith("- ")]
+        body, _, hist = old_md.read_text().partition("\n## History\n")
+        lines += [ln for ln in hist.splitlines() if ln.startswith("- ")]
+        keep = ["#### " + block.strip() for block in body.split("\n## ")
+                if block.startswith(("Single writes", "CPU and context switches"))]
+        runs_table = [ln for ln in body.splitlines() if ln.startswith(("| run |", "|---|---|---|---|---|",
+                                                                        "| before", "| after"))]
+        if keep:
+            tables = ("\n### The replaced record's tables, as they were\n\n" + "\n".join(runs_table[:6]) + "\n\n"
+                      + "\n\n".join(keep) + "\n")
     if not lines:
         return ""
-    return "\n## History\n\n" + "\n".join(lines) + "\n"
+    return "\n## History\n\n" + "\n".join(lines) + "\n" + tables
 
 
 if __name__ == "__main__":
