@@ -111,3 +111,16 @@ def test_the_composition_sweep_forms_the_steps_it_names(ckpt: Path) -> None:
     busy = df.dropna(subset=["period"])
     assert (busy["period"] >= busy["seconds"]).all()
     assert not math.isnan(float(busy["g_send"].median()))
+
+
+@pytest.mark.parametrize("role", ["colocated", "prefill", "decode"])
+def test_warm_up_leaves_the_engine_empty(ckpt: Path, role: str) -> None:
+    from workbench.serve.engine import Engine, EngineConfig
+    from workbench.serve.model import Model
+    from workbench.serve.worker import warm_up
+
+    eng = Engine(Model.load(ckpt), EngineConfig(num_pages=8, page_size=16, role=role))
+    warm_up(eng)
+    assert not eng.has_work and not eng.seqs
+    assert eng.alloc.free == eng.alloc.num_pages   # every page back, a prefill worker's too
+    assert eng.last_step == {} and eng.last_batch == (0, 0) and eng.preemptions == 0
