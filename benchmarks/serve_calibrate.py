@@ -81,6 +81,35 @@ def _write_datasets(machine: str, command: str, micro: Any, overheads: dict[str,
     return [str(steps.relative_to(ROOT)), str(ov.relative_to(ROOT)), str(fe.relative_to(ROOT))]
 
 
+def ttft_split(measured: Any, simulated: Any) -> dict[str, float]:
+    """Where the mean time to first token went (ms), measured and simulated. Measured: the HTTP hop (the clients'
+    TTFT − the server's), the wait from the request's hand-off to the worker until its first step started (the step
+    then running, any queue), that step, and its token's way back to the request handler. Simulated: arrival →
+    first scheduled (`queue_s`: the way in, the front end's backlog, the wait for a step) and the rest."""
+    import numpy as np
+
+    from workbench.sim.serve import requests as sim_requests
+
+    out: dict[str, float] = {}
+    req, log = getattr(measured, "requests", None), getattr(measured, "request_log", None)
+    ev = measured.events
+    server = ev.loc[(ev["op"] == "request") & (ev["rank"] == -1), "ttft"].astype(float)
+    if req is not None and len(req):
+        ok = req[req["success"]] if "success" in req else req
+        out["client_ttft"] = float(ok["ttft"].mean()) * 1e3
+        out["http_hop"] = out["client_ttft"] - float(server.mean()) * 1e3
+    if log is not None and len(log):
+        out["wait_for_step"] = float((log["step_t0"] - log["t_submit"]).mean()) * 1e3
+        out["own_step"] = float((log["step_t1"] - log["step_t0"]).mean()) * 1e3
+        out["back"] = float(server.mean()) * 1e3 - float((log["step_t1"] - log["t_submit"]).mean()) * 1e3
+    s = sim_requests(simulated)
+    if len(s):
+        out["sim_ttft"] = float(np.nanmean(s["ttft_s"])) * 1e3
+        out["sim_queue"] = float(np.nanmean(s["queue_s"])) * 1e3
+        out["sim_rest"] = out["sim_ttft"] - out["sim_queue"]
+    return out
+
+
 def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
@@ -115,7 +144,10 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
     for job, r, c in zip(jobs, measured, levels):
         before = compare_serving(wb.simulate(job), r, KEYS)
         old = compare_serving(wb.simulate(old_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
-        after = compare_serving(wb.simulate(cal_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
+        sim_after = wb.simulate(cal_job.with_workload(traffic=job.workload.traffic))
+        after = compare_serving(sim_after, r, KEYS)
+        split = ttft_split(r, sim_after)
+        print(json.dumps({"concurrency": c, "ttft_split_ms": split}), flush=True)
         # diagnostic, not a prediction: calibrated on this run's own steps (the machine's state then)
         own_job, own = calibrate_job(job, r, micro=comp, overheads=overheads, frontend=frontend)
         self_cal = compare_serving(wb.simulate(own_job), r, KEYS)
@@ -130,7 +162,8 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                          "sim_after": after.loc[k, "simulated"], "error_after": after.loc[k, "error"],
                          "error_self": self_cal.loc[k, "error"], "contention": own.get("contention", float("nan")),
                          "steps_over_batches": lam_b, "steps_over_compositions": lam_c,
-                         "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0])})
+                         "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0]),
+                         "ttft_split_ms": split})
         print(json.dumps(rows[-3:], default=float), flush=True)
     engine_alone = fit_steps(jobs[0], batches)
     # each level's engine steps (tokens, seqs, seconds, period in s; decodes, prefill chunks and tokens)
@@ -376,6 +409,16 @@ def render(record: dict[str, Any]) -> str:
                   f"| {x.get('hop_us', float('nan')) / 1e3:.0f} ms |"
                   for x in r["rows"]]
         lines.append("")
+        splits = [(x["concurrency"], x["ttft_split_ms"]) for x in r["rows"] if x["metric"] == "mean_ttft_ms"
+                  and x.get("ttft_split_ms")]
+        if splits:
+            keys = ("client_ttft", "http_hop", "wait_for_step", "own_step", "back", "sim_ttft", "sim_queue", "sim_rest")
+            lines += ["Where the mean TTFT went (ms): measured — the clients' TTFT, the HTTP hop, the wait from the "
+                      "hand-off to the worker until the request's first step, that step, its token's way back to the "
+                      "handler; 'after' simulated — TTFT, arrival → first scheduled, the rest.", "",
+                      "| concurrency | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            lines += [f"| {c} | " + " | ".join(f"{sp.get(k, float('nan')):.1f}" for k in keys) + " |" for c, sp in splits]
+            lines.append("")
     demo = record.get("demo")
     if demo:
         f = demo.get("fitted") or {}

@@ -126,6 +126,11 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         metrics["mode"] = mode
         result = Result(ev, mem, lk, metrics, source="run", fidelity="measured", job=job)
         result.requests = res.requests  # type: ignore[attr-defined]
+        # where each request's time to first token went (Backend.request_log), on the events' clock
+        log = pd.DataFrame(list(svc.backend.request_log))
+        shifted = {c: log[c] + col.shift for c in ("t_submit", "t_engine", "step_t0", "step_t1", "t_first", "t_end")
+                   if c in log}
+        result.request_log = log.assign(**shifted)  # type: ignore[attr-defined]
         handle._finish(result)
 
     threading.Thread(target=main, name="serve-run", daemon=True).start()
