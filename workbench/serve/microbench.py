@@ -145,8 +145,10 @@ def trace_run(checkpoint: str, traffic: str, **spec: Any) -> dict[str, Any]:
     """A colocated serving run (the real HTTP server, the traffic benchmark's client) with everything logged:
     {'steps': every engine step (`step_rows`), 'requests': per request the times (seconds since the backend
     started) it was submitted to the worker, reached the engine, its first step ran, its first token came back,
-    'ttft': where the mean time to first token went (ms): HTTP (the client's TTFT − the server's), handler→worker
-    pipe, wait in the engine for its step, its own step, step end→front end, front end→handler; 'metrics'}."""
+    'ttft': where the mean time to first token went (ms): `http` (the client's TTFT − the server's), `pipe_in` (the
+    hand-off to the worker until the worker read it: it reads between steps, so mostly the running step's remainder),
+    `engine_wait` (read → its first step starts), `own_step`, `pipe_out` (step end → the front end's reader) and
+    `reader_to_handler`; 'metrics'}."""
     from workbench.serve import bench
     from workbench.serve.service import start_service
 
