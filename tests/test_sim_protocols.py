@@ -22,7 +22,7 @@ def _rows(scope: str) -> dict[str, float]:
     return {str(r["param"]): float(r["value"]) for r in sel.to_dict("records")}
 
 
-@pytest.mark.parametrize("proto", ["cuda_ipc", "cuda_ipc-local"])
+@pytest.mark.parametrize("proto", ["cuda_ipc", "cuda_ipc-local", "tcp-engine"])
 def test_cuda_ipc_rows_are_protocols_with_sources(proto: str) -> None:
     assert proto in PROTOCOLS
     rows = _rows(proto)

@@ -141,7 +141,8 @@ def write(cluster: Cluster, src: str, dst: str, nbytes: int = 0, *, pages: int =
       like `dst`), paying the host posting cost per peer.
     `steady_state` leaves out fixed costs (posting, latency): the rate of a long pipelined stream.
     `protocol` prices the route's lanes with another protocol's parameters than the link's own, e.g.
-    `cuda_ipc` (`cuda_ipc-local` within one GPU) for the transport's CUDA IPC backend as measured.
+    `cuda_ipc` (`cuda_ipc-local` within one GPU) for the transport's CUDA IPC backend as measured, `tcp-engine`
+    for its tcp backend.
     """
     if nbytes < 0 or pages < 0 or page_bytes < 0:
         raise WorkbenchError("bytes: sizes and page counts must not be negative")

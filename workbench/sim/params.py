@@ -15,8 +15,10 @@ from workbench.errors import WorkbenchError
 
 # scopes of `datasets/net_params.csv` that become `ProtocolParams`: the fabrics, the links inside a node, and
 # the transport's own CUDA IPC backend as measured (`cuda_ipc` between two GPUs of a host, `cuda_ipc-local`
-# within one GPU), so a KV transfer can be priced as the real server moves it (`p2p.write(..., protocol=)`)
-PROTOCOLS = ("efa-srd", "ib-rc", "roce-rc", "tcp", "nvlink", "pcie", "loopback", "cuda_ipc", "cuda_ipc-local")
+# within one GPU) and its tcp backend (`tcp-engine`, two processes of one host over loopback), so a KV transfer
+# can be priced as the real server moves it (`p2p.write(..., protocol=)`)
+PROTOCOLS = ("efa-srd", "ib-rc", "roce-rc", "tcp", "nvlink", "pcie", "loopback", "cuda_ipc", "cuda_ipc-local",
+             "tcp-engine")
 PROTOCOL_PARAMS = (
     "latency_us", "bw_efficiency", "op_rate_M", "overlap_p", "post_us_per_peer", "chunk_bytes", "staging_GBps",
 )
