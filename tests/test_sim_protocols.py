@@ -65,3 +65,38 @@ def test_unknown_protocol_names_the_known_ones() -> None:
     c = load_cluster("dgx-h100:nodes=1")
     with pytest.raises(WorkbenchError, match="cuda_ipc"):
         write(c, "n0.g0", "n0.g1", 4096, protocol="carrier-pigeon")
+
+
+def test_serving_plan_kv_transport_prices_the_hand_off_with_the_backends_rows() -> None:
+    from workbench.serving import ServingPlan
+    from workbench.sim.serve import kv_protocol, simulate_serving
+
+    assert kv_protocol("tcp", "a", "b") == "tcp-engine"
+    assert kv_protocol("cuda_ipc", "a", "b") == "cuda_ipc" and kv_protocol("cuda_ipc", "a", "a") == "cuda_ipc-local"
+    assert kv_protocol("", "a", "b") is None
+    with pytest.raises(WorkbenchError, match="plan.kv_transport"):
+        ServingPlan.parse("prefill_workers=1,decode_workers=1,kv_transport=rdma")
+    plan = "prefill_workers=1,prefill_tp=1,decode_workers=1,decode_tp=1"
+    traffic = "concurrency=2,isl=512,osl=8,requests=8"
+    kv = {}
+    for t in ("", "cuda_ipc"):
+        res = simulate_serving("dgx-h100:nodes=1", "llama3.1-8b", plan + (f",kv_transport={t}" if t else ""), traffic)
+        ev = res.events[res.events["op"] == "kv_transfer"]
+        kv[t] = float((ev["end"] - ev["start"]).median())
+    # NVLink's own rows against the transport's measured cuda_ipc rows (74 us fixed per write over NVLink)
+    assert kv["cuda_ipc"] > kv[""]
+
+
+def test_a_served_job_uses_its_plans_kv_transport(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import workbench as wb
+    from workbench.serve import runner
+    from workbench.serving import Serving
+
+    seen: dict = {}
+    monkeypatch.setattr(runner, "start", lambda *a, **k: seen.update(args=a, kw=k))
+    job = wb.Job.create("dgx-h100:nodes=1", "llama3.1-8b", plan="prefill_workers=1,decode_workers=1,kv_transport=cuda_ipc",
+                        workload=Serving(traffic="concurrency=1,isl=16,osl=4,requests=2"))
+    runner.start_job(job)
+    assert seen["args"][2] == "disaggregated" and seen["kw"]["transport"] == "cuda_ipc"
+    runner.start_job(job, transport="tcp")  # an explicit option wins
+    assert seen["kw"]["transport"] == "tcp"

@@ -140,12 +140,16 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
 def start_job(job: Any, checkpoint: str = "demo", **options: Any) -> RunHandle:
     """The core engines' runner for `serving` jobs: the job's traffic against `checkpoint` served for real.
 
-    The job's plan says colocated or disaggregated (`prefill_workers` > 0 or `mode=disaggregated`).
+    The job's plan says colocated or disaggregated (`prefill_workers` > 0 or `mode=disaggregated`), and its
+    `kv_transport` (when set) the backend the KV pages move with.
     """
     w = job.workload
     traffic: Any = getattr(w, "traffic", None)
     spec = traffic.spec() if hasattr(traffic, "spec") else str(traffic)
     pd_split = bool(getattr(job.plan, "disaggregated", False))
+    kv_transport = getattr(job.plan, "kv_transport", "")
+    if kv_transport and "transport" not in options:
+        options = {**options, "transport": kv_transport}
     slo = getattr(w, "slo", None)
     slo_spec = str(slo) if slo is not None and getattr(slo, "any", True) else None
     return start(checkpoint, spec, "disaggregated" if pd_split else "colocated", slo=slo_spec or None, job=job,

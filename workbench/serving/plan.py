@@ -20,6 +20,9 @@ PRECISIONS = ("bf16", "fp16", "fp8", "int8", "fp4", "fp32")
 KV_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "fp32")
 PREEMPTION = ("recompute", "swap")
 POLICIES = ("max_utilization", "guaranteed_no_evict")
+# how the real server moves KV pages between disaggregated workers -> the measured protocol rows that price it
+# (`datasets/net_params.csv`; "" = the route's own links, as a modelled cluster's fabric would carry them)
+KV_TRANSPORTS = ("", "tcp", "cuda_ipc")
 _INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block", "max_len",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
@@ -49,7 +52,10 @@ class ServingPlan:
     calibrated: `workbench.serve.calibrate`). `prefill_scheduler_us`, `prefill_seq_us`, `decode_scheduler_us`,
     `decode_seq_us`: the same host costs for one role of a disaggregated plan (unset: the plan's). `kv_us`,
     `kv_GBps`: a KV hand-off's per-layer write priced as `kv_us` + its bytes / `kv_GBps` (measured; unset: the
-    cluster's route through `workbench.sim.p2p`). The front end (`fe_*`, 0 unless measured): one server that
+    cluster's route through `workbench.sim.p2p`). `kv_transport`: the transport backend the real server moves KV
+    pages with (`tcp`, `cuda_ipc`; the `--transport` of `workbench serve`): the route is then priced with that
+    backend's measured rows (`tcp-engine`; `cuda_ipc`, `cuda_ipc-local` within one GPU) instead of its links'
+    protocol, and a served run of the job uses that backend. The front end (`fe_*`, 0 unless measured): one server that
     spends `fe_request_us` per request, `fe_token_us` per streamed token and `fe_step_us` per engine step's
     output; tokens reach clients only when it is through with the work ahead of them, and while it is busy
     the engine's steps run `1 + fe_slowdown` times slower (they share CPU cores). `policy`: max_utilization (admit what fits now, preempt
@@ -84,6 +90,7 @@ class ServingPlan:
     decode_seq_us: float | None = None
     kv_us: float | None = None
     kv_GBps: float | None = None
+    kv_transport: str = ""
     fe_request_us: float = 0.0
     fe_token_us: float = 0.0
     fe_step_us: float = 0.0
@@ -108,6 +115,9 @@ class ServingPlan:
             raise WorkbenchError(f"plan.kv_precision: {show(self.kv_precision)} is not one of {', '.join(KV_PRECISIONS)}")
         if self.policy not in POLICIES:
             raise WorkbenchError(f"plan.policy: {show(self.policy)} is not one of {', '.join(POLICIES)}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise WorkbenchError(f"plan.kv_transport: {show(self.kv_transport)} is not one of tcp, cuda_ipc "
+                                 "(or leave it unset to price the route's own links)")
         if self.preemption not in PREEMPTION:
             raise WorkbenchError(f"plan.preemption: {show(self.preemption)} is not one of {', '.join(PREEMPTION)}")
         number(self.mem_util, "plan.mem_util", 0.0, 1.0)

@@ -283,6 +283,15 @@ def _closed_guess(pc: WorkerCost, dc: WorkerCost, req: Requests) -> np.ndarray:
     return (np.arange(len(req)) // c) * wave
 
 
+def kv_protocol(transport: str, src: str, dst: str) -> str | None:
+    """The protocol rows that price a KV write by the real server's `transport` (None: the route's links)."""
+    if transport == "tcp":
+        return "tcp-engine"
+    if transport == "cuda_ipc":
+        return "cuda_ipc-local" if src == dst else "cuda_ipc"
+    return None
+
+
 def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requests, arr: np.ndarray,
                    gpus: int) -> Outcome:
     from workbench.sim.p2p import route, write
@@ -328,6 +337,7 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
     memo = cluster.graph.__dict__.setdefault("_serve_kv_writes", {})
     plan = pcost.plan
     measured_kv = plan.kv_us is not None or plan.kv_GBps is not None
+    proto = kv_protocol(plan.kv_transport, src0, dst0)
     for j, s in enumerate(uniq.tolist()):
         pages = int(_ceil_div(s, B))
         if measured_kv:  # the hand-off as measured: a fixed cost per layer write, then its bytes at kv_GBps
@@ -335,12 +345,12 @@ def _disaggregated(cluster: Any, pws: list[Worker], dws: list[Worker], req: Requ
             t_layer[j] = (plan.kv_us or 0.0) * 1e-6 + per_layer
             t_all[j] = t_layer[j] + (L - 1) * per_layer
             continue
-        key = (src0, dst0, pages, page, L)
+        key = (src0, dst0, pages, page, L, proto)
         hit = memo.get(key)
         if hit is None:
-            one = write(cluster, src0, dst0, pages=pages, page_bytes=max(page, 1)).seconds
+            one = write(cluster, src0, dst0, pages=pages, page_bytes=max(page, 1), protocol=proto).seconds
             rest = write(cluster, src0, dst0, pages=pages * (L - 1), page_bytes=max(page, 1),
-                         steady_state=True).seconds if L > 1 else 0.0
+                         steady_state=True, protocol=proto).seconds if L > 1 else 0.0
             hit = memo[key] = (one, one + rest)
         t_layer[j], t_all[j] = hit
     pos = np.searchsorted(uniq, req.isl)
