@@ -68,38 +68,33 @@ class Transfer:
             self.completed = perf_counter()
             self._state = DONE
             waiter, callbacks = self._waiter, self._callbacks
-        if waiter is not None:
-            waiter.release()
-        if callbacks:
-            self._run(callbacks)
+        self._wake(waiter, callbacks)
         return True
 
     def succeed(self, value: Any = None) -> bool:
+        return self._settle(DONE, value)
+
+    def fail(self, exc: BaseException) -> bool:
+        return self._settle(FAILED, exc)
+
+    def _settle(self, state: int, value: Any) -> bool:
+        """Resolve once with `value` (the result, or the exception when FAILED); False if already resolved."""
         with self._lock:
             if self._state:
                 return False  # already resolved (failed, cancelled, timed out)
-            self.completed = perf_counter()
+            if state == DONE:
+                self.completed = perf_counter()
             self._value = value
-            self._state = DONE
+            self._state = state
             waiter, callbacks = self._waiter, self._callbacks
-        if waiter is not None:
-            waiter.release()
-        if callbacks:
-            self._run(callbacks)
+        self._wake(waiter, callbacks)
         return True
 
-    def fail(self, exc: BaseException) -> bool:
-        with self._lock:
-            if self._state:
-                return False
-            self._value = exc
-            self._state = FAILED
-            waiter, callbacks = self._waiter, self._callbacks
+    def _wake(self, waiter: threading.Lock | None, callbacks: list[Callable[[Transfer], Any]] | None) -> None:
         if waiter is not None:
             waiter.release()
         if callbacks:
             self._run(callbacks)
-        return True
 
     def _run(self, callbacks: list[Callable[[Transfer], Any]]) -> None:
         for fn in callbacks:
