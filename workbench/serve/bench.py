@@ -2,7 +2,7 @@
 
 Closed loop (a concurrency), open loop (gamma arrivals at a rate) or a trace; every request
 streams, so TTFT and ITL are measured on the client. Definitions (as `vllm bench serve`):
-TTFT = request sent → first non-empty chunk (queueing included); TPOT per request =
+TTFT = request sent → first chunk with a choice, its text possibly empty (queueing included); TPOT per request =
 (E2EL − TTFT) / (output tokens − 1); ITL = gaps between chunks, over all chunks; E2EL =
 request sent → last chunk; throughputs over the benchmark's duration; goodput = completed
 requests per second meeting every SLO (`ttft`, `tpot`, `itl`, `e2el` in ms).
@@ -246,16 +246,15 @@ async def _request(client: Any, endpoint: str, model: str, prompt: str, p: dict[
                 choices = obj.get("choices") or []
                 if not choices:
                     continue
-                c = choices[0]
-                text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-                if text:  # the first non-empty chunk is the first token (vllm bench serve)
-                    now = time.perf_counter()
-                    if last is None:
-                        row["ttft"] = now - t0
-                    else:
-                        row["itl"].append(now - last)
-                    last = now
-                    chunks += 1
+                # every chunk with a choice carries a step's tokens, its text possibly empty (part of a character, a
+                # special token): the first is the first token, as `vllm bench serve` counts it
+                now = time.perf_counter()
+                if last is None:
+                    row["ttft"] = now - t0
+                else:
+                    row["itl"].append(now - last)
+                last = now
+                chunks += 1
     except Exception as exc:  # noqa: BLE001 - a failure is a row with its reason, not a crash
         row["error"] = type(exc).__name__
         return row

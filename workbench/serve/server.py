@@ -297,7 +297,7 @@ class App:
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                d: dict[str, Any] = {"role": "assistant", "content": delta or ""} if first else (
                     {"content": delta} if delta else {})
                 choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             else:
@@ -307,14 +307,13 @@ class App:
 
         n = 0
         try:
-            if chat:
-                yield chunk(None, None, first=True)
+            # one chunk per step's new tokens, as vLLM streams: a token whose text is held back (part of a UTF-8
+            # character, a possible stop string, a special token) still sends its chunk, text "", so the client
+            # sees the first token when it is made, not a step later; chat's role goes with the first token
             async for delta, fin, count in self._events(parsed, *gen):
-                n = count
-                if delta or fin:
-                    yield chunk(delta, fin)
-                elif not self.tok:  # token-id prompts without a tokenizer still stream one chunk per token
-                    yield chunk("", None)
+                new, first, n = count > n, n == 0, count
+                if delta or fin or new:
+                    yield chunk(delta, fin, first=chat and first)
         except ApiError as exc:
             yield "data: " + json.dumps(exc.body()) + "\n\n"
         if parsed.include_usage:
