@@ -154,6 +154,18 @@ def test_requests_wait_behind_the_frontend_on_their_way_in() -> None:
     assert 0.15 < r["ttft_s"].iloc[3] < 0.17
 
 
+def test_the_frontend_finishes_a_request_after_its_last_token() -> None:
+    """A closed-loop client at concurrency 1: 50 ms of front-end work after each request's last token delays the next
+    request's way in (its client sent it at once) by that much, and nothing of the request it belongs to."""
+    node = load_cluster(NODE)
+    traffic = "concurrency=1,isl=16,osl=2,requests=3"
+    base = requests(simulate_serving(node, MODEL, "tp=1,replicas=1,fe_token_us=1", traffic)).sort_values("request")
+    fin = requests(simulate_serving(node, MODEL, "tp=1,replicas=1,fe_token_us=1,fe_finish_us=50000", traffic))
+    fin = fin.sort_values("request")
+    assert fin["ttft_s"].to_numpy() - base["ttft_s"].to_numpy() == pytest.approx([0.0, 0.05, 0.05], abs=1e-9)
+    assert fin["tpot_s"].to_numpy() == pytest.approx(base["tpot_s"].to_numpy(), rel=1e-9)
+
+
 def test_calibrating_with_a_measured_frontend(job) -> None:  # type: ignore[no-untyped-def]
     colo = job.with_plan("tp=1,replicas=1,cuda_graph=false")
     m = _disaggregated_run(job)
@@ -166,6 +178,11 @@ def test_calibrating_with_a_measured_frontend(job) -> None:  # type: ignore[no-u
     assert cal.plan.request_us == pytest.approx(9000 - 400 - 100)  # the first token's front-end work is the model's
     assert (cal.plan.fe_request_us, cal.plan.fe_token_us, cal.plan.fe_step_us) == (3000.0, 100.0, 400.0)
     assert f["contention"] == pytest.approx(1.0, rel=1e-6)
+    assert cal.plan.fe_finish_us == 0.0  # all of it fits inside the hop of a request alone
+    # more CPU per request than a request alone takes on its way in: the rest follows its last token
+    split, h = calibrate_job(colo, res, micro=micro, overheads={"request_us": 2500.0, "server_request_us": 1.0},
+                             frontend=fe)
+    assert (split.plan.request_us, split.plan.fe_request_us, split.plan.fe_finish_us) == (2000.0, 2000.0, 1000.0)
     slowed, g = calibrate_job(colo, res, micro=micro, overheads={"request_us": 9000.0, "server_request_us": 1.0},
                               frontend=fe | {"fe_slowdown": 1.0, "fe_token_us": 3000.0})
     assert g["fe_mean_slowdown"] > 1.05  # the run's steps were partly the front end's doing

@@ -18,8 +18,10 @@ TTFT/TPOT/throughput that the calibrated simulator then predicts:
 - the front end (`measure_frontend`, `measure_slowdown`): the server process's CPU per request, per engine step
   and per streamed token, and the engine's slowdown while a core is kept busy: plan `fe_*`, a mechanism of the
   serving kernel (a request waits behind the front end's backlog, tokens reach clients after it, steps slow
-  while it is busy); `request_us` is then the hop of one request alone (`measure_overheads`). Without them,
-  `request_us` is the calibration run's HTTP hop (the clients' mean TTFT minus the server's) plus the part
+  while it is busy); `request_us` is then the hop of one request alone (`measure_overheads`). The front end's
+  CPU per request is split at that hop: the part that fits inside it precedes the engine (`fe_request_us`),
+  the rest follows the request's last token (`fe_finish_us`: closing the stream, the client's accounting).
+  Without them, `request_us` is the calibration run's HTTP hop (the clients' mean TTFT minus the server's) plus the part
   between the request handler and the engine.
 """
 
@@ -291,7 +293,12 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     if frontend and overheads is not None:
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
-        f["request_us"] = max(float(overheads["request_us"]) - own, 0.0)
+        alone = max(float(overheads["request_us"]) - own, 0.0)  # a request's way in when nothing else runs
+        # the front end's CPU per request is spent before the engine and after the last token: what precedes the
+        # engine fits inside the hop of a request alone; the rest comes after the request's last token
+        fe["fe_finish_us"] = max(fe["fe_request_us"] - alone, 0.0)
+        fe["fe_request_us"] = min(fe["fe_request_us"], alone)
+        f["request_us"] = alone
         f.update(fe)
         changes.update(fe)
         if fe["fe_slowdown"] > 0 and "contention" in f:

@@ -6,8 +6,9 @@ set in admission order, and the waiting queue as a ring buffer (preempted reques
 front). The step price is `WorkerCost.step` written over the same tables.
 
 The front end (`F_FE_*`, all 0 unless measured): one server beside the engine that spends a fixed time per
-request (just before it reaches the engine: a request waits behind the front end's backlog), per step's
-output and per streamed token, first come first served. A step's tokens reach the
+request (`F_FE_REQ` just before it reaches the engine: a request waits behind the front end's backlog; and
+`F_FE_FIN` after its last token is delivered), per step's output and per streamed token, first come first
+served. A step's tokens reach the
 clients when the front end is through with them (`deliver`), so TTFT, TPOT and a closed-loop client's next
 request see its backlog; and a step that starts while the front end still has `b` seconds of work runs
 `1 + F_FE_SLOW · min(b, dt) / dt` times longer (the two share the CPU cores). Only `workbench.sim.serve`
@@ -24,8 +25,8 @@ from numba import njit
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
     F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ, \
-    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW = range(22)
-N_F = 22
+    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN = range(23)
+N_F = 23
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
@@ -132,7 +133,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     ch_id = np.empty(max_seqs + 1, np.int64)
     ch_c = np.empty(max_seqs + 1, np.int64)
     isdec = np.zeros(max_seqs + 1, np.bool_)
-    fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0
+    fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0 or fp[F_FE_FIN] > 0
     fe_free = -np.inf  # when the front end is next free
     at = arr.copy()  # when each request reaches the engine (`arr`: as the clients see it, + request_us)
     fe_in = np.zeros(n, np.bool_)  # the front end has taken the request in (its work just before it reaches the engine)
@@ -375,6 +376,8 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
             i = run_ids[j]
             if gen[i] >= osl[i]:
                 t_finish[i] = deliver
+                if fe_on:
+                    fe_free += fp[F_FE_FIN]  # the stream's close and its client's accounting, after the last token
                 free += alloc[i]
                 alloc[i] = 0
                 done += 1
