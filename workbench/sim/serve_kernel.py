@@ -136,16 +136,11 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0 or fp[F_FE_FIN] > 0
     fe_free = -np.inf  # when the front end is next free
     at = arr.copy()  # when each request reaches the engine (`arr`: as the clients see it, + request_us)
-    fe_in = np.zeros(n, np.bool_)  # the front end has taken the request in (its work just before it reaches the engine)
+    fe_nxt = 0  # the next request the front end takes in, in arrival order
     while done < n:
+        if fe_on:
+            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ])
         while nxt < n and at[nxt] <= now:
-            if fe_on and not fe_in[nxt] and not failed[nxt]:
-                fe_in[nxt] = True
-                eff = max(at[nxt], fe_free + fp[F_FE_REQ])  # behind the front end's backlog
-                fe_free = eff
-                if eff > now:
-                    at[nxt] = eff
-                    break
             if not failed[nxt]:
                 wq[(wh + wn) % cap] = nxt
                 wn += 1
@@ -314,7 +309,8 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
         start = now
         now += dt
         deliver = now
-        if fe_on:
+        if fe_on:  # requests that arrived during the step are ahead of its tokens in the front end's queue
+            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ])
             deliver = max(now, fe_free) + fp[F_FE_STEP] + (n_dec + completing) * fp[F_FE_TOK]
             fe_free = deliver
         if use_dec:
@@ -392,6 +388,22 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     return (t_sched, t_first, t_finish, preempt, failed, s_start[:ns].copy(), s_dt[:ns].copy(),
             s_pf[:ns].copy(), s_dc[:ns].copy(), s_bl[:ns].copy(), extra[:ne].copy(), hits)
 
+
+
+@njit(cache=True)
+def _take_in(arr: np.ndarray, at: np.ndarray, failed: np.ndarray, k: int, fe_free: float, upto: float,
+             fe_req: float) -> tuple[int, float]:
+    """The front end takes in, first come first served, every request that arrived by `upto` from the `k`-th on:
+    each reaches the engine (`at`) when the front end is through with the work ahead of it and its own (its own
+    alone is in `arr`, the hop of a request alone). Returns the next request to take in and when the front end
+    is next free."""
+    n = arr.shape[0]
+    while k < n and arr[k] <= upto:
+        if not failed[k]:
+            fe_free = max(arr[k], fe_free + fe_req)
+            at[k] = fe_free
+        k += 1
+    return k, fe_free
 
 
 def kernel() -> Any:
