@@ -8,9 +8,17 @@ lanes, batches, paged writes and the paged layer write, the imm round trip, the 
 across GPUs, NCCL baselines in the same run) with at most `--iters` repetitions per point, then
 the per-write costs of 4 KiB single writes against a fresh target: the median time until
 `write()` returned (posting) and until done, and the round trip of a write whose immediate the
-target echoes over the control socket (imm delivery + echo). Writes JSON (rows, ratios, per-write
+target echoes over the control socket (imm delivery + echo). On cuda_ipc also: the per-write overhead
+(single 4 KiB p50 − device copy p50) per round over `--rounds` rounds in one process and its median
+(`overhead_rounds`), and paged writes against single writes of the same total over 16, 64 and 256 MiB
+in 16, 32 and 64 KiB pages (`paged_sweep`). `--pages launch|graph|resident` picks how the fast path starts
+a paged write; `--probe` adds the copies alone on the GPU and the host's cost of each way of starting a
+paged write against `cudaMemcpyAsync` (`launch_probe`); `--quick` runs only the rounds, the sweep (one
+engine per `--modes` way, interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
 costs, which copies and immediates the path used, the machine) and prints the markdown table.
 `--backend tcp --device cpu` runs the same plumbing without a GPU.
+
+    python3 benchmarks/transport_cuda_ipc.py --quick --probe --modes launch,graph --rounds 15 --out quick.json
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB)
+SWEEP_TOTALS = (16 * MiB, 64 * MiB, 256 * MiB)  # 16 MiB: one KV layer of a 4k-token prompt of a 70B-class model
+SWEEP_PAGES = (16 * KiB, 32 * KiB, 64 * KiB)
 
 
 def _median_us(xs: list[float]) -> float:
@@ -73,6 +83,126 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
             out["used"] = dict(getattr(getattr(eng, "_path", None), "used", {}) or {})
     finally:
         target.close()
+    return out
+
+
+def paged_sweep(device: str, target_device: str, iters: int, totals: tuple[int, ...] = SWEEP_TOTALS,
+                pages: tuple[int, ...] = SWEEP_PAGES, modes: tuple[str | None, ...] = (None,)) -> dict[str, Any]:
+    """Paged writes against single writes of the same total, per total: one engine (2 lanes) per way of
+    starting a paged write (`modes`: `pages=` of the cuda_ipc path; None: the path's default), all open at once;
+    a single write (the first engine's) and a paged write of each page size and mode (random page permutations),
+    interleaved op by op (`bench._interleaved`); median µs until done and until `write_paged()` returned, and
+    single / paged (the issue's "paged ≥ 0.8× single" ratio). At most `iters` repetitions per op at 16 MiB,
+    fewer for larger totals."""
+    import numpy as np
+
+    from transport import bench
+    from transport.engine import Engine
+
+    top = max(totals)
+    target = bench._Target("cuda_ipc", top, target_device)
+    out: dict[str, Any] = {}
+    engines: dict[str, Any] = {}
+    try:
+        srcs = {}
+        for mode in modes:
+            name = mode or "default"
+            opts: dict[str, Any] = {"pages": mode} if mode else {}
+            eng = engines[name] = Engine("cuda_ipc", lanes=2, **opts)
+            srcs[name] = eng.register(bench._source(eng, top, device))
+            eng.connect(target.desc)
+        first = next(iter(engines))
+        for total in totals:
+            ops: dict[str, Any] = {"single": lambda size: engines[first].write(srcs[first], target.desc,
+                                                                               size).result(60)}
+            posts: dict[str, list[float]] = {}
+            for page in pages:
+                n = total // page
+                rng = np.random.default_rng(page + n)
+                sp, dp = rng.permutation(n), rng.permutation(n)
+                for name, eng in engines.items():
+                    key = f"{page // KiB}KiB" + ("" if len(engines) == 1 else f"_{name}")
+                    posts[key] = []
+
+                    def op(size: int, eng: Any = eng, src: Any = srcs[name], page: int = page, sp: Any = sp,
+                           dp: Any = dp, post: list[float] = posts[key]) -> None:
+                        a = time.perf_counter()
+                        t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)
+                        post.append(time.perf_counter() - a)
+                        t.result(60)
+                    ops[key] = op
+            it = max(10, iters * 16 * MiB // total) if total > 16 * MiB else iters
+            lat = bench._interleaved(ops, total, it)
+            single = _median_us(lat["single"])
+            row: dict[str, Any] = {"single_us": round(single, 2), "iters": len(lat["single"])}
+            for key, post in posts.items():
+                paged = _median_us(lat[key])
+                row[f"paged_{key}_us"] = round(paged, 2)
+                row[f"paged_{key}_post_us"] = round(_median_us(post[1:]), 2)
+                row[f"paged_{key}_vs_single"] = round(single / paged, 3)
+            for name in engines:
+                sfx = "" if len(engines) == 1 else f"_{name}"
+                row[f"min_vs_single{sfx}"] = min(v for k, v in row.items()
+                                                 if k.endswith(f"{sfx}_vs_single") and k.startswith("paged_"))
+            out[f"{total // MiB}MiB"] = row
+        out["used"] = {name: dict(getattr(getattr(eng, "_path", None), "used", {}) or {})
+                       for name, eng in engines.items()}
+    finally:
+        for eng in engines.values():
+            eng.close()
+        target.close()
+    return out
+
+
+def overhead_rounds(device: str, target_device: str, rounds: int, iters: int) -> dict[str, Any]:
+    """The per-write overhead (issue 15: single 4 KiB write p50 − device copy 4 KiB p50) over `rounds` rounds
+    in one process: each round interleaves `iters` single 4 KiB writes of a 1-lane and of a 2-lane engine
+    (`write` + `result`) with the device-copy baseline (`copy_` + device synchronise); per round each p50, the
+    writes' p50 until `write()` returned (`*_post`) and the difference; then the median, min and max of the
+    differences over the rounds."""
+    from transport import bench
+    from transport.engine import Engine
+
+    target = bench._Target("cuda_ipc", 16 * MiB, target_device)
+    dcopy = bench._DeviceCopy(16 * MiB, device, target_device)
+    per: dict[str, list[float]] = {"single_1lane": [], "single_2lanes": [], "device_copy": [],
+                                   "overhead_1lane": [], "overhead_2lanes": [], "single_1lane_post": [],
+                                   "single_2lanes_post": []}
+    posts: dict[str, list[float]] = {}
+    try:
+        with Engine("cuda_ipc", lanes=1) as e1, Engine("cuda_ipc", lanes=2) as e2:
+            ops: dict[str, Any] = {}
+            for name, eng in (("single_1lane", e1), ("single_2lanes", e2)):
+                src = eng.register(bench._source(eng, 16 * MiB, device))
+                eng.connect(target.desc)
+                posts[name] = []
+
+                def op(size: int, eng: Any = eng, src: Any = src, post: list[float] = posts[name]) -> None:
+                    a = time.perf_counter()
+                    t = eng.write(src, target.desc, size)
+                    post.append(time.perf_counter() - a)
+                    t.result(60)
+                ops[name] = op
+            ops["device_copy"] = dcopy.op
+            for _ in range(rounds):
+                for xs in posts.values():
+                    xs.clear()
+                lat = bench._interleaved(ops, 4 * KiB, iters)
+                p50 = {k: _median_us(v) for k, v in lat.items()}
+                for k, us in p50.items():
+                    per[k].append(round(us, 2))
+                for k, xs in posts.items():  # where a slow round's time goes: posting, or waiting for the copy
+                    per[f"{k}_post"].append(round(_median_us(xs[1:]), 2))
+                per["overhead_1lane"].append(round(p50["single_1lane"] - p50["device_copy"], 2))
+                per["overhead_2lanes"].append(round(p50["single_2lanes"] - p50["device_copy"], 2))
+    finally:
+        dcopy.close()
+        target.close()
+    out: dict[str, Any] = {"rounds": rounds, "iters_per_round": iters, "per_round": per}
+    for k, xs in per.items():
+        out[f"{k}_median_us"] = round(statistics.median(xs), 2)
+    for k in ("overhead_1lane", "overhead_2lanes"):
+        out[f"{k}_min_us"], out[f"{k}_max_us"] = min(per[k]), max(per[k])
     return out
 
 
@@ -269,7 +399,7 @@ def _cpu_us(fn: Any, repeats: int) -> float:
     return _median_us(ts)
 
 
-def probe(repeats: int, k: int = 10) -> dict[str, float]:
+def probe(repeats: int, k: int = 10) -> dict[str, Any]:
     """The copies under the writes, apart from the engine: GPU time (CUDA events around `k` back-to-back
     launches, per launch, so the host's issue time hides behind the GPU's work) of cudaMemcpyAsync
     against torch's `copy_` (16, 64, 256 MiB) and, for each paged shape of the benchmark, of the
@@ -347,7 +477,156 @@ def probe(repeats: int, k: int = 10) -> dict[str, float]:
     out["host_event_record_us"] = _cpu_us(partial(rt.eventRecord, rt.eventCreateWithFlags(2), stream), repeats)
     out["host_stream_query_us"] = _cpu_us(partial(rt.streamQuery, stream), repeats)
     torch.cuda.synchronize()
-    return {k_: round(v, 2) for k_, v in out.items()}
+    res: dict[str, Any] = {k_: round(v, 2) for k_, v in out.items()}
+    try:
+        res["launch"] = launch_probe(repeats)
+    except Exception as exc:  # noqa: BLE001 - the probes above stand without it
+        res["launch"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return res
+
+
+def launch_probe(repeats: int, page: int = 32 * KiB, n: int = 256) -> dict[str, Any]:
+    """The host's cost of starting one paged write of `n` pages (the 256 x 32 KiB layer) by each way there is,
+    in one process, on a non-blocking stream of the kind the transport's lanes use, against cudaMemcpyAsync of
+    4 KiB on that stream (median µs per call, back to back; `_idle`: each call after a synchronise). Each
+    way's per-call work is what a posting thread would do: pack the arguments, then one call.
+
+    - `memcpy_async`: CuPy's runtime binding (`cudaMemcpyAsync`), the single write's copy;
+    - `nop_*`: an empty kernel, no arguments: a launch alone (`cupy_driver`: `cupy.cuda.driver.launchKernel`);
+    - `pg_*`: `copy_pages_pg` (five arguments) by `cupy_rawkernel` (`RawKernel.__call__`, CuPy's marshalling),
+      `cupy_driver` (the transport's `launch` path: arguments packed into a reused buffer, one
+      `cuLaunchKernel`), `cuda_bindings` (cuda-python's `cuda.bindings.driver.cuLaunchKernel`, the same packed
+      buffer), `ctypes` (libcuda's `cuLaunchKernel` through ctypes, the GIL released) and `ctypes_gil` (the
+      same through `ctypes.PyDLL`, the GIL held);
+    - `graph`: the transport's `graph` path (`kernels._cuda.GraphPages`): the job's words and indices into a
+      pinned slot, one `cudaGraphLaunch`;
+    - `*_correct`: the graph's and the packed launch's copies checked against the pages (1.0 = exact)."""
+    import ctypes
+
+    import numpy as np
+    import torch
+    from cupy.cuda import driver
+    from cupy.cuda import runtime as rt
+
+    from kernels import _cuda as kc
+
+    out: dict[str, Any] = {}
+    stream = int(rt.streamCreateWithFlags(1))
+    src = torch.randint(0, 255, (n * page,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.zeros_like(src)
+    sp_, dp_ = src.data_ptr(), dst.data_ptr()
+    rng = np.random.default_rng(n)
+    spg, dpg = rng.permutation(n), rng.permutation(n)
+    slot = torch.zeros(kc.JOB_HEADER + 2 * n, dtype=torch.int64, pin_memory=True)
+    words_np = slot.numpy()
+    words_np[kc.JOB_HEADER:] = np.concatenate([spg, dpg])
+    idx_ptr = slot.data_ptr() + 8 * kc.JOB_HEADER  # the launched kernels read the same indices from host memory
+    cpp = -(-page // kc.PAGE_CHUNK)
+    grid = min(-(-(n * cpp) // kc.PAGE_WARPS), kc._MAX_GRID)
+    threads = 32 * kc.PAGE_WARPS
+    pg, nop = kc._raw(0, "copy_pages_pg"), kc._raw(0, "nop_kernel")
+    words, pp = kc._words()
+    pack = kc._PACK[5].pack_into
+    args = (sp_, dp_, idx_ptr, n, page)
+
+    def timed(name: str, fn: Any) -> None:
+        try:
+            fn()
+            rt.streamSynchronize(stream)
+            out[f"{name}_us"] = _cpu_us(fn, repeats)
+            rt.streamSynchronize(stream)
+            out[f"{name}_idle_us"] = _cpu_us(_Synced(fn, stream), repeats)
+            rt.streamSynchronize(stream)
+        except Exception as exc:  # noqa: BLE001 - a binding this machine lacks: say so, time the rest
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+
+    def check(name: str) -> None:
+        rt.streamSynchronize(stream)
+        got = dst.view(n, page)[torch.from_numpy(dpg).cuda()]
+        out[f"{name}_correct"] = float(torch.equal(got, src.view(n, page)[torch.from_numpy(spg).cuda()]))
+        dst.zero_()
+        torch.cuda.synchronize()
+
+    timed("memcpy_async", partial(rt.memcpyAsync, dp_, sp_, 4096, 4, stream))
+    timed("nop_cupy_driver", partial(driver.launchKernel, nop.ptr, 1, 1, 1, 32, 1, 1, 0, stream, 0, 0))
+    raw_fn = kc._device_module(0).get_function("copy_pages_pg")
+    cstream = kc._external(stream, 0)
+    timed("pg_cupy_rawkernel", lambda: raw_fn((grid,), (threads,), (np.uint64(sp_), np.uint64(dp_), np.uint64(idx_ptr),
+                                                                    np.int64(n), np.int64(page)), stream=cstream))
+
+    def cupy_driver() -> None:
+        pack(words, 0, *args)
+        driver.launchKernel(pg.ptr, grid, 1, 1, threads, 1, 1, 0, stream, pp, 0)
+    timed("pg_cupy_driver", cupy_driver)
+    check("pg_cupy_driver")
+    try:
+        from cuda.bindings import driver as cbd
+
+        fn_c, st_c = cbd.CUfunction(init_value=pg.ptr), cbd.CUstream(init_value=stream)
+
+        def cuda_bindings() -> None:
+            pack(words, 0, *args)
+            err = cbd.cuLaunchKernel(fn_c, grid, 1, 1, threads, 1, 1, 0, st_c, pp, 0)[0]
+            if err != cbd.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(str(err))
+        timed("pg_cuda_bindings", cuda_bindings)
+    except Exception as exc:  # noqa: BLE001
+        out["pg_cuda_bindings_error"] = f"{type(exc).__name__}: {exc}"
+    for name, lib in (("ctypes", ctypes.CDLL("libcuda.so.1")), ("ctypes_gil", ctypes.PyDLL("libcuda.so.1"))):
+        f = lib.cuLaunchKernel
+        f.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        f.restype = ctypes.c_int
+
+        def via_ctypes(f: Any = f) -> None:
+            pack(words, 0, *args)
+            if f(pg.ptr, grid, 1, 1, threads, 1, 1, 0, stream, pp, None):
+                raise RuntimeError("cuLaunchKernel failed")
+        timed(f"pg_{name}", via_ctypes)
+    gp = kc.GraphPages(0, [slot.data_ptr()])
+    try:
+        buf = words_np.view(np.uint8).data
+        both, slot_ptr = np.concatenate([spg, dpg]), slot.data_ptr()
+
+        def graph() -> None:  # what the transport does per write: the job's words, the indices, the launch
+            kc.store_job(buf, 0, sp_, dp_, n, page, page, page)
+            words_np[kc.JOB_HEADER:] = both
+            gp.launch(slot_ptr, stream)
+        timed("graph", graph)
+        check("graph")
+        timed("graph_launch_only", partial(gp.launch, slot_ptr, stream))
+        out["graph_grid"] = gp.grid
+        # GPU time of the graph's kernel (fixed grid) against the launched one, back to back
+        ev = [rt.eventCreate() for _ in range(2)]
+        for name, fn in (("graph", graph), ("pg_cupy_driver", cupy_driver)):
+            rt.streamSynchronize(stream)
+            rt.eventRecord(ev[0], stream)
+            for _ in range(repeats):
+                fn()
+            rt.eventRecord(ev[1], stream)
+            rt.eventSynchronize(ev[1])
+            out[f"{name}_gpu_per_write_us"] = rt.eventElapsedTime(ev[0], ev[1]) * 1e3 / repeats
+        for e in ev:
+            rt.eventDestroy(e)
+    finally:
+        rt.streamSynchronize(stream)
+        gp.close()
+        rt.streamDestroy(stream)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+class _Synced:
+    """`fn` whose timing starts once `stream` is idle (the synchronise is outside `_cpu_us`'s clock)."""
+
+    def __init__(self, fn: Any, stream: int) -> None:
+        self.fn, self.stream = fn, stream
+
+    def __call__(self) -> None:
+        self.fn()
+
+    def before(self) -> None:
+        from cupy.cuda import runtime
+
+        runtime.streamSynchronize(self.stream)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +642,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", required=True, help="the JSON file to write")
     ap.add_argument("--probe", action="store_true", help="also time the copies alone on the GPU (CUDA events)")
+    ap.add_argument("--pages", choices=("launch", "graph", "resident"), default=None,
+                    help="how the fast path starts a paged write on one GPU (default: the path's default)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of the per-write overhead measurement")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the per-write overhead rounds, the paged sweep (one engine per --modes) and, with "
+                         "--probe, the launch-cost probe (no rows)")
+    ap.add_argument("--modes", default="",
+                    help="with --quick: comma-separated ways of starting a paged write to compare (launch,graph)")
     ap.add_argument("--resident", action="store_true",
                     help="only compare launched paged writes with the resident copier (pages=resident), one GPU")
     args = ap.parse_args(argv)
@@ -377,8 +664,30 @@ def main(argv: list[str] | None = None) -> int:
         print("resident:", json.dumps(rdoc, default=str))
         return 0
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
+    if args.quick:
+        t0, c0 = time.perf_counter(), time.process_time()
+        modes = tuple(m for m in args.modes.split(",") if m) or (None,)
+        qdoc: dict[str, Any] = {}
+        if args.probe:
+            try:
+                qdoc["probe"] = {"launch": launch_probe(min(50, args.iters))}
+            except Exception as exc:  # noqa: BLE001 - the rest stands without it
+                qdoc["probe"] = {"launch": {"error": f"{type(exc).__name__}: {exc}"}}
+            print("probe:", json.dumps(qdoc["probe"]))
+        qdoc["overhead_rounds"] = overhead_rounds(args.device, args.target_device, args.rounds, args.iters)
+        qdoc["paged_sweep"] = paged_sweep(args.device, args.target_device, args.iters, modes=modes)
+        qdoc["meta"] = {"machine": args.machine, "modes": args.modes or "default", "cpus": len(os.sched_getaffinity(0)),
+                        "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                        "loadavg": os.getloadavg(),
+                        "command": "python3 benchmarks/transport_cuda_ipc.py " + " ".join(argv or sys.argv[1:])}
+        Path(args.out).write_text(json.dumps(qdoc, indent=1, default=str))
+        for k, v in qdoc.items():
+            print(f"{k}:", json.dumps({k_: v_ for k_, v_ in v.items() if k_ != "per_round"}, default=str))
+        return 0
     if args.peer:
         os.environ["WORKBENCH_CUDA_IPC_PEER"] = args.peer
+    if args.pages:
+        os.environ["WORKBENCH_CUDA_IPC_PAGES"] = args.pages
     from transport import bench
 
     cap = args.iters
@@ -394,7 +703,12 @@ def main(argv: list[str] | None = None) -> int:
                        machine=args.machine, target_device=args.target_device,
                        gpu_baselines=args.device.startswith("cuda"))
     pw = per_write(args.backend, args.device, args.target_device, min(400, 4 * cap))
+    extra: dict[str, Any] = {}
+    if args.backend == "cuda_ipc":
+        extra["overhead_rounds"] = overhead_rounds(args.device, args.target_device, args.rounds, cap)
+        extra["paged_sweep"] = paged_sweep(args.device, args.target_device, cap)
     meta: dict[str, Any] = {"machine": args.machine, "path": args.path, "peer": args.peer or "default",
+                            "pages": args.pages or os.environ.get("WORKBENCH_CUDA_IPC_PAGES", "default"),
                             "device": args.device, "target_device": args.target_device, "platform": platform.platform(),
                             "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
                             "cpu_s": round(time.process_time() - c0, 1), "loadavg": os.getloadavg(),
@@ -410,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["cupy"] = cupy.__version__
     except Exception as exc:  # noqa: BLE001
         meta["versions_error"] = str(exc)
-    doc = {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "per_write": pw, "notes": report.notes}
+    doc = {"meta": meta, "rows": report.rows, "ratios": report.ratios(), "per_write": pw, "notes": report.notes,
+           **extra}
     if args.probe:
         try:
             doc["probe"] = probe(min(50, cap))
@@ -422,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     print("ratios:", json.dumps(report.ratios(), indent=1))
     print("per write:", json.dumps(pw))
+    for k, v in extra.items():
+        print(f"{k}:", json.dumps({k_: v_ for k_, v_ in v.items() if k_ != "per_round"}))
     print("meta:", json.dumps(meta, default=str))
     return 0
 

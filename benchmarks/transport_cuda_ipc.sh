@@ -6,7 +6,9 @@
 #   OUT=/tmp/ipc BUDGET=160 bash benchmarks/transport_cuda_ipc.sh
 #   git archive <commit> transport kernels benchmarks/transport_cuda_ipc.py | tar -x -C /tmp/before
 #   OUT=/tmp/ipc BEFORE=/tmp/before bash benchmarks/transport_cuda_ipc.sh
-# LEGACY=0 skips the legacy path; RESIDENT=1 adds the launch-vs-resident paged-write comparison on one GPU.
+# LEGACY=0 skips the legacy path; RESIDENT=1 adds the launch-vs-resident paged-write comparison on one GPU;
+# PAGES="launch graph" runs the fast path once per way of starting a paged write (fast-<mode>-1gpu.json);
+# REPEAT=2 runs the one-GPU fast and before runs twice, in turn (fast2-…, before2-…: the order of runs matters).
 # Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,legacy}-{1gpu,2gpu}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,8 @@ PY=${PY:-python3}
 BEFORE=${BEFORE:-}
 LEGACY=${LEGACY:-1}
 RESIDENT=${RESIDENT:-0}
+PAGES=${PAGES:-}
+REPEAT=${REPEAT:-1}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -32,8 +36,12 @@ if [ "$TEST_BUDGET" -gt 0 ]; then
     tests/test_transport_cuda_ipc.py tests/test_transport_batch.py tests/test_transport.py > "$OUT/tests.log" 2>&1
   echo "tests rc=$? at ${SECONDS}s"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 fi
-runs=("fast cuda:0 1gpu")
-[ -n "$BEFORE" ] && runs+=("before cuda:0 1gpu")
+runs=()
+for r in $(seq 1 "$REPEAT"); do
+  sfx=""; [ "$r" -gt 1 ] && sfx=$r
+  for m in ${PAGES:--}; do runs+=("fast cuda:0 1gpu $m $sfx"); done
+  [ -n "$BEFORE" ] && runs+=("before cuda:0 1gpu - $sfx")
+done
 [ "$RESIDENT" = 1 ] && runs+=("resident cuda:0 1gpu")
 [ "$LEGACY" = 1 ] && runs+=("legacy cuda:0 1gpu")
 if [ "$gpus" -ge 2 ]; then
@@ -41,20 +49,25 @@ if [ "$gpus" -ge 2 ]; then
   [ -n "$BEFORE" ] && runs+=("before cuda:1 2gpu")
   [ "$LEGACY" = 1 ] && runs+=("legacy cuda:1 2gpu")
 fi
+probed=""
 for run in "${runs[@]}"; do
   set -- $run
+  mode=${4:--} sfx=${5:-}
   left=$((BUDGET - SECONDS))
   if [ $left -lt 15 ]; then echo "skip $run: ${left}s left"; continue; fi
   echo "== $run (${SECONDS}s)" >> "$OUT/bench.log"
+  name="$1$sfx"
   if [ "$1" = before ]; then
     script="$BEFORE/benchmarks/transport_cuda_ipc.py" path=fast extra=""
   else
-    script=benchmarks/transport_cuda_ipc.py path=$1 extra="--probe"
+    script=benchmarks/transport_cuda_ipc.py path=$1 extra=""
+    [ -z "$probed" ] && [ "$1" = fast ] && extra="--probe" && probed="$2"  # the probe once per GPU pair
+    [ "$probed" != "$2" ] && [ "$1" = fast ] && extra="--probe" && probed="$2"
+    [ "$mode" != - ] && extra="$extra --pages $mode" && name="$1-$mode$sfx"
   fi
-  [ "$1" = legacy ] && extra=""
   [ "$1" = resident ] && path=fast extra="--resident"
   PYTHONPATH="$( [ "$1" = before ] && echo "$BEFORE:" )$PYTHONPATH" timeout $left $PY "$script" --path "$path" \
-    --target-device "$2" --machine "h200-$3" --iters "$ITERS" --out "$OUT/$1-$3.json" $extra >> "$OUT/bench.log" 2>&1
+    --target-device "$2" --machine "h200-$3" --iters "$ITERS" --out "$OUT/$name-$3.json" $extra >> "$OUT/bench.log" 2>&1
   echo "$run rc=$? at ${SECONDS}s"
 done
 uptime >> "$OUT/env.txt"

@@ -40,6 +40,9 @@ GPU = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")]
 PEER_BYTES = STAGE_BYTES + (16 << 20)  # larger than a lane's staging ring
 TARGETS = [pytest.param("cuda:0", id="1gpu", marks=GPU),
            pytest.param("cuda:1", id="2gpu", marks=[*GPU, pytest.mark.skipif(_gpus() < 2, reason="needs two GPUs")])]
+# paged writes through the engine, checked page by page: (page bytes, pages, source offset, destination offset):
+# odd pages at odd offsets, aligned ones, pages of three 4 KiB chunks and a bit, 64 KiB pages at odd offsets
+PAGED_CASES = [(1000, 700, 3, 5), (4096, 300, 0, 8), (12296, 200, 16, 0), (65536, 40, 1, 1)]
 
 
 def rand(n: int, seed: int) -> np.ndarray:
@@ -140,7 +143,7 @@ def test_path_options_are_checked() -> None:
     view = SimpleNamespace(name="e", lanes=1, address=None, _log=lambda s: None)
     with pytest.raises(BackendUnavailable, match="path must be 'fast' or 'legacy'"):
         make_path(view, path="quick")
-    with pytest.raises(BackendUnavailable, match="pages must be 'launch' or 'resident'"):
+    with pytest.raises(BackendUnavailable, match="pages must be one of launch, graph, resident"):
         CudaIpcPath(view, pages="persistent", runtime=(None, None))
     with pytest.raises(BackendUnavailable, match="resident_ctas must be an integer"):
         CudaIpcPath(view, resident_ctas=-1, runtime=(None, None))
@@ -263,7 +266,7 @@ def test_resident_paged_writes_through_the_engine(peer) -> None:  # type: ignore
     data = rand(4 << 20, seed=23)
     with Engine("cuda_ipc", lanes=2, pages="resident", resident_ctas=8) as eng:
         src = eng.register(cuda_buf(data))
-        for page, n, so, do in [(1000, 700, 3, 5), (4096, 300, 0, 8), (12296, 200, 16, 0), (65536, 40, 1, 1)]:
+        for page, n, so, do in PAGED_CASES:
             rng = np.random.default_rng(page)
             sp, dp = rng.permutation(n), rng.permutation(n)
             peer.call("fill", 0)
@@ -285,13 +288,14 @@ def test_resident_paged_writes_through_the_engine(peer) -> None:  # type: ignore
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
-def test_paged_writes_of_odd_pages_and_offsets(peer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("pages", ["launch", "graph"])
+def test_paged_writes_of_odd_pages_and_offsets(peer, pages: str) -> None:  # type: ignore[no-untyped-def]
     if peer.desc.device != "cuda:0":
         pytest.skip("one-GPU case")
     data = rand(4 << 20, seed=11)
-    with Engine("cuda_ipc", lanes=2) as eng:
+    with Engine("cuda_ipc", lanes=2, pages=pages) as eng:
         src = eng.register(cuda_buf(data))
-        for page, n, so, do in [(1000, 700, 3, 5), (4096, 300, 0, 8), (12296, 200, 16, 0), (65536, 40, 1, 1)]:
+        for page, n, so, do in PAGED_CASES:
             rng = np.random.default_rng(page)
             sp, dp = rng.permutation(n), rng.permutation(n)
             peer.call("fill", 0)
@@ -300,7 +304,14 @@ def test_paged_writes_of_odd_pages_and_offsets(peer) -> None:  # type: ignore[no
             got = np.frombuffer(peer.read(do, n * page), np.uint8).reshape(n, page)
             want = data[so:so + n * page].reshape(n, page)
             assert np.array_equal(got[dp], want[sp]), (page, n)
-        assert eng._path.used["pages"] == 4 and eng._path.used["torch"] == 0, dict(eng._path.used)
+        if pages == "graph":  # 64 in flight at once: more than the ring's slots (the rest are launched)
+            ts = [eng.write_paged(src, peer.desc, page_bytes=4096, src_pages=[i], dst_pages=[i]) for i in range(64)]
+            for t in ts:
+                t.result(60)
+            assert peer.crc(0, 64 * 4096) == crc(data[:64 * 4096])
+        used = eng._path.used  # a one-page write finding the ring full is one memcpy
+        assert used["pages"] + used["graph"] + used["memcpy"] == len(PAGED_CASES) + (64 if pages == "graph" else 0)
+        assert used["graph"] >= (len(PAGED_CASES) if pages == "graph" else 0) and used["torch"] == 0, dict(used)
 
 
 # ---- the posting logic without a GPU: a stand-in CUDA runtime records every call -------------------------
@@ -453,6 +464,79 @@ def test_paged_posting_is_one_launch_of_page_indices_and_never_synchronises(post
     t.result(5)
     assert fx.rt.calls[-1][0] == "eventSynchronize" and slot in ring.free
     assert fx.path.used["pages"] == 1 and fx.path.used["kernel"] == 0
+
+
+def test_graph_posting_stores_the_job_in_a_slot_and_launches_its_graph(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """pages="graph": the six job words and the caller's indices go into a ring slot, then one launch of that
+    slot's graph on the lane's stream; no kernel launch, no synchronise; the slot comes back on completion."""
+    import kernels._cuda as kc
+
+    fx = posting
+    launched: list[Any] = []
+
+    class Graphs:
+        def __init__(self, device: int, slots: list[int], grid: int = 0) -> None:
+            self.slots = slots
+
+        def launch(self, slot_ptr: int, stream_ptr: int) -> None:
+            assert fx.rt.posting and slot_ptr in self.slots
+            launched.append((slot_ptr, stream_ptr))
+
+        def close(self) -> None:
+            launched.append("closed")
+
+    monkeypatch.setattr(kc, "GraphPages", Graphs)
+    fx.path.pages = "graph"
+    ring_words = kc.JOB_HEADER
+    page, n = 32 << 10, 256
+    rng = np.random.default_rng(9)
+    sp, dp = rng.permutation(n), rng.permutation(n)
+    for k, (ss, ds, so, do) in enumerate([(page, page, 64, 128), (3 * page, 2 * page, 3, 5)]):
+        t = _post(fx, lambda ss=ss, ds=ds, so=so, do=do: fx.eng.write_paged(
+            fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp, src_stride=ss, dst_stride=ds, src_offset=so,
+            dst_offset=do))
+        assert fx.launches == [] and len(launched) == k + 1
+        slot_ptr, stream = launched[-1]
+        ring = fx.path._ring
+        words = ring.words[(slot_ptr - ring.ptr) // 8:][:ring_words + 2 * n]
+        assert stream == LANE_STREAM
+        assert words[:6].tolist() == [SRC_PTR + so, DST_PTR + do, n, page, ss, ds]
+        assert np.array_equal(words[ring_words:ring_words + n], sp) and np.array_equal(words[ring_words + n:], dp)
+        slot = (slot_ptr - ring.ptr) // _HostRing.SLOT
+        assert slot not in ring.free
+        t.result(5)
+        assert slot in ring.free
+    assert [c[0] for c in fx.rt.calls].count("eventSynchronize") == 2 and "streamSynchronize" not in str(fx.rt.calls)
+    assert fx.path.used["graph"] == 2 and fx.path.used["pages"] == 0
+
+
+def test_graph_posting_falls_back_to_a_launch(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import kernels._cuda as kc
+
+    def no_graphs(device: int, slots: list[int], grid: int = 0) -> Any:
+        raise RuntimeError("no graphs here")
+
+    monkeypatch.setattr(kc, "GraphPages", no_graphs)
+    fx = posting
+    fx.path.pages = "graph"
+    for _ in range(2):  # tried once, then launched without trying again
+        _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=4096, src_pages=[1, 2],
+                                             dst_pages=[3, 4])).result(5)
+    assert [c[0] for c in fx.launches] == ["copy_pages_pg"] * 2
+    assert fx.path.used["pages"] == 2 and fx.path.used["graph"] == 0 and fx.path._graphs == {0: None}
+
+
+def test_kernel_launcher_finds_the_function_handle() -> None:
+    """`RawModule.get_function` gives a RawKernel whose handle lives in `.kernel.ptr`: the launcher must find it
+    there (it used to read `.ptr` alone, found nothing and took CuPy's per-argument launch, ~11 µs a launch
+    against ~5 µs through `cuLaunchKernel` on one H200)."""
+    pytest.importorskip("cupy")
+    import kernels._cuda as kc
+
+    raw = kc._Raw(SimpleNamespace(kernel=SimpleNamespace(ptr=0x1234)))
+    assert raw.ptr == 0x1234 and raw.launch is not None
+    assert kc._Raw(SimpleNamespace(ptr=0x99)).ptr == 0x99
+    assert kc._Raw(SimpleNamespace()).launch is None  # no handle: CuPy's own launch
 
 
 def test_paged_posting_with_strides_and_offsets(posting) -> None:  # type: ignore[no-untyped-def]

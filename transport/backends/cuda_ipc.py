@@ -17,11 +17,16 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
   page; no byte offsets, word-size, splitting or division work on the host;
+- `pages="graph"` (opt-in): the same kernel started as a CUDA graph, one per ring slot, captured once
+  (`kernels._cuda.GraphPages`): the job's six words and the indices go into the slot and one
+  `cudaGraphLaunch` starts it (the host's cost ~3 µs against ~5 µs for the launch on one H200; the
+  fixed grid made its kernel slower on the GPU, so it is not the default);
 - `pages="resident"` (opt-in): those paged writes become jobs for a copier kernel that stays on the
   GPU while the engine is open (`kernels._cuda.ResidentPages`): a few stores into pinned memory
   instead of a launch, completion by a done word the kernel stores; see `CudaIpcPath`;
 - other pieces (a batch of unequal writes to one region): one `copy_ranges` kernel launch, its
-  range list (in words) in a ring slot; kernels are launched with `cuLaunchKernel` directly;
+  range list (in words) in a ring slot; kernels are launched with `cuLaunchKernel` directly (the
+  function handle of CuPy's RawKernel: ~5 µs a launch on one H200, against ~11 µs through CuPy's call);
 - between two GPUs (`peer="staged"`, the default): through a staging ring of `STAGE_SLOTS`
   chunks on the destination GPU, created once per lane: chunk i goes peer-to-peer (the source
   GPU's copy engine over NVLink) while chunk i-1 is copied into the peer's memory on the
@@ -67,7 +72,8 @@ from transport.memory import Region
 
 MODE_ENV = "WORKBENCH_CUDA_IPC"  # fast (default) or legacy
 PEER_ENV = "WORKBENCH_CUDA_IPC_PEER"  # staged (default) or direct
-PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # launch (default) or resident: how a paged write on one GPU is started
+PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # how a paged write on one GPU is started (PAGES_MODES)
+PAGES_MODES = ("launch", "graph", "resident")
 RESIDENT_CTAS = 0  # CTAs of the resident page copier (pages="resident"); 0: one per SM
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
@@ -175,11 +181,12 @@ class _HostRing:
     """Pinned host slots holding the range lists the copy kernel reads (device-readable through unified
     addressing: no upload). A slot goes back to the ring when the write that read it completed."""
 
-    SLOT = 256 << 10
+    SLOT = (256 << 10) + 4096  # a graph job of 16384 pages (its header and 2 x 16384 indices) fits
     SLOTS = 32
 
     def __init__(self, torch: Any) -> None:
         self.buf = torch.empty(self.SLOT * self.SLOTS, dtype=torch.uint8, pin_memory=True)
+        self.bytes = memoryview(self.buf.numpy())  # for struct.pack_into
         self.words = self.buf.numpy().view(np.int64)
         self.ptr = int(self.buf.data_ptr())
         self.free: deque[int] = deque(range(self.SLOTS))  # popleft and extend are atomic: no lock
@@ -197,6 +204,10 @@ class _HostRing:
 
     def give(self, slots: list[int]) -> None:
         self.free.extend(slots)
+
+    def slot_ptrs(self) -> list[int]:
+        """Every slot's device-readable address."""
+        return [self.ptr + i * self.SLOT for i in range(self.SLOTS)]
 
 
 class _Lane:
@@ -276,9 +287,10 @@ class CudaIpcPath(DataPath):
     kernel: `auto` (the CuPy range-copy kernel when CuPy works, else torch), `cupy` or `torch`.
     peer: `staged` (default, or `$WORKBENCH_CUDA_IPC_PEER`) or `direct`: how a write crosses GPUs.
     pages: `launch` (default, or `$WORKBENCH_CUDA_IPC_PAGES`): a paged write on one GPU is one kernel launch;
-    `resident`: it is a job for a copier kernel that stays on the GPU while the engine is open
-    (`kernels._cuda.ResidentPages`, `resident_ctas` CTAs, 0: one per SM), started with a few stores instead
-    of a launch.
+    `graph`: one `cudaGraphLaunch` of the ring slot's graph (`kernels._cuda.GraphPages`; falls back to the
+    launch when graphs cannot be made or the ring is full); `resident`: it is a job for a copier kernel that
+    stays on the GPU while the engine is open (`kernels._cuda.ResidentPages`, `resident_ctas` CTAs, 0: one per
+    SM), started with a few stores instead of a launch.
     Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
     them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
     closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
@@ -299,9 +311,9 @@ class CudaIpcPath(DataPath):
             raise BackendUnavailable(f"cuda_ipc: peer must be 'staged' or 'direct' (option peer= or ${PEER_ENV}), "
                                      f"got {peer!r}")
         pages = pages if pages is not None else os.environ.get(PAGES_ENV, "launch")
-        if pages not in ("launch", "resident"):
-            raise BackendUnavailable(f"cuda_ipc: pages must be 'launch' or 'resident' (option pages= or ${PAGES_ENV}), "
-                                     f"got {pages!r}")
+        if pages not in PAGES_MODES:
+            raise BackendUnavailable(f"cuda_ipc: pages must be one of {', '.join(PAGES_MODES)} (option pages= or "
+                                     f"${PAGES_ENV}), got {pages!r}")
         if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 0 <= resident_ctas <= 1024:
             raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 0..1024 (0: one per SM), "
                                      f"got {resident_ctas!r}")
@@ -334,6 +346,7 @@ class CudaIpcPath(DataPath):
         self.pages = pages
         self.resident_ctas = resident_ctas
         self._resident: dict[int, Any] = {}  # device -> kernels._cuda.ResidentPages (pages="resident"), or None
+        self._graphs: dict[int, Any] = {}  # device -> kernels._cuda.GraphPages (pages="graph"), or None
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._sleeping = False
@@ -600,6 +613,8 @@ class CudaIpcPath(DataPath):
         strides and the offsets (no byte offsets, splitting or word-size arithmetic on the host: the kernel
         picks the word per 4 KiB chunk). False when no slot is free or the kernel is unavailable (the
         caller then takes the general range path)."""
+        if self.pages == "graph" and self._pages_graph(la, src_ptr, dst_ptr, pg, p):
+            return True
         n = pg.n
         got = self._host_ring().take(2 * n)
         if got is None:
@@ -624,6 +639,52 @@ class CudaIpcPath(DataPath):
         p.slots.append(slot)
         self.used["pages"] += 1
         return True
+
+    def _pages_graph(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
+        """`pages="graph"`: the job (six words, then the page indices as they are) into a ring slot and one
+        `cudaGraphLaunch` of that slot's graph (`kernels._cuda.GraphPages`, captured once per slot). False when
+        no graph can be made or no slot is free (the caller launches the kernel)."""
+        from kernels._cuda import JOB_HEADER, store_job
+
+        ring = self._host_ring()
+        gp = self._graphs.get(la.dev, False)
+        if gp is False:
+            gp = self._start_graphs(la.dev, ring)
+        if gp is None:
+            return False
+        got = ring.take(JOB_HEADER + 2 * pg.n)
+        if got is None:
+            return False
+        slot, view, ptr = got
+        try:
+            store_job(ring.bytes, slot * ring.SLOT, src_ptr + pg.so, dst_ptr + pg.do, pg.n, pg.page, pg.ss, pg.ds)
+            view[JOB_HEADER:] = pg.idx
+            gp.launch(ptr, la.ptr)  # submit made the lane's device current
+        except Exception as exc:  # noqa: BLE001 - the kernel is launched instead from now on
+            ring.give([slot])
+            self._graphs[la.dev] = None
+            self.engine._log(f"cuda_ipc: graph launch of a paged write failed ({type(exc).__name__}: {exc}); "
+                             "paged writes are launched")
+            return False
+        p.slots.append(slot)
+        self.used["graph"] += 1
+        return True
+
+    def _start_graphs(self, dev: int, ring: _HostRing) -> Any:
+        with self._lock:
+            gp = self._graphs.get(dev, False)
+            if gp is not False:
+                return gp
+            try:
+                from kernels._cuda import GraphPages
+
+                gp = GraphPages(dev, ring.slot_ptrs())
+            except Exception as exc:  # noqa: BLE001 - no CuPy / NVRTC / graphs: paged writes are launched
+                self.engine._log(f"cuda_ipc: no page-copy graphs on cuda:{dev} ({type(exc).__name__}: {exc}); "
+                                 "paged writes are launched")
+                gp = None
+            self._graphs[dev] = gp
+        return gp
 
     def _across(self, la: _Lane, lane_i: int, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending,
                 d: _Device) -> _Lane:
@@ -958,6 +1019,10 @@ class CudaIpcPath(DataPath):
                 la.stream.synchronize()
         except Exception as exc:  # noqa: BLE001
             self.engine._log(f"cuda_ipc: close: {exc}")
+        for gp in self._graphs.values():
+            if gp is not None:
+                gp.close()
+        self._graphs.clear()
         for addr in self._registered:
             try:
                 rt.hostUnregister(addr)
