@@ -564,21 +564,29 @@ class CudaIpcPath(DataPath):
         return True
 
     def _start_resident(self, dev: int, d: _Device) -> Any:
-        with self._lock:
-            res = self._resident.get(dev, False)
-            if res is not False:
-                return res
-            try:
-                from kernels._cuda import ResidentPages
+        def make() -> Any:
+            from kernels._cuda import ResidentPages
 
-                d.use(dev)
-                res = ResidentPages(dev, self.torch, ctas=self.resident_ctas)
-            except Exception as exc:  # noqa: BLE001 - no CuPy / NVRTC / memory: paged writes are launched
-                self.engine._log(f"cuda_ipc: no resident page copier on cuda:{dev} ({type(exc).__name__}: {exc}); "
+            d.use(dev)
+            return ResidentPages(dev, self.torch, ctas=self.resident_ctas)
+
+        return self._once(self._resident, dev, make, "resident page copier")
+
+    def _once(self, cache: dict[int, Any], dev: int, make: Any, what: str) -> Any:
+        """`cache[dev]`, made by `make()` on first use: None for good where it cannot be made (no CuPy, NVRTC,
+        memory or graphs), and paged writes are then launched."""
+        with self._lock:
+            got = cache.get(dev, False)
+            if got is not False:
+                return got
+            try:
+                got = make()
+            except Exception as exc:  # noqa: BLE001 - the launch path remains
+                self.engine._log(f"cuda_ipc: no {what} on cuda:{dev} ({type(exc).__name__}: {exc}); "
                                  "paged writes are launched")
-                res = None
-            self._resident[dev] = res
-        return res
+                got = None
+            cache[dev] = got
+        return got
 
     def _host_ring(self) -> _HostRing:
         ring = self._ring
@@ -671,20 +679,12 @@ class CudaIpcPath(DataPath):
         return True
 
     def _start_graphs(self, dev: int, ring: _HostRing) -> Any:
-        with self._lock:
-            gp = self._graphs.get(dev, False)
-            if gp is not False:
-                return gp
-            try:
-                from kernels._cuda import GraphPages
+        def make() -> Any:
+            from kernels._cuda import GraphPages
 
-                gp = GraphPages(dev, ring.slot_ptrs())
-            except Exception as exc:  # noqa: BLE001 - no CuPy / NVRTC / graphs: paged writes are launched
-                self.engine._log(f"cuda_ipc: no page-copy graphs on cuda:{dev} ({type(exc).__name__}: {exc}); "
-                                 "paged writes are launched")
-                gp = None
-            self._graphs[dev] = gp
-        return gp
+            return GraphPages(dev, ring.slot_ptrs())
+
+        return self._once(self._graphs, dev, make, "page-copy graphs")
 
     def _across(self, la: _Lane, lane_i: int, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending,
                 d: _Device) -> _Lane:
