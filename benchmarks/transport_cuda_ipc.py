@@ -46,6 +46,17 @@ def _median_us(xs: list[float]) -> float:
     return statistics.median(xs) * 1e6 if xs else float("nan")
 
 
+def _paged_op(eng: Any, src: Any, desc: Any, page: int, sp: Any, dp: Any, post: list[float]) -> Any:
+    """One timed paged write of pages `sp` of `src` into pages `dp` of `desc`, waited; its posting time goes to
+    `post` (seconds)."""
+    def op(size: int) -> None:
+        a = time.perf_counter()
+        t = eng.write_paged(src, desc, page_bytes=page, src_pages=sp, dst_pages=dp)
+        post.append(time.perf_counter() - a)
+        t.result(60)
+    return op
+
+
 def per_write(backend: str, device: str, target_device: str, iters: int) -> dict[str, Any]:
     """Posting and completion of 4 KiB single writes, and the round trip of a write with an echoed immediate."""
     from transport import bench
@@ -123,14 +134,7 @@ def paged_sweep(device: str, target_device: str, iters: int, totals: tuple[int, 
                 for name, eng in engines.items():
                     key = f"{page // KiB}KiB" + ("" if len(engines) == 1 else f"_{name}")
                     posts[key] = []
-
-                    def op(size: int, eng: Any = eng, src: Any = srcs[name], page: int = page, sp: Any = sp,
-                           dp: Any = dp, post: list[float] = posts[key]) -> None:
-                        a = time.perf_counter()
-                        t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)
-                        post.append(time.perf_counter() - a)
-                        t.result(60)
-                    ops[key] = op
+                    ops[key] = _paged_op(eng, srcs[name], target.desc, page, sp, dp, posts[key])
             it = max(10, iters * 16 * MiB // total) if total > 16 * MiB else iters
             lat = bench._interleaved(ops, total, it)
             single = _median_us(lat["single"])
@@ -340,14 +344,7 @@ def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (0,
                         for name, eng, src in (("launch", a, src_a), ("resident", b, src_b)):
                             key = f"{name}_{n}x{page // KiB}KiB"
                             posts[key] = []
-
-                            def op(size: int, eng: Any = eng, src: Any = src, page: int = page, sp: Any = sp,
-                                   dp: Any = dp, post: list[float] = posts[key]) -> None:
-                                t0 = time.perf_counter()
-                                t = eng.write_paged(src, target.desc, page_bytes=page, src_pages=sp, dst_pages=dp)
-                                post.append(time.perf_counter() - t0)
-                                t.result(60)
-                            ops[key] = op
+                            ops[key] = _paged_op(eng, src, target.desc, page, sp, dp, posts[key])
                     lat = bench._interleaved(ops, 16 * MiB, iters)
                     row: dict[str, Any] = {k_: round(_median_us(v), 2) for k_, v in lat.items()}
                     row.update({f"{k_}_post": round(_median_us(v[1:]), 2) for k_, v in posts.items()})
