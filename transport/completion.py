@@ -33,13 +33,13 @@ class Transfer:
     caller asks costs no condition variable (`concurrent.futures.Future` builds one per object).
     """
 
-    __slots__ = ("tid", "what", "peer", "nbytes", "_remaining", "_lock", "_on_cancel", "submitted", "completed",
+    __slots__ = ("tid", "_what", "peer", "nbytes", "_remaining", "_lock", "_on_cancel", "submitted", "completed",
                  "lanes", "peers", "hooks", "lane", "_state", "_value", "_waiter", "_callbacks")
 
-    def __init__(self, tid: int, what: str, peer: str | None, parts: int = 1, nbytes: int = 0,
+    def __init__(self, tid: int, what: str | tuple[Any, ...], peer: str | None, parts: int = 1, nbytes: int = 0,
                  on_cancel: Callable[[Transfer], None] | None = None) -> None:
         self.tid = tid
-        self.what = what
+        self._what = what  # the description, or (format, *args) made into it when first asked for (`what`)
         self.peer = peer
         self.nbytes = nbytes
         self._remaining = parts
@@ -55,6 +55,14 @@ class Transfer:
         self._value: Any = None  # the result, or the exception once failed
         self._waiter: threading.Lock | None = None  # held until completion while a thread waits
         self._callbacks: list[Callable[[Transfer], Any]] | None = None
+
+    @property
+    def what(self) -> str:
+        """What the operation is, for errors and logs ("write 65536 B to peer/3")."""
+        w = self._what
+        if type(w) is not str:
+            w = self._what = w[0] % w[1:]
+        return w  # type: ignore[return-value]
 
     # -- completion (engine side) --
     def part_done(self, n: int = 1) -> bool:

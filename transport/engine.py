@@ -450,15 +450,20 @@ class Engine:
             self._msg_cond.notify_all()
 
     # ------------------------------------------------------------------ writes
-    def _new(self, what: str, peer: str | None, parts: int, nbytes: int, timeout: float | None,
+    def _new(self, what: str | tuple[Any, ...], peer: str | None, parts: int, nbytes: int, timeout: float | None,
              callback: Callable[[Transfer], Any] | None) -> Transfer:
         t = Transfer(next(self._tids), what, peer, parts, nbytes, on_cancel=self._cancelled)
         self._pending[t.tid] = t  # one dict store (atomic); readers that iterate take a copy (`_link_down`)
+        if callback is not None or timeout is not None:
+            self._arm(t, timeout, callback)
+        return t
+
+    def _arm(self, t: Transfer, timeout: float | None, callback: Callable[[Transfer], Any] | None) -> None:
+        """A new transfer's callback and timeout."""
         if callback is not None:
             t.add_done_callback(lambda tr: self._callbacks.submit(callback, tr))
         if timeout is not None:
             self._after(timeout, lambda: self._expire(t, timeout))
-        return t
 
     def _expire(self, t: Transfer, timeout: float) -> None:
         if t.fail(TransferTimeout(f"{t.what}: not complete within its timeout of {timeout:g} s")):
@@ -522,7 +527,7 @@ class Engine:
         link = self._links.get(peer)
         if link is None or not link.alive or self._closed:
             link = self._link(dst.address, timeout)
-        what = f"write {length} B to {peer}/{dst.region}"
+        what = ("write %d B to %s/%d", length, peer, dst.region)  # formatted when asked for (`Transfer.what`)
         if self._path is not None and self._path.handles(src, dst):
             t = self._new(what, peer, 1, length, timeout, callback)
             self._submit_path(t, link, src, dst, Pieces.one(src_offset, dst_offset, length), imm)
@@ -530,7 +535,10 @@ class Engine:
         nl = len(link.data)
         nshards = max(1, min(nl, length // MIN_SHARD))
         if nshards == 1 and src.view is not None:  # one message on one lane (the common case, kept short)
-            t = self._new(what, peer, 1, length, timeout, callback)
+            t = Transfer(next(self._tids), what, peer, 1, length, self._cancelled)
+            self._pending[t.tid] = t
+            if callback is not None or timeout is not None:
+                self._arm(t, timeout, callback)
             lane = link.data[link.next_lane() if nl > 1 else 0]
             lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
             t.lanes = (lane.index,)

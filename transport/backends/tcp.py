@@ -27,7 +27,10 @@ token; a caller waiting in `Transfer.result()` for a write that went out on one 
 when it is free, masks the receiver thread's `epoll` (so it sleeps on) and reads the acks itself with
 bounded, non-blocking reads: no thread hand-off between the ack on the socket and the waiting caller.
 It handles acks only; at any other message it hands the lane back to the receiver thread (waking it
-through an eventfd), and after `CALLER_READ_S` it gives up and waits on the future. At most
+through an eventfd), and after `CALLER_READ_S` it gives up and waits on the future. Before it first sleeps it
+spins up to `WORKBENCH_TCP_SPIN_US` (default 100 µs, 0: off), `poll(0)` and `sched_yield` in turn, so an ack that
+comes back soon costs no wake-up (on loopback the sleeping writer's wake-up was the largest single item of a waited
+write); a lane whose ack took longer than the spin stops spinning until an ack comes back within it again. At most
 `MAX_PENDING_HANDSHAKES` connections may be unauthenticated at once; beyond that the
 oldest is dropped, so idle or slow strangers cannot pile up threads and sockets.
 """
@@ -45,6 +48,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from time import perf_counter
 from typing import Any, Protocol
 
 from transport.errors import AuthError, PeerGone, TransportError
@@ -61,6 +65,23 @@ MAX_PENDING_HANDSHAKES = 64  # unauthenticated connections held at once (the old
 ACK_BATCH = 64  # flush coalesced acks at least this often
 CALLER_READ_S = 0.2  # a caller reads its acks itself for at most this long, then waits on the future
 CALLER_SLICE_MS = 2  # ... polling in slices this long (ms), so a completion by another route is seen soon
+SPIN_ENV = "WORKBENCH_TCP_SPIN_US"
+
+
+def spin_seconds(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """The caller's spin before it sleeps for its ack: `WORKBENCH_TCP_SPIN_US` microseconds (default 100, 0: off)."""
+    raw = env.get(SPIN_ENV, "100").strip()
+    try:
+        us = int(raw)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 10_000:
+        raise ValueError(f"{SPIN_ENV}: must be an integer number of microseconds 0..10000 (0 turns the spin off), "
+                         f"got {raw!r}")
+    return us / 1e6
+
+
+SPIN_S = spin_seconds()
 
 
 class LinkOwner(Protocol):
@@ -95,10 +116,11 @@ def tune(sock: socket.socket, sockbuf: int | None) -> None:
 
 
 def recv_exact(sock: socket.socket, buf: memoryview) -> None:
-    """Fill `buf` from `sock`; raise `PeerGone` on EOF."""
+    """Fill `buf` from `sock`; raise `PeerGone` on EOF. One call takes all of it, however many segments it came in
+    (`MSG_WAITALL`: returns early only on a signal, EOF or a non-blocking socket's empty queue)."""
     got, n = 0, len(buf)
     while got < n:
-        k = sock.recv_into(buf[got:], n - got)
+        k = sock.recv_into(buf[got:], n - got, socket.MSG_WAITALL)
         if k == 0:
             raise PeerGone("connection closed by peer")
         got += k
@@ -358,6 +380,7 @@ class Lane:
         # on the lane (`shared`), the receiver thread waits in `_ep` (the socket and the `_kick` eventfd)
         self.token = threading.Lock()
         self.shared = False
+        self.spin = SPIN_S > 0  # a waiting caller spins before it sleeps (cleared while acks take longer than that)
         self._ep: Any = None
         self._kick = -1
         name = f"wbt-{link.engine.name}-{link.peer}-{index}"
@@ -616,7 +639,7 @@ class Lane:
             ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
             if bufs is not None and not self.send_inline(bufs):
                 return False
-            handler, poll = self.link.engine._on_message, self._poll.poll
+            handler, poll, sched_yield = self.link.engine._on_message, self._poll.poll, os.sched_yield
             deadline = 0.0
             while True:
                 pos = reader.pos
@@ -642,9 +665,22 @@ class Lane:
                     if left <= 0:
                         break
                     ready = poll(min(CALLER_SLICE_MS, left * 1000.0))
-                else:  # the first slice: returns at once when the ack is there
+                else:  # the first slice: spin a little (no wake-up latency when the ack comes soon), then sleep
                     deadline = time.monotonic() + seconds
-                    ready = poll(CALLER_SLICE_MS)
+                    ready = None
+                    if self.spin:
+                        end = perf_counter() + SPIN_S
+                        while not ready and perf_counter() < end:
+                            sched_yield()  # the peer may share this core: let it run (returns at once if not)
+                            ready = poll(0)
+                        self.spin = bool(ready)  # keep spinning on this lane while its acks come back within it
+                        waited = 0.0
+                    else:
+                        waited = perf_counter()
+                    if not ready:
+                        ready = poll(CALLER_SLICE_MS)
+                    if waited and SPIN_S and ready and perf_counter() - waited < SPIN_S:
+                        self.spin = True  # an ack came back within the spin again
                 if ready:
                     if ready[0][1] & select.POLLNVAL:
                         raise PeerGone("socket closed")
