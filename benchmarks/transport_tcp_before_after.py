@@ -182,7 +182,9 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
              f"Before = `transport/` of `{before_ref}` (`git archive`), after = this tree; runs in the order "
              f"{', '.join(r['label'] for r in runs)}, one at a time on the same machine, each with its own raw-socket "
              "and gloo baselines (ratios are within a run). GB/s = bytes over the median call time. The machine "
-             "is shared: read each run's load average beside it.", "",
+             "is shared: read each run's load average beside it. "
+             f"`WORKBENCH_TCP_SPIN_US` (the waiting caller's spin, µs): {os.environ.get('WORKBENCH_TCP_SPIN_US', 'unset')}"
+             " (unset: the default).", "",
              "The raw socket completes like a waited write: one plain socket pair, the sender sends an 8-byte "
              "length and the payload, the receiver (another process) `recv_into`s it into its buffer and "
              "answers one byte on the same socket, the sender waits for that byte; the engine's write is done "
