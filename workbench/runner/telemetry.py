@@ -1,9 +1,9 @@
 """Per-rank telemetry: timed spans of compute, collectives and transfers, and memory by category.
 
 The recorder is cheap on the hot path: a span appends one tuple to a list; a background
-thread swaps the list out every `flush_s` (50 ms) and ships it, with a memory snapshot, to
-the launcher as one JSON line over a TCP socket (or to a JSONL file under torchrun without
-a launcher). Compute spans are split around the collectives and transfers that run inside
+thread swaps the list out every `flush_s` (50 ms) and ships it, with each memory category's
+peak since the last batch, to the launcher as one JSON line over a TCP socket (or to a JSONL
+file under torchrun without a launcher). Compute spans are split around the collectives and transfers that run inside
 them, so a rank's events never overlap.
 
 On CPU a span boundary is a `perf_counter()` reading. On CUDA it is a timing event
@@ -45,6 +45,7 @@ class Recorder:
         self.step = 0
         self.events: list[tuple[Any, ...]] = []
         self.memory: dict[str, int] = dict.fromkeys(MEMORY_CATEGORIES, 0)
+        self._peak: dict[str, int] = dict.fromkeys(MEMORY_CATEGORIES, 0)  # the most each held since the last `take`
         self.steps: list[dict[str, Any]] = []
         self.cost_s = 0.0  # time spent inside the recorder on the training thread
         self._open: list[Any] | None = None  # [op, start, flops, [segments]]
@@ -163,10 +164,12 @@ class Recorder:
             self.events.extend(rows)
 
     def set_memory(self, category: str, nbytes: int) -> None:
-        self.memory[category] = int(nbytes)
+        self.memory[category] = v = int(nbytes)
+        if v > self._peak[category]:
+            self._peak[category] = v
 
     def add_memory(self, category: str, nbytes: int) -> None:
-        self.memory[category] += int(nbytes)
+        self.set_memory(category, self.memory[category] + int(nbytes))
 
     def step_done(self, step: int, start: float, end: float, loss: float | None) -> None:
         if self._marks and self._open is None:
@@ -185,7 +188,10 @@ class Recorder:
             st, self.steps = self.steps, []
         out: dict[str, Any] = {"type": "batch", "rank": self.rank, "events": ev, "steps": st}
         if self.enabled:
-            out["memory"] = [time.perf_counter(), dict(self.memory)]
+            # each category's most since the last batch: a peak between two samples (activations held only
+            # inside a step) is not lost to when the sample was taken
+            out["memory"] = [time.perf_counter(), dict(self._peak)]
+            self._peak = dict(self.memory)
         return out
 
 
