@@ -288,7 +288,9 @@ class NixlPath(DataPath):
                 self.completed += 1
                 done(None)
             else:
-                done(PeerGone(f"{t.what}: {value}") if "exited" in str(value) else TransportError(f"{t.what}: {value}"))
+                why = str(value)
+                gone = "exited" in why or "REMOTE_DISCONNECT" in why  # our worker, or the peer's agent, went away
+                done(PeerGone(f"{t.what}: {why}") if gone else TransportError(f"{t.what}: {why}"))
 
         if self._closed:
             done(TransportError(f"{t.what}: engine closed"))
