@@ -378,7 +378,10 @@ def render(record: dict[str, Any]) -> str:
             split = (f" (split at the hop of a request alone: {f['fe_request_us']:.0f} before the engine, "
                      f"fe_finish_us = {f['fe_finish_us']:.0f} after the last token)" if "fe_finish_us" in f else "")
             lines.append(f"  Front end: fe_request_us = {fe['fe_request_us']:.0f}{split}, fe_step_us = {fe['fe_step_us']:.0f}, "
-                         f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs), "
+                         f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs"
+                         + (f"; the traffic client's own share: {fe['client_request_us']:.0f} per request, "
+                            f"{fe['client_token_us']:.0f} per token, {fe['client_step_us']:.0f} per step"
+                            if "client_request_us" in fe else "") + "), "
                          f"fe_slowdown = {fe['fe_slowdown']:.2f} (steps {fe['ratio']:.2f}× with one core kept busy; "
                          f"the runs without drifted {fe['off_drift']:.2f}×).")
     lines += ["", "Step factor per level: Σ the run's busy step periods / Σ the fitted sweep's price of the same "

@@ -289,7 +289,9 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     the client's prompt building (done before the first request is sent, measured the same way) are taken off,
     then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
     list). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
-    'runs'}."""
+    'runs'}; and the same fit of the traffic client's own CPU (its event loop runs in the calling thread:
+    `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`), the share of the above that is the
+    client's rather than the server's."""
     import random
 
     from scipy.optimize import nnls
@@ -301,35 +303,44 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     with start_service(checkpoint, "colocated", **spec) as svc:
         b = svc.backend
 
-        def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float]:
-            k0, c0, w0 = len(b.steps), time.process_time(), time.perf_counter()
+        def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float, float]:
+            k0, c0, w0, t0 = len(b.steps), time.process_time(), time.perf_counter(), time.thread_time()
             res = asyncio.run(bench.run_async(svc.url, f"concurrency={c},isl={isl},osl={osl},requests={n}",
                                               progress=False, tokenizer=svc.app.tok))
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            # the client's event loop runs in this thread: its CPU apart from the server's threads
+            cpu, wall, client = time.process_time() - c0, time.perf_counter() - w0, time.thread_time() - t0
             c1 = time.process_time()  # the prompts the client built before sending, built again and timed
             words, rnd = bench._corpus(), random.Random(0)
             for _ in range(n):
                 bench._prompt(words, rnd, isl, svc.app.tok)
-            cpu -= time.process_time() - c1
+            prompts = time.process_time() - c1
             ok = res.requests[res.requests["success"]]
-            return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall
+            return (float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu - prompts, wall,
+                    client - prompts)
 
         one(2, 4, 4)  # warm-up
         c0, w0 = time.process_time(), time.perf_counter()
         time.sleep(1.0)
         idle = (time.process_time() - c0) / (time.perf_counter() - w0)
         for c, osl, n in runs:
-            req, tok, nsteps, cpu, wall = one(c, osl, n)
+            req, tok, nsteps, cpu, wall, client = one(c, osl, n)
             rows.append({"concurrency": c, "osl": osl, "requests": req, "tokens": tok, "steps": nsteps, "cpu_s": cpu,
-                         "wall_s": wall, "load_average": os.getloadavg()[0]})
+                         "client_cpu_s": client, "wall_s": wall, "load_average": os.getloadavg()[0]})
     df = pd.DataFrame(rows)
-    y = (df["cpu_s"] - idle * df["wall_s"]).to_numpy(float)
     A = df[["requests", "tokens", "steps"]].assign(run=1.0).to_numpy(float)
-    x, _ = nnls(A, y)
-    pred = A @ x
-    r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+
+    def fit(y: np.ndarray) -> tuple[np.ndarray, float]:
+        x, _ = nnls(A, y)
+        pred = A @ x
+        return x, 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
+
+    x, r2 = fit((df["cpu_s"] - idle * df["wall_s"]).to_numpy(float))
+    xc, r2c = fit(df["client_cpu_s"].to_numpy(float))  # the traffic client's share (no idle work of its own)
     return {"fe_request_us": float(x[0]) * 1e6, "fe_token_us": float(x[1]) * 1e6, "fe_step_us": float(x[2]) * 1e6,
-            "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2, "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
+            "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2,
+            "client_request_us": float(xc[0]) * 1e6, "client_token_us": float(xc[1]) * 1e6,
+            "client_step_us": float(xc[2]) * 1e6, "client_r2": r2c,
+            "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
             "load_average": float(os.getloadavg()[0]), "when": time.time()}
 
 
