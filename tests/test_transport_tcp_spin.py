@@ -18,6 +18,7 @@ import pytest
 
 from transport import Engine, PeerGone
 from transport.backends import tcp as wire
+from transport.errors import InvalidArgument
 from transport.testing import PeerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,8 +31,15 @@ def test_spin_setting_parses_and_rejects_bad_values() -> None:
     assert wire.spin_seconds({wire.SPIN_ENV: "0"}) == 0.0
     assert wire.spin_seconds({wire.SPIN_ENV: " 250 "}) == pytest.approx(250e-6)
     for bad in ("abc", "-1", "20000", "1.5"):
-        with pytest.raises(ValueError, match=wire.SPIN_ENV):
+        with pytest.raises(InvalidArgument, match=wire.SPIN_ENV):
             wire.spin_seconds({wire.SPIN_ENV: bad})
+
+
+def test_a_bad_spin_setting_fails_the_engine_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read at import without failing it; an engine made with a bad value raises, naming the variable."""
+    monkeypatch.setenv(wire.SPIN_ENV, "fast")
+    with pytest.raises(InvalidArgument, match=wire.SPIN_ENV):
+        Engine("tcp")
 
 
 def _lanes(eng: Engine) -> list[wire.Lane]:

@@ -203,6 +203,7 @@ class Engine:
             raise ValueError(f"backend: unknown {backend!r} (choose from {', '.join(BACKENDS)})")
         if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
             raise InvalidArgument(f"lanes: must be an integer 1..64, got {lanes!r}")
+        wire.spin_seconds()  # a bad $WORKBENCH_TCP_SPIN_US: InvalidArgument naming it, before anything opens
         self.name = name or f"e{os.getpid()}-{secrets.token_hex(3)}"
         self.backend = backend
         self.lanes = lanes
@@ -454,16 +455,11 @@ class Engine:
              callback: Callable[[Transfer], Any] | None) -> Transfer:
         t = Transfer(next(self._tids), what, peer, parts, nbytes, on_cancel=self._cancelled)
         self._pending[t.tid] = t  # one dict store (atomic); readers that iterate take a copy (`_link_down`)
-        if callback is not None or timeout is not None:
-            self._arm(t, timeout, callback)
-        return t
-
-    def _arm(self, t: Transfer, timeout: float | None, callback: Callable[[Transfer], Any] | None) -> None:
-        """A new transfer's callback and timeout."""
         if callback is not None:
             t.add_done_callback(lambda tr: self._callbacks.submit(callback, tr))
         if timeout is not None:
             self._after(timeout, lambda: self._expire(t, timeout))
+        return t
 
     def _expire(self, t: Transfer, timeout: float) -> None:
         if t.fail(TransferTimeout(f"{t.what}: not complete within its timeout of {timeout:g} s")):
@@ -535,10 +531,7 @@ class Engine:
         nl = len(link.data)
         nshards = max(1, min(nl, length // MIN_SHARD))
         if nshards == 1 and src.view is not None:  # one message on one lane (the common case, kept short)
-            t = Transfer(next(self._tids), what, peer, 1, length, self._cancelled)
-            self._pending[t.tid] = t
-            if callback is not None or timeout is not None:
-                self._arm(t, timeout, callback)
+            t = self._new(what, peer, 1, length, timeout, callback)
             lane = link.data[link.next_lane() if nl > 1 else 0]
             lane.shared = True  # its acks come back on it: a waiting caller may read them (`Lane.read_acks`)
             t.lanes = (lane.index,)

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
 from typing import Any, Protocol
 
-from transport.errors import AuthError, PeerGone, TransportError
+from transport.errors import AuthError, InvalidArgument, PeerGone, TransportError
 
 HEADER = struct.Struct("<BBHIQIIQQ")
 HEADER_SIZE = HEADER.size  # 40
@@ -69,19 +69,25 @@ SPIN_ENV = "WORKBENCH_TCP_SPIN_US"
 
 
 def spin_seconds(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
-    """The caller's spin before it sleeps for its ack: `WORKBENCH_TCP_SPIN_US` microseconds (default 100, 0: off)."""
+    """The caller's spin before it sleeps for its ack: `WORKBENCH_TCP_SPIN_US` microseconds (default 100, 0: off).
+    Raises `InvalidArgument` naming the variable for anything else."""
     raw = env.get(SPIN_ENV, "100").strip()
     try:
         us = int(raw)
     except ValueError:
         us = -1
     if not 0 <= us <= 10_000:
-        raise ValueError(f"{SPIN_ENV}: must be an integer number of microseconds 0..10000 (0 turns the spin off), "
-                         f"got {raw!r}")
+        raise InvalidArgument(f"{SPIN_ENV}: must be an integer number of microseconds 0..10000 (0 turns the spin "
+                              f"off), got {raw!r}")
     return us / 1e6
 
 
-SPIN_S = spin_seconds()
+# read once at import; a bad value is reported when an engine is made (`Engine` calls `spin_seconds()` again),
+# not as a traceback from `import transport`
+try:
+    SPIN_S = spin_seconds()
+except InvalidArgument:
+    SPIN_S = 0.0
 
 
 class LinkOwner(Protocol):

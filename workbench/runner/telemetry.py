@@ -3,8 +3,8 @@
 The recorder is cheap on the hot path: a span appends one tuple to a list; a background
 thread swaps the list out every `flush_s` (50 ms) and ships it, with each memory category's
 peak since the last batch, to the launcher as one JSON line over a TCP socket (or to a JSONL
-file under torchrun without a launcher). Compute spans are split around the collectives and transfers that run inside
-them, so a rank's events never overlap.
+file under torchrun without a launcher). Compute spans are split around the collectives and
+transfers that run inside them, so a rank's events never overlap.
 
 On CPU a span boundary is a `perf_counter()` reading. On CUDA it is a timing event
 (`torch.cuda.Event(enable_timing=True)`, reused from a pool) recorded on the current
