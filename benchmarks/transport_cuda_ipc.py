@@ -13,8 +13,11 @@ target echoes over the control socket (imm delivery + echo). On cuda_ipc also: t
 (`overhead_rounds`), and paged writes against single writes of the same total over 16, 64 and 256 MiB
 in 16, 32 and 64 KiB pages (`paged_sweep`). `--pages launch|graph|resident` picks how the fast path starts
 a paged write; `--probe` adds the copies alone on the GPU and the host's cost of each way of starting a
-paged write against `cudaMemcpyAsync` (`launch_probe`); `--quick` runs only the rounds, the sweep (one
-engine per `--modes` way, interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
+paged write against `cudaMemcpyAsync` (`launch_probe`); `--chunks` the page kernel's GPU time at 64 and 256 MiB,
+one launch and chunked as the path posts a large write, against `cudaMemcpyAsync` (`chunk_probe`);
+`--sweep-modes launch,whole` runs the full run's sweep with one engine per way (chunked launches against one
+kernel per write, interleaved); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
+interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
 costs, which copies and immediates the path used, the machine) and prints the markdown table.
 `--backend tcp --device cpu` runs the same plumbing without a GPU.
 
@@ -97,10 +100,23 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
     return out
 
 
+def _mode_opts(mode: str | None) -> dict[str, Any]:
+    """Engine options of a way of starting a paged write: a `pages=` mode of the cuda_ipc path (`launch`,
+    `graph`, `resident`), `whole` (launched as one kernel: `pages="launch", chunk_bytes=0`), or None (defaults)."""
+    if mode is None:
+        return {}
+    if mode == "whole":
+        return {"pages": "launch", "chunk_bytes": 0}
+    if mode not in ("launch", "graph", "resident"):
+        raise SystemExit(f"paged-write mode must be launch, graph, resident or whole, got {mode!r}")
+    return {"pages": mode}
+
+
 def paged_sweep(device: str, target_device: str, iters: int, totals: tuple[int, ...] = SWEEP_TOTALS,
                 pages: tuple[int, ...] = SWEEP_PAGES, modes: tuple[str | None, ...] = (None,)) -> dict[str, Any]:
     """Paged writes against single writes of the same total, per total: one engine (2 lanes) per way of
-    starting a paged write (`modes`: `pages=` of the cuda_ipc path; None: the path's default), all open at once;
+    starting a paged write (`modes`: `pages=` of the cuda_ipc path, or `whole` for launched as one kernel, see
+    `_mode_opts`; None: the path's defaults), all open at once;
     a single write (the first engine's) and a paged write of each page size and mode (random page permutations),
     interleaved op by op (`bench._interleaved`); median µs until done and until `write_paged()` returned, and
     single / paged (the issue's "paged ≥ 0.8× single" ratio). At most `iters` repetitions per op at 16 MiB,
@@ -118,7 +134,7 @@ def paged_sweep(device: str, target_device: str, iters: int, totals: tuple[int, 
         srcs = {}
         for mode in modes:
             name = mode or "default"
-            opts: dict[str, Any] = {"pages": mode} if mode else {}
+            opts = _mode_opts(mode)
             eng = engines[name] = Engine("cuda_ipc", lanes=2, **opts)
             srcs[name] = eng.register(bench._source(eng, top, device))
             eng.connect(target.desc)
@@ -482,6 +498,67 @@ def probe(repeats: int, k: int = 10) -> dict[str, Any]:
     return res
 
 
+def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 256 * MiB),
+                pages: tuple[int, ...] = SWEEP_PAGES) -> dict[str, Any]:
+    """The page kernel against `cudaMemcpyAsync` of the same total on the GPU alone (CUDA events around `k`
+    back-to-back writes, µs per write, median of `repeats`), data several times the L2: the kernel as one launch
+    reading its indices from pinned host memory (what `pages="whole"` posts), the same chunked as the path posts
+    it (`chunk_plan`: one launch per chunk, each chunk's indices in its part of the buffer), and one launch reading
+    them from device memory; `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
+    import numpy as np
+    import torch
+    from cupy.cuda import runtime as rt
+
+    from kernels._cuda import index_copier
+    from kernels.bench import gpu_time
+    from transport.backends.cuda_ipc import chunk_plan
+
+    stream = torch.cuda.current_stream().cuda_stream
+    top = max(totals)
+    src = torch.randint(0, 255, (top,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty_like(src)
+    sp_, dp_ = src.data_ptr(), dst.data_ptr()
+    gi = index_copier(0)
+    out: dict[str, Any] = {}
+    for total in totals:
+        mc = partial(rt.memcpyAsync, dp_, sp_, total, 4, stream)
+        memcpy = 1e6 * gpu_time(_batched(mc, k), repeats) / k
+        out[f"memcpy_{total // MiB}MiB_us"] = round(memcpy, 2)
+        for page in pages:
+            n = total // page
+            rng = np.random.default_rng(page + n)
+            sp, dp = rng.permutation(n), rng.permutation(n)
+            plan = chunk_plan(n, page)
+            whole = torch.from_numpy(np.concatenate([sp, dp])).pin_memory()
+            parts = torch.empty(2 * n, dtype=torch.int64).pin_memory()
+            pv = parts.numpy()
+            for a, b in plan:
+                pv[2 * a:2 * a + b - a], pv[2 * a + b - a:2 * b] = sp[a:b], dp[a:b]
+            dev = whole.to("cuda:0")
+            w_, c_, d_ = whole.data_ptr(), parts.data_ptr(), dev.data_ptr()
+
+            def chunked(plan: list[tuple[int, int]] = plan, page: int = page, c_: int = c_) -> None:
+                for a, b in plan:
+                    gi(sp_, dp_, c_ + 16 * a, b - a, page, page, page, stream)
+            key = f"{total // MiB}MiB_{page // KiB}KiB"
+            row: dict[str, Any] = {"chunks": [b - a for a, b in plan]}
+            for name, fn in (("whole_host_idx", partial(gi, sp_, dp_, w_, n, page, page, page, stream)),
+                             ("chunked_host_idx", chunked),
+                             ("whole_device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream))):
+                us = 1e6 * gpu_time(_batched(fn, k), repeats) / k
+                row[f"{name}_us"] = round(us, 2)
+                row[f"{name}_vs_memcpy"] = round(memcpy / us, 3)
+            dst.zero_()
+            chunked()
+            torch.cuda.synchronize()
+            got = dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()]
+            row["chunked_correct"] = float(torch.equal(got, src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
+            out[key] = row
+    del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
 def launch_probe(repeats: int, page: int = 32 * KiB, n: int = 256) -> dict[str, Any]:
     """The host's cost of starting one paged write of `n` pages (the 256 x 32 KiB layer) by each way there is,
     in one process, on a non-blocking stream of the kind the transport's lanes use, against cudaMemcpyAsync of
@@ -647,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
                          "--probe, the launch-cost probe (no rows)")
     ap.add_argument("--modes", default="",
                     help="with --quick: comma-separated ways of starting a paged write to compare (launch,graph)")
+    ap.add_argument("--sweep-modes", default="",
+                    help="the full run's paged sweep: comma-separated ways of starting a paged write, one engine "
+                         "each, interleaved (launch,whole: chunked launches against one kernel per write)")
+    ap.add_argument("--chunks", action="store_true",
+                    help="also time the page kernel on the GPU at 64 and 256 MiB, whole and chunked (chunk_probe)")
     ap.add_argument("--resident", action="store_true",
                     help="only compare launched paged writes with the resident copier (pages=resident), one GPU")
     args = ap.parse_args(argv)
@@ -660,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(rdoc, indent=1, default=str))
         print("resident:", json.dumps(rdoc, default=str))
         return 0
+    sweep_modes = tuple(m for m in args.sweep_modes.split(",") if m) or (None,)
+    for m in sweep_modes:
+        _mode_opts(m)  # a bad name fails here, before anything runs
     os.environ["WORKBENCH_CUDA_IPC"] = args.path  # read by every engine, the spawned targets' too
     if args.quick:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -671,6 +756,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - the rest stands without it
                 qdoc["probe"] = {"launch": {"error": f"{type(exc).__name__}: {exc}"}}
             print("probe:", json.dumps(qdoc["probe"]))
+        if args.chunks:
+            qdoc["chunk_probe"] = chunk_probe(10)
+            print("chunk_probe:", json.dumps(qdoc["chunk_probe"]))
         qdoc["overhead_rounds"] = overhead_rounds(args.device, args.target_device, args.rounds, args.iters)
         qdoc["paged_sweep"] = paged_sweep(args.device, args.target_device, args.iters, modes=modes)
         qdoc["meta"] = {"machine": args.machine, "modes": args.modes or "default", "cpus": len(os.sched_getaffinity(0)),
@@ -703,8 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     if args.backend == "cuda_ipc":
         extra["overhead_rounds"] = overhead_rounds(args.device, args.target_device, args.rounds, cap)
-        extra["paged_sweep"] = paged_sweep(args.device, args.target_device, cap)
+        extra["paged_sweep"] = paged_sweep(args.device, args.target_device, cap, modes=sweep_modes)
     meta: dict[str, Any] = {"machine": args.machine, "path": args.path, "peer": args.peer or "default",
+                            "sweep_modes": args.sweep_modes or "default",
                             "pages": args.pages or os.environ.get("WORKBENCH_CUDA_IPC_PAGES", "default"),
                             "device": args.device, "target_device": args.target_device, "platform": platform.platform(),
                             "cpus": len(os.sched_getaffinity(0)), "wall_s": round(time.perf_counter() - t0, 1),
@@ -729,6 +818,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the rows above stand without it
             doc["probe"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("probe:", json.dumps(doc["probe"]))
+    if args.chunks:
+        try:
+            doc["chunk_probe"] = chunk_probe(10)
+        except Exception as exc:  # noqa: BLE001 - the rows above stand without it
+            doc["chunk_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("chunk_probe:", json.dumps(doc["chunk_probe"]))
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
     print(f"# {args.backend} {args.path} {args.device}->{args.target_device} on {args.machine}")
     print(report.table())

@@ -16,7 +16,12 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   `copy_pages_pg` launch (`copy_pages_idx` for strides other than the page; `kernels._cuda`: a warp
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
-  page; no byte offsets, word-size, splitting or division work on the host;
+  page; no byte offsets, word-size, splitting or division work on the host. A large paged write (at
+  least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks (`chunk_plan`:
+  about `chunk_bytes` first, each next twice the one before): a chunk's indices go into its part of the
+  slot and its kernel is launched before the next chunk's indices are copied, so the GPU copies while
+  the host still posts; every chunk on the lane's stream, one completion event and one immediate after
+  the last (`chunk_bytes=0`: one kernel per write);
 - `pages="graph"` (opt-in): the same kernel started as a CUDA graph, one per ring slot, captured once
   (`kernels._cuda.GraphPages`): the job's six words and the indices go into the slot and one
   `cudaGraphLaunch` starts it (the host's cost ~3 µs against ~5 µs for the launch on one H200; the
@@ -76,6 +81,9 @@ PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # how a paged write on one GPU is starte
 PAGES_MODES = ("launch", "graph", "resident")
 RESIDENT_CTAS = 0  # CTAs of the resident page copier (pages="resident"); 0: one per SM
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
+PAGE_CHUNK_BYTES = 16 << 20  # a large paged write's first kernel moves about this much (`chunk_bytes`; 0: one kernel)
+PAGE_CHUNK_MIN_PAGES = 2048  # paged writes of fewer pages are one kernel (their index copy costs less than a launch)
+PAGE_CHUNK_GROW = 2  # each further kernel of a chunked paged write takes this many times the pages of the one before
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
 STAGE_BYTES = STAGE_CHUNK * STAGE_SLOTS
@@ -152,6 +160,32 @@ def _split(src: np.ndarray, dst: np.ndarray, length: np.ndarray, limit: int
     return src, dst, length
 
 
+def chunk_plan(n: int, page: int, first_bytes: int = PAGE_CHUNK_BYTES, min_pages: int = PAGE_CHUNK_MIN_PAGES,
+               grow: int = PAGE_CHUNK_GROW) -> list[tuple[int, int]]:
+    """How a paged write of `n` pages of `page` bytes is posted on one GPU: page ranges [(start, stop), ...], one
+    kernel each, in order. One range when chunking is off (`first_bytes` 0), the write has fewer than `min_pages`
+    pages or at most twice `first_bytes` of payload; else the first range holds about `first_bytes` (at least
+    one page), each next `grow` times the pages of the one before, and a last range smaller than the one before
+    it joins that one. The first kernel starts after copying only its own indices: the GPU copies it while the
+    host copies the next range's indices and launches it."""
+    if n <= 0:
+        return []
+    if first_bytes <= 0 or n < min_pages or n * page <= 2 * first_bytes:
+        return [(0, n)]
+    if grow < 1:
+        raise ValueError(f"chunk_plan: grow must be >= 1, got {grow}")
+    k = max(1, first_bytes // page)
+    out: list[tuple[int, int]] = []
+    a = 0
+    while a < n:
+        b = a + k
+        if n - b < k * grow:  # the rest would be smaller than the next range: this one takes it
+            b = n
+        out.append((a, b))
+        a, k = b, k * grow
+    return out
+
+
 class _PageIdx:
     """A paged write as the engine checked it: `idx` holds the n source page indices then the n destination
     indices (int64, the engine's own array); page i moves `page` bytes from `so + idx[i] * ss` to
@@ -165,6 +199,12 @@ class _PageIdx:
 
     def __len__(self) -> int:
         return self.n
+
+    def tail(self, start: int) -> _PageIdx:
+        """Pages start..n-1 of this write (the rest after its first `start` pages were posted)."""
+        n = self.n
+        return _PageIdx(np.concatenate((self.idx[start:n], self.idx[n + start:])), self.page, self.ss, self.ds,
+                        self.so, self.do)
 
     def pieces(self) -> Pieces:
         n = self.n
@@ -189,14 +229,16 @@ class _HostRing:
         self.bytes = memoryview(self.buf.numpy())  # for struct.pack_into
         self.words = self.buf.numpy().view(np.int64)
         self.ptr = int(self.buf.data_ptr())
-        self.free: deque[int] = deque(range(self.SLOTS))  # popleft and extend are atomic: no lock
+        # pop and extend are atomic: no lock; the slot freed last is taken first (its lines are still in the
+        # host cache: a large write's index copy then costs a third of a copy into a slot not touched for 31 writes)
+        self.free: deque[int] = deque(range(self.SLOTS - 1, -1, -1))
 
     def take(self, nwords: int) -> tuple[int, np.ndarray, int] | None:
         """(slot, writable view of `nwords` words, device-readable address), or None when none is free."""
         if nwords * 8 > self.SLOT:
             return None
         try:
-            i = self.free.popleft()
+            i = self.free.pop()
         except IndexError:
             return None
         off = i * self.SLOT // 8
@@ -242,6 +284,10 @@ class _Remote:
 
     def __init__(self, tensor: Any) -> None:
         self.tensor, self.ptr, self.dev = tensor, int(tensor.data_ptr()), int(tensor.device.index)
+
+
+def _done_nothing(exc: BaseException | None) -> None:
+    """A completed write's callback once it ran."""
 
 
 class _Pending:
@@ -294,6 +340,8 @@ class CudaIpcPath(DataPath):
     Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
     them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
     closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
+    chunk_bytes: a launched paged write of at least `PAGE_CHUNK_MIN_PAGES` pages and more than twice this many
+    bytes is posted as several kernels, the first moving about this many bytes (`chunk_plan`); 0: one kernel.
     """
 
     name = "cuda_ipc"
@@ -301,7 +349,8 @@ class CudaIpcPath(DataPath):
 
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
                  on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
-                 pages: str | None = None, resident_ctas: int = RESIDENT_CTAS) -> None:
+                 pages: str | None = None, resident_ctas: int = RESIDENT_CTAS,
+                 chunk_bytes: int = PAGE_CHUNK_BYTES) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -317,6 +366,9 @@ class CudaIpcPath(DataPath):
         if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 0 <= resident_ctas <= 1024:
             raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 0..1024 (0: one per SM), "
                                      f"got {resident_ctas!r}")
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0:
+            raise BackendUnavailable(f"cuda_ipc: chunk_bytes must be an integer >= 0 (bytes of a large paged write's "
+                                     f"first kernel; 0: one kernel per paged write), got {chunk_bytes!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
@@ -345,6 +397,7 @@ class CudaIpcPath(DataPath):
         self._copy_pages: dict[int, Callable[..., None]] = {}  # per device: copy_pages_idx bound to it
         self.pages = pages
         self.resident_ctas = resident_ctas
+        self.chunk_bytes = chunk_bytes
         self._resident: dict[int, Any] = {}  # device -> kernels._cuda.ResidentPages (pages="resident"), or None
         self._graphs: dict[int, Any] = {}  # device -> kernels._cuda.GraphPages (pages="graph"), or None
         self._queue: deque[_Pending] = deque()
@@ -599,9 +652,10 @@ class CudaIpcPath(DataPath):
 
     def _local(self, la: _Lane, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending) -> None:
         if type(pieces) is _PageIdx:
-            if self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p):
+            done = self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p)
+            if done == pieces.n:
                 return
-            pieces = pieces.pieces()
+            pieces = (pieces.tail(done) if done else pieces).pieces()
         if len(pieces) == 1:
             n = int(pieces.length[0])
             if n:
@@ -609,44 +663,68 @@ class CudaIpcPath(DataPath):
                                     MEMCPY_DEFAULT, la.ptr)
             self.used["memcpy"] += 1
             return
-        if (pieces.page and self._pages_ok and self.kernel != "torch"  # equal pieces: byte offsets as indices
-                and self._pages(la, int(flat.data_ptr()), rem.ptr,
-                                _PageIdx(np.concatenate((pieces.src, pieces.dst)), pieces.page, 1, 1, 0, 0), p)):
-            return
+        if pieces.page and self._pages_ok and self.kernel != "torch":  # equal pieces: byte offsets as indices
+            pg = _PageIdx(np.concatenate((pieces.src, pieces.dst)), pieces.page, 1, 1, 0, 0)
+            done = self._pages(la, int(flat.data_ptr()), rem.ptr, pg, p)
+            if done == pg.n:
+                return
+            if done:
+                pieces = pg.tail(done).pieces()
         self._ranges(la, flat, rem.tensor, pieces.src, pieces.dst, pieces.length, p)
 
-    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
-        """Equal pages (a paged write) on one GPU: their page indices go into a pinned ring slot as they are
-        and one `copy_pages_idx` launch moves them all, computing each page's addresses from its index, the
-        strides and the offsets (no byte offsets, splitting or word-size arithmetic on the host: the kernel
-        picks the word per 4 KiB chunk). False when no slot is free or the kernel is unavailable (the
-        caller then takes the general range path)."""
+    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> int:
+        """Equal pages (a paged write) on one GPU: their page indices go into a pinned ring slot as they are and
+        `copy_pages_pg` / `copy_pages_idx` launches move them, computing each page's addresses from its index,
+        the strides and the offsets (no byte offsets, splitting or word-size arithmetic on the host: the kernel
+        picks the word per 4 KiB chunk). A large write is posted in chunks (`chunk_plan`): chunk c's indices are
+        copied into its part of the slot ([its source indices, its destination indices]) and its kernel is
+        launched before the next chunk's indices are copied, so the GPU copies while the host still posts; all
+        chunks go on the lane's stream, and the write's one completion event and immediate follow the last.
+        Returns how many pages it posted (from the first): n, or 0 when no slot is free or the kernel is
+        unavailable, or fewer when a later chunk's launch failed (the caller moves the rest another way)."""
         if self.pages == "graph" and self._pages_graph(la, src_ptr, dst_ptr, pg, p):
-            return True
+            return pg.n
         n = pg.n
-        got = self._host_ring().take(2 * n)
+        ring = self._host_ring()
+        got = ring.take(2 * n)
         if got is None:
-            return False
+            return 0
         slot, view, ptr = got
-        view[:] = pg.idx
+        plan = chunk_plan(n, pg.page, self.chunk_bytes) if n >= PAGE_CHUNK_MIN_PAGES else ((0, n),)
+        idx, src, dst, page, ss, ds, lane = pg.idx, src_ptr + pg.so, dst_ptr + pg.do, pg.page, pg.ss, pg.ds, la.ptr
+        posted = 0
         try:
             launch = self._copy_pages.get(la.dev)
             if launch is None:
                 from kernels._cuda import index_copier
 
                 launch = self._copy_pages[la.dev] = index_copier(la.dev)
-            # submit made the lane's device current
-            launch(src_ptr + pg.so, dst_ptr + pg.do, ptr, n, pg.page, pg.ss, pg.ds, la.ptr)
-        except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does it
-            self._host_ring().give([slot])
+            if len(plan) == 1:
+                view[:] = idx
+                launch(src, dst, ptr, n, page, ss, ds, lane)  # submit made the lane's device current
+            else:
+                for a, b in plan:
+                    k = b - a
+                    view[2 * a:2 * a + k] = idx[a:b]
+                    view[2 * a + k:2 * b] = idx[n + a:n + b]
+                    launch(src, dst, ptr + 16 * a, k, page, ss, ds, lane)
+                    posted = b
+                self.used["page_chunks"] += len(plan)
+        except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does the rest
             self._pages_ok = False
+            if posted:  # launched chunks still read the slot: it goes back with the write's completion
+                p.slots.append(slot)
+            else:
+                ring.give([slot])
             if self.kernel == "cupy":
+                if posted:  # the caller gives the write's slots back at once when posting fails
+                    self.rt.streamSynchronize(lane)
                 raise TransportError(f"cuda_ipc: the CuPy page-copy kernel failed: {exc}") from exc
             self.engine._log(f"cuda_ipc: page-copy kernel unavailable ({type(exc).__name__}: {exc})")
-            return False
+            return posted
         p.slots.append(slot)
         self.used["pages"] += 1
-        return True
+        return n
 
     def _pages_graph(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
         """`pages="graph"`: the job (six words, then the page indices as they are) into a ring slot and one
@@ -922,8 +1000,9 @@ class CudaIpcPath(DataPath):
                         notify(dst, imm, tid)
             except Exception as e:  # noqa: BLE001
                 exc = TransportError(f"cuda_ipc: delivering the immediate failed: {e}")
-        try:
-            p.done(exc)
+        done, p.done = p.done, _done_nothing  # what the callback holds (a paged write's index lists) is freed
+        try:                                  # in this thread, usually the caller's, not later in the poller's
+            done(exc)
         except Exception as e:  # noqa: BLE001 - never let one completion stop the poller
             self.engine._log(f"cuda_ipc: completion callback failed: {e}")
 

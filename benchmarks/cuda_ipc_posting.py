@@ -1,0 +1,260 @@
+"""Where the host time of posting a large paged write goes on the cuda_ipc path, without a GPU.
+
+    python3 benchmarks/cuda_ipc_posting.py --out benchmarks/results/cuda_ipc-posting-cpu.json
+    python3 benchmarks/cuda_ipc_posting.py --launch-us 4.3 --iters 200 --out posting.json
+
+Two parts, both on the CPU alone (runs anywhere the project's tests run):
+
+- `steps`: the numpy steps a paged write of n pages costs the host, median µs per call, the same arrays over and
+  over (so in the host's caches: a lower bound; in a real posting the data is colder): the engine's
+  (`np.concatenate` of the two index lists, the one unsigned max reduction that bounds both) and the path's
+  (the 2n indices into a pinned-ring-sized buffer, as one copy, or chunk by chunk as `chunk_plan` lays them out);
+- `post`: `Engine.write_paged` end to end through `CudaIpcPath` on a stand-in CUDA runtime whose calls return at
+  once and whose kernel launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one
+  H200: ~4.1–5.3 µs), one engine with chunked posting (the default) and one with `chunk_bytes=0` (one kernel per
+  write), interleaved write by write: median µs until the first kernel was launched (when the GPU may start)
+  and until `write_paged` returned, and the launches per write.
+
+What it cannot show: the GPU's copy time, and how a VM's host compares with this one (run it there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KiB, MiB = 1 << 10, 1 << 20
+SHAPES = ((16 * MiB, 16 * KiB), (64 * MiB, 16 * KiB), (64 * MiB, 32 * KiB), (256 * MiB, 16 * KiB),
+          (256 * MiB, 32 * KiB), (256 * MiB, 64 * KiB), (8 * MiB, 32 * KiB))
+
+
+def _med_us(fn: Any, iters: int) -> float:
+    for _ in range(min(20, iters)):
+        fn()
+    ts = []
+    for _ in range(iters):
+        a = time.perf_counter_ns()
+        fn()
+        ts.append(time.perf_counter_ns() - a)
+    return statistics.median(ts) / 1e3
+
+
+def _copy_chunks(ring: np.ndarray, both: np.ndarray, n: int, plan: list[tuple[int, int]]) -> None:
+    """The path's copy of a chunked write's indices: chunk (a, b) as [its source indices, its destination ones]."""
+    for a, b in plan:
+        k = b - a
+        ring[2 * a:2 * a + k] = both[a:b]
+        ring[2 * a + k:2 * b] = both[n + a:n + b]
+
+
+def steps(iters: int) -> dict[str, Any]:
+    """The numpy steps of posting, per shape (median µs)."""
+    from transport.backends.cuda_ipc import _HostRing, chunk_plan
+
+    umax = np.maximum.reduce
+    ring = np.zeros(_HostRing.SLOT // 8, np.int64)
+    out: dict[str, Any] = {}
+    for total, page in SHAPES:
+        n = total // page
+        rng = np.random.default_rng(n)
+        sp, dp = rng.permutation(n), rng.permutation(n)
+        both = np.concatenate((sp, dp))
+        plan = chunk_plan(n, page)
+
+        chunked = partial(_copy_chunks, ring, both, n, plan)
+        out[f"{total // MiB}MiB_{page // KiB}KiB"] = {
+            "pages": n,
+            "chunks": [b - a for a, b in plan],
+            "engine_concat_us": round(_med_us(partial(np.concatenate, (sp, dp)), iters), 2),
+            "engine_umax_us": round(_med_us(partial(umax, both.view(np.uint64)), iters), 2),
+            "path_copy_whole_us": round(_med_us(partial(np.copyto, ring[:2 * n], both), iters), 2),
+            "path_copy_chunked_us": round(_med_us(chunked, iters), 2),
+            "path_copy_first_chunk_us": round(_med_us(partial(_copy_chunks, ring, both, n, plan[:1]), iters), 2),
+        }
+    return out
+
+
+class _Rt:
+    """A CUDA runtime stand-in: every call returns at once (the source's stream is idle, events never ready)."""
+
+    def __init__(self) -> None:
+        self._ev = itertools.count(1)
+
+    def getDevice(self) -> int:
+        return 0
+
+    def setDevice(self, dev: int) -> None:
+        return None
+
+    def streamQuery(self, stream: int) -> int:
+        return 0
+
+    def eventCreateWithFlags(self, flags: int) -> int:
+        return next(self._ev)
+
+    def eventRecord(self, ev: int, stream: int) -> None:
+        return None
+
+    def streamWaitEvent(self, stream: int, ev: int, flags: int) -> None:
+        return None
+
+    def memcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> None:
+        return None
+
+    def eventSynchronize(self, ev: int) -> None:
+        return None
+
+    def streamSynchronize(self, stream: int) -> None:
+        return None
+
+    def eventQuery(self, ev: int) -> int:
+        return 600
+
+    def eventDestroy(self, ev: int) -> None:
+        return None
+
+
+class _Pinned:
+    """Stands in for a pinned torch tensor of the path's host ring (numpy memory, its address)."""
+
+    def __init__(self, n: int) -> None:
+        self.a = np.zeros(n, np.uint8)
+
+    def numpy(self) -> np.ndarray:
+        return self.a
+
+    def data_ptr(self) -> int:
+        return int(self.a.ctypes.data)
+
+
+class _Tensor:
+    def __init__(self, n: int, ptr: int) -> None:
+        self.n, self.ptr = n, ptr
+        self.device = SimpleNamespace(index=0, type="cuda")
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    def numel(self) -> int:
+        return self.n
+
+
+def post(iters: int, launch_us: float) -> dict[str, Any]:
+    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write."""
+    import kernels._cuda as kc
+    from transport.backends.cuda_ipc import CudaIpcPath, _Remote
+    from transport.engine import Engine
+
+    launched: list[int] = []
+    spin = int(launch_us * 1e3)
+
+    def launch(fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
+               params: int, extra: int) -> None:
+        t = time.perf_counter_ns()
+        launched.append(t)
+        while time.perf_counter_ns() - t < spin:
+            pass
+
+    def raw(device: int, name: str) -> Any:
+        r = kc._Raw.__new__(kc._Raw)
+        r.fn, r.ptr, r.launch, r.rt = None, 1, launch, _Rt()
+        return r
+
+    stream = SimpleNamespace(cuda_stream=0x5000, synchronize=lambda: None)
+    torch = SimpleNamespace(uint8=np.uint8, cuda=SimpleNamespace(Stream=lambda device=None: stream),
+                            empty=lambda n, dtype=None, pin_memory=False, device=None: _Pinned(n),
+                            _C=SimpleNamespace(_cuda_getCurrentRawStream=lambda dev: 0))
+    real_raw = kc._raw
+    kc._raw = raw  # type: ignore[assignment]
+    top = max(t for t, _ in SHAPES)
+    out: dict[str, Any] = {"launch_us": launch_us}
+    try:
+        with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2:
+            dst = tgt.register(np.zeros(top, np.uint8)).descriptor  # never touched: the stand-in copies nothing
+            engines = {}
+            for name, eng, chunk in (("chunked", e1, None), ("whole", e2, 0)):
+                src = eng.register(np.zeros(top, np.uint8))
+                src.flat = _Tensor(top, 1 << 40)
+                eng.connect(dst)
+                opts = {} if chunk is None else {"chunk_bytes": chunk}
+                path = CudaIpcPath(eng, runtime=(torch, _Rt()), **opts)
+                path.handles = lambda s, d: True  # type: ignore[method-assign]
+                path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(top, 1 << 41))
+                old = eng._path
+                eng._path = path
+                engines[name] = (eng, src, path, old)
+            try:
+                for total, page in SHAPES:
+                    n = total // page
+                    rng = np.random.default_rng(n)
+                    sp, dp = rng.permutation(n), rng.permutation(n)
+                    res: dict[str, dict[str, list[float]]] = {k: {"first": [], "post": [], "launches": []}
+                                                              for k in engines}
+                    for i in range(iters + 10):
+                        for name, (eng, src, _path, _old) in engines.items():
+                            launched.clear()
+                            a = time.perf_counter_ns()
+                            t = eng.write_paged(src, dst, page_bytes=page, src_pages=sp, dst_pages=dp)
+                            b = time.perf_counter_ns()
+                            t.result(5)  # the stand-in's event "synchronises" at once
+                            if i >= 10:
+                                res[name]["first"].append((launched[0] - a) / 1e3)
+                                res[name]["post"].append((b - a) / 1e3)
+                                res[name]["launches"].append(len(launched))
+                    row: dict[str, Any] = {"pages": n}
+                    for name, r in res.items():
+                        row[f"{name}_first_launch_us"] = round(statistics.median(r["first"]), 2)
+                        row[f"{name}_post_us"] = round(statistics.median(r["post"]), 2)
+                        row[f"{name}_launches"] = int(statistics.median(r["launches"]))
+                    out[f"{total // MiB}MiB_{page // KiB}KiB"] = row
+            finally:
+                for eng, _src, path, old in engines.values():
+                    eng._path = old
+                    path.close()
+    finally:
+        kc._raw = real_raw  # type: ignore[assignment]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=200, help="timed repetitions per point")
+    ap.add_argument("--launch-us", type=float, default=4.3,
+                    help="host µs the stand-in kernel launch spins (one H200's cuLaunchKernel: ~4.1-5.3)")
+    ap.add_argument("--machine", default=platform.node())
+    ap.add_argument("--out", default="", help="JSON file to write")
+    args = ap.parse_args(argv)
+    if args.iters < 1 or args.launch_us < 0:
+        ap.error("--iters must be >= 1 and --launch-us >= 0")
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {"steps": steps(args.iters), "post": post(args.iters, args.launch_us)}
+    doc["meta"] = {"machine": args.machine, "platform": platform.platform(), "python": platform.python_version(),
+                   "numpy": np.__version__, "cpus": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
+                   "wall_s": round(time.perf_counter() - t0, 1),
+                   "command": "python3 benchmarks/cuda_ipc_posting.py " + " ".join(argv or sys.argv[1:])}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+    for part in ("steps", "post"):
+        print(f"{part}:")
+        for k, v in doc[part].items():
+            print(f"  {k}: {json.dumps(v)}")
+    print("meta:", json.dumps(doc["meta"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
