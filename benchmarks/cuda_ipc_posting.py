@@ -8,11 +8,12 @@ Two parts, both on the CPU alone (runs anywhere the project's tests run):
 - `steps`: the numpy steps a paged write of n pages costs the host, median µs per call, the same arrays over and
   over (so in the host's caches: a lower bound; in a real posting the data is colder): the engine's
   (`np.concatenate` of the two index lists, the one unsigned max reduction that bounds both) and the path's
-  (the 2n indices into a pinned-ring-sized buffer, as one copy, or chunk by chunk as `chunk_plan` lays them out);
+  (the 2n indices into a pinned-ring-sized buffer, as one copy, or chunk by chunk as `chunk_plan` lays them out
+  for `chunk_bytes=PAGE_CHUNK_BYTES`);
 - `post`: `Engine.write_paged` end to end through `CudaIpcPath` on a stand-in CUDA runtime whose calls return at
   once and whose kernel launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one
-  H200: ~4.1–5.3 µs), one engine with chunked posting (the default) and one with `chunk_bytes=0` (one kernel per
-  write), interleaved write by write: median µs until the first kernel was launched (when the GPU may start)
+  H200: ~4.1–5.3 µs), one engine posting in chunks (`chunk_bytes=PAGE_CHUNK_BYTES`) and one with the default (one
+  kernel per write), interleaved write by write: median µs until the first kernel was launched (when the GPU may start)
   and until `write_paged` returned, and the launches per write.
 
 What it cannot show: the GPU's copy time, and how a VM's host compares with this one (run it there too).
@@ -156,7 +157,7 @@ class _Tensor:
 def post(iters: int, launch_us: float) -> dict[str, Any]:
     """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write."""
     import kernels._cuda as kc
-    from transport.backends.cuda_ipc import CudaIpcPath, _Remote
+    from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, CudaIpcPath, _Remote
     from transport.engine import Engine
 
     launched: list[int] = []
@@ -186,12 +187,11 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
         with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2:
             dst = tgt.register(np.zeros(top, np.uint8)).descriptor  # never touched: the stand-in copies nothing
             engines = {}
-            for name, eng, chunk in (("chunked", e1, None), ("whole", e2, 0)):
+            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0)):
                 src = eng.register(np.zeros(top, np.uint8))
                 src.flat = _Tensor(top, 1 << 40)
                 eng.connect(dst)
-                opts = {} if chunk is None else {"chunk_bytes": chunk}
-                path = CudaIpcPath(eng, runtime=(torch, _Rt()), **opts)
+                path = CudaIpcPath(eng, runtime=(torch, _Rt()), chunk_bytes=chunk)
                 path.handles = lambda s, d: True  # type: ignore[method-assign]
                 path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(top, 1 << 41))
                 old = eng._path

@@ -15,8 +15,8 @@ in 16, 32 and 64 KiB pages (`paged_sweep`). `--pages launch|graph|resident` pick
 a paged write; `--probe` adds the copies alone on the GPU and the host's cost of each way of starting a
 paged write against `cudaMemcpyAsync` (`launch_probe`); `--chunks` the page kernel's GPU time at 64 and 256 MiB,
 one launch and chunked as the path posts a large write, against `cudaMemcpyAsync` (`chunk_probe`);
-`--sweep-modes launch,whole` runs the full run's sweep with one engine per way (chunked launches against one
-kernel per write, interleaved); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
+`--sweep-modes launch,chunked` runs the full run's sweep with one engine per way (one kernel per write
+against chunked launches, interleaved); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
 interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
 costs, which copies and immediates the path used, the machine) and prints the markdown table.
 `--backend tcp --device cpu` runs the same plumbing without a GPU.
@@ -102,13 +102,18 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
 
 def _mode_opts(mode: str | None) -> dict[str, Any]:
     """Engine options of a way of starting a paged write: a `pages=` mode of the cuda_ipc path (`launch`,
-    `graph`, `resident`), `whole` (launched as one kernel: `pages="launch", chunk_bytes=0`), or None (defaults)."""
+    `graph`, `resident`), `whole` (launched as one kernel: `pages="launch", chunk_bytes=0`, the default),
+    `chunked` (launched in chunks: `chunk_bytes=PAGE_CHUNK_BYTES`), or None (the path's defaults)."""
     if mode is None:
         return {}
     if mode == "whole":
         return {"pages": "launch", "chunk_bytes": 0}
+    if mode == "chunked":
+        from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES
+
+        return {"pages": "launch", "chunk_bytes": PAGE_CHUNK_BYTES}
     if mode not in ("launch", "graph", "resident"):
-        raise SystemExit(f"paged-write mode must be launch, graph, resident or whole, got {mode!r}")
+        raise SystemExit(f"paged-write mode must be launch, graph, resident, whole or chunked, got {mode!r}")
     return {"pages": mode}
 
 
@@ -304,6 +309,7 @@ def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str
             posts = []
             for i in range(iters + 20):
                 if i == 20:
+                    _wrap_inner(path, spent, wrapped)
                     spent.clear()
                 a = time.perf_counter_ns()
                 if shape is None:
@@ -318,8 +324,35 @@ def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str
             out[label] = row
     finally:
         for obj, name in wrapped:
-            delattr(obj, name)
+            if isinstance(obj, dict):
+                obj[name] = obj[name].__wrapped__
+            else:
+                delattr(obj, name)
     return out
+
+
+def _wrap_inner(path: Any, spent: dict[str, list[int]], wrapped: list[Any]) -> None:
+    """Time the page kernel's launcher (`path.launch`: packing and one `cuLaunchKernel`) and the ring's `take`
+    too, once the path made them (each once)."""
+    def timer(fn: Any, key: str) -> Any:
+        def timed(*a: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*a)
+            finally:
+                spent.setdefault(key, []).append(time.perf_counter_ns() - t0)
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+    launchers = getattr(path, "_copy_pages", None)
+    if isinstance(launchers, dict):
+        for dev, fn in list(launchers.items()):
+            if not hasattr(fn, "__wrapped__"):
+                launchers[dev] = timer(fn, "path.launch")
+                wrapped.append((launchers, dev))
+    ring = getattr(path, "_ring", None)
+    if ring is not None and "take" not in vars(ring):
+        ring.take = timer(ring.take, "path.ring_take")
+        wrapped.append((ring, "take"))
 
 
 def resident_compare(target_device: str, iters: int, ctas: tuple[int, ...] = (0, 32)) -> dict[str, Any]:
@@ -502,23 +535,25 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
                 pages: tuple[int, ...] = SWEEP_PAGES) -> dict[str, Any]:
     """The page kernel against `cudaMemcpyAsync` of the same total on the GPU alone (CUDA events around `k`
     back-to-back writes, µs per write, median of `repeats`), data several times the L2: the kernel as one launch
-    reading its indices from pinned host memory (what `pages="whole"` posts), the same chunked as the path posts
-    it (`chunk_plan`: one launch per chunk, each chunk's indices in its part of the buffer), and one launch reading
-    them from device memory; `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
+    reading its indices from pinned host memory (what the path posts by default; each block reads its pages'
+    indices once), the same chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per
+    chunk, each chunk's indices in its part of the buffer), one launch reading them from device memory, and
+    `copy_pages` reading byte offsets from pinned host memory warp by warp (how the index kernels read theirs
+    before); `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt
 
-    from kernels._cuda import index_copier
+    from kernels._cuda import index_copier, page_copier
     from kernels.bench import gpu_time
-    from transport.backends.cuda_ipc import chunk_plan
+    from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, chunk_plan
 
     stream = torch.cuda.current_stream().cuda_stream
     top = max(totals)
     src = torch.randint(0, 255, (top,), dtype=torch.uint8, device="cuda:0")
     dst = torch.empty_like(src)
     sp_, dp_ = src.data_ptr(), dst.data_ptr()
-    gi = index_copier(0)
+    gi, go = index_copier(0), page_copier(0)
     out: dict[str, Any] = {}
     for total in totals:
         mc = partial(rt.memcpyAsync, dp_, sp_, total, 4, stream)
@@ -528,8 +563,9 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
             n = total // page
             rng = np.random.default_rng(page + n)
             sp, dp = rng.permutation(n), rng.permutation(n)
-            plan = chunk_plan(n, page)
+            plan = chunk_plan(n, page, PAGE_CHUNK_BYTES)
             whole = torch.from_numpy(np.concatenate([sp, dp])).pin_memory()
+            offs = torch.from_numpy(np.concatenate([sp * page, dp * page])).pin_memory()  # byte offsets
             parts = torch.empty(2 * n, dtype=torch.int64).pin_memory()
             pv = parts.numpy()
             for a, b in plan:
@@ -544,7 +580,8 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
             row: dict[str, Any] = {"chunks": [b - a for a, b in plan]}
             for name, fn in (("whole_host_idx", partial(gi, sp_, dp_, w_, n, page, page, page, stream)),
                              ("chunked_host_idx", chunked),
-                             ("whole_device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream))):
+                             ("whole_device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream)),
+                             ("warp_host_offsets", partial(go, sp_, dp_, offs.data_ptr(), n, page, stream))):
                 us = 1e6 * gpu_time(_batched(fn, k), repeats) / k
                 row[f"{name}_us"] = round(us, 2)
                 row[f"{name}_vs_memcpy"] = round(memcpy / us, 3)
@@ -726,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --quick: comma-separated ways of starting a paged write to compare (launch,graph)")
     ap.add_argument("--sweep-modes", default="",
                     help="the full run's paged sweep: comma-separated ways of starting a paged write, one engine "
-                         "each, interleaved (launch,whole: chunked launches against one kernel per write)")
+                         "each, interleaved (launch,chunked: one kernel per write against chunked launches)")
     ap.add_argument("--chunks", action="store_true",
                     help="also time the page kernel on the GPU at 64 and 256 MiB, whole and chunked (chunk_probe)")
     ap.add_argument("--resident", action="store_true",

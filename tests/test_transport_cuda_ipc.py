@@ -24,6 +24,7 @@ import pytest
 from transport import BackendUnavailable, Engine, OutOfRange, Target
 from transport.backends.cuda_ipc import (
     MODE_ENV,
+    PAGE_CHUNK_BYTES,
     PAGE_CHUNK_MIN_PAGES,
     STAGE_BYTES,
     CudaIpcPath,
@@ -328,17 +329,17 @@ def test_paged_writes_of_odd_pages_and_offsets(peer, pages: str) -> None:  # typ
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
-@pytest.mark.parametrize("chunk", [None, 1 << 20])
-def test_large_paged_write_posted_in_chunks(peer, chunk: int | None) -> None:  # type: ignore[no-untyped-def]
-    """A paged write large enough to be posted chunk by chunk (the default plan: 1024 + 3072 pages of 16 KiB;
-    1 MiB first chunks: 64 + 128 + ... pages), its immediate once, every page in place."""
+@pytest.mark.parametrize("chunk", [0, PAGE_CHUNK_BYTES, 1 << 20])
+def test_large_paged_write_posted_in_chunks(peer, chunk: int) -> None:  # type: ignore[no-untyped-def]
+    """A large paged write as one kernel (the default) and posted chunk by chunk (16 MiB first: 1024 + 3072 pages
+    of 16 KiB; 1 MiB first: 64 + 128 + ... pages), its immediate once, every page in place."""
     if peer.desc.device != "cuda:0":
         pytest.skip("one-GPU case")
     page, n = 16 << 10, 4096
     data = rand(n * page, seed=12)
     sp, dp = np.random.default_rng(13).permutation(n), np.random.default_rng(14).permutation(n)
-    opts = {} if chunk is None else {"chunk_bytes": chunk}
-    imm = 88 if chunk is None else 89
+    opts = {"chunk_bytes": chunk} if chunk else {}
+    imm = {0: 88, PAGE_CHUNK_BYTES: 89}.get(chunk, 90)  # the peer is shared: it counts totals per imm
     with Engine("cuda_ipc", lanes=2, **opts) as eng:
         src = eng.register(cuda_buf(data))
         peer.call("fill", 0)
@@ -347,8 +348,9 @@ def test_large_paged_write_posted_in_chunks(peer, chunk: int | None) -> None:  #
         got = np.frombuffer(peer.read(0, n * page), np.uint8).reshape(n, page)
         assert np.array_equal(got[dp], data.reshape(n, page)[sp])
         used = eng._path.used
-        want = len(chunk_plan(n, page, *(() if chunk is None else (chunk,))))
-        assert want > 1 and used["page_chunks"] == want and used["pages"] == 1 and used["imm_gpu"] == 1, dict(used)
+        want = len(chunk_plan(n, page, chunk)) if chunk else 0
+        assert (want > 1 or not chunk) and used["page_chunks"] == want, dict(used)
+        assert used["pages"] == 1 and used["imm_gpu"] == 1, dict(used)
 
 
 # ---- the posting logic without a GPU: a stand-in CUDA runtime records every call -------------------------
@@ -599,9 +601,10 @@ def test_chunk_plan_covers_every_page_once_in_growing_chunks() -> None:
     KiB, MiB = 1 << 10, 1 << 20
     assert chunk_plan(0, 4096) == []
     assert chunk_plan(1024, 16 * KiB) == [(0, 1024)]  # 16 MiB: one kernel
+    assert chunk_plan(16384, 16 * KiB, first_bytes=0) == [(0, 16384)]
     assert chunk_plan(PAGE_CHUNK_MIN_PAGES - 1, 1 * MiB) == [(0, PAGE_CHUNK_MIN_PAGES - 1)]  # few pages: one kernel
     assert chunk_plan(16384, 16 * KiB, first_bytes=0) == [(0, 16384)]  # chunking off
-    assert [b - a for a, b in chunk_plan(16384, 16 * KiB)] == [1024, 2048, 4096, 9216]  # 256 MiB
+    assert [b - a for a, b in chunk_plan(16384, 16 * KiB)] == [1024, 2048, 4096, 9216]  # 256 MiB, 16 MiB first
     assert [b - a for a, b in chunk_plan(4096, 16 * KiB)] == [1024, 3072]  # 64 MiB
     assert [b - a for a, b in chunk_plan(2048, 1 * MiB, first_bytes=1)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
                                                                             1025]
@@ -646,10 +649,16 @@ def test_large_paged_write_is_posted_in_chunks_on_one_stream(posting) -> None:  
     its kernel is launched before the next chunk's indices are copied; all on the lane's stream, then one
     completion event; the slot comes back once the write completed."""
     fx = posting
-    fx.path.chunk_bytes = 4 << 20
     page, n = 8 << 10, 4000  # 31.25 MiB: 512 + 1024 + 2464 pages
     rng = np.random.default_rng(21)
     sp, dp = rng.permutation(n), rng.permutation(n)
+    assert fx.path.chunk_bytes == 0  # by default one kernel
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp)).result(5)
+    assert [x[4][3] for x in fx.launches] == [n] and fx.path.used["page_chunks"] == 0
+    fx.launches.clear()
+    fx.rt.calls.clear()
+    fx.path.used.clear()
+    fx.path.chunk_bytes = 4 << 20
     plan = chunk_plan(n, page, 4 << 20)
     assert [b - a for a, b in plan] == [512, 1024, 2464]
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,

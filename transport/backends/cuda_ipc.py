@@ -16,12 +16,12 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   `copy_pages_pg` launch (`copy_pages_idx` for strides other than the page; `kernels._cuda`: a warp
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
-  page; no byte offsets, word-size, splitting or division work on the host. A large paged write (at
-  least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks (`chunk_plan`:
-  about `chunk_bytes` first, each next twice the one before): a chunk's indices go into its part of the
-  slot and its kernel is launched before the next chunk's indices are copied, so the GPU copies while
-  the host still posts; every chunk on the lane's stream, one completion event and one immediate after
-  the last (`chunk_bytes=0`: one kernel per write);
+  page; no byte offsets, word-size, splitting or division work on the host. The kernel's blocks read
+  their pages' indices once per block into shared memory. With `chunk_bytes` > 0 (opt-in) a large paged
+  write (at least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks
+  (`chunk_plan`: about `chunk_bytes` first, each next twice the one before): a chunk's indices go into
+  its part of the slot and its kernel is launched before the next chunk's indices are copied; every
+  chunk on the lane's stream, one completion event and one immediate after the last;
 - `pages="graph"` (opt-in): the same kernel started as a CUDA graph, one per ring slot, captured once
   (`kernels._cuda.GraphPages`): the job's six words and the indices go into the slot and one
   `cudaGraphLaunch` starts it (the host's cost ~3 µs against ~5 µs for the launch on one H200; the
@@ -81,7 +81,10 @@ PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # how a paged write on one GPU is starte
 PAGES_MODES = ("launch", "graph", "resident")
 RESIDENT_CTAS = 0  # CTAs of the resident page copier (pages="resident"); 0: one per SM
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
-PAGE_CHUNK_BYTES = 16 << 20  # a large paged write's first kernel moves about this much (`chunk_bytes`; 0: one kernel)
+# Chunked posting of large paged writes (`chunk_bytes`, opt-in): one H200 measured it slower end to end (each
+# further kernel cost ~5 µs of GPU time: 256 MiB in 4 chunks 165 µs against 145 µs as one kernel, more than the
+# posting it overlapped), so a paged write is one kernel by default.
+PAGE_CHUNK_BYTES = 16 << 20  # the first chunk tried: its copy (~8 µs) covers posting the next chunk
 PAGE_CHUNK_MIN_PAGES = 2048  # paged writes of fewer pages are one kernel (their index copy costs less than a launch)
 PAGE_CHUNK_GROW = 2  # each further kernel of a chunked paged write takes this many times the pages of the one before
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
@@ -340,8 +343,10 @@ class CudaIpcPath(DataPath):
     Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
     them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
     closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
-    chunk_bytes: a launched paged write of at least `PAGE_CHUNK_MIN_PAGES` pages and more than twice this many
-    bytes is posted as several kernels, the first moving about this many bytes (`chunk_plan`); 0: one kernel.
+    chunk_bytes: 0 (default): a launched paged write is one kernel; else one of at least `PAGE_CHUNK_MIN_PAGES`
+    pages and more than twice this many bytes is posted as several kernels, the first moving about this many
+    bytes (`chunk_plan`; `PAGE_CHUNK_BYTES` is the size tried), so the GPU starts before the host has copied
+    every index. Opt-in: on one H200 the further kernels cost the GPU more than the overlap saved.
     """
 
     name = "cuda_ipc"
@@ -350,7 +355,7 @@ class CudaIpcPath(DataPath):
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
                  on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
                  pages: str | None = None, resident_ctas: int = RESIDENT_CTAS,
-                 chunk_bytes: int = PAGE_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = 0) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -690,7 +695,7 @@ class CudaIpcPath(DataPath):
         if got is None:
             return 0
         slot, view, ptr = got
-        plan = chunk_plan(n, pg.page, self.chunk_bytes) if n >= PAGE_CHUNK_MIN_PAGES else ((0, n),)
+        plan = chunk_plan(n, pg.page, self.chunk_bytes) if self.chunk_bytes and n >= PAGE_CHUNK_MIN_PAGES else ((0, n),)
         idx, src, dst, page, ss, ds, lane = pg.idx, src_ptr + pg.so, dst_ptr + pg.do, pg.page, pg.ss, pg.ds, la.ptr
         posted = 0
         try:
