@@ -376,7 +376,10 @@ def render(record: dict[str, Any]) -> str:
                          f"{h.get('contention', 1.0):.2f}).")
         if fe:
             split = (f" (split at the hop of a request alone: {f['fe_request_us']:.0f} before the engine, "
-                     f"fe_finish_us = {f['fe_finish_us']:.0f} after the last token)" if "fe_finish_us" in f else "")
+                     f"fe_finish_us = {f['fe_finish_us']:.0f} after the last token"
+                     + (f" within the turnaround to the next send ({o['turnaround_us']:.0f} alone), fe_async_us = "
+                        f"{f.get('fe_async_us', 0.0):.0f} off the path" if "turnaround_us" in o else "") + ")"
+                     if "fe_finish_us" in f else "")
             lines.append(f"  Front end: fe_request_us = {fe['fe_request_us']:.0f}{split}, fe_step_us = {fe['fe_step_us']:.0f}, "
                          f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs"
                          + (f"; the traffic client's own share: {fe['client_request_us']:.0f} per request, "

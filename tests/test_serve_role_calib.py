@@ -156,15 +156,31 @@ def test_requests_wait_behind_the_frontend_on_their_way_in() -> None:
 
 
 def test_the_frontend_finishes_a_request_after_its_last_token() -> None:
-    """A closed-loop client at concurrency 1: 50 ms of front-end work after each request's last token delays the next
-    request's way in (its client sent it at once) by that much, and nothing of the request it belongs to."""
+    """A closed-loop client at concurrency 1: 50 ms of front-end work after each request's last token delays the
+    client's next send by that much (it reads its stream to the end first), and no request's latencies."""
     node = load_cluster(NODE)
     traffic = "concurrency=1,isl=16,osl=2,requests=3"
     base = requests(simulate_serving(node, MODEL, "tp=1,replicas=1,fe_token_us=1", traffic)).sort_values("request")
     fin = requests(simulate_serving(node, MODEL, "tp=1,replicas=1,fe_token_us=1,fe_finish_us=50000", traffic))
     fin = fin.sort_values("request")
-    assert fin["ttft_s"].to_numpy() - base["ttft_s"].to_numpy() == pytest.approx([0.0, 0.05, 0.05], abs=1e-9)
+    assert fin["arrival"].to_numpy() - base["arrival"].to_numpy() == pytest.approx([0.0, 0.05, 0.10], abs=1e-9)
+    assert fin["ttft_s"].to_numpy() == pytest.approx(base["ttft_s"].to_numpy(), rel=1e-9)
     assert fin["tpot_s"].to_numpy() == pytest.approx(base["tpot_s"].to_numpy(), rel=1e-9)
+
+
+def test_the_frontends_work_off_the_path_delays_only_what_queues_behind_it() -> None:
+    """50 ms of per-request front-end work queued as each request reaches the engine: one request at a time with
+    steps longer than that sees none of it; four sent at once reach the engine 50 ms apart."""
+    node = load_cluster(NODE)
+    one = "concurrency=1,isl=16,osl=2,requests=3"
+    plan = "tp=1,replicas=1,fe_token_us=1,scheduler_us=60000"  # every step outlasts the 50 ms
+    base = requests(simulate_serving(node, MODEL, plan, one)).sort_values("request")
+    off = requests(simulate_serving(node, MODEL, plan + ",fe_async_us=50000", one)).sort_values("request")
+    assert off["ttft_s"].to_numpy() == pytest.approx(base["ttft_s"].to_numpy(), rel=1e-9)
+    assert off["arrival"].to_numpy() == pytest.approx(base["arrival"].to_numpy(), abs=1e-9)
+    burst = requests(simulate_serving(node, MODEL, "tp=1,replicas=1,fe_request_us=1,fe_async_us=50000",
+                                      "rate=inf,isl=16,osl=2,requests=4")).sort_values("queue_s")
+    assert burst["queue_s"].to_numpy() == pytest.approx([0.0, 0.05, 0.10, 0.15], abs=1e-5)
 
 
 def test_calibrating_with_a_measured_frontend(job) -> None:  # type: ignore[no-untyped-def]
@@ -184,6 +200,11 @@ def test_calibrating_with_a_measured_frontend(job) -> None:  # type: ignore[no-u
     split, h = calibrate_job(colo, res, micro=micro, overheads={"request_us": 2500.0, "server_request_us": 1.0},
                              frontend=fe)
     assert (split.plan.request_us, split.plan.fe_request_us, split.plan.fe_finish_us) == (2000.0, 2000.0, 1000.0)
+    assert split.plan.fe_async_us == 0.0
+    # a client measured to send its next request 300 us after a last token: the rest is off every request's path
+    turn, _ = calibrate_job(colo, res, micro=micro, frontend=fe,
+                            overheads={"request_us": 2500.0, "server_request_us": 1.0, "turnaround_us": 300.0})
+    assert (turn.plan.fe_request_us, turn.plan.fe_finish_us, turn.plan.fe_async_us) == (2000.0, 300.0, 700.0)
     slowed, g = calibrate_job(colo, res, micro=micro, overheads={"request_us": 9000.0, "server_request_us": 1.0},
                               frontend=fe | {"fe_slowdown": 1.0, "fe_token_us": 3000.0})
     assert g["fe_mean_slowdown"] > 1.05  # the run's steps were partly the front end's doing
@@ -211,3 +232,15 @@ def test_steps_table_has_a_role_per_worker(job) -> None:  # type: ignore[no-unty
     pre, dec = st[st["role"] == "prefill"], st[st["role"] == "decode"]
     assert pre["period"].notna().all() and np.allclose(pre["period"], pre["seconds"])
     assert dec["period"].notna().sum() == len(dec) - 1
+
+
+def test_turnarounds_are_the_gaps_from_a_last_token_to_the_next_send() -> None:
+    import pandas as pd
+
+    from workbench.serve.microbench import _turnarounds
+
+    rows = pd.DataFrame({"start": [0.0, 0.5, 0.2], "e2el": [0.1, 0.1, 0.2], "success": [True, True, True]})
+    assert _turnarounds(rows) == pytest.approx([0.1, 0.1])
+    failed = rows.assign(success=[True, False, True])
+    assert _turnarounds(failed) == pytest.approx([0.1])
+

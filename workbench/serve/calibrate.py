@@ -19,8 +19,10 @@ TTFT/TPOT/throughput that the calibrated simulator then predicts:
   and per streamed token, and the engine's slowdown while a core is kept busy: plan `fe_*`, a mechanism of the
   serving kernel (a request waits behind the front end's backlog, tokens reach clients after it, steps slow
   while it is busy); `request_us` is then the hop of one request alone (`measure_overheads`). The front end's
-  CPU per request is split at that hop: the part that fits inside it precedes the engine (`fe_request_us`),
-  the rest follows the request's last token (`fe_finish_us`: closing the stream, the client's accounting).
+  CPU per request is split by where it was measured to fit: inside that hop, before the engine
+  (`fe_request_us`); inside a one-at-a-time client's turnaround from a last token to its next send, after the
+  request's last token (`fe_finish_us`: closing the stream, the client's accounting); the rest off every
+  request's path (`fe_async_us`: it delays only the work queued behind it).
   Without them, `request_us` is the calibration run's HTTP hop (the clients' mean TTFT minus the server's) plus the part
   between the request handler and the engine.
 """
@@ -294,9 +296,13 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
         alone = max(float(overheads["request_us"]) - own, 0.0)  # a request's way in when nothing else runs
-        # the front end's CPU per request is spent before the engine and after the last token: what precedes the
-        # engine fits inside the hop of a request alone; the rest comes after the request's last token
-        fe["fe_finish_us"] = max(fe["fe_request_us"] - alone, 0.0)
+        # the front end's CPU per request: what precedes the engine fits inside the hop of a request alone; what
+        # follows its last token fits inside the client's turnaround to its next send (measured alone); the rest
+        # is off every request's path (queued as the request reaches the engine: it delays only work behind it)
+        after = max(fe["fe_request_us"] - alone, 0.0)
+        turn = float(overheads.get("turnaround_us", float("nan")))
+        fe["fe_finish_us"] = min(after, turn) if np.isfinite(turn) else after
+        fe["fe_async_us"] = after - fe["fe_finish_us"]
         fe["fe_request_us"] = min(fe["fe_request_us"], alone)
         f["request_us"] = alone
         f.update(fe)

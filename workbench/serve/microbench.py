@@ -236,11 +236,21 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
     return pd.DataFrame(rows)
 
 
+def _turnarounds(rows: pd.DataFrame) -> np.ndarray:
+    """A one-at-a-time client's gaps from each request's last token to the next request's send (seconds)."""
+    ok = rows[rows["success"]].sort_values("start")
+    start = ok["start"].to_numpy(float)
+    end = start + ok["e2el"].to_numpy(float)
+    return start[1:] - end[:-1]
+
+
 def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **spec: Any) -> dict[str, float]:
     """Per-request and per-output-token costs outside the engine, through the real HTTP server and the
     traffic benchmark's client (one request at a time): {'request_us': median over requests of the client's
     TTFT − the engine's one step of a one-token prompt, 'token_us': median of the client's TPOT − the engine's
-    decode step period, 'server_request_us': the part of request_us after the server took the request}."""
+    decode step period, 'server_request_us': the part of request_us after the server took the request,
+    'turnaround_us': median time from a request's last token (as the client sees it) to its next request's send:
+    the end of the stream, the client's accounting, the next request's start}."""
     from workbench.serve import bench
     from workbench.serve.service import start_service
 
@@ -269,7 +279,9 @@ def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **s
         dec = dec[(dec["batch_tokens"] == 1) & (dec["running"] > 0)]
         period = float(np.median(np.diff(dec["t0"].to_numpy(float)))) if len(dec) > 2 else float("nan")
         tpot = float(np.median(many["tpot"].to_numpy(float)))
+    turn = np.concatenate([_turnarounds(one), _turnarounds(many)])
     return {"request_us": float(np.median(ttft - step1)) * 1e6,
+            "turnaround_us": float(np.median(turn)) * 1e6 if len(turn) else float("nan"),
             "server_request_us": float(np.nanmedian(server - step1)) * 1e6,
             "token_us": (tpot - period) * 1e6, "engine_step_1tok_us": float(np.median(step1)) * 1e6,
             "decode_period_us": period * 1e6, "client_tpot_us": tpot * 1e6, "requests": float(len(one)),

@@ -26,8 +26,8 @@ KV_TRANSPORTS = ("", "tcp", "cuda_ipc")
 _INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block", "max_len",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
-_HOST = ("scheduler_us", "seq_us", "request_us", "fe_request_us", "fe_finish_us", "fe_token_us", "fe_step_us",
-         "fe_slowdown")
+_HOST = ("scheduler_us", "seq_us", "request_us", "fe_request_us", "fe_finish_us", "fe_async_us", "fe_token_us",
+         "fe_step_us", "fe_slowdown")
 _OPTIONAL = ("prefill_scheduler_us", "prefill_seq_us", "decode_scheduler_us", "decode_seq_us", "kv_us", "kv_GBps")
 ALIASES = {"max_num_seqs": "max_seqs", "max_num_batched_tokens": "max_tokens", "block_size": "block",
            "kv_cache_dtype": "kv_precision", "dtype": "precision", "gpu_memory_utilization": "mem_util",
@@ -57,9 +57,10 @@ class ServingPlan:
     pages with (`tcp`, `cuda_ipc`; the `--transport` of `workbench serve`): the route is then priced with that
     backend's measured rows (`tcp-engine`; `cuda_ipc`, `cuda_ipc-local` within one GPU) instead of its links'
     protocol, and a served run of the job uses that backend. The front end (`fe_*`, 0 unless measured): one server that
-    spends `fe_request_us` per request before it reaches the engine, `fe_finish_us` per request after its last
-    token (closing the stream, the client's accounting), `fe_token_us` per streamed token and `fe_step_us` per
-    engine step's output; tokens reach clients only when it is through with the work ahead of them, and while it is busy
+    spends `fe_request_us` per request before it reaches the engine, `fe_async_us` per request just after (off
+    every request's path unless others wait behind it), `fe_finish_us` per request after its last token (closing
+    the stream, the client's accounting: a closed-loop client sends its next request after it), `fe_token_us` per
+    streamed token and `fe_step_us` per engine step's output; tokens reach clients only when it is through with the work ahead of them, and while it is busy
     the engine's steps run `1 + fe_slowdown` times slower (they share CPU cores). `policy`: max_utilization (admit what fits now, preempt
     under KV pressure: vLLM, TensorRT-LLM's MAX_UTILIZATION) or guaranteed_no_evict (reserve prompt +
     all output blocks at admission, never preempt: TensorRT-LLM's default capacity scheduler).
@@ -95,6 +96,7 @@ class ServingPlan:
     kv_transport: str = ""
     fe_request_us: float = 0.0
     fe_finish_us: float = 0.0
+    fe_async_us: float = 0.0
     fe_token_us: float = 0.0
     fe_step_us: float = 0.0
     fe_slowdown: float = 0.0

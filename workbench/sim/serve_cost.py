@@ -454,6 +454,7 @@ class WorkerCost:
         fe = self.role == "colocated"  # the front end is modelled beside a colocated engine
         fp[K.F_FE_REQ] = self.plan.fe_request_us * 1e-6 * fe
         fp[K.F_FE_FIN] = self.plan.fe_finish_us * 1e-6 * fe
+        fp[K.F_FE_ASYNC] = self.plan.fe_async_us * 1e-6 * fe
         fp[K.F_FE_TOK] = self.plan.fe_token_us * 1e-6 * fe
         fp[K.F_FE_STEP] = self.plan.fe_step_us * 1e-6 * fe
         fp[K.F_FE_SLOW] = self.plan.fe_slowdown * fe

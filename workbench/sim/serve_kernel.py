@@ -10,7 +10,11 @@ request (`F_FE_REQ` just before it reaches the engine: a request waits behind th
 `F_FE_FIN` after its last token is delivered), per step's output and per streamed token, first come first
 served. A step's tokens reach the
 clients when the front end is through with them (`deliver`), so TTFT, TPOT and a closed-loop client's next
-request see its backlog; and a step that starts while the front end still has `b` seconds of work runs
+request see its backlog; a closed-loop client sends its next request only when its stream's finish work
+(`F_FE_FIN`: the usage chunk, `[DONE]`, its own accounting; it reads the stream to its end first) is done, so
+that work delays the next send and other requests' way, not the next request's TTFT; and the front end's
+per-request work off every request's path (`F_FE_ASYNC`, queued as the request reaches the engine) delays only
+the work behind it; and a step that starts while the front end still has `b` seconds of work runs
 `1 + F_FE_SLOW · min(b, dt) / dt` times longer (the two share the CPU cores). Only `workbench.sim.serve`
 imports this module (numba is imported here, not when `workbench` is).
 """
@@ -25,8 +29,8 @@ from numba import njit
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
     F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ, \
-    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN = range(23)
-N_F = 23
+    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN, F_FE_ASYNC = range(24)
+N_F = 24
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
@@ -133,13 +137,14 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
     ch_id = np.empty(max_seqs + 1, np.int64)
     ch_c = np.empty(max_seqs + 1, np.int64)
     isdec = np.zeros(max_seqs + 1, np.bool_)
-    fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0 or fp[F_FE_FIN] > 0
+    fe_on = fp[F_FE_REQ] > 0 or fp[F_FE_TOK] > 0 or fp[F_FE_STEP] > 0 or fp[F_FE_SLOW] > 0 or fp[F_FE_FIN] > 0 \
+        or fp[F_FE_ASYNC] > 0
     fe_free = -np.inf  # when the front end is next free
     at = arr.copy()  # when each request reaches the engine (`arr`: as the clients see it, + request_us)
     fe_nxt = 0  # the next request the front end takes in, in arrival order
     while done < n:
         if fe_on:
-            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ])
+            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ], fp[F_FE_ASYNC])
         while nxt < n and at[nxt] <= now:
             if not failed[nxt]:
                 wq[(wh + wn) % cap] = nxt
@@ -310,7 +315,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
         now += dt
         deliver = now
         if fe_on:  # requests that arrived during the step are ahead of its tokens in the front end's queue
-            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ])
+            fe_nxt, fe_free = _take_in(arr, at, failed, fe_nxt, fe_free, now, fp[F_FE_REQ], fp[F_FE_ASYNC])
             deliver = max(now, fe_free) + fp[F_FE_STEP] + (n_dec + completing) * fp[F_FE_TOK]
             fe_free = deliver
         if use_dec:
@@ -378,7 +383,9 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
                 alloc[i] = 0
                 done += 1
                 if closed > 0 and issued < n:
-                    arr[issued] = deliver + fp[F_REQ]  # the last token's way back and the next request's way in
+                    # its client sends the next request once the stream is closed and counted (`fe_free`, the
+                    # finish work just queued), then it takes the way of a request alone
+                    arr[issued] = (fe_free if fe_on else deliver) + fp[F_REQ]
                     at[issued] = arr[issued]
                     issued += 1
             else:
@@ -392,16 +399,17 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
 
 @njit(cache=True)
 def _take_in(arr: np.ndarray, at: np.ndarray, failed: np.ndarray, k: int, fe_free: float, upto: float,
-             fe_req: float) -> tuple[int, float]:
+             fe_req: float, fe_async: float) -> tuple[int, float]:
     """The front end takes in, first come first served, every request that arrived by `upto` from the `k`-th on:
     each reaches the engine (`at`) when the front end is through with the work ahead of it and its own (its own
-    alone is in `arr`, the hop of a request alone). Returns the next request to take in and when the front end
-    is next free."""
+    alone is in `arr`, the hop of a request alone), and the front end then spends `fe_async` on it (off its
+    path). Returns the next request to take in and when the front end is next free."""
     n = arr.shape[0]
     while k < n and arr[k] <= upto:
         if not failed[k]:
             fe_free = max(arr[k], fe_free + fe_req)
             at[k] = fe_free
+            fe_free += fe_async
         k += 1
     return k, fe_free
 
