@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lab lint typecheck bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py transport/backends/_tcp_native.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: on these machines it is a local CPU wheel (never the CUDA build)

@@ -105,8 +105,8 @@ def test_inline_writes_that_overflow_small_socket_buffers_land_intact(monkeypatc
     partial = []
     real = wire.send_some
 
-    def spy(sock: socket.socket, bufs: list) -> list:  # type: ignore[type-arg]
-        rest = real(sock, bufs)
+    def spy(sock: socket.socket, bufs: list, native: bool = False) -> list:  # type: ignore[type-arg]
+        rest = real(sock, bufs, native)
         if rest:
             partial.append(sum(len(r) for r in rest))
         return rest

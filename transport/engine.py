@@ -204,6 +204,9 @@ class Engine:
         if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
             raise InvalidArgument(f"lanes: must be an integer 1..64, got {lanes!r}")
         wire.spin_seconds()  # a bad $WORKBENCH_TCP_SPIN_US: InvalidArgument naming it, before anything opens
+        # host regions for the tcp lanes' C receiver loops (None: $WORKBENCH_TCP_NATIVE=0, or not built; a bad value:
+        # InvalidArgument naming it)
+        self._native_regions = wire.native_regions()
         self.name = name or f"e{os.getpid()}-{secrets.token_hex(3)}"
         self.backend = backend
         self.lanes = lanes
@@ -282,6 +285,8 @@ class Engine:
         for t in pending:
             t.fail(Cancelled(f"{t.what}: engine {self.name} closed"))
         self.counter.fail_all(Cancelled(f"engine {self.name} closed"))
+        if self._native_regions is not None:
+            self._native_regions.clear()
         if self._path is not None:
             self._path.close()
         with self._deadline_cond:
@@ -311,6 +316,8 @@ class Engine:
         region.desc = MemoryDescriptor(self.address, rid, region.nbytes, region.device, extra)
         with self._lock:
             self._regions[rid] = region
+        if self._native_regions is not None and region.view is not None:
+            self._native_regions.add(rid, region.view)
         return region
 
     def alloc(self, nbytes: int, device: str = "cpu", shm_name: str | None = None) -> Any:
@@ -341,6 +348,8 @@ class Engine:
                 return
             del self._regions[region.id]
             links = [link for link in self._links.values() if link.alive]
+        if self._native_regions is not None:
+            self._native_regions.remove(region.id)  # released once no receive into it is in flight
         if self._path is not None:
             self._path.forget(region)
             for link in links:  # peers drop what they opened for it (an IPC mapping, NIXL metadata)

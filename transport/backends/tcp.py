@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import queue
 import select
@@ -88,6 +89,39 @@ try:
     SPIN_S = spin_seconds()
 except InvalidArgument:
     SPIN_S = 0.0
+
+NATIVE_ENV = "WORKBENCH_TCP_NATIVE"
+_native: Any = None
+_NATIVE_MISSING = ""
+try:  # the C lane loop (transport/backends/_tcp_native.c), built by the install where a compiler is found
+    from transport.backends import _tcp_native as _native  # type: ignore[attr-defined, no-redef]
+except ImportError as _exc:  # not built (an uninstalled tree, no compiler): the Python lane loop
+    _NATIVE_MISSING = f"{type(_exc).__name__}: {_exc}"
+_log = logging.getLogger(__name__)
+_native_noted = False
+
+
+def native_enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether an engine made now uses the C lane loop: `WORKBENCH_TCP_NATIVE` (default 1; 0: the Python loop)
+    and the extension built. Raises `InvalidArgument` naming the variable for a value other than 0 or 1."""
+    global _native_noted
+    raw = env.get(NATIVE_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise InvalidArgument(f"{NATIVE_ENV}: must be 1 (the C lane loop where it is built) or 0 (the Python lane "
+                              f"loop), got {raw!r}")
+    if raw == "0":
+        return False
+    if _native is None:
+        if not _native_noted:
+            _native_noted = True
+            _log.info("tcp: the C lane loop is not built here (%s); using the Python lane loop", _NATIVE_MISSING)
+        return False
+    return True
+
+
+def native_regions(env: dict[str, str] | os._Environ[str] = os.environ) -> Any:
+    """A fresh table of host regions for an engine's native receiver loops, or None when they are off."""
+    return _native.Regions() if native_enabled(env) and _native is not None else None
 
 
 class LinkOwner(Protocol):
@@ -177,14 +211,18 @@ def send_gather(sock: socket.socket, bufs: Sequence[memoryview | bytes]) -> None
         del pending[:drop]
 
 
-def send_some(sock: socket.socket, bufs: list[Any]) -> list[memoryview]:
+def send_some(sock: socket.socket, bufs: list[Any], native: bool = False) -> list[memoryview]:
     """Send as much of `bufs` as the socket takes now without blocking; return what is left (empty: all
-    sent), the partly sent buffer sliced, so the caller can hand the rest to a thread that may block."""
+    sent), the partly sent buffer sliced, so the caller can hand the rest to a thread that may block.
+    `native`: the first `sendmsg` from C (`_tcp_native.send_some`)."""
     if len(bufs) <= IOV_BATCH:  # the usual case: one call takes it all
-        try:
-            k = sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            k = 0
+        if native:
+            k = _native.send_some(sock.fileno(), bufs)
+        else:
+            try:
+                k = sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                k = 0
         if k == sum(map(len, bufs)):
             return []
         bufs = list(_skip(bufs, k))
@@ -385,7 +423,10 @@ class Lane:
         # caller reads (see the module docstring): whoever holds `token` reads the socket; once this side wrote
         # on the lane (`shared`), the receiver thread waits in `_ep` (the socket and the `_kick` eventfd)
         self.token = threading.Lock()
-        self.shared = False
+        # the C lane loop (see the module docstring): its receiver loop (data lanes) and the caller's send and ack wait
+        self.native = getattr(link.engine, "_native_regions", None) is not None
+        self._native: Any = _native.Lane(self._fd) if self.native and index and _native is not None else None
+        self._shared = False
         self.spin = SPIN_S > 0  # a waiting caller spins before it sleeps (cleared while acks take longer than that)
         self._ep: Any = None
         self._kick = -1
@@ -396,6 +437,17 @@ class Lane:
     def start(self) -> None:
         self.tx.start()
         self.rx.start()
+
+    @property
+    def shared(self) -> bool:
+        """This side has written on the lane (its acks come back on it: a waiting caller may read them)."""
+        return self._shared
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        if value and not self._shared and self._native is not None:
+            self._native.share()  # the C receiver loop sends no more acks on the socket and hands the lane over
+        self._shared = value
 
     def __enter__(self) -> Lane:
         """`with lane:` holds the send lock, the tail of a message `send_inline` started already sent
@@ -447,7 +499,7 @@ class Lane:
             return False
         try:
             try:
-                rest = send_some(self.sock, bufs)
+                rest = send_some(self.sock, bufs, self.native)
             except OSError as exc:
                 self.link.failed(exc, self)
                 return True
@@ -537,6 +589,8 @@ class Lane:
         handler = self.link.engine._on_message
         reader = self.reader
         try:
+            if self._native is not None and not self.delay and not self._native_loop(handler):
+                return
             while True:
                 if self._ep is not None and not self._wait_readable():
                     return
@@ -566,6 +620,41 @@ class Lane:
             self.link.failed(exc, self)
         finally:
             self._close_wait()
+
+    def _native_loop(self, handler: Callable[[Lane, tuple[int, ...]], None]) -> bool:
+        """The receiver loop in C (`_tcp_native.Lane.run`, GIL released) while only this thread sends on the socket:
+        plain writes into known host regions land and are acked there; any other message comes back here and is
+        handled as the Python loop handles it. Returns True when this side starts writing on the lane (the Python
+        loop goes on from there), False once the peer said goodbye."""
+        run, reader = self._native.run, self.reader
+        regions = self.link.engine._native_regions  # type: ignore[attr-defined]
+        with self.token:
+            while True:
+                code, reader.pos, reader.end, acks = run(reader.buf, reader.pos, reader.end, regions)
+                if acks:
+                    for st, tid, n in acks:
+                        self.ack(st, tid, n)
+                if code == _native.R_PY:
+                    msg = reader.header()
+                    if msg[0] == BYE:
+                        self.flush_acks()
+                        self.link.closed_by_peer()
+                        return False
+                    handler(self, msg)
+                    if self.acks and (len(self.acks) >= ACK_BATCH or not (reader.end > reader.pos
+                                                                          or reader.lean and self._more_waiting())):
+                        self.flush_acks()
+                elif code == _native.R_EOF:
+                    raise PeerGone("connection closed by peer")
+                elif code == _native.R_SHARED:
+                    self.flush_acks()
+                    if not reader.buffered():
+                        self._go_shared()
+                    return True
+                elif self.acks:  # R_ACKS
+                    self.flush_acks()
+                if self.sock.fileno() < 0:
+                    raise PeerGone("socket closed")
 
     def _go_shared(self) -> None:
         """From now on the receiver thread waits in `epoll` (the socket, and an eventfd a caller kicks)."""
@@ -645,6 +734,9 @@ class Lane:
             ep.modify(fd, 0)  # the receiver thread sleeps through what this caller reads
             if bufs is not None and not self.send_inline(bufs):
                 return False
+            if self.native:
+                handover = self._reap_native(t, seconds)
+                return True
             handler, poll, sched_yield = self.link.engine._on_message, self._poll.poll, os.sched_yield
             deadline = 0.0
             while True:
@@ -707,6 +799,39 @@ class Lane:
             self.token.release()
         return True
 
+    def _reap_native(self, t: Any, seconds: float) -> bool:
+        """`_reap`'s reading of acks with the waits in C (`_tcp_native.wait_ack`, GIL released): spin up to
+        `WORKBENCH_TCP_SPIN_US` on the first slice, then `poll` in slices of `CALLER_SLICE_MS` until `t` is done or
+        `seconds` passed (0: one look that does not wait). True when a message other than an ack is next."""
+        reader, handler, wait = self.reader, self.link.engine._on_message, _native.wait_ack
+        buf, fd = reader.buf, self._fd
+        slice_ns = CALLER_SLICE_MS * 1_000_000 if seconds else 0
+        spin_ns = int(SPIN_S * 1e9) if seconds and self.spin else 0
+        t0 = perf_counter()
+        deadline = t0 + seconds
+        first = bool(seconds and SPIN_S)
+        while True:
+            code, pos, reader.end, _ = wait(fd, buf, reader.pos, reader.end, slice_ns, spin_ns)
+            reader.pos = pos
+            if first and code:  # the first data since the wait began: keep spinning while it comes within the spin
+                self.spin = perf_counter() - t0 < SPIN_S
+                first = False
+            spin_ns = 0
+            if code == 1:  # W_ACK: a whole ack header at pos
+                reader.pos = pos + HEADER_SIZE
+                handler(self, HEADER.unpack_from(buf, pos))
+                if t._state:
+                    return False
+                continue
+            if code == 2:  # W_OTHER: the receiver thread's
+                return True
+            if code == 3:  # W_EOF
+                raise PeerGone("connection closed by peer")
+            if t._state or not seconds or perf_counter() >= deadline:
+                if first:
+                    self.spin = False  # nothing came back within the spin
+                return False
+
     def close(self) -> None:
         self.queue.put(None)
         try:
@@ -765,6 +890,8 @@ class Link:
                 self.alive = False
             if was:
                 for lane in self.lanes:
+                    if lane._native is not None:
+                        lane._native.share()  # its C receiver loop sends nothing more on the socket
                     try:
                         lane.sock.settimeout(1.0)
                         lane.send_now([pack(BYE)])
