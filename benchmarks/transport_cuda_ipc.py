@@ -535,11 +535,10 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
                 pages: tuple[int, ...] = SWEEP_PAGES) -> dict[str, Any]:
     """The page kernel against `cudaMemcpyAsync` of the same total on the GPU alone (CUDA events around `k`
     back-to-back writes, µs per write, median of `repeats`), data several times the L2: the kernel as one launch
-    reading its indices from pinned host memory (what the path posts by default; each block reads its pages'
-    indices once), the same chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per
+    reading its indices from pinned host memory (what the path posts by default), the same chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per
     chunk, each chunk's indices in its part of the buffer), one launch reading them from device memory, and
-    `copy_pages` reading byte offsets from pinned host memory warp by warp (how the index kernels read theirs
-    before); `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
+    `copy_pages` reading byte offsets from pinned host memory (each warp its page's two words, as the index
+    kernels read theirs); `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt

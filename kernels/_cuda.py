@@ -173,50 +173,21 @@ __device__ __forceinline__ void index_pages(const unsigned char* src, unsigned c
     chunk_copy<L2>(src + si * ss + o, dst + di * ds + o, len, lane);
   }
 }
-// The launched kernels' form: a block's warps take consecutive items (block-stride loop), and the page indices
-// of those items (at most one page per warp) are read once per block into shared memory, by a few threads,
-// before the warps copy. Read per warp instead, every warp of a page read the same two words of the index list
-// from mapped host memory at once: with 64 KiB pages (16 warps a page) the kernel ran at 0.69 of a 256 MiB
-// cudaMemcpy on one H200, against 0.91 with the list in device memory.
-#define MAXW 32
-__device__ __forceinline__ void index_pages_blk(const unsigned char* src, unsigned char* dst, const long long* idx,
-                                                long long n, long long page, long long cpp, long long ss,
-                                                long long ds) {
-  __shared__ long long sidx[MAXW], didx[MAXW];
-  const int lane = threadIdx.x & 31;
-  const long long wpb = blockDim.x >> 5;
-  const long long items = n * cpp;
-  for (long long base = (long long)blockIdx.x * wpb; base < items; base += (long long)gridDim.x * wpb) {
-    const long long p0 = base / cpp;
-    const long long end = base + wpb < items ? base + wpb : items;
-    const int np = (int)((end - 1) / cpp - p0 + 1);  // pages these items lie on (<= wpb)
-    for (int t = threadIdx.x; t < 2 * np; t += blockDim.x) {
-      if (t < np) sidx[t] = idx[p0 + t];
-      else didx[t - np] = idx[n + p0 + t - np];
-    }
-    __syncthreads();
-    const long long it = base + (threadIdx.x >> 5);
-    if (it < items) {
-      const long long i = it / cpp;
-      const long long o = (it - i * cpp) * PAGE_CHUNK;
-      const long long len = page - o < PAGE_CHUNK ? page - o : PAGE_CHUNK;
-      const int j = (int)(i - p0);
-      chunk_copy<false>(src + sidx[j] * ss + o, dst + didx[j] * ds + o, len, lane);
-    }
-    __syncthreads();  // the next round overwrites the indices
-  }
-}
 extern "C" __global__ void copy_pages_idx(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
                                           const long long* __restrict__ idx, long long n, long long page,
                                           long long cpp, long long ss, long long ds) {
-  index_pages_blk(src, dst, idx, n, page, cpp, ss, ds);
+  const long long wpb = blockDim.x >> 5;
+  index_pages<false>(src, dst, idx, n, page, cpp, ss, ds, (long long)blockIdx.x * wpb + (threadIdx.x >> 5),
+                     (long long)gridDim.x * wpb);
 }
 
 // The same for pages of one stride (src/dst strides = page): five arguments instead of eight (each argument
 // costs the host's launch call time on some VMs).
 extern "C" __global__ void copy_pages_pg(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
                                          const long long* __restrict__ idx, long long n, long long page) {
-  index_pages_blk(src, dst, idx, n, page, (page + PAGE_CHUNK - 1) / PAGE_CHUNK, page, page);
+  const long long wpb = blockDim.x >> 5;
+  index_pages<false>(src, dst, idx, n, page, (page + PAGE_CHUNK - 1) / PAGE_CHUNK, page, page,
+                     (long long)blockIdx.x * wpb + (threadIdx.x >> 5), (long long)gridDim.x * wpb);
 }
 
 // The same with every argument in memory the device reads (a pinned host slot of the transport's ring): job[0]

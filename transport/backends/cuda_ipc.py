@@ -16,8 +16,8 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   `copy_pages_pg` launch (`copy_pages_idx` for strides other than the page; `kernels._cuda`: a warp
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
-  page; no byte offsets, word-size, splitting or division work on the host. The kernel's blocks read
-  their pages' indices once per block into shared memory. With `chunk_bytes` > 0 (opt-in) a large paged
+  page; no byte offsets, word-size, splitting or division work on the host. With `chunk_bytes` > 0
+  (opt-in) a large paged
   write (at least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks
   (`chunk_plan`: about `chunk_bytes` first, each next twice the one before): a chunk's indices go into
   its part of the slot and its kernel is launched before the next chunk's indices are copied; every
