@@ -1,7 +1,7 @@
 """Where the host time of posting a large paged write goes on the cuda_ipc path, without a GPU.
 
     python3 benchmarks/cuda_ipc_posting.py --out benchmarks/results/cuda_ipc-posting-cpu.json
-    python3 benchmarks/cuda_ipc_posting.py --launch-us 4.3 --iters 200 --out posting.json
+    python3 benchmarks/cuda_ipc_posting.py --launch-us 4.3 --iters 200 --attribution --out posting.json
 
 Two parts, both on the CPU alone (runs anywhere the project's tests run):
 
@@ -10,6 +10,9 @@ Two parts, both on the CPU alone (runs anywhere the project's tests run):
   (`np.concatenate` of the two index lists, the one unsigned max reduction that bounds both) and the path's
   (the 2n indices into a pinned-ring-sized buffer, as one copy, or chunk by chunk as `chunk_plan` lays them out
   for `chunk_bytes=PAGE_CHUNK_BYTES`);
+- `attribution` (`--attribution`): `post`'s one-kernel engine with the path's previous ring order (the slot freed
+  longest ago) and its previous completion (the callback, holding the engine's index lists, kept until the
+  poller thread dropped the write), one at a time, against the current path;
 - `post`: `Engine.write_paged` end to end through `CudaIpcPath` on a stand-in CUDA runtime whose calls return at
   once and whose kernel launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one
   H200: ~4.1–5.3 µs), one engine posting in chunks (`chunk_bytes=PAGE_CHUNK_BYTES`) and one with the default (one
@@ -230,11 +233,62 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
     return out
 
 
+def _take_oldest(self: Any, nwords: int) -> Any:
+    """`_HostRing.take` as it was before (211925c): the slot freed longest ago first (all 32 in turn)."""
+    if nwords * 8 > self.SLOT:
+        return None
+    try:
+        i = self.free.popleft()
+    except IndexError:
+        return None
+    off = i * self.SLOT // 8
+    return i, self.words[off:off + nwords], self.ptr + i * self.SLOT
+
+
+def attribution(iters: int, launch_us: float, repeats: int = 3) -> dict[str, Any]:
+    """One kernel per write (`post`'s `whole` engine) under the path's previous behaviours, one at a time: the
+    ring handing out the slot freed longest ago (`_take_oldest`) instead of the one freed last, and a completed
+    write's `_Pending` keeping its callback (and with it the engine's index lists, freed later by the poller
+    thread) instead of releasing it in the completing thread. Median over `repeats` runs of the median µs until
+    `write_paged` returned."""
+    from transport.backends.cuda_ipc import CudaIpcPath, _HostRing
+
+    take, complete = _HostRing.take, CudaIpcPath._complete
+
+    def keep_callback(self: Any, p: Any, exc: BaseException | None) -> None:
+        done = p.done
+        complete(self, p, exc)
+        p.done = done
+
+    variants = {"before": (_take_oldest, keep_callback), "last_freed_slot_only": (take, keep_callback),
+                "callback_released_only": (_take_oldest, complete), "after": (take, complete)}
+    global SHAPES
+    shapes = SHAPES
+    SHAPES = ((256 * MiB, 16 * KiB), (256 * MiB, 64 * KiB), (16 * MiB, 16 * KiB))
+    out: dict[str, Any] = {}
+    try:
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+        for _ in range(repeats):  # the variants in turn, `repeats` times
+            for name, (t, c) in variants.items():
+                _HostRing.take, CudaIpcPath._complete = t, c  # type: ignore[method-assign]
+                runs[name].append(post(iters, launch_us))
+        for name, rs in runs.items():
+            out[name] = {k: round(statistics.median(r[k]["whole_post_us"] for r in rs), 2)
+                         for k in rs[0] if k != "launch_us"}
+    finally:
+        _HostRing.take, CudaIpcPath._complete = take, complete  # type: ignore[method-assign]
+        SHAPES = shapes
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200, help="timed repetitions per point")
     ap.add_argument("--launch-us", type=float, default=4.3,
                     help="host µs the stand-in kernel launch spins (one H200's cuLaunchKernel: ~4.1-5.3)")
+    ap.add_argument("--attribution", action="store_true",
+                    help="also post one kernel per write under the path's previous ring order and callback "
+                         "handling, one change at a time (before/after on this host)")
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
@@ -242,13 +296,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--iters must be >= 1 and --launch-us >= 0")
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"steps": steps(args.iters), "post": post(args.iters, args.launch_us)}
+    if args.attribution:
+        doc["attribution"] = attribution(args.iters, args.launch_us)
     doc["meta"] = {"machine": args.machine, "platform": platform.platform(), "python": platform.python_version(),
                    "numpy": np.__version__, "cpus": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
                    "wall_s": round(time.perf_counter() - t0, 1),
                    "command": "python3 benchmarks/cuda_ipc_posting.py " + " ".join(argv or sys.argv[1:])}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
-    for part in ("steps", "post"):
+    for part in ("steps", "post", "attribution"):
+        if part not in doc:
+            continue
         print(f"{part}:")
         for k, v in doc[part].items():
             print(f"  {k}: {json.dumps(v)}")
