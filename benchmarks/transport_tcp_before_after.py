@@ -4,6 +4,8 @@ alternating runs on the same machine, composed into one markdown table and one b
     python benchmarks/transport_tcp_before_after.py --before 317f609~1 --pairs 2 --soak 20000 \
         --name cpu2-vm-fastpath
 
+    python benchmarks/transport_tcp_before_after.py --sides 3     # this tree only: each side's part (see `sides`)
+
 The older code is `git archive REF transport` put first on PYTHONPATH (the command itself is this tree's).
 Each run's raw-socket and gloo baselines are measured in that run; every ratio is within its run. Runs
 alternate (before, after, after, before, …) so drift in the machine's load falls on both. The load average
@@ -84,6 +86,10 @@ if __name__ == "__main__":
     print(json.dumps(out))
 """
 KiB, MiB = 1 << 10, 1 << 20
+# which transport a run imports, and whether its engines use the C lane loop (`WORKBENCH_TCP_NATIVE`; "n/a": a tree
+# without one)
+NATIVE_CHECK = ("import transport, transport.backends.tcp as t; print(transport.__file__); "
+                "print(t.native_enabled() if hasattr(t, 'native_enabled') else 'n/a')")
 
 
 def _load() -> str:
@@ -113,8 +119,8 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
                            timeout=600)
     if curve.returncode != 0:
         raise SystemExit(f"{label}: the cost curve failed:\n{curve.stderr[-3000:]}")
-    which = subprocess.run([sys.executable, "-c", "import transport; print(transport.__file__)"], env=env, cwd=out,
-                           capture_output=True, text=True, timeout=60).stdout.strip()
+    which, native = (subprocess.run([sys.executable, "-c", NATIVE_CHECK], env=env, cwd=out, capture_output=True,
+                                    text=True, timeout=60).stdout.strip().splitlines() + ["?", "?"])[:2]
     if pythonpath and not which.startswith(pythonpath):
         raise SystemExit(f"{label}: imported {which}, not the tree under {pythonpath}")
     per = subprocess.run([sys.executable, "-c", PER_WRITE], env=env, cwd=out, capture_output=True, text=True,
@@ -127,7 +133,7 @@ def run_one(label: str, code: str, pythonpath: str | None, soak: int, out: Path,
                "summary": {**rec.get("ratios", {}), **{f"soak_{k}": v for k, v in rec.get("soak", {}).items()}}}
     return {"label": label, "code": code, "record": rec, "curve": json.loads(curve.stdout.strip().splitlines()[-1]),
             "per_write": json.loads(per.stdout.strip().splitlines()[-1]),
-            "load_start": load0, "load_end": _load(),
+            "native": native, "load_start": load0, "load_end": _load(),
             "wall_s": round(wall, 1), "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 1),
             "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 1)}
 
@@ -184,7 +190,9 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
              "and gloo baselines (ratios are within a run). GB/s = bytes over the median call time. The machine "
              "is shared: read each run's load average beside it. "
              f"`WORKBENCH_TCP_SPIN_US` (the waiting caller's spin, µs): {os.environ.get('WORKBENCH_TCP_SPIN_US', 'unset')}"
-             " (unset: the default).", "",
+             f" (unset: the default); `WORKBENCH_TCP_NATIVE`: {os.environ.get('WORKBENCH_TCP_NATIVE', 'unset')}; the C "
+             "lane loop in use per run: "
+             + ", ".join(f"{r['label']} {r.get('native', '?')}" for r in runs) + ".", "",
              "The raw socket completes like a waited write: one plain socket pair, the sender sends an 8-byte "
              "length and the payload, the receiver (another process) `recv_into`s it into its buffer and "
              "answers one byte on the same socket, the sender waits for that byte; the engine's write is done "
@@ -291,15 +299,125 @@ def compose(runs: list[dict[str, Any]], before_ref: str, name: str, command: str
     return "\n".join(lines), rec
 
 
+def sides(rounds: int, sizes: tuple[int, ...] = (64 * KiB, 256 * KiB, 1 * MiB), n: int = 1500) -> str:
+    """Each side's part of a waited single write on this tree: median µs at one lane with the writer and the target
+    process each on the C lane loop (N) or the Python one (P), the raw socket loop timed in the same round; then, both
+    in C, the writer's `write()` and `result()` split by timing its C calls (`send_some`, `wait_ack`) inside it."""
+    import statistics
+
+    from transport import bench
+    from transport.backends import tcp as wire
+    from transport.engine import Engine
+
+    pc = time.perf_counter_ns
+    lat: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    split: dict[int, list[list[float]]] = {}
+
+    def med(fn: Any, k: int) -> float:
+        for _ in range(50):
+            fn()
+        out = []
+        for _ in range(k):
+            t0 = pc()
+            fn()
+            out.append(pc() - t0)
+        return statistics.median(out) / 1e3
+
+    for _ in range(rounds):
+        for w, tg in (("P", "P"), ("N", "P"), ("P", "N"), ("N", "N")):
+            os.environ["WORKBENCH_TCP_NATIVE"] = "1" if tg == "N" else "0"  # the target process inherits it
+            target = bench._Target("tcp", 2 * MiB)
+            os.environ["WORKBENCH_TCP_NATIVE"] = "1" if w == "N" else "0"
+            raw = bench._RawSocket(2 * MiB)
+            eng = Engine("tcp", lanes=1)
+            try:
+                if "N" in (w, tg) and not wire.native_enabled({}):
+                    raise SystemExit("--sides: the C lane loop is not built here (make install)")
+                src = eng.register(bench._source(eng, 2 * MiB, "cpu"))
+                eng.connect(target.desc)
+                for size in sizes:
+                    k = n if size < MiB else n // 4
+                    e = med(lambda size=size, eng=eng, src=src, target=target:
+                            eng.write(src, target.desc, size).result(30), k)
+                    r = med(lambda size=size, raw=raw: raw.op(size), k)
+                    lat.setdefault((w + " / " + tg, size), []).append((e, r))
+                    if w == tg == "N":
+                        split.setdefault(size, []).append(_writer_split(eng, src, target.desc, size, 2 * k))
+            finally:
+                eng.close(), raw.close(), target.close()
+    os.environ.pop("WORKBENCH_TCP_NATIVE", None)
+    lines = [f"Median µs per waited single write at one lane (raw socket loop in the same round in brackets), "
+             f"{rounds} rounds; writer / target: N = the C lane loop, P = the Python one:", "",
+             "| size | writer / target | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " |",
+             "|---|---|" + "---|" * rounds]
+    for (pair, size), v in sorted(lat.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {_fmt_bytes(size)} | {pair} | " + " | ".join(f"{e:.1f} ({r:.1f})" for e, r in v) + " |")
+    lines += ["", "Both in C, timed inside the writer (median µs; the C calls wrapped with `perf_counter_ns`):", "",
+              "| size | `write()` | its `send_some` | its look for the ack | `result()` | its `wait_ack` |",
+              "|---|---|---|---|---|---|"]
+    for size, rows in sorted(split.items()):
+        lines.append(f"| {_fmt_bytes(size)} | " + " | ".join(
+            ", ".join(f"{r[i]:.1f}" for r in rows) for i in range(5)) + " |")
+    return "\n".join(lines)
+
+
+def _writer_split(eng: Any, src: Any, desc: Any, size: int, n: int) -> list[float]:
+    """Median µs of `write()`, its `send_some`, its `wait_ack` look, `result()`, its `wait_ack` over n writes."""
+    import statistics
+
+    from transport.backends import tcp as wire
+
+    nat, pc, acc = wire._native, time.perf_counter_ns, [0, 0, 0]
+
+    class Timed:
+        def __getattr__(self, k: str) -> Any:
+            return getattr(nat, k)
+
+        @staticmethod
+        def send_some(fd: int, bufs: Any) -> int:
+            t = pc()
+            r = nat.send_some(fd, bufs)
+            acc[0] += pc() - t
+            return int(r)
+
+        @staticmethod
+        def wait_ack(fd: int, buf: Any, pos: int, end: int, timeout_ns: int, spin_ns: int) -> Any:
+            t = pc()
+            r = nat.wait_ack(fd, buf, pos, end, timeout_ns, spin_ns)
+            acc[1 if timeout_ns == 0 else 2] += pc() - t
+            return r
+
+    wire._native = Timed()
+    try:
+        rows = []
+        for _ in range(n):
+            acc[:] = [0, 0, 0]
+            t0 = pc()
+            t = eng.write(src, desc, size)
+            t1 = pc()
+            t.result(30)
+            rows.append((t1 - t0, acc[0], acc[1], pc() - t1, acc[2]))
+    finally:
+        wire._native = nat
+    return [statistics.median(r[i] for r in rows) / 1e3 for i in range(5)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before", required=True, help="git ref whose transport/ is the 'before' code")
+    ap.add_argument("--sides", type=int, default=0, metavar="ROUNDS",
+                    help="only measure each side's part on this tree (C or Python writer and target), print it")
+    ap.add_argument("--before", help="git ref whose transport/ is the 'before' code (required without --sides)")
     ap.add_argument("--pairs", type=int, default=2, help="before/after pairs (alternating order)")
     ap.add_argument("--soak", type=int, default=20000)
     ap.add_argument("--lanes", type=int, default=4)
     ap.add_argument("--name", default="cpu2-vm-fastpath", help="results file: benchmarks/results/transport-NAME.*")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    if args.sides:
+        print(sides(args.sides))
+        return
+    if not args.before:
+        ap.error("--before is required (or --sides ROUNDS)")
     command = (f"python benchmarks/transport_tcp_before_after.py --before {args.before} --pairs {args.pairs} "
                f"--soak {args.soak} --name {args.name}")
     with tempfile.TemporaryDirectory(prefix="wb-transport-before-") as tmp:

@@ -33,6 +33,21 @@ comes back soon costs no wake-up (on loopback the sleeping writer's wake-up was 
 write); a lane whose ack took longer than the spin stops spinning until an ack comes back within it again. At most
 `MAX_PENDING_HANDSHAKES` connections may be unauthenticated at once; beyond that the
 oldest is dropped, so idle or slow strangers cannot pile up threads and sockets.
+
+The lane loop in C (`_tcp_native.c`, an optional extension built by the install; `WORKBENCH_TCP_NATIVE=0` turns it
+off, and a tree where it is not built runs the Python loop, noted once in the `transport.backends.tcp` log): a data
+lane's receiver thread runs `_tcp_native.Lane.run` with the GIL released while only it sends on the socket (until
+this side writes on the lane: `Lane.shared`, whose setter makes the C loop stop sending and hand the lane to the
+Python loop). It reads headers into the lane reader's buffer, takes plain writes (no immediate) into host regions the
+engine registered (`Engine._native_regions`: the region's buffer export, held while a receive into it is in flight
+even after deregistration), checks `offset + length` against the region before it writes a byte, receives the
+payload straight into the region and sends the coalesced acks; any other message (another type, a write with an
+immediate, an unknown region, a range outside the region) goes to the Python handler with its header still
+buffered, so the checks and statuses stay those of the Python loop. The caller's send (`_tcp_native.send_some`:
+one non-blocking `sendmsg`) and its wait for the ack (`_tcp_native.wait_ack`: the spin, then `poll` in slices) are C
+calls too. Every wait in C is a bounded `poll` (200 ms slices for the receiver, `CALLER_SLICE_MS` for the caller);
+EOF and socket errors come back as `PeerGone` / `OSError` and fail the link as in Python. The wire is the same: a
+native writer and a Python target (or the other way round) work together.
 """
 
 from __future__ import annotations
