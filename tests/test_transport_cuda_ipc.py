@@ -633,6 +633,34 @@ def test_ring_gives_the_slot_freed_last_first() -> None:
     assert ring.take(_HostRing.SLOT // 8 + 1) is None  # more than a slot holds
 
 
+def test_a_completed_write_releases_its_callback(posting) -> None:  # type: ignore[no-untyped-def]
+    """The completion callback (for a paged write it holds the engine's index lists) is dropped when the write
+    completes, in the completing thread, not later when the poller drops the write."""
+    import weakref
+
+    from transport.backends.base import Pieces
+    from transport.completion import Transfer
+
+    fx = posting
+    got: list[Any] = []
+
+    class Callback:
+        def __call__(self, exc: BaseException | None) -> None:
+            got.append(exc)
+
+    def post(t: Transfer) -> weakref.ref[Callback]:
+        cb = Callback()
+        _post(fx, lambda: fx.path.submit(t, fx.src, fx.dst, Pieces.one(0, 0, 4096), cb))
+        return weakref.ref(cb)
+
+    t = Transfer(0, "one write", None)
+    ref = post(t)
+    assert ref() is not None and len(fx.path._queue) == 1  # held while the write is in flight
+    for hook in t.hooks:  # what a caller waiting in result() runs
+        hook()
+    assert got == [None] and ref() is None and len(fx.path._queue) == 1  # released; the poller has not looked yet
+
+
 class _Pinned:
     def __init__(self, n: int) -> None:
         self.a = np.zeros(n, np.uint8)
