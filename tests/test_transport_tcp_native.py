@@ -286,3 +286,26 @@ def test_a_peer_that_dies_mid_payload_drops_the_link_and_the_engine_goes_on(monk
             data = np.random.default_rng(1).integers(0, 255, 1 * MiB, dtype=np.uint8)
             tx.write(tx.register(data), region.descriptor, 1 * MiB).result(30)
             assert np.array_equal(got, data)
+
+
+@built
+def test_a_caller_whose_write_is_already_done_neither_spins_nor_clears_the_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`read_acks` for a transfer some other route completed (here: already waited for) returns at once in C mode and
+    leaves the lane's spin setting alone (a 50 ms spin makes a wrong spin plain to see)."""
+    monkeypatch.setattr(wire, "SPIN_S", 0.05)
+    with _engine(True, monkeypatch) as rx, _engine(True, monkeypatch) as tx:
+        dst = rx.register(np.zeros(64 * KiB, np.uint8))
+        src = tx.register(np.ones(64 * KiB, np.uint8))
+        t = tx.write(src, dst.descriptor, 64 * KiB)
+        t.result(30)
+        (lane,) = _data_lanes(tx)
+        deadline = time.monotonic() + 10
+        while lane._ep is None:  # the receiver thread hands the lane to the caller once this side wrote on it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert lane.native and lane.spin
+        t0 = time.perf_counter()
+        for _ in range(20):
+            lane.read_acks(t)
+        assert time.perf_counter() - t0 < 0.5, "the caller spun for a transfer that was already done"
+        assert lane.spin

@@ -317,7 +317,10 @@ class Engine:
         with self._lock:
             self._regions[rid] = region
         if self._native_regions is not None and region.view is not None:
-            self._native_regions.add(rid, region.view)
+            try:
+                self._native_regions.add(rid, region.view)
+            except (BufferError, TypeError, ValueError) as exc:  # writes to it take the Python loop then
+                self._log(f"region {rid}: not in the tcp C lane loop's table ({exc})")
         return region
 
     def alloc(self, nbytes: int, device: str = "cpu", shm_name: str | None = None) -> Any:

@@ -824,8 +824,10 @@ class Lane:
         spin_ns = int(SPIN_S * 1e9) if seconds and self.spin else 0
         t0 = perf_counter()
         deadline = t0 + seconds
-        first = bool(seconds and SPIN_S)
+        first = bool(seconds and SPIN_S)  # no data seen yet in this wait: the spin's verdict is still open
         while True:
+            if t._state:  # done by another route (the receiver thread read the ack first, a timeout, a failure)
+                return False
             code, pos, reader.end, _ = wait(fd, buf, reader.pos, reader.end, slice_ns, spin_ns)
             reader.pos = pos
             if first and code:  # the first data since the wait began: keep spinning while it comes within the spin
@@ -835,16 +837,15 @@ class Lane:
             if code == 1:  # W_ACK: a whole ack header at pos
                 reader.pos = pos + HEADER_SIZE
                 handler(self, HEADER.unpack_from(buf, pos))
-                if t._state:
-                    return False
                 continue
             if code == 2:  # W_OTHER: the receiver thread's
                 return True
             if code == 3:  # W_EOF
                 raise PeerGone("connection closed by peer")
+            if first:  # a slice passed with nothing: no ack within the spin
+                self.spin = False
+                first = False
             if t._state or not seconds or perf_counter() >= deadline:
-                if first:
-                    self.spin = False  # nothing came back within the spin
                 return False
 
     def close(self) -> None:
