@@ -31,7 +31,7 @@ def _table(job, s: float, q: float, k: float, noise: float = 0.0) -> pd.DataFram
     seqs = np.tile(np.array([1, 2, 3, 4, 6, 8, 12, 16], float), 6)
     tokens = seqs.copy()
     tokens[::3] = seqs[::3] * 48  # prefill steps: many tokens for few sequences
-    y = s + q * seqs + k * _price(job, tokens, seqs)
+    y = s + q * seqs + _price(job, tokens, seqs, rate=k)  # the steps as the simulator prices them at rate factor k
     y = y * (1 + noise * rng.uniform(-1, 1, len(y)))
     return pd.DataFrame({"tokens": tokens, "seqs": seqs, "period": y})
 

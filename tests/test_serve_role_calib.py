@@ -9,7 +9,7 @@ import pytest
 
 import workbench as wb
 from workbench.result import Result, events_frame, memory_frame
-from workbench.serve.calibrate import _price, calibrate_job, kv_handoff, steps
+from workbench.serve.calibrate import _price, calibrate_job, kv_handoff, rated, steps
 from workbench.serving import Serving, ServingPlan
 from workbench.sim.serve import requests, simulate_serving, workers
 from workbench.topology import load_cluster
@@ -34,7 +34,7 @@ def _disaggregated_run(job, tail: float = 0.0, per_byte: float = 0.0):  # type: 
     layers = job.model.layers
     pre = [(64 * n, n) for n in (1, 2, 1, 3, 1, 2, 4, 1)]
     for i, (tok, n) in enumerate(pre):
-        dur = PRE[0] + PRE[1] * n + K * float(_price(job, np.array([tok]), np.array([n]), "prefill")[0])
+        dur = PRE[0] + PRE[1] * n + float(_price(job, np.array([tok]), np.array([n]), "prefill", rate=K)[0])
         ev.append({"rank": 0, "device": "cpu", "kind": "compute", "op": "prefill", "bytes": 0, "links": (),
                    "start": t, "end": t + dur, "batch_seqs": n, "batch_tokens": tok})
         mem.append({"rank": 0, "category": "kv_cache", "bytes": 4096, "time": t + dur})  # held while the KV is in flight
@@ -48,7 +48,7 @@ def _disaggregated_run(job, tail: float = 0.0, per_byte: float = 0.0):  # type: 
     t = 0.0
     seqs = np.tile(np.array([1, 2, 3, 4, 6, 8]), 4)
     for i, n in enumerate(seqs):
-        dur = DEC[0] + DEC[1] * n + K * float(_price(job, np.array([n]), np.array([n]), "decode")[0])
+        dur = DEC[0] + DEC[1] * n + float(_price(job, np.array([n]), np.array([n]), "decode", rate=K)[0])
         ev.append({"rank": 1, "device": "cpu", "kind": "compute", "op": "decode", "bytes": 0, "links": (),
                    "start": t, "end": t + dur, "batch_seqs": int(n), "batch_tokens": int(n)})
         mem.append({"rank": 1, "category": "kv_cache", "bytes": 0 if i == len(seqs) - 1 else 4096, "time": t + dur})
@@ -65,11 +65,11 @@ def test_each_role_is_fitted_on_its_own_workers_steps(job) -> None:  # type: ign
     cal, f = calibrate_job(job, measured)
     assert f["rate_factor"] == pytest.approx(K, rel=0.05)
     ws = {w.role: w.cost for w in workers(cal.cluster, cal.model, cal.plan)}
-    base = {w.role: w.cost for w in workers(job.cluster, job.model, job.plan.with_(replicas=1))}
+    base = {w.role: w.cost for w in workers(rated(job.cluster, K), job.model, job.plan.with_(replicas=1))}
     for n in (1, 4, 8):  # a decode step of n sequences as the decode worker ran it
-        want = DEC[0] + DEC[1] * n + K * base["decode"].step(n, 0.0, 0.0, n, False)
+        want = DEC[0] + DEC[1] * n + base["decode"].step(n, 0.0, 0.0, n, False)
         assert ws["decode"].step(n, 0.0, 0.0, n, False) == pytest.approx(want, rel=0.05)
-    want = PRE[0] + PRE[1] * 2 + K * base["prefill"].step(128, 0.0, 0.0, 2, False)
+    want = PRE[0] + PRE[1] * 2 + base["prefill"].step(128, 0.0, 0.0, 2, False)
     assert ws["prefill"].step(128, 0.0, 0.0, 2, False) == pytest.approx(want, rel=0.05)
     assert cal.plan.host("decode") == pytest.approx((DEC[0] * 1e6, DEC[1] * 1e6), rel=0.05)
 

@@ -84,7 +84,7 @@ def test_step_fit_on_compositions_recovers_known_costs(job) -> None:  # type: ig
     t = _steps(d, pf)
     t = t[t["seqs"] > 0].reset_index(drop=True)
     s, q, k = 4e-3, 3e-4, 2.5
-    y = s + q * t["seqs"] + k * _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t)
+    y = s + q * t["seqs"] + _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t, rate=k)
     t["period"] = y * (1 + 0.01 * rng.uniform(-1, 1, len(y)))
     f = fit_steps(job, t)
     assert f["scheduler_us"] == pytest.approx(4000, rel=0.05)

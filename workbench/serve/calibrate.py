@@ -105,17 +105,28 @@ def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
 
 
 # ====================================================================== the fit
+def rated(cluster: Any, k: float) -> Any:
+    """`cluster` with its first node's compute and memory rates divided by `k` (a calibration's rate factor: how the
+    simulator runs a fitted job)."""
+    from workbench.calibration.run import _with_specs
+
+    spec = cluster.nodes[0].gpu_spec
+    specs = {f"{p}_tflops": v / k for p, v in spec.peak_tflops} | {"memory_GBps": spec.memory_GBps / k}
+    return _with_specs(cluster, **specs)
+
+
 def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated",
-           composition: pd.DataFrame | None = None) -> np.ndarray:
-    """The simulator's price of steps of `tokens` on a worker of `role`, without host terms. With the steps'
-    `composition` (columns `COMPOSITION`, as the engine logged them) they are priced as the simulator prices the
-    steps it forms: prefill attention work, decode KV reads, rows sampled, decode-only or not; without it, by
-    their tokens alone (prefill work and KV reads ignored)."""
+           composition: pd.DataFrame | None = None, rate: float = 1.0) -> np.ndarray:
+    """The simulator's price of steps of `tokens` on a worker of `role`, without host terms, on the job's cluster
+    with its rates divided by `rate`. With the steps' `composition` (columns `COMPOSITION`, as the engine logged
+    them) they are priced as the simulator prices the steps it forms: prefill attention work, decode KV reads, rows
+    sampled, decode-only or not; without it, by their tokens alone (prefill work and KV reads ignored)."""
     from workbench.sim.serve import workers
 
+    cluster = job.cluster if rate == 1.0 else rated(job.cluster, rate)
     plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, request_us=0.0, prefill_scheduler_us=None,
                           prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
-    ws = workers(job.cluster, job.model, plan)
+    ws = workers(cluster, job.model, plan)
     w = next((x for x in ws if x.role == role), ws[0])
     if composition is not None and _has_composition(composition):
         c = composition
@@ -130,9 +141,12 @@ def _has_composition(t: pd.DataFrame) -> bool:
 
 
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
-    """Fit `period = s_r + q_r·seqs + k·sim_r(tokens)` by least squares with s, q, k ≥ 0 to rows of tokens, seqs,
-    period (seconds) and optionally role: a per-step cost `s_r` and a per-sequence cost `q_r` for each worker role
-    (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs). Returns
+    """Fit `period = s_r + q_r·seqs + sim_r(tokens; rates / k)` by least squares with s, q ≥ 0 to rows of tokens,
+    seqs, period (seconds) and optionally role: a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
+    role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
+    the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
+    do not scale with them (the kernel launches) stay as they are. `k` is searched (golden section on log k), s
+    and q solved by non-negative least squares at each. Returns
     {'scheduler_us', 'seq_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
     '{role}_scheduler_us', '{role}_seq_us' (the plain keys hold the colocated or else the decode worker's).
 
@@ -150,21 +164,27 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     y = t["period"].to_numpy(float)
     seqs = t["seqs"].to_numpy(float)
     tokens = t["tokens"].to_numpy(float)
-    sim = np.zeros(len(t))
-    cols = []
     comp = t if _has_composition(t) else None
-    for r in present:
-        m = role == r
-        sim[m] = _price(job, tokens[m], seqs[m], r, None if comp is None else comp[m])
-        cols += [m.astype(float), seqs * m]
-    A = np.stack(cols + [sim], axis=1)
-    x, _ = nnls(A, y)
-    k = float(x[-1])
-    if k <= 0:  # the steps do not grow with their tokens here: keep the node's rates
-        k = 1.0
-        x, _ = nnls(A[:, :-1], y - sim)
-        x = np.append(x, k)
-    pred = A @ x
+    masks = [role == r for r in present]
+    H = np.stack([c for m in masks for c in (m.astype(float), seqs * m)], axis=1)
+
+    def price(k: float) -> np.ndarray:
+        sim = np.zeros(len(t))
+        for r, m in zip(present, masks):
+            sim[m] = _price(job, tokens[m], seqs[m], r, None if comp is None else comp[m], rate=k)
+        return sim
+
+    def loss(logk: float) -> float:
+        sim = price(float(np.exp(logk)))
+        x, _ = nnls(H, y - sim)
+        return float(((y - sim - H @ x) ** 2).sum())
+
+    k = float(np.exp(_golden(loss, np.log(K_RANGE[0]), np.log(K_RANGE[1]))))
+    if loss(0.0) <= loss(np.log(k)) * (1 + 1e-9):  # the steps do not tell (e.g. they do not grow with their tokens)
+        k = 1.0  # keep the node's rates
+    sim = price(k)
+    x, _ = nnls(H, y - sim)
+    pred = H @ x + sim
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
                              "median_abs_error": float(np.median(np.abs(pred - y) / y))}
@@ -174,6 +194,47 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     main = "colocated" if "colocated" in present else present[-1]
     out["scheduler_us"], out["seq_us"] = out[f"{main}_scheduler_us"], out[f"{main}_seq_us"]
     return out
+
+
+K_RANGE = (0.02, 500.0)  # the rate factors searched: 50x faster to 500x slower than the cluster's rates
+
+
+def _golden(f: Any, a: float, b: float, coarse: int = 13, iters: int = 16) -> float:
+    """The argmin of `f` over [a, b]: the best of `coarse` evenly spaced points, then golden-section search
+    between its neighbours."""
+    xs = np.linspace(a, b, coarse)
+    fs = [f(float(v)) for v in xs]
+    i = int(np.argmin(fs))
+    lo, hi = float(xs[max(i - 1, 0)]), float(xs[min(i + 1, coarse - 1)])
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - g * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + g * (hi - lo)
+            fd = f(d)
+    best = min((fs[i], float(xs[i])), (fc, c), (fd, d))
+    return best[1]
+
+
+def _bisect(f: Any, a: float, b: float, iters: int = 30) -> float:
+    """The root of an increasing `f` in [a, b] (an end where there is none)."""
+    if f(a) >= 0:
+        return a
+    if f(b) <= 0:
+        return b
+    for _ in range(iters):
+        m = 0.5 * (a + b)
+        if f(m) < 0:
+            a = m
+        else:
+            b = m
+    return 0.5 * (a + b)
 
 
 def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
@@ -205,9 +266,15 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     lam = 1.0
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
-        pred = (f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6 + f["rate_factor"] * _price(
-            job, r["tokens"].to_numpy(float), seqs, composition=r if both else None)
-        lam = float(r["period"].sum() / pred.sum())
+        host = float(((f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6).sum())
+        total = float(r["period"].sum())
+
+        def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
+            lm = float(np.exp(loglam))
+            return host * lm + float(_price(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
+                                            rate=f["rate_factor"] * lm).sum()) - total
+
+        lam = float(np.exp(_bisect(excess, np.log(1 / 50), np.log(50))))
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
 
 
@@ -280,14 +347,10 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     measured on its own): the front end is a mechanism of the plan (`fe_*`) and `request_us` is the hop of one
     request alone (`measure_overheads`' client TTFT − step) less the front end's own work for it, so the hop's
     growth with load comes from the front end's backlog, not from the calibration run."""
-    from workbench.calibration.run import _with_specs
-
     f = fit(job, measured, micro)
-    spec = job.cluster.nodes[0].gpu_spec
 
     def rates(k: float) -> Any:
-        specs = {f"{p}_tflops": v / k for p, v in spec.peak_tflops} | {"memory_GBps": spec.memory_GBps / k}
-        return _with_specs(job.cluster, **specs)
+        return rated(job.cluster, k)
 
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
