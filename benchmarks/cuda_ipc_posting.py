@@ -93,10 +93,13 @@ def steps(iters: int) -> dict[str, Any]:
 
 
 class _Rt:
-    """A CUDA runtime stand-in: every call returns at once (the source's stream is idle, events never ready)."""
+    """A CUDA runtime stand-in: every call returns at once (the source's stream is idle, events never ready), but
+    `eventSynchronize`, which with `sync_us` > 0 sleeps that long with the GIL released, as CuPy's binding waits
+    for the GPU (other threads, the path's poller, then run while the caller waits, not while it posts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync_us: float = 0.0) -> None:
         self._ev = itertools.count(1)
+        self.sync_s = sync_us * 1e-6
 
     def getDevice(self) -> int:
         return 0
@@ -120,7 +123,8 @@ class _Rt:
         return None
 
     def eventSynchronize(self, ev: int) -> None:
-        return None
+        if self.sync_s:
+            time.sleep(self.sync_s)
 
     def streamSynchronize(self, stream: int) -> None:
         return None
@@ -157,13 +161,16 @@ class _Tensor:
         return self.n
 
 
-def post(iters: int, launch_us: float) -> dict[str, Any]:
-    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write."""
+def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
+    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write; each
+    engine's time split at the path's `submit_pages` (`*_engine_us`: the engine's checks before it, `*_path_us`:
+    the path's posting). `sync_us`: the stand-in's `eventSynchronize` sleeps that long, the GIL released."""
     import kernels._cuda as kc
     from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, CudaIpcPath, _Remote
     from transport.engine import Engine
 
     launched: list[int] = []
+    marks: list[int] = []
     spin = int(launch_us * 1e3)
 
     def launch(fn: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, stream: int,
@@ -175,7 +182,7 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
 
     def raw(device: int, name: str) -> Any:
         r = kc._Raw.__new__(kc._Raw)
-        r.fn, r.ptr, r.launch, r.rt = None, 1, launch, _Rt()
+        r.fn, r.ptr, r.launch, r.rt = None, 1, launch, _Rt(sync_us)
         return r
 
     stream = SimpleNamespace(cuda_stream=0x5000, synchronize=lambda: None)
@@ -187,15 +194,19 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
     top = max(t for t, _ in SHAPES)
     out: dict[str, Any] = {"launch_us": launch_us}
     try:
-        with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2:
+        with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2, \
+                Engine("tcp", lanes=2) as e3:
             dst = tgt.register(np.zeros(top, np.uint8)).descriptor  # never touched: the stand-in copies nothing
             engines = {}
-            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0)):
+            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0), ("wake", e3, 0)):
                 src = eng.register(np.zeros(top, np.uint8))
                 src.flat = _Tensor(top, 1 << 40)
                 eng.connect(dst)
-                path = CudaIpcPath(eng, runtime=(torch, _Rt()), chunk_bytes=chunk)
+                path = CudaIpcPath(eng, runtime=(torch, _Rt(sync_us)), chunk_bytes=chunk)
                 path.handles = lambda s, d: True  # type: ignore[method-assign]
+                path.submit_pages = partial(_marked, path.submit_pages, marks)  # type: ignore[method-assign]
+                if name == "wake":  # the poller as before: woken by every submit that finds it idle
+                    path.idle_naps = 0
                 path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(top, 1 << 41))
                 old = eng._path
                 eng._path = path
@@ -205,23 +216,28 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
                     n = total // page
                     rng = np.random.default_rng(n)
                     sp, dp = rng.permutation(n), rng.permutation(n)
-                    res: dict[str, dict[str, list[float]]] = {k: {"first": [], "post": [], "launches": []}
-                                                              for k in engines}
+                    res: dict[str, dict[str, list[float]]] = {
+                        k: {"first": [], "post": [], "launches": [], "engine": [], "path": []} for k in engines}
                     for i in range(iters + 10):
                         for name, (eng, src, _path, _old) in engines.items():
                             launched.clear()
+                            marks.clear()
                             a = time.perf_counter_ns()
                             t = eng.write_paged(src, dst, page_bytes=page, src_pages=sp, dst_pages=dp)
                             b = time.perf_counter_ns()
-                            t.result(5)  # the stand-in's event "synchronises" at once
+                            t.result(5)  # the stand-in's event "synchronises" at once (or after sync_us)
                             if i >= 10:
                                 res[name]["first"].append((launched[0] - a) / 1e3)
                                 res[name]["post"].append((b - a) / 1e3)
                                 res[name]["launches"].append(len(launched))
+                                res[name]["engine"].append((marks[0] - a) / 1e3)
+                                res[name]["path"].append((marks[1] - marks[0]) / 1e3)
                     row: dict[str, Any] = {"pages": n}
                     for name, r in res.items():
                         row[f"{name}_first_launch_us"] = round(statistics.median(r["first"]), 2)
                         row[f"{name}_post_us"] = round(statistics.median(r["post"]), 2)
+                        row[f"{name}_engine_us"] = round(statistics.median(r["engine"]), 2)
+                        row[f"{name}_path_us"] = round(statistics.median(r["path"]), 2)
                         row[f"{name}_launches"] = int(statistics.median(r["launches"]))
                     out[f"{total // MiB}MiB_{page // KiB}KiB"] = row
             finally:
@@ -231,6 +247,15 @@ def post(iters: int, launch_us: float) -> dict[str, Any]:
     finally:
         kc._raw = real_raw  # type: ignore[assignment]
     return out
+
+
+def _marked(fn: Any, marks: list[int], *a: Any) -> Any:
+    """`fn(*a)` with the times it was entered and left appended to `marks` (ns)."""
+    marks.append(time.perf_counter_ns())
+    try:
+        return fn(*a)
+    finally:
+        marks.append(time.perf_counter_ns())
 
 
 def _take_oldest(self: Any, nwords: int) -> Any:
@@ -286,16 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=200, help="timed repetitions per point")
     ap.add_argument("--launch-us", type=float, default=4.3,
                     help="host µs the stand-in kernel launch spins (one H200's cuLaunchKernel: ~4.1-5.3)")
+    ap.add_argument("--sync-us", type=float, default=0.0,
+                    help="the stand-in's eventSynchronize sleeps this long with the GIL released, as a caller waits "
+                         "for the GPU (0: returns at once, holding the GIL)")
     ap.add_argument("--attribution", action="store_true",
                     help="also post one kernel per write under the path's previous ring order and callback "
                          "handling, one change at a time (before/after on this host)")
     ap.add_argument("--machine", default=platform.node())
     ap.add_argument("--out", default="", help="JSON file to write")
     args = ap.parse_args(argv)
-    if args.iters < 1 or args.launch_us < 0:
-        ap.error("--iters must be >= 1 and --launch-us >= 0")
+    if args.iters < 1 or args.launch_us < 0 or args.sync_us < 0:
+        ap.error("--iters must be >= 1, --launch-us and --sync-us >= 0")
     t0 = time.perf_counter()
-    doc: dict[str, Any] = {"steps": steps(args.iters), "post": post(args.iters, args.launch_us)}
+    doc: dict[str, Any] = {"steps": steps(args.iters), "post": post(args.iters, args.launch_us, args.sync_us)}
     if args.attribution:
         doc["attribution"] = attribution(args.iters, args.launch_us)
     doc["meta"] = {"machine": args.machine, "platform": platform.platform(), "python": platform.python_version(),

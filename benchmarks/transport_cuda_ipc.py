@@ -16,7 +16,8 @@ a paged write; `--probe` adds the copies alone on the GPU and the host's cost of
 paged write against `cudaMemcpyAsync` (`launch_probe`); `--chunks` the page kernel's GPU time at 64 and 256 MiB,
 one launch and chunked as the path posts a large write, against `cudaMemcpyAsync` (`chunk_probe`);
 `--sweep-modes launch,chunked` runs the full run's sweep with one engine per way (one kernel per write
-against chunked launches, interleaved); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
+against chunked launches, interleaved; `hostidx` / `devidx`: page indices read from the pinned ring slot / from
+device memory at every page size, against the default's device copy for pages of >= 64 KiB); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
 interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
 costs, which copies and immediates the path used, the machine) and prints the markdown table.
 `--backend tcp --device cpu` runs the same plumbing without a GPU.
@@ -103,7 +104,9 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
 def _mode_opts(mode: str | None) -> dict[str, Any]:
     """Engine options of a way of starting a paged write: a `pages=` mode of the cuda_ipc path (`launch`,
     `graph`, `resident`), `whole` (launched as one kernel: `pages="launch", chunk_bytes=0`, the default),
-    `chunked` (launched in chunks: `chunk_bytes=PAGE_CHUNK_BYTES`), or None (the path's defaults)."""
+    `chunked` (launched in chunks: `chunk_bytes=PAGE_CHUNK_BYTES`), `hostidx` / `devidx` (one kernel reading its
+    page indices from the pinned ring slot / from device memory at every page size: `index_device_page=0` / `1`;
+    the default copies them to device memory for pages of >= `INDEX_DEVICE_PAGE`), or None (the path's defaults)."""
     if mode is None:
         return {}
     if mode == "whole":
@@ -112,8 +115,13 @@ def _mode_opts(mode: str | None) -> dict[str, Any]:
         from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES
 
         return {"pages": "launch", "chunk_bytes": PAGE_CHUNK_BYTES}
+    if mode == "hostidx":  # every page kernel reads its indices from the pinned ring slot (as before 64 KiB pages)
+        return {"pages": "launch", "chunk_bytes": 0, "index_device_page": 0}
+    if mode == "devidx":  # every page kernel reads its indices from device memory (one upload per write)
+        return {"pages": "launch", "chunk_bytes": 0, "index_device_page": 1}
     if mode not in ("launch", "graph", "resident"):
-        raise SystemExit(f"paged-write mode must be launch, graph, resident, whole or chunked, got {mode!r}")
+        raise SystemExit(f"paged-write mode must be launch, graph, resident, whole, chunked, hostidx or devidx, "
+                         f"got {mode!r}")
     return {"pages": mode}
 
 
@@ -270,12 +278,12 @@ def _path_submit(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, float]:
 _STAGES = (("engine", "_check_src"), ("engine", "_check_dst"), ("engine", "_link"), ("engine", "_new"),
            ("engine", "_submit_path"), ("path", "submit"), ("path", "_remote"), ("path", "_lane"),
            ("path", "_current_stream"), ("path", "_local"), ("path", "_pages"), ("path", "_event"),
-           ("path", "_post_resident"))
+           ("path", "_post_resident"), ("path", "_device_index"))
 
 
 def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str, float]]:
     """Where posting goes: each engine and path step of a paged write (16 MiB in 16 KiB pages, the 256 x 32 KiB
-    layer) and of a single 16 MiB write, timed with `perf_counter_ns` around the call (median µs per write;
+    layer, 16 MiB in 64 KiB pages: its indices copied to device memory) and of a single 16 MiB write, timed with `perf_counter_ns` around the call (median µs per write;
     each wrapper adds ~0.2 µs), next to the whole `write()`/`write_paged()` until it returned (`post`)."""
     import numpy as np
 
@@ -301,7 +309,8 @@ def post_stages(eng: Any, src: Any, desc: Any, iters: int) -> dict[str, dict[str
         wrapped.append((obj, name))
     out: dict[str, dict[str, float]] = {}
     try:
-        shapes = {"single_16MiB": None, "paged_1024x16KiB": (16 * KiB, 1024), "paged_256x32KiB": (32 * KiB, 256)}
+        shapes = {"single_16MiB": None, "paged_1024x16KiB": (16 * KiB, 1024), "paged_256x32KiB": (32 * KiB, 256),
+                  "paged_256x64KiB": (64 * KiB, 256)}
         for label, shape in shapes.items():
             if shape is not None:
                 rng = np.random.default_rng(shape[1])
@@ -535,8 +544,10 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
                 pages: tuple[int, ...] = SWEEP_PAGES) -> dict[str, Any]:
     """The page kernel against `cudaMemcpyAsync` of the same total on the GPU alone (CUDA events around `k`
     back-to-back writes, µs per write, median of `repeats`), data several times the L2: the kernel as one launch
-    reading its indices from pinned host memory (what the path posts by default), the same chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per
-    chunk, each chunk's indices in its part of the buffer), one launch reading them from device memory, and
+    reading its indices from pinned host memory (what the path posts for pages below `index_device_page`), the same
+    chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per chunk, each chunk's indices in
+    its part of the buffer), one launch reading them from device memory, the same after copying them there from
+    pinned memory on the stream (`*_upload`: what the path posts for pages of >= `index_device_page`), and
     `copy_pages` reading byte offsets from pinned host memory (each warp its page's two words, as the index
     kernels read theirs); `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
     import numpy as np
@@ -577,9 +588,13 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
                     gi(sp_, dp_, c_ + 16 * a, b - a, page, page, page, stream)
             key = f"{total // MiB}MiB_{page // KiB}KiB"
             row: dict[str, Any] = {"chunks": [b - a for a, b in plan]}
+            def upload(n: int = n, page: int = page, w_: int = w_, d_: int = d_) -> None:
+                rt.memcpyAsync(d_, w_, 16 * n, 1, stream)  # what the path does for pages >= index_device_page
+                gi(sp_, dp_, d_, n, page, page, page, stream)
             for name, fn in (("whole_host_idx", partial(gi, sp_, dp_, w_, n, page, page, page, stream)),
                              ("chunked_host_idx", chunked),
                              ("whole_device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream)),
+                             ("whole_device_idx_upload", upload),
                              ("warp_host_offsets", partial(go, sp_, dp_, offs.data_ptr(), n, page, stream))):
                 us = 1e6 * gpu_time(_batched(fn, k), repeats) / k
                 row[f"{name}_us"] = round(us, 2)
@@ -762,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --quick: comma-separated ways of starting a paged write to compare (launch,graph)")
     ap.add_argument("--sweep-modes", default="",
                     help="the full run's paged sweep: comma-separated ways of starting a paged write, one engine "
-                         "each, interleaved (launch,chunked: one kernel per write against chunked launches)")
+                         "each, interleaved (launch,chunked: one kernel per write against chunked launches; "
+                         "launch,hostidx,devidx: where the page kernel reads its indices)")
     ap.add_argument("--chunks", action="store_true",
                     help="also time the page kernel on the GPU at 64 and 256 MiB, whole and chunked (chunk_probe)")
     ap.add_argument("--resident", action="store_true",

@@ -10,7 +10,8 @@
 # PAGES="launch graph" runs the fast path once per way of starting a paged write (fast-<mode>-1gpu.json);
 # REPEAT=2 runs the one-GPU fast and before runs twice, in turn (fast2-…, before2-…: the order of runs matters).
 # SWEEP_MODES="launch,chunked" gives each fast run's paged sweep one engine per way, interleaved (one kernel per
-# write against chunked launches); CHUNKS=1 adds the page kernel's GPU time, whole and chunked, to the probed run.
+# write against chunked launches; "launch,hostidx,devidx": page indices read from the default's place, the pinned
+# ring slot, device memory); CHUNKS=1 adds the page kernel's GPU time, whole and chunked, to the probed run.
 # Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,legacy}-{1gpu,2gpu}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."

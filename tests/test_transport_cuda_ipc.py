@@ -160,6 +160,8 @@ def test_path_options_are_checked() -> None:
     for bad in (-1, 1.5, True, "16M"):
         with pytest.raises(BackendUnavailable, match="chunk_bytes must be an integer >= 0"):
             CudaIpcPath(view, chunk_bytes=bad, runtime=(None, None))
+        with pytest.raises(BackendUnavailable, match="index_device_page must be an integer >= 0"):
+            CudaIpcPath(view, index_device_page=bad, runtime=(None, None))
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
@@ -323,6 +325,8 @@ def test_paged_writes_of_odd_pages_and_offsets(peer, pages: str) -> None:  # typ
                 t.result(60)
             assert peer.crc(0, 64 * 4096) == crc(data[:64 * 4096])
         used = eng._path.used  # a one-page write finding the ring full is one memcpy
+        # launched: the 64 KiB pages read their indices from a device copy of the slot
+        assert used["pages_device_idx"] == (1 if pages == "launch" else 0), dict(used)
         assert used["pages"] + used["graph"] + used["memcpy"] == len(PAGED_CASES) + (64 if pages == "graph" else 0)
         assert used["graph"] >= (len(PAGED_CASES) if pages == "graph" else 0) and used["torch"] == 0, dict(used)
 
@@ -351,6 +355,41 @@ def test_large_paged_write_posted_in_chunks(peer, chunk: int) -> None:  # type: 
         want = len(chunk_plan(n, page, chunk)) if chunk else 0
         assert (want > 1 or not chunk) and used["page_chunks"] == want, dict(used)
         assert used["pages"] == 1 and used["imm_gpu"] == 1, dict(used)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
+@pytest.mark.parametrize("index_device_page", [0, 64 << 10, 4096])
+def test_paged_writes_in_flight_reuse_ring_slots_and_their_device_copies(peer, index_device_page: int) -> None:  # type: ignore[no-untyped-def]
+    """48 paged writes of 8 x 64 KiB pages posted back to back over two lanes (more than the ring's 32 slots, so
+    slots and their parts of the device mirror are reused while other writes are in flight), each with its own
+    page permutation into its own part of the target, then 16 KiB pages: every page lands where its indices
+    say, whether the kernels read the indices from device memory (pages >= index_device_page) or the slot."""
+    if peer.desc.device != "cuda:0":
+        pytest.skip("one-GPU case")
+    page, n, writes = 64 << 10, 8, 48
+    data = rand(64 * page, seed=31)
+    rng = np.random.default_rng(32)
+    with Engine("cuda_ipc", lanes=2, index_device_page=index_device_page) as eng:
+        src = eng.register(cuda_buf(data))
+        peer.call("fill", 0)
+        plans = [(rng.choice(64, n, replace=False), rng.permutation(n) + w * n) for w in range(writes)]
+        ts = [eng.write_paged(src, peer.desc, page_bytes=page, src_pages=sp, dst_pages=dp) for sp, dp in plans]
+        for t in ts:
+            t.result(60)
+        got = np.frombuffer(peer.read(0, writes * n * page), np.uint8).reshape(writes * n, page)
+        want = data.reshape(64, page)
+        for sp, dp in plans:
+            assert np.array_equal(got[dp], want[sp])
+        small = 16 << 10
+        sp16, dp16 = rng.permutation(64), rng.permutation(64)
+        eng.write_paged(src, peer.desc, page_bytes=small, src_pages=sp16, dst_pages=dp16).result(60)
+        got16 = np.frombuffer(peer.read(0, 64 * small), np.uint8).reshape(64, small)
+        assert np.array_equal(got16[dp16], data[:64 * small].reshape(64, small)[sp16])
+        used = eng._path.used
+        device = (writes if index_device_page and page >= index_device_page else 0) + (
+            1 if index_device_page and small >= index_device_page else 0)
+        assert used["pages_device_idx"] == device and used["pages"] + used["memcpy"] == writes + 1, dict(used)
 
 
 # ---- the posting logic without a GPU: a stand-in CUDA runtime records every call -------------------------
@@ -846,3 +885,101 @@ def test_resident_posting_falls_back_to_a_launch_when_it_must(posting, monkeypat
     assert len(res.jobs) == 2 and fx.path.used["resident"] == 2 and fx.path.used["imm_socket"] == 2
     fx.path.close()
     assert res.stopped and fx.path._resident == {}
+
+
+def test_large_pages_read_their_indices_from_a_device_copy_of_the_slot(posting) -> None:  # type: ignore[no-untyped-def]
+    """Pages of >= 64 KiB (index_device_page): the slot's 2n indices are copied on the lane's stream into that
+    slot's part of the device mirror (one memcpyAsync, before the launch) and the kernel reads them there; the
+    slot stays taken until the write completed; smaller pages read the slot itself (no copy)."""
+    fx = posting
+    page, n = 64 << 10, 40
+    rng = np.random.default_rng(41)
+    sp, dp = rng.permutation(n), rng.permutation(n)
+    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp))
+    ring = fx.path._ring
+    mirror = fx.path._mirrors[0][1]
+    name, _grid, _threads, stream, (s_ptr, d_ptr, idx_ptr, count, pg) = fx.launches[-1]
+    slot = (idx_ptr - mirror) // _HostRing.SLOT
+    assert (name, s_ptr, d_ptr, count, pg, stream) == ("copy_pages_pg", SRC_PTR, DST_PTR, n, page, LANE_STREAM)
+    assert idx_ptr == mirror + slot * _HostRing.SLOT
+    names = [c[0] for c in fx.rt.calls]
+    assert names == ["streamQuery", "memcpyAsync", "eventRecord"], names
+    assert fx.rt.calls[1][1:] == (idx_ptr, ring.ptr + slot * _HostRing.SLOT, 16 * n, LANE_STREAM)
+    words = ring.words[slot * _HostRing.SLOT // 8:][:2 * n]
+    assert np.array_equal(words[:n], sp) and np.array_equal(words[n:], dp)
+    assert slot not in ring.free  # the copy and the kernel may still read it
+    t.result(5)
+    assert slot in ring.free and fx.path.used["pages_device_idx"] == 1
+    # 32 KiB pages: the kernel reads the slot through mapped memory, no copy
+    fx.rt.calls.clear()
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=32 << 10, src_pages=sp, dst_pages=dp)).result(5)
+    assert "memcpyAsync" not in [c[0] for c in fx.rt.calls]
+    assert ring.ptr <= fx.launches[-1][4][2] < ring.ptr + ring.SLOT * ring.SLOTS
+    # the threshold is an option: 0 turns the copy off, a smaller one takes smaller pages
+    fx.path.index_device_page = 0
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp)).result(5)
+    fx.path.index_device_page = 4096
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=4096, src_pages=sp, dst_pages=dp)).result(5)
+    assert fx.path.used["pages_device_idx"] == 2 and fx.path.used["pages"] == 4
+    assert len(ring.free) == _HostRing.SLOTS
+
+
+def test_a_failed_index_copy_falls_back_to_the_slot(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The copy into device memory fails: this write's kernel reads the slot, later ones never try again."""
+    fx = posting
+    logs: list[str] = []
+    monkeypatch.setattr(fx.eng, "_log", logs.append)
+
+    def broken(dst: int, src: int, n: int, kind: int, stream: int) -> None:
+        raise RuntimeError("cudaErrorInvalidValue (stand-in)")
+
+    monkeypatch.setattr(fx.rt, "memcpyAsync", broken)
+    page, n = 64 << 10, 8
+    for _ in range(2):
+        _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=range(n),
+                                             dst_pages=range(n))).result(5)
+        ring = fx.path._ring
+        assert ring.ptr <= fx.launches[-1][4][2] < ring.ptr + ring.SLOT * ring.SLOTS
+    assert fx.path.index_device_page == 0 and fx.path.used["pages_device_idx"] == 0 and fx.path.used["pages"] == 2
+    assert sum("copying page indices" in m for m in logs) == 1, logs
+
+
+def test_a_failed_launch_after_the_index_copy_keeps_the_slot_until_completion(posting) -> None:  # type: ignore[no-untyped-def]
+    """The index copy is queued, then the kernel's launch fails: the copy may still read the slot, so the slot goes
+    back with the write's completion (not at once), and the pages move through the range kernel."""
+    fx = posting
+    fx.fail_at["copy_pages_pg"] = 1
+    page, n = 64 << 10, 8
+    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=range(n),
+                                             dst_pages=range(n)))
+    ring = fx.path._ring
+    copy = [c for c in fx.rt.calls if c[0] == "memcpyAsync"]
+    assert len(copy) == 1
+    slot = (copy[0][2] - ring.ptr) // _HostRing.SLOT
+    assert [x[0] for x in fx.launches] == ["copy_ranges_16"] and not fx.path._pages_ok
+    assert slot not in ring.free
+    t.result(5)
+    assert len(ring.free) == _HostRing.SLOTS
+
+
+def test_the_poller_completes_writes_nobody_waits_for_when_woken_and_while_napping(posting, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """result(timeout < 1 s) runs no hooks: only the poller completes the write. Blocked (after `idle_naps` naps
+    with nothing queued), a submit wakes it; napping, a submit leaves it be (no wake-up is released) and the
+    nap's end finds the write."""
+    fx = posting
+    path = fx.path
+    monkeypatch.setattr(fx.rt, "eventQuery", lambda ev: 0)
+    path.idle_naps = 2
+    deadline = time.monotonic() + 5
+    while not path._sleeping:  # two naps of 200 µs, then blocked
+        assert time.monotonic() < deadline, "the poller never blocked"
+        time.sleep(1e-3)
+    t = _post(fx, lambda: fx.eng.write(fx.src, fx.dst, 4096))
+    assert not path._sleeping  # woken by the submit
+    path.idle_naps = 10 ** 6  # from now on it naps while the queue is empty
+    t.result(0.9)
+    time.sleep(5e-3)
+    assert not path._sleeping
+    t = _post(fx, lambda: fx.eng.write(fx.src, fx.dst, 4096))
+    assert path._wake.locked() and not path._sleeping  # napping: no wake-up released
+    t.result(0.9)

@@ -16,7 +16,10 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   `copy_pages_pg` launch (`copy_pages_idx` for strides other than the page; `kernels._cuda`: a warp
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
-  page; no byte offsets, word-size, splitting or division work on the host. With `chunk_bytes` > 0
+  page; no byte offsets, word-size, splitting or division work on the host. Pages of at least
+  `index_device_page` bytes (`INDEX_DEVICE_PAGE`, 64 KiB) are read from device memory instead: one
+  `cudaMemcpyAsync` on the lane's stream copies the slot's indices into the slot's part of a device mirror of
+  the ring (allocated once per device), and the kernel reads them there. With `chunk_bytes` > 0
   (opt-in) a large paged
   write (at least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks
   (`chunk_plan`: about `chunk_bytes` first, each next twice the one before): a chunk's indices go into
@@ -87,11 +90,22 @@ CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces a
 PAGE_CHUNK_BYTES = 16 << 20  # the first chunk tried: its copy (~8 µs) covers posting the next chunk
 PAGE_CHUNK_MIN_PAGES = 2048  # paged writes of fewer pages are one kernel (their index copy costs less than a launch)
 PAGE_CHUNK_GROW = 2  # each further kernel of a chunked paged write takes this many times the pages of the one before
+# Page indices read from device memory (`index_device_page`): the page kernel reading its indices from mapped pinned
+# host memory ran at 0.61-0.69 of a memcpy with 64 KiB pages on one H200 (the 16 warps of a page read the same host
+# words at once), 0.91 with the indices in device memory; 16-32 KiB pages ran at 0.89 either way (0.90-0.91 from
+# device memory: less than the index upload costs). So pages of at least this many bytes get their indices copied
+# into a device mirror of the ring slot first (one cudaMemcpyAsync on the lane's stream, before the kernel).
+INDEX_DEVICE_PAGE = 64 << 10
+MEMCPY_HOST_TO_DEVICE = 1
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
 STAGE_BYTES = STAGE_CHUNK * STAGE_SLOTS
 GRACE_S = 200e-6  # the poller leaves a write this long to a caller waiting in result()
 TICK_S = 50e-6
+# Once its queue is empty the poller naps this many grace periods (a submit does not wake it: it looks at the queue
+# when the nap ends) before it blocks until a submit wakes it. Back-to-back writes then find it napping: no wake per
+# write, whose GIL hand-off cost the posting thread ~10 µs (`benchmarks/cuda_ipc_posting.py`).
+IDLE_NAPS = 20
 MAX_TICK_S = 1e-3
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault (unified addressing picks the direction)
 EVENT_DISABLE_TIMING = 2
@@ -348,6 +362,9 @@ class CudaIpcPath(DataPath):
     pages and more than twice this many bytes is posted as several kernels, the first moving about this many
     bytes (`chunk_plan`; `PAGE_CHUNK_BYTES` is the size tried), so the GPU starts before the host has copied
     every index. Opt-in: on one H200 the further kernels cost the GPU more than the overlap saved.
+    index_device_page: a launched paged write of pages of at least this many bytes (default `INDEX_DEVICE_PAGE`,
+    64 KiB) has its indices copied from the ring slot into device memory on the lane's stream before its kernel,
+    which then reads them there (not through mapped host memory); 0: the kernel always reads the ring slot.
     """
 
     name = "cuda_ipc"
@@ -356,7 +373,7 @@ class CudaIpcPath(DataPath):
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
                  on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
                  pages: str | None = None, resident_ctas: int = RESIDENT_CTAS,
-                 chunk_bytes: int = 0) -> None:
+                 chunk_bytes: int = 0, index_device_page: int = INDEX_DEVICE_PAGE) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -375,6 +392,11 @@ class CudaIpcPath(DataPath):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0:
             raise BackendUnavailable(f"cuda_ipc: chunk_bytes must be an integer >= 0 (bytes of a large paged write's "
                                      f"first kernel; 0: one kernel per paged write), got {chunk_bytes!r}")
+        if (isinstance(index_device_page, bool) or not isinstance(index_device_page, int)
+                or index_device_page < 0):
+            raise BackendUnavailable(f"cuda_ipc: index_device_page must be an integer >= 0 (the page size in bytes "
+                                     f"from which a paged write's indices are copied to device memory; 0: never), "
+                                     f"got {index_device_page!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
@@ -404,12 +426,17 @@ class CudaIpcPath(DataPath):
         self.pages = pages
         self.resident_ctas = resident_ctas
         self.chunk_bytes = chunk_bytes
+        self.index_device_page = index_device_page
+        self._mirrors: dict[int, Any] = {}  # device -> a device buffer the size of the host ring, or None
         self._resident: dict[int, Any] = {}  # device -> kernels._cuda.ResidentPages (pages="resident"), or None
         self._graphs: dict[int, Any] = {}  # device -> kernels._cuda.GraphPages (pages="graph"), or None
         self._queue: deque[_Pending] = deque()
-        self._cond = threading.Condition()
-        self._sleeping = False
+        self._cond = threading.Lock()  # guards the queue and the poller's state
+        self._wake = threading.Lock()  # released: a wake-up is pending for the poller (acquired: none)
+        self._wake.acquire()
+        self._sleeping = False  # the poller is blocked until a submit wakes it (not napping)
         self._closed = False
+        self.idle_naps = IDLE_NAPS
         self._poller = threading.Thread(target=self._poll, name=f"wbt-{engine.name}-ipc", daemon=True)
         self._poller.start()
 
@@ -585,8 +612,8 @@ class CudaIpcPath(DataPath):
         t.hooks.append(lambda: self._finish(p))  # a caller waiting in result() completes it itself
         with self._cond:
             self._queue.append(p)
-            if self._sleeping:
-                self._cond.notify()
+            if self._sleeping:  # blocked, not napping: wake it (one C call, no Condition.notify)
+                self._wakeup()
 
     def _post_resident(self, t: Transfer, dst: MemoryDescriptor, flat: Any, rem: _Remote, pg: _PageIdx,
                        p: _Pending, d: _Device, imm: int | None) -> bool:
@@ -631,9 +658,10 @@ class CudaIpcPath(DataPath):
 
         return self._once(self._resident, dev, make, "resident page copier")
 
-    def _once(self, cache: dict[int, Any], dev: int, make: Any, what: str) -> Any:
+    def _once(self, cache: dict[int, Any], dev: int, make: Any, what: str,
+              then: str = "paged writes are launched") -> Any:
         """`cache[dev]`, made by `make()` on first use: None for good where it cannot be made (no CuPy, NVRTC,
-        memory or graphs), and paged writes are then launched."""
+        memory or graphs), and `then` says what serves instead (logged once)."""
         with self._lock:
             got = cache.get(dev, False)
             if got is not False:
@@ -641,8 +669,7 @@ class CudaIpcPath(DataPath):
             try:
                 got = make()
             except Exception as exc:  # noqa: BLE001 - the launch path remains
-                self.engine._log(f"cuda_ipc: no {what} on cuda:{dev} ({type(exc).__name__}: {exc}); "
-                                 "paged writes are launched")
+                self.engine._log(f"cuda_ipc: no {what} on cuda:{dev} ({type(exc).__name__}: {exc}); {then}")
                 got = None
             cache[dev] = got
         return got
@@ -686,6 +713,8 @@ class CudaIpcPath(DataPath):
         copied into its part of the slot ([its source indices, its destination indices]) and its kernel is
         launched before the next chunk's indices are copied, so the GPU copies while the host still posts; all
         chunks go on the lane's stream, and the write's one completion event and immediate follow the last.
+        A one-kernel write of pages of at least `index_device_page` bytes first copies the slot into its part of
+        the device mirror (`_device_index`) and the kernel reads the indices there.
         Returns how many pages it posted (from the first): n, or 0 when no slot is free or the kernel is
         unavailable, or fewer when a later chunk's launch failed (the caller moves the rest another way)."""
         if self.pages == "graph" and self._pages_graph(la, src_ptr, dst_ptr, pg, p):
@@ -699,6 +728,7 @@ class CudaIpcPath(DataPath):
         plan = chunk_plan(n, pg.page, self.chunk_bytes) if self.chunk_bytes and n >= PAGE_CHUNK_MIN_PAGES else ((0, n),)
         idx, src, dst, page, ss, ds, lane = pg.idx, src_ptr + pg.so, dst_ptr + pg.do, pg.page, pg.ss, pg.ds, la.ptr
         posted = 0
+        queued = False  # a copy of the slot into the device mirror is queued: the slot stays with the write
         try:
             launch = self._copy_pages.get(la.dev)
             if launch is None:
@@ -707,6 +737,10 @@ class CudaIpcPath(DataPath):
                 launch = self._copy_pages[la.dev] = index_copier(la.dev)
             if len(plan) == 1:
                 view[:] = idx
+                if page >= self.index_device_page > 0:
+                    dptr = self._device_index(la, slot, ptr, 2 * n)
+                    queued = dptr != ptr
+                    ptr = dptr
                 launch(src, dst, ptr, n, page, ss, ds, lane)  # submit made the lane's device current
             else:
                 for a, b in plan:
@@ -718,12 +752,12 @@ class CudaIpcPath(DataPath):
                 self.used["page_chunks"] += len(plan)
         except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does the rest
             self._pages_ok = False
-            if posted:  # launched chunks still read the slot: it goes back with the write's completion
-                p.slots.append(slot)
+            if posted or queued:  # launched chunks or the queued index copy still read the slot: it goes back
+                p.slots.append(slot)  # with the write's completion
             else:
                 ring.give([slot])
             if self.kernel == "cupy":
-                if posted:  # the caller gives the write's slots back at once when posting fails
+                if posted or queued:  # the caller gives the write's slots back at once when posting fails
                     self.rt.streamSynchronize(lane)
                 raise TransportError(f"cuda_ipc: the CuPy page-copy kernel failed: {exc}") from exc
             self.engine._log(f"cuda_ipc: page-copy kernel unavailable ({type(exc).__name__}: {exc})")
@@ -731,6 +765,34 @@ class CudaIpcPath(DataPath):
         p.slots.append(slot)
         self.used["pages"] += 1
         return n
+
+    def _device_index(self, la: _Lane, slot: int, host_ptr: int, nwords: int) -> int:
+        """Copy `nwords` index words from ring slot `slot` (at `host_ptr`) into that slot's part of the device mirror
+        of the ring on the lane's stream (ordered before the kernel launched next on it; the slot, and with it its
+        part of the mirror, stays with the write until it completed) and return the mirror's address; `host_ptr`
+        when no mirror can be had (the kernel then reads the slot through mapped memory)."""
+        mirror = self._mirrors.get(la.dev, False)
+        if mirror is False:
+            mirror = self._once(self._mirrors, la.dev, lambda: self._make_mirror(la.dev), "device index buffer",
+                                "page kernels read their indices from pinned host memory")
+        if mirror is None:
+            return host_ptr
+        dptr = int(mirror[1]) + slot * _HostRing.SLOT
+        try:
+            self.rt.memcpyAsync(dptr, host_ptr, 8 * nwords, MEMCPY_HOST_TO_DEVICE, la.ptr)
+        except Exception as exc:  # noqa: BLE001 - the kernel reads the slot through mapped memory from now on
+            self.index_device_page = 0
+            self.engine._log(f"cuda_ipc: copying page indices to cuda:{la.dev} failed ({type(exc).__name__}: {exc}); "
+                             "page kernels read them from pinned host memory")
+            return host_ptr
+        self.used["pages_device_idx"] += 1
+        return dptr
+
+    def _make_mirror(self, dev: int) -> tuple[Any, int]:
+        """A device buffer on `dev` (current) the size of the host ring: slot i's indices go to byte i * SLOT."""
+        torch = self.torch
+        buf = torch.empty(_HostRing.SLOT * _HostRing.SLOTS, dtype=torch.uint8, device=f"cuda:{dev}")
+        return buf, int(buf.data_ptr())
 
     def _pages_graph(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
         """`pages="graph"`: the job (six words, then the page indices as they are) into a ring slot and one
@@ -1041,20 +1103,35 @@ class CudaIpcPath(DataPath):
                 time.sleep(20e-6)
         self._complete(p, None)
 
+    def _wakeup(self) -> None:
+        """Wake the blocked poller (the caller holds `_cond`)."""
+        self._sleeping = False
+        try:
+            self._wake.release()
+        except RuntimeError:  # a wake-up is pending already (the poller left its wait before consuming one)
+            pass
+
     def _poll(self) -> None:
-        """Complete the writes nobody waits for. Blocked while nothing is queued (a submit to an empty queue
-        wakes it), else asleep until the earliest write's grace period ends, when a caller waiting in
-        result() has usually completed it already; then it queries events with a back-off. It never ticks
-        on its own, so it takes the GIL from a posting thread at most about once per grace period."""
+        """Complete the writes nobody waits for. Once nothing is queued it naps `idle_naps` grace periods (looking
+        at the queue after each; a submit does not wake it), then blocks until a submit wakes it (a released
+        lock: one C call in the posting thread); with writes queued it sleeps until the earliest write's grace
+        period ends, when a caller waiting in result() has usually completed it already, then queries events with
+        a back-off. While writes come back to back it runs about once per grace period, not once per write."""
+        wake = self._wake
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._sleeping = True
-                    self._cond.wait(1.0)
-                self._sleeping = False
-                if self._closed:
-                    return  # pending completions never fire after close (see DataPath.close)
-                items = list(itertools.islice(self._queue, 64))
+            naps = 0
+            while True:
+                with self._cond:
+                    if self._closed:
+                        return  # pending completions never fire after close (see DataPath.close)
+                    if self._queue:
+                        self._sleeping = False
+                        items = list(itertools.islice(self._queue, 64))
+                        break
+                    deep = naps >= self.idle_naps  # napping: a submit does not wake it, the nap's end does
+                    self._sleeping = deep
+                wake.acquire(True, 1.0 if deep else GRACE_S)  # a wake-up (consumed), or the time is up
+                naps += 1
             now = time.perf_counter()
             finished: list[_Pending] = []
             wait = MAX_TICK_S
@@ -1092,7 +1169,8 @@ class CudaIpcPath(DataPath):
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            if self._sleeping:
+                self._wakeup()
         self._poller.join(5)
         rt = self.rt
         for dev, res in list(self._resident.items()):  # it finishes the jobs posted, then exits
@@ -1108,6 +1186,7 @@ class CudaIpcPath(DataPath):
             if gp is not None:
                 gp.close()
         self._graphs.clear()
+        self._mirrors.clear()  # the lanes' queued index copies and kernels finished above
         for addr in self._registered:
             try:
                 rt.hostUnregister(addr)
