@@ -7,8 +7,6 @@ is bounded.
 
 from __future__ import annotations
 
-import os
-import signal
 import statistics
 import threading
 import time
@@ -115,23 +113,6 @@ def test_acks_sent_on_the_control_lane_still_complete_promptly() -> None:
         assert statistics.median(lat) < wire.CALLER_READ_S / 2, f"median {statistics.median(lat):.3f} s"
 
 
-def _wait_stopped(pid: int, timeout: float = 20.0) -> None:
-    """Until every thread of `pid` is stopped (a signal takes effect when each thread next runs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                stat = open(f"/proc/{pid}/task/{task}/stat").read()
-            except OSError:
-                continue
-            states.append(stat.rsplit(")", 1)[1].split()[0])
-        if states and all(st in "tT" for st in states):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop within {timeout} s")
-
-
 def test_waiting_on_a_stopped_peer_times_out_and_recovers() -> None:
     """The peer stops (SIGSTOP) before acknowledging: `result(timeout=2)` raises `TransferTimeout` in bounded
     time (the caller's reads never block); once the peer runs again the link still works."""
@@ -140,17 +121,15 @@ def test_waiting_on_a_stopped_peer_times_out_and_recovers() -> None:
         with Engine(lanes=1) as eng:
             src = eng.register(np.random.default_rng(3).integers(0, 255, 4 * MiB, dtype=np.uint8))
             eng.write(src, p.desc, 64 * KiB).result(30)  # connected; the lane reads acks in the caller
-            assert p.proc.pid is not None
-            os.kill(p.proc.pid, signal.SIGSTOP)
+            p.stop()
             try:
-                _wait_stopped(p.proc.pid)
                 t = eng.write(src, p.desc, 256 * KiB)
                 t0 = time.monotonic()
                 with pytest.raises(TransferTimeout):
                     t.result(timeout=2)
                 assert time.monotonic() - t0 < 30
             finally:
-                os.kill(p.proc.pid, signal.SIGCONT)
+                p.resume()
             eng.write(src, p.desc, 64 * KiB, dst_offset=64 * KiB).result(30)
             assert eng.peers
     finally:

@@ -8,8 +8,6 @@ Real engines and real sockets; every wait is bounded.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -19,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from transport import Engine, PeerGone
+from transport import Engine
 from transport.backends import tcp as wire
 from transport.errors import STATUS_OK, STATUS_OUT_OF_RANGE, STATUS_UNKNOWN_REGION, InvalidArgument
 from transport.testing import PeerProcess
@@ -156,16 +154,6 @@ def test_both_directions_at_once_hand_the_lanes_over_to_python(monkeypatch: pyte
         assert not any("dropped" in line for line in a.log + b.log)
 
 
-def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop within {timeout} s")
-
-
 @built
 def test_a_killed_peer_fails_a_native_waited_write_within_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """The native target is stopped, then killed while the native caller waits (in C) for its ack: `result` raises
@@ -177,23 +165,8 @@ def test_a_killed_peer_fails_a_native_waited_write_within_its_timeout(monkeypatc
             src = eng.register(np.random.default_rng(5).integers(0, 255, 4 * MiB, dtype=np.uint8))
             eng.write(src, p.desc, 64 * KiB).result(30)
             assert all(lane.native for lane in _data_lanes(eng))
-            assert p.proc.pid is not None
-            os.kill(p.proc.pid, signal.SIGSTOP)
-            _wait_stopped(p.proc.pid)
-            t = eng.write(src, p.desc, 64 * KiB, timeout=20)
-            killer = threading.Timer(0.2, p.kill)
-            killer.start()
-            t0 = time.monotonic()
-            with pytest.raises(PeerGone):
-                t.result(30)
-            assert time.monotonic() - t0 < 20
-            killer.join(30)
+            assert p.kill_while_waiting(eng, src, 64 * KiB, timeout=20) < 20
     finally:
-        if p.proc.is_alive() and p.proc.pid is not None:
-            try:
-                os.kill(p.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         p.close()
 
 

@@ -6,8 +6,6 @@ Real engines and real sockets (a peer process where the peer must be stopped or 
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -99,16 +97,6 @@ def test_recv_exact_takes_a_payload_sent_in_pieces_and_fails_on_eof() -> None:
         b.close()
 
 
-def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop within {timeout} s")
-
-
 def test_the_spin_stops_while_acks_are_slow_and_resumes_when_they_are_quick(monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer stopped for 50 ms answers after the spin (5 ms here, so a loaded machine cannot make quick acks look
     slow) ran out: the lane stops spinning; an ack back within the spin again turns it back on; every write lands."""
@@ -120,15 +108,13 @@ def test_the_spin_stops_while_acks_are_slow_and_resumes_when_they_are_quick(monk
             eng.write(src, p.desc, 64 * KiB).result(30)
             (lane,) = _lanes(eng)
             assert lane.spin
-            assert p.proc.pid is not None
-            os.kill(p.proc.pid, signal.SIGSTOP)
+            p.stop()
             try:
-                _wait_stopped(p.proc.pid)
                 t = eng.write(src, p.desc, 4 * KiB)
-                threading.Timer(0.05, os.kill, (p.proc.pid, signal.SIGCONT)).start()
+                threading.Timer(0.05, p.resume).start()
                 t.result(30)
             finally:
-                os.kill(p.proc.pid, signal.SIGCONT)
+                p.resume()
             assert not lane.spin, "the lane kept spinning although its ack took far longer than the spin"
             for _ in range(200):  # quick acks (asleep, each well within 5 ms on loopback) turn it back on
                 eng.write(src, p.desc, 4 * KiB).result(30)
@@ -148,21 +134,7 @@ def test_a_killed_peer_fails_a_waited_write_within_its_timeout() -> None:
         with Engine(lanes=1) as eng:
             src = eng.register(np.random.default_rng(5).integers(0, 255, 4 * MiB, dtype=np.uint8))
             eng.write(src, p.desc, 64 * KiB).result(30)
-            assert p.proc.pid is not None
-            os.kill(p.proc.pid, signal.SIGSTOP)  # no ack can come: the caller spins, then sleeps in slices
-            _wait_stopped(p.proc.pid)
-            t = eng.write(src, p.desc, 64 * KiB, timeout=20)
-            killer = threading.Timer(0.2, p.kill)
-            killer.start()
-            t0 = time.monotonic()
-            with pytest.raises(PeerGone):
-                t.result(30)
-            assert time.monotonic() - t0 < 20
-            killer.join(30)
+            # no ack can come while it is stopped: the caller spins, then sleeps in slices, until the kill
+            assert p.kill_while_waiting(eng, src, 64 * KiB, timeout=20) < 20
     finally:
-        if p.proc.is_alive() and p.proc.pid is not None:
-            try:
-                os.kill(p.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         p.close()

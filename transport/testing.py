@@ -146,6 +146,54 @@ class PeerProcess:
     def read(self, offset: int, n: int) -> bytes:
         return bytes(self.call("read", offset, n))
 
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGSTOP the peer, until every thread of it is stopped (a signal takes effect when each thread next runs)."""
+        pid = self.proc.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for task in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{task}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue
+            if states and all(st in "tT" for st in states):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+    def resume(self) -> None:
+        """SIGCONT the peer if it is still there."""
+        if self.proc.is_alive() and self.proc.pid is not None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def kill_while_waiting(self, engine: Any, src: Any, nbytes: int, timeout: float = 20.0) -> float:
+        """Stop the peer, post a waited write of `nbytes` from `src` to it with `timeout`, kill the peer 0.2 s into
+        the wait: the write must fail with `PeerGone`. Returns how long `result` took."""
+        from transport.errors import PeerGone
+
+        self.stop()
+        try:
+            t = engine.write(src, self.desc, nbytes, timeout=timeout)
+            killer = threading.Timer(0.2, self.kill)
+            killer.start()
+            t0 = time.monotonic()
+            try:
+                t.result(timeout + 10)
+            except PeerGone:
+                return time.monotonic() - t0
+            finally:
+                killer.join(30)
+            raise AssertionError("the write to a killed peer completed")
+        finally:
+            self.resume()
+
     def kill(self) -> None:
         if self.proc.is_alive() and self.proc.pid is not None:
             os.kill(self.proc.pid, signal.SIGKILL)
