@@ -14,10 +14,12 @@ Two parts, both on the CPU alone (runs anywhere the project's tests run):
   longest ago) and its previous completion (the callback, holding the engine's index lists, kept until the
   poller thread dropped the write), one at a time, against the current path;
 - `post`: `Engine.write_paged` end to end through `CudaIpcPath` on a stand-in CUDA runtime whose calls return at
-  once and whose kernel launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one
-  H200: ~4.1–5.3 µs), one engine posting in chunks (`chunk_bytes=PAGE_CHUNK_BYTES`) and one with the default (one
-  kernel per write), interleaved write by write: median µs until the first kernel was launched (when the GPU may start)
-  and until `write_paged` returned, and the launches per write.
+  once (`--sync-us`: its eventSynchronize sleeps, the GIL released, as a caller waits for the GPU) and whose kernel
+  launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one H200: ~4.1–5.3 µs), one
+  engine posting in chunks (`chunk_bytes=PAGE_CHUNK_BYTES`), one with the default (one kernel per write) and one
+  with a napping poller (`idle_naps=20`), interleaved write by write: median µs until the first kernel was launched
+  (when the GPU may start), until `write_paged` returned, and split at the path's `submit_pages` (the engine's part
+  before it, the path's after), and the launches per write.
 
 What it cannot show: the GPU's copy time, and how a VM's host compares with this one (run it there too).
 """
@@ -162,7 +164,8 @@ class _Tensor:
 
 
 def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
-    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write; each
+    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write (and one
+    kernel per write with `idle_naps=20`: a poller napping once idle, not woken by each submit); each
     engine's time split at the path's `submit_pages` (`*_engine_us`: the engine's checks before it, `*_path_us`:
     the path's posting). `sync_us`: the stand-in's `eventSynchronize` sleeps that long, the GIL released."""
     import kernels._cuda as kc
@@ -198,15 +201,15 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
                 Engine("tcp", lanes=2) as e3:
             dst = tgt.register(np.zeros(top, np.uint8)).descriptor  # never touched: the stand-in copies nothing
             engines = {}
-            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0), ("wake", e3, 0)):
+            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0), ("naps", e3, 0)):
                 src = eng.register(np.zeros(top, np.uint8))
                 src.flat = _Tensor(top, 1 << 40)
                 eng.connect(dst)
                 path = CudaIpcPath(eng, runtime=(torch, _Rt(sync_us)), chunk_bytes=chunk)
                 path.handles = lambda s, d: True  # type: ignore[method-assign]
                 path.submit_pages = partial(_marked, path.submit_pages, marks)  # type: ignore[method-assign]
-                if name == "wake":  # the poller as before: woken by every submit that finds it idle
-                    path.idle_naps = 0
+                if name == "naps":  # its poller naps 20 grace periods once idle instead of blocking at once
+                    path.idle_naps = 20
                 path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(top, 1 << 41))
                 old = eng._path
                 eng._path = path

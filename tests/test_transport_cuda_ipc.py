@@ -162,6 +162,8 @@ def test_path_options_are_checked() -> None:
             CudaIpcPath(view, chunk_bytes=bad, runtime=(None, None))
         with pytest.raises(BackendUnavailable, match="index_device_page must be an integer >= 0"):
             CudaIpcPath(view, index_device_page=bad, runtime=(None, None))
+        with pytest.raises(BackendUnavailable, match="idle_naps must be an integer 0..100000"):
+            CudaIpcPath(view, idle_naps=bad, runtime=(None, None))
     if _gpus():
         with pytest.raises(BackendUnavailable, match="peer must be 'staged' or 'direct'"):
             make_path(view, peer="sideways")
@@ -309,6 +311,7 @@ def test_paged_writes_of_odd_pages_and_offsets(peer, pages: str) -> None:  # typ
         pytest.skip("one-GPU case")
     data = rand(4 << 20, seed=11)
     with Engine("cuda_ipc", lanes=2, pages=pages) as eng:
+        eng._path.index_device_bytes = 0  # type: ignore[union-attr]  # small writes take the device copy too
         src = eng.register(cuda_buf(data))
         for page, n, so, do in PAGED_CASES:
             rng = np.random.default_rng(page)
@@ -371,6 +374,7 @@ def test_paged_writes_in_flight_reuse_ring_slots_and_their_device_copies(peer, i
     data = rand(64 * page, seed=31)
     rng = np.random.default_rng(32)
     with Engine("cuda_ipc", lanes=2, index_device_page=index_device_page) as eng:
+        eng._path.index_device_bytes = 0  # type: ignore[union-attr]  # these small writes take it too
         src = eng.register(cuda_buf(data))
         peer.call("fill", 0)
         plans = [(rng.choice(64, n, replace=False), rng.permutation(n) + w * n) for w in range(writes)]
@@ -888,11 +892,18 @@ def test_resident_posting_falls_back_to_a_launch_when_it_must(posting, monkeypat
 
 
 def test_large_pages_read_their_indices_from_a_device_copy_of_the_slot(posting) -> None:  # type: ignore[no-untyped-def]
-    """Pages of >= 64 KiB (index_device_page): the slot's 2n indices are copied on the lane's stream into that
-    slot's part of the device mirror (one memcpyAsync, before the launch) and the kernel reads them there; the
-    slot stays taken until the write completed; smaller pages read the slot itself (no copy)."""
+    """Pages of >= 64 KiB (index_device_page) in a write of more than index_device_bytes (64 MiB): the slot's 2n
+    indices are copied on the lane's stream into that slot's part of the device mirror (one memcpyAsync, before
+    the launch) and the kernel reads them there; the slot stays taken until the write completed; smaller pages or
+    smaller writes read the slot itself (no copy)."""
     fx = posting
     page, n = 64 << 10, 40
+    assert fx.path.index_device_bytes == 64 << 20
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=range(n),
+                                         dst_pages=range(n))).result(5)
+    assert "memcpyAsync" not in [c[0] for c in fx.rt.calls] and fx.path.used["pages_device_idx"] == 0
+    fx.rt.calls.clear()
+    fx.path.index_device_bytes = n * page - 1  # the stand-in's regions are 32 MiB: a lower bar for this test
     rng = np.random.default_rng(41)
     sp, dp = rng.permutation(n), rng.permutation(n)
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp))
@@ -918,9 +929,9 @@ def test_large_pages_read_their_indices_from_a_device_copy_of_the_slot(posting) 
     # the threshold is an option: 0 turns the copy off, a smaller one takes smaller pages
     fx.path.index_device_page = 0
     _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp)).result(5)
-    fx.path.index_device_page = 4096
+    fx.path.index_device_page, fx.path.index_device_bytes = 4096, 0
     _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=4096, src_pages=sp, dst_pages=dp)).result(5)
-    assert fx.path.used["pages_device_idx"] == 2 and fx.path.used["pages"] == 4
+    assert fx.path.used["pages_device_idx"] == 2 and fx.path.used["pages"] == 5
     assert len(ring.free) == _HostRing.SLOTS
 
 
@@ -934,6 +945,7 @@ def test_a_failed_index_copy_falls_back_to_the_slot(posting, monkeypatch) -> Non
         raise RuntimeError("cudaErrorInvalidValue (stand-in)")
 
     monkeypatch.setattr(fx.rt, "memcpyAsync", broken)
+    fx.path.index_device_bytes = 0
     page, n = 64 << 10, 8
     for _ in range(2):
         _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=range(n),
@@ -949,6 +961,7 @@ def test_a_failed_launch_after_the_index_copy_keeps_the_slot_until_completion(po
     back with the write's completion (not at once), and the pages move through the range kernel."""
     fx = posting
     fx.fail_at["copy_pages_pg"] = 1
+    fx.path.index_device_bytes = 0
     page, n = 64 << 10, 8
     t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=range(n),
                                              dst_pages=range(n)))
@@ -968,6 +981,7 @@ def test_the_poller_completes_writes_nobody_waits_for_when_woken_and_while_nappi
     nap's end finds the write."""
     fx = posting
     path = fx.path
+    assert path.idle_naps == 0  # by default it blocks at once
     monkeypatch.setattr(fx.rt, "eventQuery", lambda ev: 0)
     path.idle_naps = 2
     deadline = time.monotonic() + 5

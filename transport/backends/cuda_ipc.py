@@ -17,9 +17,10 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   per 4 KiB chunk, the widest word each chunk allows) computes every page's addresses from its
   index, the stride and the offset, reads the local page and writes it straight into the peer's
   page; no byte offsets, word-size, splitting or division work on the host. Pages of at least
-  `index_device_page` bytes (`INDEX_DEVICE_PAGE`, 64 KiB) are read from device memory instead: one
-  `cudaMemcpyAsync` on the lane's stream copies the slot's indices into the slot's part of a device mirror of
-  the ring (allocated once per device), and the kernel reads them there. With `chunk_bytes` > 0
+  `index_device_page` bytes (`INDEX_DEVICE_PAGE`, 64 KiB) in a write of more than `INDEX_DEVICE_MIN_BYTES`
+  (64 MiB) are read from device memory instead: one `cudaMemcpyAsync` on the lane's stream copies the slot's
+  indices into the slot's part of a device mirror of the ring (allocated once per device), and the kernel reads
+  them there. With `chunk_bytes` > 0
   (opt-in) a large paged
   write (at least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks
   (`chunk_plan`: about `chunk_bytes` first, each next twice the one before): a chunk's indices go into
@@ -94,18 +95,25 @@ PAGE_CHUNK_GROW = 2  # each further kernel of a chunked paged write takes this m
 # host memory ran at 0.61-0.69 of a memcpy with 64 KiB pages on one H200 (the 16 warps of a page read the same host
 # words at once), 0.91 with the indices in device memory; 16-32 KiB pages ran at 0.89 either way (0.90-0.91 from
 # device memory: less than the index upload costs). So pages of at least this many bytes get their indices copied
-# into a device mirror of the ring slot first (one cudaMemcpyAsync on the lane's stream, before the kernel).
+# into a device mirror of the ring slot first (one cudaMemcpyAsync on the lane's stream, before the kernel). The
+# copy costs ~10 µs of GPU time (CUDA events, 64 KiB pages: 64 MiB 50.0 against 56.9 µs from host memory, 256 MiB
+# 154.1 against 218.2) and ~5-7 µs of host time before the launch, so only writes of more than
+# INDEX_DEVICE_MIN_BYTES take it (at 64 MiB it measured no faster end to end).
 INDEX_DEVICE_PAGE = 64 << 10
+INDEX_DEVICE_MIN_BYTES = 64 << 20
 MEMCPY_HOST_TO_DEVICE = 1
 STAGE_CHUNK = 8 << 20  # bytes per staging slot between two GPUs
 STAGE_SLOTS = 8  # staging slots per lane (64 MiB on the destination GPU)
 STAGE_BYTES = STAGE_CHUNK * STAGE_SLOTS
 GRACE_S = 200e-6  # the poller leaves a write this long to a caller waiting in result()
 TICK_S = 50e-6
-# Once its queue is empty the poller naps this many grace periods (a submit does not wake it: it looks at the queue
-# when the nap ends) before it blocks until a submit wakes it. Back-to-back writes then find it napping: no wake per
-# write, whose GIL hand-off cost the posting thread ~10 µs (`benchmarks/cuda_ipc_posting.py`).
-IDLE_NAPS = 20
+# Once its queue is empty the poller may nap `idle_naps` grace periods (a submit does not wake it: it looks at the
+# queue when the nap ends) before it blocks until a submit wakes it. Back-to-back writes of one engine then find it
+# napping (no wake per write: 2-5 µs less posting on the CPU stand-in, `benchmarks/cuda_ipc_posting.py`), but the
+# napping pollers of idle engines in the same process take the GIL every grace period. In one H200 call with three
+# engines interleaved in one process, posting rose (256 MiB in 16 KiB pages 93-166 µs against 59-103 µs for the
+# previous tree's one engine; not separated from the extra engines themselves), so it is opt-in.
+IDLE_NAPS = 0
 MAX_TICK_S = 1e-3
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault (unified addressing picks the direction)
 EVENT_DISABLE_TIMING = 2
@@ -363,8 +371,11 @@ class CudaIpcPath(DataPath):
     bytes (`chunk_plan`; `PAGE_CHUNK_BYTES` is the size tried), so the GPU starts before the host has copied
     every index. Opt-in: on one H200 the further kernels cost the GPU more than the overlap saved.
     index_device_page: a launched paged write of pages of at least this many bytes (default `INDEX_DEVICE_PAGE`,
-    64 KiB) has its indices copied from the ring slot into device memory on the lane's stream before its kernel,
-    which then reads them there (not through mapped host memory); 0: the kernel always reads the ring slot.
+    64 KiB) and more than `INDEX_DEVICE_MIN_BYTES` in all (the attribute `index_device_bytes`) has its indices
+    copied from the ring slot into device memory on the lane's stream before its kernel, which then reads them
+    there (not through mapped host memory); 0: the kernel always reads the ring slot.
+    idle_naps: grace periods the poller naps once nothing is queued before it blocks (0, the default: it blocks at
+    once and each submit that finds it blocked wakes it; see `IDLE_NAPS`).
     """
 
     name = "cuda_ipc"
@@ -373,7 +384,7 @@ class CudaIpcPath(DataPath):
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
                  on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
                  pages: str | None = None, resident_ctas: int = RESIDENT_CTAS,
-                 chunk_bytes: int = 0, index_device_page: int = INDEX_DEVICE_PAGE) -> None:
+                 chunk_bytes: int = 0, index_device_page: int = INDEX_DEVICE_PAGE, idle_naps: int = IDLE_NAPS) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -397,6 +408,9 @@ class CudaIpcPath(DataPath):
             raise BackendUnavailable(f"cuda_ipc: index_device_page must be an integer >= 0 (the page size in bytes "
                                      f"from which a paged write's indices are copied to device memory; 0: never), "
                                      f"got {index_device_page!r}")
+        if isinstance(idle_naps, bool) or not isinstance(idle_naps, int) or not 0 <= idle_naps <= 100_000:
+            raise BackendUnavailable(f"cuda_ipc: idle_naps must be an integer 0..100000 (grace periods the poller naps "
+                                     f"once idle; 0: it blocks at once), got {idle_naps!r}")
         torch, rt = runtime if runtime is not None else _runtime()
         super().__init__(engine)
         self.torch = torch
@@ -427,6 +441,7 @@ class CudaIpcPath(DataPath):
         self.resident_ctas = resident_ctas
         self.chunk_bytes = chunk_bytes
         self.index_device_page = index_device_page
+        self.index_device_bytes = INDEX_DEVICE_MIN_BYTES
         self._mirrors: dict[int, Any] = {}  # device -> a device buffer the size of the host ring, or None
         self._resident: dict[int, Any] = {}  # device -> kernels._cuda.ResidentPages (pages="resident"), or None
         self._graphs: dict[int, Any] = {}  # device -> kernels._cuda.GraphPages (pages="graph"), or None
@@ -436,7 +451,7 @@ class CudaIpcPath(DataPath):
         self._wake.acquire()
         self._sleeping = False  # the poller is blocked until a submit wakes it (not napping)
         self._closed = False
-        self.idle_naps = IDLE_NAPS
+        self.idle_naps = idle_naps
         self._poller = threading.Thread(target=self._poll, name=f"wbt-{engine.name}-ipc", daemon=True)
         self._poller.start()
 
@@ -713,8 +728,9 @@ class CudaIpcPath(DataPath):
         copied into its part of the slot ([its source indices, its destination indices]) and its kernel is
         launched before the next chunk's indices are copied, so the GPU copies while the host still posts; all
         chunks go on the lane's stream, and the write's one completion event and immediate follow the last.
-        A one-kernel write of pages of at least `index_device_page` bytes first copies the slot into its part of
-        the device mirror (`_device_index`) and the kernel reads the indices there.
+        A one-kernel write of pages of at least `index_device_page` bytes and more than `index_device_bytes` in
+        all first copies the slot into its part of the device mirror (`_device_index`) and the kernel reads the
+        indices there.
         Returns how many pages it posted (from the first): n, or 0 when no slot is free or the kernel is
         unavailable, or fewer when a later chunk's launch failed (the caller moves the rest another way)."""
         if self.pages == "graph" and self._pages_graph(la, src_ptr, dst_ptr, pg, p):
@@ -737,7 +753,7 @@ class CudaIpcPath(DataPath):
                 launch = self._copy_pages[la.dev] = index_copier(la.dev)
             if len(plan) == 1:
                 view[:] = idx
-                if page >= self.index_device_page > 0:
+                if page >= self.index_device_page > 0 and n * page > self.index_device_bytes:
                     dptr = self._device_index(la, slot, ptr, 2 * n)
                     queued = dptr != ptr
                     ptr = dptr
