@@ -138,19 +138,6 @@ class _Rt:
         return None
 
 
-class _Pinned:
-    """Stands in for a pinned torch tensor of the path's host ring (numpy memory, its address)."""
-
-    def __init__(self, n: int) -> None:
-        self.a = np.zeros(n, np.uint8)
-
-    def numpy(self) -> np.ndarray:
-        return self.a
-
-    def data_ptr(self) -> int:
-        return int(self.a.ctypes.data)
-
-
 class _Tensor:
     def __init__(self, n: int, ptr: int) -> None:
         self.n, self.ptr = n, ptr
@@ -171,6 +158,7 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
     import kernels._cuda as kc
     from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, CudaIpcPath, _Remote
     from transport.engine import Engine
+    from transport.testing import PinnedStandIn
 
     launched: list[int] = []
     marks: list[int] = []
@@ -190,7 +178,7 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
 
     stream = SimpleNamespace(cuda_stream=0x5000, synchronize=lambda: None)
     torch = SimpleNamespace(uint8=np.uint8, cuda=SimpleNamespace(Stream=lambda device=None: stream),
-                            empty=lambda n, dtype=None, pin_memory=False, device=None: _Pinned(n),
+                            empty=lambda n, dtype=None, pin_memory=False, device=None: PinnedStandIn(n),
                             _C=SimpleNamespace(_cuda_getCurrentRawStream=lambda dev: 0))
     real_raw = kc._raw
     kc._raw = raw  # type: ignore[assignment]

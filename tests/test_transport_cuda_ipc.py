@@ -33,7 +33,7 @@ from transport.backends.cuda_ipc import (
     chunk_plan,
     make_path,
 )
-from transport.testing import PeerProcess
+from transport.testing import PeerProcess, PinnedStandIn
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -666,7 +666,7 @@ def test_chunk_plan_covers_every_page_once_in_growing_chunks() -> None:
 
 
 def test_ring_gives_the_slot_freed_last_first() -> None:
-    ring = _HostRing(SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype=None, pin_memory=False: _Pinned(n)))
+    ring = _HostRing(SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype=None, pin_memory=False: PinnedStandIn(n)))
     a = ring.take(8)
     b = ring.take(8)
     assert a is not None and b is not None and a[0] != b[0]
@@ -702,17 +702,6 @@ def test_a_completed_write_releases_its_callback(posting) -> None:  # type: igno
     for hook in t.hooks:  # what a caller waiting in result() runs
         hook()
     assert got == [None] and ref() is None and len(fx.path._queue) == 1  # released; the poller has not looked yet
-
-
-class _Pinned:
-    def __init__(self, n: int) -> None:
-        self.a = np.zeros(n, np.uint8)
-
-    def numpy(self) -> np.ndarray:
-        return self.a
-
-    def data_ptr(self) -> int:
-        return int(self.a.ctypes.data)
 
 
 def test_large_paged_write_is_posted_in_chunks_on_one_stream(posting) -> None:  # type: ignore[no-untyped-def]

@@ -105,6 +105,22 @@ def _main(conn: Any, backend: str, nbytes: int, device: str, lanes: int, secret:
     eng.close()
 
 
+class PinnedStandIn:
+    """Stands in for a pinned host tensor without a GPU (numpy memory and its address: `numpy()`, `data_ptr()`), for
+    exercising the cuda_ipc path's host ring on a CPU."""
+
+    def __init__(self, n: int) -> None:
+        import numpy as np
+
+        self.a = np.zeros(n, np.uint8)
+
+    def numpy(self) -> Any:
+        return self.a
+
+    def data_ptr(self) -> int:
+        return int(self.a.ctypes.data)
+
+
 class PeerProcess:
     """An engine with one registered buffer of `nbytes` in a spawned process."""
 
