@@ -349,9 +349,6 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     growth with load comes from the front end's backlog, not from the calibration run."""
     f = fit(job, measured, micro)
 
-    def rates(k: float) -> Any:
-        return rated(job.cluster, k)
-
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
     changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"], "replicas": 1}
@@ -375,7 +372,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
             # (the same job simulated with and without it) comes out of the machine's contention factor
             f0 = dict(f)
             for _ in range(3):  # the slowdown depends a little on the step costs it rescales: a fixed point
-                trial = job.with_cluster(rates(f["rate_factor"])).with_plan(job.plan.with_(**changes))
+                trial = job.with_cluster(rated(job.cluster, f["rate_factor"])).with_plan(job.plan.with_(**changes))
                 e = _mean_slowdown(trial)
                 f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
                 changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"])
@@ -392,7 +389,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
         if "kv_us" in kv:
             changes["kv_us"] = kv["kv_us"]
             changes["kv_GBps"] = kv.get("kv_GBps")
-    return job.with_cluster(rates(f["rate_factor"])).with_plan(job.plan.with_(**changes)), f
+    return job.with_cluster(rated(job.cluster, f["rate_factor"])).with_plan(job.plan.with_(**changes)), f
 
 
 def _mean_slowdown(job: Any) -> float:
