@@ -138,18 +138,6 @@ class _Rt:
         return None
 
 
-class _Tensor:
-    def __init__(self, n: int, ptr: int) -> None:
-        self.n, self.ptr = n, ptr
-        self.device = SimpleNamespace(index=0, type="cuda")
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-    def numel(self) -> int:
-        return self.n
-
-
 def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
     """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write (and one
     kernel per write with `idle_naps=20`: a poller napping once idle, not woken by each submit); each
@@ -158,7 +146,7 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
     import kernels._cuda as kc
     from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, CudaIpcPath, _Remote
     from transport.engine import Engine
-    from transport.testing import PinnedStandIn
+    from transport.testing import CudaTensorStandIn, PinnedStandIn
 
     launched: list[int] = []
     marks: list[int] = []
@@ -191,14 +179,14 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
             engines = {}
             for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0), ("naps", e3, 0)):
                 src = eng.register(np.zeros(top, np.uint8))
-                src.flat = _Tensor(top, 1 << 40)
+                src.flat = CudaTensorStandIn(top, 1 << 40)
                 eng.connect(dst)
                 path = CudaIpcPath(eng, runtime=(torch, _Rt(sync_us)), chunk_bytes=chunk)
                 path.handles = lambda s, d: True  # type: ignore[method-assign]
                 path.submit_pages = partial(_marked, path.submit_pages, marks)  # type: ignore[method-assign]
                 if name == "naps":  # its poller naps 20 grace periods once idle instead of blocking at once
                     path.idle_naps = 20
-                path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(top, 1 << 41))
+                path._opened[(dst.engine, dst.region)] = _Remote(CudaTensorStandIn(top, 1 << 41))
                 old = eng._path
                 eng._path = path
                 engines[name] = (eng, src, path, old)

@@ -33,7 +33,7 @@ from transport.backends.cuda_ipc import (
     chunk_plan,
     make_path,
 )
-from transport.testing import PeerProcess, PinnedStandIn
+from transport.testing import CudaTensorStandIn, PeerProcess, PinnedStandIn
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -443,18 +443,6 @@ class _Rt:
         return None
 
 
-class _Tensor:
-    def __init__(self, n: int, ptr: int) -> None:
-        self.n, self.ptr = n, ptr
-        self.device = SimpleNamespace(index=0, type="cuda")
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-    def numel(self) -> int:
-        return self.n
-
-
 LANE_STREAM = 0x5000
 SRC_PTR, DST_PTR = 1 << 40, 1 << 41
 
@@ -504,11 +492,11 @@ def posting(monkeypatch):  # type: ignore[no-untyped-def]
     with Engine("tcp", lanes=2) as tgt, Engine("tcp", lanes=2) as eng:
         dst = tgt.register(np.zeros(nbytes, np.uint8)).descriptor
         src = eng.register(np.zeros(nbytes, np.uint8))
-        src.flat = _Tensor(nbytes, SRC_PTR)
+        src.flat = CudaTensorStandIn(nbytes, SRC_PTR)
         eng.connect(dst)
         path = CudaIpcPath(eng, runtime=(_fake_torch(), rt))
         path.handles = lambda s, d: True  # type: ignore[method-assign]
-        path._opened[(dst.engine, dst.region)] = _Remote(_Tensor(nbytes, DST_PTR))
+        path._opened[(dst.engine, dst.region)] = _Remote(CudaTensorStandIn(nbytes, DST_PTR))
         eng._path, old = path, eng._path
         try:
             yield SimpleNamespace(eng=eng, src=src, dst=dst, rt=rt, launches=launches, path=path, fail_at=fail_at)

@@ -121,6 +121,23 @@ class PinnedStandIn:
         return int(self.a.ctypes.data)
 
 
+class CudaTensorStandIn:
+    """Stands in for a CUDA tensor of `n` bytes at device address `ptr` on device 0 (`data_ptr()`, `numel()`,
+    `device`), for exercising the cuda_ipc path's posting on a CPU."""
+
+    def __init__(self, n: int, ptr: int) -> None:
+        from types import SimpleNamespace
+
+        self.n, self.ptr = n, ptr
+        self.device = SimpleNamespace(index=0, type="cuda")
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    def numel(self) -> int:
+        return self.n
+
+
 class PeerProcess:
     """An engine with one registered buffer of `nbytes` in a spawned process."""
 
