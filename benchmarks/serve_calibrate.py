@@ -46,6 +46,19 @@ SHAPES = {"tiny": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=7
           "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192)}
 
 
+def server_setup(device: str = "cpu", shape: str = "tiny") -> tuple[Path, dict[str, Any]]:
+    """The calibration's random Llama checkpoint (made on first use) and the worker spec that serves it on
+    `device` (bfloat16 on a GPU, float32 on the CPU)."""
+    from workbench.serve.checkpoints import random_llama
+
+    gpu = device.startswith("cuda")
+    dtype = "bfloat16" if gpu else "float32"
+    model = Path(f"/tmp/wb-serve-calib-{shape}-{dtype}" if shape != "tiny" or gpu else "/tmp/wb-serve-calib")
+    if not (model / "model.safetensors").is_file():
+        random_llama(model, **SHAPES[shape], dtype=dtype, device="cuda" if gpu else "cpu")
+    return model, SPEC | ({"device": device, "dtype": dtype} if gpu else {})
+
+
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -293,15 +306,7 @@ def main() -> None:
                     "(serve-calibration-MACHINE-trace.{json,md})")
     args = ap.parse_args()
 
-    from workbench.serve.checkpoints import random_llama
-
-    gpu = args.device.startswith("cuda")
-    dtype = "bfloat16" if gpu else "float32"
-    model = Path(f"/tmp/wb-serve-calib-{args.model_shape}-{dtype}" if args.model_shape != "tiny" or gpu
-                 else "/tmp/wb-serve-calib")
-    if not (model / "model.safetensors").is_file():
-        random_llama(model, **SHAPES[args.model_shape], dtype=dtype, device="cuda" if gpu else "cpu")
-    spec = SPEC | ({"device": args.device, "dtype": dtype} if gpu else {})
+    model, spec = server_setup(args.device, args.model_shape)
     levels = [int(x) for x in args.levels.split(",")]
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     if args.trace:
@@ -325,9 +330,9 @@ def main() -> None:
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
             "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
             "load_average_end": os.getloadavg(), "datasets": files, "device": args.device,
-            "model": {"shape": args.model_shape, **SHAPES[args.model_shape], "dtype": dtype,
+            "model": {"shape": args.model_shape, **SHAPES[args.model_shape], "dtype": spec.get("dtype", "float32"),
                       "weights": "random N(0,0.02), HF Llama format"}, "cluster": args.cluster}
-    if gpu:
+    if args.device.startswith("cuda"):
         import torch
 
         meta["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-PLAN = "tp=1,replicas=1,max_seqs=64,max_tokens=256,block=16,prefix_caching=false,cuda_graph=false,chunked_prefill=true"
-SPEC = {"page_size": 16, "max_batched_tokens": 256, "max_seqs": 64, "threads": 1}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_calibrate import PLAN, server_setup  # noqa: E402  (the calibration's model, plan and worker spec)
 
 
 def probe(model: str, **spec: Any) -> float:
@@ -38,17 +36,9 @@ def main() -> None:
 
     import workbench as wb
     from workbench.serve.calibrate import steps
-    from workbench.serve.checkpoints import random_llama
     from workbench.serving import Serving
 
-    gpu = args.device.startswith("cuda")
-    shape = (dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192) if gpu
-             else dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768))
-    dtype = "bfloat16" if gpu else "float32"
-    model = Path(f"/tmp/wb-state-probe-{dtype}")
-    if not (model / "model.safetensors").is_file():
-        random_llama(model, **shape, dtype=dtype, device="cuda" if gpu else "cpu")
-    spec = SPEC | ({"device": args.device, "dtype": dtype} if gpu else {})
+    model, spec = server_setup(args.device, "1b" if args.device.startswith("cuda") else "tiny")
     for c in (int(x) for x in args.levels.split(",")):
         before = [probe(str(model), **spec) for _ in range(2)]
         job = wb.Job.create(args.cluster, str(model / "config.json"), plan=PLAN,

@@ -145,7 +145,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     seqs, period (seconds) and optionally role: a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
     role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
     the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
-    do not scale with them (the kernel launches) stay as they are. `k` is searched (golden section on log k), s
+    do not scale with them (the kernel launches) stay as they are. `k` is searched (a grid, then bounded Brent on log k), s
     and q solved by non-negative least squares at each. Returns
     {'scheduler_us', 'seq_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
     '{role}_scheduler_us', '{role}_seq_us' (the plain keys hold the colocated or else the decode worker's).
@@ -179,7 +179,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
         x, _ = nnls(H, y - sim)
         return float(((y - sim - H @ x) ** 2).sum())
 
-    k = float(np.exp(_golden(loss, np.log(K_RANGE[0]), np.log(K_RANGE[1]))))
+    k = float(np.exp(_argmin(loss, np.log(K_RANGE[0]), np.log(K_RANGE[1]))))
     if loss(0.0) <= loss(np.log(k)) * (1 + 1e-9):  # the steps do not tell (e.g. they do not grow with their tokens)
         k = 1.0  # keep the node's rates
     sim = price(k)
@@ -199,42 +199,29 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
 K_RANGE = (0.02, 500.0)  # the rate factors searched: 50x faster to 500x slower than the cluster's rates
 
 
-def _golden(f: Any, a: float, b: float, coarse: int = 13, iters: int = 16) -> float:
-    """The argmin of `f` over [a, b]: the best of `coarse` evenly spaced points, then golden-section search
-    between its neighbours."""
+def _argmin(f: Any, a: float, b: float, coarse: int = 13) -> float:
+    """The argmin of `f` over [a, b]: the best of `coarse` evenly spaced points, then SciPy's bounded Brent search
+    between its neighbours (the loss need not be unimodal over the whole range)."""
+    from scipy.optimize import minimize_scalar
+
     xs = np.linspace(a, b, coarse)
     fs = [f(float(v)) for v in xs]
     i = int(np.argmin(fs))
     lo, hi = float(xs[max(i - 1, 0)]), float(xs[min(i + 1, coarse - 1)])
-    g = (np.sqrt(5.0) - 1.0) / 2.0
-    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-    fc, fd = f(c), f(d)
-    for _ in range(iters):
-        if fc < fd:
-            hi, d, fd = d, c, fc
-            c = hi - g * (hi - lo)
-            fc = f(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + g * (hi - lo)
-            fd = f(d)
-    best = min((fs[i], float(xs[i])), (fc, c), (fd, d))
-    return best[1]
+    r = minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
+    return float(r.x) if float(r.fun) < fs[i] else float(xs[i])
 
 
-def _bisect(f: Any, a: float, b: float, iters: int = 30) -> float:
-    """The root of an increasing `f` in [a, b] (an end where there is none)."""
-    if f(a) >= 0:
+def _root(f: Any, a: float, b: float) -> float:
+    """The root of an increasing `f` in [a, b] (SciPy's Brent), or the end nearer to it where there is none."""
+    from scipy.optimize import brentq
+
+    fa, fb = f(a), f(b)
+    if fa >= 0:
         return a
-    if f(b) <= 0:
+    if fb <= 0:
         return b
-    for _ in range(iters):
-        m = 0.5 * (a + b)
-        if f(m) < 0:
-            a = m
-        else:
-            b = m
-    return 0.5 * (a + b)
+    return float(brentq(f, a, b, xtol=1e-6))
 
 
 def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
@@ -274,7 +261,7 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
             return host * lm + float(_price(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
                                             rate=f["rate_factor"] * lm).sum()) - total
 
-        lam = float(np.exp(_bisect(excess, np.log(1 / 50), np.log(50))))
+        lam = float(np.exp(_root(excess, np.log(1 / 50), np.log(50))))
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
 
 
