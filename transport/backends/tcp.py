@@ -613,17 +613,8 @@ class Lane:
                     if self._ep is not None and not self._more_waiting():
                         continue  # a caller read it, or a kick with nothing left
                     while True:
-                        msg = reader.header()
-                        if msg[0] == BYE:
-                            self.flush_acks()
-                            self.link.closed_by_peer()
+                        if not self._handle(reader.header(), handler):
                             return
-                        handler(self, msg)
-                        acks = self.acks
-                        # flush unless more is waiting (buffered, or after a large payload in the socket: one poll)
-                        if acks and (len(acks) >= ACK_BATCH or not (reader.end > reader.pos
-                                                                    or reader.lean and self._more_waiting())):
-                            self.flush_acks()
                         if self.shared and not self._more_waiting():
                             if self._ep is None:
                                 self._go_shared()
@@ -635,6 +626,20 @@ class Lane:
             self.link.failed(exc, self)
         finally:
             self._close_wait()
+
+    def _handle(self, msg: tuple[int, ...], handler: Callable[[Lane, tuple[int, ...]], None]) -> bool:
+        """One message the receiver read (either loop's): the peer's goodbye closes the link (False); anything else
+        goes to `handler`, then the acks are flushed unless more is waiting (buffered, or after a large payload in
+        the socket: one poll)."""
+        if msg[0] == BYE:
+            self.flush_acks()
+            self.link.closed_by_peer()
+            return False
+        handler(self, msg)
+        acks, reader = self.acks, self.reader
+        if acks and (len(acks) >= ACK_BATCH or not (reader.end > reader.pos or reader.lean and self._more_waiting())):
+            self.flush_acks()
+        return True
 
     def _native_loop(self, handler: Callable[[Lane, tuple[int, ...]], None]) -> bool:
         """The receiver loop in C (`_tcp_native.Lane.run`, GIL released) while only this thread sends on the socket:
@@ -650,15 +655,8 @@ class Lane:
                     for st, tid, n in acks:
                         self.ack(st, tid, n)
                 if code == _native.R_PY:
-                    msg = reader.header()
-                    if msg[0] == BYE:
-                        self.flush_acks()
-                        self.link.closed_by_peer()
+                    if not self._handle(reader.header(), handler):
                         return False
-                    handler(self, msg)
-                    if self.acks and (len(self.acks) >= ACK_BATCH or not (reader.end > reader.pos
-                                                                          or reader.lean and self._more_waiting())):
-                        self.flush_acks()
                 elif code == _native.R_EOF:
                     raise PeerGone("connection closed by peer")
                 elif code == _native.R_SHARED:
