@@ -13,7 +13,9 @@
    being in its own process) and the engine's slowdown while one core is kept busy (`measure_slowdown`).
    All are written to `datasets/serving/serve_{steps,overheads,frontend}_MACHINE_measured.csv` with the
    command and machine.
-2. The server (colocated) under closed-loop traffic at each concurrency of `--levels`.
+2. The server (colocated) under closed-loop traffic at each concurrency of `--levels`, `--repeats` runs per level
+   with the levels in alternation (2, 6, 2, 6, ...): the machine's speed drifts by tens of percent over a minute, so a
+   level is measured by runs spread over the whole measurement and its metrics are their mean (`pool_runs`).
 3. The simulator calibrated on the microbenchmarks and the FIRST level's engine steps only (no end-to-end
    metric fitted), compared with every level: uncalibrated; before (the step shape from whole batches) and
    after (from the compositions); both with the front end as a mechanism (the measured `fe_*` terms,
@@ -123,11 +125,12 @@ def ttft_split(measured: Any, simulated: Any) -> dict[str, float]:
     return out
 
 
-def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: dict[str, Any]) -> dict[str, Any]:
+def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: dict[str, Any],
+              repeats: int = 1) -> dict[str, Any]:
     import pandas as pd
 
     import workbench as wb
-    from workbench.serve.calibrate import calibrate_job, fit, fit_steps, steps
+    from workbench.serve.calibrate import calibrate_job, fit, fit_steps, pool_runs, steps
     from workbench.serve.compare import compare_serving
     from workbench.serve.microbench import (
         measure_compositions,
@@ -143,12 +146,13 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
     overheads = measure_overheads(str(model), **spec)
     frontend = measure_frontend(str(model), **spec) | measure_slowdown(str(model), **spec)
     print(json.dumps({"overheads": overheads, "frontend": frontend}, default=float), flush=True)
-    jobs, measured = [], []
-    for c in levels:
-        job = wb.Job.create(cluster, str(model / "config.json"), plan=PLAN,
-                            workload=Serving(traffic=f"concurrency={c},{lengths}"))
-        measured.append(wb.start(job, checkpoint=str(model), **spec).wait(timeout=900))
-        jobs.append(job)
+    jobs = [wb.Job.create(cluster, str(model / "config.json"), plan=PLAN,
+                          workload=Serving(traffic=f"concurrency={c},{lengths}")) for c in levels]
+    runs: list[list[Any]] = [[] for _ in levels]
+    for _ in range(repeats):  # the levels in alternation: each level's runs spread over the whole measurement
+        for job, out in zip(jobs, runs):
+            out.append(wb.start(job, checkpoint=str(model), **spec).wait(timeout=900))
+    measured = [pool_runs(x) for x in runs]  # one level: its runs on one clock, its metrics their mean
     # before: the step shape from whole batches; after: from the compositions the server forms (both with the
     # front end as a mechanism, and scaled by the calibration run's own steps)
     old_job, old_fit = calibrate_job(jobs[0], measured[0], micro=batches, overheads=overheads, frontend=frontend)
@@ -176,7 +180,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                          "error_self": self_cal.loc[k, "error"], "contention": own.get("contention", float("nan")),
                          "steps_over_batches": lam_b, "steps_over_compositions": lam_c,
                          "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0]),
-                         "ttft_split_ms": split})
+                         "ttft_split_ms": split, "measured_runs": [float(x.metrics[k]) for x in runs[levels.index(c)]]})
         print(json.dumps(rows[-3:], default=float), flush=True)
     engine_alone = fit_steps(jobs[0], batches)
     # each level's engine steps (tokens, seqs, seconds, period in s; decodes, prefill chunks and tokens)
@@ -185,7 +189,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                  for j, r, c in zip(jobs, measured, levels)}
     return {"rows": rows, "run_steps": run_steps, "run_steps_columns": cols, "fitted": fitted, "fitted_batches": old_fit,
             "overheads": overheads, "frontend": frontend, "micro": pd.concat([batches, comp], ignore_index=True),
-            "engine_alone": engine_alone, "load_average": os.getloadavg()}
+            "engine_alone": engine_alone, "load_average": os.getloadavg(), "repeats": repeats}
 
 
 PHASES = ("t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "g_admit", "g_send", "g_house")
@@ -297,6 +301,8 @@ def main() -> None:
     ap.add_argument("--levels", default="2,6", help="closed-loop concurrencies: calibrate on the first")
     ap.add_argument("--lengths", default="isl=48,osl=16,requests=24")
     ap.add_argument("--rounds", type=int, default=1, help="repeat microbenchmarks + levels + calibration")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per level in a round, the levels in alternation "
+                    "(a level's measurement: the mean of its runs)")
     ap.add_argument("--demo", action="store_true", help="also run make demo's serving comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda:N")
@@ -313,7 +319,9 @@ def main() -> None:
         print(write_trace(args, command, trace_round(model, levels, args.lengths, spec)))
         return
     t0, c0 = time.time(), _cpu()
-    rounds = [one_round(model, levels, args.lengths, args.cluster, spec) for _ in range(args.rounds)]
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error(f"--repeats {args.repeats} / --rounds {args.rounds}: give 1 or more")
+    rounds = [one_round(model, levels, args.lengths, args.cluster, spec, args.repeats) for _ in range(args.rounds)]
     demo = demo_compare() if args.demo else None
     wall, cpu = time.time() - t0, _cpu() - c0
     files = _write_datasets(args.machine, command, rounds[-1]["micro"], rounds[-1]["overheads"], rounds[-1]["frontend"])
@@ -328,7 +336,7 @@ def main() -> None:
         history.append({"meta": old["meta"], "rows": old["rows"], "rounds_rows": rounds_rows,
                         "fitted": old["meta"].get("fitted") or old.get("rounds", [{}])[-1].get("fitted", {})})
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
-            "plan": PLAN, "lengths": args.lengths, "levels": levels, "wall_s": wall, "cpu_s": cpu,
+            "plan": PLAN, "lengths": args.lengths, "levels": levels, "repeats": args.repeats, "wall_s": wall, "cpu_s": cpu,
             "load_average_end": os.getloadavg(), "datasets": files, "device": args.device,
             "model": {"shape": args.model_shape, **SHAPES[args.model_shape], "dtype": spec.get("dtype", "float32"),
                       "weights": "random N(0,0.02), HF Llama format"}, "cluster": args.cluster}
@@ -351,11 +359,13 @@ def render(record: dict[str, Any]) -> str:
     mod = meta.get("model") or {"shape": "tiny", "hidden": 256, "layers": 4, "dtype": "float32"}
     where = (f"{', '.join(meta['gpus'])}, worker on {meta['device']}" if meta.get("gpus")
              else "colocated CPU worker (1 thread)")
+    runs = (f"; each level {meta['repeats']} runs, the levels in alternation, measured = their mean"
+            if meta.get("repeats", 1) > 1 else "")
     lines = [f"# Serving simulator vs the real server on {meta['machine']}", "", f"`{meta['command']}`", "",
              f"{meta['platform']}, {meta['cpus']} CPUs (shared), {meta['wall_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU "
              f"(this process and its workers), load average at the end {meta['load_average_end'][0]:.1f}; random-weight "
              f"Llama (hidden {mod['hidden']}, {mod['layers']} layers, {mod['dtype']}), {where}, closed loop "
-             f"`{meta['lengths']}`; simulator plan `{meta['plan']}` on the `{meta.get('cluster', 'local')}` cluster.", "",
+             f"`{meta['lengths']}`{runs}; simulator plan `{meta['plan']}` on the `{meta.get('cluster', 'local')}` cluster.", "",
              "Calibration inputs (no end-to-end metric is fitted, and nothing of the predicted level): the engine-step "
              f"microbenchmarks and the first level's engine steps (`{meta['datasets'][0]}`), the per-request "
              f"microbenchmark (`{meta['datasets'][1]}`), the front end's microbenchmarks (`{meta['datasets'][2]}`).", "",
@@ -411,10 +421,11 @@ def render(record: dict[str, Any]) -> str:
         lines.append("")
     for i, r in enumerate(record["rounds"]):
         lines += [f"## Round {i + 1}", "",
-                  "| concurrency | role | metric | measured | uncalibrated | error | before | error "
+                  "| concurrency | role | metric | measured | its runs | uncalibrated | error | before | error "
                   "| after | error | diagnostic: calibrated on this run | step factor vs batches, vs compositions "
-                  "| HTTP hop |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} | {x['sim_before']:.4g} "
+                  "| HTTP hop |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['concurrency']} | {x['role']} | {x['metric']} | {x['measured']:.4g} "
+                  f"| {', '.join(f'{v:.4g}' for v in x.get('measured_runs') or [x['measured']])} | {x['sim_before']:.4g} "
                   f"| {x['error_before']:+.1%} | {x.get('sim_batches', float('nan')):.4g} "
                   f"| {x.get('error_batches', float('nan')):+.1%} "
                   f"| {x['sim_after']:.4g} | {x['error_after']:+.1%} | {x.get('error_self', float('nan')):+.1%} "

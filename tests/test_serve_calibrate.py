@@ -11,7 +11,7 @@ import pytest
 
 import workbench as wb
 from workbench.result import Result, events_frame, memory_frame
-from workbench.serve.calibrate import _price, calibrate_job, fit, fit_steps, hop_seconds, steps
+from workbench.serve.calibrate import _price, calibrate_job, fit, fit_steps, hop_seconds, pool_runs, steps
 from workbench.serving import Serving, ServingPlan
 from workbench.sim.serve import requests, simulate_serving, workers
 from workbench.topology import load_cluster
@@ -88,6 +88,27 @@ def test_microbenchmark_shape_scaled_by_the_runs_contention(job) -> None:  # typ
     assert f["contention"] == pytest.approx(1.5, rel=0.02)
     assert f["seq_us"] == pytest.approx(750, rel=0.05)
     assert f["scheduler_us"] == pytest.approx(3000, rel=0.05)
+
+
+def test_runs_of_one_level_pool_into_one_measurement(job) -> None:  # type: ignore[no-untyped-def]
+    """Alternated runs of one level: their steps on one clock (no period across two runs), the contention of all of
+    them together, the hop over all requests, the metrics their mean."""
+    micro = _table(job, 2e-3, 5e-4, 3.0)
+    slow, fast = _table(job, 2e-3, 5e-4, 3.0).head(12), _table(job, 2e-3, 5e-4, 3.0).head(12)
+    slow["period"] *= 1.5  # the machine was slower during one run than during the other
+    a, b = _measured(job, slow, client_extra=0.002), _measured(job, fast, client_extra=0.006)
+    a.metrics, b.metrics = {"mean_ttft_ms": 10.0, "mode": "colocated"}, {"mean_ttft_ms": 20.0, "mode": "colocated"}
+    pooled = pool_runs([a, b])
+    st = steps(pooled)
+    assert len(st) == len(steps(a)) + len(steps(b)) and st["period"].notna().sum() == 22  # each run's last is idle
+    assert st["start"].min() == 0.0 and st.loc[12:, "start"].min() > st.loc[:11, "end"].max()
+    assert pooled.metrics["mean_ttft_ms"] == 15.0 and pooled.metrics["runs"] == 2
+    assert hop_seconds(pooled) == pytest.approx(0.004)
+    both = fit(job, [a, b], micro)["contention"]
+    assert fit(job, b, micro)["contention"] < both < fit(job, a, micro)["contention"]
+    assert pool_runs([a]) is a
+    with pytest.raises(wb.WorkbenchError, match="no runs"):
+        pool_runs([])
 
 
 def test_hop_is_client_minus_server_ttft_and_becomes_request_us(job) -> None:  # type: ignore[no-untyped-def]

@@ -104,6 +104,57 @@ def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
     return (np.abs(t[i] - ends) < 1e-6) & (b[i] > 0)
 
 
+def pool_runs(runs: Any) -> Any:
+    """One `Result` holding several measured runs of the same serving job, one after another on one clock (each run's
+    events, memory, links and request log shifted to start after the one before, so no step's period spans two runs),
+    its requests concatenated and its metrics the mean over the runs. A machine whose speed drifts between runs is
+    measured at a level by runs spread over the whole measurement, alternating with the other levels; calibration and
+    comparison then see the level's mean, not the state of one moment. A single run passes through unchanged."""
+    from workbench.result import Result
+
+    runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    if not runs:
+        raise WorkbenchError("measured: no runs to pool (give at least one measured serving Result)")
+    if len(runs) == 1:
+        return runs[0]
+    ev, mem, lk, req, log = [], [], [], [], []
+    offset = 0.0
+    for r in runs:
+        e = r.events
+        t0 = float(e["start"].min()) if len(e) else 0.0
+        shift = offset - t0
+        ev.append(e.assign(start=e["start"] + shift, end=e["end"] + shift))
+        if r.memory is not None and len(r.memory):
+            mem.append(r.memory.assign(time=r.memory["time"] + shift))
+        if r.links is not None and len(r.links):
+            lk.append(r.links.assign(start=r.links["start"] + shift, end=r.links["end"] + shift))
+        q = getattr(r, "requests", None)
+        if q is not None and len(q):
+            req.append(q)
+        g = getattr(r, "request_log", None)
+        if g is not None and len(g):
+            log.append(g.assign(**{c: g[c] + shift for c in ("t_submit", "t_engine", "step_t0", "step_t1", "t_first",
+                                                            "t_end") if c in g}))
+        offset += (float(e["end"].max()) - t0 if len(e) else 0.0) + 1.0  # a second apart: idle between runs
+    metrics: dict[str, Any] = {}
+    for k in runs[0].metrics:
+        vals = [r.metrics.get(k) for r in runs]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            metrics[k] = float(np.mean(vals))
+        else:
+            metrics[k] = vals[-1]
+    metrics["runs"] = len(runs)
+    first = runs[0]
+    out = Result(pd.concat(ev, ignore_index=True), pd.concat(mem, ignore_index=True) if mem else None,
+                 pd.concat(lk, ignore_index=True) if lk else None, metrics, source=first.source,
+                 fidelity=first.fidelity, job=first.job)
+    if req:
+        out.requests = pd.concat(req, ignore_index=True)  # type: ignore[attr-defined]
+    if log:
+        out.request_log = pd.concat(log, ignore_index=True)  # type: ignore[attr-defined]
+    return out
+
+
 # ====================================================================== the fit
 def rated(cluster: Any, k: float) -> Any:
     """`cluster` with its first node's compute and memory rates divided by `k` (a calibration's rate factor: how the
@@ -235,8 +286,9 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     (s, q, k), and the run's own steps one factor `contention` = Σ measured periods / Σ predicted over them,
     which scales all three (the machine is shared: the microbenchmark ran at another moment than the run).
     A disaggregated run
-    is fitted on its own steps (the microbenchmark is of a colocated worker)."""
-    st = steps(measured, job)
+    is fitted on its own steps (the microbenchmark is of a colocated worker). `measured`: one run, or a list of runs
+    of the job (`pool_runs`)."""
+    st = steps(pool_runs(measured), job)
     extra = [c for c in COMPOSITION if c in st.columns]
     run = st[["tokens", "seqs", "period", "role", *extra]]
     disagg = bool((st["role"] != "colocated").any())
@@ -333,7 +385,9 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     between the request handler and the engine. With `frontend` (`measure_frontend` | `measure_slowdown`, each
     measured on its own): the front end is a mechanism of the plan (`fe_*`) and `request_us` is the hop of one
     request alone (`measure_overheads`' client TTFT − step) less the front end's own work for it, so the hop's
-    growth with load comes from the front end's backlog, not from the calibration run."""
+    growth with load comes from the front end's backlog, not from the calibration run. `measured`: one run, or a
+    list of runs of the job at one load (pooled, `pool_runs`)."""
+    measured = pool_runs(measured)
     f = fit(job, measured, micro)
 
     hop = hop_seconds(measured)
