@@ -8,18 +8,17 @@ Two parts, both on the CPU alone (runs anywhere the project's tests run):
 - `steps`: the numpy steps a paged write of n pages costs the host, median µs per call, the same arrays over and
   over (so in the host's caches: a lower bound; in a real posting the data is colder): the engine's
   (`np.concatenate` of the two index lists, the one unsigned max reduction that bounds both) and the path's
-  (the 2n indices into a pinned-ring-sized buffer, as one copy, or chunk by chunk as `chunk_plan` lays them out
-  for `chunk_bytes=PAGE_CHUNK_BYTES`);
+  (the 2n indices into a pinned-ring-sized buffer, one copy);
 - `attribution` (`--attribution`): `post`'s one-kernel engine with the path's previous ring order (the slot freed
   longest ago) and its previous completion (the callback, holding the engine's index lists, kept until the
   poller thread dropped the write), one at a time, against the current path;
 - `post`: `Engine.write_paged` end to end through `CudaIpcPath` on a stand-in CUDA runtime whose calls return at
   once (`--sync-us`: its eventSynchronize sleeps, the GIL released, as a caller waits for the GPU) and whose kernel
   launch spins `--launch-us` µs (the host cost of one `cuLaunchKernel` measured on one H200: ~4.1–5.3 µs), one
-  engine posting in chunks (`chunk_bytes=PAGE_CHUNK_BYTES`), one with the default (one kernel per write) and one
-  with a napping poller (`idle_naps=20`), interleaved write by write: median µs until the first kernel was launched
-  (when the GPU may start), until `write_paged` returned, and split at the path's `submit_pages` (the engine's part
-  before it, the path's after), and the launches per write.
+  engine with the defaults (`default`: the poller blocking once idle) and one with a napping
+  poller (`naps`: `idle_naps=20`), interleaved write by write: median µs until the kernel was launched (when the
+  GPU may start), until `write_paged` returned, and split at the path's `submit_pages` (the engine's part before
+  it, the path's after), and the launches per write.
 
 What it cannot show: the GPU's copy time, and how a VM's host compares with this one (run it there too).
 """
@@ -59,17 +58,9 @@ def _med_us(fn: Any, iters: int) -> float:
     return statistics.median(ts) / 1e3
 
 
-def _copy_chunks(ring: np.ndarray, both: np.ndarray, n: int, plan: list[tuple[int, int]]) -> None:
-    """The path's copy of a chunked write's indices: chunk (a, b) as [its source indices, its destination ones]."""
-    for a, b in plan:
-        k = b - a
-        ring[2 * a:2 * a + k] = both[a:b]
-        ring[2 * a + k:2 * b] = both[n + a:n + b]
-
-
 def steps(iters: int) -> dict[str, Any]:
     """The numpy steps of posting, per shape (median µs)."""
-    from transport.backends.cuda_ipc import _HostRing, chunk_plan
+    from transport.backends.cuda_ipc import _HostRing
 
     umax = np.maximum.reduce
     ring = np.zeros(_HostRing.SLOT // 8, np.int64)
@@ -79,17 +70,11 @@ def steps(iters: int) -> dict[str, Any]:
         rng = np.random.default_rng(n)
         sp, dp = rng.permutation(n), rng.permutation(n)
         both = np.concatenate((sp, dp))
-        plan = chunk_plan(n, page)
-
-        chunked = partial(_copy_chunks, ring, both, n, plan)
         out[f"{total // MiB}MiB_{page // KiB}KiB"] = {
             "pages": n,
-            "chunks": [b - a for a, b in plan],
             "engine_concat_us": round(_med_us(partial(np.concatenate, (sp, dp)), iters), 2),
             "engine_umax_us": round(_med_us(partial(umax, both.view(np.uint64)), iters), 2),
-            "path_copy_whole_us": round(_med_us(partial(np.copyto, ring[:2 * n], both), iters), 2),
-            "path_copy_chunked_us": round(_med_us(chunked, iters), 2),
-            "path_copy_first_chunk_us": round(_med_us(partial(_copy_chunks, ring, both, n, plan[:1]), iters), 2),
+            "path_copy_us": round(_med_us(partial(np.copyto, ring[:2 * n], both), iters), 2),
         }
     return out
 
@@ -139,12 +124,12 @@ class _Rt:
 
 
 def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
-    """`write_paged` through `CudaIpcPath` on the stand-in runtime, chunked against one kernel per write (and one
-    kernel per write with `idle_naps=20`: a poller napping once idle, not woken by each submit); each
+    """`write_paged` through `CudaIpcPath` on the stand-in runtime, the defaults (`default`) against a poller napping
+    once idle (`naps`: `idle_naps=20`, not woken by each submit), one kernel per write either way; each
     engine's time split at the path's `submit_pages` (`*_engine_us`: the engine's checks before it, `*_path_us`:
     the path's posting). `sync_us`: the stand-in's `eventSynchronize` sleeps that long, the GIL released."""
     import kernels._cuda as kc
-    from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, CudaIpcPath, _Remote
+    from transport.backends.cuda_ipc import CudaIpcPath, _Remote
     from transport.engine import Engine
     from transport.testing import CudaTensorStandIn, PinnedStandIn
 
@@ -173,15 +158,14 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
     top = max(t for t, _ in SHAPES)
     out: dict[str, Any] = {"launch_us": launch_us}
     try:
-        with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2, \
-                Engine("tcp", lanes=2) as e3:
+        with Engine("tcp", lanes=1) as tgt, Engine("tcp", lanes=2) as e1, Engine("tcp", lanes=2) as e2:
             dst = tgt.register(np.zeros(top, np.uint8)).descriptor  # never touched: the stand-in copies nothing
             engines = {}
-            for name, eng, chunk in (("chunked", e1, PAGE_CHUNK_BYTES), ("whole", e2, 0), ("naps", e3, 0)):
+            for name, eng in (("default", e1), ("naps", e2)):
                 src = eng.register(np.zeros(top, np.uint8))
                 src.flat = CudaTensorStandIn(top, 1 << 40)
                 eng.connect(dst)
-                path = CudaIpcPath(eng, runtime=(torch, _Rt(sync_us)), chunk_bytes=chunk)
+                path = CudaIpcPath(eng, runtime=(torch, _Rt(sync_us)))
                 path.handles = lambda s, d: True  # type: ignore[method-assign]
                 path.submit_pages = partial(_marked, path.submit_pages, marks)  # type: ignore[method-assign]
                 if name == "naps":  # its poller naps 20 grace periods once idle instead of blocking at once
@@ -196,7 +180,7 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
                     rng = np.random.default_rng(n)
                     sp, dp = rng.permutation(n), rng.permutation(n)
                     res: dict[str, dict[str, list[float]]] = {
-                        k: {"first": [], "post": [], "launches": [], "engine": [], "path": []} for k in engines}
+                        k: {"launched": [], "post": [], "launches": [], "engine": [], "path": []} for k in engines}
                     for i in range(iters + 10):
                         for name, (eng, src, _path, _old) in engines.items():
                             launched.clear()
@@ -206,14 +190,14 @@ def post(iters: int, launch_us: float, sync_us: float = 0.0) -> dict[str, Any]:
                             b = time.perf_counter_ns()
                             t.result(5)  # the stand-in's event "synchronises" at once (or after sync_us)
                             if i >= 10:
-                                res[name]["first"].append((launched[0] - a) / 1e3)
+                                res[name]["launched"].append((launched[0] - a) / 1e3)
                                 res[name]["post"].append((b - a) / 1e3)
                                 res[name]["launches"].append(len(launched))
                                 res[name]["engine"].append((marks[0] - a) / 1e3)
                                 res[name]["path"].append((marks[1] - marks[0]) / 1e3)
                     row: dict[str, Any] = {"pages": n}
                     for name, r in res.items():
-                        row[f"{name}_first_launch_us"] = round(statistics.median(r["first"]), 2)
+                        row[f"{name}_launched_us"] = round(statistics.median(r["launched"]), 2)
                         row[f"{name}_post_us"] = round(statistics.median(r["post"]), 2)
                         row[f"{name}_engine_us"] = round(statistics.median(r["engine"]), 2)
                         row[f"{name}_path_us"] = round(statistics.median(r["path"]), 2)
@@ -250,7 +234,7 @@ def _take_oldest(self: Any, nwords: int) -> Any:
 
 
 def attribution(iters: int, launch_us: float, repeats: int = 3) -> dict[str, Any]:
-    """One kernel per write (`post`'s `whole` engine) under the path's previous behaviours, one at a time: the
+    """One kernel per write (`post`'s `default` engine) under the path's previous behaviours, one at a time: the
     ring handing out the slot freed longest ago (`_take_oldest`) instead of the one freed last, and a completed
     write's `_Pending` keeping its callback (and with it the engine's index lists, freed later by the poller
     thread) instead of releasing it in the completing thread. Median over `repeats` runs of the median µs until
@@ -277,7 +261,7 @@ def attribution(iters: int, launch_us: float, repeats: int = 3) -> dict[str, Any
                 _HostRing.take, CudaIpcPath._complete = t, c  # type: ignore[method-assign]
                 runs[name].append(post(iters, launch_us))
         for name, rs in runs.items():
-            out[name] = {k: round(statistics.median(r[k]["whole_post_us"] for r in rs), 2)
+            out[name] = {k: round(statistics.median(r[k]["default_post_us"] for r in rs), 2)
                          for k in rs[0] if k != "launch_us"}
     finally:
         _HostRing.take, CudaIpcPath._complete = take, complete  # type: ignore[method-assign]

@@ -13,12 +13,12 @@ target echoes over the control socket (imm delivery + echo). On cuda_ipc also: t
 (`overhead_rounds`), and paged writes against single writes of the same total over 16, 64 and 256 MiB
 in 16, 32 and 64 KiB pages (`paged_sweep`). `--pages launch|graph|resident` picks how the fast path starts
 a paged write; `--probe` adds the copies alone on the GPU and the host's cost of each way of starting a
-paged write against `cudaMemcpyAsync` (`launch_probe`); `--chunks` the page kernel's GPU time at 64 and 256 MiB,
-one launch and chunked as the path posts a large write, against `cudaMemcpyAsync` (`chunk_probe`);
-`--sweep-modes launch,chunked` runs the full run's sweep with one engine per way (one kernel per write
-against chunked launches, interleaved; `hostidx` / `devidx`: page indices read from the pinned ring slot / from
-device memory at every page size, against the default's device copy for pages of >= 64 KiB); `--quick` runs only the rounds, the sweep (one engine per `--modes` way,
-interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
+paged write against `cudaMemcpyAsync` (`launch_probe`); `--index-probe` the page kernel's GPU time at 64 and
+256 MiB with its page indices in pinned host memory, in device memory, and copied there first as the path does,
+against `cudaMemcpyAsync` (`index_probe`); `--sweep-modes launch,hostidx,devidx` runs the full run's sweep with
+one engine per way, interleaved (`hostidx` / `devidx`: page indices read from the pinned ring slot / from device
+memory at every page size, against the default's device copy for pages of >= 64 KiB); `--quick` runs only the
+rounds, the sweep (one engine per `--modes` way, interleaved) and the launch probe. Writes JSON (rows, ratios, per-write
 costs, which copies and immediates the path used, the machine) and prints the markdown table.
 `--backend tcp --device cpu` runs the same plumbing without a GPU.
 
@@ -103,32 +103,24 @@ def per_write(backend: str, device: str, target_device: str, iters: int) -> dict
 
 def _mode_opts(mode: str | None) -> dict[str, Any]:
     """Engine options of a way of starting a paged write: a `pages=` mode of the cuda_ipc path (`launch`,
-    `graph`, `resident`), `whole` (launched as one kernel: `pages="launch", chunk_bytes=0`, the default),
-    `chunked` (launched in chunks: `chunk_bytes=PAGE_CHUNK_BYTES`), `hostidx` / `devidx` (one kernel reading its
-    page indices from the pinned ring slot / from device memory at every page size: `index_device_page=0` / `1`;
-    the default copies them to device memory for pages of >= `INDEX_DEVICE_PAGE`), or None (the path's defaults)."""
+    `graph`, `resident`), `hostidx` / `devidx` (launched, the kernel reading its page indices from the pinned ring
+    slot / from device memory at every page size: `index_device_page=0` / `1`; the default copies them to device
+    memory for pages of >= `INDEX_DEVICE_PAGE`), or None (the path's defaults)."""
     if mode is None:
         return {}
-    if mode == "whole":
-        return {"pages": "launch", "chunk_bytes": 0}
-    if mode == "chunked":
-        from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES
-
-        return {"pages": "launch", "chunk_bytes": PAGE_CHUNK_BYTES}
     if mode == "hostidx":  # every page kernel reads its indices from the pinned ring slot (as before 64 KiB pages)
-        return {"pages": "launch", "chunk_bytes": 0, "index_device_page": 0}
+        return {"pages": "launch", "index_device_page": 0}
     if mode == "devidx":  # every page kernel reads its indices from device memory (one upload per write)
-        return {"pages": "launch", "chunk_bytes": 0, "index_device_page": 1}
+        return {"pages": "launch", "index_device_page": 1}
     if mode not in ("launch", "graph", "resident"):
-        raise SystemExit(f"paged-write mode must be launch, graph, resident, whole, chunked, hostidx or devidx, "
-                         f"got {mode!r}")
+        raise SystemExit(f"paged-write mode must be launch, graph, resident, hostidx or devidx, got {mode!r}")
     return {"pages": mode}
 
 
 def paged_sweep(device: str, target_device: str, iters: int, totals: tuple[int, ...] = SWEEP_TOTALS,
                 pages: tuple[int, ...] = SWEEP_PAGES, modes: tuple[str | None, ...] = (None,)) -> dict[str, Any]:
     """Paged writes against single writes of the same total, per total: one engine (2 lanes) per way of
-    starting a paged write (`modes`: `pages=` of the cuda_ipc path, or `whole` for launched as one kernel, see
+    starting a paged write (`modes`: `pages=` of the cuda_ipc path, or where the kernel reads its indices, see
     `_mode_opts`; None: the path's defaults), all open at once;
     a single write (the first engine's) and a paged write of each page size and mode (random page permutations),
     interleaved op by op (`bench._interleaved`); median µs until done and until `write_paged()` returned, and
@@ -540,23 +532,22 @@ def probe(repeats: int, k: int = 10) -> dict[str, Any]:
     return res
 
 
-def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 256 * MiB),
+def index_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 256 * MiB),
                 pages: tuple[int, ...] = SWEEP_PAGES) -> dict[str, Any]:
-    """The page kernel against `cudaMemcpyAsync` of the same total on the GPU alone (CUDA events around `k`
-    back-to-back writes, µs per write, median of `repeats`), data several times the L2: the kernel as one launch
-    reading its indices from pinned host memory (what the path posts for pages below `index_device_page`), the same
-    chunked as the path posts it with `chunk_bytes=PAGE_CHUNK_BYTES` (one launch per chunk, each chunk's indices in
-    its part of the buffer), one launch reading them from device memory, the same after copying them there from
-    pinned memory on the stream (`*_upload`: what the path posts for pages of >= `index_device_page`), and
-    `copy_pages` reading byte offsets from pinned host memory (each warp its page's two words, as the index
-    kernels read theirs); `*_vs_memcpy` = memcpy / kernel; whether the chunked copy was exact."""
+    """Where the page kernel reads its page indices, against `cudaMemcpyAsync` of the same total on the GPU alone
+    (CUDA events around `k` back-to-back writes, µs per write, median of `repeats`), data several times the L2:
+    one launch reading them from pinned host memory (what the path posts for pages below `index_device_page`),
+    one reading them from device memory, the same after copying them there from pinned memory on the stream
+    (`*_upload`: what the path posts for pages of >= `index_device_page` in writes of more than
+    `INDEX_DEVICE_MIN_BYTES`), and `copy_pages` reading byte offsets from pinned host memory (each warp its page's
+    two words, as the index kernels read theirs); `*_vs_memcpy` = memcpy / kernel; whether the upload's copy was
+    exact."""
     import numpy as np
     import torch
     from cupy.cuda import runtime as rt
 
     from kernels._cuda import index_copier, page_copier
     from kernels.bench import gpu_time
-    from transport.backends.cuda_ipc import PAGE_CHUNK_BYTES, chunk_plan
 
     stream = torch.cuda.current_stream().cuda_stream
     top = max(totals)
@@ -573,38 +564,29 @@ def chunk_probe(repeats: int, k: int = 3, totals: tuple[int, ...] = (64 * MiB, 2
             n = total // page
             rng = np.random.default_rng(page + n)
             sp, dp = rng.permutation(n), rng.permutation(n)
-            plan = chunk_plan(n, page, PAGE_CHUNK_BYTES)
-            whole = torch.from_numpy(np.concatenate([sp, dp])).pin_memory()
+            host = torch.from_numpy(np.concatenate([sp, dp])).pin_memory()
             offs = torch.from_numpy(np.concatenate([sp * page, dp * page])).pin_memory()  # byte offsets
-            parts = torch.empty(2 * n, dtype=torch.int64).pin_memory()
-            pv = parts.numpy()
-            for a, b in plan:
-                pv[2 * a:2 * a + b - a], pv[2 * a + b - a:2 * b] = sp[a:b], dp[a:b]
-            dev = whole.to("cuda:0")
-            w_, c_, d_ = whole.data_ptr(), parts.data_ptr(), dev.data_ptr()
+            dev = torch.empty(2 * n, dtype=torch.int64, device="cuda:0")
+            h_, d_ = host.data_ptr(), dev.data_ptr()
 
-            def chunked(plan: list[tuple[int, int]] = plan, page: int = page, c_: int = c_) -> None:
-                for a, b in plan:
-                    gi(sp_, dp_, c_ + 16 * a, b - a, page, page, page, stream)
-            key = f"{total // MiB}MiB_{page // KiB}KiB"
-            row: dict[str, Any] = {"chunks": [b - a for a, b in plan]}
-            def upload(n: int = n, page: int = page, w_: int = w_, d_: int = d_) -> None:
-                rt.memcpyAsync(d_, w_, 16 * n, 1, stream)  # what the path does for pages >= index_device_page
+            def upload(n: int = n, page: int = page, h_: int = h_, d_: int = d_) -> None:
+                rt.memcpyAsync(d_, h_, 16 * n, 1, stream)  # what the path does for pages >= index_device_page
                 gi(sp_, dp_, d_, n, page, page, page, stream)
-            for name, fn in (("whole_host_idx", partial(gi, sp_, dp_, w_, n, page, page, page, stream)),
-                             ("chunked_host_idx", chunked),
-                             ("whole_device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream)),
-                             ("whole_device_idx_upload", upload),
+            row: dict[str, Any] = {}
+            for name, fn in (("host_idx", partial(gi, sp_, dp_, h_, n, page, page, page, stream)),
+                             ("device_idx", partial(gi, sp_, dp_, d_, n, page, page, page, stream)),
+                             ("device_idx_upload", upload),
                              ("warp_host_offsets", partial(go, sp_, dp_, offs.data_ptr(), n, page, stream))):
                 us = 1e6 * gpu_time(_batched(fn, k), repeats) / k
                 row[f"{name}_us"] = round(us, 2)
                 row[f"{name}_vs_memcpy"] = round(memcpy / us, 3)
             dst.zero_()
-            chunked()
+            dev.zero_()
+            upload()
             torch.cuda.synchronize()
             got = dst[:n * page].view(n, page)[torch.from_numpy(dp).cuda()]
-            row["chunked_correct"] = float(torch.equal(got, src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
-            out[key] = row
+            row["upload_correct"] = float(torch.equal(got, src[:n * page].view(n, page)[torch.from_numpy(sp).cuda()]))
+            out[f"{total // MiB}MiB_{page // KiB}KiB"] = row
     del src, dst
     torch.cuda.empty_cache()
     return out
@@ -777,10 +759,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --quick: comma-separated ways of starting a paged write to compare (launch,graph)")
     ap.add_argument("--sweep-modes", default="",
                     help="the full run's paged sweep: comma-separated ways of starting a paged write, one engine "
-                         "each, interleaved (launch,chunked: one kernel per write against chunked launches; "
-                         "launch,hostidx,devidx: where the page kernel reads its indices)")
-    ap.add_argument("--chunks", action="store_true",
-                    help="also time the page kernel on the GPU at 64 and 256 MiB, whole and chunked (chunk_probe)")
+                         "each, interleaved (launch,hostidx,devidx: where the page kernel reads its indices)")
+    ap.add_argument("--index-probe", action="store_true",
+                    help="also time the page kernel on the GPU at 64 and 256 MiB with its indices in host memory, "
+                         "in device memory and copied there first (index_probe)")
     ap.add_argument("--resident", action="store_true",
                     help="only compare launched paged writes with the resident copier (pages=resident), one GPU")
     args = ap.parse_args(argv)
@@ -808,9 +790,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - the rest stands without it
                 qdoc["probe"] = {"launch": {"error": f"{type(exc).__name__}: {exc}"}}
             print("probe:", json.dumps(qdoc["probe"]))
-        if args.chunks:
-            qdoc["chunk_probe"] = chunk_probe(10)
-            print("chunk_probe:", json.dumps(qdoc["chunk_probe"]))
+        if args.index_probe:
+            qdoc["index_probe"] = index_probe(10)
+            print("index_probe:", json.dumps(qdoc["index_probe"]))
         qdoc["overhead_rounds"] = overhead_rounds(args.device, args.target_device, args.rounds, args.iters)
         qdoc["paged_sweep"] = paged_sweep(args.device, args.target_device, args.iters, modes=modes)
         qdoc["meta"] = {"machine": args.machine, "modes": args.modes or "default", "cpus": len(os.sched_getaffinity(0)),
@@ -870,12 +852,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the rows above stand without it
             doc["probe"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("probe:", json.dumps(doc["probe"]))
-    if args.chunks:
+    if args.index_probe:
         try:
-            doc["chunk_probe"] = chunk_probe(10)
+            doc["index_probe"] = index_probe(10)
         except Exception as exc:  # noqa: BLE001 - the rows above stand without it
-            doc["chunk_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print("chunk_probe:", json.dumps(doc["chunk_probe"]))
+            doc["index_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("index_probe:", json.dumps(doc["index_probe"]))
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
     print(f"# {args.backend} {args.path} {args.device}->{args.target_device} on {args.machine}")
     print(report.table())

@@ -9,9 +9,9 @@
 # LEGACY=0 skips the legacy path; RESIDENT=1 adds the launch-vs-resident paged-write comparison on one GPU;
 # PAGES="launch graph" runs the fast path once per way of starting a paged write (fast-<mode>-1gpu.json);
 # REPEAT=2 runs the one-GPU fast and before runs twice, in turn (fast2-…, before2-…: the order of runs matters).
-# SWEEP_MODES="launch,chunked" gives each fast run's paged sweep one engine per way, interleaved (one kernel per
-# write against chunked launches; "launch,hostidx,devidx": page indices read from the default's place, the pinned
-# ring slot, device memory); CHUNKS=1 adds the page kernel's GPU time, whole and chunked, to the probed run.
+# SWEEP_MODES="launch,hostidx,devidx" gives each fast run's paged sweep one engine per way, interleaved (page
+# indices read from the default's place, the pinned ring slot, device memory); INDEX_PROBE=1 adds the page kernel's
+# GPU time with its indices in host memory, in device memory and copied there first, to the probed run.
 # Writes $OUT/env.txt, $OUT/tests.log, $OUT/bench.log and $OUT/{fast,before,legacy}-{1gpu,2gpu}.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ RESIDENT=${RESIDENT:-0}
 PAGES=${PAGES:-}
 REPEAT=${REPEAT:-1}
 SWEEP_MODES=${SWEEP_MODES:-}
-CHUNKS=${CHUNKS:-0}
+INDEX_PROBE=${INDEX_PROBE:-0}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -68,7 +68,7 @@ for run in "${runs[@]}"; do
     script=benchmarks/transport_cuda_ipc.py path=$1 extra=""
     [ -z "$probed" ] && [ "$1" = fast ] && extra="--probe" && probed="$2"  # the probe once per GPU pair
     [ "$probed" != "$2" ] && [ "$1" = fast ] && extra="--probe" && probed="$2"
-    [ "$CHUNKS" = 1 ] && [ "$extra" = --probe ] && extra="$extra --chunks"
+    [ "$INDEX_PROBE" = 1 ] && [ "$extra" = --probe ] && extra="$extra --index-probe"
     [ -n "$SWEEP_MODES" ] && [ "$1" = fast ] && extra="$extra --sweep-modes $SWEEP_MODES"
     [ "$mode" != - ] && extra="$extra --pages $mode" && name="$1-$mode$sfx"
   fi

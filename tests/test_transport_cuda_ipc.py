@@ -24,13 +24,10 @@ import pytest
 from transport import BackendUnavailable, Engine, OutOfRange, Target
 from transport.backends.cuda_ipc import (
     MODE_ENV,
-    PAGE_CHUNK_BYTES,
-    PAGE_CHUNK_MIN_PAGES,
     STAGE_BYTES,
     CudaIpcPath,
     _HostRing,
     _Remote,
-    chunk_plan,
     make_path,
 )
 from transport.testing import CudaTensorStandIn, PeerProcess, PinnedStandIn
@@ -158,8 +155,6 @@ def test_path_options_are_checked() -> None:
     with pytest.raises(BackendUnavailable, match="resident_ctas must be an integer"):
         CudaIpcPath(view, resident_ctas=-1, runtime=(None, None))
     for bad in (-1, 1.5, True, "16M"):
-        with pytest.raises(BackendUnavailable, match="chunk_bytes must be an integer >= 0"):
-            CudaIpcPath(view, chunk_bytes=bad, runtime=(None, None))
         with pytest.raises(BackendUnavailable, match="index_device_page must be an integer >= 0"):
             CudaIpcPath(view, index_device_page=bad, runtime=(None, None))
         with pytest.raises(BackendUnavailable, match="idle_naps must be an integer 0..100000"):
@@ -336,18 +331,16 @@ def test_paged_writes_of_odd_pages_and_offsets(peer, pages: str) -> None:  # typ
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpus() < 1, reason="no CUDA GPU")
-@pytest.mark.parametrize("chunk", [0, PAGE_CHUNK_BYTES, 1 << 20])
-def test_large_paged_write_posted_in_chunks(peer, chunk: int) -> None:  # type: ignore[no-untyped-def]
-    """A large paged write as one kernel (the default) and posted chunk by chunk (16 MiB first: 1024 + 3072 pages
-    of 16 KiB; 1 MiB first: 64 + 128 + ... pages), its immediate once, every page in place."""
+def test_large_paged_write_is_one_kernel(peer) -> None:  # type: ignore[no-untyped-def]
+    """A 64 MiB paged write (4096 pages of 16 KiB, permuted both ways) is one page kernel: its immediate arrives
+    once, through GPU memory, and every page lands in place."""
     if peer.desc.device != "cuda:0":
         pytest.skip("one-GPU case")
     page, n = 16 << 10, 4096
     data = rand(n * page, seed=12)
     sp, dp = np.random.default_rng(13).permutation(n), np.random.default_rng(14).permutation(n)
-    opts = {"chunk_bytes": chunk} if chunk else {}
-    imm = {0: 88, PAGE_CHUNK_BYTES: 89}.get(chunk, 90)  # the peer is shared: it counts totals per imm
-    with Engine("cuda_ipc", lanes=2, **opts) as eng:
+    imm = 88  # the peer is shared: it counts totals per imm
+    with Engine("cuda_ipc", lanes=2) as eng:
         src = eng.register(cuda_buf(data))
         peer.call("fill", 0)
         eng.write_paged(src, peer.desc, page_bytes=page, src_pages=sp, dst_pages=dp, imm=imm).result(60)
@@ -355,9 +348,7 @@ def test_large_paged_write_posted_in_chunks(peer, chunk: int) -> None:  # type: 
         got = np.frombuffer(peer.read(0, n * page), np.uint8).reshape(n, page)
         assert np.array_equal(got[dp], data.reshape(n, page)[sp])
         used = eng._path.used
-        want = len(chunk_plan(n, page, chunk)) if chunk else 0
-        assert (want > 1 or not chunk) and used["page_chunks"] == want, dict(used)
-        assert used["pages"] == 1 and used["imm_gpu"] == 1, dict(used)
+        assert used["pages"] == 1 and used["imm_gpu"] == 1 and used["kernel"] == 0, dict(used)
 
 
 @pytest.mark.gpu
@@ -628,31 +619,6 @@ def test_paged_posting_with_strides_and_offsets(posting) -> None:  # type: ignor
     assert fx.path.used["pages"] == 1 and len(ring.free) == _HostRing.SLOTS
 
 
-def test_chunk_plan_covers_every_page_once_in_growing_chunks() -> None:
-    KiB, MiB = 1 << 10, 1 << 20
-    assert chunk_plan(0, 4096) == []
-    assert chunk_plan(1024, 16 * KiB) == [(0, 1024)]  # 16 MiB: one kernel
-    assert chunk_plan(16384, 16 * KiB, first_bytes=0) == [(0, 16384)]
-    assert chunk_plan(PAGE_CHUNK_MIN_PAGES - 1, 1 * MiB) == [(0, PAGE_CHUNK_MIN_PAGES - 1)]  # few pages: one kernel
-    assert chunk_plan(16384, 16 * KiB, first_bytes=0) == [(0, 16384)]  # chunking off
-    assert [b - a for a, b in chunk_plan(16384, 16 * KiB)] == [1024, 2048, 4096, 9216]  # 256 MiB, 16 MiB first
-    assert [b - a for a, b in chunk_plan(4096, 16 * KiB)] == [1024, 3072]  # 64 MiB
-    assert [b - a for a, b in chunk_plan(2048, 1 * MiB, first_bytes=1)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
-                                                                            1025]
-    for n, page, first, grow in itertools.product((2048, 2049, 5000, 16384, 65537), (1, 4096, 16 * KiB, 100_000),
-                                                  (1, 1 * MiB, 16 * MiB), (1, 2, 3)):
-        plan = chunk_plan(n, page, first_bytes=first, grow=grow)
-        assert plan[0][0] == 0 and plan[-1][1] == n, (n, page, first, grow)
-        assert all(a < b for a, b in plan) and all(x[1] == y[0] for x, y in zip(plan, plan[1:]))
-        if len(plan) > 1:
-            sizes = [b - a for a, b in plan]
-            assert sizes[0] == max(1, first // page)
-            assert all(y == x * grow for x, y in zip(sizes[:-2], sizes[1:-1]))  # each grows by `grow`
-            assert sizes[-1] >= sizes[-2]  # a small rest joins the chunk before it
-    with pytest.raises(ValueError, match="grow must be >= 1"):
-        chunk_plan(4096, 1 * MiB, grow=0)
-
-
 def test_ring_gives_the_slot_freed_last_first() -> None:
     ring = _HostRing(SimpleNamespace(uint8=np.uint8, empty=lambda n, dtype=None, pin_memory=False: PinnedStandIn(n)))
     a = ring.take(8)
@@ -692,68 +658,32 @@ def test_a_completed_write_releases_its_callback(posting) -> None:  # type: igno
     assert got == [None] and ref() is None and len(fx.path._queue) == 1  # released; the poller has not looked yet
 
 
-def test_large_paged_write_is_posted_in_chunks_on_one_stream(posting) -> None:  # type: ignore[no-untyped-def]
-    """Each chunk's indices go into its part of one ring slot ([its source indices, its destination indices]) and
-    its kernel is launched before the next chunk's indices are copied; all on the lane's stream, then one
-    completion event; the slot comes back once the write completed."""
+def test_a_failed_page_launch_moves_the_write_through_the_range_kernel(posting) -> None:  # type: ignore[no-untyped-def]
+    """The page kernel's launch fails (no index copy queued): its slot goes back at once, every page moves through
+    the range kernel with its byte offsets (in 16-byte words), one completion event for the write; later paged
+    writes go straight to the range kernel."""
     fx = posting
-    page, n = 8 << 10, 4000  # 31.25 MiB: 512 + 1024 + 2464 pages
-    rng = np.random.default_rng(21)
-    sp, dp = rng.permutation(n), rng.permutation(n)
-    assert fx.path.chunk_bytes == 0  # by default one kernel
-    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp)).result(5)
-    assert [x[4][3] for x in fx.launches] == [n] and fx.path.used["page_chunks"] == 0
-    fx.launches.clear()
-    fx.rt.calls.clear()
-    fx.path.used.clear()
-    fx.path.chunk_bytes = 4 << 20
-    plan = chunk_plan(n, page, 4 << 20)
-    assert [b - a for a, b in plan] == [512, 1024, 2464]
-    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp,
-                                             src_offset=64, dst_offset=128, imm=7))
-    assert len(fx.launches) == len(plan)
-    ring = fx.path._ring
-    base = fx.launches[0][4][2]
-    slot = (base - ring.ptr) // _HostRing.SLOT
-    for (name, grid, _threads, stream, (s_ptr, d_ptr, idx_ptr, count, pg)), (a, b) in zip(fx.launches, plan):
-        assert (name, s_ptr, d_ptr, count, pg, stream) == ("copy_pages_pg", SRC_PTR + 64, DST_PTR + 128, b - a, page,
-                                                           LANE_STREAM)
-        assert idx_ptr == base + 16 * a and grid == (b - a) * 2 // 4  # a warp per 4 KiB chunk, 4 warps a block
-        words = ring.words[(idx_ptr - ring.ptr) // 8:][:2 * (b - a)]
-        assert np.array_equal(words[:b - a], sp[a:b]) and np.array_equal(words[b - a:], dp[a:b])
-    names = [c[0] for c in fx.rt.calls]
-    assert names == ["streamQuery", "eventRecord"], names  # one completion event, after the last chunk
-    assert slot not in ring.free
-    t.result(5)
-    assert slot in ring.free and fx.rt.calls[-1][0] == "eventSynchronize"
-    assert fx.path.used["page_chunks"] == 3 and fx.path.used["pages"] == 1 and fx.path.used["imm_socket"] == 1
-
-
-def test_chunked_posting_whose_later_launch_fails_moves_the_rest_another_way(posting) -> None:  # type: ignore[no-untyped-def]
-    """The second chunk's launch fails: the first chunk stays posted (its slot held until the write completes),
-    the remaining pages go through the range kernel with their byte offsets, one completion for the write."""
-    fx = posting
-    fx.path.chunk_bytes = 4 << 20
-    fx.fail_at["copy_pages_pg"] = 2
+    fx.fail_at["copy_pages_pg"] = 1
     page, n = 8 << 10, 4096
     rng = np.random.default_rng(22)
     sp, dp = rng.permutation(n), rng.permutation(n)
-    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp))
-    assert [x[0] for x in fx.launches] == ["copy_pages_pg", "copy_ranges_16"]
-    first = fx.launches[0][4]
-    assert first[3] == 512
+    t = _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp, dst_pages=dp, imm=7))
+    assert [x[0] for x in fx.launches] == ["copy_ranges_16"] and not fx.path._pages_ok
     ring = fx.path._ring
-    slot = (first[2] - ring.ptr) // _HostRing.SLOT
-    _name, _grid, _threads, stream, (s_ptr, d_ptr, r_ptr, count) = fx.launches[1]
-    assert (s_ptr, d_ptr, count, stream) == (SRC_PTR, DST_PTR, n - 512, LANE_STREAM)  # 8 KiB pieces: no split
+    _name, _grid, _threads, stream, (s_ptr, d_ptr, r_ptr, count) = fx.launches[0]
+    assert (s_ptr, d_ptr, count, stream) == (SRC_PTR, DST_PTR, n, LANE_STREAM)  # 8 KiB pieces: no split
     words = ring.words[(r_ptr - ring.ptr) // 8:][:3 * count]
-    assert np.array_equal(words[:count], sp[512:] * page // 16) and np.array_equal(words[count:2 * count],
-                                                                                    dp[512:] * page // 16)
+    assert np.array_equal(words[:count], sp * page // 16) and np.array_equal(words[count:2 * count], dp * page // 16)
     assert (words[2 * count:] == page // 16).all()
     assert [c[0] for c in fx.rt.calls].count("eventRecord") == 1 and "streamSynchronize" not in str(fx.rt.calls)
-    assert slot not in ring.free and not fx.path._pages_ok
+    assert len(ring.free) == _HostRing.SLOTS - 1  # the page kernel's slot back at once, the range list's held
     t.result(5)
-    assert len(ring.free) == _HostRing.SLOTS  # both slots back once the write completed
+    assert len(ring.free) == _HostRing.SLOTS
+    assert fx.path.used["pages"] == 0 and fx.path.used["kernel"] == 1 and fx.path.used["imm_socket"] == 1
+    fx.launches.clear()
+    _post(fx, lambda: fx.eng.write_paged(fx.src, fx.dst, page_bytes=page, src_pages=sp[:8], dst_pages=dp[:8])
+          ).result(5)
+    assert [x[0] for x in fx.launches] == ["copy_ranges_16"]
 
 
 def test_posting_orders_after_busy_producers_and_single_writes_are_one_memcpy(posting) -> None:  # type: ignore[no-untyped-def]

@@ -20,12 +20,7 @@ thread with raw CUDA runtime calls (CuPy's bindings: a microsecond each, no torc
   `index_device_page` bytes (`INDEX_DEVICE_PAGE`, 64 KiB) in a write of more than `INDEX_DEVICE_MIN_BYTES`
   (64 MiB) are read from device memory instead: one `cudaMemcpyAsync` on the lane's stream copies the slot's
   indices into the slot's part of a device mirror of the ring (allocated once per device), and the kernel reads
-  them there. With `chunk_bytes` > 0
-  (opt-in) a large paged
-  write (at least `PAGE_CHUNK_MIN_PAGES` pages, more than twice `chunk_bytes`) is posted in chunks
-  (`chunk_plan`: about `chunk_bytes` first, each next twice the one before): a chunk's indices go into
-  its part of the slot and its kernel is launched before the next chunk's indices are copied; every
-  chunk on the lane's stream, one completion event and one immediate after the last;
+  them there;
 - `pages="graph"` (opt-in): the same kernel started as a CUDA graph, one per ring slot, captured once
   (`kernels._cuda.GraphPages`): the job's six words and the indices go into the slot and one
   `cudaGraphLaunch` starts it (the host's cost ~3 µs against ~5 µs for the launch on one H200; the
@@ -85,12 +80,6 @@ PAGES_ENV = "WORKBENCH_CUDA_IPC_PAGES"  # how a paged write on one GPU is starte
 PAGES_MODES = ("launch", "graph", "resident")
 RESIDENT_CTAS = 0  # CTAs of the resident page copier (pages="resident"); 0: one per SM
 CHUNK = 64 << 10  # bytes per CUDA block of the range-copy kernel (long pieces are split into chunks)
-# Chunked posting of large paged writes (`chunk_bytes`, opt-in): one H200 measured it slower end to end (each
-# further kernel cost ~6-7 µs of GPU time: 256 MiB in 4 chunks 165-168 µs against 145 µs as one kernel, more than
-# the posting it overlapped), so a paged write is one kernel by default.
-PAGE_CHUNK_BYTES = 16 << 20  # the first chunk tried: its copy (~8 µs) covers posting the next chunk
-PAGE_CHUNK_MIN_PAGES = 2048  # paged writes of fewer pages are one kernel (their index copy costs less than a launch)
-PAGE_CHUNK_GROW = 2  # each further kernel of a chunked paged write takes this many times the pages of the one before
 # Page indices read from device memory (`index_device_page`): the page kernel reading its indices from mapped pinned
 # host memory ran at 0.61-0.69 of a memcpy with 64 KiB pages on one H200 (the 16 warps of a page read the same host
 # words at once), 0.91 with the indices in device memory; 16-32 KiB pages ran at 0.89 either way (0.90-0.91 from
@@ -185,32 +174,6 @@ def _split(src: np.ndarray, dst: np.ndarray, length: np.ndarray, limit: int
     return src, dst, length
 
 
-def chunk_plan(n: int, page: int, first_bytes: int = PAGE_CHUNK_BYTES, min_pages: int = PAGE_CHUNK_MIN_PAGES,
-               grow: int = PAGE_CHUNK_GROW) -> list[tuple[int, int]]:
-    """How a paged write of `n` pages of `page` bytes is posted on one GPU: page ranges [(start, stop), ...], one
-    kernel each, in order. One range when chunking is off (`first_bytes` 0), the write has fewer than `min_pages`
-    pages or at most twice `first_bytes` of payload; else the first range holds about `first_bytes` (at least
-    one page), each next `grow` times the pages of the one before, and a last range smaller than the one before
-    it joins that one. The first kernel starts after copying only its own indices: the GPU copies it while the
-    host copies the next range's indices and launches it."""
-    if n <= 0:
-        return []
-    if first_bytes <= 0 or n < min_pages or n * page <= 2 * first_bytes:
-        return [(0, n)]
-    if grow < 1:
-        raise ValueError(f"chunk_plan: grow must be >= 1, got {grow}")
-    k = max(1, first_bytes // page)
-    out: list[tuple[int, int]] = []
-    a = 0
-    while a < n:
-        b = a + k
-        if n - b < k * grow:  # the rest would be smaller than the next range: this one takes it
-            b = n
-        out.append((a, b))
-        a, k = b, k * grow
-    return out
-
-
 class _PageIdx:
     """A paged write as the engine checked it: `idx` holds the n source page indices then the n destination
     indices (int64, the engine's own array); page i moves `page` bytes from `so + idx[i] * ss` to
@@ -224,12 +187,6 @@ class _PageIdx:
 
     def __len__(self) -> int:
         return self.n
-
-    def tail(self, start: int) -> _PageIdx:
-        """Pages start..n-1 of this write (the rest after its first `start` pages were posted)."""
-        n = self.n
-        return _PageIdx(np.concatenate((self.idx[start:n], self.idx[n + start:])), self.page, self.ss, self.ds,
-                        self.so, self.do)
 
     def pieces(self) -> Pieces:
         n = self.n
@@ -366,10 +323,6 @@ class CudaIpcPath(DataPath):
     Opt-in: those CTAs stay on the GPU (without MPS other processes' kernels on it are time-sliced with
     them) and a device-wide synchronise in this process (`torch.cuda.synchronize()`) waits until the engine
     closes. Writes whose source stream is still busy, or that find the copier's ring full, are launched.
-    chunk_bytes: 0 (default): a launched paged write is one kernel; else one of at least `PAGE_CHUNK_MIN_PAGES`
-    pages and more than twice this many bytes is posted as several kernels, the first moving about this many
-    bytes (`chunk_plan`; `PAGE_CHUNK_BYTES` is the size tried), so the GPU starts before the host has copied
-    every index. Opt-in: on one H200 the further kernels cost the GPU more than the overlap saved.
     index_device_page: a launched paged write of pages of at least this many bytes (default `INDEX_DEVICE_PAGE`,
     64 KiB) and more than `INDEX_DEVICE_MIN_BYTES` in all (the attribute `index_device_bytes`) has its indices
     copied from the ring slot into device memory on the lane's stream before its kernel, which then reads them
@@ -384,7 +337,7 @@ class CudaIpcPath(DataPath):
     def __init__(self, engine: EngineView, kernel: str = "auto", peer: str | None = None,
                  on_imm: Callable[[int, int, str], Any] | None = None, runtime: tuple[Any, Any] | None = None,
                  pages: str | None = None, resident_ctas: int = RESIDENT_CTAS,
-                 chunk_bytes: int = 0, index_device_page: int = INDEX_DEVICE_PAGE, idle_naps: int = IDLE_NAPS) -> None:
+                 index_device_page: int = INDEX_DEVICE_PAGE, idle_naps: int = IDLE_NAPS) -> None:
         """runtime: (torch, CUDA runtime) to use instead of torch and CuPy's bindings (tests without a GPU
         drive the posting logic with stand-ins that record the calls)."""
         if kernel not in ("auto", "cupy", "torch"):
@@ -400,9 +353,6 @@ class CudaIpcPath(DataPath):
         if isinstance(resident_ctas, bool) or not isinstance(resident_ctas, int) or not 0 <= resident_ctas <= 1024:
             raise BackendUnavailable(f"cuda_ipc: resident_ctas must be an integer 0..1024 (0: one per SM), "
                                      f"got {resident_ctas!r}")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0:
-            raise BackendUnavailable(f"cuda_ipc: chunk_bytes must be an integer >= 0 (bytes of a large paged write's "
-                                     f"first kernel; 0: one kernel per paged write), got {chunk_bytes!r}")
         if (isinstance(index_device_page, bool) or not isinstance(index_device_page, int)
                 or index_device_page < 0):
             raise BackendUnavailable(f"cuda_ipc: index_device_page must be an integer >= 0 (the page size in bytes "
@@ -439,7 +389,6 @@ class CudaIpcPath(DataPath):
         self._copy_pages: dict[int, Callable[..., None]] = {}  # per device: copy_pages_idx bound to it
         self.pages = pages
         self.resident_ctas = resident_ctas
-        self.chunk_bytes = chunk_bytes
         self.index_device_page = index_device_page
         self.index_device_bytes = INDEX_DEVICE_MIN_BYTES
         self._mirrors: dict[int, Any] = {}  # device -> a device buffer the size of the host ring, or None
@@ -700,10 +649,9 @@ class CudaIpcPath(DataPath):
 
     def _local(self, la: _Lane, flat: Any, rem: _Remote, pieces: Pieces, p: _Pending) -> None:
         if type(pieces) is _PageIdx:
-            done = self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p)
-            if done == pieces.n:
+            if self._pages(la, int(flat.data_ptr()), rem.ptr, pieces, p):
                 return
-            pieces = (pieces.tail(done) if done else pieces).pieces()
+            pieces = pieces.pieces()
         if len(pieces) == 1:
             n = int(pieces.length[0])
             if n:
@@ -713,37 +661,26 @@ class CudaIpcPath(DataPath):
             return
         if pieces.page and self._pages_ok and self.kernel != "torch":  # equal pieces: byte offsets as indices
             pg = _PageIdx(np.concatenate((pieces.src, pieces.dst)), pieces.page, 1, 1, 0, 0)
-            done = self._pages(la, int(flat.data_ptr()), rem.ptr, pg, p)
-            if done == pg.n:
+            if self._pages(la, int(flat.data_ptr()), rem.ptr, pg, p):
                 return
-            if done:
-                pieces = pg.tail(done).pieces()
         self._ranges(la, flat, rem.tensor, pieces.src, pieces.dst, pieces.length, p)
 
-    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> int:
+    def _pages(self, la: _Lane, src_ptr: int, dst_ptr: int, pg: _PageIdx, p: _Pending) -> bool:
         """Equal pages (a paged write) on one GPU: their page indices go into a pinned ring slot as they are and
-        `copy_pages_pg` / `copy_pages_idx` launches move them, computing each page's addresses from its index,
+        one `copy_pages_pg` / `copy_pages_idx` launch moves them, computing each page's addresses from its index,
         the strides and the offsets (no byte offsets, splitting or word-size arithmetic on the host: the kernel
-        picks the word per 4 KiB chunk). A large write is posted in chunks (`chunk_plan`): chunk c's indices are
-        copied into its part of the slot ([its source indices, its destination indices]) and its kernel is
-        launched before the next chunk's indices are copied, so the GPU copies while the host still posts; all
-        chunks go on the lane's stream, and the write's one completion event and immediate follow the last.
-        A one-kernel write of pages of at least `index_device_page` bytes and more than `index_device_bytes` in
-        all first copies the slot into its part of the device mirror (`_device_index`) and the kernel reads the
-        indices there.
-        Returns how many pages it posted (from the first): n, or 0 when no slot is free or the kernel is
-        unavailable, or fewer when a later chunk's launch failed (the caller moves the rest another way)."""
+        picks the word per 4 KiB chunk), on the lane's stream. A write of pages of at least `index_device_page`
+        bytes and more than `index_device_bytes` in all first copies the slot into its part of the device mirror
+        (`_device_index`) and the kernel reads the indices there.
+        False when no slot is free or the kernel is unavailable (the caller moves the pages another way)."""
         if self.pages == "graph" and self._pages_graph(la, src_ptr, dst_ptr, pg, p):
-            return pg.n
-        n = pg.n
+            return True
+        n, page = pg.n, pg.page
         ring = self._host_ring()
         got = ring.take(2 * n)
         if got is None:
-            return 0
+            return False
         slot, view, ptr = got
-        plan = chunk_plan(n, pg.page, self.chunk_bytes) if self.chunk_bytes and n >= PAGE_CHUNK_MIN_PAGES else ((0, n),)
-        idx, src, dst, page, ss, ds, lane = pg.idx, src_ptr + pg.so, dst_ptr + pg.do, pg.page, pg.ss, pg.ds, la.ptr
-        posted = 0
         queued = False  # a copy of the slot into the device mirror is queued: the slot stays with the write
         try:
             launch = self._copy_pages.get(la.dev)
@@ -751,36 +688,28 @@ class CudaIpcPath(DataPath):
                 from kernels._cuda import index_copier
 
                 launch = self._copy_pages[la.dev] = index_copier(la.dev)
-            if len(plan) == 1:
-                view[:] = idx
-                if page >= self.index_device_page > 0 and n * page > self.index_device_bytes:
-                    dptr = self._device_index(la, slot, ptr, 2 * n)
-                    queued = dptr != ptr
-                    ptr = dptr
-                launch(src, dst, ptr, n, page, ss, ds, lane)  # submit made the lane's device current
-            else:
-                for a, b in plan:
-                    k = b - a
-                    view[2 * a:2 * a + k] = idx[a:b]
-                    view[2 * a + k:2 * b] = idx[n + a:n + b]
-                    launch(src, dst, ptr + 16 * a, k, page, ss, ds, lane)
-                    posted = b
-                self.used["page_chunks"] += len(plan)
+            view[:] = pg.idx
+            if page >= self.index_device_page > 0 and n * page > self.index_device_bytes:
+                dptr = self._device_index(la, slot, ptr, 2 * n)
+                queued = dptr != ptr
+                ptr = dptr
+            # submit made the lane's device current
+            launch(src_ptr + pg.so, dst_ptr + pg.do, ptr, n, page, pg.ss, pg.ds, la.ptr)
         except Exception as exc:  # noqa: BLE001 - no CuPy / no NVRTC: the range path (or torch) does the rest
             self._pages_ok = False
-            if posted or queued:  # launched chunks or the queued index copy still read the slot: it goes back
-                p.slots.append(slot)  # with the write's completion
+            if queued:  # the queued index copy still reads the slot: it goes back with the write's completion
+                p.slots.append(slot)
             else:
                 ring.give([slot])
             if self.kernel == "cupy":
-                if posted or queued:  # the caller gives the write's slots back at once when posting fails
-                    self.rt.streamSynchronize(lane)
+                if queued:  # the caller gives the write's slots back at once when posting fails
+                    self.rt.streamSynchronize(la.ptr)
                 raise TransportError(f"cuda_ipc: the CuPy page-copy kernel failed: {exc}") from exc
             self.engine._log(f"cuda_ipc: page-copy kernel unavailable ({type(exc).__name__}: {exc})")
-            return posted
+            return False
         p.slots.append(slot)
         self.used["pages"] += 1
-        return n
+        return True
 
     def _device_index(self, la: _Lane, slot: int, host_ptr: int, nwords: int) -> int:
         """Copy `nwords` index words from ring slot `slot` (at `host_ptr`) into that slot's part of the device mirror
