@@ -96,16 +96,21 @@ def test_the_composition_sweep_forms_the_steps_it_names(ckpt: Path) -> None:
     from workbench.serve.microbench import measure_compositions
 
     df = measure_compositions(str(ckpt), decodes=(0, 2), prefills=((1, 16), (2, 24)), context=20, repeat=1,
-                              between=1, **SPEC)
+                              between=1, passes=2, **SPEC)
     assert set(COMPOSITION) <= set(df.columns)
+    # two passes, the second in reverse: 0, 2, 2, 0
+    order = df["decodes"].to_numpy()
+    assert [int(order[0]), int(order[-1])] == [0, 0] and (df["decodes"] == 2).sum() > 0
     alone = df[(df["decodes"] == 0) & (df["prompt"] == 16)]
-    assert (alone["decode_seqs"] == 0).all() and alone["prefill_tokens"].tolist() == [16]
+    assert (alone["decode_seqs"] == 0).all() and alone["prefill_tokens"].tolist() == [16, 16]
     mixed = df[(df["decodes"] == 2) & (df["prefill_seqs"] > 0)]
     # the new prompts join a step beside the two running decodes (two prompts sent together may reach the
     # worker one step apart: each step that takes one still holds both decodes)
     assert (mixed["decode_seqs"] == 2).all()
-    assert mixed.loc[mixed["prompt"] == 16, "prefill_tokens"].tolist() == [16]
-    assert mixed.loc[mixed["prompt"] == 24, "prefill_tokens"].sum() == 48
+    assert mixed.loc[mixed["prompt"] == 16, "prefill_tokens"].tolist() == [16, 16]
+    assert mixed.loc[mixed["prompt"] == 24, "prefill_tokens"].sum() == 96
+    with pytest.raises(wb.WorkbenchError, match="passes=0"):
+        measure_compositions(str(ckpt), passes=0, **SPEC)
     dec = df[(df["decodes"] == 2) & (df["prefill_seqs"] == 0)]
     assert len(dec) >= 2 and (dec["decode_seqs"] == 2).all()
     busy = df.dropna(subset=["period"])

@@ -61,7 +61,7 @@ async def _idle(backend: Any, timeout: float = 60.0) -> None:
 
 def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16),
                          prefills: tuple[tuple[int, int], ...] = ((1, 16), (1, 48), (1, 128), (2, 48), (4, 48)),
-                         context: int = 48, repeat: int = 2, between: int = 2, backend: Any = None,
+                         context: int = 48, repeat: int = 2, between: int = 2, passes: int = 1, backend: Any = None,
                          **spec: Any) -> pd.DataFrame:
     """The real worker's steps on the compositions a continuous-batching server forms, swept in isolation.
 
@@ -71,12 +71,18 @@ def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3
     the d sequences after each. The step that takes them is what a server runs when requests arrive beside running
     decodes: d decodes + k prefill chunks (d = 0: prefill alone). Returns one row per step (`step_rows`, with
     `decodes`, `k`, `prompt` of the sweep point), each with the composition the engine logged — the table is
-    labelled by what ran, not by what was asked for."""
+    labelled by what ran, not by what was asked for.
+
+    `passes` > 1 sweeps the decodes that many times, in ascending then descending order: a machine whose speed drifts
+    over the sweep's seconds then weighs every point alike instead of bending the sweep's shape (in one pass on the
+    2-vCPU VM decodes of 6 took 0.70 of the server's same steps a minute later, decodes of 2 0.91)."""
     from contextlib import nullcontext
 
     from workbench.serve.backend import Backend
     from workbench.serve.sampling import SamplingParams
 
+    if passes < 1 or repeat < 1:
+        raise WorkbenchError(f"measure_compositions: passes={passes}, repeat={repeat}: give 1 or more")
     rows: list[dict[str, Any]] = []
     inject = [(k, p) for _ in range(repeat) for k, p in prefills]
     with (nullcontext(backend) if backend is not None else Backend(checkpoint, "colocated", **spec)) as b:
@@ -134,8 +140,9 @@ def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3
         async def sweep() -> None:
             await point(2, 0)   # warm-up: first calls allocate
             rows.clear()
-            for i, d in enumerate(decodes):
-                await point(d, 100 * (i + 1))
+            for n in range(passes):
+                for i, d in enumerate(decodes if n % 2 == 0 else decodes[::-1]):
+                    await point(d, 100 * (i + 1) + 10_000 * n)
 
         asyncio.run(sweep())
     return pd.DataFrame(rows)
