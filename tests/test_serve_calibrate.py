@@ -109,6 +109,12 @@ def test_runs_of_one_level_pool_into_one_measurement(job) -> None:  # type: igno
     assert pool_runs([a]) is a
     with pytest.raises(wb.WorkbenchError, match="no runs"):
         pool_runs([])
+    # the notebook verb takes the same list; repeats of one job only
+    cal = wb.calibrate([a, b])
+    assert cal.plan.seq_us == pytest.approx(calibrate_job(job, [a, b])[1]["seq_us"])
+    other = _measured(job.with_workload(traffic="concurrency=6,isl=48,osl=16,requests=8"), fast)
+    with pytest.raises(wb.WorkbenchError, match="different jobs"):
+        wb.calibrate([a, other])
 
 
 def test_hop_is_client_minus_server_ttft_and_becomes_request_us(job) -> None:  # type: ignore[no-untyped-def]

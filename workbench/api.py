@@ -100,12 +100,25 @@ def compare(simulated: Result, measured: Result, by: Any = ("kind", "op")) -> pd
     return _compare(simulated, measured, by=by)
 
 
-def calibrate(measured: Result, cluster: Cluster | None = None) -> Any:
+def calibrate(measured: Result | list[Result], cluster: Cluster | None = None) -> Any:
     """Fit the simulator to a measured run at the level of its parts, never its end-to-end numbers.
 
     Training: the cluster with its compute and link parameters fitted (returns a Cluster).
     Serving: the job with its per-step host cost and rate factor fitted from the engine's steps
-    (returns the calibrated Job)."""
+    (returns the calibrated Job); a list of runs of the same serving job is fitted as one measurement
+    (`workbench.serve.calibrate.pool_runs`: on a machine that drifts, runs spread over time)."""
+    if isinstance(measured, (list, tuple)):
+        from workbench.errors import WorkbenchError
+        from workbench.serve.calibrate import calibrate_job, pool_runs
+
+        runs = list(measured)
+        if not runs or any(_kind(r) != "serving" for r in runs):
+            raise WorkbenchError("calibrate: a list of runs must hold one or more measured serving Results "
+                                 "(pass one Result for a training run)")
+        if any(r.job != runs[0].job for r in runs[1:]):
+            raise WorkbenchError("calibrate: the runs are of different jobs (cluster, model, plan or traffic differ); "
+                                 "pool only repeats of one job")
+        return calibrate_job(runs[0].job, pool_runs(runs))[0]
     if _kind(measured) == "serving":
         from workbench.serve.calibrate import calibrate_job
 
