@@ -59,6 +59,13 @@ class KVCache:
         v = blk[:, 1].permute(1, 0, 2, 3).reshape(h, n * s, dd)[:, :length]
         return k, v
 
+    def gather(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, kv_heads, P * page_size, head_dim] of the pages of each row of `table` [B, P]."""
+        blk = self.data[layer, table]                     # [B, P, 2, H, S, D]
+        b, p, _, h, s, d = blk.shape
+        kv = blk.permute(2, 0, 3, 1, 4, 5).reshape(2, b, h, p * s, d)
+        return kv[0], kv[1]
+
 
 class PageAllocator:
     """Free pages of one cache; `allocate(n)` returns page ids or None when too few are free."""

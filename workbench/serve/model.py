@@ -2,7 +2,8 @@
 
 Loads a Hugging Face checkpoint directory (`config.json` + `*.safetensors`) into plain
 tensors and runs a batch of sequence chunks at once: the linear layers see every token of
-the batch, attention runs per sequence over that sequence's pages. The maths follows the
+the batch; the chunks of one token (decodes) attend together in one batched call per layer
+over a padded page table, longer chunks (prefill) attend per sequence over their pages. The maths follows the
 `transformers` implementations (RMSNorm in fp32, rotate-half RoPE incl. `llama3`/`linear`
 scaling, GQA, SiLU-gated MLP, Mixtral's softmax → top-k → renormalise router), so greedy
 tokens match `generate` on the same checkpoint.
@@ -101,6 +102,18 @@ class SeqChunk:
 
 
 @dataclass
+class Decodes:
+    """The one-token chunks of a batch, attended together: `pages` [B, P] each one's page table padded to the
+    longest with its own first page, `mask` [B, 1, 1, P * page_size] True on the keys it sees (positions
+    0 .. start), `rows` [B] their rows among the batch's tokens (None when every chunk is one of them, in order)."""
+
+    chunks: list[int]             # their indices in `Batch.chunks`
+    pages: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor | None
+
+
+@dataclass
 class Batch:
     tokens: torch.Tensor          # [T] token ids, chunks concatenated
     positions: torch.Tensor       # [T]
@@ -108,6 +121,7 @@ class Batch:
     slot_offsets: torch.Tensor    # [T] its slot inside that page
     chunks: list[SeqChunk] = field(default_factory=list)
     items: list[Any] = field(default_factory=list)   # what it was built from (pipeline stages rebuild it)
+    decodes: Decodes | None = None                    # the chunks of one token (None if there are none)
 
     @classmethod
     def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
@@ -128,14 +142,31 @@ class Batch:
             chunks.append(SeqChunk(n, start, list(pages)))
         need = [-(-(c.start + c.n) // page_size) for c in chunks]
         flat = [p for c, k in zip(chunks, need) for p in c.pages[:k]]
+        # the decodes' padded page table [B, P], context lengths and rows, in the same copy
+        dec = [j for j, c in enumerate(chunks) if c.n == 1]
+        P = max((need[j] for j in dec), default=0)
+        table = [p for j in dec for p in list(chunks[j].pages[:need[j]]) + [chunks[j].pages[0]] * (P - need[j])]
+        lens = [chunks[j].start + 1 for j in dec]
+        first = [0]
+        for c in chunks:
+            first.append(first[-1] + c.n)
+        rows = [first[j] for j in dec]
         # one host→device copy for all index vectors of the step
-        allv = torch.tensor(toks + pos + spage + soff + flat, dtype=torch.long).to(device, non_blocking=True)
+        allv = torch.tensor(toks + pos + spage + soff + flat + table + lens + rows,
+                            dtype=torch.long).to(device, non_blocking=True)
         T = len(toks)
         a = 4 * T
         for c, k in zip(chunks, need):
             c.page_idx = allv[a:a + k]
             a += k
-        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items))
+        decodes = None
+        if dec:
+            B = len(dec)
+            ctx = allv[a + B * P:a + B * P + B]
+            mask = torch.arange(P * page_size, device=allv.device)[None, :] < ctx[:, None]
+            decodes = Decodes(dec, allv[a:a + B * P].view(B, P), mask.view(B, 1, 1, P * page_size),
+                              None if B == len(chunks) else allv[a + B * P + B:a + B * P + 2 * B])
+        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes)
 
 
 class Model:
@@ -162,6 +193,8 @@ class Model:
         self.w = {k: v.to(device=self.device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in weights.items()}
         self.inv_freq = _inv_freq(cfg).to(self.device)
+        #: decodes attend in one batched call per layer (False: per sequence, as prefill chunks do)
+        self.batched_decode = True
 
     # ----- loading -----
     @classmethod
@@ -228,10 +261,20 @@ class Model:
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         kv.write(i - self.layers.start, batch.slot_pages, batch.slot_offsets, k, v)
-        att = torch.empty_like(q)
         rep = self.num_heads // self.num_kv_heads
+        dec = batch.decodes if self.batched_decode else None
+        if dec is not None and dec.rows is None:    # only decodes: their output is the whole of `att`
+            att = self._decode_attention(i, q, dec, kv)
+        else:
+            att = torch.empty_like(q)
+            if dec is not None:
+                att[dec.rows] = self._decode_attention(i, q[dec.rows], dec, kv)
+        batched = set(dec.chunks) if dec is not None else set()
         a = 0
-        for ch in batch.chunks:
+        for j, ch in enumerate(batch.chunks):
+            if j in batched:
+                a += ch.n
+                continue
             ks, vs = kv.read(i - self.layers.start, ch.page_idx if ch.page_idx is not None else ch.pages,
                              ch.start + ch.n)
             if rep > 1:
@@ -250,6 +293,14 @@ class Model:
         h = h + o
         x = _rms(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
         return h + self._reduce(self._moe(p, x) if c.num_experts else self._mlp(p + "mlp.", x))
+
+    def _decode_attention(self, i: int, q: torch.Tensor, dec: Decodes, kv: Any) -> torch.Tensor:
+        """Attention of the decodes' queries `q` [B, heads, head_dim] over their pages, in one call: the query
+        heads that share a KV head are that head's queries (GQA without repeating K/V)."""
+        k, v = kv.gather(i - self.layers.start, dec.pages)      # [B, kv_heads, P * page_size, head_dim]
+        B, d = q.shape[0], q.shape[-1]
+        qg = q.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=dec.mask).reshape(B, self.num_heads, d)
 
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
         w = self.w
