@@ -60,10 +60,11 @@ class KVCache:
         return k, v
 
     def gather(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [B, kv_heads, P * page_size, head_dim] of the pages of each row of `table` [B, P]."""
-        blk = self.data[layer, table]                     # [B, P, 2, H, S, D]
-        b, p, _, h, s, d = blk.shape
-        kv = blk.permute(2, 0, 3, 1, 4, 5).reshape(2, b, h, p * s, d)
+        """K and V [kv_heads, B, P * page_size, head_dim] of the pages of each row of `table` [B, P], in one
+        indexing op (indexing the pages' dimension of a [2, H, pages, S, D] view gives [2, H, B, P, S, D])."""
+        kv = self.data[layer].permute(1, 2, 0, 3, 4)[:, :, table]
+        _, h, b, p, s, d = kv.shape
+        kv = kv.reshape(2, h, b, p * s, d)
         return kv[0], kv[1]
 
 

@@ -104,7 +104,7 @@ class SeqChunk:
 @dataclass
 class Decodes:
     """The one-token chunks of a batch, attended together: `pages` [B, P] each one's page table padded to the
-    longest with its own first page, `mask` [B, 1, 1, P * page_size] True on the keys it sees (positions
+    longest with its own first page, `mask` [B, 1, P * page_size] True on the keys it sees (positions
     0 .. start), `rows` [B] their rows among the batch's tokens (None when every chunk is one of them, in order)."""
 
     chunks: list[int]             # their indices in `Batch.chunks`
@@ -164,7 +164,7 @@ class Batch:
             B = len(dec)
             ctx = allv[a + B * P:a + B * P + B]
             mask = torch.arange(P * page_size, device=allv.device)[None, :] < ctx[:, None]
-            decodes = Decodes(dec, allv[a:a + B * P].view(B, P), mask.view(B, 1, 1, P * page_size),
+            decodes = Decodes(dec, allv[a:a + B * P].view(B, P), mask.view(B, 1, P * page_size),
                               None if B == len(chunks) else allv[a + B * P + B:a + B * P + 2 * B])
         return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes)
 
@@ -297,10 +297,11 @@ class Model:
     def _decode_attention(self, i: int, q: torch.Tensor, dec: Decodes, kv: Any) -> torch.Tensor:
         """Attention of the decodes' queries `q` [B, heads, head_dim] over their pages, in one call: the query
         heads that share a KV head are that head's queries (GQA without repeating K/V)."""
-        k, v = kv.gather(i - self.layers.start, dec.pages)      # [B, kv_heads, P * page_size, head_dim]
+        k, v = kv.gather(i - self.layers.start, dec.pages)      # [kv_heads, B, P * page_size, head_dim]
         B, d = q.shape[0], q.shape[-1]
-        qg = q.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
-        return F.scaled_dot_product_attention(qg, k, v, attn_mask=dec.mask).reshape(B, self.num_heads, d)
+        qg = q.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, d).transpose(0, 1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=dec.mask)   # [kv_heads, B, heads per KV head, d]
+        return o.transpose(0, 1).reshape(B, self.num_heads, d)
 
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
         w = self.w
