@@ -129,3 +129,32 @@ def test_warm_up_leaves_the_engine_empty(ckpt: Path, role: str) -> None:
     assert not eng.has_work and not eng.seqs
     assert eng.alloc.free == eng.alloc.num_pages   # every page back, a prefill worker's too
     assert eng.last_step == {} and eng.last_batch == (0, 0) and eng.preemptions == 0
+
+
+def test_step_fit_recovers_a_cost_per_prefill_chunk(job) -> None:  # type: ignore[no-untyped-def]
+    """An engine whose prefill attention runs per chunk (each chunk ~8 ms of host calls, as on one H200): the fit
+    finds that cost per chunk instead of a slower GPU, and the simulator then charges it per chunk."""
+    rng = np.random.default_rng(2)
+    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 16)
+    n = np.tile(np.array([0.0, 1.0, 2.0, 4.0]), 24)
+    pf = np.tile(np.array([16.0, 48.0, 128.0, 256.0, 48.0]), 20)[:96]
+    t = pd.DataFrame({"tokens": d + n * pf, "seqs": d + n, "prefill_seqs": n, "prefill_tokens": n * pf,
+                      "prefill_work": n * pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + n})
+    t = t[t["seqs"] > 0].reset_index(drop=True)
+    s, q, c, k = 4e-3, 3e-4, 8e-3, 2.5
+    price = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t, rate=k)
+    t["period"] = (s + q * t["seqs"] + c * t["prefill_seqs"] + price) * (1 + 0.01 * rng.uniform(-1, 1, len(t)))
+    f = fit_steps(job, t)
+    assert f["chunk_us"] == pytest.approx(8000, rel=0.05)
+    assert f["scheduler_us"] == pytest.approx(4000, rel=0.1)
+    assert f["rate_factor"] == pytest.approx(2.5, rel=0.1)
+    # the simulator's step: the plan's chunk_us per prefill chunk, nothing for a decode-only step
+    from workbench.sim.serve import workers
+
+    w = workers(job.cluster, job.model, job.plan.with_(chunk_us=8000.0))[0]
+    w0 = workers(job.cluster, job.model, job.plan)[0]
+    args = (np.array([100.0, 100.0]), np.array([2304.0, 2304.0]), np.array([0.0, 0.0]), np.array([2.0, 2.0]),
+            np.array([False, False]))
+    extra = w.cost.step_seconds(*args, np.array([0.0, 2.0])) - w0.cost.step_seconds(*args, np.array([0.0, 2.0]))
+    assert extra == pytest.approx([0.0, 0.016])
+    assert w.cost.step(100.0, 2304.0, 0.0, 2.0, False, 2.0) == pytest.approx(float(w.cost.step_seconds(*args, 2.0)[0]))

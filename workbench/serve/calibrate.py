@@ -6,11 +6,12 @@ TTFT/TPOT/throughput that the calibrated simulator then predicts:
 - the engine step, per worker role: `measure_steps` drives the real worker process with batches of 1..N
   sequences and prompts of several lengths, through its pipe alone (the engine) or as streaming requests
   through the HTTP server (the engine beside its front end); each step's duration and the worker loop's gap
-  before the next step are logged. A least-squares fit `period = s_r + q_r·seqs + k·sim_r(tokens)` against
+  before the next step are logged. A least-squares fit `period = s_r + q_r·seqs [+ c_r·chunks] + sim_r(tokens; rates / k)` against
   the simulator's price of the same batch gives per role r (colocated; or a disaggregated run's prefill and
   decode workers, each fitted on its own steps) a per-step host cost `s` (plan `scheduler_us`, or
-  `prefill_/decode_scheduler_us`), a per-sequence cost `q` (`seq_us`: Python per sequence, per-sequence
-  attention calls, sampling, page tables) and one rate factor `k` (the node's compute and memory rates divided
+  `prefill_/decode_scheduler_us`), a per-sequence cost `q` (`seq_us`: Python per sequence, sampling, page
+  tables), where the steps' compositions were logged a cost `c` per prefill chunk (`chunk_us`: the engine's
+  prefill attention runs per chunk) and one rate factor `k` (the node's compute and memory rates divided
   by `k`). With a microbenchmark, its shape is scaled by one contention factor from the calibration run's own
   busy steps (the machine is shared);
 - the KV hand-off of a disaggregated run (`kv_handoff`): how long each transfer ran past the prefill step that
@@ -175,7 +176,7 @@ def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocate
     from workbench.sim.serve import workers
 
     cluster = job.cluster if rate == 1.0 else rated(job.cluster, rate)
-    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, request_us=0.0, prefill_scheduler_us=None,
+    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, request_us=0.0, prefill_scheduler_us=None,
                           prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
     ws = workers(cluster, job.model, plan)
     w = next((x for x in ws if x.role == role), ws[0])
@@ -192,14 +193,16 @@ def _has_composition(t: pd.DataFrame) -> bool:
 
 
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
-    """Fit `period = s_r + q_r·seqs + sim_r(tokens; rates / k)` by least squares with s, q ≥ 0 to rows of tokens,
-    seqs, period (seconds) and optionally role: a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
+    """Fit `period = s_r + q_r·seqs [+ c_r·chunks] + sim_r(tokens; rates / k)` by least squares with s, q, c ≥ 0 to
+    rows of tokens, seqs, period (seconds) and optionally role (and the composition, whose prefill chunks give a cost
+    `c_r` per prefill chunk: plan `chunk_us`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
     role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
     the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
     do not scale with them (the kernel launches) stay as they are. `k` is searched (a grid, then bounded Brent on log k), s
-    and q solved by non-negative least squares at each. Returns
-    {'scheduler_us', 'seq_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
-    '{role}_scheduler_us', '{role}_seq_us' (the plain keys hold the colocated or else the decode worker's).
+    q (and c) solved by non-negative least squares at each. Returns
+    {'scheduler_us', 'seq_us', 'chunk_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
+    '{role}_scheduler_us', '{role}_seq_us', '{role}_chunk_us' (the plain keys hold the colocated or else the decode
+    worker's; `chunk_us` the colocated or else the prefill worker's).
 
     Plain least squares on purpose: end-to-end metrics add steps up, so the fit must match their mean
     (slow steps when another process takes the CPU included), not their median."""
@@ -217,7 +220,11 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     tokens = t["tokens"].to_numpy(float)
     comp = t if _has_composition(t) else None
     masks = [role == r for r in present]
-    H = np.stack([c for m in masks for c in (m.astype(float), seqs * m)], axis=1)
+    # per role: a cost per step, per sequence and (where the steps' compositions say) per prefill chunk
+    chunks = comp["prefill_seqs"].to_numpy(float) if comp is not None else None
+    w = 2 if chunks is None else 3
+    H = np.stack([c for m in masks for c in (m.astype(float), seqs * m, *(() if chunks is None else (chunks * m,)))],
+                 axis=1)
 
     def price(k: float) -> np.ndarray:
         sim = np.zeros(len(t))
@@ -240,10 +247,13 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
                              "median_abs_error": float(np.median(np.abs(pred - y) / y))}
     for i, r in enumerate(present):
-        out[f"{r}_scheduler_us"], out[f"{r}_seq_us"] = float(x[2 * i]) * 1e6, float(x[2 * i + 1]) * 1e6
+        out[f"{r}_scheduler_us"], out[f"{r}_seq_us"] = float(x[w * i]) * 1e6, float(x[w * i + 1]) * 1e6
+        out[f"{r}_chunk_us"] = float(x[w * i + 2]) * 1e6 if chunks is not None else 0.0
         out[f"{r}_steps"] = float((role == r).sum())
     main = "colocated" if "colocated" in present else present[-1]
     out["scheduler_us"], out["seq_us"] = out[f"{main}_scheduler_us"], out[f"{main}_seq_us"]
+    # one plan-level term: the prefill chunks run on the colocated worker, or on the prefill workers
+    out["chunk_us"] = out.get("colocated_chunk_us", out.get("prefill_chunk_us", 0.0))
     return out
 
 
@@ -277,7 +287,8 @@ def _root(f: Any, a: float, b: float) -> float:
 
 def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
     """A fit with every time term multiplied by `lam` (the machine's contention at another moment)."""
-    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us")) or k == "rate_factor" else v) for k, v in f.items()}
+    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us", "chunk_us")) or k == "rate_factor" else v)
+            for k, v in f.items()}
 
 
 def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str, float]:
@@ -305,7 +316,8 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     lam = 1.0
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
-        host = float(((f["scheduler_us"] + f["seq_us"] * seqs) * 1e-6).sum())
+        chunks = r["prefill_seqs"].to_numpy(float) if both else np.zeros(len(r))
+        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks) * 1e-6).sum())
         total = float(r["period"].sum())
 
         def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
@@ -392,7 +404,8 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
 
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
-    changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"], "replicas": 1}
+    changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"],
+                               "chunk_us": f.get("chunk_us", 0.0), "replicas": 1}
     if frontend and overheads is not None:
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
@@ -416,7 +429,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
                 trial = job.with_cluster(rated(job.cluster, f["rate_factor"])).with_plan(job.plan.with_(**changes))
                 e = _mean_slowdown(trial)
                 f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
-                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"])
+                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"], chunk_us=f.get("chunk_us", 0.0))
     else:
         inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
         f["request_us"] = f["hop_us"] + max(inner, 0.0)

@@ -277,7 +277,7 @@ def _closed_guess(pc: WorkerCost, dc: WorkerCost, req: Requests) -> np.ndarray:
     prefill plus its decode at that batch."""
     c = max(req.closed, 1)
     isl, osl = float(req.isl.mean()), float(req.osl.mean())
-    pre = float(pc.step_seconds(isl, isl * isl / 2, 0.0, 1, False))
+    pre = float(pc.step_seconds(isl, isl * isl / 2, 0.0, 1, False, 1.0))
     step = float(dc.step_seconds(c, 0.0, c * (isl + osl / 2), c, True))
     wave = pre + osl * step
     return (np.arange(len(req)) // c) * wave

@@ -403,9 +403,10 @@ class WorkerCost:
 
     def step_seconds(self, tokens: np.ndarray | float, prefill_work: np.ndarray | float,
                      decode_kv: np.ndarray | float, sampled: np.ndarray | float,
-                     decode_only: np.ndarray | bool) -> np.ndarray:
+                     decode_only: np.ndarray | bool, chunks: np.ndarray | float = 0.0) -> np.ndarray:
         """Seconds of steps (arrays or scalars): `tokens` scheduled, Σ chunk·(context + chunk/2) of prefill
-        chunks, KV tokens read by decodes, rows sampled, and whether the step is decode-only (CUDA graph)."""
+        chunks, KV tokens read by decodes, rows sampled, whether the step is decode-only (CUDA graph), and its
+        prefill chunks (the plan's `chunk_us` each)."""
         m = np.maximum(np.asarray(tokens, float), 1.0)
         pp = self.pp
         lm = np.log(m / pp)
@@ -421,7 +422,8 @@ class WorkerCost:
         t = gpu + n_k * self.launch_graph  # back-to-back kernels: the per-kernel gap measured in a graph
         t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager))  # eager: the host launches each kernel
         sched, seq = self.plan.host(self.role)
-        return t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float)
+        return (t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float)
+                + self.plan.chunk_us * 1e-6 * np.asarray(chunks, float))
 
     def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """TP/EP collective seconds in steps of `tokens` (for the events table)."""
@@ -451,6 +453,7 @@ class WorkerCost:
         sched, seq = self.plan.host(self.role)
         fp[K.F_GRAPH], fp[K.F_SCHED] = float(self.plan.cuda_graph), sched * 1e-6
         fp[K.F_SEQ], fp[K.F_REQ] = seq * 1e-6, self.plan.request_us * 1e-6
+        fp[K.F_CHUNK] = self.plan.chunk_us * 1e-6
         fe = self.role == "colocated"  # the front end is modelled beside a colocated engine
         fp[K.F_FE_REQ] = self.plan.fe_request_us * 1e-6 * fe
         fp[K.F_FE_FIN] = self.plan.fe_finish_us * 1e-6 * fe
@@ -465,7 +468,8 @@ class WorkerCost:
         return tuple(np.ascontiguousarray(a, dtype=np.float64) for a in (
             self.grid, self.t_layers, self.t_head, ts, self._pf[0], self._pf[1], self._dc[0], self._dc[1]))
 
-    def step(self, tokens: float, prefill_work: float, decode_kv: float, sampled: float, decode_only: bool) -> float:
+    def step(self, tokens: float, prefill_work: float, decode_kv: float, sampled: float, decode_only: bool,
+             chunks: float = 0.0) -> float:
         """`step_seconds` for one step, in plain floats (the scheduler loop's hot path; same numbers)."""
         pp = self.pp
         stage = _interp(math.log(max(tokens, 1.0) / pp), self._g, self._tl)
@@ -492,7 +496,7 @@ class WorkerCost:
         if not (decode_only and self.plan.cuda_graph):
             t = max(t, n_k * self.launch_eager)
         sched, seq = self.plan.host(self.role)
-        return t + sched * 1e-6 + seq * 1e-6 * sampled
+        return t + sched * 1e-6 + seq * 1e-6 * sampled + self.plan.chunk_us * 1e-6 * chunks
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:

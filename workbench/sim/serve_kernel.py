@@ -29,15 +29,15 @@ from numba import njit
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
     F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ, \
-    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN, F_FE_ASYNC = range(24)
-N_F = 24
+    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN, F_FE_ASYNC, F_CHUNK = range(25)
+N_F = 25
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
 
 
 @njit(cache=True)
-def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, sampled, decode_only):  # type: ignore[no-untyped-def]
+def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, sampled, decode_only, chunks):  # type: ignore[no-untyped-def]
     pp = fp[F_PP]
     L = fp[F_LAYERS]
     lm = np.log(max(tokens, 1.0) / pp)
@@ -63,7 +63,7 @@ def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, samp
     t = gpu + nk * fp[F_LAUNCH_GRAPH]  # back-to-back kernels: the per-kernel gap measured in a graph
     if not (decode_only and fp[F_GRAPH] > 0):
         t = max(t, nk * fp[F_LAUNCH_EAGER])  # eager: the host launches every kernel
-    return t + fp[F_SCHED] + fp[F_SEQ] * sampled
+    return t + fp[F_SCHED] + fp[F_SEQ] * sampled + fp[F_CHUNK] * chunks
 
 
 @njit(cache=True)
@@ -308,7 +308,7 @@ def run(arr, isl, osl, first_token, ip, fp, grid, tl, th, ts, pfx, pfy, dcx, dcy
             if kv[i] + c >= P[i]:
                 completing += 1
         dt = step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, float(n_dec + pf_tokens), work, dkv,
-                        float(n_dec + completing), pf_tokens == 0) + extra_s
+                        float(n_dec + completing), pf_tokens == 0, float(nc)) + extra_s
         if fe_on and fp[F_FE_SLOW] > 0 and fe_free > now:
             dt *= 1.0 + fp[F_FE_SLOW] * min(fe_free - now, dt) / dt
         start = now

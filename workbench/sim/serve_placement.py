@@ -58,7 +58,7 @@ def pipeline_cost(cluster: Any, model: Any, stages: Any, plan: ServingPlan) -> t
     pp = len(costs)
     m_dec = float(plan.max_seqs)
     score = [float(c.step(m_dec, 0.0, m_dec * 1024, 1, True)) + float(c.step(plan.max_tokens, plan.max_tokens *
-                                                                            plan.max_tokens / 2.0, 0.0, 1, False))
+                                                                            plan.max_tokens / 2.0, 0.0, 1, False, 1.0))
              for c in costs]
     b = int(np.argmax(score))
     out = copy.copy(costs[b])
