@@ -221,21 +221,9 @@ def _marked(fn: Any, marks: list[int], *a: Any) -> Any:
         marks.append(time.perf_counter_ns())
 
 
-def _take_oldest(self: Any, nwords: int) -> Any:
-    """`_HostRing.take` as it was before (211925c): the slot freed longest ago first (all 32 in turn)."""
-    if nwords * 8 > self.SLOT:
-        return None
-    try:
-        i = self.free.popleft()
-    except IndexError:
-        return None
-    off = i * self.SLOT // 8
-    return i, self.words[off:off + nwords], self.ptr + i * self.SLOT
-
-
 def attribution(iters: int, launch_us: float, repeats: int = 3) -> dict[str, Any]:
     """One kernel per write (`post`'s `default` engine) under the path's previous behaviours, one at a time: the
-    ring handing out the slot freed longest ago (`_take_oldest`) instead of the one freed last, and a completed
+    ring handing out the slot freed longest ago (`take_oldest`) instead of the one freed last, and a completed
     write's `_Pending` keeping its callback (and with it the engine's index lists, freed later by the poller
     thread) instead of releasing it in the completing thread. Median over `repeats` runs of the median µs until
     `write_paged` returned."""
@@ -243,13 +231,18 @@ def attribution(iters: int, launch_us: float, repeats: int = 3) -> dict[str, Any
 
     take, complete = _HostRing.take, CudaIpcPath._complete
 
+    def take_oldest(self: Any, nwords: int) -> Any:
+        """`_HostRing.take` as it was before (211925c): the slot freed longest ago first (all 32 in turn)."""
+        self.free.rotate(-1)  # the slot freed longest ago to the end `take` pops from
+        return take(self, nwords)
+
     def keep_callback(self: Any, p: Any, exc: BaseException | None) -> None:
         done = p.done
         complete(self, p, exc)
         p.done = done
 
-    variants = {"before": (_take_oldest, keep_callback), "last_freed_slot_only": (take, keep_callback),
-                "callback_released_only": (_take_oldest, complete), "after": (take, complete)}
+    variants = {"before": (take_oldest, keep_callback), "last_freed_slot_only": (take, keep_callback),
+                "callback_released_only": (take_oldest, complete), "after": (take, complete)}
     global SHAPES
     shapes = SHAPES
     SHAPES = ((256 * MiB, 16 * KiB), (256 * MiB, 64 * KiB), (16 * MiB, 16 * KiB))

@@ -108,15 +108,9 @@ def before_tree(args: argparse.Namespace, tmp: Path) -> Path:
             raise SystemExit(f"--before-tree: {path} holds no workbench/serve/model.py (extract the commit's "
                              "`workbench` folder there: git archive COMMIT workbench | tar -x -C DIR)")
         return path
-    path = tmp / "before"
-    path.mkdir()
-    arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "workbench"], capture_output=True,
-                          timeout=120)
-    if arch.returncode:
-        raise SystemExit(f"--before: git archive {args.before} failed: {arch.stderr.decode().strip()} "
-                         "(give a commit of this repository)")
-    subprocess.run(["tar", "-x", "-C", str(path)], input=arch.stdout, check=True, timeout=120)
-    return path
+    from _trees import archive
+
+    return archive(args.before, "workbench", tmp / "before")
 
 
 def _git(*a: str) -> str:

@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -421,11 +420,9 @@ def main() -> None:
     command = (f"python benchmarks/transport_tcp_before_after.py --before {args.before} --pairs {args.pairs} "
                f"--soak {args.soak} --name {args.name}")
     with tempfile.TemporaryDirectory(prefix="wb-transport-before-") as tmp:
-        archive = Path(tmp) / "transport.tar"
-        subprocess.run(["git", "archive", "-o", str(archive), args.before, "transport"], cwd=ROOT, check=True)
-        old = Path(tmp) / "old"
-        with tarfile.open(archive) as tf:
-            tf.extractall(old)  # noqa: S202 - our own repository's archive
+        from _trees import archive
+
+        old = archive(args.before, "transport", Path(tmp) / "old")
         order = []
         for i in range(args.pairs):
             pair = [("before", str(old)), ("after", None)]
