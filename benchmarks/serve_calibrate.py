@@ -159,7 +159,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
     old_job, old_fit = calibrate_job(jobs[0], measured[0], micro=batches, overheads=overheads, frontend=frontend)
     cal_job, fitted = calibrate_job(jobs[0], measured[0], micro=comp, overheads=overheads, frontend=frontend)
     rows = []
-    for job, r, c in zip(jobs, measured, levels):
+    for job, r, c, level_runs in zip(jobs, measured, levels, runs):
         before = compare_serving(wb.simulate(job), r, KEYS)
         old = compare_serving(wb.simulate(old_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
         sim_after = wb.simulate(cal_job.with_workload(traffic=job.workload.traffic))
@@ -181,7 +181,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
                          "error_self": self_cal.loc[k, "error"], "contention": own.get("contention", float("nan")),
                          "steps_over_batches": lam_b, "steps_over_compositions": lam_c,
                          "hop_us": own["hop_us"], "load_average": r.metrics.get("load_average", os.getloadavg()[0]),
-                         "ttft_split_ms": split, "measured_runs": [float(x.metrics[k]) for x in runs[levels.index(c)]]})
+                         "ttft_split_ms": split, "measured_runs": [float(x.metrics[k]) for x in level_runs]})
         print(json.dumps(rows[-3:], default=float), flush=True)
     engine_alone = fit_steps(jobs[0], batches)
     # each level's engine steps (tokens, seqs, seconds, period in s; decodes, prefill chunks and tokens)
@@ -312,16 +312,21 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="only trace the server's steps against the microbenchmarks' "
                     "(serve-calibration-MACHINE-trace.{json,md})")
     args = ap.parse_args()
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error(f"--repeats {args.repeats} / --rounds {args.rounds}: give 1 or more")
+    try:
+        levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        ap.error(f"--levels {args.levels!r}: give closed-loop concurrencies as integers, e.g. 2,6")
+    if not levels or min(levels) < 1:
+        ap.error(f"--levels {args.levels!r}: every concurrency must be >= 1")
 
     model, spec = server_setup(args.device, args.model_shape)
-    levels = [int(x) for x in args.levels.split(",")]
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     if args.trace:
         print(write_trace(args, command, trace_round(model, levels, args.lengths, spec)))
         return
     t0, c0 = time.time(), _cpu()
-    if args.repeats < 1 or args.rounds < 1:
-        ap.error(f"--repeats {args.repeats} / --rounds {args.rounds}: give 1 or more")
     rounds = [one_round(model, levels, args.lengths, args.cluster, spec, args.repeats) for _ in range(args.rounds)]
     demo = demo_compare() if args.demo else None
     wall, cpu = time.time() - t0, _cpu() - c0

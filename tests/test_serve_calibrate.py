@@ -97,12 +97,14 @@ def test_runs_of_one_level_pool_into_one_measurement(job) -> None:  # type: igno
     slow, fast = _table(job, 2e-3, 5e-4, 3.0).head(12), _table(job, 2e-3, 5e-4, 3.0).head(12)
     slow["period"] *= 1.5  # the machine was slower during one run than during the other
     a, b = _measured(job, slow, client_extra=0.002), _measured(job, fast, client_extra=0.006)
-    a.metrics, b.metrics = {"mean_ttft_ms": 10.0, "mode": "colocated"}, {"mean_ttft_ms": 20.0, "mode": "colocated"}
+    a.metrics = {"mean_ttft_ms": 10.0, "mode": "colocated", "failures": {"timeout": 1}}
+    b.metrics = {"mean_ttft_ms": 20.0, "mode": "colocated", "failures": {"timeout": 2, "http_500": 1}}
     pooled = pool_runs([a, b])
     st = steps(pooled)
     assert len(st) == len(steps(a)) + len(steps(b)) and st["period"].notna().sum() == 22  # each run's last is idle
     assert st["start"].min() == 0.0 and st.loc[12:, "start"].min() > st.loc[:11, "end"].max()
     assert pooled.metrics["mean_ttft_ms"] == 15.0 and pooled.metrics["runs"] == 2
+    assert pooled.metrics["failures"] == {"timeout": 3, "http_500": 1}
     assert hop_seconds(pooled) == pytest.approx(0.004)
     both = fit(job, [a, b], micro)["contention"]
     assert fit(job, b, micro)["contention"] < both < fit(job, a, micro)["contention"]

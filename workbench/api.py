@@ -109,7 +109,7 @@ def calibrate(measured: Result | list[Result], cluster: Cluster | None = None) -
     (`workbench.serve.calibrate.pool_runs`: on a machine that drifts, runs spread over time)."""
     if isinstance(measured, (list, tuple)):
         from workbench.errors import WorkbenchError
-        from workbench.serve.calibrate import calibrate_job, pool_runs
+        from workbench.serve.calibrate import calibrate_job
 
         runs = list(measured)
         if not runs or any(_kind(r) != "serving" for r in runs):
@@ -118,7 +118,7 @@ def calibrate(measured: Result | list[Result], cluster: Cluster | None = None) -
         if any(r.job != runs[0].job for r in runs[1:]):
             raise WorkbenchError("calibrate: the runs are of different jobs (cluster, model, plan or traffic differ); "
                                  "pool only repeats of one job")
-        return calibrate_job(runs[0].job, pool_runs(runs))[0]
+        return calibrate_job(runs[0].job, runs)[0]
     if _kind(measured) == "serving":
         from workbench.serve.calibrate import calibrate_job
 

@@ -108,7 +108,7 @@ def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
 def pool_runs(runs: Any) -> Any:
     """One `Result` holding several measured runs of the same serving job, one after another on one clock (each run's
     events, memory, links and request log shifted to start after the one before, so no step's period spans two runs),
-    its requests concatenated and its metrics the mean over the runs. A machine whose speed drifts between runs is
+    its requests concatenated, its metrics the mean over the runs (counts by reason summed). A machine whose speed drifts between runs is
     measured at a level by runs spread over the whole measurement, alternating with the other levels; calibration and
     comparison then see the level's mean, not the state of one moment. A single run passes through unchanged."""
     from workbench.result import Result
@@ -142,6 +142,8 @@ def pool_runs(runs: Any) -> Any:
         vals = [r.metrics.get(k) for r in runs]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             metrics[k] = float(np.mean(vals))
+        elif all(isinstance(v, dict) for v in vals):  # counts by reason (`failures`): every run's, summed
+            metrics[k] = {x: sum(v.get(x, 0) for v in vals) for x in dict.fromkeys(x for v in vals for x in v)}
         else:
             metrics[k] = vals[-1]
     metrics["runs"] = len(runs)
