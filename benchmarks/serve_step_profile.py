@@ -1,0 +1,178 @@
+"""Where one serving engine step's time goes: the model's forward over given compositions, timed and profiled.
+
+    python benchmarks/serve_step_profile.py --machine cpu2-vm
+    python benchmarks/serve_step_profile.py --machine h200 --device cuda:0 --model-shape 1b
+
+The calibration's random Llama (`serve_calibrate.server_setup`) is loaded in this process (`Model.load`, bf16 on a
+GPU) with a paged KV cache; each composition — d decodes at a context of `--context` tokens plus k prefill chunks of
+p tokens — is built as the engine builds a step (`Batch.build`) and run through `Model.forward`. Per composition:
+the median wall time of the synchronised step, the host time to enqueue its layers (`run_layers` returning, before
+the logits' copy waits for the device), and with `torch.profiler` the device's kernel time per step, the number of
+kernels and host→device syncs, and the ops that hold the most device and host time. The step is host-bound where the
+enqueue time is close to the wall time and the kernels' sum far below it.
+Writes benchmarks/results/serve-step-profile-MACHINE.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# (decodes, prefill chunks, prompt tokens per chunk)
+COMPOSITIONS = ((1, 0, 0), (16, 0, 0), (0, 1, 32), (0, 1, 128), (0, 2, 64), (8, 1, 64), (8, 4, 32))
+
+
+def parse_compositions(text: str) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for part in text.split(","):
+        try:
+            d, k, p = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise SystemExit(f"--compositions: {part!r} is not DECODES:CHUNKS:PROMPT (e.g. 8:1:64)") from None
+        if d < 0 or k < 0 or p < 0 or d + k == 0 or (k and not p):
+            raise SystemExit(f"--compositions: {part!r} needs decodes + chunks >= 1 and a prompt >= 1 with chunks")
+        out.append((d, k, p))
+    return tuple(out)
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from serve_calibrate import server_setup
+    from workbench.serve.kv import KVCache
+    from workbench.serve.model import Batch, Model
+
+    path, spec = server_setup(args.device, args.model_shape)
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = Model.load(path, device=args.device, dtype=dtype)
+    ps = int(spec["page_size"])
+    per_seq = -(-(args.context + max(p for _, _, p in args.comps) + 1) // ps)
+    seqs = max(d + k for d, k, _ in args.comps)
+    kv = KVCache(model.cfg, per_seq * seqs, ps, dtype=dtype, device=args.device)
+    gpu = args.device.startswith("cuda")
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    def items(d: int, k: int, p: int) -> list[tuple[list[int], int, list[int]]]:
+        out = []
+        for s in range(d + k):
+            pages = list(range(s * per_seq, (s + 1) * per_seq))
+            out.append(([7], args.context, pages) if s < d else (list(range(3, 3 + p)), 0, pages))
+        return out
+
+    rows = []
+    for d, k, p in args.comps:
+        it = items(d, k, p)
+
+        def step() -> float:
+            """One step as the engine runs it; returns the seconds until `run_layers` returned (enqueued)."""
+            t0 = time.perf_counter()
+            batch = Batch.build(it, ps, device=model.device)
+            h = model.run_layers(model.embed(batch.tokens), batch, kv)
+            t1 = time.perf_counter()
+            model.logits(h, batch).argmax(-1).tolist()
+            return t1 - t0
+
+        for _ in range(args.warmup):
+            step()
+        sync()
+        walls, enq = [], []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            enq.append(step())
+            sync()
+            walls.append(time.perf_counter() - t0)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(args.profiled):
+                step()
+            sync()
+        ev = prof.key_averages()
+        dev = [e for e in ev if getattr(e, "self_device_time_total", 0) > 0]
+        kernels = sum(e.count for e in dev) / args.profiled
+        device_us = sum(e.self_device_time_total for e in dev) / args.profiled
+        syncs = sum(e.count for e in ev if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaMemcpy")) / args.profiled
+        launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                        "cuLaunchKernelEx")) / args.profiled
+        top_dev = sorted(dev, key=lambda e: -e.self_device_time_total)[:args.top]
+        top_cpu = sorted((e for e in ev if not e.key.startswith("ProfilerStep")),
+                         key=lambda e: -e.self_cpu_time_total)[:args.top]
+        rows.append({
+            "decodes": d, "chunks": k, "prompt": p, "context": args.context,
+            "wall_ms": statistics.median(walls) * 1e3, "wall_min_ms": min(walls) * 1e3,
+            "enqueue_ms": statistics.median(enq) * 1e3, "device_ms": device_us / 1e3, "kernels": kernels,
+            "launches": launches, "syncs": syncs,
+            "top_device": [{"op": e.key[:90], "count": e.count / args.profiled,
+                            "ms": e.self_device_time_total / args.profiled / 1e3} for e in top_dev],
+            "top_host": [{"op": e.key[:90], "count": e.count / args.profiled,
+                          "ms": e.self_cpu_time_total / args.profiled / 1e3} for e in top_cpu]})
+        print(f"{d} decodes + {k} x {p}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
+              f"device {rows[-1]['device_ms']:.2f}, kernels {kernels:.0f}, syncs {syncs:.0f}", flush=True)
+    return {"model": str(path), "dtype": str(dtype), "device": args.device, "rows": rows,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if gpu else None}
+
+
+def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"serve-step-profile-{args.machine}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    lines = [f"# Serving engine step profile ({args.machine})", "", f"`{command}`", "",
+             f"Machine: {rec['machine']}; torch {rec['torch']}; model `{args.model_shape}` ({rec['dtype']}) on "
+             f"`{args.device}`. Decodes at a context of {args.context} tokens; median of {args.reps} steps (wall, "
+             f"synchronised), device time and counts per step from {args.profiled} profiled steps.", "",
+             "| decodes | prefill chunks × tokens | wall ms | enqueue ms | device ms | kernels | launches | syncs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {r['wall_ms']:.2f} | {r['enqueue_ms']:.2f} "
+                     f"| {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['launches']:.0f} | {r['syncs']:.0f} |")
+    for r in rec["rows"]:
+        lines += ["", f"## {r['decodes']} decodes + {r['chunks']} × {r['prompt']}", "",
+                  "| top device ops | per step | ms | | top host ops | per step | ms |", "|---|---|---|---|---|---|---|"]
+        for a, b in zip(r["top_device"] + [None] * args.top, r["top_host"]):
+            left = f"{a['op']} | {a['count']:.0f} | {a['ms']:.3f}" if a else " | | "
+            lines.append(f"| {left} | | {b['op']} | {b['count']:.0f} | {b['ms']:.3f} |")
+    (out / f"serve-step-profile-{args.machine}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--machine", required=True, help="a name for the machine: the results file's suffix")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    ap.add_argument("--model-shape", default="tiny", choices=("tiny", "1b"))
+    ap.add_argument("--compositions", default=",".join(f"{d}:{k}:{p}" for d, k, p in COMPOSITIONS),
+                    help="DECODES:CHUNKS:PROMPT,... (default %(default)s)")
+    ap.add_argument("--context", type=int, default=128, help="the decodes' context tokens")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profiled", type=int, default=5)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    args.comps = parse_compositions(args.compositions)
+    for name in ("context", "warmup", "reps", "profiled", "top"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            raise SystemExit(f"--{name}: must be >= {0 if name == 'warmup' else 1}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    command = "python benchmarks/serve_step_profile.py " + " ".join(sys.argv[1:])
+    rec = profile(args)
+    rec["machine"] = f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"
+    write(args, command, rec)
+
+
+if __name__ == "__main__":
+    main()
