@@ -46,10 +46,10 @@ def parse_compositions(text: str) -> tuple[tuple[int, int, int], ...]:
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from serve_calibrate import server_setup
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from serve_calibrate import server_setup
     from workbench.serve.kv import KVCache
     from workbench.serve.model import Batch, Model
 
@@ -77,7 +77,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     for d, k, p in args.comps:
         it = items(d, k, p)
 
-        def step() -> float:
+        def step(it: list[tuple[list[int], int, list[int]]] = it) -> float:
             """One step as the engine runs it; returns the seconds until `run_layers` returned (enqueued)."""
             t0 = time.perf_counter()
             batch = Batch.build(it, ps, device=model.device)
