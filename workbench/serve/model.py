@@ -229,9 +229,13 @@ class Model:
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Logits [B, vocab] of each chunk's last token."""
-        ends = torch.cumsum(torch.tensor([c.n for c in batch.chunks], device=h.device), 0) - 1
-        x = _rms(h[ends], self.w["model.norm.weight"], self.cfg.rms_eps)
+        """Logits [B, vocab] of each chunk's last token (every row of `h` where every chunk is one token: no
+        host→device copy, so that a CUDA graph can hold this)."""
+        if batch.decodes is not None and batch.decodes.rows is None:
+            last = h
+        else:
+            last = h[torch.cumsum(torch.tensor([c.n for c in batch.chunks], device=h.device), 0) - 1]
+        x = _rms(last, self.w["model.norm.weight"], self.cfg.rms_eps)
         head = self.w.get("lm_head.weight", self.w.get("model.embed_tokens.weight"))
         assert head is not None
         return (x @ head.T).float()
