@@ -7,7 +7,8 @@ sequences grow; when the cache runs out, the newest running sequence is preempte
 freed, recomputed later). Roles: `colocated` (prefill + decode), `prefill` (prompt only,
 first token sampled, KV pages handed to a decode worker layer by layer through a hook),
 `decode` (KV arrives from a prefill worker; the sequence joins the batch once the
-immediate count says every layer landed).
+immediate count says every layer landed). On a GPU, decode-only steps can replay captured CUDA graphs
+(`use_cuda_graphs`, `graphs.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.serve.kv import KVCache, PageAllocator
 from workbench.serve.model import Batch, Model
 from workbench.serve.sampling import SamplingParams, sample
@@ -87,6 +89,23 @@ class Engine:
         self.on_layer: Callable[[int, list[Seq]], None] | None = None
         # tensor parallelism: `on_batch(items)` hands each step's batch to the other ranks before the forward
         self.on_batch: Callable[[list[Any]], None] | None = None
+        self.graphs: Any = None              # DecodeGraphs once `use_cuda_graphs` captured them
+
+    def use_cuda_graphs(self, max_context: int | None = None) -> int:
+        """Capture the decode-only steps as CUDA graphs (batches up to `max_seqs`, contexts up to `max_context`
+        tokens: the model's, bounded by the cache) and replay them from now on; one page is kept as the padding
+        rows' scratch. Returns the number of graphs captured."""
+        from workbench.serve.graphs import DecodeGraphs
+
+        if self.graphs is not None:
+            return len(self.graphs.graphs)
+        scratch = self.alloc.allocate(1)
+        if scratch is None:
+            raise WorkbenchError("kv cache: no free page for the CUDA graphs' scratch page")
+        ctx = min(max_context or self.model.cfg.max_position, (self.kv.num_pages - 1) * self.cfg.page_size)
+        self.graphs = DecodeGraphs(self.model, self.kv, scratch[0], self.cfg.max_seqs,
+                                   -(-ctx // self.cfg.page_size))
+        return self.graphs.capture_all()
 
     # ----- requests -----
     def add(self, seq: Seq) -> None:
@@ -193,17 +212,18 @@ class Engine:
         items = [(seq.tokens[seq.computed:seq.computed + n], seq.computed, list(seq.pages)) for seq, n in plan]
         if self.on_batch is not None:
             self.on_batch(items)
-        batch = Batch.build(items, self.cfg.page_size, device=self.model.device)
-        comp = composition(plan)
-        t2 = time.perf_counter()
         finishing = [seq for seq, n in plan if seq.computed + n == seq.length]
         hook = None
         if self.on_layer is not None and finishing:
             on_layer = self.on_layer
             hook = lambda layer: on_layer(layer, finishing)  # noqa: E731
-        logits = self.model.forward(batch, self.kv, after_layer=hook)
+        graph = hook is None and self.graphs is not None and self.graphs.fits(items)
+        batch = None if graph else Batch.build(items, self.cfg.page_size, device=self.model.device)
+        comp = composition(plan) | {"graph": float(graph)}
+        t2 = time.perf_counter()
+        logits = self.graphs.run(items) if batch is None else self.model.forward(batch, self.kv, after_layer=hook)
         t3 = time.perf_counter()
-        self.last_batch = (len(plan), int(batch.tokens.shape[0]))
+        self.last_batch = (len(plan), sum(len(ids) for ids, _, _ in items))
         outs: list[Output] = []
         greedy = logits.argmax(-1).tolist()            # one device→host copy for every greedy row (waits for the GPU)
         t4 = time.perf_counter()

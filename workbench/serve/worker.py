@@ -94,7 +94,11 @@ class _Worker:
         c = model.cfg
         self.engine = Engine(model, EngineConfig(pages, spec.page_size, spec.max_batched_tokens, spec.max_seqs,
                                                  spec.role), kv)
+        graphs, capture_s = 0, 0.0
         if spec.tp == 1 and spec.pp == 1:
+            if spec.cuda_graph and spec.device.startswith("cuda"):
+                graphs = self.engine.use_cuda_graphs()
+                capture_s = self.engine.graphs.capture_seconds
             warm_up(self.engine)
         self.lock = threading.Lock()
         self.tx: Any = None
@@ -108,6 +112,7 @@ class _Worker:
         self.sending: dict[str, dict[str, Any]] = {}     # prefill: rid -> transfers in flight
         self.done_tx: list[str] = []
         info: dict[str, Any] = {"pid": os.getpid(), "pages": pages, "page_size": spec.page_size,
+                                "cuda_graphs": graphs, "graph_capture_s": capture_s,
                                 "page_bytes": kv.page_bytes, "layer_bytes": kv.layer_bytes,
                                 "kv_bytes": kv.nbytes, "capacity": self.engine.capacity,
                                 "max_position": c.max_position, "layers": c.num_layers}

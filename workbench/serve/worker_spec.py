@@ -33,6 +33,7 @@ class WorkerSpec:
     netns: str | None = None           # run inside this network namespace (emulated hosts)
     tp: int = 1                        # tensor-parallel ranks (processes; devices cuda:N, cuda:N+1, …)
     pp: int = 1                        # pipeline stages (processes; activations between them over `transport`)
+    cuda_graph: bool = True            # decode-only steps as captured CUDA graphs (a GPU, tp = pp = 1)
     env: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,0 +1,160 @@
+"""CUDA graphs of the serving engine's decode-only steps.
+
+A decode step of a small model on a fast GPU is bound by the host launching its kernels: on one H200 behind a
+virtual machine's host, a 1.2 B Llama's decode step issues ~745 launches at ~9 µs each while the GPU's own work is
+4 ms of the step's 14 (`benchmarks/serve_step_profile.py`). As vLLM does, a decode-only batch is padded to a
+captured shape — B sequences whose page tables have P pages, B and P powers of two — and the whole forward
+(embedding, every layer's KV write and batched attention, the LM head) replays as one graph. The step's index
+vectors (tokens, positions, KV slots, page tables, context lengths) are one host→device copy into the graph's
+static input; the mask is computed inside the graph. Padding rows write their K/V into a scratch page the engine
+reserves and attend to it alone; their logits are dropped.
+
+Where the model is not on a GPU (or `capture=False`) the same padded forward runs eagerly: the test of the padding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.serve.model import Batch, Decodes, Model, SeqChunk
+
+Item = tuple[Sequence[int], int, Sequence[int]]   # (new token ids, start position, page table), as `Batch.build`
+
+
+def sizes(limit: int) -> tuple[int, ...]:
+    """Powers of two from 1 up to the first one ≥ `limit` (the captured batch sizes and page counts)."""
+    out = [1]
+    while out[-1] < limit:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def _bucket(n: int, options: tuple[int, ...]) -> int:
+    return next(x for x in options if x >= n)
+
+
+@dataclass
+class _Graph:
+    """One captured shape: B rows of P pages; `vec` the static device input, `host` its pinned staging copy."""
+
+    B: int
+    P: int
+    vec: torch.Tensor
+    host: torch.Tensor
+    graph: Any = None                 # torch.cuda.CUDAGraph once captured
+    logits: torch.Tensor | None = None
+
+    def views(self) -> tuple[torch.Tensor, ...]:
+        """tokens, positions, slot pages, slot offsets [B]; page table [B, P]; context lengths [B]."""
+        B, P, v = self.B, self.P, self.vec
+        return v[:B], v[B:2 * B], v[2 * B:3 * B], v[3 * B:4 * B], v[4 * B:4 * B + B * P].view(B, P), v[4 * B + B * P:]
+
+
+class DecodeGraphs:
+    """The decode-only steps of one engine as captured CUDA graphs (`run` pads, copies, replays)."""
+
+    def __init__(self, model: Model, kv: Any, scratch_page: int, max_seqs: int, max_pages: int,
+                 capture: bool | None = None) -> None:
+        self.model, self.kv = model, kv
+        self.scratch = scratch_page
+        self.page_size = int(kv.page_size)
+        self.batch_sizes = sizes(max(1, max_seqs))
+        self.page_counts = sizes(max(1, max_pages))
+        self.capture = model.device.type == "cuda" if capture is None else capture
+        self.pool: Any = torch.cuda.graph_pool_handle() if self.capture else None
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self._arange = torch.arange(self.page_counts[-1] * self.page_size, device=model.device)
+        self._warm = False
+        self.capture_seconds = 0.0
+
+    # ----- which steps -----
+    def fits(self, items: Sequence[Item]) -> bool:
+        """A step this can run: every chunk one token, at most the largest batch and page count captured."""
+        if not self.model.batched_decode or not items or len(items) > self.batch_sizes[-1]:
+            return False
+        ps, most = self.page_size, self.page_counts[-1]
+        return all(len(ids) == 1 and start // ps < most for ids, start, _ in items)
+
+    # ----- one step -----
+    def run(self, items: Sequence[Item]) -> torch.Tensor:
+        """Logits [len(items), vocab] of a decode-only step (a view into the graph's output: read it before the
+        next step)."""
+        ps = self.page_size
+        need = [start // ps + 1 for _, start, _ in items]
+        B = len(items)
+        g = self._graph(_bucket(B, self.batch_sizes), _bucket(max(need), self.page_counts))
+        pad = g.B - B
+        toks = [ids[0] for ids, _, _ in items] + [0] * pad
+        pos = [start for _, start, _ in items] + [0] * pad
+        spage = [pages[start // ps] for _, start, pages in items] + [self.scratch] * pad
+        soff = [start % ps for _, start, _ in items] + [0] * pad
+        table: list[int] = []
+        for (_, _, pages), k in zip(items, need):
+            table.extend(pages[:k])
+            table.extend([pages[0]] * (g.P - k))
+        table.extend([self.scratch] * (g.P * pad))
+        ctx = [start + 1 for _, start, _ in items] + [1] * pad
+        g.host.copy_(torch.tensor(toks + pos + spage + soff + table + ctx, dtype=torch.long))
+        g.vec.copy_(g.host, non_blocking=True)
+        if g.graph is not None:
+            g.graph.replay()
+            assert g.logits is not None
+            return g.logits[:B]
+        return self._forward(g)[:B]
+
+    # ----- capture -----
+    def capture_all(self) -> int:
+        """Capture every shape now (largest first, so that the smaller ones reuse its memory), before serving:
+        a capture in the middle of a run would stall that step. Returns the number of shapes."""
+        for B in reversed(self.batch_sizes):
+            for P in reversed(self.page_counts):
+                self._graph(B, P)
+        return len(self.graphs)
+
+    def _graph(self, B: int, P: int) -> _Graph:
+        g = self.graphs.get((B, P))
+        if g is not None:
+            return g
+        dev = self.model.device
+        n = 4 * B + B * P + B
+        g = _Graph(B, P, torch.zeros(n, dtype=torch.long, device=dev),
+                   torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda"))
+        # harmless inputs while capturing: every row the scratch page, one token of context
+        _, _, spage, _, table, ctx = g.views()
+        spage.fill_(self.scratch)
+        table.fill_(self.scratch)
+        ctx.fill_(1)
+        if self.capture:
+            t0 = time.perf_counter()
+            self._capture(g)
+            self.capture_seconds += time.perf_counter() - t0
+        self.graphs[(B, P)] = g
+        return g
+
+    def _capture(self, g: _Graph) -> None:
+        if not self._warm:   # libraries' lazy set-up (cuBLAS handles, workspaces) outside any capture
+            side = torch.cuda.Stream(self.model.device)
+            side.wait_stream(torch.cuda.current_stream(self.model.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(g)
+            torch.cuda.current_stream(self.model.device).wait_stream(side)
+            self._warm = True
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            g.logits = self._forward(g)
+        g.graph = graph
+
+    def _forward(self, g: _Graph) -> torch.Tensor:
+        """The padded step through the model's own forward (what a graph holds)."""
+        tokens, positions, spage, soff, table, ctx = g.views()
+        width = g.P * self.page_size
+        mask = (self._arange[:width][None, :] < ctx[:, None]).view(g.B, 1, width)
+        chunks = [SeqChunk(1, 0, ()) for _ in range(g.B)]
+        batch = Batch(tokens, positions, spage, soff, chunks, [], Decodes(list(range(g.B)), table, mask, None))
+        return self.model.forward(batch, self.kv)
