@@ -9,7 +9,8 @@ p tokens — is built as the engine builds a step (`Batch.build`) and run throug
 the median wall time of the synchronised step, the host time to enqueue its layers (`run_layers` returning, before
 the logits' copy waits for the device), and with `torch.profiler` the device's kernel time per step, the number of
 kernels and host→device syncs, and the ops that hold the most device and host time. The step is host-bound where the
-enqueue time is close to the wall time and the kernels' sum far below it.
+enqueue time is close to the wall time and the kernels' sum far below it. `--graphs`: the decode-only compositions
+also through the engine's CUDA graphs (`workbench.serve.graphs`; padded and replayed; eager on a CPU).
 Writes benchmarks/results/serve-step-profile-MACHINE.{json,md}.
 """
 
@@ -59,8 +60,16 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     ps = int(spec["page_size"])
     per_seq = -(-(args.context + max(p for _, _, p in args.comps) + 1) // ps)
     seqs = max(d + k for d, k, _ in args.comps)
-    kv = KVCache(model.cfg, per_seq * seqs, ps, dtype=dtype, device=args.device)
+    kv = KVCache(model.cfg, per_seq * seqs + 1, ps, dtype=dtype, device=args.device)   # + the graphs' scratch page
     gpu = args.device.startswith("cuda")
+    graphs = None
+    if args.graphs:
+        from workbench.serve.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, kv, per_seq * seqs, seqs, per_seq)
+        t0 = time.perf_counter()
+        graphs.capture_all()
+        print(f"captured {len(graphs.graphs)} graphs in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def sync() -> None:
         if gpu:
@@ -74,16 +83,24 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     rows = []
-    for d, k, p in args.comps:
+    runs = [(d, k, p, False) for d, k, p in args.comps]
+    runs += [(d, k, p, True) for d, k, p in args.comps if graphs is not None and k == 0]
+    for d, k, p, graph in runs:
         it = items(d, k, p)
 
-        def step(it: list[tuple[list[int], int, list[int]]] = it) -> float:
-            """One step as the engine runs it; returns the seconds until `run_layers` returned (enqueued)."""
+        def step(it: list[tuple[list[int], int, list[int]]] = it, graph: bool = graph) -> float:
+            """One step as the engine runs it; returns the seconds until the forward was enqueued."""
             t0 = time.perf_counter()
-            batch = Batch.build(it, ps, device=model.device)
-            h = model.run_layers(model.embed(batch.tokens), batch, kv)
-            t1 = time.perf_counter()
-            model.logits(h, batch).argmax(-1).tolist()
+            if graph:
+                assert graphs is not None
+                logits = graphs.run(it)
+                t1 = time.perf_counter()
+            else:
+                batch = Batch.build(it, ps, device=model.device)
+                h = model.run_layers(model.embed(batch.tokens), batch, kv)
+                t1 = time.perf_counter()
+                logits = model.logits(h, batch)
+            logits.argmax(-1).tolist()
             return t1 - t0
 
         for _ in range(args.warmup):
@@ -112,7 +129,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         top_cpu = sorted((e for e in ev if not e.key.startswith("ProfilerStep")),
                          key=lambda e: -e.self_cpu_time_total)[:args.top]
         rows.append({
-            "decodes": d, "chunks": k, "prompt": p, "context": args.context,
+            "decodes": d, "chunks": k, "prompt": p, "context": args.context, "graph": graph,
             "wall_ms": statistics.median(walls) * 1e3, "wall_min_ms": min(walls) * 1e3,
             "enqueue_ms": statistics.median(enq) * 1e3, "device_ms": device_us / 1e3, "kernels": kernels,
             "launches": launches, "syncs": syncs,
@@ -120,7 +137,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                             "ms": e.self_device_time_total / args.profiled / 1e3} for e in top_dev],
             "top_host": [{"op": e.key[:90], "count": e.count / args.profiled,
                           "ms": e.self_cpu_time_total / args.profiled / 1e3} for e in top_cpu]})
-        print(f"{d} decodes + {k} x {p}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
+        print(f"{d} decodes + {k} x {p}{' (graph)' if graph else ''}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
               f"device {rows[-1]['device_ms']:.2f}, kernels {kernels:.0f}, syncs {syncs:.0f}", flush=True)
     return {"model": str(path), "dtype": str(dtype), "device": args.device, "rows": rows,
             "torch": torch.__version__,
@@ -135,13 +152,14 @@ def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
              f"Machine: {rec['machine']}; torch {rec['torch']}; model `{args.model_shape}` ({rec['dtype']}) on "
              f"`{args.device}`. Decodes at a context of {args.context} tokens; median of {args.reps} steps (wall, "
              f"synchronised), device time and counts per step from {args.profiled} profiled steps.", "",
-             "| decodes | prefill chunks × tokens | wall ms | enqueue ms | device ms | kernels | launches | syncs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| decodes | prefill chunks × tokens | CUDA graph | wall ms | enqueue ms | device ms | kernels | launches | "
+             "syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
-        lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {r['wall_ms']:.2f} | {r['enqueue_ms']:.2f} "
+        lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {'yes' if r['graph'] else 'no'} "
+                     f"| {r['wall_ms']:.2f} | {r['enqueue_ms']:.2f} "
                      f"| {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['launches']:.0f} | {r['syncs']:.0f} |")
     for r in rec["rows"]:
-        lines += ["", f"## {r['decodes']} decodes + {r['chunks']} × {r['prompt']}", "",
+        lines += ["", f"## {r['decodes']} decodes + {r['chunks']} × {r['prompt']}{' (graph)' if r['graph'] else ''}", "",
                   "| top device ops | per step | ms | | top host ops | per step | ms |", "|---|---|---|---|---|---|---|"]
         for a, b in zip(r["top_device"] + [None] * args.top, r["top_host"]):
             left = f"{a['op']} | {a['count']:.0f} | {a['ms']:.3f}" if a else " | | "
@@ -161,6 +179,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profiled", type=int, default=5)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--graphs", action="store_true",
+                    help="also run the decode-only compositions through the engine's CUDA graphs (graphs.py)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     args.comps = parse_compositions(args.compositions)
