@@ -56,7 +56,7 @@ def test_decode_graphs_equal_the_plain_forward(tmp_path: Path, device: str) -> N
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
             torch.testing.assert_close(graphs_kv.data[:, :40], ref_kv.data[:, :40], atol=tol, rtol=tol)
     if device == "cuda":
-        assert set(graphs.graphs) == {(4, 8), (4, 4), (8, 8), (1, 8)}
+        assert set(graphs.graphs) == {(4, 2), (4, 8), (8, 8), (1, 8)}
         assert all(x.graph is not None for x in graphs.graphs.values())
     # what it does not take: a prefill chunk, a context past the largest page count, more rows than captured
     assert not graphs.fits([([1, 2], 0, tables[0])])
