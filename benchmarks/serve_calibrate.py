@@ -41,7 +41,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PLAN = "tp=1,replicas=1,max_seqs=64,max_tokens=256,block=16,prefix_caching=false,cuda_graph=false,chunked_prefill=true"
+PLAN = "tp=1,replicas=1,max_seqs=64,max_tokens=256,block=16,prefix_caching=false,chunked_prefill=true"
 KEYS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 SPEC = {"page_size": 16, "max_batched_tokens": 256, "max_seqs": 64, "threads": 1}
 SWEEP_PASSES = 3  # the composition sweep: three passes (up, down, up), each prefill injection once per pass
@@ -60,6 +60,13 @@ def server_setup(device: str = "cpu", shape: str = "tiny") -> tuple[Path, dict[s
     if not (model / "model.safetensors").is_file():
         random_llama(model, **SHAPES[shape], dtype=dtype, device="cuda" if gpu else "cpu")
     return model, SPEC | ({"device": device, "dtype": dtype} if gpu else {})
+
+
+def plan_for(spec: dict[str, Any]) -> str:
+    """The simulator's plan of the served worker: CUDA graphs where the worker replays its decode-only steps
+    (a GPU and the spec's `cuda_graph`, on by default)."""
+    graphs = str(spec.get("device", "cpu")).startswith("cuda") and bool(spec.get("cuda_graph", True))
+    return f"{PLAN},cuda_graph={'true' if graphs else 'false'}"
 
 
 def _cpu() -> float:
@@ -147,7 +154,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
     overheads = measure_overheads(str(model), **spec)
     frontend = measure_frontend(str(model), **spec) | measure_slowdown(str(model), **spec)
     print(json.dumps({"overheads": overheads, "frontend": frontend}, default=float), flush=True)
-    jobs = [wb.Job.create(cluster, str(model / "config.json"), plan=PLAN,
+    jobs = [wb.Job.create(cluster, str(model / "config.json"), plan=plan_for(spec),
                           workload=Serving(traffic=f"concurrency={c},{lengths}")) for c in levels]
     runs: list[list[Any]] = [[] for _ in levels]
     for _ in range(repeats):  # the levels in alternation: each level's runs spread over the whole measurement
@@ -308,6 +315,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda:N")
     ap.add_argument("--model-shape", default="tiny", choices=list(SHAPES))
+    ap.add_argument("--no-cuda-graph", action="store_true", help="a GPU worker without CUDA graphs (every step eager)")
     ap.add_argument("--cluster", default="local", help="the simulator's cluster (a GPU run: e.g. dgx-h100:nodes=1,gpu=H200)")
     ap.add_argument("--trace", action="store_true", help="only trace the server's steps against the microbenchmarks' "
                     "(serve-calibration-MACHINE-trace.{json,md})")
@@ -322,6 +330,8 @@ def main() -> None:
         ap.error(f"--levels {args.levels!r}: every concurrency must be >= 1")
 
     model, spec = server_setup(args.device, args.model_shape)
+    if args.no_cuda_graph:
+        spec = spec | {"cuda_graph": False}
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     if args.trace:
         print(write_trace(args, command, trace_round(model, levels, args.lengths, spec)))
@@ -342,7 +352,7 @@ def main() -> None:
         history.append({"meta": old["meta"], "rows": old["rows"], "rounds_rows": rounds_rows,
                         "fitted": old["meta"].get("fitted") or old.get("rounds", [{}])[-1].get("fitted", {})})
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(), "command": command,
-            "plan": PLAN, "lengths": args.lengths, "levels": levels, "repeats": args.repeats, "wall_s": wall, "cpu_s": cpu,
+            "plan": plan_for(spec), "lengths": args.lengths, "levels": levels, "repeats": args.repeats, "wall_s": wall, "cpu_s": cpu,
             "load_average_end": os.getloadavg(), "datasets": files, "device": args.device,
             "model": {"shape": args.model_shape, **SHAPES[args.model_shape], "dtype": spec.get("dtype", "float32"),
                       "weights": "random N(0,0.02), HF Llama format"}, "cluster": args.cluster}
@@ -392,7 +402,7 @@ def render(record: dict[str, Any]) -> str:
         f, o = r["fitted"], r["overheads"]
         fe = r.get("frontend")
         lines.append(f"Round {i + 1}: load average {r['load_average'][0]:.1f}. After: scheduler_us = {f['scheduler_us']:.0f}, "
-                     f"seq_us = {f['seq_us']:.0f}, chunk_us = {f.get('chunk_us', 0.0):.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
+                     f"seq_us = {f['seq_us']:.0f}, chunk_us = {f.get('chunk_us', 0.0):.0f}, eager_us = {f.get('eager_us', 0.0):.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
                      f"{f['steps']:.0f} microbenchmark steps; the calibration run's {f.get('run_steps', 0):.0f} busy steps: "
                      f"contention {f.get('contention', 1.0):.2f}); request_us = {f['request_us']:.0f} (one request alone: "
                      f"client TTFT − step {o['request_us']:.0f}).")

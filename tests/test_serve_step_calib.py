@@ -158,3 +158,42 @@ def test_step_fit_recovers_a_cost_per_prefill_chunk(job) -> None:  # type: ignor
     extra = w.cost.step_seconds(*args, np.array([0.0, 2.0])) - w0.cost.step_seconds(*args, np.array([0.0, 2.0]))
     assert extra == pytest.approx([0.0, 0.016])
     assert w.cost.step(100.0, 2304.0, 0.0, 2.0, False, 2.0) == pytest.approx(float(w.cost.step_seconds(*args, 2.0)[0]))
+
+
+def test_step_fit_recovers_a_cost_per_eager_step() -> None:
+    """An engine that replays its decode-only steps as CUDA graphs and runs the others eagerly (each eager step ~20
+    ms of host launches, a graph step ~0.3 ms, as on one H200): with the plan's `cuda_graph` the fit finds that cost
+    per eager step (plan `eager_us`) apart from the per-chunk one, and the simulator charges it on eager steps only
+    (the compiled scheduler's price too). Without `cuda_graph` there is no such column: every step is eager."""
+    job = wb.Job.create("dgx-h100:nodes=1", "llama3.1-8b", plan="tp=1,replicas=1,cuda_graph=true",
+                        workload=Serving(traffic="concurrency=2,isl=48,osl=16,requests=8"))
+    rng = np.random.default_rng(3)
+    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 16)
+    n = np.tile(np.array([0.0, 0.0, 1.0, 2.0]), 24)
+    pf = np.tile(np.array([16.0, 48.0, 128.0, 256.0, 48.0]), 20)[:96]
+    t = pd.DataFrame({"tokens": d + n * pf, "seqs": d + n, "prefill_seqs": n, "prefill_tokens": n * pf,
+                      "prefill_work": n * pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + n})
+    t = t[t["seqs"] > 0].reset_index(drop=True)
+    s, q, c, e, k = 3e-4, 1e-4, 2e-3, 20e-3, 2.5
+    price = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t, rate=k)
+    eager = (t["prefill_seqs"] > 0).to_numpy(float)
+    t["period"] = (s + q * t["seqs"] + c * t["prefill_seqs"] + e * eager + price) * (1 + 0.01 * rng.uniform(-1, 1, len(t)))
+    f = fit_steps(job, t)
+    assert f["eager_us"] == pytest.approx(20000, rel=0.05)
+    assert f["chunk_us"] == pytest.approx(2000, rel=0.25)
+    assert f["rate_factor"] == pytest.approx(2.5, rel=0.1)
+    assert fit_steps(job.with_plan(job.plan.with_(cuda_graph=False)), t)["eager_us"] == 0.0
+    from workbench.sim import serve_kernel as K
+    from workbench.sim.serve import workers
+
+    w = workers(job.cluster, job.model, job.plan.with_(eager_us=20000.0))[0]
+    w0 = workers(job.cluster, job.model, job.plan)[0]
+    args = (np.array([2.0, 100.0]), np.array([0.0, 2304.0]), np.array([130.0, 0.0]), np.array([2.0, 2.0]),
+            np.array([True, False]))
+    assert w.cost.step_seconds(*args) - w0.cost.step_seconds(*args) == pytest.approx([0.0, 0.02])
+    assert w.cost.step(100.0, 2304.0, 0.0, 2.0, False) == pytest.approx(float(w.cost.step_seconds(*args)[1]))
+    fp, tables = w.cost.kernel_params(), w.cost.kernel_tables()
+    for i in range(2):
+        got = K.step_price(fp, *tables, float(args[0][i]), float(args[1][i]), float(args[2][i]), float(args[3][i]),
+                           bool(args[4][i]), 0.0)
+        assert got == pytest.approx(float(w.cost.step_seconds(*args)[i]))

@@ -178,7 +178,8 @@ def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocate
     from workbench.sim.serve import workers
 
     cluster = job.cluster if rate == 1.0 else rated(job.cluster, rate)
-    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, request_us=0.0, prefill_scheduler_us=None,
+    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, eager_us=0.0, request_us=0.0,
+                          prefill_scheduler_us=None,
                           prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
     ws = workers(cluster, job.model, plan)
     w = next((x for x in ws if x.role == role), ws[0])
@@ -195,9 +196,10 @@ def _has_composition(t: pd.DataFrame) -> bool:
 
 
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
-    """Fit `period = s_r + q_r·seqs [+ c_r·chunks] + sim_r(tokens; rates / k)` by least squares with s, q, c ≥ 0 to
+    """Fit `period = s_r + q_r·seqs [+ c_r·chunks + e_r·eager] + sim_r(tokens; rates / k)` by least squares with s, q, c, e ≥ 0 to
     rows of tokens, seqs, period (seconds) and optionally role (and the composition, whose prefill chunks give a cost
-    `c_r` per prefill chunk: plan `chunk_us`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
+    `c_r` per prefill chunk: plan `chunk_us`, and where the plan has `cuda_graph` and a role ran both kinds, a cost
+    `e_r` per step that is not a graph: plan `eager_us`, see `eager_steps`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
     role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
     the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
     do not scale with them (the kernel launches) stay as they are. `k` is searched (a grid, then bounded Brent on log k), s
@@ -222,11 +224,22 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     tokens = t["tokens"].to_numpy(float)
     comp = t if _has_composition(t) else None
     masks = [role == r for r in present]
-    # per role: a cost per step, per sequence and (where the steps' compositions say) per prefill chunk
+    # per role: a cost per step, per sequence and (where the steps' compositions say) per prefill chunk, and per
+    # step that is not a CUDA graph where a role ran both kinds (the plan's `cuda_graph`: decode-only steps)
     chunks = comp["prefill_seqs"].to_numpy(float) if comp is not None else None
-    w = 2 if chunks is None else 3
-    H = np.stack([c for m in masks for c in (m.astype(float), seqs * m, *(() if chunks is None else (chunks * m,)))],
-                 axis=1)
+    graph = eager_steps(job, comp, len(t))
+    cols: list[np.ndarray] = []
+    names: list[tuple[str, str]] = []
+    for r, m in zip(present, masks):
+        cols += [m.astype(float), seqs * m]
+        names += [(r, "scheduler_us"), (r, "seq_us")]
+        if chunks is not None:
+            cols.append(chunks * m)
+            names.append((r, "chunk_us"))
+        if graph[m].any() and not graph[m].all():
+            cols.append((~graph).astype(float) * m)
+            names.append((r, "eager_us"))
+    H = np.stack(cols, axis=1)
 
     def price(k: float) -> np.ndarray:
         sim = np.zeros(len(t))
@@ -248,15 +261,28 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
                              "median_abs_error": float(np.median(np.abs(pred - y) / y))}
-    for i, r in enumerate(present):
-        out[f"{r}_scheduler_us"], out[f"{r}_seq_us"] = float(x[w * i]) * 1e6, float(x[w * i + 1]) * 1e6
-        out[f"{r}_chunk_us"] = float(x[w * i + 2]) * 1e6 if chunks is not None else 0.0
-        out[f"{r}_steps"] = float((role == r).sum())
+    for r in present:
+        out |= {f"{r}_chunk_us": 0.0, f"{r}_eager_us": 0.0, f"{r}_steps": float((role == r).sum())}
+    for (r, name), v in zip(names, x):
+        out[f"{r}_{name}"] = float(v) * 1e6
     main = "colocated" if "colocated" in present else present[-1]
     out["scheduler_us"], out["seq_us"] = out[f"{main}_scheduler_us"], out[f"{main}_seq_us"]
-    # one plan-level term: the prefill chunks run on the colocated worker, or on the prefill workers
+    # plan-level terms: the prefill chunks run on the colocated worker, or on the prefill workers; the eager steps'
+    # own cost is the colocated worker's or the decode workers' (a prefill worker's steps are all eager: theirs is
+    # in its per-step term, from which the plan's eager_us, charged on them too, comes out)
     out["chunk_us"] = out.get("colocated_chunk_us", out.get("prefill_chunk_us", 0.0))
+    out["eager_us"] = out.get("colocated_eager_us", out.get("decode_eager_us", 0.0))
+    if "prefill" in present and out["eager_us"] > 0:
+        out["prefill_scheduler_us"] = max(out["prefill_scheduler_us"] - out["eager_us"], 0.0)
     return out
+
+
+def eager_steps(job: Any, comp: pd.DataFrame | None, n: int) -> np.ndarray:
+    """Which of `n` steps the simulator prices as CUDA graphs: decode-only ones (no prefill chunk, by their
+    composition) where the job's plan says `cuda_graph` (the engine replays those: `workbench.serve.graphs`)."""
+    if comp is None or not job.plan.cuda_graph:
+        return np.zeros(n, bool)
+    return comp["prefill_seqs"].to_numpy(float) == 0
 
 
 K_RANGE = (0.02, 500.0)  # the rate factors searched: 50x faster to 500x slower than the cluster's rates
@@ -289,7 +315,7 @@ def _root(f: Any, a: float, b: float) -> float:
 
 def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
     """A fit with every time term multiplied by `lam` (the machine's contention at another moment)."""
-    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us", "chunk_us")) or k == "rate_factor" else v)
+    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us", "chunk_us", "eager_us")) or k == "rate_factor" else v)
             for k, v in f.items()}
 
 
@@ -319,7 +345,9 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
         chunks = r["prefill_seqs"].to_numpy(float) if both else np.zeros(len(r))
-        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks) * 1e-6).sum())
+        eager = ~eager_steps(job, r if both else None, len(r))
+        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks
+                       + f.get("eager_us", 0.0) * eager) * 1e-6).sum())
         total = float(r["period"].sum())
 
         def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
@@ -407,7 +435,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
     changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"],
-                               "chunk_us": f.get("chunk_us", 0.0), "replicas": 1}
+                               "chunk_us": f.get("chunk_us", 0.0), "eager_us": f.get("eager_us", 0.0), "replicas": 1}
     if frontend and overheads is not None:
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
@@ -431,7 +459,8 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
                 trial = job.with_cluster(rated(job.cluster, f["rate_factor"])).with_plan(job.plan.with_(**changes))
                 e = _mean_slowdown(trial)
                 f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
-                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"], chunk_us=f.get("chunk_us", 0.0))
+                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"], chunk_us=f.get("chunk_us", 0.0),
+                               eager_us=f.get("eager_us", 0.0))
     else:
         inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
         f["request_us"] = f["hop_us"] + max(inner, 0.0)

@@ -141,7 +141,8 @@ def start_job(job: Any, checkpoint: str = "demo", **options: Any) -> RunHandle:
     """The core engines' runner for `serving` jobs: the job's traffic against `checkpoint` served for real.
 
     The job's plan says colocated or disaggregated (`prefill_workers` > 0 or `mode=disaggregated`), and its
-    `kv_transport` (when set) the backend the KV pages move with.
+    `kv_transport` (when set) the backend the KV pages move with, its `cuda_graph` whether a GPU worker captures
+    its decode-only steps (`workbench.serve.graphs`).
     """
     w = job.workload
     traffic: Any = getattr(w, "traffic", None)
@@ -150,6 +151,8 @@ def start_job(job: Any, checkpoint: str = "demo", **options: Any) -> RunHandle:
     kv_transport = getattr(job.plan, "kv_transport", "")
     if kv_transport and "transport" not in options:
         options = {**options, "transport": kv_transport}
+    if "cuda_graph" not in options:   # a GPU worker replays its decode-only steps as graphs where the plan says so
+        options = {**options, "cuda_graph": bool(getattr(job.plan, "cuda_graph", True))}
     slo = getattr(w, "slo", None)
     slo_spec = str(slo) if slo is not None and getattr(slo, "any", True) else None
     return start(checkpoint, spec, "disaggregated" if pd_split else "colocated", slo=slo_spec or None, job=job,
