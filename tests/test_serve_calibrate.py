@@ -102,6 +102,12 @@ def test_runs_of_one_level_pool_into_one_measurement(job) -> None:  # type: igno
     pooled = pool_runs([a, b])
     st = steps(pooled)
     assert len(st) == len(steps(a)) + len(steps(b)) and st["period"].notna().sum() == 22  # each run's last is idle
+    # the KV gauge sampled before a run's last step still showed pages held: that step's period is still not the
+    # gap to the next run's first step
+    stale = Result(a.events, a.memory.assign(bytes=a.memory["bytes"].max()), metrics=a.metrics, source="run",
+                   fidelity="measured", job=job)
+    st = steps(pool_runs([stale, b]))
+    assert math.isnan(st["period"][11]) and st["period"].notna().sum() == 22
     assert st["start"].min() == 0.0 and st.loc[12:, "start"].min() > st.loc[:11, "end"].max()
     assert pooled.metrics["mean_ttft_ms"] == 15.0 and pooled.metrics["runs"] == 2
     assert pooled.metrics["failures"] == {"timeout": 3, "http_500": 1}

@@ -81,6 +81,9 @@ def steps(measured: Any, job: Any = None) -> pd.DataFrame:
         else:
             period = np.append(start[1:] - start[:-1], np.nan)
             period[~_busy_after(measured, end, int(rank))] = np.nan
+            if "run" in g.columns:   # pooled runs: a run's last step has no period (the next step is another run's)
+                run = g["run"].to_numpy()
+                period[:-1][run[1:] != run[:-1]] = np.nan
         part = pd.DataFrame({"tokens": g["batch_tokens"].astype(float).to_numpy(),
                              "seqs": g["batch_seqs"].astype(float).to_numpy(), "seconds": end - start,
                              "period": period, "rank": int(rank), "role": role, "start": start, "end": end})
@@ -107,7 +110,8 @@ def _busy_after(measured: Any, ends: np.ndarray, rank: int = 0) -> np.ndarray:
 
 def pool_runs(runs: Any) -> Any:
     """One `Result` holding several measured runs of the same serving job, one after another on one clock (each run's
-    events, memory, links and request log shifted to start after the one before, so no step's period spans two runs),
+    events, memory, links and request log shifted to start after the one before; each event's `run` says which, so
+    that no step's period spans two runs),
     its requests concatenated, its metrics the mean over the runs (counts by reason summed). A machine whose speed drifts between runs is
     measured at a level by runs spread over the whole measurement, alternating with the other levels; calibration and
     comparison then see the level's mean, not the state of one moment. A single run passes through unchanged."""
@@ -120,11 +124,11 @@ def pool_runs(runs: Any) -> Any:
         return runs[0]
     ev, mem, lk, req, log = [], [], [], [], []
     offset = 0.0
-    for r in runs:
+    for i, r in enumerate(runs):
         e = r.events
         t0 = float(e["start"].min()) if len(e) else 0.0
         shift = offset - t0
-        ev.append(e.assign(start=e["start"] + shift, end=e["end"] + shift))
+        ev.append(e.assign(start=e["start"] + shift, end=e["end"] + shift, run=i))
         if r.memory is not None and len(r.memory):
             mem.append(r.memory.assign(time=r.memory["time"] + shift))
         if r.links is not None and len(r.links):
