@@ -116,6 +116,9 @@ def test_the_composition_sweep_forms_the_steps_it_names(ckpt: Path) -> None:
     busy = df.dropna(subset=["period"])
     assert (busy["period"] >= busy["seconds"]).all()
     assert not math.isnan(float(busy["g_send"].median()))
+    if Path("/proc/thread-self/schedstat").exists():   # the worker's thread: on a core, and waiting for one
+        assert (df["t_cpu"] >= 0).all() and (df["t_runq"] >= 0).all() and df["t_cpu"].sum() > 0
+        assert (df["t_cpu"] + df["t_runq"] <= df["seconds"] * 1.05 + 1e-3).all()
 
 
 @pytest.mark.parametrize("role", ["colocated", "prefill", "decode"])

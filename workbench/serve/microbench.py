@@ -26,7 +26,7 @@ from workbench.errors import WorkbenchError
 
 #: the step fields the worker logs beside t0/t1 (composition, phase seconds, the loop's gap before the step)
 STEP_KEYS = ("prefill_seqs", "prefill_tokens", "prefill_work", "decode_seqs", "decode_kv", "sampled",
-             "t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "g_admit", "g_send", "g_house")
+             "t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "t_cpu", "t_runq", "g_admit", "g_send", "g_house")
 
 
 def step_rows(got: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:

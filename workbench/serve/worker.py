@@ -33,6 +33,32 @@ def main(conn: Any, spec: WorkerSpec) -> None:
         raise
 
 
+class SchedStat:
+    """This thread's CPU time and run-queue wait so far (Linux `/proc/thread-self/schedstat`, read with one
+    `pread` of a descriptor kept open): a step's `t_cpu` and `t_runq` say how much of it ran on a core and how long
+    it waited for one (another process on the same cores). `read()` is None where the kernel does not tell."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def read(self) -> tuple[int, int] | None:
+        if self.fd is None:
+            return None
+        try:
+            a = os.pread(self.fd, 96, 0).split()
+            return int(a[0]), int(a[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def warm_up(engine: Any) -> None:
     """Run a few steps on scratch sequences before taking requests, as serving engines do (vLLM's profile and
     warm-up runs): a fresh worker's first forward loads its kernels and libraries on first use — measured on one
@@ -141,6 +167,7 @@ class _Worker:
         # the last step's outputs to the front end (`g_send`) and on the rest (`g_house`); logged with the next
         # step, so a step's period (its start to the next one's) splits into its phases and these
         gap = {"g_admit": 0.0, "g_send": 0.0, "g_house": 0.0}
+        sched = SchedStat()
         try:
             while True:
                 busy = self.engine.has_work or self.reservations or self.draining
@@ -162,11 +189,16 @@ class _Worker:
                 self._expire_pending()
                 gap["g_house"] += time.perf_counter() - a
                 if self.engine.has_work:
+                    c0 = sched.read()
                     t0, m0 = time.time(), time.monotonic()
                     outs = self.engine.step()
+                    t1 = time.time()
+                    c1 = sched.read()
                     if self.engine.last_batch[0] or outs:
                         stats = self.engine.stats()
-                        stats.update(self.engine.last_step, **gap, t0=t0, t1=time.time())
+                        stats.update(self.engine.last_step, **gap, t0=t0, t1=t1)
+                        if c0 is not None and c1 is not None:   # the step on a core, and waiting for one
+                            stats.update(t_cpu=(c1[0] - c0[0]) * 1e-9, t_runq=(c1[1] - c0[1]) * 1e-9)
                         if self.engine.last_admitted:   # when each new request reached the engine (wall clock)
                             stats["admitted"] = [(sid, t0 - (m0 - arr)) for sid, arr in self.engine.last_admitted]
                         a = time.perf_counter()
@@ -175,6 +207,7 @@ class _Worker:
                     elif self.engine.pending_kv:
                         time.sleep(0.0005)
         finally:
+            sched.close()
             if hasattr(self.engine.model, "close"):
                 self.engine.model.close()
             if self.followers:
