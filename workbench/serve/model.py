@@ -3,7 +3,8 @@
 Loads a Hugging Face checkpoint directory (`config.json` + `*.safetensors`) into plain
 tensors and runs a batch of sequence chunks at once: the linear layers see every token of
 the batch; the chunks of one token (decodes) attend together in one batched call per layer
-over a padded page table, longer chunks (prefill) attend per sequence over their pages. The maths follows the
+over a padded page table, and so do the longer chunks (prefill: a second call over their padded pages and queries,
+causally masked). The maths follows the
 `transformers` implementations (RMSNorm in fp32, rotate-half RoPE incl. `llama3`/`linear`
 scaling, GQA, SiLU-gated MLP, Mixtral's softmax → top-k → renormalise router), so greedy
 tokens match `generate` on the same checkpoint.
@@ -114,6 +115,39 @@ class Decodes:
 
 
 @dataclass
+class Prefills:
+    """The chunks of more than one token, attended together over N = the longest one's token count: `pages`
+    [B, P] each one's page table padded with its own first page; `queries` [B, N] the rows of the batch's tokens
+    that hold each chunk's queries (padding: the chunk's first row); `rows` [B, N] where their outputs go in an
+    output buffer of T + `pad` rows (the padding's outputs land in the `pad` rows past the batch's T, one each,
+    and are dropped); `mask` [B, N, P * page_size] True on the keys a query sees: positions up to its own
+    (so within its chunk's context); a padding query sees key 0 only, so that no row is fully masked."""
+
+    chunks: list[int]             # their indices in `Batch.chunks`
+    pages: torch.Tensor
+    queries: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+    pad: int
+    #: the mask for GQA-grouped queries as an additive bias, per (query heads per KV head, dtype): made by the
+    #: first layer of the step that needs it, reused by the others
+    grouped: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def bias(self, rep: int, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as [B, N * rep, P * page_size] of 0 / -inf in `dtype` (broadcast over the KV heads): query row
+        n * rep + r is query n (the queries of the `rep` heads that share a KV head follow each other). The last
+        dim's storage is padded to a multiple of 16 so that the fused GPU kernels take it without a copy per call."""
+        got = self.grouped.get((rep, dtype))
+        if got is None:
+            B, N, L = self.mask.shape
+            m = self.mask[:, :, None, :].expand(B, N, rep, L).reshape(B, N * rep, L)
+            full = torch.full((B, N * rep, -(-L // 16) * 16), float("-inf"), dtype=dtype, device=m.device)
+            got = full[..., :L].masked_fill_(m, 0.0)
+            self.grouped[(rep, dtype)] = got
+        return got
+
+
+@dataclass
 class Batch:
     tokens: torch.Tensor          # [T] token ids, chunks concatenated
     positions: torch.Tensor       # [T]
@@ -122,6 +156,7 @@ class Batch:
     chunks: list[SeqChunk] = field(default_factory=list)
     items: list[Any] = field(default_factory=list)   # what it was built from (pipeline stages rebuild it)
     decodes: Decodes | None = None                    # the chunks of one token (None if there are none)
+    prefills: Prefills | None = None                  # the chunks of more than one token (None if there are none)
 
     @classmethod
     def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
@@ -151,10 +186,25 @@ class Batch:
         for c in chunks:
             first.append(first[-1] + c.n)
         rows = [first[j] for j in dec]
-        # one host→device copy for all index vectors of the step
-        allv = torch.tensor(toks + pos + spage + soff + flat + table + lens + rows,
-                            dtype=torch.long).to(device, non_blocking=True)
+        # the prefill chunks' padded page table [Bp, Pp], query rows, output rows and query positions [Bp, N]
         T = len(toks)
+        pre = [j for j, c in enumerate(chunks) if c.n > 1]
+        Pp = max((need[j] for j in pre), default=0)
+        N = max((chunks[j].n for j in pre), default=0)
+        ptable = [p for j in pre for p in list(chunks[j].pages[:need[j]]) + [chunks[j].pages[0]] * (Pp - need[j])]
+        pq: list[int] = []
+        prow: list[int] = []
+        ppos: list[int] = []
+        spare = T    # the next output row past the batch's, for a padding query
+        for j in pre:
+            c, pad = chunks[j], N - chunks[j].n
+            pq += list(range(first[j], first[j] + c.n)) + [first[j]] * pad
+            prow += list(range(first[j], first[j] + c.n)) + list(range(spare, spare + pad))
+            ppos += list(range(c.start, c.start + c.n)) + [0] * pad
+            spare += pad
+        # one host→device copy for all index vectors of the step
+        allv = torch.tensor(toks + pos + spage + soff + flat + table + lens + rows + ptable + pq + prow + ppos,
+                            dtype=torch.long).to(device, non_blocking=True)
         a = 4 * T
         for c, k in zip(chunks, need):
             c.page_idx = allv[a:a + k]
@@ -166,7 +216,17 @@ class Batch:
             mask = torch.arange(P * page_size, device=allv.device)[None, :] < ctx[:, None]
             decodes = Decodes(dec, allv[a:a + B * P].view(B, P), mask.view(B, 1, P * page_size),
                               None if B == len(chunks) else allv[a + B * P + B:a + B * P + 2 * B])
-        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes)
+        a += len(table) + len(lens) + len(rows)
+        prefills = None
+        if pre:
+            Bp, L = len(pre), Pp * page_size
+            at = [a + Bp * Pp + x * Bp * N for x in range(4)]
+            qpos = allv[at[2]:at[3]].view(Bp, N, 1)
+            prefills = Prefills(pre, allv[a:at[0]].view(Bp, Pp), allv[at[0]:at[1]].view(Bp, N),
+                                allv[at[1]:at[2]].view(Bp, N), torch.arange(L, device=allv.device) <= qpos,
+                                spare - T)
+        return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes,
+                   prefills)
 
 
 class Model:
@@ -193,8 +253,10 @@ class Model:
         self.w = {k: v.to(device=self.device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in weights.items()}
         self.inv_freq = _inv_freq(cfg).to(self.device)
-        #: decodes attend in one batched call per layer (False: per sequence, as prefill chunks do)
+        #: decodes attend in one batched call per layer (False: every chunk, decode or prefill, per sequence)
         self.batched_decode = True
+        #: with `batched_decode`, prefill chunks attend in one batched call per layer too (False: per sequence)
+        self.batched_prefill = True
 
     # ----- loading -----
     @classmethod
@@ -267,13 +329,18 @@ class Model:
         kv.write(i - self.layers.start, batch.slot_pages, batch.slot_offsets, k, v)
         rep = self.num_heads // self.num_kv_heads
         dec = batch.decodes if self.batched_decode else None
+        pre = batch.prefills if self.batched_decode and self.batched_prefill else None
         if dec is not None and dec.rows is None:    # only decodes: their output is the whole of `att`
             att = self._decode_attention(i, q, dec, kv)
         else:
-            att = torch.empty_like(q)
+            # the prefills' padding queries write their (dropped) outputs past row T
+            buf = q.new_empty((T + (pre.pad if pre is not None else 0), self.num_heads, c.head_dim))
             if dec is not None:
-                att[dec.rows] = self._decode_attention(i, q[dec.rows], dec, kv)
-        batched = set(dec.chunks) if dec is not None else set()
+                buf[dec.rows] = self._decode_attention(i, q[dec.rows], dec, kv)
+            if pre is not None:
+                self._prefill_attention(i, q, pre, kv, buf)
+            att = buf[:T]
+        batched = set(dec.chunks if dec is not None else []) | set(pre.chunks if pre is not None else [])
         a = 0
         for j, ch in enumerate(batch.chunks):
             if j in batched:
@@ -306,6 +373,19 @@ class Model:
         qg = q.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, d).transpose(0, 1)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=dec.mask)   # [kv_heads, B, heads per KV head, d]
         return o.transpose(0, 1).reshape(B, self.num_heads, d)
+
+    def _prefill_attention(self, i: int, q: torch.Tensor, pre: Prefills, kv: Any, out: torch.Tensor) -> None:
+        """Attention of every prefill chunk's queries (rows of `q` [T, heads, head_dim]) over its pages, in one call,
+        written to their rows of `out` [T + pre.pad, heads, head_dim]. One index op takes the queries into
+        [kv_heads, B, N, heads per KV head, head_dim] (the query heads that share a KV head are that head's queries,
+        GQA without repeating K/V), one index op puts the result back."""
+        k, v = kv.gather(i - self.layers.start, pre.pages)     # [kv_heads, B, P * page_size, head_dim]
+        rep, d = self.num_heads // self.num_kv_heads, q.shape[-1]
+        B, N = pre.queries.shape
+        qg = q.view(-1, self.num_kv_heads, rep, d).transpose(0, 1)[:, pre.queries]   # [kv_heads, B, N, rep, d]
+        o = F.scaled_dot_product_attention(qg.reshape(self.num_kv_heads, B, N * rep, d), k, v,
+                                           attn_mask=pre.bias(rep, q.dtype))
+        out.view(-1, self.num_kv_heads, rep, d).transpose(0, 1)[:, pre.rows] = o.view(self.num_kv_heads, B, N, rep, d)
 
     def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
         w = self.w
