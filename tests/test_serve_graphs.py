@@ -62,6 +62,11 @@ def test_decode_graphs_equal_the_plain_forward(tmp_path: Path, device: str) -> N
     assert not graphs.fits([([1, 2], 0, tables[0])])
     assert not graphs.fits([([1], 32, list(range(9)))])
     assert not graphs.fits([([1], 0, tables[0])] * 9)
+    # a budget of gathered context: 8 rows of 8 pages (256 tokens) not held, 8 rows of 4 pages and one row of 8 are
+    small = DecodeGraphs(model, graphs_kv, scratch_page=40, max_seqs=8, max_pages=8, capture=False,
+                         max_context_tokens=128)
+    assert (8, 8) not in small.shapes and {(8, 4), (1, 8), (4, 8)} <= small.shapes
+    assert not small.fits([([1], 17, tables[5])] * 8) and small.fits([([1], 12, tables[4])] * 8)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -9,6 +9,9 @@ vectors (tokens, positions, KV slots, page tables, context lengths) are one host
 static input; the mask is computed inside the graph. Padding rows write their K/V into a scratch page the engine
 reserves and attend to it alone; their logits are dropped.
 
+Shapes are captured up to a budget of gathered context (B·P·page_size tokens, `max_context_tokens`): the batched
+attention gathers every row's pages, so a graph's memory grows with B·P; larger steps run eagerly.
+
 Where the model is not on a GPU (or `capture=False`) the same padded forward runs eagerly: the test of the padding.
 """
 
@@ -59,12 +62,15 @@ class DecodeGraphs:
     """The decode-only steps of one engine as captured CUDA graphs (`run` pads, copies, replays)."""
 
     def __init__(self, model: Model, kv: Any, scratch_page: int, max_seqs: int, max_pages: int,
-                 capture: bool | None = None) -> None:
+                 capture: bool | None = None, max_context_tokens: int = 1 << 18) -> None:
         self.model, self.kv = model, kv
         self.scratch = scratch_page
         self.page_size = int(kv.page_size)
         self.batch_sizes = sizes(max(1, max_seqs))
         self.page_counts = sizes(max(1, max_pages))
+        # the shapes held: every (B, P) whose gathered context fits the budget (B = 1 always, at every P)
+        self.shapes = {(b, p) for b in self.batch_sizes for p in self.page_counts
+                       if b == 1 or b * p * self.page_size <= max_context_tokens}
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.pool: Any = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -74,11 +80,14 @@ class DecodeGraphs:
 
     # ----- which steps -----
     def fits(self, items: Sequence[Item]) -> bool:
-        """A step this can run: every chunk one token, at most the largest batch and page count captured."""
+        """A step this can run: every chunk one token, its padded shape among the shapes held."""
         if not self.model.batched_decode or not items or len(items) > self.batch_sizes[-1]:
             return False
         ps, most = self.page_size, self.page_counts[-1]
-        return all(len(ids) == 1 and start // ps < most for ids, start, _ in items)
+        if not all(len(ids) == 1 and start // ps < most for ids, start, _ in items):
+            return False
+        need = max(start // ps + 1 for _, start, _ in items)
+        return (_bucket(len(items), self.batch_sizes), _bucket(need, self.page_counts)) in self.shapes
 
     # ----- one step -----
     def run(self, items: Sequence[Item]) -> torch.Tensor:
@@ -111,9 +120,8 @@ class DecodeGraphs:
     def capture_all(self) -> int:
         """Capture every shape now (largest first, so that the smaller ones reuse its memory), before serving:
         a capture in the middle of a run would stall that step. Returns the number of shapes."""
-        for B in reversed(self.batch_sizes):
-            for P in reversed(self.page_counts):
-                self._graph(B, P)
+        for B, P in sorted(self.shapes, key=lambda s: (-s[0] * s[1], -s[0])):
+            self._graph(B, P)
         return len(self.graphs)
 
     def _graph(self, B: int, P: int) -> _Graph:
