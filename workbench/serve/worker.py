@@ -34,9 +34,11 @@ def main(conn: Any, spec: WorkerSpec) -> None:
 
 
 class SchedStat:
-    """This thread's CPU time and run-queue wait so far (Linux `/proc/thread-self/schedstat`, read with one
-    `pread` of a descriptor kept open): a step's `t_cpu` and `t_runq` say how much of it ran on a core and how long
-    it waited for one (another process on the same cores). `read()` is None where the kernel does not tell."""
+    """This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`) and run-queue wait so far (Linux
+    `/proc/thread-self/schedstat`'s second field, read with one `pread` of a descriptor kept open; its first field,
+    the CPU time, is only brought up to date at the scheduler's ticks for a running thread): a step's `t_cpu` and
+    `t_runq` say how much of it ran on a core and how long it waited for one (another process on the same cores).
+    `read()` is None where the kernel does not tell."""
 
     def __init__(self) -> None:
         try:
@@ -49,7 +51,7 @@ class SchedStat:
             return None
         try:
             a = os.pread(self.fd, 96, 0).split()
-            return int(a[0]), int(a[1])
+            return time.thread_time_ns(), int(a[1])
         except (OSError, ValueError, IndexError):
             return None
 
