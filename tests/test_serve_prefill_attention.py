@@ -100,8 +100,8 @@ def test_prefills_structure() -> None:
     assert m[0] == [[1] * 5 + [0] * 3, [1] * 6 + [0] * 2, [1] * 7 + [0]]   # positions 4, 5, 6 of a context of 7
     assert m[1] == [[1, 0] + [0] * 6, [1, 1] + [0] * 6, [1] + [0] * 7]     # positions 0, 1; padding sees key 0
     bias = pre.bias(2, torch.float32)
-    assert bias.shape == (2, 6, 8) and bias.stride(-2) % 16 == 0
-    assert torch.equal(bias == 0, pre.mask.repeat_interleave(2, dim=1))
+    assert bias.shape == (1, 2, 6, 8) and bias.stride(-2) % 16 == 0
+    assert torch.equal(bias[0] == 0, pre.mask.repeat_interleave(2, dim=1))
     assert pre.bias(2, torch.float32) is bias    # made once per step
     assert Batch.build([([1], 0, [0]), ([2], 5, [1, 2])], page_size=PAGE).prefills is None
 

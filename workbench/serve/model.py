@@ -134,15 +134,16 @@ class Prefills:
     grouped: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def bias(self, rep: int, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as [B, N * rep, P * page_size] of 0 / -inf in `dtype` (broadcast over the KV heads): query row
-        n * rep + r is query n (the queries of the `rep` heads that share a KV head follow each other). The last
-        dim's storage is padded to a multiple of 16 so that the fused GPU kernels take it without a copy per call."""
+        """`mask` as [1, B, N * rep, P * page_size] of 0 / -inf in `dtype` (broadcast over the KV heads): query row
+        n * rep + r is query n (the queries of the `rep` heads that share a KV head follow each other). Four dims
+        (a 3-dim mask sends the CPU to the unfused kernel); the last dim's storage is padded to a multiple of 16 so
+        that the fused GPU kernels take it without a copy per call."""
         got = self.grouped.get((rep, dtype))
         if got is None:
             B, N, L = self.mask.shape
             m = self.mask[:, :, None, :].expand(B, N, rep, L).reshape(B, N * rep, L)
             full = torch.full((B, N * rep, -(-L // 16) * 16), float("-inf"), dtype=dtype, device=m.device)
-            got = full[..., :L].masked_fill_(m, 0.0)
+            got = full[None, ..., :L].masked_fill_(m, 0.0)
             self.grouped[(rep, dtype)] = got
         return got
 
