@@ -179,20 +179,32 @@ def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocate
     with its rates divided by `rate`. With the steps' `composition` (columns `COMPOSITION`, as the engine logged
     them) they are priced as the simulator prices the steps it forms: prefill attention work, decode KV reads, rows
     sampled, decode-only or not; without it, by their tokens alone (prefill work and KV reads ignored)."""
+    gpu, floor, eager = _price_parts(job, tokens, seqs, role, composition, rate)
+    return np.where(eager, np.maximum(gpu, floor), gpu)
+
+
+def _price_parts(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated",
+                 composition: pd.DataFrame | None = None,
+                 rate: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_price`'s parts: each step's GPU time as a graph would run it (its kernels back to back), the host's floor
+    for an eager step (its counted kernels' launches), and whether the simulator runs it eagerly."""
     from workbench.sim.serve import workers
 
     cluster = job.cluster if rate == 1.0 else rated(job.cluster, rate)
     plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, eager_us=0.0, request_us=0.0,
-                          prefill_scheduler_us=None,
-                          prefill_seq_us=None, decode_scheduler_us=None, decode_seq_us=None)
+                          prefill_scheduler_us=None, prefill_seq_us=None, decode_scheduler_us=None,
+                          decode_seq_us=None, cuda_graph=True)
     ws = workers(cluster, job.model, plan)
     w = next((x for x in ws if x.role == role), ws[0])
+    n = len(np.asarray(tokens))
+    floor = np.full(n, w.cost.kernels * w.cost.pp * w.cost.launch_eager)
     if composition is not None and _has_composition(composition):
         c = composition
-        return np.asarray(w.cost.step_seconds(tokens, c["prefill_work"].to_numpy(float), c["decode_kv"].to_numpy(float),
-                                              np.maximum(c["sampled"].to_numpy(float), 1.0),
-                                              c["prefill_seqs"].to_numpy(float) == 0), float)
-    return np.asarray(w.cost.step_seconds(tokens, 0.0, 0.0, seqs, False), float)
+        gpu = w.cost.step_seconds(tokens, c["prefill_work"].to_numpy(float), c["decode_kv"].to_numpy(float),
+                                  np.maximum(c["sampled"].to_numpy(float), 1.0), np.ones(n, bool))
+        return np.asarray(gpu, float), floor, ~graph_steps(job, c, n)
+    gpu = w.cost.step_seconds(tokens, 0.0, 0.0, seqs, np.ones(n, bool))
+    return np.asarray(gpu, float), floor, np.ones(n, bool)
 
 
 def _has_composition(t: pd.DataFrame) -> bool:
@@ -203,7 +215,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     """Fit `period = s_r + q_r·seqs [+ c_r·chunks + e_r·eager] + sim_r(tokens; rates / k)` by least squares with s, q, c, e ≥ 0 to
     rows of tokens, seqs, period (seconds) and optionally role (and the composition, whose prefill chunks give a cost
     `c_r` per prefill chunk: plan `chunk_us`, and where the plan has `cuda_graph` and a role ran both kinds, a cost
-    `e_r` per step that is not a graph: plan `eager_us`, see `eager_steps`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
+    `e_r` per step that is not a graph: plan `eager_us`, see `graph_steps`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
     role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
     the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
     do not scale with them (the kernel launches) stay as they are. `k` is searched (a grid, then bounded Brent on log k), s
@@ -231,7 +243,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     # per role: a cost per step, per sequence and (where the steps' compositions say) per prefill chunk, and per
     # step that is not a CUDA graph where a role ran both kinds (the plan's `cuda_graph`: decode-only steps)
     chunks = comp["prefill_seqs"].to_numpy(float) if comp is not None else None
-    graph = eager_steps(job, comp, len(t))
+    graph = graph_steps(job, comp, len(t))
     cols: list[np.ndarray] = []
     names: list[tuple[str, str]] = []
     for r, m in zip(present, masks):
@@ -245,23 +257,42 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
             names.append((r, "eager_us"))
     H = np.stack(cols, axis=1)
 
-    def price(k: float) -> np.ndarray:
-        sim = np.zeros(len(t))
+    def parts(k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        gpu, floor, eager = np.zeros(len(t)), np.zeros(len(t)), np.zeros(len(t), bool)
         for r, m in zip(present, masks):
-            sim[m] = _price(job, tokens[m], seqs[m], r, None if comp is None else comp[m], rate=k)
-        return sim
+            gpu[m], floor[m], eager[m] = _price_parts(job, tokens[m], seqs[m], r, None if comp is None else comp[m],
+                                                      rate=k)
+        return gpu, floor, eager
+
+    e_cols = [i for i, (_, name) in enumerate(names) if name == "eager_us"]
+
+    def solve(k: float) -> tuple[np.ndarray, np.ndarray]:
+        """(s, q, c, e per role; the prediction) at rate factor k. An eager step lasts the longer of the GPU's
+        work and the host's launches (the counted ones, and `e` beyond them): where the host is the longer, `e`
+        adds to its floor, else it is hidden (the fit's column for it is 0 there, found by a few rounds)."""
+        gpu, floor, eager = parts(k)
+        Hk = H.copy()
+        host = eager.copy()
+        for _ in range(4):
+            sim = np.where(host, floor, np.where(eager, np.maximum(gpu, floor), gpu))
+            for i in e_cols:
+                Hk[:, i] = H[:, i] * host
+            x, _ = nnls(Hk, y - sim)
+            e = sum(x[i] * H[:, i] for i in e_cols) if e_cols else np.zeros(len(t))
+            now = eager & (gpu < floor + e)
+            if (now == host).all():
+                break
+            host = now
+        return x, Hk @ x + sim
 
     def loss(logk: float) -> float:
-        sim = price(float(np.exp(logk)))
-        x, _ = nnls(H, y - sim)
-        return float(((y - sim - H @ x) ** 2).sum())
+        _, pred = solve(float(np.exp(logk)))
+        return float(((y - pred) ** 2).sum())
 
     k = float(np.exp(_argmin(loss, np.log(K_RANGE[0]), np.log(K_RANGE[1]))))
     if loss(0.0) <= loss(np.log(k)) * (1 + 1e-9):  # the steps do not tell (e.g. they do not grow with their tokens)
         k = 1.0  # keep the node's rates
-    sim = price(k)
-    x, _ = nnls(H, y - sim)
-    pred = H @ x + sim
+    x, pred = solve(k)
     r2 = 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
     out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
                              "median_abs_error": float(np.median(np.abs(pred - y) / y))}
@@ -281,7 +312,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def eager_steps(job: Any, comp: pd.DataFrame | None, n: int) -> np.ndarray:
+def graph_steps(job: Any, comp: pd.DataFrame | None, n: int) -> np.ndarray:
     """Which of `n` steps the simulator prices as CUDA graphs: decode-only ones (no prefill chunk, by their
     composition) where the job's plan says `cuda_graph` (the engine replays those: `workbench.serve.graphs`)."""
     if comp is None or not job.plan.cuda_graph:
@@ -349,15 +380,15 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     if len(r) >= 4:
         seqs = r["seqs"].to_numpy(float)
         chunks = r["prefill_seqs"].to_numpy(float) if both else np.zeros(len(r))
-        eager = ~eager_steps(job, r if both else None, len(r))
-        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks
-                       + f.get("eager_us", 0.0) * eager) * 1e-6).sum())
+        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks) * 1e-6).sum())
+        e = f.get("eager_us", 0.0) * 1e-6
         total = float(r["period"].sum())
 
         def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
             lm = float(np.exp(loglam))
-            return host * lm + float(_price(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
-                                            rate=f["rate_factor"] * lm).sum()) - total
+            gpu, floor, eager = _price_parts(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
+                                             rate=f["rate_factor"] * lm)
+            return host * lm + float(np.where(eager, np.maximum(gpu, floor + e * lm), gpu).sum()) - total
 
         lam = float(np.exp(_root(excess, np.log(1 / 50), np.log(50))))
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}

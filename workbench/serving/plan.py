@@ -51,7 +51,7 @@ class ServingPlan:
     sampling, page tables); `chunk_us`: host time per prefill chunk in a step (an engine whose prefill attention
     runs per chunk: its calls for each); `eager_us`: host time per step that is not a captured CUDA graph (with
     `cuda_graph`, steps other than decode-only ones: the launches a graph saves, where the engine's kernels
-    outnumber the counted ones); `request_us`: time per request outside the engine (HTTP, tokenisation, the pipe to
+    outnumber the counted ones; it overlaps the GPU's work: such a step lasts the longer of the two); `request_us`: time per request outside the engine (HTTP, tokenisation, the pipe to
     the worker, streaming back): added to TTFT and E2EL and to a closed-loop client's turnaround (both 0 unless
     calibrated: `workbench.serve.calibrate`). `prefill_scheduler_us`, `prefill_seq_us`, `decode_scheduler_us`,
     `decode_seq_us`: the same host costs for one role of a disaggregated plan (unset: the plan's). `kv_us`,

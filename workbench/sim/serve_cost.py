@@ -406,7 +406,8 @@ class WorkerCost:
                      decode_only: np.ndarray | bool, chunks: np.ndarray | float = 0.0) -> np.ndarray:
         """Seconds of steps (arrays or scalars): `tokens` scheduled, Σ chunk·(context + chunk/2) of prefill
         chunks, KV tokens read by decodes, rows sampled, whether the step is decode-only (CUDA graph), and its
-        prefill chunks (the plan's `chunk_us` each); a step that is not a graph adds the plan's `eager_us`."""
+        prefill chunks (the plan's `chunk_us` each); a step that is not a graph takes at least its kernels' launches plus
+        the plan's `eager_us` of host time (overlapping the GPU's work)."""
         m = np.maximum(np.asarray(tokens, float), 1.0)
         pp = self.pp
         lm = np.log(m / pp)
@@ -420,8 +421,9 @@ class WorkerCost:
         graph = np.asarray(decode_only, bool) & self.plan.cuda_graph
         n_k = self.kernels * pp
         t = gpu + n_k * self.launch_graph  # back-to-back kernels: the per-kernel gap measured in a graph
-        # eager: the host launches each kernel (and the plan's `eager_us`: what it spends beyond the counted ones)
-        t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager) + self.plan.eager_us * 1e-6)
+        # eager: the host launches each kernel (and spends the plan's `eager_us` beyond the counted ones) while
+        # the GPU runs them: the step is the longer of the two
+        t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager + self.plan.eager_us * 1e-6))
         sched, seq = self.plan.host(self.role)
         return (t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float)
                 + self.plan.chunk_us * 1e-6 * np.asarray(chunks, float))
@@ -496,7 +498,7 @@ class WorkerCost:
         n_k = self.kernels * pp
         t = gpu + n_k * self.launch_graph
         if not (decode_only and self.plan.cuda_graph):
-            t = max(t, n_k * self.launch_eager) + self.plan.eager_us * 1e-6
+            t = max(t, n_k * self.launch_eager + self.plan.eager_us * 1e-6)
         sched, seq = self.plan.host(self.role)
         return t + sched * 1e-6 + seq * 1e-6 * sampled + self.plan.chunk_us * 1e-6 * chunks
 

@@ -62,7 +62,7 @@ def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, samp
     nk = fp[F_KERNELS] * pp
     t = gpu + nk * fp[F_LAUNCH_GRAPH]  # back-to-back kernels: the per-kernel gap measured in a graph
     if not (decode_only and fp[F_GRAPH] > 0):
-        t = max(t, nk * fp[F_LAUNCH_EAGER]) + fp[F_EAGER]  # eager: the host launches every kernel
+        t = max(t, nk * fp[F_LAUNCH_EAGER] + fp[F_EAGER])  # eager: the host launches every kernel as the GPU runs
     return t + fp[F_SCHED] + fp[F_SEQ] * sampled + fp[F_CHUNK] * chunks
 
 
