@@ -151,5 +151,8 @@ def test_batched_prefill_equals_per_chunk_gpu() -> None:
         cache.data.copy_(kv0)
         outs.append((model.forward(batch, cache), cache.data))
     assert torch.isfinite(outs[0][0]).all()
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=3e-2, rtol=3e-2)
+    # bf16 rounding (on the CPU in bf16: at most 0.023 on logits up to 2.1, 0.8 % of their norm; a key mask off by one
+    # position gives 3.7 and 75 %)
+    for got, want in ((outs[0][0], outs[1][0]), (outs[0][1].float(), outs[1][1].float())):
+        torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)
+        assert float((got - want).norm() / want.norm()) < 3e-2
