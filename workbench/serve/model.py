@@ -376,7 +376,8 @@ class Model:
         k, v = kv.gather(i - self.layers.start, dec.pages)      # [kv_heads, B, P * page_size, head_dim]
         B, d = q.shape[0], q.shape[-1]
         qg = q.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, d).transpose(0, 1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=dec.mask)   # [kv_heads, B, heads per KV head, d]
+        mask = dec.mask[None] if q.device.type == "cpu" else dec.mask   # 4 dims: the CPU's fused kernel takes it
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)   # [kv_heads, B, heads per KV head, d]
         return o.transpose(0, 1).reshape(B, self.num_heads, d)
 
     def _prefill_attention(self, i: int, q: torch.Tensor, pre: Prefills, kv: Any, out: torch.Tensor) -> None:
