@@ -33,36 +33,17 @@ COMPOSITIONS = "0:1:32,0:1:128,0:2:64,0:4:32,8:1:64,8:4:32,8:8:16"
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from serve_calibrate import server_setup
+    from serve_step_profile import Item, Steps
 
-    from workbench.serve.kv import KVCache
-    from workbench.serve.model import Batch, Model
+    st = Steps(args.device, args.model_shape, args.comps, args.context)
+    model, path, dtype, gpu, ps = st.model, st.path, st.dtype, st.gpu, st.page_size
 
-    path, spec = server_setup(args.device, args.model_shape)
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    model = Model.load(path, device=args.device, dtype=dtype)
-    ps = int(spec["page_size"])
-    per_seq = -(-(args.context + max(p for _, _, p in args.comps) + 1) // ps)
-    seqs = max(d + k for d, k, _ in args.comps)
-    kv = KVCache(model.cfg, per_seq * seqs, ps, dtype=dtype, device=args.device)
-    gpu = args.device.startswith("cuda")
-
-    def items(d: int, k: int, p: int) -> list[tuple[list[int], int, list[int]]]:
-        out = []
-        for s in range(d + k):
-            pages = list(range(s * per_seq, (s + 1) * per_seq))
-            out.append(([7], args.context, pages) if s < d else (list(range(3, 3 + p)), 0, pages))
-        return out
-
-    def step(it: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        batch = Batch.build(it, ps, device=model.device)
-        logits = model.logits(model.run_layers(model.embed(batch.tokens), batch, kv), batch)
-        logits.argmax(-1).tolist()      # the engine's sampling waits for the device
-        return logits
+    def step(it: list[Item]) -> torch.Tensor:
+        return st.step(it)[0]
 
     rows = []
     for d, k, p in args.comps:
-        it = items(d, k, p)
+        it = st.items(d, k, p)
         got = {}
         for flag in (False, True):
             model.batched_prefill = flag

@@ -45,28 +45,66 @@ def parse_compositions(text: str) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
+Item = tuple[list[int], int, list[int]]
+
+
+class Steps:
+    """The calibration's random Llama (`serve_calibrate.server_setup`) loaded in this process with a paged KV cache
+    sized for `comps` (and one spare page), and the engine's items of each composition: d decodes at a context of
+    `context` tokens, then k prefill chunks of p tokens from position 0, each sequence on its own pages."""
+
+    def __init__(self, device: str, shape: str, comps: tuple[tuple[int, int, int], ...], context: int) -> None:
+        import torch
+        from serve_calibrate import server_setup
+
+        from workbench.serve.kv import KVCache
+        from workbench.serve.model import Model
+
+        self.path, spec = server_setup(device, shape)
+        self.dtype = getattr(torch, spec.get("dtype", "float32"))
+        self.model = Model.load(self.path, device=device, dtype=self.dtype)
+        self.page_size = int(spec["page_size"])
+        self.context = context
+        self.per_seq = -(-(context + max(p for _, _, p in comps) + 1) // self.page_size)
+        self.seqs = max(d + k for d, k, _ in comps)
+        self.spare = self.per_seq * self.seqs   # the page after every sequence's (the graphs' scratch page)
+        self.kv = KVCache(self.model.cfg, self.spare + 1, self.page_size, dtype=self.dtype, device=device)
+        self.gpu = device.startswith("cuda")
+
+    def items(self, d: int, k: int, p: int) -> list[Item]:
+        out: list[Item] = []
+        for s in range(d + k):
+            pages = list(range(s * self.per_seq, (s + 1) * self.per_seq))
+            out.append(([7], self.context, pages) if s < d else (list(range(3, 3 + p)), 0, pages))
+        return out
+
+    def step(self, it: list[Item]) -> tuple[Any, float]:
+        """One eager step as the engine runs it: (logits, the seconds until its layers were enqueued); the logits'
+        argmax is copied to the host (the engine's sampling waits for the device)."""
+        from workbench.serve.model import Batch
+
+        m = self.model
+        t0 = time.perf_counter()
+        batch = Batch.build(it, self.page_size, device=m.device)
+        h = m.run_layers(m.embed(batch.tokens), batch, self.kv)
+        t1 = time.perf_counter()
+        logits = m.logits(h, batch)
+        logits.argmax(-1).tolist()
+        return logits, t1 - t0
+
+
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from serve_calibrate import server_setup
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from workbench.serve.kv import KVCache
-    from workbench.serve.model import Batch, Model
-
-    path, spec = server_setup(args.device, args.model_shape)
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    model = Model.load(path, device=args.device, dtype=dtype)
-    ps = int(spec["page_size"])
-    per_seq = -(-(args.context + max(p for _, _, p in args.comps) + 1) // ps)
-    seqs = max(d + k for d, k, _ in args.comps)
-    kv = KVCache(model.cfg, per_seq * seqs + 1, ps, dtype=dtype, device=args.device)   # + the graphs' scratch page
-    gpu = args.device.startswith("cuda")
+    st = Steps(args.device, args.model_shape, args.comps, args.context)
+    model, kv, gpu, path, dtype = st.model, st.kv, st.gpu, st.path, st.dtype
     graphs = None
     if args.graphs:
         from workbench.serve.graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(model, kv, per_seq * seqs, seqs, per_seq)
+        graphs = DecodeGraphs(model, kv, st.spare, st.seqs, st.per_seq)
         t0 = time.perf_counter()
         graphs.capture_all()
         print(f"captured {len(graphs.graphs)} graphs in {time.perf_counter() - t0:.2f} s", flush=True)
@@ -75,31 +113,20 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         if gpu:
             torch.cuda.synchronize()
 
-    def items(d: int, k: int, p: int) -> list[tuple[list[int], int, list[int]]]:
-        out = []
-        for s in range(d + k):
-            pages = list(range(s * per_seq, (s + 1) * per_seq))
-            out.append(([7], args.context, pages) if s < d else (list(range(3, 3 + p)), 0, pages))
-        return out
-
     rows = []
     runs = [(d, k, p, False) for d, k, p in args.comps]
     runs += [(d, k, p, True) for d, k, p in args.comps if graphs is not None and k == 0]
     for d, k, p, graph in runs:
-        it = items(d, k, p)
+        it = st.items(d, k, p)
 
-        def step(it: list[tuple[list[int], int, list[int]]] = it, graph: bool = graph) -> float:
+        def step(it: list[Item] = it, graph: bool = graph) -> float:
             """One step as the engine runs it; returns the seconds until the forward was enqueued."""
+            if not graph:
+                return st.step(it)[1]
+            assert graphs is not None
             t0 = time.perf_counter()
-            if graph:
-                assert graphs is not None
-                logits = graphs.run(it)
-                t1 = time.perf_counter()
-            else:
-                batch = Batch.build(it, ps, device=model.device)
-                h = model.run_layers(model.embed(batch.tokens), batch, kv)
-                t1 = time.perf_counter()
-                logits = model.logits(h, batch)
+            logits = graphs.run(it)
+            t1 = time.perf_counter()
             logits.argmax(-1).tolist()
             return t1 - t0
 

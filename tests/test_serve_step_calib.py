@@ -134,16 +134,21 @@ def test_warm_up_leaves_the_engine_empty(ckpt: Path, role: str) -> None:
     assert eng.last_step == {} and eng.last_batch == (0, 0) and eng.preemptions == 0
 
 
+def _compositions(chunks: tuple[float, ...], prompts: tuple[float, ...]) -> pd.DataFrame:
+    """96 synthetic steps: 0-16 decodes (context 64) beside `chunks` prefill chunks of `prompts` tokens each, cycled."""
+    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 16)
+    n = np.tile(np.array(chunks), 96 // len(chunks))
+    pf = np.tile(np.array(prompts), 20)[:96]
+    t = pd.DataFrame({"tokens": d + n * pf, "seqs": d + n, "prefill_seqs": n, "prefill_tokens": n * pf,
+                      "prefill_work": n * pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + n})
+    return t[t["seqs"] > 0].reset_index(drop=True)
+
+
 def test_step_fit_recovers_a_cost_per_prefill_chunk(job) -> None:  # type: ignore[no-untyped-def]
     """An engine whose prefill attention runs per chunk (each chunk ~8 ms of host calls, as on one H200): the fit
     finds that cost per chunk instead of a slower GPU, and the simulator then charges it per chunk."""
     rng = np.random.default_rng(2)
-    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 16)
-    n = np.tile(np.array([0.0, 1.0, 2.0, 4.0]), 24)
-    pf = np.tile(np.array([16.0, 48.0, 128.0, 256.0, 48.0]), 20)[:96]
-    t = pd.DataFrame({"tokens": d + n * pf, "seqs": d + n, "prefill_seqs": n, "prefill_tokens": n * pf,
-                      "prefill_work": n * pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + n})
-    t = t[t["seqs"] > 0].reset_index(drop=True)
+    t = _compositions((0.0, 1.0, 2.0, 4.0), (16.0, 48.0, 128.0, 256.0, 48.0))
     s, q, c, k = 4e-3, 3e-4, 8e-3, 2.5
     price = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t, rate=k)
     t["period"] = (s + q * t["seqs"] + c * t["prefill_seqs"] + price) * (1 + 0.01 * rng.uniform(-1, 1, len(t)))
@@ -176,12 +181,7 @@ def test_step_fit_recovers_a_cost_per_eager_step() -> None:
     job = wb.Job.create("dgx-h100:nodes=1", "llama3.1-8b", plan="tp=1,replicas=1,cuda_graph=true",
                         workload=Serving(traffic="concurrency=2,isl=48,osl=16,requests=8"))
     rng = np.random.default_rng(3)
-    d = np.tile(np.array([0, 1, 2, 4, 8, 16], float), 16)
-    n = np.tile(np.array([0.0, 0.0, 1.0, 2.0]), 24)
-    pf = np.tile(np.array([16.0, 48.0, 128.0, 256.0, 2048.0]), 20)[:96]
-    t = pd.DataFrame({"tokens": d + n * pf, "seqs": d + n, "prefill_seqs": n, "prefill_tokens": n * pf,
-                      "prefill_work": n * pf * pf / 2, "decode_seqs": d, "decode_kv": d * 65.0, "sampled": d + n})
-    t = t[t["seqs"] > 0].reset_index(drop=True)
+    t = _compositions((0.0, 0.0, 1.0, 2.0), (16.0, 48.0, 128.0, 256.0, 2048.0))
     truth = job.plan.with_(scheduler_us=300.0, seq_us=100.0, chunk_us=2000.0, eager_us=20000.0)
     w = workers(rated(job.cluster, 2.5), job.model, truth)[0]
     period = w.cost.step_seconds(t["tokens"].to_numpy(), t["prefill_work"].to_numpy(), t["decode_kv"].to_numpy(),
