@@ -16,9 +16,6 @@ Writes benchmarks/results/serve-prefill-attention-MACHINE.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +33,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from serve_step_profile import Item, Steps
 
     st = Steps(args.device, args.model_shape, args.comps, args.context)
-    model, path, dtype, gpu, ps = st.model, st.path, st.dtype, st.gpu, st.page_size
+    model, gpu = st.model, st.gpu
 
     def step(it: list[Item]) -> torch.Tensor:
         return st.step(it)[0]
@@ -73,15 +70,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{d} decodes + {k} x {p}: per chunk {before:.2f} ms, batched {after:.2f} ms, ratio {after / before:.2f} "
               f"(rounds {min(ratios):.2f}-{max(ratios):.2f}), max |logit diff| {diff:.2e}", flush=True)
     model.batched_prefill = True
-    return {"model": str(path), "dtype": str(dtype), "device": args.device, "page_size": ps, "rows": rows,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if gpu else None}
+    return st.record(rows)
 
 
 def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve-prefill-attention-{args.machine}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    from serve_step_profile import save
+
     lines = [f"# Serving engine prefill attention, batched vs per chunk ({args.machine})", "", f"`{command}`", "",
              f"Machine: {rec['machine']}; torch {rec['torch']} ({rec['threads']} threads); model `{args.model_shape}` "
              f"({rec['dtype']}) on `{args.device}`{' (' + rec['gpu'] + ')' if rec['gpu'] else ''}, page size "
@@ -94,11 +88,11 @@ def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
         lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {r['per_chunk_ms']:.2f} | "
                      f"{r['batched_ms']:.2f} | {r['ratio']:.2f} | {min(r['round_ratios']):.2f}–"
                      f"{max(r['round_ratios']):.2f} | {r['max_logit_diff']:.1e} |")
-    (out / f"serve-prefill-attention-{args.machine}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, f"serve-prefill-attention-{args.machine}", rec, lines)
 
 
 def main() -> None:
-    from serve_step_profile import parse_compositions
+    from serve_step_profile import bad, parse_compositions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--machine", required=True, help="a name for the machine: the results file's suffix")
@@ -113,19 +107,12 @@ def main() -> None:
     args = ap.parse_args()
     args.comps = parse_compositions(args.compositions)
     if not any(k for _, k, _ in args.comps):
-        raise SystemExit("--compositions: give at least one with prefill chunks (e.g. 8:4:32)")
+        bad("--compositions: give at least one with prefill chunks (e.g. 8:4:32)")
     for name in ("context", "rounds", "steps", "warmup"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise SystemExit(f"--{name}: must be >= {0 if name == 'warmup' else 1}")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device: {args.device} asked for but torch sees no CUDA device (use --device cpu)")
+            bad(f"--{name}: must be >= {0 if name == 'warmup' else 1}")
     command = "python benchmarks/serve_prefill_attention.py " + " ".join(sys.argv[1:])
-    rec = measure(args)
-    rec["machine"] = f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"
-    write(args, command, rec)
+    write(args, command, measure(args))
 
 
 if __name__ == "__main__":

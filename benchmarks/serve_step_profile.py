@@ -24,12 +24,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # (decodes, prefill chunks, prompt tokens per chunk)
 COMPOSITIONS = ((1, 0, 0), (16, 0, 0), (0, 1, 32), (0, 1, 128), (0, 2, 64), (8, 1, 64), (8, 4, 32))
+
+
+def bad(message: str) -> NoReturn:
+    """A bad argument: its message on stderr, exit status 2 (argparse's)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_compositions(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -38,9 +44,9 @@ def parse_compositions(text: str) -> tuple[tuple[int, int, int], ...]:
         try:
             d, k, p = (int(x) for x in part.split(":"))
         except ValueError:
-            raise SystemExit(f"--compositions: {part!r} is not DECODES:CHUNKS:PROMPT (e.g. 8:1:64)") from None
+            bad(f"--compositions: {part!r} is not DECODES:CHUNKS:PROMPT (e.g. 8:1:64)")
         if d < 0 or k < 0 or p < 0 or d + k == 0 or (k and not p):
-            raise SystemExit(f"--compositions: {part!r} needs decodes + chunks >= 1 and a prompt >= 1 with chunks")
+            bad(f"--compositions: {part!r} needs decodes + chunks >= 1 and a prompt >= 1 with chunks")
         out.append((d, k, p))
     return tuple(out)
 
@@ -60,6 +66,9 @@ class Steps:
         from workbench.serve.kv import KVCache
         from workbench.serve.model import Model
 
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            bad(f"--device: {device} asked for but torch sees no CUDA device (use --device cpu)")
+        self.device = device
         self.path, spec = server_setup(device, shape)
         self.dtype = getattr(torch, spec.get("dtype", "float32"))
         self.model = Model.load(self.path, device=device, dtype=self.dtype)
@@ -70,6 +79,15 @@ class Steps:
         self.spare = self.per_seq * self.seqs   # the page after every sequence's (the graphs' scratch page)
         self.kv = KVCache(self.model.cfg, self.spare + 1, self.page_size, dtype=self.dtype, device=device)
         self.gpu = device.startswith("cuda")
+
+    def record(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """A benchmark's record: its rows with the model, the machine and the software they were measured on."""
+        import torch
+
+        return {"model": str(self.path), "dtype": str(self.dtype), "device": self.device, "page_size": self.page_size,
+                "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "gpu": torch.cuda.get_device_name(0) if self.gpu else None,
+                "machine": f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"}
 
     def items(self, d: int, k: int, p: int) -> list[Item]:
         out: list[Item] = []
@@ -99,7 +117,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from torch.profiler import profile as torch_profile
 
     st = Steps(args.device, args.model_shape, args.comps, args.context)
-    model, kv, gpu, path, dtype = st.model, st.kv, st.gpu, st.path, st.dtype
+    model, kv, gpu = st.model, st.kv, st.gpu
     graphs = None
     if args.graphs:
         from workbench.serve.graphs import DecodeGraphs
@@ -166,15 +184,18 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                           "ms": e.self_cpu_time_total / args.profiled / 1e3} for e in top_cpu]})
         print(f"{d} decodes + {k} x {p}{' (graph)' if graph else ''}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
               f"device {rows[-1]['device_ms']:.2f}, kernels {kernels:.0f}, syncs {syncs:.0f}", flush=True)
-    return {"model": str(path), "dtype": str(dtype), "device": args.device, "rows": rows,
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if gpu else None}
+    return st.record(rows)
+
+
+def save(out: str, stem: str, rec: dict[str, Any], lines: list[str]) -> None:
+    """`stem`.json (the record) and `stem`.md (the report's `lines`) in `out`."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{stem}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    (d / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve-step-profile-{args.machine}.json").write_text(json.dumps(rec, indent=1) + "\n")
     lines = [f"# Serving engine step profile ({args.machine})", "", f"`{command}`", "",
              f"Machine: {rec['machine']}; torch {rec['torch']}; model `{args.model_shape}` ({rec['dtype']}) on "
              f"`{args.device}`. Decodes at a context of {args.context} tokens; median of {args.reps} steps (wall, "
@@ -191,7 +212,7 @@ def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
         for a, b in zip(r["top_device"] + [None] * args.top, r["top_host"]):
             left = f"{a['op']} | {a['count']:.0f} | {a['ms']:.3f}" if a else " | | "
             lines.append(f"| {left} | | {b['op']} | {b['count']:.0f} | {b['ms']:.3f} |")
-    (out / f"serve-step-profile-{args.machine}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, f"serve-step-profile-{args.machine}", rec, lines)
 
 
 def main() -> None:
@@ -213,12 +234,10 @@ def main() -> None:
     args.comps = parse_compositions(args.compositions)
     for name in ("context", "warmup", "reps", "profiled", "top"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise SystemExit(f"--{name}: must be >= {0 if name == 'warmup' else 1}")
+            bad(f"--{name}: must be >= {0 if name == 'warmup' else 1}")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     command = "python benchmarks/serve_step_profile.py " + " ".join(sys.argv[1:])
-    rec = profile(args)
-    rec["machine"] = f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPUs)"
-    write(args, command, rec)
+    write(args, command, profile(args))
 
 
 if __name__ == "__main__":

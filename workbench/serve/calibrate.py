@@ -174,13 +174,14 @@ def rated(cluster: Any, k: float) -> Any:
 
 
 def _price(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated",
-           composition: pd.DataFrame | None = None, rate: float = 1.0) -> np.ndarray:
+           composition: pd.DataFrame | None = None, rate: float = 1.0, eager_s: float = 0.0) -> np.ndarray:
     """The simulator's price of steps of `tokens` on a worker of `role`, without host terms, on the job's cluster
     with its rates divided by `rate`. With the steps' `composition` (columns `COMPOSITION`, as the engine logged
     them) they are priced as the simulator prices the steps it forms: prefill attention work, decode KV reads, rows
-    sampled, decode-only or not; without it, by their tokens alone (prefill work and KV reads ignored)."""
+    sampled, decode-only or not; without it, by their tokens alone (prefill work and KV reads ignored). An eager
+    step lasts the longer of its GPU work and its launches plus `eager_s` of host time (plan `eager_us`)."""
     gpu, floor, eager = _price_parts(job, tokens, seqs, role, composition, rate)
-    return np.where(eager, np.maximum(gpu, floor), gpu)
+    return np.where(eager, np.maximum(gpu, floor + eager_s), gpu)
 
 
 def _price_parts(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "colocated",
@@ -386,9 +387,8 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
 
         def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
             lm = float(np.exp(loglam))
-            gpu, floor, eager = _price_parts(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
-                                             rate=f["rate_factor"] * lm)
-            return host * lm + float(np.where(eager, np.maximum(gpu, floor + e * lm), gpu).sum()) - total
+            return host * lm + float(_price(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
+                                            rate=f["rate_factor"] * lm, eager_s=e * lm).sum()) - total
 
         lam = float(np.exp(_root(excess, np.log(1 / 50), np.log(50))))
     return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}

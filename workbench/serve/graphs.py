@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from workbench.serve.model import Batch, Decodes, Model, SeqChunk
+from workbench.serve.model import Batch, Decodes, Model, SeqChunk, padded_table
 
 Item = tuple[Sequence[int], int, Sequence[int]]   # (new token ids, start position, page table), as `Batch.build`
 
@@ -102,11 +102,7 @@ class DecodeGraphs:
         pos = [start for _, start, _ in items] + [0] * pad
         spage = [pages[start // ps] for _, start, pages in items] + [self.scratch] * pad
         soff = [start % ps for _, start, _ in items] + [0] * pad
-        table: list[int] = []
-        for (_, _, pages), k in zip(items, need):
-            table.extend(pages[:k])
-            table.extend([pages[0]] * (g.P - k))
-        table.extend([self.scratch] * (g.P * pad))
+        table = padded_table([pages for _, _, pages in items], need, g.P) + [self.scratch] * (g.P * pad)
         ctx = [start + 1 for _, start, _ in items] + [1] * pad
         g.host.copy_(torch.tensor(toks + pos + spage + soff + table + ctx, dtype=torch.long))
         g.vec.copy_(g.host, non_blocking=True)

@@ -152,6 +152,12 @@ class Prefills:
         return got
 
 
+def padded_table(tables: Sequence[Sequence[int]], need: Sequence[int], width: int) -> list[int]:
+    """Page tables cut to `need` pages each and padded to `width` with their own first page, flattened: the
+    batched attention's [B, width] table (the padding's keys are masked)."""
+    return [p for pages, k in zip(tables, need) for p in list(pages[:k]) + [pages[0]] * (width - k)]
+
+
 @dataclass
 class Batch:
     tokens: torch.Tensor          # [T] token ids, chunks concatenated
@@ -185,7 +191,7 @@ class Batch:
         # the decodes' padded page table [B, P], context lengths and rows, in the same copy
         dec = [j for j, c in enumerate(chunks) if c.n == 1]
         P = max((need[j] for j in dec), default=0)
-        table = [p for j in dec for p in list(chunks[j].pages[:need[j]]) + [chunks[j].pages[0]] * (P - need[j])]
+        table = padded_table([chunks[j].pages for j in dec], [need[j] for j in dec], P)
         lens = [chunks[j].start + 1 for j in dec]
         first = [0]
         for c in chunks:
@@ -196,7 +202,7 @@ class Batch:
         pre = [j for j, c in enumerate(chunks) if c.n > 1]
         Pp = max((need[j] for j in pre), default=0)
         N = max((chunks[j].n for j in pre), default=0)
-        ptable = [p for j in pre for p in list(chunks[j].pages[:need[j]]) + [chunks[j].pages[0]] * (Pp - need[j])]
+        ptable = padded_table([chunks[j].pages for j in pre], [need[j] for j in pre], Pp)
         pq: list[int] = []
         prow: list[int] = []
         ppos: list[int] = []
