@@ -419,6 +419,8 @@ def render(record: dict[str, Any]) -> str:
                      if "fe_finish_us" in f else "")
             lines.append(f"  Front end: fe_request_us = {fe['fe_request_us']:.0f}{split}, fe_step_us = {fe['fe_step_us']:.0f}, "
                          f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs"
+                         + (f", each the median of {fe['repeats']:.0f} passes (CPU max/min over a run's passes up to "
+                            f"{fe['spread']:.2f})" if "spread" in fe else "")
                          + (f"; the traffic client's own share: {fe['client_request_us']:.0f} per request, "
                             f"{fe['client_token_us']:.0f} per token, {fe['client_step_us']:.0f} per step"
                             if "client_request_us" in fe else "") + "), "

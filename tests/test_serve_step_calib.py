@@ -209,3 +209,12 @@ def test_step_fit_recovers_a_cost_per_eager_step() -> None:
         got = K.step_price(fp, *tables, float(args[0][i]), float(args[1][i]), float(args[2][i]), float(args[3][i]),
                            bool(args[4][i]), 0.0)
         assert got == pytest.approx(float(w.cost.step_seconds(*args)[i]))
+
+
+def test_the_frontend_fit_takes_each_runs_median_over_its_passes(ckpt: Path) -> None:
+    from workbench.serve.microbench import measure_frontend
+
+    fe = measure_frontend(str(ckpt), runs=((1, 1, 3), (2, 6, 4), (2, 1, 6)), repeats=2, **SPEC)
+    assert fe["runs"] == 3 and fe["repeats"] == 2
+    assert fe["spread"] >= 1.0 and math.isfinite(fe["spread"])
+    assert fe["fe_request_us"] + fe["fe_token_us"] > 0   # the server process spends CPU on a request

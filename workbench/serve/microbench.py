@@ -300,14 +300,15 @@ FRONTEND_RUNS = ((1, 1, 12), (1, 24, 6), (2, 48, 6), (4, 1, 16), (4, 24, 12), (8
 
 
 def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = FRONTEND_RUNS, isl: int = 16,
-                     **spec: Any) -> dict[str, float]:
+                     repeats: int = 3, **spec: Any) -> dict[str, float]:
     """The front end's CPU cost (the server process: HTTP, parsing, tokenising, the pipe to the worker and back,
     detokenising, SSE; and the benchmark client, which shares the process in a serving run), measured as this
     process's CPU time (the engine runs in its own process, so none of its work is counted) over closed-loop
     runs of (concurrency, output tokens, requests) against the real server. The idle process's CPU per second and
     the client's prompt building (done before the first request is sent, measured the same way) are taken off,
     then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
-    list). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
+    list) over each run's median of `repeats` passes (the runs in alternation: a passing disturbance of a shared
+    machine moves one pass, not the fit; `spread`: the largest of the runs' max/min CPU over their passes). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
     'runs'}; and the same fit of the traffic client's own CPU (its event loop runs in the calling thread:
     `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`), the share of the above that is the
     client's rather than the server's."""
@@ -341,11 +342,16 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
         c0, w0 = time.process_time(), time.perf_counter()
         time.sleep(1.0)
         idle = (time.process_time() - c0) / (time.perf_counter() - w0)
-        for c, osl, n in runs:
-            req, tok, nsteps, cpu, wall, client = one(c, osl, n)
-            rows.append({"concurrency": c, "osl": osl, "requests": req, "tokens": tok, "steps": nsteps, "cpu_s": cpu,
-                         "client_cpu_s": client, "wall_s": wall, "load_average": os.getloadavg()[0]})
-    df = pd.DataFrame(rows)
+        for _ in range(max(1, repeats)):
+            for j, (c, osl, n) in enumerate(runs):
+                req, tok, nsteps, cpu, wall, client = one(c, osl, n)
+                rows.append({"run": j, "concurrency": c, "osl": osl, "requests": req, "tokens": tok, "steps": nsteps,
+                             "cpu_s": cpu, "client_cpu_s": client, "wall_s": wall,
+                             "load_average": os.getloadavg()[0]})
+    passes = pd.DataFrame(rows)
+    df = passes.groupby("run").median()
+    cpu_of = passes.groupby("run")["cpu_s"]
+    spread = float((cpu_of.max() / cpu_of.min().clip(lower=1e-9)).max())
     A = df[["requests", "tokens", "steps"]].assign(run=1.0).to_numpy(float)
 
     def fit(y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -359,7 +365,8 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
             "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2,
             "client_request_us": float(xc[0]) * 1e6, "client_token_us": float(xc[1]) * 1e6,
             "client_step_us": float(xc[2]) * 1e6, "client_r2": r2c,
-            "runs": float(len(df)), "cpu_count": float(os.cpu_count() or 0),
+            "runs": float(len(df)), "repeats": float(max(1, repeats)), "spread": spread,
+            "cpu_count": float(os.cpu_count() or 0),
             "load_average": float(os.getloadavg()[0]), "when": time.time()}
 
 
