@@ -218,3 +218,73 @@ def test_the_frontend_fit_takes_each_runs_median_over_its_passes(ckpt: Path) -> 
     assert fe["runs"] == 3 and fe["repeats"] == 2
     assert fe["spread"] >= 1.0 and math.isfinite(fe["spread"])
     assert fe["fe_request_us"] + fe["fe_token_us"] > 0   # the server process spends CPU on a request
+
+
+def _graph_job(model: str = "llama3.1-8b") -> wb.Job:
+    return wb.Job.create("dgx-h100:nodes=1", model, plan="tp=1,replicas=1,cuda_graph=true",
+                         workload=Serving(traffic="concurrency=2,isl=48,osl=16,requests=8"))
+
+
+def _small_llama(tmp_path: Path) -> str:
+    """The config of the 1.2 B Llama the GPU calibration serves (its steps bound by the host, not the GPU)."""
+    import json
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 8192, "vocab_size": 258,
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "config.json")
+
+
+def _periods(job: wb.Job, t: pd.DataFrame, graph_host: float, eager_host: float, **costs: float) -> np.ndarray:
+    """The simulator's step periods of `t` under `costs`, the terms every step has (the rates too) times
+    `graph_host` and an eager step's own terms (`chunk_us`, `eager_us`) times `eager_host`: a host whose eager
+    launching drifted apart."""
+    from workbench.serve.calibrate import rated
+    from workbench.sim.serve import workers
+
+    c = dict(costs)
+    plan = job.plan.with_(scheduler_us=c["scheduler_us"] * graph_host, seq_us=c["seq_us"] * graph_host,
+                          chunk_us=c["chunk_us"] * eager_host, eager_us=c["eager_us"] * eager_host)
+    w = workers(rated(job.cluster, graph_host), job.model, plan)[0]
+    return np.asarray(w.cost.step_seconds(t["tokens"].to_numpy(), t["prefill_work"].to_numpy(),
+                                          t["decode_kv"].to_numpy(), t["sampled"].to_numpy(),
+                                          (t["prefill_seqs"] == 0).to_numpy(), t["prefill_seqs"].to_numpy()))
+
+
+def test_the_terms_every_step_has_come_from_the_graph_steps(tmp_path: Path) -> None:
+    """An engine whose eager steps cost the host more per running decode than its graph steps do (the sweep's
+    eager steps drifted with its passes, more decodes later: 91 µs a sequence fitted jointly on one H200 against
+    36 for its graph steps): the per-step and per-sequence costs come from the graph steps alone, so the eager
+    steps' extra does not leak into them."""
+    from workbench.serve.calibrate import fit_steps
+
+    job = _graph_job(_small_llama(tmp_path))
+    t = _compositions((0.0, 0.0, 1.0, 2.0), (16.0, 48.0, 128.0, 48.0, 16.0))
+    costs = dict(scheduler_us=1500.0, seq_us=40.0, chunk_us=1000.0, eager_us=8000.0)
+    eager = (t["prefill_seqs"] > 0).to_numpy()
+    t["period"] = _periods(job, t, 1.0, 1.0, **costs) + eager * 300e-6 * t["decode_seqs"].to_numpy()
+    f = fit_steps(job, t)
+    g = ~eager
+    got = (f["scheduler_us"] + f["seq_us"] * t["seqs"][g]) * 1e-6 + _price(
+        job, t["tokens"][g].to_numpy(), t["seqs"][g].to_numpy(), composition=t[g], rate=f["rate_factor"])
+    assert np.abs(got / t["period"][g] - 1).max() < 0.02   # the graph steps priced as they ran
+    assert f["seq_us"] < 60                                 # a joint fit: 200 µs a sequence
+
+
+def test_a_run_gives_one_contention_for_graph_steps_and_one_for_eager_steps() -> None:
+    """The run's own steps scale the sweep's fit to the machine's state then: with CUDA graphs and both kinds of
+    step, the decode-only steps scale the terms every step has and the eager steps their own terms."""
+    from workbench.serve.calibrate import with_contention
+
+    job = _graph_job()
+    t = _compositions((0.0, 0.0, 0.0, 1.0), (48.0,) * 5)
+    costs = dict(scheduler_us=1500.0, seq_us=40.0, chunk_us=1000.0, eager_us=8000.0)
+    t["period"] = _periods(job, t, 1.2, 0.7, **costs)
+    f = {"rate_factor": 1.0, **costs}
+    out = with_contention(job, f, t)
+    assert out["contention_graph"] == pytest.approx(1.2, rel=0.02)
+    assert out["contention_eager"] == pytest.approx(0.7, rel=0.05)
+    assert out["seq_us"] == pytest.approx(48, rel=0.02) and out["eager_us"] == pytest.approx(5600, rel=0.05)
+    plain = with_contention(job.with_plan(job.plan.with_(cuda_graph=False)), f, t)   # every step eager: one factor
+    assert "contention_graph" not in plain and plain["contention"] > 0

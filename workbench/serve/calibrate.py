@@ -266,6 +266,23 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
         return gpu, floor, eager
 
     e_cols = [i for i, (_, name) in enumerate(names) if name == "eager_us"]
+    # one worker that ran both kinds of step: at each rate factor, the terms every step has (per step, per
+    # sequence) from its graph steps alone, which hold nothing else, and the eager steps' own terms (per chunk,
+    # per step) from what is left of those (fitted together, the eager steps' host time, which drifts with the
+    # host's state, leaked into the per-sequence cost: 91 µs a sequence on one H200 against 36 for its graph
+    # steps). The rate factor still from every step: decode steps alone hardly tell a slower GPU from a longer
+    # per-step cost (their weight reads change little with the batch).
+    staged = len(present) == 1 and bool(e_cols) and int(graph.sum()) >= 2
+    common = [i for i, (_, name) in enumerate(names) if name in ("scheduler_us", "seq_us")]
+    own = [i for i in range(len(names)) if i not in common]
+
+    def lsq(Hk: np.ndarray, res: np.ndarray) -> np.ndarray:
+        if not staged:
+            return np.asarray(nnls(Hk, res)[0])
+        x = np.zeros(Hk.shape[1])
+        x[common] = nnls(Hk[graph][:, common], res[graph])[0]
+        x[own] = nnls(Hk[~graph][:, own], res[~graph] - Hk[~graph][:, common] @ x[common])[0]
+        return x
 
     def solve(k: float) -> tuple[np.ndarray, np.ndarray]:
         """(s, q, c, e per role; the prediction) at rate factor k. An eager step lasts the longer of the GPU's
@@ -278,7 +295,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
             sim = np.where(host, floor, np.where(eager, np.maximum(gpu, floor), gpu))
             for i in e_cols:
                 Hk[:, i] = H[:, i] * host
-            x, _ = nnls(Hk, y - sim)
+            x = lsq(Hk, y - sim)
             e = sum(x[i] * H[:, i] for i in e_cols) if e_cols else np.zeros(len(t))
             now = eager & (gpu < floor + e)
             if (now == host).all():
@@ -359,7 +376,9 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     """The step cost of `measured`'s engine, per worker role. Without `micro`: `fit_steps` over the run's busy
     steps. With a `measure_steps` table (a colocated worker): its wider range of batch shapes gives the shape
     (s, q, k), and the run's own steps one factor `contention` = Σ measured periods / Σ predicted over them,
-    which scales all three (the machine is shared: the microbenchmark ran at another moment than the run).
+    which scales all three (the machine is shared: the microbenchmark ran at another moment than the run). With
+    CUDA graphs and both kinds of step in the run, two: `contention_graph` from the decode-only steps scales the
+    terms every step has, `contention_eager` from the others the eager steps' own (`chunk_us`, `eager_us`).
     A disaggregated run
     is fitted on its own steps (the microbenchmark is of a colocated worker). `measured`: one run, or a list of runs
     of the job (`pool_runs`)."""
@@ -375,23 +394,53 @@ def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str,
     both = _has_composition(micro) and _has_composition(run.dropna(subset=["period"]))
     keep = ["tokens", "seqs", "period", *(COMPOSITION if both else ())]
     f = fit_steps(job, micro[keep])
+    return with_contention(job, f, run, both)
+
+
+def with_contention(job: Any, f: dict[str, float], run: pd.DataFrame, both: bool = True) -> dict[str, float]:
+    """`f` (a `fit_steps` of a microbenchmark) scaled to the machine's state during `run`, a table of the run's
+    steps (tokens, seqs, period and, with `both`, their composition): see `fit`."""
     r = run.dropna(subset=["period"])
     r = r[(r["period"] > 0) & (r["seqs"] > 0)]
-    lam = 1.0
-    if len(r) >= 4:
-        seqs = r["seqs"].to_numpy(float)
-        chunks = r["prefill_seqs"].to_numpy(float) if both else np.zeros(len(r))
-        host = float(((f["scheduler_us"] + f["seq_us"] * seqs + f.get("chunk_us", 0.0) * chunks) * 1e-6).sum())
-        e = f.get("eager_us", 0.0) * 1e-6
-        total = float(r["period"].sum())
+    if len(r) < 4:
+        return f | {"contention": 1.0, "run_steps": float(len(r))}
+    seqs, tokens = r["seqs"].to_numpy(float), r["tokens"].to_numpy(float)
+    period = r["period"].to_numpy(float)
+    comp = r if both else None
+    chunks = r["prefill_seqs"].to_numpy(float) if both else np.zeros(len(r))
+    eager_s = f.get("eager_us", 0.0) * 1e-6
 
-        def excess(loglam: float) -> float:  # the run's steps at contention lam, as the simulator prices them, − measured
-            lm = float(np.exp(loglam))
-            return host * lm + float(_price(job, r["tokens"].to_numpy(float), seqs, composition=r if both else None,
-                                            rate=f["rate_factor"] * lm, eager_s=e * lm).sum()) - total
+    def factor(m: np.ndarray, common: float | None = None) -> float:
+        """The contention at which the steps `m` of the run, as the simulator prices them, sum to their measured
+        periods: every term scaled by it, or (`common` given) the terms every step has (scheduler, sequences,
+        rates) by `common` and an eager step's own ones (its prefill chunks' cost and `eager_us`) by it."""
+        c = comp[m] if comp is not None else None
 
-        lam = float(np.exp(_root(excess, np.log(1 / 50), np.log(50))))
-    return _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
+        def excess(loglam: float) -> float:
+            le = float(np.exp(loglam))
+            lm = le if common is None else common
+            host = ((f["scheduler_us"] + f["seq_us"] * seqs[m]) * lm + f.get("chunk_us", 0.0) * chunks[m] * le) * 1e-6
+            return float(host.sum() + _price(job, tokens[m], seqs[m], composition=c, rate=f["rate_factor"] * lm,
+                                             eager_s=eager_s * le).sum()) - float(period[m].sum())
+
+        return float(np.exp(_root(excess, np.log(1 / 50), np.log(50))))
+
+    everything = np.ones(len(r), bool)
+    lam = factor(everything)
+    out = _scale(f, lam) | {"contention": lam, "run_steps": float(len(r))}
+    graph = graph_steps(job, comp, len(r))
+    if eager_s > 0 and graph.sum() >= 2 and (~graph).sum() >= 2:
+        # CUDA graphs: a graph step is GPU work behind a little host time, an eager step is mostly the host
+        # launching kernels, so a shared machine's state (a busier or slower host) moves the two apart (one H200
+        # host: the composition sweep's eager steps of one decode and one prompt took 9.0 to 18.7 ms from one
+        # pass to the next, its graph steps of one decode 1.8 to 2.6). Two factors: the decode-only steps give
+        # the one of the terms every step has, the eager steps the one of their own terms.
+        lam_g = factor(graph)
+        lam_e = factor(~graph, common=lam_g)
+        out = _scale(f, lam_g)
+        out = {k: (v * lam_e / lam_g if k.endswith(("chunk_us", "eager_us")) else v) for k, v in out.items()}
+        out |= {"contention": lam, "contention_graph": lam_g, "contention_eager": lam_e, "run_steps": float(len(r))}
+    return out
 
 
 def kv_handoff(job: Any, measured: Any) -> dict[str, float]:
