@@ -10,7 +10,8 @@ the median wall time of the synchronised step, the host time to enqueue its laye
 the logits' copy waits for the device), and with `torch.profiler` the device's kernel time per step, the number of
 kernels and host→device syncs, and the ops that hold the most device and host time. The step is host-bound where the
 enqueue time is close to the wall time and the kernels' sum far below it. `--graphs`: the decode-only compositions
-also through the engine's CUDA graphs (`workbench.serve.graphs`; padded and replayed; eager on a CPU).
+also through the engine's CUDA graphs, the others through its graphed pieces around an eager attention
+(`workbench.serve.graphs`; padded and replayed; eager on a CPU).
 Writes benchmarks/results/serve-step-profile-MACHINE.{json,md}.
 """
 
@@ -118,32 +119,36 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     st = Steps(args.device, args.model_shape, args.comps, args.context)
     model, kv, gpu = st.model, st.kv, st.gpu
-    graphs = None
+    graphs = pieces = None
     if args.graphs:
-        from workbench.serve.graphs import DecodeGraphs
+        from workbench.serve.graphs import DecodeGraphs, PieceGraphs
 
         graphs = DecodeGraphs(model, kv, st.spare, st.seqs, st.per_seq)
+        pieces = PieceGraphs(model, kv, st.spare, max(d + k * p for d, k, p in args.comps))
         t0 = time.perf_counter()
-        graphs.capture_all()
-        print(f"captured {len(graphs.graphs)} graphs in {time.perf_counter() - t0:.2f} s", flush=True)
+        n = graphs.capture_all() + pieces.capture_all()
+        print(f"captured {n} graphs in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def sync() -> None:
         if gpu:
             torch.cuda.synchronize()
 
     rows = []
-    runs = [(d, k, p, False) for d, k, p in args.comps]
-    runs += [(d, k, p, True) for d, k, p in args.comps if graphs is not None and k == 0]
+    # "graph": decode-only steps through DecodeGraphs; "pieces": the others through PieceGraphs
+    runs: list[tuple[int, int, int, bool | str]] = [(d, k, p, False) for d, k, p in args.comps]
+    runs += [(d, k, p, True if k == 0 else "pieces") for d, k, p in args.comps if graphs is not None]
     for d, k, p, graph in runs:
         it = st.items(d, k, p)
 
-        def step(it: list[Item] = it, graph: bool = graph) -> float:
+        def step(it: list[Item] = it, graph: bool | str = graph) -> float:
             """One step as the engine runs it; returns the seconds until the forward was enqueued."""
             if not graph:
                 return st.step(it)[1]
-            assert graphs is not None
+            from workbench.serve.model import Batch
+
+            assert graphs is not None and pieces is not None
             t0 = time.perf_counter()
-            logits = graphs.run(it)
+            logits = graphs.run(it) if graph is True else pieces.run(Batch.build(it, st.page_size, model.device))
             t1 = time.perf_counter()
             logits.argmax(-1).tolist()
             return t1 - t0
@@ -182,9 +187,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                             "ms": e.self_device_time_total / args.profiled / 1e3} for e in top_dev],
             "top_host": [{"op": e.key[:90], "count": e.count / args.profiled,
                           "ms": e.self_cpu_time_total / args.profiled / 1e3} for e in top_cpu]})
-        print(f"{d} decodes + {k} x {p}{' (graph)' if graph else ''}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
+        print(f"{d} decodes + {k} x {p}{f' ({_mode(graph)})' if graph else ''}: wall {rows[-1]['wall_ms']:.2f} ms, enqueue {rows[-1]['enqueue_ms']:.2f}, "
               f"device {rows[-1]['device_ms']:.2f}, kernels {kernels:.0f}, syncs {syncs:.0f}", flush=True)
     return st.record(rows)
+
+
+def _mode(graph: bool | str) -> str:
+    """How a row's step ran: eagerly ('no'), one CUDA graph ('yes'), or graphed pieces around the attention."""
+    return "pieces" if graph == "pieces" else "yes" if graph else "no"
 
 
 def save(out: str, stem: str, rec: dict[str, Any], lines: list[str]) -> None:
@@ -203,11 +213,12 @@ def write(args: argparse.Namespace, command: str, rec: dict[str, Any]) -> None:
              "| decodes | prefill chunks × tokens | CUDA graph | wall ms | enqueue ms | device ms | kernels | launches | "
              "syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
-        lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {'yes' if r['graph'] else 'no'} "
+        lines.append(f"| {r['decodes']} | {r['chunks']} × {r['prompt']} | {_mode(r['graph'])} "
                      f"| {r['wall_ms']:.2f} | {r['enqueue_ms']:.2f} "
                      f"| {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['launches']:.0f} | {r['syncs']:.0f} |")
     for r in rec["rows"]:
-        lines += ["", f"## {r['decodes']} decodes + {r['chunks']} × {r['prompt']}{' (graph)' if r['graph'] else ''}", "",
+        lines += ["", f"## {r['decodes']} decodes + {r['chunks']} × {r['prompt']}"
+                  + (f" ({_mode(r['graph'])})" if r["graph"] else ""), "",
                   "| top device ops | per step | ms | | top host ops | per step | ms |", "|---|---|---|---|---|---|---|"]
         for a, b in zip(r["top_device"] + [None] * args.top, r["top_host"]):
             left = f"{a['op']} | {a['count']:.0f} | {a['ms']:.3f}" if a else " | | "
@@ -228,7 +239,7 @@ def main() -> None:
     ap.add_argument("--profiled", type=int, default=5)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--graphs", action="store_true",
-                    help="also run the decode-only compositions through the engine's CUDA graphs (graphs.py)")
+                    help="also run the compositions through the engine's CUDA graphs: decode-only ones whole, the others in pieces (graphs.py)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     args.comps = parse_compositions(args.compositions)

@@ -1,5 +1,6 @@
 """The engine's decode-only steps through `DecodeGraphs` (padded to a captured shape; captured CUDA graphs on a GPU)
-against the plain forward: the same logits, the same K/V in every real page, and the same generated tokens."""
+and its other steps through `PieceGraphs` (padded token counts, graphed pieces around an eager attention) against
+the plain forward: the same logits, the same K/V in every real page, and the same generated tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from workbench.serve.checkpoints import random_llama  # noqa: E402
-from workbench.serve.graphs import DecodeGraphs, sizes  # noqa: E402
+from workbench.serve.graphs import DecodeGraphs, PieceGraphs, sizes  # noqa: E402
 from workbench.serve.kv import KVCache  # noqa: E402
 from workbench.serve.model import Batch, Model  # noqa: E402
 
@@ -81,26 +82,75 @@ def test_engine_with_graphs_generates_the_same_tokens(tmp_path: Path, device: st
     model = Model.load(ckpt, device=device)
     prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(5 + 9 * i)] for i in range(5)]
 
-    def run(graphs: bool) -> tuple[dict[str, list[int]], int]:
+    def run(graphs: bool, pieces: bool = False) -> tuple[dict[str, list[int]], int, int]:
         eng = Engine(model, EngineConfig(num_pages=64, page_size=4, max_batched_tokens=24, max_seqs=8))
         if graphs:
-            from workbench.serve.graphs import DecodeGraphs
-
             scratch = eng.alloc.allocate(1)
             assert scratch is not None
             eng.graphs = DecodeGraphs(model, eng.kv, scratch[0], 8, 16)
+            if pieces:
+                eng.pieces = PieceGraphs(model, eng.kv, scratch[0], 24)
         for i, p in enumerate(prompts):
             eng.add(Seq(str(i), p, SamplingParams(max_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True)))
         out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-        steps = 0
+        steps = piece_steps = 0
         while eng.has_work:
             for o in eng.step():
                 out[o.id].extend(o.tokens)
             steps += int(eng.last_step.get("graph", 0.0))
-        return out, steps
+            piece_steps += int(eng.last_step.get("pieces", 0.0))
+        return out, steps, piece_steps
 
-    plain, none = run(False)
-    with_graphs, graph_steps = run(True)
-    assert none == 0 and graph_steps >= 5
+    plain, none, no_pieces = run(False)
+    with_graphs, graph_steps, _ = run(True)
+    assert none == 0 and no_pieces == 0 and graph_steps >= 5
     assert with_graphs == plain
     assert [len(plain[str(i)]) for i in range(5)] == [6, 9, 12, 15, 18]
+    with_pieces, graph_steps2, piece_steps = run(True, pieces=True)
+    assert with_pieces == plain and graph_steps2 == graph_steps and piece_steps >= 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_piece_graphs_equal_the_plain_forward(tmp_path: Path, device: str) -> None:
+    """Steps with prefill chunks — alone, beside decodes, several of different lengths, a chunk that continues a
+    prompt — padded to 16 or 32 tokens: the logits and every real page's K/V as `Model.forward` gives them; the
+    padding rows write only into the scratch page. On a GPU the pieces are captured and replayed, each step
+    twice (the second over the first's stale padding)."""
+    ckpt = random_llama(tmp_path, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128, dtype="float32")
+    model = Model.load(ckpt, device=device)
+    assert PieceGraphs.supports(model)
+    tol = 1e-5 if device == "cpu" else 2e-4
+    g = torch.Generator().manual_seed(2)
+    pages_total = 41
+    base = torch.randn((3, pages_total, 2, 2, 4, 16), generator=g)
+    kv = KVCache(model.cfg, num_pages=pages_total, page_size=4, device=device)
+    pieces = PieceGraphs(model, kv, scratch_page=40, max_tokens=32)
+    assert pieces.sizes == (16, 32) and pieces.capture == (device == "cuda")
+    order = torch.randperm(40, generator=g).tolist()
+    tables = [order[5 * i:5 * i + 5] for i in range(8)]
+
+    def tok(n: int) -> list[int]:
+        return [int(x) for x in torch.randint(0, 256, (n,), generator=g)]
+
+    steps = [
+        [(tok(7), 0, tables[0])],                                               # one prompt alone: 7 → 16
+        [(tok(1), 9, tables[1]), (tok(1), 4, tables[2]), (tok(12), 0, tables[3])],   # 2 decodes + 12: 14 → 16
+        [(tok(5), 0, tables[4]), (tok(9), 3, tables[5]), (tok(1), 15, tables[6])],   # two chunks, one continuing
+        [(tok(17), 0, tables[7]), (tok(1), 11, tables[0])],                      # 18 → 32
+    ]
+    for items in steps:
+        for _ in range(2):
+            ref = KVCache(model.cfg, num_pages=pages_total, page_size=4, device=device)
+            ref.data.copy_(base)
+            kv.data.copy_(base)
+            batch = Batch.build(items, 4, device=device)
+            assert pieces.fits(batch)
+            want = model.forward(Batch.build(items, 4, device=device), ref)
+            got = pieces.run(batch).clone()
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            torch.testing.assert_close(kv.data[:, :40], ref.data[:, :40], atol=tol, rtol=tol)
+    assert not pieces.fits(Batch.build([(tok(33), 0, list(range(9)))], 4, device=device))
+    if device == "cuda":
+        assert set(pieces.pieces) == {16, 32}
+        assert all(gr is not None for pc in pieces.pieces.values() for gr in pc.graphs)

@@ -7,8 +7,8 @@ sequences grow; when the cache runs out, the newest running sequence is preempte
 freed, recomputed later). Roles: `colocated` (prefill + decode), `prefill` (prompt only,
 first token sampled, KV pages handed to a decode worker layer by layer through a hook),
 `decode` (KV arrives from a prefill worker; the sequence joins the batch once the
-immediate count says every layer landed). On a GPU, decode-only steps can replay captured CUDA graphs
-(`use_cuda_graphs`, `graphs.py`).
+immediate count says every layer landed). On a GPU, decode-only steps can replay captured CUDA graphs, and the
+other steps captured pieces around an eager attention (`use_cuda_graphs`, `graphs.py`).
 """
 
 from __future__ import annotations
@@ -90,22 +90,33 @@ class Engine:
         # tensor parallelism: `on_batch(items)` hands each step's batch to the other ranks before the forward
         self.on_batch: Callable[[list[Any]], None] | None = None
         self.graphs: Any = None              # DecodeGraphs once `use_cuda_graphs` captured them
+        self.pieces: Any = None              # PieceGraphs (the other steps) once `use_cuda_graphs` captured them
 
-    def use_cuda_graphs(self, max_context: int | None = None) -> int:
+    def use_cuda_graphs(self, max_context: int | None = None, pieces: bool = True) -> int:
         """Capture the decode-only steps as CUDA graphs (batches up to `max_seqs`, contexts up to `max_context`
-        tokens: the model's, bounded by the cache) and replay them from now on; one page is kept as the padding
-        rows' scratch. Returns the number of graphs captured."""
-        from workbench.serve.graphs import DecodeGraphs
+        tokens: the model's, bounded by the cache) and, with `pieces` (a dense whole model), the other steps as
+        per-layer pieces around an eager attention (up to `max_batched_tokens`), and replay them from now on; one
+        page is kept as the padding rows' scratch. Returns the number of graphs captured."""
+        from workbench.serve.graphs import DecodeGraphs, PieceGraphs
 
         if self.graphs is not None:
-            return len(self.graphs.graphs)
+            return len(self.graphs.graphs) + (self.pieces.capture_all() if self.pieces is not None else 0)
         scratch = self.alloc.allocate(1)
         if scratch is None:
             raise WorkbenchError("kv cache: no free page for the CUDA graphs' scratch page")
         ctx = min(max_context or self.model.cfg.max_position, (self.kv.num_pages - 1) * self.cfg.page_size)
         self.graphs = DecodeGraphs(self.model, self.kv, scratch[0], self.cfg.max_seqs,
                                    -(-ctx // self.cfg.page_size))
-        return self.graphs.capture_all()
+        n = self.graphs.capture_all()
+        if pieces and PieceGraphs.supports(self.model):
+            self.pieces = PieceGraphs(self.model, self.kv, scratch[0], self.cfg.max_batched_tokens)
+            n += self.pieces.capture_all()
+        return n
+
+    @property
+    def capture_seconds(self) -> float:
+        """Seconds spent capturing CUDA graphs."""
+        return sum(g.capture_seconds for g in (self.graphs, self.pieces) if g is not None)
 
     # ----- requests -----
     def add(self, seq: Seq) -> None:
@@ -219,9 +230,15 @@ class Engine:
             hook = lambda layer: on_layer(layer, finishing)  # noqa: E731
         graph = hook is None and self.graphs is not None and self.graphs.fits(items)
         batch = None if graph else Batch.build(items, self.cfg.page_size, device=self.model.device)
-        comp = composition(plan) | {"graph": float(graph)}
+        pieces = batch is not None and hook is None and self.pieces is not None and self.pieces.fits(batch)
+        comp = composition(plan) | {"graph": float(graph), "pieces": float(pieces)}
         t2 = time.perf_counter()
-        logits = self.graphs.run(items) if batch is None else self.model.forward(batch, self.kv, after_layer=hook)
+        if batch is None:
+            logits = self.graphs.run(items)
+        elif pieces:
+            logits = self.pieces.run(batch)
+        else:
+            logits = self.model.forward(batch, self.kv, after_layer=hook)
         t3 = time.perf_counter()
         self.last_batch = (len(plan), sum(len(ids) for ids, _, _ in items))
         outs: list[Output] = []

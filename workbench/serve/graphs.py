@@ -162,3 +162,132 @@ class DecodeGraphs:
         chunks = [SeqChunk(1, 0, ()) for _ in range(g.B)]
         batch = Batch(tokens, positions, spage, soff, chunks, [], Decodes(list(range(g.B)), table, mask, None))
         return self.model.forward(batch, self.kv)
+
+
+# ====================================================================== steps with prefill chunks: piecewise
+MIN_TOKENS = 16   # the smallest padded token count of a piecewise step
+
+
+@dataclass
+class _Pieces:
+    """One padded token count T: the static inputs (`vec`: tokens, positions, slot pages, slot offsets), the
+    attention's output as the next piece reads it (`att`), each piece's graph and its outputs: the hidden state
+    after it (`h[k]`) and the queries of the layer it ends before (`q[k]`)."""
+
+    T: int
+    vec: torch.Tensor
+    att: torch.Tensor
+    graphs: list[Any]
+    h: list[torch.Tensor]
+    q: list[torch.Tensor | None]
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+class PieceGraphs:
+    """The steps that hold a prefill chunk (or a decode batch too large for `DecodeGraphs`) as CUDA graphs in
+    pieces, as vLLM's piecewise graphs: everything between two attentions — a layer's output projection and MLP,
+    the next layer's norm, QKV projection, RoPE and KV write — depends on the step's token count alone, so it is
+    captured once per padded count T (powers of two from `MIN_TOKENS` to `max_tokens`), and each layer's attention,
+    which depends on the step's sequences, pages and contexts, runs eagerly between the pieces. A step of L layers
+    replays L + 1 pieces and runs L attentions: on one H200 ~24 kernel launches of a layer become one.
+
+    Padding rows (T past the step's tokens) write their K/V into the scratch page; their outputs are never read.
+    Dense models on one device only (a mixture of experts routes on the host; TP all-reduces are not captured).
+    Where the model is not on a GPU (or `capture=False`) the same pieces run eagerly: the test of the padding."""
+
+    def __init__(self, model: Model, kv: Any, scratch_page: int, max_tokens: int, capture: bool | None = None) -> None:
+        self.model, self.kv = model, kv
+        self.scratch = scratch_page
+        self.layers = list(model.layers)
+        self.sizes = tuple(x for x in sizes(max(MIN_TOKENS, max_tokens)) if x >= MIN_TOKENS)
+        self.capture = model.device.type == "cuda" if capture is None else capture
+        self.pool: Any = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pieces: dict[int, _Pieces] = {}
+        self._warm = False
+        self.capture_seconds = 0.0
+
+    @staticmethod
+    def supports(model: Model) -> bool:
+        """A model whose every piece can be captured: dense, whole (first and last stage), one TP rank."""
+        return not model.cfg.num_experts and model.first and model.last and model.tp_size == 1
+
+    def fits(self, batch: Batch) -> bool:
+        return batch.token_rows is not None and int(batch.token_rows.shape[1]) <= self.sizes[-1]
+
+    # ----- one step -----
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Logits [chunks, vocab] of `batch` (built by `Batch.build`)."""
+        assert batch.token_rows is not None
+        T = int(batch.token_rows.shape[1])
+        pc = self._pieces(_bucket(T, self.sizes))
+        rows = pc.vec.view(4, pc.T)
+        rows[:, :T].copy_(batch.token_rows)
+        rows[2, T:].fill_(self.scratch)      # padding rows: K/V into the scratch page (offsets stay valid ones)
+        m, L = self.model, len(self.layers)
+        for k in range(L + 1):
+            self._replay(pc, k)
+            if k < L:
+                q = pc.q[k]
+                assert q is not None
+                pc.att[:T].copy_(m.attention(self.layers[k], q[:T], batch, self.kv))
+        return m.logits(pc.h[L][:T], batch)
+
+    # ----- capture -----
+    def capture_all(self) -> int:
+        """Capture every padded count now, largest first (the smaller ones reuse its memory). Returns their number
+        of graphs."""
+        for T in sorted(self.sizes, reverse=True):
+            self._pieces(T)
+        return sum(len(pc.graphs) for pc in self.pieces.values())
+
+    @torch.inference_mode()
+    def _pieces(self, T: int) -> _Pieces:
+        pc = self.pieces.get(T)
+        if pc is not None:
+            return pc
+        m, L, dev = self.model, len(self.layers), self.model.device
+        vec = torch.zeros(4 * T, dtype=torch.long, device=dev)
+        vec.view(4, T)[2].fill_(self.scratch)
+        pc = _Pieces(T, vec, torch.zeros((T, m.num_heads, m.cfg.head_dim), dtype=m.dtype, device=dev),
+                     [None] * (L + 1), [vec] * (L + 1), [None] * (L + 1))
+        if self.capture:
+            t0 = time.perf_counter()
+            if not self._warm:   # libraries' lazy set-up outside any capture
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for k in range(L + 1):
+                        self._piece(pc, k)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                self._warm = True
+            for k in range(L + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._piece(pc, k)
+                pc.graphs[k] = graph
+            self.capture_seconds += time.perf_counter() - t0
+        self.pieces[T] = pc
+        return pc
+
+    def _replay(self, pc: _Pieces, k: int) -> None:
+        g = pc.graphs[k]
+        if g is not None:
+            g.replay()
+        else:
+            self._piece(pc, k)
+
+    def _piece(self, pc: _Pieces, k: int) -> None:
+        """Piece k: the embedding and RoPE tables (k = 0) or layer k-1's output projection and MLP, then layer k's
+        queries and KV write (k < L); its outputs into `pc.h[k]`, `pc.q[k]` (a graph's static outputs)."""
+        m, L = self.model, len(self.layers)
+        tokens, positions, spage, soff = pc.vec.view(4, pc.T)
+        if k == 0:
+            h = m.embed(tokens)
+            pc.cos, pc.sin = m.rope(positions)
+        else:
+            h = m.post_attention(self.layers[k - 1], pc.h[k - 1], pc.att)
+        assert pc.cos is not None and pc.sin is not None
+        pc.h[k] = h
+        pc.q[k] = m.pre_attention(self.layers[k], h, spage, soff, self.kv, pc.cos, pc.sin) if k < L else None

@@ -168,6 +168,8 @@ class Batch:
     items: list[Any] = field(default_factory=list)   # what it was built from (pipeline stages rebuild it)
     decodes: Decodes | None = None                    # the chunks of one token (None if there are none)
     prefills: Prefills | None = None                  # the chunks of more than one token (None if there are none)
+    #: [4, T] tokens, positions, slot pages and slot offsets as one view of the step's copy (None if built apart)
+    token_rows: torch.Tensor | None = None
 
     @classmethod
     def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
@@ -237,7 +239,7 @@ class Batch:
                                 allv[at[1]:at[2]].view(Bp, N), torch.arange(L, device=allv.device) <= qpos,
                                 spare - T)
         return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes,
-                   prefills)
+                   prefills, allv[:4 * T].view(4, T))
 
 
 class Model:
@@ -293,7 +295,7 @@ class Model:
     def run_layers(self, h: torch.Tensor, batch: Batch, kv: Any,
                    after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run this model's layers over `h` [T, hidden], writing the new K/V into `kv`."""
-        cos, sin = self._rope(batch.positions)
+        cos, sin = self.rope(batch.positions)
         for i in self.layers:
             h = self._layer(i, h, batch, kv, cos, sin)
             if after_layer is not None:
@@ -319,13 +321,22 @@ class Model:
         return self.logits(h, batch)
 
     # ----- pieces -----
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _layer(self, i: int, h: torch.Tensor, batch: Batch, kv: Any, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
+        q = self.pre_attention(i, h, batch.slot_pages, batch.slot_offsets, kv, cos, sin)
+        return self.post_attention(i, h, self.attention(i, q, batch, kv))
+
+    # The three parts of a layer: what comes before the attention and what comes after it depend on the step's
+    # token count alone (`graphs.PieceGraphs` captures them per padded count); the attention on the step's
+    # sequences, pages and contexts.
+    def pre_attention(self, i: int, h: torch.Tensor, slot_pages: torch.Tensor, slot_offsets: torch.Tensor, kv: Any,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Layer `i`'s queries [T, heads, head_dim] from `h` [T, hidden]; its new K/V written into their slots."""
         c, w, p = self.cfg, self.w, f"model.layers.{i}."
         T = h.shape[0]
         x = _rms(h, w[p + "input_layernorm.weight"], c.rms_eps)
@@ -335,7 +346,12 @@ class Model:
         qk = qkv[:, :H + Hkv]                        # RoPE on the queries and keys together: one set of kernels
         qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
-        kv.write(i - self.layers.start, batch.slot_pages, batch.slot_offsets, k, v)
+        kv.write(i - self.layers.start, slot_pages, slot_offsets, k, v)
+        return q
+
+    def attention(self, i: int, q: torch.Tensor, batch: Batch, kv: Any) -> torch.Tensor:
+        """Layer `i`'s attention output [T, heads, head_dim] of the queries `q` of `batch`'s chunks."""
+        T, d = q.shape[0], self.cfg.head_dim
         rep = self.num_heads // self.num_kv_heads
         dec = batch.decodes if self.batched_decode else None
         pre = batch.prefills if self.batched_decode and self.batched_prefill else None
@@ -343,7 +359,7 @@ class Model:
             att = self._decode_attention(i, q, dec, kv)
         else:
             # the prefills' padding queries write their (dropped) outputs past row T
-            buf = q.new_empty((T + (pre.pad if pre is not None else 0), self.num_heads, c.head_dim))
+            buf = q.new_empty((T + (pre.pad if pre is not None else 0), self.num_heads, d))
             if dec is not None:
                 buf[dec.rows] = self._decode_attention(i, q[dec.rows], dec, kv)
             if pre is not None:
@@ -363,10 +379,16 @@ class Model:
             mask = None
             if ch.n > 1:
                 ctx = ch.start + ch.n
-                mask = (torch.arange(ctx, device=h.device)[None, :]
-                        <= torch.arange(ch.start, ctx, device=h.device)[:, None])
+                mask = (torch.arange(ctx, device=q.device)[None, :]
+                        <= torch.arange(ch.start, ctx, device=q.device)[:, None])
             att[a:a + ch.n] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
             a += ch.n
+        return att
+
+    def post_attention(self, i: int, h: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """`h` after layer `i`'s output projection of `att` and its MLP (both with their residuals)."""
+        c, w, p = self.cfg, self.w, f"model.layers.{i}."
+        T = h.shape[0]
         o = self._reduce(F.linear(att.reshape(T, -1), w[p + "self_attn.o_proj.weight"]))
         if p + "self_attn.o_proj.bias" in w:
             o = o + w[p + "self_attn.o_proj.bias"]

@@ -126,7 +126,7 @@ class _Worker:
         if spec.tp == 1 and spec.pp == 1:
             if spec.cuda_graph and spec.device.startswith("cuda"):
                 graphs = self.engine.use_cuda_graphs()
-                capture_s = self.engine.graphs.capture_seconds
+                capture_s = self.engine.capture_seconds
             warm_up(self.engine)
         self.lock = threading.Lock()
         self.tx: Any = None
