@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda:N")
     ap.add_argument("--model-shape", default="tiny", choices=list(SHAPES))
     ap.add_argument("--no-cuda-graph", action="store_true", help="a GPU worker without CUDA graphs (every step eager)")
+    ap.add_argument("--no-piece-graphs", action="store_true",
+                    help="a GPU worker whose steps with a prefill chunk run eagerly (only decode-only steps as graphs)")
     ap.add_argument("--cluster", default="local", help="the simulator's cluster (a GPU run: e.g. dgx-h100:nodes=1,gpu=H200)")
     ap.add_argument("--trace", action="store_true", help="only trace the server's steps against the microbenchmarks' "
                     "(serve-calibration-MACHINE-trace.{json,md})")
@@ -332,6 +334,8 @@ def main() -> None:
     model, spec = server_setup(args.device, args.model_shape)
     if args.no_cuda_graph:
         spec = spec | {"cuda_graph": False}
+    if args.no_piece_graphs:
+        spec = spec | {"piece_graphs": False}
     command = "python benchmarks/serve_calibrate.py " + " ".join(sys.argv[1:])
     if args.trace:
         print(write_trace(args, command, trace_round(model, levels, args.lengths, spec)))

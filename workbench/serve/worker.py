@@ -125,7 +125,7 @@ class _Worker:
         graphs, capture_s = 0, 0.0
         if spec.tp == 1 and spec.pp == 1:
             if spec.cuda_graph and spec.device.startswith("cuda"):
-                graphs = self.engine.use_cuda_graphs()
+                graphs = self.engine.use_cuda_graphs(pieces=spec.piece_graphs)
                 capture_s = self.engine.capture_seconds
             warm_up(self.engine)
         self.lock = threading.Lock()

@@ -34,6 +34,7 @@ class WorkerSpec:
     tp: int = 1                        # tensor-parallel ranks (processes; devices cuda:N, cuda:N+1, …)
     pp: int = 1                        # pipeline stages (processes; activations between them over `transport`)
     cuda_graph: bool = True            # decode-only steps as captured CUDA graphs (a GPU, tp = pp = 1)
+    piece_graphs: bool = True          # with cuda_graph, the other steps as graphed pieces (a dense model)
     env: dict[str, str] = field(default_factory=dict)
 
 
