@@ -133,6 +133,20 @@ def ttft_split(measured: Any, simulated: Any) -> dict[str, float]:
     return out
 
 
+def frontend_load(measured: Any, simulated: Any, plan: Any) -> dict[str, float]:
+    """The front end's load in cores, measured and modelled: the server process's CPU per second while the traffic
+    ran (its HTTP server, the client's thread, the pipes; `frontend_cores`, the runs' mean), and the plan's front-end
+    terms times the simulated run's requests, streamed tokens and engine steps per second. Where the model's is the
+    larger, its front end queues work the real one did not (or did alongside)."""
+    m, ev = simulated.metrics, simulated.events
+    steps = int(((ev["kind"] == "compute") & (ev["op"] != "request")).sum())
+    per_request = plan.fe_request_us + plan.fe_finish_us + plan.fe_async_us
+    work = (float(m["completed"]) * per_request + float(m["total_output_tokens"]) * plan.fe_token_us
+            + steps * plan.fe_step_us) * 1e-6
+    return {"fe_cores": float(measured.metrics.get("frontend_cores", float("nan"))),
+            "sim_fe_cores": work / max(float(m["duration_s"]), 1e-12)}
+
+
 def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: dict[str, Any],
               repeats: int = 1) -> dict[str, Any]:
     import pandas as pd
@@ -171,7 +185,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
         old = compare_serving(wb.simulate(old_job.with_workload(traffic=job.workload.traffic)), r, KEYS)
         sim_after = wb.simulate(cal_job.with_workload(traffic=job.workload.traffic))
         after = compare_serving(sim_after, r, KEYS)
-        split = ttft_split(r, sim_after)
+        split = ttft_split(r, sim_after) | frontend_load(r, sim_after, cal_job.plan)
         print(json.dumps({"concurrency": c, "ttft_split_ms": split}), flush=True)
         # diagnostic, not a prediction: calibrated on this run's own steps (the machine's state then)
         own_job, own = calibrate_job(job, r, micro=comp, overheads=overheads, frontend=frontend)
@@ -467,12 +481,16 @@ def render(record: dict[str, Any]) -> str:
         splits = [(x["concurrency"], x["ttft_split_ms"]) for x in r["rows"] if x["metric"] == "mean_ttft_ms"
                   and x.get("ttft_split_ms")]
         if splits:
-            keys = ("client_ttft", "http_hop", "wait_for_step", "own_step", "back", "sim_ttft", "sim_queue", "sim_rest")
+            keys = ("client_ttft", "http_hop", "wait_for_step", "own_step", "back", "sim_ttft", "sim_queue", "sim_rest",
+                    "fe_cores", "sim_fe_cores")
             lines += ["Where the mean TTFT went (ms): measured — the clients' TTFT, the HTTP hop, the wait from the "
                       "hand-off to the worker until the request's first step, that step, its token's way back to the "
-                      "handler; 'after' simulated — TTFT, arrival → first scheduled, the rest.", "",
+                      "handler; 'after' simulated — TTFT, arrival → first scheduled, the rest. The front end's load "
+                      "(cores): the server process's CPU per second during the runs, and the plan's front-end terms "
+                      "times the simulated run's requests, tokens and steps per second.", "",
                       "| concurrency | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-            lines += [f"| {c} | " + " | ".join(f"{sp.get(k, float('nan')):.1f}" for k in keys) + " |" for c, sp in splits]
+            lines += [f"| {c} | " + " | ".join(f"{sp.get(k, float('nan')):.{2 if 'cores' in k else 1}f}" for k in keys)
+                      + " |" for c, sp in splits]
             lines.append("")
     demo = record.get("demo")
     if demo:

@@ -106,6 +106,9 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
 
         pumper = threading.Thread(target=pump, name="serve-run-updates", daemon=True)
         pumper.start()
+        # the server process's CPU while the traffic runs (its HTTP server, the client's thread, the pipes; the
+        # engine runs in its worker processes): the front end's load, in cores
+        c0, w0 = time.process_time(), time.perf_counter()
         try:
             res = asyncio.run(bench.run_async(svc.url, t, slo=slo, progress=False, tokenizer=svc.app.tok))
         except Exception as exc:  # noqa: BLE001
@@ -114,6 +117,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
             svc.stop()
             handle._finish(error=RunFailed(None, f"serve: the traffic run failed: {exc}"))
             return
+        frontend_cores = (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9)
         svc.backend.settle()
         done.set()
         pumper.join()
@@ -124,6 +128,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         metrics = {k: v for k, v in res.metrics.items() if not isinstance(v, dict)}
         metrics["failures"] = res.metrics.get("failures", {})
         metrics["mode"] = mode
+        metrics["frontend_cores"] = frontend_cores
         result = Result(ev, mem, lk, metrics, source="run", fidelity="measured", job=job)
         result.requests = res.requests  # type: ignore[attr-defined]
         # where each request's time to first token went (Backend.request_log), on the events' clock
