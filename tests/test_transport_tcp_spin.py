@@ -107,9 +107,11 @@ def test_the_spin_stops_while_acks_are_slow_and_resumes_when_they_are_quick(monk
             src = eng.register(np.random.default_rng(4).integers(0, 255, 1 * MiB, dtype=np.uint8))
             eng.write(src, p.desc, 64 * KiB).result(30)
             (lane,) = _lanes(eng)
-            for _ in range(200):  # spinning once an ack came back within the spin (a loaded machine may delay one)
-                if lane.spin:
-                    break
+            # spinning once an ack came back within the spin: on a loaded machine the ack may be late, or the
+            # receiver thread may take it before the waiting caller sees it (then the verdict waits for a later
+            # write), so quick writes go on for up to 20 s (a full test run on 2 vCPUs needed more than 200)
+            end = time.monotonic() + 20
+            while not lane.spin and time.monotonic() < end:
                 eng.write(src, p.desc, 4 * KiB).result(30)
             assert lane.spin
             p.stop()
@@ -120,10 +122,9 @@ def test_the_spin_stops_while_acks_are_slow_and_resumes_when_they_are_quick(monk
             finally:
                 p.resume()
             assert not lane.spin, "the lane kept spinning although its ack took far longer than the spin"
-            for _ in range(200):  # quick acks (asleep, each well within 5 ms on loopback) turn it back on
+            end = time.monotonic() + 20   # quick acks (each well within 5 ms on loopback) turn it back on
+            while not lane.spin and time.monotonic() < end:
                 eng.write(src, p.desc, 4 * KiB).result(30)
-                if lane.spin:
-                    break
             assert lane.spin
             assert p.crc(0, 64 * KiB) == zlib.crc32(np.asarray(src.view[:64 * KiB]).tobytes())
     finally:
