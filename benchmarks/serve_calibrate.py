@@ -138,8 +138,9 @@ def frontend_load(measured: Any, simulated: Any, plan: Any) -> dict[str, float]:
     ran (its HTTP server, the client's thread, the pipes; `frontend_cores`, the runs' mean), and the plan's front-end
     terms times the simulated run's requests, streamed tokens and engine steps per second. Where the model's is the
     larger, its front end queues work the real one did not (or did alongside)."""
-    m, ev = simulated.metrics, simulated.events
-    steps = int(((ev["kind"] == "compute") & (ev["op"] != "request")).sum())
+    from workbench.sim.serve import step_events
+
+    m, steps = simulated.metrics, len(step_events(simulated))
     per_request = plan.fe_request_us + plan.fe_finish_us + plan.fe_async_us
     work = (float(m["completed"]) * per_request + float(m["total_output_tokens"]) * plan.fe_token_us
             + steps * plan.fe_step_us) * 1e-6

@@ -366,10 +366,12 @@ def _root(f: Any, a: float, b: float) -> float:
     return float(brentq(f, a, b, xtol=1e-6))
 
 
-def _scale(f: dict[str, float], lam: float) -> dict[str, float]:
-    """A fit with every time term multiplied by `lam` (the machine's contention at another moment)."""
-    return {k: (v * lam if k.endswith(("scheduler_us", "seq_us", "chunk_us", "eager_us")) or k == "rate_factor" else v)
-            for k, v in f.items()}
+def _scale(f: dict[str, float], lam: float, eager: float | None = None) -> dict[str, float]:
+    """A fit with every time term multiplied by `lam` (the machine's contention at another moment), or with `eager`
+    the eager steps' own terms (`chunk_us`, `eager_us`) by that instead."""
+    own = lam if eager is None else eager
+    return {k: (v * own if k.endswith(("chunk_us", "eager_us")) else
+                v * lam if k.endswith(("scheduler_us", "seq_us")) or k == "rate_factor" else v) for k, v in f.items()}
 
 
 def fit(job: Any, measured: Any, micro: pd.DataFrame | None = None) -> dict[str, float]:
@@ -437,9 +439,8 @@ def with_contention(job: Any, f: dict[str, float], run: pd.DataFrame, both: bool
         # the one of the terms every step has, the eager steps the one of their own terms.
         lam_g = factor(graph)
         lam_e = factor(~graph, common=lam_g)
-        out = _scale(f, lam_g)
-        out = {k: (v * lam_e / lam_g if k.endswith(("chunk_us", "eager_us")) else v) for k, v in out.items()}
-        out |= {"contention": lam, "contention_graph": lam_g, "contention_eager": lam_e, "run_steps": float(len(r))}
+        out = _scale(f, lam_g, eager=lam_e) | {"contention": lam, "contention_graph": lam_g, "contention_eager": lam_e,
+                                               "run_steps": float(len(r))}
     return out
 
 
@@ -565,10 +566,10 @@ def _mean_slowdown(job: Any) -> float:
     """Σ engine step time of `job` simulated / the same with `fe_slowdown=0`: how much its front end slows the
     engine on average at the job's load."""
     from workbench.core.engines import simulator
+    from workbench.sim.serve import step_events
 
     def busy(j: Any) -> float:
-        ev = simulator(j.kind)(j).events
-        s = ev[(ev["kind"] == "compute") & (ev["op"] != "request")]
+        s = step_events(simulator(j.kind)(j))
         return float((s["end"] - s["start"]).sum())
 
     slow = job.with_plan(job.plan.with_(fe_slowdown=0.0))

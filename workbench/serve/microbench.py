@@ -308,8 +308,9 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     the client's prompt building (done before the first request is sent, measured the same way) are taken off,
     then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
     list) over each run's median of `repeats` passes (the runs in alternation: a passing disturbance of a shared
-    machine moves one pass, not the fit; `spread`: the largest of the runs' max/min CPU over their passes). {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2',
-    'runs'}; and the same fit of the traffic client's own CPU (its event loop runs in the calling thread:
+    machine moves one pass, not the fit; `spread`: the largest of the runs' max/min CPU over their passes).
+    {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2', 'runs',
+    'repeats', 'spread'}; and the same fit of the traffic client's own CPU (its event loop runs in the calling thread:
     `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`), the share of the above that is the
     client's rather than the server's."""
     import random

@@ -633,6 +633,12 @@ def _link_rows(cluster: Any, tr: pd.DataFrame, bins: int = 200) -> list[dict[str
     return []
 
 
+def step_events(result: Any) -> pd.DataFrame:
+    """The engine steps of a simulated serving Result (its compute events other than the per-request rows)."""
+    ev = result.events
+    return ev[(ev["kind"] == "compute") & (ev["op"] != "request")]
+
+
 def requests(result: Any) -> pd.DataFrame:
     """The per-request rows of a serving Result (events with op 'request') as their own DataFrame."""
     ev = result.events
