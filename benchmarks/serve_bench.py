@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="skip runs that would start after this many seconds")
     args = ap.parse_args()
 
-    from workbench.serve import bench
     from workbench.serve.checkpoints import random_llama
+    from workbench.serve.client import ClientProcess
     from workbench.serve.service import start_service
     from workbench.units import parse_size
 
@@ -71,12 +71,14 @@ def main() -> None:
             continue
         t0 = time.time()
         try:
-            with start_service(model, mode, kv_bytes=parse_size(args.kv_cache), page_size=16,
-                               max_batched_tokens=2048, max_seqs=64, **spec) as svc:
+            # the client in its own process (`workbench.serve.client`), as beside any server it measures
+            with ClientProcess() as client, start_service(model, mode, kv_bytes=parse_size(args.kv_cache),
+                                                          page_size=16, max_batched_tokens=2048, max_seqs=64,
+                                                          **spec) as svc:
                 started = time.time() - t0
-                bench.run(svc.url, "concurrency=4,isl=32,osl=8,requests=8", progress=False, tokenizer=svc.app.tok)
+                client.run(svc.url, "concurrency=4,isl=32,osl=8,requests=8", tokenizer=svc.path)
                 n0 = len(svc.backend.transfers)
-                res = bench.run(svc.url, args.traffic, progress=False, tokenizer=svc.app.tok)
+                res = client.run(svc.url, args.traffic, tokenizer=svc.path)
                 tx = list(svc.backend.transfers)[n0:]
         except Exception as exc:  # noqa: BLE001 - record what failed and go on
             rows.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})

@@ -69,10 +69,20 @@ def test_bench_client_keeps_one_connection_per_stream(service: Any) -> None:
 
 
 def test_open_connections_holds_n_at_once(service: Any) -> None:
+    """n connections opened before the clock starts and kept alive in the client's pool: the server holds n
+    new connections (one client port apiece) while the client's session is open."""
+    import aiohttp
+
+    def ports() -> set[int]:
+        return {proto.transport.get_extra_info("peername")[1]
+                for proto in service.server._server.server_state.connections}
+
     async def go() -> int:
-        async with httpx.AsyncClient(base_url=service.url, timeout=60) as c:
-            await bench._open_connections(c, 4)
-            return len(c._transport._pool.connections)
+        before = ports()
+        async with aiohttp.ClientSession() as c:
+            await bench._open_connections(c, service.url, 4)
+            await asyncio.sleep(0.05)
+            return len(ports() - before)
 
     assert asyncio.run(go()) == 4
 
@@ -94,9 +104,11 @@ def test_hop_at_concurrency_6_stays_near_one_request_alone(service: Any) -> None
 
 def test_open_connections_is_best_effort() -> None:
     """`_open_connections` is best effort: a server without /health leaves the benchmark as it was."""
+    import aiohttp
+
     async def go() -> None:
-        async with httpx.AsyncClient(base_url="http://127.0.0.1:9", timeout=2) as c:
-            await bench._open_connections(c, 3)
+        async with aiohttp.ClientSession() as c:
+            await bench._open_connections(c, "http://127.0.0.1:9", 3)
 
     asyncio.run(go())
 

@@ -10,6 +10,9 @@
   time to first token split where it went (HTTP hop, front end, pipe, wait for the engine, its step, back);
 - `measure_overheads`, `measure_frontend`, `measure_slowdown`: the cost of a request outside the engine, the
   front end's CPU per request / step / token, and the engine's slowdown beside a busy core.
+
+Every run through HTTP drives the real server with the traffic benchmark from a process of its own
+(`workbench.serve.client`), as a serving run does: the client's CPU is not the server's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -57,6 +62,18 @@ async def _idle(backend: Any, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while any(p.stats.get("running", 0) for p in backend.procs.values()) and time.monotonic() < end:
         await asyncio.sleep(0.01)
+
+
+@contextmanager
+def served(checkpoint: str, **spec: Any) -> Iterator[tuple[Any, Callable[[str], Any]]]:
+    """The real server (colocated) on `checkpoint` and `drive(traffic)`: the traffic benchmark against it from the
+    client process (started first, so that its imports overlap the workers' start-up), returning the
+    `BenchResult` (`meta['client_cpu_s']`: the client's CPU for the run)."""
+    from workbench.serve.client import ClientProcess
+    from workbench.serve.service import start_service
+
+    with ClientProcess() as client, start_service(checkpoint, "colocated", **spec) as svc:
+        yield svc, lambda traffic: client.run(svc.url, traffic, tokenizer=svc.path)
 
 
 def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16),
@@ -156,15 +173,11 @@ def trace_run(checkpoint: str, traffic: str, **spec: Any) -> dict[str, Any]:
     hand-off to the worker until the worker read it: it reads between steps, so mostly the running step's remainder),
     `engine_wait` (read → its first step starts), `own_step`, `pipe_out` (step end → the front end's reader) and
     `reader_to_handler`; 'metrics'}."""
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
-    with start_service(checkpoint, "colocated", **spec) as svc:
+    with served(checkpoint, **spec) as (svc, drive):
         b = svc.backend
-        asyncio.run(bench.run_async(svc.url, "concurrency=1,isl=8,osl=4,requests=2", progress=False,
-                                    tokenizer=svc.app.tok))   # warm-up
+        drive("concurrency=1,isl=8,osl=4,requests=2")   # warm-up
         k0, r0, q0 = len(b.steps), len(svc.app.records), len(b.request_log)
-        res = asyncio.run(bench.run_async(svc.url, traffic, progress=False, tokenizer=svc.app.tok))
+        res = drive(traffic)
         st = pd.DataFrame(step_rows(list(b.steps)[k0:]))
         req = pd.DataFrame(list(b.request_log)[q0:])
         server = pd.DataFrame(list(svc.app.records)[r0:])
@@ -200,18 +213,11 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
 
     shapes = [(n, plen) for _ in range(repeat) for plen in prompts for n in batches]
     if http:
-        from workbench.serve import bench
-        from workbench.serve.service import start_service
-
-        with start_service(checkpoint, "colocated", **spec) as svc:
-            def drive(n: int, plen: int) -> None:
-                asyncio.run(bench.run_async(svc.url, f"rate=inf,isl={plen},osl={output},requests={n}",
-                                            progress=False, tokenizer=svc.app.tok))
-
-            drive(2, 8)  # warm-up
+        with served(checkpoint, **spec) as (svc, drive):
+            drive(f"rate=inf,isl=8,osl={output},requests=2")  # warm-up
             for n, plen in shapes:
                 k0 = len(svc.backend.steps)
-                drive(n, plen)
+                drive(f"rate=inf,isl={plen},osl={output},requests={n}")
                 log(list(svc.backend.steps)[k0:], n, plen)
         return pd.DataFrame(rows)
 
@@ -258,16 +264,12 @@ def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **s
     decode step period, 'server_request_us': the part of request_us after the server took the request,
     'turnaround_us': median time from a request's last token (as the client sees it) to its next request's send:
     the end of the stream, the client's accounting, the next request's start}."""
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
-    with start_service(checkpoint, "colocated", **spec) as svc:
+    with served(checkpoint, **spec) as (svc, drive):
         b = svc.backend
 
         def run(osl: int, n: int) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
             k0, r0 = len(b.steps), len(svc.app.records)
-            res = asyncio.run(bench.run_async(svc.url, f"concurrency=1,isl=1,osl={osl},requests={n}", progress=False,
-                                              tokenizer=svc.app.tok))
+            res = drive(f"concurrency=1,isl=1,osl={osl},requests={n}")
             return res.requests, list(b.steps)[k0:], list(svc.app.records)[r0:]
 
         run(1, 4)  # warm-up
@@ -302,42 +304,29 @@ FRONTEND_RUNS = ((1, 1, 12), (1, 24, 6), (2, 48, 6), (4, 1, 16), (4, 24, 12), (8
 def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = FRONTEND_RUNS, isl: int = 16,
                      repeats: int = 3, **spec: Any) -> dict[str, float]:
     """The front end's CPU cost (the server process: HTTP, parsing, tokenising, the pipe to the worker and back,
-    detokenising, SSE; and the benchmark client, which shares the process in a serving run), measured as this
-    process's CPU time (the engine runs in its own process, so none of its work is counted) over closed-loop
-    runs of (concurrency, output tokens, requests) against the real server. The idle process's CPU per second and
-    the client's prompt building (done before the first request is sent, measured the same way) are taken off,
-    then least squares `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the client, the model
-    list) over each run's median of `repeats` passes (the runs in alternation: a passing disturbance of a shared
+    detokenising, SSE), measured as this process's CPU time (the engine runs in its worker process and the
+    traffic benchmark's client in its own, so neither is counted) over closed-loop runs of (concurrency, output
+    tokens, requests) against the real server. The idle process's CPU per second is taken off, then least squares
+    `cpu = a·requests + b·tokens + c·steps + d` (d: a run's fixed cost: the model list, the connections opened)
+    over each run's median of `repeats` passes (the runs in alternation: a passing disturbance of a shared
     machine moves one pass, not the fit; `spread`: the largest of the runs' max/min CPU over their passes).
     {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2', 'runs',
-    'repeats', 'spread'}; and the same fit of the traffic client's own CPU (its event loop runs in the calling thread:
-    `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`), the share of the above that is the
-    client's rather than the server's."""
-    import random
-
+    'repeats', 'spread'}; and the same fit of the client's CPU in its process (its prompts' building taken off:
+    `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`): its own load, which the serving
+    simulator does not model (it is another process, on another core where the machine has one)."""
     from scipy.optimize import nnls
 
-    from workbench.serve import bench
-    from workbench.serve.service import start_service
-
     rows = []
-    with start_service(checkpoint, "colocated", **spec) as svc:
+    with served(checkpoint, **spec) as (svc, drive):
         b = svc.backend
 
         def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float, float]:
-            k0, c0, w0, t0 = len(b.steps), time.process_time(), time.perf_counter(), time.thread_time()
-            res = asyncio.run(bench.run_async(svc.url, f"concurrency={c},isl={isl},osl={osl},requests={n}",
-                                              progress=False, tokenizer=svc.app.tok))
-            # the client's event loop runs in this thread: its CPU apart from the server's threads
-            cpu, wall, client = time.process_time() - c0, time.perf_counter() - w0, time.thread_time() - t0
-            c1 = time.process_time()  # the prompts the client built before sending, built again and timed
-            words, rnd = bench._corpus(), random.Random(0)
-            for _ in range(n):
-                bench._prompt(words, rnd, isl, svc.app.tok)
-            prompts = time.process_time() - c1
+            k0, c0, w0 = len(b.steps), time.process_time(), time.perf_counter()
+            res = drive(f"concurrency={c},isl={isl},osl={osl},requests={n}")
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            client = float(res.meta.get("client_cpu_s", np.nan)) - float(res.meta.get("prompts_cpu_s", 0.0))
             ok = res.requests[res.requests["success"]]
-            return (float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu - prompts, wall,
-                    client - prompts)
+            return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall, client
 
         one(2, 4, 4)  # warm-up
         c0, w0 = time.process_time(), time.perf_counter()
@@ -361,7 +350,7 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
         return x, 1.0 - float(((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30))
 
     x, r2 = fit((df["cpu_s"] - idle * df["wall_s"]).to_numpy(float))
-    xc, r2c = fit(df["client_cpu_s"].to_numpy(float))  # the traffic client's share (no idle work of its own)
+    xc, r2c = fit(df["client_cpu_s"].to_numpy(float))  # the traffic client's own (no idle work of its own)
     return {"fe_request_us": float(x[0]) * 1e6, "fe_token_us": float(x[1]) * 1e6, "fe_step_us": float(x[2]) * 1e6,
             "fe_run_us": float(x[3]) * 1e6, "idle_cpu_per_s": idle, "r2": r2,
             "client_request_us": float(xc[0]) * 1e6, "client_token_us": float(xc[1]) * 1e6,

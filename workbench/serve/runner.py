@@ -11,7 +11,6 @@ as link rows. The final `Result` adds the benchmark's metrics (vllm bench serve 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Any
@@ -74,7 +73,6 @@ class _Collector:
 def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,requests=32", mode: str = "colocated",
           slo: str | None = None, interval: float = 0.25, job: Any = None, **spec: Any) -> RunHandle:
     """Serve `model`, run `traffic` against it and stream the run; returns at once."""
-    from workbench.serve import bench
     from workbench.serve.traffic import Traffic
 
     t = Traffic.parse(traffic)
@@ -82,11 +80,14 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
     handle = RunHandle(t.requests, cancel=lambda: state.update(stop=True))
 
     def main() -> None:
+        from workbench.serve.client import ClientProcess
         from workbench.serve.service import start_service
 
+        client = ClientProcess().start()  # its own process (and GIL), as a benchmark client beside a server runs
         try:
             svc = start_service(model, mode, **spec)
         except Exception as exc:  # noqa: BLE001
+            client.stop()
             handle._finish(error=RunFailed(None, f"serve: the server did not start: {exc}"))
             return
         col = _Collector(svc)
@@ -106,18 +107,21 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
 
         pumper = threading.Thread(target=pump, name="serve-run-updates", daemon=True)
         pumper.start()
-        # the server process's CPU while the traffic runs (its HTTP server, the client's thread, the pipes; the
-        # engine runs in its worker processes): the front end's load, in cores
-        c0, w0 = time.process_time(), time.perf_counter()
+        # the server process's CPU while the traffic runs (its HTTP server, the pipes, this run's updates; the
+        # engine runs in its worker processes, the client in its own): the front end's load, in cores
+        c0 = time.process_time()
         try:
-            res = asyncio.run(bench.run_async(svc.url, t, slo=slo, progress=False, tokenizer=svc.app.tok))
+            res = client.run(svc.url, t, tokenizer=svc.path, slo=slo)
         except Exception as exc:  # noqa: BLE001
             done.set()
             pumper.join()
             svc.stop()
+            client.stop()
             handle._finish(error=RunFailed(None, f"serve: the traffic run failed: {exc}"))
             return
-        frontend_cores = (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9)
+        client.stop()
+        duration = float(res.metrics.get("duration") or 0.0)
+        frontend_cores = (time.process_time() - c0) / max(duration, 1e-9)
         svc.backend.settle()
         done.set()
         pumper.join()
@@ -129,6 +133,7 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         metrics["failures"] = res.metrics.get("failures", {})
         metrics["mode"] = mode
         metrics["frontend_cores"] = frontend_cores
+        metrics["client_cores"] = float(res.meta.get("client_cpu_s", float("nan"))) / max(duration, 1e-9)
         result = Result(ev, mem, lk, metrics, source="run", fidelity="measured", job=job)
         result.requests = res.requests  # type: ignore[attr-defined]
         # where each request's time to first token went (Backend.request_log), on the events' clock

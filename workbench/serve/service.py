@@ -15,6 +15,7 @@ class Service:
     app: Any
     server: Any
     model_name: str
+    path: Path | None = None   # the checkpoint served (its tokenizer cuts a client's prompts to exact lengths)
 
     @property
     def url(self) -> str:
@@ -61,25 +62,24 @@ def start_service(model: str | Path, mode: str = "colocated", *, host: str = "12
     except BaseException:
         backend.stop()
         raise
-    return Service(backend, app, server, app.model_name)
+    return Service(backend, app, server, app.model_name, path)
 
 
 def serve_demo(traffic: str = "concurrency=4,dataset=conversation,scale=0.05,max_isl=200,max_osl=48,requests=24",
-               mode: str = "colocated", slo: str | None = "ttft=2000,tpot=200", progress: bool = False,
-               **spec: Any) -> Any:
-    """Start the server on the demo model, drive it with the traffic benchmark, stop it.
+               mode: str = "colocated", slo: str | None = "ttft=2000,tpot=200", **spec: Any) -> Any:
+    """Start the server on the demo model, drive it with the traffic benchmark (in its own process), stop it.
 
     Returns the `BenchResult` (metrics in `vllm bench serve` names, per-request rows) with a
     sample completion in `meta["sample"]`.
     """
     import httpx
 
-    from workbench.serve import bench
+    from workbench.serve.client import ClientProcess
 
-    with start_service("demo", mode, **spec) as svc:
+    with ClientProcess() as client, start_service("demo", mode, **spec) as svc:
         sample = httpx.post(svc.url + "/v1/completions", timeout=60, json={
             "prompt": "The transport", "max_tokens": 40, "temperature": 0}).json()
-        result = bench.run(svc.url, traffic, slo=slo, progress=progress)
+        result = client.run(svc.url, traffic, slo=slo)
         result.meta["sample"] = "The transport" + sample["choices"][0]["text"]
         result.meta["mode"] = mode
     return result
