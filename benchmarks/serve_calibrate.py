@@ -135,7 +135,7 @@ def ttft_split(measured: Any, simulated: Any) -> dict[str, float]:
 
 def frontend_load(measured: Any, simulated: Any, plan: Any) -> dict[str, float]:
     """The front end's load in cores, measured and modelled: the server process's CPU per second while the traffic
-    ran (its HTTP server, the client's thread, the pipes; `frontend_cores`, the runs' mean), and the plan's front-end
+    ran (its HTTP server, the pipes, the run's updates; the client runs in its own process; `frontend_cores`, the runs' mean), and the plan's front-end
     terms times the simulated run's requests, streamed tokens and engine steps per second. Where the model's is the
     larger, its front end queues work the real one did not (or did alongside)."""
     from workbench.sim.serve import step_events
@@ -215,7 +215,7 @@ def one_round(model: Path, levels: list[int], lengths: str, cluster: str, spec: 
             "engine_alone": engine_alone, "load_average": os.getloadavg(), "repeats": repeats}
 
 
-PHASES = ("t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "g_admit", "g_send", "g_house")
+PHASES = ("t_schedule", "t_build", "t_forward", "t_sync", "t_finish", "t_cpu", "t_runq", "g_admit", "g_send", "g_house")
 
 
 def by_composition(df: Any) -> Any:
@@ -440,7 +440,7 @@ def render(record: dict[str, Any]) -> str:
                          f"fe_token_us = {fe['fe_token_us']:.0f} (R² {fe['r2']:.2f} over {fe['runs']:.0f} runs"
                          + (f", each the median of {fe['repeats']:.0f} passes (CPU max/min over a run's passes up to "
                             f"{fe['spread']:.2f})" if "spread" in fe else "")
-                         + (f"; the traffic client's own share: {fe['client_request_us']:.0f} per request, "
+                         + (f"; the traffic client's own CPU in its process: {fe['client_request_us']:.0f} per request, "
                             f"{fe['client_token_us']:.0f} per token, {fe['client_step_us']:.0f} per step"
                             if "client_request_us" in fe else "") + "), "
                          f"fe_slowdown = {fe['fe_slowdown']:.2f} (steps {fe['ratio']:.2f}× with one core kept busy; "

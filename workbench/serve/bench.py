@@ -108,10 +108,10 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
                     model: str | None = None, endpoint: str = "/v1/completions", api_key: str | None = None,
                     ignore_eos: bool = True, timeout: float = 300.0, progress: bool = True, tokenizer: Any = None,
                     temperature: float = 0.0) -> BenchResult:
-    """The benchmark in the running event loop. The HTTP client is aiohttp's, as `vllm bench serve`'s: its
-    CPU per streamed request is a third of httpx's (measured: 2.3-2.7 ms against 6.6-9.2 ms per 16-token
-    request at concurrency 6 on a 2-core VM), and a client that shares a machine with the server it measures
-    should spend as little of it as it can."""
+    """The benchmark in the running event loop. The HTTP client is aiohttp's, as `vllm bench serve`'s: a client
+    that shares a machine with the server it measures should spend as little of it as it can, and httpx's
+    streaming cost several times more CPU per request (the front-end fits of `serve-calibration-h200.md`: the
+    client's 4.4-5.1 ms per request with httpx, 0.2-0.4 ms with aiohttp)."""
     import aiohttp
 
     t = Traffic.parse(traffic)
