@@ -8,6 +8,7 @@
   (skips when chromium or Playwright is missing);
 - `jupyter_lab(*notebooks)`: a JupyterLab server on 127.0.0.1 serving copies of notebooks,
   stopped with its kernels at teardown;
+- `tiny_server`: the real OpenAI-compatible server (one CPU worker) on a random 2-layer Llama, for the module;
 - `cuda_available()`, and tests marked `gpu` skip by themselves where no CUDA GPU exists
   (torch is imported only when a `gpu` test was collected).
 """
@@ -73,6 +74,17 @@ def run_cli(*args: str) -> CliRun:
 def cli() -> Callable[..., CliRun]:
     """`cli("topology", "show", "aws-p5") -> (code, stdout, stderr)`, run in this process."""
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from workbench.serve.checkpoints import random_llama
+    from workbench.serve.service import start_service
+
+    path = random_llama(tmp_path_factory.mktemp("tiny"), hidden=64, layers=2, heads=4, kv_heads=2,
+                        intermediate=128, dtype="float32")
+    with start_service(path, page_size=16, max_batched_tokens=256, max_seqs=16, threads=1) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")

@@ -18,18 +18,10 @@ pytest.importorskip("aiohttp")
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.serve.client import ClientProcess  # noqa: E402
 
-SPEC = dict(page_size=16, max_batched_tokens=256, max_seqs=16, threads=1)
-
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from workbench.serve.checkpoints import random_llama
-    from workbench.serve.service import start_service
-
-    path = random_llama(tmp_path_factory.mktemp("tiny"), hidden=64, layers=2, heads=4, kv_heads=2,
-                        intermediate=128, dtype="float32")
-    with start_service(path, **SPEC) as svc:
-        yield svc
+def service(tiny_server: Any) -> Any:
+    return tiny_server
 
 
 def _alive(pid: int) -> bool:
