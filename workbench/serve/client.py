@@ -39,11 +39,13 @@ class ClientProcess:
         child.close()
         return self
 
-    def run(self, url: str, traffic: Any, *, tokenizer: str | Path | None = None, timeout: float = 900.0,
+    def run(self, url: str, traffic: Any, *, tokenizer: str | Path | None = None, timeout: float | None = None,
             **options: Any) -> Any:
         """`bench.run(url, traffic, tokenizer=<the checkpoint's tokenizer>, progress=False, **options)` in the
         client process; the `BenchResult`, its `meta['client_cpu_s']` the client's CPU seconds for the run (its
-        prompts built, its requests sent and read, the metrics summarised). `timeout`: the whole call's bound."""
+        prompts built, its requests sent and read, the metrics summarised). `timeout`: the whole call's bound in
+        seconds; None (a serving run of any length): none beyond each request's own (`bench.run`'s `timeout`) and
+        the process staying alive."""
         if self.proc is None:
             self.start()
         spec = traffic.spec() if hasattr(traffic, "spec") else str(traffic)
@@ -51,13 +53,13 @@ class ClientProcess:
             self.conn.send(("run", url, spec, str(tokenizer) if tokenizer else None, options))
         except (OSError, BrokenPipeError):
             raise WorkbenchError(self._gone("before the benchmark was sent")) from None
-        end = time.monotonic() + timeout + self.start_timeout
+        end = time.monotonic() + timeout + self.start_timeout if timeout is not None else float("inf")
         while not self.conn.poll(0.1):
             if not self.proc.is_alive():
                 raise WorkbenchError(self._gone("during the benchmark"))
             if time.monotonic() > end:
                 self.stop()
-                raise WorkbenchError(f"the traffic client did not finish within {timeout:.0f} s (stopped it)")
+                raise WorkbenchError(f"the traffic client did not finish within {timeout} s (stopped it)")
         try:
             kind, payload = self.conn.recv()
         except (EOFError, OSError):
