@@ -55,8 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from workbench.serve.checkpoints import random_llama
-    from workbench.serve.client import ClientProcess
-    from workbench.serve.service import start_service
+    from workbench.serve.service import served
     from workbench.units import parse_size
 
     t_begin = time.time()
@@ -71,14 +70,13 @@ def main() -> None:
             continue
         t0 = time.time()
         try:
-            # the client in its own process (`workbench.serve.client`), as beside any server it measures
-            with ClientProcess() as client, start_service(model, mode, kv_bytes=parse_size(args.kv_cache),
-                                                          page_size=16, max_batched_tokens=2048, max_seqs=64,
-                                                          **spec) as svc:
+            # the client in its own process (`served`), as beside any server it measures
+            with served(model, mode, kv_bytes=parse_size(args.kv_cache), page_size=16, max_batched_tokens=2048,
+                        max_seqs=64, **spec) as (svc, drive):
                 started = time.time() - t0
-                client.run(svc.url, "concurrency=4,isl=32,osl=8,requests=8", tokenizer=svc.path)
+                drive("concurrency=4,isl=32,osl=8,requests=8")
                 n0 = len(svc.backend.transfers)
-                res = client.run(svc.url, args.traffic, tokenizer=svc.path)
+                res = drive(args.traffic)
                 tx = list(svc.backend.transfers)[n0:]
         except Exception as exc:  # noqa: BLE001 - record what failed and go on
             rows.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})

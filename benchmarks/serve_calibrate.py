@@ -135,8 +135,9 @@ def ttft_split(measured: Any, simulated: Any) -> dict[str, float]:
 
 def frontend_load(measured: Any, simulated: Any, plan: Any) -> dict[str, float]:
     """The front end's load in cores, measured and modelled: the server process's CPU per second while the traffic
-    ran (its HTTP server, the pipes, the run's updates; the client runs in its own process; `frontend_cores`, the runs' mean), and the plan's front-end
-    terms times the simulated run's requests, streamed tokens and engine steps per second. Where the model's is the
+    ran (its HTTP server, the pipes, the run's updates; the client runs in its own process; `frontend_cores`, the
+    runs' mean), and the plan's front-end terms times the simulated run's requests, streamed tokens and engine steps
+    per second. Where the model's is the
     larger, its front end queues work the real one did not (or did alongside)."""
     from workbench.sim.serve import step_events
 

@@ -45,7 +45,7 @@ def main() -> None:
     from serve_calibrate import server_setup
 
     from workbench.serve import bench
-    from workbench.serve.microbench import served
+    from workbench.serve.service import served
 
     model, spec = server_setup(args.device, args.model_shape)
     levels = [int(x) for x in args.levels.split(",")]

@@ -50,7 +50,7 @@ def test_client_process_measures_the_server(service: Any) -> None:
 def test_no_server_is_a_clear_error_soon() -> None:
     t0 = time.monotonic()
     with ClientProcess() as client, pytest.raises(WorkbenchError, match="cannot list models"):
-        client.run("http://127.0.0.1:9", "concurrency=1,isl=4,osl=2,requests=1", timeout=60)
+        client.run("http://127.0.0.1:9", "concurrency=1,isl=4,osl=2,requests=1", limit=60)
     assert time.monotonic() - t0 < 60
 
 
@@ -61,8 +61,25 @@ def test_a_client_that_dies_fails_the_call(service: Any) -> None:
         threading.Timer(1.5, lambda: os.kill(client.proc.pid, 9)).start()
         t0 = time.monotonic()
         with pytest.raises(WorkbenchError, match="traffic client process died"):
-            client.run(service.url, "concurrency=1,isl=8,osl=64,requests=500", tokenizer=service.path, timeout=120)
+            client.run(service.url, "concurrency=1,isl=8,osl=64,requests=500", tokenizer=service.path, limit=120)
         assert time.monotonic() - t0 < 60
     finally:
         client.stop()
     assert client.proc is None
+
+
+def test_a_cancelled_serving_run_fails_soon_and_stops_everything(service: Any) -> None:
+    """`RunHandle.cancel()` of a serving run ends its traffic now; `wait` raises `RunFailed` saying so."""
+    from workbench.errors import RunFailed
+    from workbench.serve.runner import start
+
+    h = start(str(service.path), "concurrency=1,isl=8,osl=64,requests=400", threads=1, page_size=16,
+              max_batched_tokens=256, max_seqs=16)
+    for _ in h.updates():   # the traffic is running once the first requests finished
+        if h.updates_seen >= 2:
+            break
+    t0 = time.monotonic()
+    h.cancel()
+    with pytest.raises(RunFailed, match="cancelled"):
+        h.wait(timeout=60)
+    assert time.monotonic() - t0 < 30

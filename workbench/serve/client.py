@@ -39,13 +39,13 @@ class ClientProcess:
         child.close()
         return self
 
-    def run(self, url: str, traffic: Any, *, tokenizer: str | Path | None = None, timeout: float | None = None,
+    def run(self, url: str, traffic: Any, *, tokenizer: str | Path | None = None, limit: float | None = None,
             **options: Any) -> Any:
         """`bench.run(url, traffic, tokenizer=<the checkpoint's tokenizer>, progress=False, **options)` in the
         client process; the `BenchResult`, its `meta['client_cpu_s']` the client's CPU seconds for the run (its
-        prompts built, its requests sent and read, the metrics summarised). `timeout`: the whole call's bound in
-        seconds; None (a serving run of any length): none beyond each request's own (`bench.run`'s `timeout`) and
-        the process staying alive."""
+        prompts built, its requests sent and read, the metrics summarised). `limit`: the whole call's bound in
+        seconds; None (a serving run of any length): none beyond each request's own (`bench.run`'s `timeout`, one
+        of `options`) and the process staying alive."""
         if self.proc is None:
             self.start()
         spec = traffic.spec() if hasattr(traffic, "spec") else str(traffic)
@@ -53,13 +53,13 @@ class ClientProcess:
             self.conn.send(("run", url, spec, str(tokenizer) if tokenizer else None, options))
         except (OSError, BrokenPipeError):
             raise WorkbenchError(self._gone("before the benchmark was sent")) from None
-        end = time.monotonic() + timeout + self.start_timeout if timeout is not None else float("inf")
+        end = time.monotonic() + limit + self.start_timeout if limit is not None else float("inf")
         while not self.conn.poll(0.1):
             if not self.proc.is_alive():
                 raise WorkbenchError(self._gone("during the benchmark"))
             if time.monotonic() > end:
                 self.stop()
-                raise WorkbenchError(f"the traffic client did not finish within {timeout} s (stopped it)")
+                raise WorkbenchError(f"the traffic client did not finish within {limit} s (stopped it)")
         try:
             kind, payload = self.conn.recv()
         except (EOFError, OSError):
@@ -71,6 +71,12 @@ class ClientProcess:
     def _gone(self, when: str) -> str:
         code = self.proc.exitcode if self.proc is not None else None
         return f"the traffic client process died {when} (exit code {code})"
+
+    def kill(self) -> None:
+        """End the client now, from any thread: a `run` in progress then fails naming its exit."""
+        proc = self.proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
 
     def stop(self) -> None:
         if self.proc is None:

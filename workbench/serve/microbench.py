@@ -12,7 +12,7 @@
   front end's CPU per request / step / token, and the engine's slowdown beside a busy core.
 
 Every run through HTTP drives the real server with the traffic benchmark from a process of its own
-(`workbench.serve.client`), as a serving run does: the client's CPU is not the server's.
+(`workbench.serve.service.served`), as a serving run does: the client's CPU is not the server's.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.serve.service import served
 
 #: the step fields the worker logs beside t0/t1 (composition, phase seconds, the loop's gap before the step)
 STEP_KEYS = ("prefill_seqs", "prefill_tokens", "prefill_work", "decode_seqs", "decode_kv", "sampled",
@@ -62,18 +61,6 @@ async def _idle(backend: Any, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while any(p.stats.get("running", 0) for p in backend.procs.values()) and time.monotonic() < end:
         await asyncio.sleep(0.01)
-
-
-@contextmanager
-def served(checkpoint: str, **spec: Any) -> Iterator[tuple[Any, Callable[[str], Any]]]:
-    """The real server (colocated) on `checkpoint` and `drive(traffic)`: the traffic benchmark against it from the
-    client process (started first, so that its imports overlap the workers' start-up), returning the
-    `BenchResult` (`meta['client_cpu_s']`: the client's CPU for the run)."""
-    from workbench.serve.client import ClientProcess
-    from workbench.serve.service import start_service
-
-    with ClientProcess() as client, start_service(checkpoint, "colocated", **spec) as svc:
-        yield svc, lambda traffic: client.run(svc.url, traffic, tokenizer=svc.path)
 
 
 def measure_compositions(checkpoint: str, decodes: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16),

@@ -73,17 +73,23 @@ class _Collector:
 def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,requests=32", mode: str = "colocated",
           slo: str | None = None, interval: float = 0.25, job: Any = None, **spec: Any) -> RunHandle:
     """Serve `model`, run `traffic` against it and stream the run; returns at once."""
+    from workbench.serve.client import ClientProcess
     from workbench.serve.traffic import Traffic
 
     t = Traffic.parse(traffic)
-    state: dict[str, Any] = {"stop": False}
-    handle = RunHandle(t.requests, cancel=lambda: state.update(stop=True))
+    client = ClientProcess()    # its own process (and GIL), as a benchmark client beside a server runs
+    cancelled = threading.Event()
+
+    def cancel() -> None:       # the traffic ends now; the run then fails as cancelled and stops the server
+        cancelled.set()
+        client.kill()
+
+    handle = RunHandle(t.requests, cancel=cancel)
 
     def main() -> None:
-        from workbench.serve.client import ClientProcess
         from workbench.serve.service import start_service
 
-        client = ClientProcess().start()  # its own process (and GIL), as a benchmark client beside a server runs
+        client.start()
         try:
             svc = start_service(model, mode, **spec)
         except Exception as exc:  # noqa: BLE001
@@ -110,6 +116,8 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         # the server process's CPU while the traffic runs (its HTTP server, the pipes, this run's updates; the
         # engine runs in its worker processes, the client in its own): the front end's load, in cores
         c0 = time.process_time()
+        if cancelled.is_set():   # cancelled while the server started
+            client.kill()
         try:
             res = client.run(svc.url, t, tokenizer=svc.path, slo=slo)
         except Exception as exc:  # noqa: BLE001
@@ -117,7 +125,8 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
             pumper.join()
             svc.stop()
             client.stop()
-            handle._finish(error=RunFailed(None, f"serve: the traffic run failed: {exc}"))
+            why = "cancelled" if cancelled.is_set() else f"the traffic run failed: {exc}"
+            handle._finish(error=RunFailed(None, f"serve: {why}"))
             return
         client.stop()
         duration = float(res.metrics.get("duration") or 0.0)
@@ -133,7 +142,8 @@ def start(model: str = "demo", traffic: str = "concurrency=4,isl=64,osl=32,reque
         metrics["failures"] = res.metrics.get("failures", {})
         metrics["mode"] = mode
         metrics["frontend_cores"] = frontend_cores
-        metrics["client_cores"] = float(res.meta.get("client_cpu_s", float("nan"))) / max(duration, 1e-9)
+        client_s = float(res.meta.get("client_cpu_s", float("nan"))) - float(res.meta.get("prompts_cpu_s", 0.0))
+        metrics["client_cores"] = client_s / max(duration, 1e-9)   # its prompts were built before the clock
         result = Result(ev, mem, lk, metrics, source="run", fidelity="measured", job=job)
         result.requests = res.requests  # type: ignore[attr-defined]
         # where each request's time to first token went (Backend.request_log), on the events' clock

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,17 @@ def start_service(model: str | Path, mode: str = "colocated", *, host: str = "12
     return Service(backend, app, server, app.model_name, path)
 
 
+@contextmanager
+def served(model: str | Path, mode: str = "colocated", **spec: Any) -> Iterator[tuple[Service, Callable[..., Any]]]:
+    """The real server on `model` and `drive(traffic, **options)`: the traffic benchmark against it from a client
+    process of its own (`workbench.serve.client`, started first so that its imports overlap the workers' start-up),
+    returning the `BenchResult` (`meta['client_cpu_s']`: the client's CPU for the run). Both stop on exit."""
+    from workbench.serve.client import ClientProcess
+
+    with ClientProcess() as client, start_service(model, mode, **spec) as svc:
+        yield svc, lambda traffic, **options: client.run(svc.url, traffic, tokenizer=svc.path, **options)
+
+
 def serve_demo(traffic: str = "concurrency=4,dataset=conversation,scale=0.05,max_isl=200,max_osl=48,requests=24",
                mode: str = "colocated", slo: str | None = "ttft=2000,tpot=200", **spec: Any) -> Any:
     """Start the server on the demo model, drive it with the traffic benchmark (in its own process), stop it.
@@ -74,12 +87,10 @@ def serve_demo(traffic: str = "concurrency=4,dataset=conversation,scale=0.05,max
     """
     import httpx
 
-    from workbench.serve.client import ClientProcess
-
-    with ClientProcess() as client, start_service("demo", mode, **spec) as svc:
+    with served("demo", mode, **spec) as (svc, drive):
         sample = httpx.post(svc.url + "/v1/completions", timeout=60, json={
             "prompt": "The transport", "max_tokens": 40, "temperature": 0}).json()
-        result = client.run(svc.url, traffic, slo=slo)
+        result = drive(traffic, slo=slo)
         result.meta["sample"] = "The transport" + sample["choices"][0]["text"]
         result.meta["mode"] = mode
     return result
