@@ -134,9 +134,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     rows = []
-    # "graph": decode-only steps through DecodeGraphs; "pieces": the others through PieceGraphs
+    # "graph": decode-only steps through DecodeGraphs; "pieces": the others through PieceGraphs, their decodes
+    # attended apart from the prefills; "merged": the same with the decodes among the prefills (`merge_pairs`)
     runs: list[tuple[int, int, int, bool | str]] = [(d, k, p, False) for d, k, p in args.comps]
     runs += [(d, k, p, True if k == 0 else "pieces") for d, k, p in args.comps if graphs is not None]
+    runs += [(d, k, p, "merged") for d, k, p in args.comps if graphs is not None and d and k]
     for d, k, p, graph in runs:
         it = st.items(d, k, p)
 
@@ -148,7 +150,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
             assert graphs is not None and pieces is not None
             t0 = time.perf_counter()
-            logits = graphs.run(it) if graph is True else pieces.run(Batch.build(it, st.page_size, model.device))
+            merge = (1 << 30) if graph == "merged" else 0
+            logits = graphs.run(it) if graph is True else pieces.run(Batch.build(it, st.page_size, model.device,
+                                                                                 merge_pairs=merge))
             t1 = time.perf_counter()
             logits.argmax(-1).tolist()
             return t1 - t0
@@ -193,8 +197,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mode(graph: bool | str) -> str:
-    """How a row's step ran: eagerly ('no'), one CUDA graph ('yes'), or graphed pieces around the attention."""
-    return "pieces" if graph == "pieces" else "yes" if graph else "no"
+    """How a row's step ran: eagerly ('no'), one CUDA graph ('yes'), or graphed pieces around the attention (its
+    decodes attended apart, or among the prefills: 'pieces, merged')."""
+    if graph in ("pieces", "merged"):
+        return "pieces" if graph == "pieces" else "pieces, merged"
+    return "yes" if graph else "no"
 
 
 def save(out: str, stem: str, rec: dict[str, Any], lines: list[str]) -> None:

@@ -137,13 +137,15 @@ def test_piece_graphs_equal_the_plain_forward(tmp_path: Path, device: str) -> No
         [(tok(1), 9, tables[1]), (tok(1), 4, tables[2]), (tok(12), 0, tables[3])],   # 2 decodes + 12: 14 → 16
         [(tok(5), 0, tables[4]), (tok(9), 3, tables[5]), (tok(1), 15, tables[6])],   # two chunks, one continuing
         [(tok(17), 0, tables[7]), (tok(1), 11, tables[0])],                      # 18 → 32
+        [(tok(15), 0, tables[1]), (tok(1), 6, tables[2])],                       # 16 → 16, padding in row 16
     ]
     for items in steps:
-        for _ in range(2):
+        for merge in (0, 0, 1 << 30):    # twice apart (replayed graphs), then the decodes among the prefills
             ref = KVCache(model.cfg, num_pages=pages_total, page_size=4, device=device)
             ref.data.copy_(base)
             kv.data.copy_(base)
-            batch = Batch.build(items, 4, device=device)
+            batch = Batch.build(items, 4, device=device, merge_pairs=merge)
+            assert (batch.decodes is None) == (merge > 0 or all(len(it[0]) > 1 for it in items))
             assert pieces.fits(batch)
             want = model.forward(Batch.build(items, 4, device=device), ref)
             got = pieces.run(batch).clone()

@@ -62,11 +62,13 @@ def _items(g: Any) -> list[Item]:
 
 
 def _run(model: Model, items: list[Item], kv0: torch.Tensor, h: torch.Tensor, mode: str) -> tuple[Any, Any]:
-    """Logits (or a stage's output) and the cache after one step; mode: batched, per-chunk prefill, all per sequence."""
+    """Logits (or a stage's output) and the cache after one step; mode: batched, merged (the decodes among the
+    prefills), per-chunk prefill, all per sequence."""
     model.batched_decode = mode != "per-sequence"
-    model.batched_prefill = mode == "batched"
-    batch = Batch.build(items, page_size=PAGE, device=model.device)
-    assert batch.prefills is not None and len(batch.prefills.chunks) == sum(len(it[0]) > 1 for it in items)
+    model.batched_prefill = mode in ("batched", "merged")
+    batch = Batch.build(items, page_size=PAGE, device=model.device, merge_pairs=(1 << 30) * (mode == "merged"))
+    merged = mode == "merged" and any(len(it[0]) == 1 for it in items)
+    assert batch.prefills is not None and len(batch.prefills.chunks) == sum(len(it[0]) > 1 or merged for it in items)
     cache = KVCache(model.cfg, num_pages=PAGES, page_size=PAGE, layers=len(model.layers), device=model.device,
                     kv_heads=model.num_kv_heads)
     cache.data.copy_(kv0)
@@ -79,7 +81,7 @@ def _check(model: Model, items: list[Item], g: Any, tol: float) -> None:
                       generator=g).to(model.device)   # earlier tokens' K/V: random
     h = torch.randn(sum(len(it[0]) for it in items), model.cfg.hidden_size, generator=g).to(model.device)
     got = _run(model, items, kv0, h, "batched")
-    for mode in ("per-chunk prefill", "per-sequence"):
+    for mode in ("merged", "per-chunk prefill", "per-sequence"):
         want = _run(model, items, kv0, h, mode)
         assert torch.isfinite(got[0]).all()
         torch.testing.assert_close(got[0], want[0], atol=tol, rtol=tol, msg=lambda m, mode=mode: f"{mode}: {m}")
@@ -104,6 +106,24 @@ def test_prefills_structure() -> None:
     assert torch.equal(bias[0] == 0, pre.mask.repeat_interleave(2, dim=1))
     assert pre.bias(2, torch.float32) is bias    # made once per step
     assert Batch.build([([1], 0, [0]), ([2], 5, [1, 2])], page_size=PAGE).prefills is None
+
+
+def test_merged_structure() -> None:
+    """A merged step: the decodes are chunks of one query among the prefills (padded to N, their padding's
+    outputs to row T with the others'), the page table as wide as the widest; merged only within `merge_pairs`."""
+    items: list[Item] = [([5], 3, [9]), ([1, 2, 3], 4, [7, 8]), ([4, 5], 0, [6])]
+    # apart: 1 decode x 1 page + 2 chunks x 3 queries x 2 pages = 13 pages of keys; merged: 3 x 3 x 2 = 18
+    extra = (18 - 13) * PAGE
+    assert Batch.build(items, page_size=PAGE, merge_pairs=extra - 1).decodes is not None
+    b = Batch.build(items, page_size=PAGE, merge_pairs=extra)
+    pre = b.prefills
+    assert b.decodes is None and pre is not None and pre.chunks == [0, 1, 2] and pre.pad == 1
+    assert pre.pages.tolist() == [[9, 9], [7, 8], [6, 6]]
+    assert pre.queries.tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 4]]
+    assert pre.rows.tolist() == [[0, 6, 6], [1, 2, 3], [4, 5, 6]]
+    assert pre.mask[0].int().tolist() == [[1] * 4 + [0] * 4, [1] + [0] * 7, [1] + [0] * 7]   # position 3; padding
+    only = Batch.build([([1, 2], 0, [1]), ([3, 4], 0, [2])], page_size=PAGE, merge_pairs=1 << 30).prefills
+    assert only is not None and only.pad == 0     # nothing padded: no row past T
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
@@ -144,15 +164,16 @@ def test_batched_prefill_equals_per_chunk_gpu() -> None:
     items = _items(g)
     kv0 = torch.randn((3, PAGES, 2, 2, PAGE, 16), generator=g).to("cuda", torch.bfloat16)
     outs = []
-    for mode in ("batched", "per-chunk prefill"):
-        model.batched_prefill = mode == "batched"
-        batch = Batch.build(items, page_size=PAGE, device="cuda")
+    for mode in ("batched", "per-chunk prefill", "merged"):
+        model.batched_prefill = mode != "per-chunk prefill"
+        batch = Batch.build(items, page_size=PAGE, device="cuda", merge_pairs=(1 << 30) * (mode == "merged"))
         cache = KVCache(model.cfg, num_pages=PAGES, page_size=PAGE, dtype=torch.bfloat16, device="cuda")
         cache.data.copy_(kv0)
         outs.append((model.forward(batch, cache), cache.data))
     assert torch.isfinite(outs[0][0]).all()
     # bf16 rounding (on the CPU in bf16: at most 0.023 on logits up to 2.1, 0.8 % of their norm; a key mask off by one
     # position gives 3.7 and 75 %)
-    for got, want in ((outs[0][0], outs[1][0]), (outs[0][1].float(), outs[1][1].float())):
+    for got, want in ((outs[0][0], outs[1][0]), (outs[0][1].float(), outs[1][1].float()),
+                      (outs[2][0], outs[1][0]), (outs[2][1].float(), outs[1][1].float())):
         torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)
         assert float((got - want).norm() / want.norm()) < 3e-2

@@ -229,7 +229,8 @@ class Engine:
             on_layer = self.on_layer
             hook = lambda layer: on_layer(layer, finishing)  # noqa: E731
         graph = hook is None and self.graphs is not None and self.graphs.fits(items)
-        batch = None if graph else Batch.build(items, self.cfg.page_size, device=self.model.device)
+        batch = None if graph else Batch.build(items, self.cfg.page_size, device=self.model.device,
+                                                  merge_pairs=self.model.merge_pairs)
         pieces = batch is not None and hook is None and self.pieces is not None and self.pieces.fits(batch)
         comp = composition(plan) | {"graph": float(graph), "pieces": float(pieces)}
         t2 = time.perf_counter()

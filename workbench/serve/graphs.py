@@ -177,7 +177,7 @@ class _Pieces:
 
     T: int
     vec: torch.Tensor
-    att: torch.Tensor
+    att: torch.Tensor          # [T + 1, heads, head_dim]: the pieces read rows 0..T-1; row T takes padding queries
     graphs: list[Any]
     h: list[torch.Tensor]
     q: list[torch.Tensor | None]
@@ -233,7 +233,7 @@ class PieceGraphs:
             if k < L:
                 q = pc.q[k]
                 assert q is not None
-                pc.att[:T].copy_(m.attention(self.layers[k], q[:T], batch, self.kv))
+                m.attention(self.layers[k], q[:T], batch, self.kv, out=pc.att)
         return m.logits(pc.h[L][:T], batch)
 
     # ----- capture -----
@@ -252,7 +252,7 @@ class PieceGraphs:
         m, L, dev = self.model, len(self.layers), self.model.device
         vec = torch.zeros(4 * T, dtype=torch.long, device=dev)
         vec.view(4, T)[2].fill_(self.scratch)
-        pc = _Pieces(T, vec, torch.zeros((T, m.num_heads, m.cfg.head_dim), dtype=m.dtype, device=dev),
+        pc = _Pieces(T, vec, torch.zeros((T + 1, m.num_heads, m.cfg.head_dim), dtype=m.dtype, device=dev),
                      [None] * (L + 1), [vec] * (L + 1), [None] * (L + 1))
         if self.capture:
             t0 = time.perf_counter()
@@ -289,7 +289,7 @@ class PieceGraphs:
             h = m.embed(tokens)
             pc.cos, pc.sin = m.rope(positions)
         else:
-            h = m.post_attention(self.layers[k - 1], pc.h[k - 1], pc.att)
+            h = m.post_attention(self.layers[k - 1], pc.h[k - 1], pc.att[:pc.T])
         assert pc.cos is not None and pc.sin is not None
         pc.h[k] = h
         pc.q[k] = m.pre_attention(self.layers[k], h, spage, soff, self.kv, pc.cos, pc.sin) if k < L else None

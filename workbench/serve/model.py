@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 
+MERGE_PAIRS = 1 << 18   # Model.merge_pairs on a GPU
+
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
 
 
@@ -116,12 +118,13 @@ class Decodes:
 
 @dataclass
 class Prefills:
-    """The chunks of more than one token, attended together over N = the longest one's token count: `pages`
-    [B, P] each one's page table padded with its own first page; `queries` [B, N] the rows of the batch's tokens
-    that hold each chunk's queries (padding: the chunk's first row); `rows` [B, N] where their outputs go in an
-    output buffer of T + `pad` rows (the padding's outputs land in the `pad` rows past the batch's T, one each,
-    and are dropped); `mask` [B, N, P * page_size] True on the keys a query sees: positions up to its own
-    (so within its chunk's context); a padding query sees key 0 only, so that no row is fully masked."""
+    """The chunks of more than one token (and, in a merged step, the decodes too: `Batch.build`'s `merge_pairs`),
+    attended together over N = the longest one's token count: `pages` [B, P] each one's page table padded with its
+    own first page; `queries` [B, N] the rows of the batch's tokens that hold each chunk's queries (padding: the
+    chunk's first row); `rows` [B, N] where their outputs go in an output buffer of T + `pad` rows (every padding
+    query's output lands in row T, `pad` = 1, and is dropped; `pad` = 0 where no chunk is padded); `mask`
+    [B, N, P * page_size] True on the keys a query sees: positions up to its own (so within its chunk's
+    context); a padding query sees key 0 only, so that no row is fully masked."""
 
     chunks: list[int]             # their indices in `Batch.chunks`
     pages: torch.Tensor
@@ -152,6 +155,15 @@ class Prefills:
         return got
 
 
+def _merge_cost(chunks: Sequence[SeqChunk], need: Sequence[int], dec: Sequence[int], pre: Sequence[int],
+                page_size: int) -> int:
+    """The query-key pairs per head that attending the decodes `dec` among the prefills `pre` adds: every chunk
+    padded to the longest chunk's queries and the widest page table, against the two calls apart."""
+    N, P = max(chunks[j].n for j in pre), max(need)
+    apart = (len(dec) * max(need[j] for j in dec) + len(pre) * N * max(need[j] for j in pre)) * page_size
+    return len(chunks) * N * P * page_size - apart
+
+
 def padded_table(tables: Sequence[Sequence[int]], need: Sequence[int], width: int) -> list[int]:
     """Page tables cut to `need` pages each and padded to `width` with their own first page, flattened: the
     batched attention's [B, width] table (the padding's keys are masked)."""
@@ -173,8 +185,11 @@ class Batch:
 
     @classmethod
     def build(cls, items: Sequence[tuple[Sequence[int], int, Sequence[int]]], page_size: int,
-              device: torch.device | str = "cpu") -> Batch:
-        """`items`: (new token ids, start position, page table) per sequence."""
+              device: torch.device | str = "cpu", merge_pairs: int = 0) -> Batch:
+        """`items`: (new token ids, start position, page table) per sequence. A step of decodes and prefill chunks
+        puts its decodes among the prefills (one attention call per layer instead of two, each decode a chunk of
+        one query padded to N) where that adds at most `merge_pairs` query-key pairs per head to the attention
+        (`Model.merge_pairs`; 0: never)."""
         toks: list[int] = []
         pos: list[int] = []
         spage: list[int] = []
@@ -192,6 +207,9 @@ class Batch:
         flat = [p for c, k in zip(chunks, need) for p in c.pages[:k]]
         # the decodes' padded page table [B, P], context lengths and rows, in the same copy
         dec = [j for j, c in enumerate(chunks) if c.n == 1]
+        pre = [j for j, c in enumerate(chunks) if c.n > 1]
+        if dec and pre and merge_pairs > 0 and _merge_cost(chunks, need, dec, pre, page_size) <= merge_pairs:
+            dec, pre = [], list(range(len(chunks)))
         P = max((need[j] for j in dec), default=0)
         table = padded_table([chunks[j].pages for j in dec], [need[j] for j in dec], P)
         lens = [chunks[j].start + 1 for j in dec]
@@ -201,20 +219,17 @@ class Batch:
         rows = [first[j] for j in dec]
         # the prefill chunks' padded page table [Bp, Pp], query rows, output rows and query positions [Bp, N]
         T = len(toks)
-        pre = [j for j, c in enumerate(chunks) if c.n > 1]
         Pp = max((need[j] for j in pre), default=0)
         N = max((chunks[j].n for j in pre), default=0)
         ptable = padded_table([chunks[j].pages for j in pre], [need[j] for j in pre], Pp)
         pq: list[int] = []
         prow: list[int] = []
         ppos: list[int] = []
-        spare = T    # the next output row past the batch's, for a padding query
-        for j in pre:
+        for j in pre:    # a padding query reads its chunk's first row; its output goes to row T, dropped
             c, pad = chunks[j], N - chunks[j].n
             pq += list(range(first[j], first[j] + c.n)) + [first[j]] * pad
-            prow += list(range(first[j], first[j] + c.n)) + list(range(spare, spare + pad))
+            prow += list(range(first[j], first[j] + c.n)) + [T] * pad
             ppos += list(range(c.start, c.start + c.n)) + [0] * pad
-            spare += pad
         # one host→device copy for all index vectors of the step
         allv = torch.tensor(toks + pos + spage + soff + flat + table + lens + rows + ptable + pq + prow + ppos,
                             dtype=torch.long).to(device, non_blocking=True)
@@ -237,7 +252,7 @@ class Batch:
             qpos = allv[at[2]:at[3]].view(Bp, N, 1)
             prefills = Prefills(pre, allv[a:at[0]].view(Bp, Pp), allv[at[0]:at[1]].view(Bp, N),
                                 allv[at[1]:at[2]].view(Bp, N), torch.arange(L, device=allv.device) <= qpos,
-                                spare - T)
+                                int(any(chunks[j].n < N for j in pre)))
         return cls(allv[:T], allv[T:2 * T], allv[2 * T:3 * T], allv[3 * T:4 * T], chunks, list(items), decodes,
                    prefills, allv[:4 * T].view(4, T))
 
@@ -270,6 +285,10 @@ class Model:
         self.batched_decode = True
         #: with `batched_decode`, prefill chunks attend in one batched call per layer too (False: per sequence)
         self.batched_prefill = True
+        #: a step of decodes and prefill chunks attends in one call where that adds at most this many query-key
+        #: pairs per head (`Batch.build`): on a GPU the step is bound by the host's launches, and one call saves
+        #: ~5 of them per layer; on a CPU the padded queries cost real compute (0: two calls)
+        self.merge_pairs = MERGE_PAIRS if self.device.type == "cuda" else 0
 
     # ----- loading -----
     @classmethod
@@ -349,17 +368,21 @@ class Model:
         kv.write(i - self.layers.start, slot_pages, slot_offsets, k, v)
         return q
 
-    def attention(self, i: int, q: torch.Tensor, batch: Batch, kv: Any) -> torch.Tensor:
-        """Layer `i`'s attention output [T, heads, head_dim] of the queries `q` of `batch`'s chunks."""
+    def attention(self, i: int, q: torch.Tensor, batch: Batch, kv: Any, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Layer `i`'s attention output [T, heads, head_dim] of the queries `q` of `batch`'s chunks; written into
+        `out`'s first T rows where given (at least T + 1 rows: the prefills' padding queries write row T)."""
         T, d = q.shape[0], self.cfg.head_dim
         rep = self.num_heads // self.num_kv_heads
         dec = batch.decodes if self.batched_decode else None
         pre = batch.prefills if self.batched_decode and self.batched_prefill else None
         if dec is not None and dec.rows is None:    # only decodes: their output is the whole of `att`
             att = self._decode_attention(i, q, dec, kv)
+            if out is not None:
+                att = out[:T].copy_(att)
         else:
-            # the prefills' padding queries write their (dropped) outputs past row T
-            buf = q.new_empty((T + (pre.pad if pre is not None else 0), self.num_heads, d))
+            # the prefills' padding queries write their (dropped) outputs to row T
+            buf = out if out is not None else q.new_empty((T + (pre.pad if pre is not None else 0), self.num_heads, d))
             if dec is not None:
                 buf[dec.rows] = self._decode_attention(i, q[dec.rows], dec, kv)
             if pre is not None:

@@ -138,7 +138,7 @@ def stage_main(spec_d: dict[str, Any], stage: int, leader: str) -> None:
                     return
                 step, items = pickle.loads(m.data)
                 tx.counter.wait(step, 1, timeout=TIMEOUT)
-                batch = Batch.build(items, spec.page_size, device=dev)
+                batch = Batch.build(items, spec.page_size, device=dev, merge_pairs=model.merge_pairs)
                 t = int(batch.tokens.shape[0])
                 h = inbuf[:t * cfg.hidden_size].view(t, cfg.hidden_size).clone()
                 h = model.run_layers(h, batch, kv)

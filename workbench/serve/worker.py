@@ -404,6 +404,6 @@ def _follower(spec: WorkerSpec, rank: int, port: int) -> None:
             if msg[0] == "stop":
                 return
             if msg[0] == "step":
-                model.forward(Batch.build(msg[1], spec.page_size, device=dev), kv)
+                model.forward(Batch.build(msg[1], spec.page_size, device=dev, merge_pairs=model.merge_pairs), kv)
     finally:
         dist.destroy_process_group()
