@@ -307,6 +307,28 @@ def test_bench_client_against_the_server(service: Any, tmp_path: Path) -> None:
     assert set(res.frame().columns) >= {"request_throughput", "output_throughput", "mean_ttft_ms", "p99_itl_ms"}
 
 
+def test_bench_initial_test_request(service: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """As `vllm bench serve`: the first request once on its own before the clock (not counted); when it fails (an
+    unknown model here) the benchmark stops at once with its error, and the CLI exits 2 naming the fix."""
+    r0 = len(service.app.records)
+    res = bench.run(service.url, "concurrency=2,isl=8,osl=3,requests=4", api_key="sk-test", progress=False,
+                    tokenizer=service.app.tok)
+    assert res.metrics["completed"] == 4 and res.meta["initial_test_e2el_s"] > 0
+    assert len(service.app.records) - r0 == 5
+    with pytest.raises(WorkbenchError, match="initial test request .* failed .*HTTP 404"):
+        bench.run(service.url, "concurrency=2,isl=8,osl=3,requests=400", model="nope", api_key="sk-test",
+                  progress=False)
+    assert len(service.app.records) - r0 == 5                 # nothing of the 400 was sent
+    skipped = bench.run(service.url, "concurrency=1,isl=8,osl=2,requests=2", api_key="sk-test", progress=False,
+                        initial_test=False)
+    assert skipped.meta["initial_test_e2el_s"] is None and len(service.app.records) - r0 == 7
+    from workbench.cli import main
+
+    code = main(["bench", "serve", "--url", service.url, "--traffic", "concurrency=1,isl=8,osl=2,requests=3",
+                 "--model", "nope", "--api-key", "sk-test", "--no-progress"])
+    assert code == 2 and "--no-initial-test" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_live_serving_run_through_the_job_core(llama: Path) -> None:
     """wb.start on a serving job streams Updates in the Result schema and ends in a measured Result,

@@ -41,7 +41,7 @@ def test_client_process_measures_the_server(service: Any) -> None:
         again = client.run(service.url, "concurrency=2,isl=8,osl=3,requests=4", tokenizer=service.path)
     assert res.metrics["completed"] == 9 and res.metrics["failed"] == 0
     assert again.metrics["completed"] == 4          # one process, any number of benchmarks
-    assert len(service.app.records) - r0 == 13       # the server saw them all
+    assert len(service.app.records) - r0 == 13 + 2   # the server saw them all, and each run's initial test request
     assert (res.requests["output_tokens"] == 4).all()
     assert res.meta["client_cpu_s"] > 0 and res.meta["prompts_cpu_s"] >= 0
     assert not _alive(pid)   # stopped and reaped

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the benchmark record (workbench.bench.record: machine, "
                    "command, summary = the metrics, rows = the requests) here")
     p.add_argument("--machine", default=None, help="the machine's name in the --out record (default: the host name)")
+    p.add_argument("--no-initial-test", action="store_true",
+                   help="do not send the first request once on its own before the clock starts (vllm bench serve's "
+                        "initial single prompt test run)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         tok = TextTokenizer(args.tokenizer)
     res = bench.run(args.url, args.traffic, slo=args.slo, model=args.model, endpoint=args.endpoint,
                     api_key=args.api_key, ignore_eos=not args.no_ignore_eos, progress=not args.no_progress,
-                    tokenizer=tok)
+                    tokenizer=tok, initial_test=not args.no_initial_test)
     if args.save_requests:
         df = res.requests.copy()
         df["itl"] = df["itl"].map(json.dumps)

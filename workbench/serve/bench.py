@@ -97,21 +97,27 @@ class BenchResult:
 
 def run(url: str, traffic: str | Traffic, *, slo: str | dict[str, float] | None = None, model: str | None = None,
         endpoint: str = "/v1/completions", api_key: str | None = None, ignore_eos: bool = True,
-        timeout: float = 300.0, progress: bool = True, tokenizer: Any = None, temperature: float = 0.0) -> BenchResult:
+        timeout: float = 300.0, progress: bool = True, tokenizer: Any = None, temperature: float = 0.0,
+        initial_test: bool = True) -> BenchResult:
     """Run the benchmark to the end (blocking); see `run_async`."""
     return asyncio.run(run_async(url, traffic, slo=slo, model=model, endpoint=endpoint, api_key=api_key,
                                  ignore_eos=ignore_eos, timeout=timeout, progress=progress, tokenizer=tokenizer,
-                                 temperature=temperature))
+                                 temperature=temperature, initial_test=initial_test))
 
 
 async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, float] | None = None,
                     model: str | None = None, endpoint: str = "/v1/completions", api_key: str | None = None,
                     ignore_eos: bool = True, timeout: float = 300.0, progress: bool = True, tokenizer: Any = None,
-                    temperature: float = 0.0) -> BenchResult:
+                    temperature: float = 0.0, initial_test: bool = True) -> BenchResult:
     """The benchmark in the running event loop. The HTTP client is aiohttp's, as `vllm bench serve`'s: a client
     that shares a machine with the server it measures should spend as little of it as it can, and httpx's
     streaming cost several times more CPU per request (the front-end fits of `serve-calibration-h200.md`: the
-    client's 4.4-5.1 ms per request with httpx, 0.2-0.4 ms with aiohttp)."""
+    client's 4.4-5.1 ms per request with httpx, 0.2-0.4 ms with aiohttp).
+
+    `initial_test`: as `vllm bench serve` ("Starting initial single prompt test run..."), the first request is
+    sent once on its own before the clock starts, and a failure of it stops the benchmark with its error (a
+    wrong model, endpoint or key fails one request, not the whole run's); it is not counted. It also means a
+    server that has just started is measured after its first request, as a long-running server is."""
     import aiohttp
 
     t = Traffic.parse(traffic)
@@ -136,6 +142,14 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
         c0 = time.process_time()
         prompts = [_prompt(words, rnd, int(p["input_len"]), tokenizer) for p in plan]
         prompts_cpu = time.process_time() - c0
+        initial = None
+        if initial_test and plan:
+            initial = await _request(client, base + endpoint, model, prompts[0], plan[0], ignore_eos, temperature,
+                                     time.perf_counter())
+            if not initial["success"]:
+                raise WorkbenchError(f"the initial test request to {base + endpoint} failed ({initial['error']}): "
+                                     "check --url, --model, --endpoint and --api-key (or skip the test: "
+                                     "--no-initial-test)")
         bar = _bar(len(plan), progress)
         rows: list[dict[str, Any]] = [{} for _ in plan]
         sem = asyncio.Semaphore(t.concurrency or t.max_concurrency or len(plan))
@@ -159,7 +173,7 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
     df = pd.DataFrame(rows)
     metrics = summarize(df, duration, slos)
     meta = {"url": url, "model": model, "traffic": t.spec(), "endpoint": endpoint, "slo": slos,
-            "prompts_cpu_s": prompts_cpu}
+            "prompts_cpu_s": prompts_cpu, "initial_test_e2el_s": None if initial is None else initial["e2el"]}
     return BenchResult(metrics, df, meta)
 
 

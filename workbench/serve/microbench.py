@@ -160,7 +160,7 @@ def trace_run(checkpoint: str, traffic: str, **spec: Any) -> dict[str, Any]:
     hand-off to the worker until the worker read it: it reads between steps, so mostly the running step's remainder),
     `engine_wait` (read → its first step starts), `own_step`, `pipe_out` (step end → the front end's reader) and
     `reader_to_handler`; 'metrics'}."""
-    with served(checkpoint, **spec) as (svc, drive):
+    with served(checkpoint, initial_test=False, **spec) as (svc, drive):
         b = svc.backend
         drive("concurrency=1,isl=8,osl=4,requests=2")   # warm-up
         k0, r0, q0 = len(b.steps), len(svc.app.records), len(b.request_log)
@@ -200,7 +200,7 @@ def measure_steps(checkpoint: str, batches: tuple[int, ...] = (1, 2, 3, 4, 6, 8,
 
     shapes = [(n, plen) for _ in range(repeat) for plen in prompts for n in batches]
     if http:
-        with served(checkpoint, **spec) as (svc, drive):
+        with served(checkpoint, initial_test=False, **spec) as (svc, drive):
             drive(f"rate=inf,isl=8,osl={output},requests=2")  # warm-up
             for n, plen in shapes:
                 k0 = len(svc.backend.steps)
@@ -251,7 +251,7 @@ def measure_overheads(checkpoint: str, requests: int = 24, output: int = 16, **s
     decode step period, 'server_request_us': the part of request_us after the server took the request,
     'turnaround_us': median time from a request's last token (as the client sees it) to its next request's send:
     the end of the stream, the client's accounting, the next request's start}."""
-    with served(checkpoint, **spec) as (svc, drive):
+    with served(checkpoint, initial_test=False, **spec) as (svc, drive):
         b = svc.backend
 
         def run(osl: int, n: int) -> tuple[pd.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -304,7 +304,7 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     from scipy.optimize import nnls
 
     rows = []
-    with served(checkpoint, **spec) as (svc, drive):
+    with served(checkpoint, initial_test=False, **spec) as (svc, drive):
         b = svc.backend
 
         def one(c: int, osl: int, n: int) -> tuple[float, float, float, float, float, float]:

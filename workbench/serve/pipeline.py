@@ -49,6 +49,7 @@ class PipelineModel:
         self.stage0 = Model.load(spec.model, layers=self.ranges[0], device=spec.device, dtype=dtype)
         self.cfg, self.device, self.dtype = cfg, self.stage0.device, dtype
         self.num_kv_heads, self.layers = self.stage0.num_kv_heads, self.ranges[0]
+        self.merge_pairs = self.stage0.merge_pairs   # each stage decides for its own batch (`Model.merge_pairs`)
         self.tx = Transport("tcp", lanes=spec.lanes, host=spec.transport_host, name=f"{spec.name}-pp0")
         self.act = torch.zeros(spec.max_batched_tokens * cfg.hidden_size, dtype=dtype, device=self.device)
         self.logits_buf = torch.zeros(spec.max_seqs * cfg.vocab_size, dtype=torch.float32, device=self.device)

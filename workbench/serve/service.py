@@ -68,14 +68,18 @@ def start_service(model: str | Path, mode: str = "colocated", *, host: str = "12
 
 
 @contextmanager
-def served(model: str | Path, mode: str = "colocated", **spec: Any) -> Iterator[tuple[Service, Callable[..., Any]]]:
+def served(model: str | Path, mode: str = "colocated", *, initial_test: bool = True,
+           **spec: Any) -> Iterator[tuple[Service, Callable[..., Any]]]:
     """The real server on `model` and `drive(traffic, **options)`: the traffic benchmark against it from a client
     process of its own (`workbench.serve.client`, started first so that its imports overlap the workers' start-up),
-    returning the `BenchResult` (`meta['client_cpu_s']`: the client's CPU for the run). Both stop on exit."""
+    returning the `BenchResult` (`meta['client_cpu_s']`: the client's CPU for the run). Both stop on exit.
+    `initial_test`: the benchmark's default for its initial test request (microbenchmarks that count the server's
+    steps and records per run turn it off and warm the server up themselves)."""
     from workbench.serve.client import ClientProcess
 
     with ClientProcess() as client, start_service(model, mode, **spec) as svc:
-        yield svc, lambda traffic, **options: client.run(svc.url, traffic, tokenizer=svc.path, **options)
+        yield svc, lambda traffic, **options: client.run(svc.url, traffic, tokenizer=svc.path,
+                                                         **({"initial_test": initial_test} | options))
 
 
 def serve_demo(traffic: str = "concurrency=4,dataset=conversation,scale=0.05,max_isl=200,max_osl=48,requests=24",
