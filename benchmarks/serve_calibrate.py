@@ -422,7 +422,7 @@ def render(record: dict[str, Any]) -> str:
         f, o = r["fitted"], r["overheads"]
         fe = r.get("frontend")
         lines.append(f"Round {i + 1}: load average {r['load_average'][0]:.1f}. After: scheduler_us = {f['scheduler_us']:.0f}, "
-                     f"seq_us = {f['seq_us']:.0f}, chunk_us = {f.get('chunk_us', 0.0):.0f}, eager_us = {f.get('eager_us', 0.0):.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
+                     f"seq_us = {f['seq_us']:.0f}, chunk_us = {f.get('chunk_us', 0.0):.0f}, prefill_step_us = {f.get('prefill_step_us', 0.0):.0f}, eager_us = {f.get('eager_us', 0.0):.0f}, rate factor = {f['rate_factor']:.3g} (R² {f['r2']:.2f} over "
                      f"{f['steps']:.0f} microbenchmark steps; the calibration run's {f.get('run_steps', 0):.0f} busy steps: "
                      f"contention {f.get('contention', 1.0):.2f}); request_us = {f['request_us']:.0f} (one request alone: "
                      f"client TTFT − step {o['request_us']:.0f}).")

@@ -168,6 +168,40 @@ def test_step_fit_recovers_a_cost_per_prefill_chunk(job) -> None:  # type: ignor
     assert w.cost.step(100.0, 2304.0, 0.0, 2.0, False, 2.0) == pytest.approx(float(w.cost.step_seconds(*args, 2.0)[0]))
 
 
+def test_step_fit_recovers_a_cost_per_prefill_step(job) -> None:  # type: ignore[no-untyped-def]
+    """An engine without CUDA graphs whose step costs the host a set-up once when it holds any prefill chunk (3 ms,
+    as the 2-vCPU VM's sweep shows), beside 1 ms per chunk: the fit finds both apart, and the simulator charges the
+    plan's `prefill_step_us` once per such step in all three of its prices (arrays, one step, the compiled loop)."""
+    from workbench.sim import serve_kernel as K
+    from workbench.sim.serve import workers
+
+    rng = np.random.default_rng(4)
+    t = _compositions((0.0, 1.0, 2.0, 4.0), (16.0, 48.0, 128.0, 256.0, 48.0))
+    s, q, c, a, k = 4e-3, 3e-4, 1e-3, 3e-3, 2.5
+    price = _price(job, t["tokens"].to_numpy(), t["seqs"].to_numpy(), composition=t, rate=k)
+    t["period"] = ((s + q * t["seqs"] + c * t["prefill_seqs"] + a * (t["prefill_seqs"] > 0) + price)
+                   * (1 + 0.01 * rng.uniform(-1, 1, len(t))))
+    f = fit_steps(job, t)
+    assert f["prefill_step_us"] == pytest.approx(3000, rel=0.1)
+    assert f["chunk_us"] == pytest.approx(1000, rel=0.25)
+    assert f["rate_factor"] == pytest.approx(2.5, rel=0.1)
+    graphs = job.with_plan(job.plan.with_(cuda_graph=True))
+    assert fit_steps(graphs, t)["prefill_step_us"] == 0.0      # with CUDA graphs `eager_us` is that term
+    w = workers(job.cluster, job.model, job.plan.with_(prefill_step_us=3000.0))[0]
+    w0 = workers(job.cluster, job.model, job.plan)[0]
+    args = (np.array([100.0, 100.0, 200.0]), np.array([2304.0, 2304.0, 4608.0]), np.zeros(3), np.full(3, 2.0),
+            np.zeros(3, bool))
+    chunks = np.array([0.0, 1.0, 2.0])
+    extra = w.cost.step_seconds(*args, chunks) - w0.cost.step_seconds(*args, chunks)
+    assert extra == pytest.approx([0.0, 0.003, 0.003])
+    fp, tables = w.cost.kernel_params(), w.cost.kernel_tables()
+    for i in range(3):
+        want = float(w.cost.step_seconds(*args, chunks)[i])
+        assert w.cost.step(*(float(x[i]) for x in args[:4]), False, float(chunks[i])) == pytest.approx(want)
+        assert K.step_price(fp, *tables, *(float(x[i]) for x in args[:4]), False, float(chunks[i])) == \
+            pytest.approx(want)
+
+
 def test_step_fit_recovers_a_cost_per_eager_step() -> None:
     """An engine that replays its decode-only steps as CUDA graphs and runs the others eagerly (each eager step ~20
     ms of host launches, overlapping its GPU work, as on one H200): with the plan's `cuda_graph` the fit finds that

@@ -192,7 +192,8 @@ def _price_parts(job: Any, tokens: np.ndarray, seqs: np.ndarray, role: str = "co
     from workbench.sim.serve import workers
 
     cluster = job.cluster if rate == 1.0 else rated(job.cluster, rate)
-    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, eager_us=0.0, request_us=0.0,
+    plan = job.plan.with_(replicas=1, scheduler_us=0.0, seq_us=0.0, chunk_us=0.0, prefill_step_us=0.0, eager_us=0.0,
+                          request_us=0.0,
                           prefill_scheduler_us=None, prefill_seq_us=None, decode_scheduler_us=None,
                           decode_seq_us=None, cuda_graph=True)
     ws = workers(cluster, job.model, plan)
@@ -215,13 +216,16 @@ def _has_composition(t: pd.DataFrame) -> bool:
 def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     """Fit `period = s_r + q_r·seqs [+ c_r·chunks + e_r·eager] + sim_r(tokens; rates / k)` by least squares with s, q, c, e ≥ 0 to
     rows of tokens, seqs, period (seconds) and optionally role (and the composition, whose prefill chunks give a cost
-    `c_r` per prefill chunk: plan `chunk_us`, and where the plan has `cuda_graph` and a role ran both kinds, a cost
+    `c_r` per prefill chunk: plan `chunk_us`; without `cuda_graph`, where a role ran steps with and without a prefill
+    chunk, a cost `a_r` once per step holding one: plan `prefill_step_us`; and where the plan has `cuda_graph` and a
+    role ran both kinds, a cost
     `e_r` per step that is not a graph: plan `eager_us`, see `graph_steps`): a per-step cost `s_r` and a per-sequence cost `q_r` for each worker
     role (prefill and decode workers run different loops), one rate factor `k` (the same cores or GPUs) applied as
     the simulator applies it: the cluster's compute and memory rates divided by `k`, so the parts of a step that
     do not scale with them (the kernel launches) stay as they are. `k` is searched (a grid, then bounded Brent on log k), s
     q (and c) solved by non-negative least squares at each. Returns
-    {'scheduler_us', 'seq_us', 'chunk_us', 'rate_factor', 'r2', 'steps', 'median_abs_error'} and, per role,
+    {'scheduler_us', 'seq_us', 'chunk_us', 'prefill_step_us', 'eager_us', 'rate_factor', 'r2', 'steps',
+    'median_abs_error'} and, per role,
     '{role}_scheduler_us', '{role}_seq_us', '{role}_chunk_us' (the plain keys hold the colocated or else the decode
     worker's; `chunk_us` the colocated or else the prefill worker's).
 
@@ -253,6 +257,13 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
         if chunks is not None:
             cols.append(chunks * m)
             names.append((r, "chunk_us"))
+            has = chunks > 0
+            if not job.plan.cuda_graph and has[m].any() and not has[m].all():
+                # without CUDA graphs: a step that holds a prefill chunk costs the host a set-up of its own, once,
+                # whatever its chunks (the 2-vCPU VM's sweep: a 16-token chunk added ~3.5 ms to a decode step, a
+                # second chunk of 48 far less than the first); with graphs `eager_us` is that term
+                cols.append(has * m)
+                names.append((r, "prefill_step_us"))
         if graph[m].any() and not graph[m].all():
             cols.append((~graph).astype(float) * m)
             names.append((r, "eager_us"))
@@ -315,7 +326,8 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     out: dict[str, float] = {"rate_factor": k, "r2": r2, "steps": float(len(t)),
                              "median_abs_error": float(np.median(np.abs(pred - y) / y))}
     for r in present:
-        out |= {f"{r}_chunk_us": 0.0, f"{r}_eager_us": 0.0, f"{r}_steps": float((role == r).sum())}
+        out |= {f"{r}_chunk_us": 0.0, f"{r}_prefill_step_us": 0.0, f"{r}_eager_us": 0.0,
+                f"{r}_steps": float((role == r).sum())}
     for (r, name), v in zip(names, x):
         out[f"{r}_{name}"] = float(v) * 1e6
     main = "colocated" if "colocated" in present else present[-1]
@@ -324,6 +336,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     # own cost is the colocated worker's or the decode workers' (a prefill worker's steps are all eager: theirs is
     # in its per-step term, from which the plan's eager_us, charged on them too, comes out)
     out["chunk_us"] = out.get("colocated_chunk_us", out.get("prefill_chunk_us", 0.0))
+    out["prefill_step_us"] = out.get("colocated_prefill_step_us", out.get("prefill_prefill_step_us", 0.0))
     out["eager_us"] = out.get("colocated_eager_us", out.get("decode_eager_us", 0.0))
     if "prefill" in present and out["eager_us"] > 0:
         out["prefill_scheduler_us"] = max(out["prefill_scheduler_us"] - out["eager_us"], 0.0)
@@ -368,9 +381,9 @@ def _root(f: Any, a: float, b: float) -> float:
 
 def _scale(f: dict[str, float], lam: float, eager: float | None = None) -> dict[str, float]:
     """A fit with every time term multiplied by `lam` (the machine's contention at another moment), or with `eager`
-    the eager steps' own terms (`chunk_us`, `eager_us`) by that instead."""
+    the eager steps' own terms (`chunk_us`, `prefill_step_us`, `eager_us`) by that instead."""
     own = lam if eager is None else eager
-    return {k: (v * own if k.endswith(("chunk_us", "eager_us")) else
+    return {k: (v * own if k.endswith(("chunk_us", "prefill_step_us", "eager_us")) else
                 v * lam if k.endswith(("scheduler_us", "seq_us")) or k == "rate_factor" else v) for k, v in f.items()}
 
 
@@ -421,7 +434,8 @@ def with_contention(job: Any, f: dict[str, float], run: pd.DataFrame, both: bool
         def excess(loglam: float) -> float:
             le = float(np.exp(loglam))
             lm = le if common is None else common
-            host = ((f["scheduler_us"] + f["seq_us"] * seqs[m]) * lm + f.get("chunk_us", 0.0) * chunks[m] * le) * 1e-6
+            host = ((f["scheduler_us"] + f["seq_us"] * seqs[m]) * lm
+                    + (f.get("chunk_us", 0.0) * chunks[m] + f.get("prefill_step_us", 0.0) * (chunks[m] > 0)) * le) * 1e-6
             return float(host.sum() + _price(job, tokens[m], seqs[m], composition=c, rate=f["rate_factor"] * lm,
                                              eager_s=eager_s * le).sum()) - float(period[m].sum())
 
@@ -520,7 +534,8 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
     changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"],
-                               "chunk_us": f.get("chunk_us", 0.0), "eager_us": f.get("eager_us", 0.0), "replicas": 1}
+                               "chunk_us": f.get("chunk_us", 0.0), "prefill_step_us": f.get("prefill_step_us", 0.0),
+                               "eager_us": f.get("eager_us", 0.0), "replicas": 1}
     if frontend and overheads is not None:
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
@@ -545,7 +560,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
                 e = _mean_slowdown(trial)
                 f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
                 changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"], chunk_us=f.get("chunk_us", 0.0),
-                               eager_us=f.get("eager_us", 0.0))
+                               prefill_step_us=f.get("prefill_step_us", 0.0), eager_us=f.get("eager_us", 0.0))
     else:
         inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
         f["request_us"] = f["hop_us"] + max(inner, 0.0)

@@ -26,7 +26,7 @@ KV_TRANSPORTS = ("", "tcp", "cuda_ipc")
 _INT = ("tp", "pp", "ep", "dp", "replicas", "max_seqs", "max_tokens", "chunk", "block", "max_len",
         "prefill_workers", "prefill_tp", "prefill_ep", "decode_workers", "decode_tp", "decode_ep")
 _BOOL = ("prefix_caching", "cuda_graph", "chunked_prefill")
-_HOST = ("scheduler_us", "seq_us", "chunk_us", "eager_us", "request_us", "fe_request_us", "fe_finish_us", "fe_async_us", "fe_token_us",
+_HOST = ("scheduler_us", "seq_us", "chunk_us", "prefill_step_us", "eager_us", "request_us", "fe_request_us", "fe_finish_us", "fe_async_us", "fe_token_us",
          "fe_step_us", "fe_slowdown")
 _OPTIONAL = ("prefill_scheduler_us", "prefill_seq_us", "decode_scheduler_us", "decode_seq_us", "kv_us", "kv_GBps")
 ALIASES = {"max_num_seqs": "max_seqs", "max_num_batched_tokens": "max_tokens", "block_size": "block",
@@ -49,7 +49,9 @@ class ServingPlan:
     fits the KV pool; presets' `seq` is a training length, not a context limit). `scheduler_us`: host time per step not hidden behind the GPU (0: an overlapped
     scheduler, as vLLM V1 and SGLang run it); `seq_us`: host time per sequence in a step (Python per sequence,
     sampling, page tables); `chunk_us`: host time per prefill chunk in a step (an engine whose prefill attention
-    runs per chunk: its calls for each); `eager_us`: host time per step that is not a captured CUDA graph (with
+    runs per chunk: its calls for each); `prefill_step_us`: host time per step that holds any prefill chunk, once
+    (an engine without CUDA graphs: its prefill attention's set-up, masks and index ops per layer, whatever the
+    chunks); `eager_us`: host time per step that is not a captured CUDA graph (with
     `cuda_graph`, steps other than decode-only ones: the launches a graph saves, where the engine's kernels
     outnumber the counted ones; it overlaps the GPU's work: such a step lasts the longer of the two); `request_us`: time per request outside the engine (HTTP, tokenisation, the pipe to
     the worker, streaming back): added to TTFT and E2EL and to a closed-loop client's turnaround (both 0 unless
@@ -90,6 +92,7 @@ class ServingPlan:
     scheduler_us: float = 0.0
     seq_us: float = 0.0
     chunk_us: float = 0.0
+    prefill_step_us: float = 0.0
     eager_us: float = 0.0
     request_us: float = 0.0
     prefill_scheduler_us: float | None = None

@@ -406,7 +406,7 @@ class WorkerCost:
                      decode_only: np.ndarray | bool, chunks: np.ndarray | float = 0.0) -> np.ndarray:
         """Seconds of steps (arrays or scalars): `tokens` scheduled, Σ chunk·(context + chunk/2) of prefill
         chunks, KV tokens read by decodes, rows sampled, whether the step is decode-only (CUDA graph), and its
-        prefill chunks (the plan's `chunk_us` each); a step that is not a graph takes at least its kernels' launches plus
+        prefill chunks (the plan's `chunk_us` each, and `prefill_step_us` once where there is one); a step that is not a graph takes at least its kernels' launches plus
         the plan's `eager_us` of host time (overlapping the GPU's work)."""
         m = np.maximum(np.asarray(tokens, float), 1.0)
         pp = self.pp
@@ -425,8 +425,9 @@ class WorkerCost:
         # the GPU runs them: the step is the longer of the two
         t = np.where(graph, t, np.maximum(t, n_k * self.launch_eager + self.plan.eager_us * 1e-6))
         sched, seq = self.plan.host(self.role)
-        return (t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float)
-                + self.plan.chunk_us * 1e-6 * np.asarray(chunks, float))
+        ch = np.asarray(chunks, float)
+        return (t + sched * 1e-6 + seq * 1e-6 * np.asarray(sampled, float) + self.plan.chunk_us * 1e-6 * ch
+                + self.plan.prefill_step_us * 1e-6 * (ch > 0))
 
     def comm_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """TP/EP collective seconds in steps of `tokens` (for the events table)."""
@@ -458,6 +459,7 @@ class WorkerCost:
         fp[K.F_SEQ], fp[K.F_REQ] = seq * 1e-6, self.plan.request_us * 1e-6
         fp[K.F_CHUNK] = self.plan.chunk_us * 1e-6
         fp[K.F_EAGER] = self.plan.eager_us * 1e-6
+        fp[K.F_PREFILL_STEP] = self.plan.prefill_step_us * 1e-6
         fe = self.role == "colocated"  # the front end is modelled beside a colocated engine
         fp[K.F_FE_REQ] = self.plan.fe_request_us * 1e-6 * fe
         fp[K.F_FE_FIN] = self.plan.fe_finish_us * 1e-6 * fe
@@ -500,7 +502,8 @@ class WorkerCost:
         if not (decode_only and self.plan.cuda_graph):
             t = max(t, n_k * self.launch_eager + self.plan.eager_us * 1e-6)
         sched, seq = self.plan.host(self.role)
-        return t + sched * 1e-6 + seq * 1e-6 * sampled + self.plan.chunk_us * 1e-6 * chunks
+        return (t + sched * 1e-6 + seq * 1e-6 * sampled + self.plan.chunk_us * 1e-6 * chunks
+                + (self.plan.prefill_step_us * 1e-6 if chunks > 0 else 0.0))
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:

@@ -29,8 +29,8 @@ from numba import njit
 # indices into the float parameter vector `fp` (prices) and the int vector `ip` (scheduler)
 F_PP, F_DP, F_LAYERS, F_FLOP_PER, F_PF_SCALE, F_KVB, F_DC_SCALE, F_CPU, F_ATTN_PEAK, F_MEM_BPS, \
     F_LAUNCH_GRAPH, F_LAUNCH_EAGER, F_KERNELS, F_GRAPH, F_SCHED, F_SWAP_S, F_SEQ, F_REQ, \
-    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN, F_FE_ASYNC, F_CHUNK, F_EAGER = range(26)
-N_F = 26
+    F_FE_REQ, F_FE_TOK, F_FE_STEP, F_FE_SLOW, F_FE_FIN, F_FE_ASYNC, F_CHUNK, F_EAGER, F_PREFILL_STEP = range(27)
+N_F = 27
 I_B, I_TOTAL, I_CHUNK, I_MAX_TOKENS, I_MAX_SEQS, I_PBLOCKS, I_CHUNKED, I_SWAP, I_CLOSED, I_DECODE_MODE, I_NO_EVICT = \
     range(11)
 
@@ -63,7 +63,7 @@ def step_price(fp, grid, tl, th, ts, pfx, pfy, dcx, dcy, tokens, work, dkv, samp
     t = gpu + nk * fp[F_LAUNCH_GRAPH]  # back-to-back kernels: the per-kernel gap measured in a graph
     if not (decode_only and fp[F_GRAPH] > 0):
         t = max(t, nk * fp[F_LAUNCH_EAGER] + fp[F_EAGER])  # eager: the host launches every kernel as the GPU runs
-    return t + fp[F_SCHED] + fp[F_SEQ] * sampled + fp[F_CHUNK] * chunks
+    return t + fp[F_SCHED] + fp[F_SEQ] * sampled + fp[F_CHUNK] * chunks + (fp[F_PREFILL_STEP] if chunks > 0 else 0.0)
 
 
 @njit(cache=True)
