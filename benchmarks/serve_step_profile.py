@@ -135,10 +135,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     # "graph": decode-only steps through DecodeGraphs; "pieces": the others through PieceGraphs, their decodes
-    # attended apart from the prefills; "merged": the same with the decodes among the prefills (`merge_pairs`)
+    # attended apart from the prefills; "merged": the same built as the engine builds it (`Model.merge_pairs`: on a
+    # GPU the decodes among the prefills where the bound allows; nothing to compare on a CPU, which never merges)
     runs: list[tuple[int, int, int, bool | str]] = [(d, k, p, False) for d, k, p in args.comps]
     runs += [(d, k, p, True if k == 0 else "pieces") for d, k, p in args.comps if graphs is not None]
-    runs += [(d, k, p, "merged") for d, k, p in args.comps if graphs is not None and d and k]
+    runs += [(d, k, p, "merged") for d, k, p in args.comps if graphs is not None and d and k and model.merge_pairs]
     for d, k, p, graph in runs:
         it = st.items(d, k, p)
 
@@ -150,7 +151,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
             assert graphs is not None and pieces is not None
             t0 = time.perf_counter()
-            merge = (1 << 30) if graph == "merged" else 0
+            merge = model.merge_pairs if graph == "merged" else 0
             logits = graphs.run(it) if graph is True else pieces.run(Batch.build(it, st.page_size, model.device,
                                                                                  merge_pairs=merge))
             t1 = time.perf_counter()
@@ -199,8 +200,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 def _mode(graph: bool | str) -> str:
     """How a row's step ran: eagerly ('no'), one CUDA graph ('yes'), or graphed pieces around the attention (its
     decodes attended apart, or among the prefills: 'pieces, merged')."""
-    if graph in ("pieces", "merged"):
-        return "pieces" if graph == "pieces" else "pieces, merged"
+    if isinstance(graph, str):
+        return {"pieces": "pieces", "merged": "pieces, merged"}[graph]
     return "yes" if graph else "no"
 
 

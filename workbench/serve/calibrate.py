@@ -336,7 +336,7 @@ def fit_steps(job: Any, table: pd.DataFrame) -> dict[str, float]:
     # own cost is the colocated worker's or the decode workers' (a prefill worker's steps are all eager: theirs is
     # in its per-step term, from which the plan's eager_us, charged on them too, comes out)
     out["chunk_us"] = out.get("colocated_chunk_us", out.get("prefill_chunk_us", 0.0))
-    out["prefill_step_us"] = out.get("colocated_prefill_step_us", out.get("prefill_prefill_step_us", 0.0))
+    out["prefill_step_us"] = out.get("colocated_prefill_step_us", 0.0)  # a prefill worker's steps all hold one
     out["eager_us"] = out.get("colocated_eager_us", out.get("decode_eager_us", 0.0))
     if "prefill" in present and out["eager_us"] > 0:
         out["prefill_scheduler_us"] = max(out["prefill_scheduler_us"] - out["eager_us"], 0.0)
@@ -377,6 +377,10 @@ def _root(f: Any, a: float, b: float) -> float:
     if fb <= 0:
         return b
     return float(brentq(f, a, b, xtol=1e-6))
+
+
+#: the plan's step-cost terms a fit gives (`fit_steps`), as `calibrate_job` sets them
+STEP_TERMS = ("scheduler_us", "seq_us", "chunk_us", "prefill_step_us", "eager_us")
 
 
 def _scale(f: dict[str, float], lam: float, eager: float | None = None) -> dict[str, float]:
@@ -533,9 +537,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
 
     hop = hop_seconds(measured)
     f["hop_us"] = hop * 1e6 if np.isfinite(hop) else 0.0
-    changes: dict[str, Any] = {"scheduler_us": f["scheduler_us"], "seq_us": f["seq_us"],
-                               "chunk_us": f.get("chunk_us", 0.0), "prefill_step_us": f.get("prefill_step_us", 0.0),
-                               "eager_us": f.get("eager_us", 0.0), "replicas": 1}
+    changes: dict[str, Any] = {k: f.get(k, 0.0) for k in STEP_TERMS} | {"replicas": 1}
     if frontend and overheads is not None:
         fe = {x: float(frontend.get(x, 0.0)) for x in ("fe_request_us", "fe_token_us", "fe_step_us", "fe_slowdown")}
         own = fe["fe_step_us"] + fe["fe_token_us"]  # the front end's work for a first token, scheduled by the model
@@ -559,8 +561,7 @@ def calibrate_job(job: Any, measured: Any, micro: pd.DataFrame | None = None,
                 trial = job.with_cluster(rated(job.cluster, f["rate_factor"])).with_plan(job.plan.with_(**changes))
                 e = _mean_slowdown(trial)
                 f = _scale(f0, 1.0 / e) | {"contention": f0["contention"] / e, "fe_mean_slowdown": e}
-                changes.update(scheduler_us=f["scheduler_us"], seq_us=f["seq_us"], chunk_us=f.get("chunk_us", 0.0),
-                               prefill_step_us=f.get("prefill_step_us", 0.0), eager_us=f.get("eager_us", 0.0))
+                changes.update({k: f.get(k, 0.0) for k in STEP_TERMS})
     else:
         inner = float(overheads["server_request_us"]) if overheads is not None else 0.0
         f["request_us"] = f["hop_us"] + max(inner, 0.0)
