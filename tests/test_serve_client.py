@@ -43,7 +43,7 @@ def test_client_process_measures_the_server(service: Any) -> None:
     assert again.metrics["completed"] == 4          # one process, any number of benchmarks
     assert len(service.app.records) - r0 == 13 + 2   # the server saw them all, and each run's initial test request
     assert (res.requests["output_tokens"] == 4).all()
-    assert res.meta["client_cpu_s"] > 0 and res.meta["prompts_cpu_s"] >= 0
+    assert res.meta["client_cpu_s"] > res.meta["setup_cpu_s"] >= res.meta["prompts_cpu_s"] >= 0
     assert not _alive(pid)   # stopped and reaped
 
 

@@ -117,9 +117,14 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
     `initial_test`: as `vllm bench serve` ("Starting initial single prompt test run..."), the first request is
     sent once on its own before the clock starts, and a failure of it stops the benchmark with its error (a
     wrong model, endpoint or key fails one request, not the whole run's); it is not counted. It also means a
-    server that has just started is measured after its first request, as a long-running server is."""
+    server that has just started is measured after its first request, as a long-running server is.
+
+    `meta`: `prompts_cpu_s` (this process's CPU building the prompts) and `setup_cpu_s` (its CPU before the clock
+    starts: the model list, the prompts, the initial test request, the connections opened); in a client process of
+    its own both are the client's alone."""
     import aiohttp
 
+    setup0 = time.process_time()
     t = Traffic.parse(traffic)
     slos = parse_slo(slo)
     if endpoint not in ("/v1/completions", "/v1/chat/completions"):
@@ -154,6 +159,7 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
         rows: list[dict[str, Any]] = [{} for _ in plan]
         sem = asyncio.Semaphore(t.concurrency or t.max_concurrency or len(plan))
         await _open_connections(client, base, min(t.concurrency or t.max_concurrency or 0, len(plan), 64))
+        setup_cpu = time.process_time() - setup0
         start = time.perf_counter()
 
         async def one(i: int) -> None:
@@ -173,7 +179,8 @@ async def run_async(url: str, traffic: str | Traffic, *, slo: str | dict[str, fl
     df = pd.DataFrame(rows)
     metrics = summarize(df, duration, slos)
     meta = {"url": url, "model": model, "traffic": t.spec(), "endpoint": endpoint, "slo": slos,
-            "prompts_cpu_s": prompts_cpu, "initial_test_e2el_s": None if initial is None else initial["e2el"]}
+            "prompts_cpu_s": prompts_cpu, "setup_cpu_s": setup_cpu,
+            "initial_test_e2el_s": None if initial is None else initial["e2el"]}
     return BenchResult(metrics, df, meta)
 
 

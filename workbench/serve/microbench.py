@@ -298,7 +298,7 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
     over each run's median of `repeats` passes (the runs in alternation: a passing disturbance of a shared
     machine moves one pass, not the fit; `spread`: the largest of the runs' max/min CPU over their passes).
     {'fe_request_us': a, 'fe_token_us': b, 'fe_step_us': c, 'fe_run_us': d, 'idle_cpu_per_s', 'r2', 'runs',
-    'repeats', 'spread'}; and the same fit of the client's CPU in its process (its prompts' building taken off:
+    'repeats', 'spread'}; and the same fit of the client's CPU in its process (its work before the clock taken off:
     `client_request_us`, `client_token_us`, `client_step_us`, `client_r2`): its own load, which the serving
     simulator does not model (it is another process, on another core where the machine has one)."""
     from scipy.optimize import nnls
@@ -311,7 +311,7 @@ def measure_frontend(checkpoint: str, runs: tuple[tuple[int, int, int], ...] = F
             k0, c0, w0 = len(b.steps), time.process_time(), time.perf_counter()
             res = drive(f"concurrency={c},isl={isl},osl={osl},requests={n}")
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-            client = float(res.meta.get("client_cpu_s", np.nan)) - float(res.meta.get("prompts_cpu_s", 0.0))
+            client = float(res.meta.get("client_cpu_s", np.nan)) - float(res.meta.get("setup_cpu_s", 0.0))
             ok = res.requests[res.requests["success"]]
             return float(len(ok)), float(ok["output_tokens"].sum()), float(len(b.steps) - k0), cpu, wall, client
 
