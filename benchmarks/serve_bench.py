@@ -2,6 +2,7 @@
 
     python benchmarks/serve_bench.py --machine cpu2-vm --runs cpu                # colocated vs disaggregated (tcp) on CPU
     python benchmarks/serve_bench.py --machine h200x2 --runs gpu --model-shape 1b  # one H200; two H200s over cuda_ipc and tcp
+    python benchmarks/serve_bench.py --machine h200 --runs gpu --model-shape 1b    # one H200: disaggregated within it
 
 Each run starts `workbench serve`'s service, warms it up, drives it with `workbench bench serve`'s
 client, and records the vllm bench serve metrics plus the KV hand-off: bytes, per-request
@@ -28,19 +29,24 @@ SHAPES = {  # a random-weight Llama of a meaningful size for each machine
 }
 
 
-def runs(kind: str) -> list[tuple[str, str, dict]]:
+def runs(kind: str, gpus: int = 2, gpu: str = "H200") -> list[tuple[str, str, dict]]:
+    """The runs of `kind`: on CPU ranks colocated and disaggregated; on GPUs one GPU colocated, then prefill on
+    cuda:0 and decode on cuda:1 (two GPUs of one host; with one GPU both on cuda:0, two processes) over cuda_ipc and
+    over tcp, and TP=2 where there are two GPUs."""
     if kind == "cpu":
         out = [("colocated-cpu", "colocated", dict(device="cpu", threads=1)),
                ("disaggregated-cpu-tcp", "disaggregated", dict(device="cpu", transport="tcp", threads=1))]
         if importlib.util.find_spec("nixl") is not None:  # the nixl backend where it is installed (UCX tcp/shm)
             out.append(("disaggregated-cpu-nixl", "disaggregated", dict(device="cpu", transport="nixl", threads=1)))
         return out
-    return [("colocated-1xH200", "colocated", dict(device="cuda:0", dtype="bfloat16")),
-            ("disaggregated-2xH200-cuda_ipc", "disaggregated",
-             dict(dtype="bfloat16", transport="cuda_ipc", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"})),
-            ("colocated-tp2-2xH200", "colocated", dict(device="cuda:0", dtype="bfloat16", tp=2)),
-            ("disaggregated-2xH200-tcp", "disaggregated",
-             dict(dtype="bfloat16", transport="tcp", prefill={"device": "cuda:0"}, decode={"device": "cuda:1"}))]
+    n = min(gpus, 2)
+    sides = dict(prefill={"device": "cuda:0"}, decode={"device": f"cuda:{n - 1}"})
+    out = [(f"colocated-1x{gpu}", "colocated", dict(device="cuda:0", dtype="bfloat16")),
+           (f"disaggregated-{n}x{gpu}-cuda_ipc", "disaggregated", dict(dtype="bfloat16", transport="cuda_ipc", **sides))]
+    if n == 2:
+        out.append((f"colocated-tp2-2x{gpu}", "colocated", dict(device="cuda:0", dtype="bfloat16", tp=2)))
+    out.append((f"disaggregated-{n}x{gpu}-tcp", "disaggregated", dict(dtype="bfloat16", transport="tcp", **sides)))
+    return out
 
 
 def main() -> None:
@@ -64,7 +70,13 @@ def main() -> None:
         dev = "cuda" if args.runs == "gpu" else "cpu"
         random_llama(model, **SHAPES[args.model_shape], dtype="bfloat16" if dev == "cuda" else "float32", device=dev)
     rows = []
-    for label, mode, spec in runs(args.runs):
+    gpus, gpu = 0, ""
+    if args.runs == "gpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0] if gpus else "GPU"
+    for label, mode, spec in runs(args.runs, gpus, gpu):
         if time.time() - t_begin > args.budget:
             rows.append({"run": label, "error": "skipped: out of time budget"})
             continue

@@ -64,8 +64,9 @@ def byte_tokenizer(path: Path) -> None:
 
 def random_llama(path: Path, hidden: int = 2048, layers: int = 16, heads: int = 32, kv_heads: int = 8,
                  intermediate: int = 8192, vocab: int = 258, max_position: int = 4096, dtype: str = "bfloat16",
-                 device: str = "cpu", seed: int = 0) -> Path:
-    """A Llama checkpoint with N(0, 0.02) weights (norms 1) and the byte tokenizer."""
+                 device: str = "cpu", seed: int = 0, std: float = 0.02) -> Path:
+    """A Llama checkpoint with N(0, `std`) weights (norms 1) and the byte tokenizer (a larger `std`, e.g. 0.2 as
+    the tests' `transformers` checkpoints, makes greedy tokens far from ties)."""
     import torch
     from safetensors.torch import save_file
 
@@ -74,7 +75,7 @@ def random_llama(path: Path, hidden: int = 2048, layers: int = 16, heads: int = 
     hd = hidden // heads
 
     def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(dt).cpu()
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dt).cpu()
 
     t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dt),
          "lm_head.weight": w(vocab, hidden)}
