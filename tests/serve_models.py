@@ -1,8 +1,11 @@
-"""Small random checkpoints (Llama, Mixtral) made with `transformers.save_pretrained`, plus a byte tokenizer."""
+"""Small random checkpoints (Llama, Mixtral) made with `transformers.save_pretrained`, plus a byte tokenizer, and
+the tokens a serving backend streams for prompts."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 from workbench.serve.checkpoints import byte_tokenizer
 
@@ -43,3 +46,17 @@ def hf_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
                      max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
     eos = m.config.eos_token_id
     return out[:out.index(eos) + 1] if eos in out else out
+
+
+def generate_all(b: Any, prompts: list[list[int]], params: Any) -> list[list[int]]:
+    """The tokens `b` streams for each prompt, all prompts in flight at once (a worker error fails the test)."""
+    async def one(p: list[int]) -> list[int]:
+        out: list[int] = []
+        async for ev in b.generate(p, params):
+            assert ev.error is None, ev.error
+            out.extend(ev.tokens)
+        return out
+
+    async def run_all() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    return asyncio.run(run_all())

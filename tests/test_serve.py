@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serve_models import hf_greedy, make_llama, make_mixtral  # noqa: E402
+from serve_models import generate_all, hf_greedy, make_llama, make_mixtral  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.serve import bench  # noqa: E402
@@ -210,20 +210,6 @@ def test_a_dying_worker_fails_its_requests_with_503(llama: Path) -> None:
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 503 and "died" in r.json()["error"]["message"]
         assert c.get("/health").status_code == 503 and c.get("/metrics").status_code == 200   # still up
-
-
-def generate_all(b: Any, prompts: list[list[int]], params: Any) -> list[list[int]]:
-    """The tokens `b` streams for each prompt, all prompts in flight at once (a worker error fails the test)."""
-    async def one(p: list[int]) -> list[int]:
-        out: list[int] = []
-        async for ev in b.generate(p, params):
-            assert ev.error is None, ev.error
-            out.extend(ev.tokens)
-        return out
-
-    async def run_all() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-    return asyncio.run(run_all())
 
 
 # ----- disaggregated == colocated == transformers -----

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_serve import generate_all  # noqa: E402
+from serve_models import generate_all  # noqa: E402
 
 from workbench.serve.backend import Backend  # noqa: E402
 from workbench.serve.checkpoints import random_llama  # noqa: E402
