@@ -642,6 +642,9 @@ class Engine:
         per = -(-npages // nshards)
         groups = [(i, min(i + per, npages)) for i in range(0, npages, per)]
         t = self._new(what, dst.engine, len(groups), total, timeout, callback)
+        # device pages: gathered into pinned host memory here, on the caller's stream (after the kernels that wrote
+        # them), so a lane thread only waits for that copy and sends (few GIL hand-offs beside a busy caller)
+        staged = _stage_pages(src, soffs, page_bytes) if src.view is None else None
         flags = wire.F_IMM if imm is not None else 0
         first = link.next_lane()
         lanes = []
@@ -651,7 +654,8 @@ class Engine:
             lane = link.data[(first + k) % nl]
             lane.shared = True
             lanes.append(lane.index)
-            lane.post(_PagedJob(t, hdr + doffs[a:b].astype("<u8").tobytes(), src, soffs[a:b], page_bytes))
+            lane.post(_PagedJob(t, hdr + doffs[a:b].astype("<u8").tobytes(), src, soffs[a:b], page_bytes,
+                                None if staged is None else (staged[0], staged[1], a * page_bytes, b * page_bytes)))
         if len(groups) == 1:
             t.lane = lane
         t.lanes = tuple(lanes)
@@ -1211,10 +1215,14 @@ class _GatherJob:
 
 
 class _PagedJob:
-    __slots__ = ("t", "hdr", "src", "offs", "page")
+    """One lane's share of a paged write over tcp: its pages from host memory, or (`staged`: a pinned host copy of
+    device pages, the event that completes it and this share's byte range) from that copy once it completed."""
 
-    def __init__(self, t: Transfer, hdr: bytes, src: Region, offs: Any, page: int) -> None:
-        self.t, self.hdr, self.src, self.offs, self.page = t, hdr, src, offs, page
+    __slots__ = ("t", "hdr", "src", "offs", "page", "staged")
+
+    def __init__(self, t: Transfer, hdr: bytes, src: Region, offs: Any, page: int,
+                 staged: tuple[Any, Any, int, int] | None = None) -> None:
+        self.t, self.hdr, self.src, self.offs, self.page, self.staged = t, hdr, src, offs, page, staged
 
     def __call__(self, lane: wire.Lane) -> None:
         if self.t.done():
@@ -1227,13 +1235,44 @@ class _PagedJob:
             with lane:
                 wire.send_gather(lane.sock, [self.hdr] + [view[o:o + p] for o in self.offs.tolist()])
             return
-        import torch
-
-        flat = self.src.flat
-        idx = torch.as_tensor(self.offs, device=flat.device).unsqueeze(1) + torch.arange(p, device=flat.device)
-        host = flat[idx.reshape(-1)].cpu()
+        if self.staged is None:
+            host, event = _stage_pages(self.src, self.offs, p)
+            a, b = 0, len(self.offs) * p
+        else:
+            host, event, a, b = self.staged
+        event.synchronize()  # the GIL released while the device copies
         with lane:
-            wire.send_gather(lane.sock, [self.hdr, memoryview(host.numpy())])
+            wire.send_gather(lane.sock, [self.hdr, memoryview(cast(Any, host.numpy()))[a:b]])
+
+
+def _page_rows(flat: Any, offs: np.ndarray, page: int) -> Any | None:
+    """The page numbers of byte offsets `offs` in the rows of `flat.view(-1, page)` (a device tensor), where `flat`
+    holds whole pages and every offset starts one (a KV cache's pages); None otherwise."""
+    import torch
+
+    if flat.numel() % page or (offs % page).any():
+        return None
+    return torch.from_numpy(np.ascontiguousarray(offs // page, dtype=np.int64)).to(flat.device, non_blocking=True)
+
+
+def _stage_pages(src: Region, offs: np.ndarray, page: int) -> tuple[Any, Any]:
+    """(a pinned host copy of the pages of device region `src` at byte offsets `offs`, the CUDA event after it):
+    one gather and one device-to-host copy queued on the current stream of `src`'s device."""
+    import torch
+
+    flat = src.flat
+    rows = _page_rows(flat, offs, page)
+    if rows is not None:
+        pages = flat.view(-1, page).index_select(0, rows)
+    else:
+        idx = (torch.from_numpy(offs.astype(np.int64)).to(flat.device).unsqueeze(1)
+               + torch.arange(page, device=flat.device))
+        pages = flat[idx.reshape(-1)]
+    host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
+    host.copy_(pages.reshape(-1), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flat.device))
+    return host, event
 
 
 def _staging(lane: wire.Lane) -> tuple[Any, memoryview]:
@@ -1266,11 +1305,35 @@ def _recv_cuda(lane: wire.Lane, r: Region, offset: int, length: int) -> None:
 
 
 def _recv_cuda_pages(lane: wire.Lane, r: Region, offs: Any, page: int) -> None:
+    """Pages arriving for device region `r`: read into pinned host memory, copied to the device and scattered to
+    their pages on a stream of the receiving engine's own (not behind the kernels its owner queued on the device),
+    waited for before the write counts as landed."""
     import torch
 
+    flat = r.flat
     host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
     lane.reader.read_into(memoryview(cast(Any, host.numpy())))
-    dev = host.to(r.flat.device)
-    idx = torch.as_tensor(offs.astype("int64"), device=r.flat.device).unsqueeze(1) + torch.arange(page, device=r.flat.device)
-    r.flat[idx.reshape(-1)] = dev
-    torch.cuda.current_stream(r.flat.device).synchronize()
+    stream = _recv_stream(flat.device)
+    with torch.cuda.stream(stream):
+        pages = host.to(flat.device, non_blocking=True)
+        rows = _page_rows(flat, offs, page)
+        if rows is not None:
+            flat.view(-1, page).index_copy_(0, rows, pages.view(-1, page))
+        else:
+            idx = (torch.as_tensor(offs.astype("int64"), device=flat.device).unsqueeze(1)
+                   + torch.arange(page, device=flat.device))
+            flat[idx.reshape(-1)] = pages
+    stream.synchronize()  # the GIL released while the device copies
+
+
+_RECV_STREAMS: dict[Any, Any] = {}
+
+
+def _recv_stream(device: Any) -> Any:
+    """The stream received device pages are copied on, one per device (made on first use)."""
+    import torch
+
+    s = _RECV_STREAMS.get(device)
+    if s is None:
+        s = _RECV_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    return s
