@@ -158,6 +158,31 @@ def test_paged_write_with_strides_and_offsets(engine, peer, kind) -> None:  # ty
     assert peer.call("expect", 21, 1, 10) == 1
 
 
+def test_paged_write_in_runs_of_pages(engine, peer, kind) -> None:  # type: ignore[no-untyped-def]
+    """Pages of a KV cache's layout (each offset starts a page of a region of whole pages) in a few runs of
+    consecutive pages on both sides: device memory over tcp is copied run by run."""
+    page = 4096
+    src_pages, dst_pages = [3, 4, 5, 6, 10, 11, 40, 41, 42], [100, 101, 102, 50, 51, 52, 53, 7, 8]
+    data = rand(64 * page, seed=22)
+    peer.call("fill", 0)
+    src = engine.register(make_buf(engine, kind[1], data))
+    engine.write_paged(src, peer.desc, page_bytes=page, src_pages=src_pages, dst_pages=dst_pages, imm=22).result(60)
+    for sp, dp in zip(src_pages, dst_pages):
+        assert peer.crc(dp * page, page) == crc(data[sp * page:(sp + 1) * page]), f"page {sp}->{dp}"
+    assert peer.crc(9 * page, 41 * page) == crc(np.zeros(41 * page, np.uint8))  # nothing between the runs
+    assert peer.call("expect", 22, 1, 10) == 1
+
+
+def test_page_runs() -> None:
+    from transport.engine import _runs
+
+    offs = np.array([3, 4, 5, 9, 2, 3], dtype=np.uint64) * 4096
+    assert _runs(offs, 4096, 64 * 4096) == [(3, 3), (9, 1), (2, 2)]
+    assert _runs(offs + 1, 4096, 64 * 4096) is None          # an offset inside a page
+    assert _runs(offs, 4096, 64 * 4096 + 1) is None          # a region not of whole pages
+    assert _runs(np.array([7], dtype=np.uint64) * 512, 512, 4096) == [(7, 1)]
+
+
 def test_many_pages_split_over_lanes(engine, peer, kind) -> None:  # type: ignore[no-untyped-def]
     page, npages = 4096, 1024
     data = rand(page * npages, seed=4)

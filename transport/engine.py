@@ -1245,31 +1245,51 @@ class _PagedJob:
             wire.send_gather(lane.sock, [self.hdr, memoryview(cast(Any, host.numpy()))[a:b]])
 
 
-def _page_rows(flat: Any, offs: np.ndarray, page: int) -> Any | None:
-    """The page numbers of byte offsets `offs` in the rows of `flat.view(-1, page)` (a device tensor), where `flat`
-    holds whole pages and every offset starts one (a KV cache's pages); None otherwise."""
+#: a paged write of device memory in at most this many runs of consecutive pages is copied run by run (one copy
+#: each, no index tensor); more runs go through one gather / scatter by page indices
+MAX_RUNS = 8
+
+
+def _runs(offs: np.ndarray, page: int, nbytes: int) -> list[tuple[int, int]] | None:
+    """The pages at byte offsets `offs` as runs of consecutive pages (first page, count) in their order, where the
+    region of `nbytes` holds whole pages and every offset starts one (a KV cache's pages); None otherwise."""
+    if nbytes % page or (offs % page).any():
+        return None
+    rows = offs // page
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    first = np.concatenate(([0], cut))
+    return list(zip(rows[first].tolist(), np.diff(np.concatenate((first, [len(rows)]))).tolist()))
+
+
+def _device_rows(flat: Any, offs: np.ndarray, page: int, runs: list[tuple[int, int]] | None) -> tuple[Any, Any]:
+    """(the rows view of `flat` and the device tensor of the pages' row numbers) where the offsets start pages, else
+    (the flat bytes, the byte indices): sent through pinned memory, so the copy to the device does not hold the caller."""
     import torch
 
-    if flat.numel() % page or (offs % page).any():
-        return None
-    return torch.from_numpy(np.ascontiguousarray(offs // page, dtype=np.int64)).to(flat.device, non_blocking=True)
+    if runs is not None:
+        idx = torch.from_numpy(np.ascontiguousarray(offs // page, dtype=np.int64))
+        return flat.view(-1, page), idx.pin_memory().to(flat.device, non_blocking=True)
+    idx = torch.from_numpy((offs.astype(np.int64)[:, None] + np.arange(page)).reshape(-1))
+    return flat, idx.pin_memory().to(flat.device, non_blocking=True)
 
 
 def _stage_pages(src: Region, offs: np.ndarray, page: int) -> tuple[Any, Any]:
     """(a pinned host copy of the pages of device region `src` at byte offsets `offs`, the CUDA event after it):
-    one gather and one device-to-host copy queued on the current stream of `src`'s device."""
+    a device-to-host copy per run of consecutive pages (or one gather, then one copy) queued on the current stream
+    of `src`'s device."""
     import torch
 
     flat = src.flat
-    rows = _page_rows(flat, offs, page)
-    if rows is not None:
-        pages = flat.view(-1, page).index_select(0, rows)
-    else:
-        idx = (torch.from_numpy(offs.astype(np.int64)).to(flat.device).unsqueeze(1)
-               + torch.arange(page, device=flat.device))
-        pages = flat[idx.reshape(-1)]
     host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
-    host.copy_(pages.reshape(-1), non_blocking=True)
+    runs = _runs(offs, page, flat.numel())
+    if runs is not None and len(runs) <= MAX_RUNS:
+        rows, a = flat.view(-1, page), 0
+        for r, k in runs:
+            host[a:a + k * page].view(k, page).copy_(rows[r:r + k], non_blocking=True)
+            a += k * page
+    else:
+        base, idx = _device_rows(flat, offs, page, runs)
+        host.copy_(base.index_select(0, idx).reshape(-1), non_blocking=True)
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(flat.device))
     return host, event
@@ -1305,35 +1325,43 @@ def _recv_cuda(lane: wire.Lane, r: Region, offset: int, length: int) -> None:
 
 
 def _recv_cuda_pages(lane: wire.Lane, r: Region, offs: Any, page: int) -> None:
-    """Pages arriving for device region `r`: read into pinned host memory, copied to the device and scattered to
-    their pages on a stream of the receiving engine's own (not behind the kernels its owner queued on the device),
-    waited for before the write counts as landed."""
+    """Pages arriving for device region `r`: read into pinned host memory, then copied to their pages (a copy per run
+    of consecutive pages, or one scatter) on a stream of the receiving thread's own (not behind the kernels its
+    owner queued on the device), waited for before the write counts as landed."""
     import torch
 
     flat = r.flat
     host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
     lane.reader.read_into(memoryview(cast(Any, host.numpy())))
     stream = _recv_stream(flat.device)
-    with torch.cuda.stream(stream):
-        pages = host.to(flat.device, non_blocking=True)
-        rows = _page_rows(flat, offs, page)
-        if rows is not None:
-            flat.view(-1, page).index_copy_(0, rows, pages.view(-1, page))
-        else:
-            idx = (torch.as_tensor(offs.astype("int64"), device=flat.device).unsqueeze(1)
-                   + torch.arange(page, device=flat.device))
-            flat[idx.reshape(-1)] = pages
+    runs = _runs(offs, page, flat.numel())
+    if runs is not None and len(runs) <= MAX_RUNS:
+        rows, a = flat.view(-1, page), 0
+        for p, k in runs:
+            rows[p:p + k].copy_(host[a:a + k * page].view(k, page), non_blocking=True)
+            a += k * page
+    else:
+        base, idx = _device_rows(flat, offs, page, runs)
+        base.index_copy_(0, idx, host.to(flat.device, non_blocking=True).view(-1, page) if runs is not None
+                         else host.to(flat.device, non_blocking=True))
     stream.synchronize()  # the GIL released while the device copies
 
 
-_RECV_STREAMS: dict[Any, Any] = {}
+_RECV = threading.local()
 
 
 def _recv_stream(device: Any) -> Any:
-    """The stream received device pages are copied on, one per device (made on first use)."""
+    """This receiving thread's stream on `device` (made on first use), made its current stream there: its copies
+    run beside the kernels of the engine's owner, not behind them."""
     import torch
 
-    s = _RECV_STREAMS.get(device)
+    streams = getattr(_RECV, "streams", None)
+    if streams is None:
+        streams = _RECV.streams = {}
+    s = streams.get(device)
     if s is None:
-        s = _RECV_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        s = streams[device] = torch.cuda.Stream(device)
+    if getattr(_RECV, "current", None) is not s:
+        torch.cuda.set_stream(s)
+        _RECV.current = s
     return s

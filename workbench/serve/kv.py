@@ -29,14 +29,9 @@ class KVCache:
         heads = kv_heads or cfg.num_kv_heads   # this tensor-parallel rank's KV heads
         self.data = torch.zeros((self.num_layers, num_pages, 2, heads, page_size, cfg.head_dim),
                                 dtype=dtype, device=device)
-
-    @property
-    def page_bytes(self) -> int:
-        return int(self.data[0, 0].numel() * self.data.element_size())
-
-    @property
-    def layer_bytes(self) -> int:
-        return self.num_pages * self.page_bytes
+        #: bytes of one page (its K and V) and of one layer's pages (read per KV write: plain attributes)
+        self.page_bytes = 2 * heads * page_size * cfg.head_dim * self.data.element_size()
+        self.layer_bytes = num_pages * self.page_bytes
 
     @property
     def nbytes(self) -> int:
