@@ -173,16 +173,6 @@ def test_paged_write_in_runs_of_pages(engine, peer, kind) -> None:  # type: igno
     assert peer.call("expect", 22, 1, 10) == 1
 
 
-def test_page_runs() -> None:
-    from transport.engine import _runs
-
-    offs = np.array([3, 4, 5, 9, 2, 3], dtype=np.uint64) * 4096
-    assert _runs(offs, 4096, 64 * 4096) == [(3, 3), (9, 1), (2, 2)]
-    assert _runs(offs + 1, 4096, 64 * 4096) is None          # an offset inside a page
-    assert _runs(offs, 4096, 64 * 4096 + 1) is None          # a region not of whole pages
-    assert _runs(np.array([7], dtype=np.uint64) * 512, 512, 4096) == [(7, 1)]
-
-
 def test_many_pages_split_over_lanes(engine, peer, kind) -> None:  # type: ignore[no-untyped-def]
     page, npages = 4096, 1024
     data = rand(page * npages, seed=4)

@@ -40,6 +40,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from transport import staging
 from transport.backends import BACKENDS
 from transport.backends import tcp as wire
 from transport.backends.base import DataPath, Pieces
@@ -644,7 +645,7 @@ class Engine:
         t = self._new(what, dst.engine, len(groups), total, timeout, callback)
         # device pages: gathered into pinned host memory here, on the caller's stream (after the kernels that wrote
         # them), so a lane thread only waits for that copy and sends (few GIL hand-offs beside a busy caller)
-        staged = _stage_pages(src, soffs, page_bytes) if src.view is None else None
+        staged = staging.stage_pages(src.flat, soffs, page_bytes) if src.view is None else None
         flags = wire.F_IMM if imm is not None else 0
         first = link.next_lane()
         lanes = []
@@ -1236,63 +1237,13 @@ class _PagedJob:
                 wire.send_gather(lane.sock, [self.hdr] + [view[o:o + p] for o in self.offs.tolist()])
             return
         if self.staged is None:
-            host, event = _stage_pages(self.src, self.offs, p)
+            host, event = staging.stage_pages(self.src.flat, self.offs, p)
             a, b = 0, len(self.offs) * p
         else:
             host, event, a, b = self.staged
         event.synchronize()  # the GIL released while the device copies
         with lane:
             wire.send_gather(lane.sock, [self.hdr, memoryview(cast(Any, host.numpy()))[a:b]])
-
-
-#: a paged write of device memory in at most this many runs of consecutive pages is copied run by run (one copy
-#: each, no index tensor); more runs go through one gather / scatter by page indices
-MAX_RUNS = 8
-
-
-def _runs(offs: np.ndarray, page: int, nbytes: int) -> list[tuple[int, int]] | None:
-    """The pages at byte offsets `offs` as runs of consecutive pages (first page, count) in their order, where the
-    region of `nbytes` holds whole pages and every offset starts one (a KV cache's pages); None otherwise."""
-    if nbytes % page or (offs % page).any():
-        return None
-    rows = offs // page
-    cut = np.flatnonzero(np.diff(rows) != 1) + 1
-    first = np.concatenate(([0], cut))
-    return list(zip(rows[first].tolist(), np.diff(np.concatenate((first, [len(rows)]))).tolist()))
-
-
-def _device_rows(flat: Any, offs: np.ndarray, page: int, runs: list[tuple[int, int]] | None) -> tuple[Any, Any]:
-    """(the rows view of `flat` and the device tensor of the pages' row numbers) where the offsets start pages, else
-    (the flat bytes, the byte indices): sent through pinned memory, so the copy to the device does not hold the caller."""
-    import torch
-
-    if runs is not None:
-        idx = torch.from_numpy(np.ascontiguousarray(offs // page, dtype=np.int64))
-        return flat.view(-1, page), idx.pin_memory().to(flat.device, non_blocking=True)
-    idx = torch.from_numpy((offs.astype(np.int64)[:, None] + np.arange(page)).reshape(-1))
-    return flat, idx.pin_memory().to(flat.device, non_blocking=True)
-
-
-def _stage_pages(src: Region, offs: np.ndarray, page: int) -> tuple[Any, Any]:
-    """(a pinned host copy of the pages of device region `src` at byte offsets `offs`, the CUDA event after it):
-    a device-to-host copy per run of consecutive pages (or one gather, then one copy) queued on the current stream
-    of `src`'s device."""
-    import torch
-
-    flat = src.flat
-    host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
-    runs = _runs(offs, page, flat.numel())
-    if runs is not None and len(runs) <= MAX_RUNS:
-        rows, a = flat.view(-1, page), 0
-        for r, k in runs:
-            host[a:a + k * page].view(k, page).copy_(rows[r:r + k], non_blocking=True)
-            a += k * page
-    else:
-        base, idx = _device_rows(flat, offs, page, runs)
-        host.copy_(base.index_select(0, idx).reshape(-1), non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(flat.device))
-    return host, event
 
 
 def _staging(lane: wire.Lane) -> tuple[Any, memoryview]:
@@ -1325,43 +1276,4 @@ def _recv_cuda(lane: wire.Lane, r: Region, offset: int, length: int) -> None:
 
 
 def _recv_cuda_pages(lane: wire.Lane, r: Region, offs: Any, page: int) -> None:
-    """Pages arriving for device region `r`: read into pinned host memory, then copied to their pages (a copy per run
-    of consecutive pages, or one scatter) on a stream of the receiving thread's own (not behind the kernels its
-    owner queued on the device), waited for before the write counts as landed."""
-    import torch
-
-    flat = r.flat
-    host = torch.empty(len(offs) * page, dtype=torch.uint8, pin_memory=True)
-    lane.reader.read_into(memoryview(cast(Any, host.numpy())))
-    stream = _recv_stream(flat.device)
-    runs = _runs(offs, page, flat.numel())
-    if runs is not None and len(runs) <= MAX_RUNS:
-        rows, a = flat.view(-1, page), 0
-        for p, k in runs:
-            rows[p:p + k].copy_(host[a:a + k * page].view(k, page), non_blocking=True)
-            a += k * page
-    else:
-        base, idx = _device_rows(flat, offs, page, runs)
-        base.index_copy_(0, idx, host.to(flat.device, non_blocking=True).view(-1, page) if runs is not None
-                         else host.to(flat.device, non_blocking=True))
-    stream.synchronize()  # the GIL released while the device copies
-
-
-_RECV = threading.local()
-
-
-def _recv_stream(device: Any) -> Any:
-    """This receiving thread's stream on `device` (made on first use), made its current stream there: its copies
-    run beside the kernels of the engine's owner, not behind them."""
-    import torch
-
-    streams = getattr(_RECV, "streams", None)
-    if streams is None:
-        streams = _RECV.streams = {}
-    s = streams.get(device)
-    if s is None:
-        s = streams[device] = torch.cuda.Stream(device)
-    if getattr(_RECV, "current", None) is not s:
-        torch.cuda.set_stream(s)
-        _RECV.current = s
-    return s
+    staging.land_pages(lane.reader.read_into, r.flat, offs, page)
