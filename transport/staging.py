@@ -27,10 +27,15 @@ _TLS = threading.local()
 _ARANGE = np.arange(1 << 16, dtype=np.int64)
 
 
+def _whole_pages(offs: np.ndarray, page: int, nbytes: int) -> bool:
+    """The region of `nbytes` holds whole pages and every offset starts one (a KV cache's pages)."""
+    return not (nbytes % page or (offs % page).any())
+
+
 def runs(offs: np.ndarray, page: int, nbytes: int) -> list[tuple[int, int]] | None:
     """The pages at byte offsets `offs` as runs of consecutive pages (first page, count) in their order, where the
     region of `nbytes` holds whole pages and every offset starts one (a KV cache's pages); None otherwise."""
-    if nbytes % page or (offs % page).any():
+    if not _whole_pages(offs, page, nbytes):
         return None
     rows = offs // page
     cut = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -99,17 +104,16 @@ def stage_pages(flat: Any, offs: np.ndarray, page: int) -> tuple[Any, Any]:
     buf = torch.empty(head + 16 * n, dtype=torch.uint8, pin_memory=True)
     stream = torch.cuda.current_stream(flat.device)
     k = _kernel(dev)
-    r = runs(offs, page, flat.numel())
     if k is not None:
         words = buf.numpy()[head:].view(np.int64)
         ptr = int(buf.data_ptr())
-        if r is not None:
+        if _whole_pages(offs, page, flat.numel()):
             _fill(words, n, offs // page, _arange(n))
             _launch(k, dev, int(flat.data_ptr()), ptr, ptr + head, n, page, page, page, stream.cuda_stream)
         else:
             _fill(words, n, offs, _arange(n))
             _launch(k, dev, int(flat.data_ptr()), ptr, ptr + head, n, page, 1, page, stream.cuda_stream)
-    elif r is not None and len(r) <= MAX_RUNS:
+    elif (r := runs(offs, page, flat.numel())) is not None and len(r) <= MAX_RUNS:
         rows, a = flat.view(-1, page), 0
         for p, c in r:
             buf[a:a + c * page].view(c, page).copy_(rows[p:p + c], non_blocking=True)
@@ -135,17 +139,16 @@ def land_pages(read_into: Any, flat: Any, offs: np.ndarray, page: int) -> None:
     read_into(memoryview(buf.numpy())[:nb])
     stream = _recv_stream(flat.device)
     k = _kernel(dev)
-    r = runs(offs, page, flat.numel())
     if k is not None:
         words = buf.numpy()[head:head + 16 * n].view(np.int64)
         ptr = int(buf.data_ptr())
-        if r is not None:
+        if _whole_pages(offs, page, flat.numel()):
             _fill(words, n, _arange(n), offs // page)
             _launch(k, dev, ptr, int(flat.data_ptr()), ptr + head, n, page, page, page, stream.cuda_stream)
         else:
             _fill(words, n, _arange(n), offs)
             _launch(k, dev, ptr, int(flat.data_ptr()), ptr + head, n, page, page, 1, stream.cuda_stream)
-    elif r is not None and len(r) <= MAX_RUNS:
+    elif (r := runs(offs, page, flat.numel())) is not None and len(r) <= MAX_RUNS:
         rows, a = flat.view(-1, page), 0
         for p, c in r:
             rows[p:p + c].copy_(buf[a:a + c * page].view(c, page), non_blocking=True)
