@@ -1,0 +1,98 @@
+"""The KV hand-off of disaggregated serving, request by request: a prefill and a decode worker (one GPU: both on it,
+in two processes; two GPUs: cuda:0 and cuda:1) and a transport; one 512-token prompt alone (twice, after a warm-up),
+16 at once, then a sustained closed loop (160 requests at concurrency 16, 64 tokens each). Prints one JSON line per
+case: the hand-off windows (first layer's write submitted → last layer's write done), the layer writes' submit →
+done times, and for the sustained loop its tokens/s. With `--profile DIR` (py-spy on PATH) both workers are sampled
+during the sustained loop (all threads, and the thread holding the GIL), raw stacks into DIR.
+
+    python benchmarks/serve_kv_handoff.py --transport tcp
+    python benchmarks/serve_kv_handoff.py --transport cuda_ipc --profile /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _summary(label: str, tx: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    win = sorted(x["t1"] - x["t0"] for x in tx)
+    w = sorted(dt for x in tx for _, dt in x.get("writes", []))
+    return {"case": label, "transfers": len(tx), "bytes_each": tx[0]["bytes"] if tx else 0,
+            "errors": sum(1 for x in tx if x["error"]),
+            "window_ms_p50": round(win[len(win) // 2] * 1e3, 1) if win else None,
+            "window_ms_max": round(win[-1] * 1e3, 1) if win else None,
+            "layer_write_ms_p50": round(w[len(w) // 2] * 1e3, 2) if w else None, **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--transport", default="tcp")
+    ap.add_argument("--profile", default="", help="a folder: sample both workers with py-spy in the sustained loop")
+    args = ap.parse_args()
+
+    import torch
+
+    from workbench.serve.backend import Backend
+    from workbench.serve.checkpoints import random_llama
+    from workbench.serve.sampling import SamplingParams
+
+    model = Path("/tmp/wb-serve-1b")
+    if not (model / "model.safetensors").is_file():
+        random_llama(model, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, device="cuda")
+    decode = f"cuda:{min(torch.cuda.device_count(), 2) - 1}"
+    spec = dict(kv_bytes=8 << 30, page_size=16, max_batched_tokens=2048, max_seqs=64, dtype="bfloat16")
+    with Backend(str(model), "disaggregated", transport=args.transport, prefill={"device": "cuda:0"},
+                 decode={"device": decode}, **spec) as b:
+        async def one(i: int, out: int) -> None:
+            async for _ in b.generate([(7 * i + j) % 250 for j in range(512)],
+                                      SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)):
+                pass
+
+        async def loop(n: int, conc: int, out: int) -> None:
+            sem = asyncio.Semaphore(conc)
+
+            async def guarded(i: int) -> None:
+                async with sem:
+                    await one(i, out)
+            await asyncio.gather(*(guarded(i) for i in range(n)))
+
+        def case(label: str, n: int, conc: int, out: int, profile: bool = False) -> None:
+            k0 = len(b.transfers)
+            spies = []
+            if profile:
+                folder = Path(args.profile)
+                folder.mkdir(parents=True, exist_ok=True)
+                for name, p in b.procs.items():
+                    for mode in ("threads", "gil"):
+                        spies.append(subprocess.Popen(
+                            ["py-spy", "record", "--pid", str(p.proc.pid), "--duration", "6", "--rate", "500",
+                             "--format", "raw", "--nonblocking", "-o", str(folder / f"{name}-{mode}.txt"), f"--{mode}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            t = time.perf_counter()
+            asyncio.run(loop(n, conc, out))
+            wall = time.perf_counter() - t
+            for s in spies:
+                s.wait(30)
+            b.settle(10.0)
+            print(json.dumps(_summary(label, list(b.transfers)[k0:], transport=args.transport, decode_device=decode,
+                                      wall_s=round(wall, 3), output_tok_s=round(n * out / wall))), flush=True)
+
+        case("warm-up", 1, 1, 4)
+        case("alone", 1, 1, 4)
+        case("alone again", 1, 1, 4)
+        case("16 at once", 16, 16, 4)
+        case("sustained: 160 at concurrency 16", 160, 16, 64, profile=bool(args.profile))
+
+
+if __name__ == "__main__":
+    main()
