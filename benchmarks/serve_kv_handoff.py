@@ -50,7 +50,7 @@ def main() -> None:
     if not (model / "model.safetensors").is_file():
         random_llama(model, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, device="cuda")
     decode = f"cuda:{min(torch.cuda.device_count(), 2) - 1}"
-    spec = dict(kv_bytes=8 << 30, page_size=16, max_batched_tokens=2048, max_seqs=64, dtype="bfloat16")
+    spec: dict[str, Any] = dict(kv_bytes=8 << 30, page_size=16, max_batched_tokens=2048, max_seqs=64, dtype="bfloat16")
     with Backend(str(model), "disaggregated", transport=args.transport, prefill={"device": "cuda:0"},
                  decode={"device": decode}, **spec) as b:
         async def one(i: int, out: int) -> None:
