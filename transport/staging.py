@@ -11,6 +11,7 @@ engine (a Python loop on the same GIL) gets through quickly.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -21,6 +22,9 @@ import numpy as np
 MAX_RUNS = 8
 #: cudaDevAttrCanUseHostPointerForRegisteredMem: the device reads pinned host memory at its host address
 _CAN_USE_HOST_POINTER = 91
+
+#: set to 0 to copy with torch (copy engines, one copy per run of pages) instead of the page-copy kernel
+KERNEL_ENV = "WORKBENCH_TCP_PAGE_KERNEL"
 
 _KERNELS: dict[int, Any] = {}
 _TLS = threading.local()
@@ -44,10 +48,13 @@ def runs(offs: np.ndarray, page: int, nbytes: int) -> list[tuple[int, int]] | No
 
 
 def _kernel(dev: int) -> Any:
-    """The page-copy kernel's launcher on device `dev` (compiled on first use), None where it cannot run."""
+    """The page-copy kernel's launcher on device `dev` (compiled on first use), None where it cannot run or
+    `WORKBENCH_TCP_PAGE_KERNEL=0` asks for torch copies."""
     got = _KERNELS.get(dev, False)
     if got is False:
         try:
+            if os.environ.get(KERNEL_ENV, "1").strip() == "0":
+                raise RuntimeError(f"{KERNEL_ENV}=0")
             from cupy.cuda import runtime
 
             from kernels._cuda import index_copier
