@@ -1216,8 +1216,8 @@ class _GatherJob:
 
 
 class _PagedJob:
-    """One lane's share of a paged write over tcp: its pages from host memory, or (`staged`: a pinned host copy of
-    device pages, the event that completes it and this share's byte range) from that copy once it completed."""
+    """One lane's share of a paged write over tcp: its pages from host memory, or (`staged`, for device memory: the
+    write's pinned host copy, the event that completes it and this share's byte range) from that copy once done."""
 
     __slots__ = ("t", "hdr", "src", "offs", "page", "staged")
 
@@ -1230,17 +1230,13 @@ class _PagedJob:
             return
         if lane.delay:
             time.sleep(lane.delay)
-        p = self.page
-        if self.src.view is not None:
-            view = self.src.view
+        if self.staged is None:  # host memory: the pages as they are
+            view, p = self.src.view, self.page
+            assert view is not None
             with lane:
                 wire.send_gather(lane.sock, [self.hdr] + [view[o:o + p] for o in self.offs.tolist()])
             return
-        if self.staged is None:
-            host, event = staging.stage_pages(self.src.flat, self.offs, p)
-            a, b = 0, len(self.offs) * p
-        else:
-            host, event, a, b = self.staged
+        host, event, a, b = self.staged
         event.synchronize()  # the GIL released while the device copies
         with lane:
             wire.send_gather(lane.sock, [self.hdr, memoryview(cast(Any, host.numpy()))[a:b]])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,10 @@ KERNEL_ENV = "WORKBENCH_TCP_PAGE_KERNEL"
 
 _KERNELS: dict[int, Any] = {}
 _TLS = threading.local()
+#: staged buffers with the event after the copy into them: each is kept until the device wrote it, so a write
+#: dropped before its copy ran (cancelled, timed out, its peer gone) never frees pinned memory a kernel still writes
+_HELD: deque[tuple[Any, Any]] = deque()
+_HELD_LOCK = threading.Lock()
 _ARANGE = np.arange(1 << 16, dtype=np.int64)
 
 
@@ -131,6 +136,10 @@ def stage_pages(flat: Any, offs: np.ndarray, page: int) -> tuple[Any, Any]:
                        non_blocking=True)
     event = torch.cuda.Event()
     event.record(stream)
+    with _HELD_LOCK:
+        while _HELD and _HELD[0][1].query():
+            _HELD.popleft()
+        _HELD.append((buf, event))
     return buf[:nb], event
 
 
