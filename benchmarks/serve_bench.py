@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +50,32 @@ def runs(kind: str, gpus: int = 2, gpu: str = "H200") -> list[tuple[str, str, di
     return out
 
 
+def checkpoint(shape: str, gpu: bool) -> Path:
+    """The benchmark's random Llama of `shape` (made on first use: bf16 for GPUs, fp32 for CPU ranks)."""
+    from workbench.serve.checkpoints import random_llama
+
+    model = Path(os.environ.get("TMPDIR", "/tmp")) / f"wb-serve-{shape}{'' if gpu else '-fp32'}"
+    if not (model / "model.safetensors").is_file():
+        random_llama(model, **SHAPES[shape], dtype="bfloat16" if gpu else "float32", device="cuda" if gpu else "cpu")
+    return model
+
+
+def kv_stats(tx: list[dict[str, Any]]) -> dict[str, Any]:
+    """The KV hand-offs `tx` (`Backend.transfers` rows) in numbers: count, bytes, errors, the windows (first layer's
+    write submitted → last layer's write done: mean, p50, max), bytes over the summed windows, and each layer
+    write's submit → done (median ms, and its bytes over it, median GB/s)."""
+    nbytes = sum(t["bytes"] for t in tx)
+    win = sorted(t["t1"] - t["t0"] for t in tx)
+    writes = [(nb, dt) for t in tx for nb, dt in t.get("writes", [])]
+    rate = sorted(nb / max(dt, 1e-9) for nb, dt in writes)
+    dts = sorted(dt for _, dt in writes)
+    return {"kv_transfers": len(tx), "kv_bytes": nbytes, "kv_errors": sum(1 for t in tx if t["error"]),
+            "kv_GBps_over_windows": nbytes / max(sum(win), 1e-9) / 1e9, "kv_mean_window_ms": sum(win) / len(tx) * 1e3,
+            "kv_window_ms_p50": win[len(win) // 2] * 1e3, "kv_window_ms_max": win[-1] * 1e3,
+            "layer_write_GBps_median": rate[len(rate) // 2] / 1e9 if rate else 0.0,
+            "layer_write_ms_median": dts[len(dts) // 2] * 1e3 if dts else 0.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--machine", required=True)
@@ -60,15 +87,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="skip runs that would start after this many seconds")
     args = ap.parse_args()
 
-    from workbench.serve.checkpoints import random_llama
     from workbench.serve.service import served
     from workbench.units import parse_size
 
     t_begin = time.time()
-    model = Path(os.environ.get("TMPDIR", "/tmp")) / f"wb-serve-{args.model_shape}"
-    if not (model / "model.safetensors").is_file():
-        dev = "cuda" if args.runs == "gpu" else "cpu"
-        random_llama(model, **SHAPES[args.model_shape], dtype="bfloat16" if dev == "cuda" else "float32", device=dev)
+    model = checkpoint(args.model_shape, gpu=args.runs == "gpu")
     rows = []
     gpus, gpu = 0, ""
     if args.runs == "gpu":
@@ -100,13 +123,7 @@ def main() -> None:
             "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
             "mean_itl_ms", "mean_e2el_ms")}, "failures": m["failures"]}
         if tx:
-            nbytes = sum(t["bytes"] for t in tx)
-            window = sum(t["t1"] - t["t0"] for t in tx)
-            w = sorted(nb / max(dt, 1e-9) for t in tx for nb, dt in t.get("writes", []))
-            row["layer_write_GBps_median"] = w[len(w) // 2] / 1e9 if w else 0.0
-            row.update(kv_transfers=len(tx), kv_bytes=nbytes, kv_GBps_over_windows=nbytes / window / 1e9,
-                       kv_mean_window_ms=window / len(tx) * 1e3,
-                       kv_errors=sum(1 for t in tx if t["error"]))
+            row.update(kv_stats(tx))
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"machine": args.machine, "platform": platform.platform(), "cpus": os.cpu_count(),

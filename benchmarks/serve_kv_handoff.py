@@ -22,16 +22,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _summary(label: str, tx: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    win = sorted(x["t1"] - x["t0"] for x in tx)
-    w = sorted(dt for x in tx for _, dt in x.get("writes", []))
-    return {"case": label, "transfers": len(tx), "bytes_each": tx[0]["bytes"] if tx else 0,
-            "errors": sum(1 for x in tx if x["error"]),
-            "window_ms_p50": round(win[len(win) // 2] * 1e3, 1) if win else None,
-            "window_ms_max": round(win[-1] * 1e3, 1) if win else None,
-            "layer_write_ms_p50": round(w[len(w) // 2] * 1e3, 2) if w else None, **extra}
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -41,14 +32,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from serve_bench import checkpoint, kv_stats
 
     from workbench.serve.backend import Backend
-    from workbench.serve.checkpoints import random_llama
     from workbench.serve.sampling import SamplingParams
 
-    model = Path("/tmp/wb-serve-1b")
-    if not (model / "model.safetensors").is_file():
-        random_llama(model, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, device="cuda")
+    model = checkpoint("1b", gpu=True)   # serve_bench's model: its records and these compare
     decode = f"cuda:{min(torch.cuda.device_count(), 2) - 1}"
     spec: dict[str, Any] = dict(kv_bytes=8 << 30, page_size=16, max_batched_tokens=2048, max_seqs=64, dtype="bfloat16")
     with Backend(str(model), "disaggregated", transport=args.transport, prefill={"device": "cuda:0"},
@@ -84,8 +73,9 @@ def main() -> None:
             for s in spies:
                 s.wait(30)
             b.settle(10.0)
-            print(json.dumps(_summary(label, list(b.transfers)[k0:], transport=args.transport, decode_device=decode,
-                                      wall_s=round(wall, 3), output_tok_s=round(n * out / wall))), flush=True)
+            stats = {k: round(v, 3) for k, v in kv_stats(list(b.transfers)[k0:]).items()}
+            print(json.dumps({"case": label, "transport": args.transport, "decode_device": decode, **stats,
+                              "wall_s": round(wall, 3), "output_tok_s": round(n * out / wall)}), flush=True)
 
         case("warm-up", 1, 1, 4)
         case("alone", 1, 1, 4)

@@ -25,6 +25,31 @@ LAYOUTS = {  # (source pages, destination pages, page bytes, extra byte offset)
 }
 
 
+@pytest.mark.parametrize("layout", ["runs", "scattered", "inside pages"])
+def test_torch_copies_both_ways_on_cpu_tensors(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_copy`'s torch path (no kernel) with CPU tensors standing in for device memory: the pages gathered into the
+    buffer in order, and scattered back to other pages, whatever the layout."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(staging, "_KERNELS", {None: None})
+    monkeypatch.setattr(staging, "_index_tensor", lambda flat, offs, page, rows: torch.from_numpy(
+        np.ascontiguousarray(offs // page, dtype=np.int64) if rows
+        else (offs.astype(np.int64)[:, None] + np.arange(page)).reshape(-1)))
+    sp, dp, page, extra = LAYOUTS[layout]
+    data = np.random.default_rng(2).integers(0, 255, 128 * page + extra, dtype=np.uint8)
+    soffs = np.array(sp, dtype=np.uint64) * page + extra
+    doffs = np.array(dp, dtype=np.uint64) * page + extra
+    buf = torch.zeros(staging._room(len(sp), page), dtype=torch.uint8)
+    staging._copy(torch.from_numpy(data.copy()), soffs, page, buf, None, to_host=True)
+    want = np.concatenate([data[o:o + page] for o in soffs.tolist()])
+    assert np.array_equal(buf[:len(sp) * page].numpy(), want)
+    dst = torch.zeros(128 * page + extra, dtype=torch.uint8)
+    staging._copy(dst, doffs, page, buf, None, to_host=False)
+    expect = np.zeros(len(dst), np.uint8)
+    for i, o in enumerate(doffs.tolist()):
+        expect[o:o + page] = want[i * page:(i + 1) * page]
+    assert np.array_equal(dst.numpy(), expect)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -642,10 +642,11 @@ class Engine:
         nshards = max(1, min(nl, total // MIN_SHARD, npages))
         per = -(-npages // nshards)
         groups = [(i, min(i + per, npages)) for i in range(0, npages, per)]
-        t = self._new(what, dst.engine, len(groups), total, timeout, callback)
         # device pages: gathered into pinned host memory here, on the caller's stream (after the kernels that wrote
-        # them), so a lane thread only waits for that copy and sends (few GIL hand-offs beside a busy caller)
+        # them), so a lane thread only waits for that copy and sends (few GIL hand-offs beside a busy caller); before
+        # the transfer exists, so a failure to stage raises here and leaves nothing pending
         staged = staging.stage_pages(src.flat, soffs, page_bytes) if src.view is None else None
+        t = self._new(what, dst.engine, len(groups), total, timeout, callback)
         flags = wire.F_IMM if imm is not None else 0
         first = link.next_lane()
         lanes = []

@@ -21,8 +21,6 @@ import numpy as np
 #: a write in at most this many runs of consecutive pages is copied run by run on the torch path (one copy each,
 #: no index tensor); more runs go through one gather / scatter by page indices
 MAX_RUNS = 8
-#: cudaDevAttrCanUseHostPointerForRegisteredMem: the device reads pinned host memory at its host address
-_CAN_USE_HOST_POINTER = 91
 
 #: set to 0 to copy with torch (copy engines, one copy per run of pages) instead of the page-copy kernel
 KERNEL_ENV = "WORKBENCH_TCP_PAGE_KERNEL"
@@ -63,8 +61,9 @@ def _kernel(dev: int) -> Any:
             from cupy.cuda import runtime
 
             from kernels._cuda import index_copier
+            from transport.backends.cuda_ipc import CAN_USE_HOST_POINTER
 
-            if not runtime.deviceGetAttribute(_CAN_USE_HOST_POINTER, dev):
+            if not runtime.deviceGetAttribute(CAN_USE_HOST_POINTER, dev):
                 raise RuntimeError("the device cannot read pinned host memory at its host address")
             got = index_copier(dev)
         except Exception:  # noqa: BLE001 - no CuPy / NVRTC: torch copies
@@ -83,17 +82,17 @@ def _fill(words: np.ndarray, n: int, first: np.ndarray, second: np.ndarray) -> N
 
 
 def _launch(k: Any, dev: int, src: int, dst: int, idx: int, n: int, page: int, ss: int, ds: int, stream: int) -> None:
-    """One page-copy launch on `dev` (made the calling thread's current device for it)."""
-    import torch
+    """One page-copy launch on `dev` (made the calling thread's current device for it, as the cuda_ipc path does)."""
+    from cupy.cuda import runtime
 
-    prev = torch.cuda.current_device()
-    if prev != dev:
-        torch.cuda.set_device(dev)
+    from transport.backends.cuda_ipc import _Device
+
+    d = _Device(runtime)
+    d.use(dev)
     try:
         k(src, dst, idx, n, page, ss, ds, stream)
     finally:
-        if prev != dev:
-            torch.cuda.set_device(prev)
+        d.restore()
 
 
 def _index_tensor(flat: Any, offs: np.ndarray, page: int, rows: bool) -> Any:
@@ -105,75 +104,77 @@ def _index_tensor(flat: Any, offs: np.ndarray, page: int, rows: bool) -> Any:
     return torch.from_numpy(idx).pin_memory().to(flat.device, non_blocking=True)
 
 
+def _copy(flat: Any, offs: np.ndarray, page: int, buf: Any, stream: Any, to_host: bool) -> None:
+    """The pages of the device bytes `flat` at byte offsets `offs` to (`to_host`) or from the first len(offs)·page
+    bytes of the pinned `buf`, in order, queued on `stream` (the calling thread's current stream on that device):
+    one page-copy kernel launch (its 2n indices in `buf` after the pages, 8-byte aligned), else torch copies."""
+    n, dev = len(offs), flat.device.index
+    nb = n * page
+    head = nb + (-nb) % 8
+    k = _kernel(dev)
+    if k is not None:
+        # the device side's indices and their stride: pages where the offsets start pages, else bytes
+        at, stride = (offs // page, page) if _whole_pages(offs, page, flat.numel()) else (offs, 1)
+        words = buf.numpy()[head:head + 16 * n].view(np.int64)
+        ptr, dptr = int(buf.data_ptr()), int(flat.data_ptr())
+        if to_host:
+            _fill(words, n, at, _arange(n))
+            _launch(k, dev, dptr, ptr, ptr + head, n, page, stride, page, stream.cuda_stream)
+        else:
+            _fill(words, n, _arange(n), at)
+            _launch(k, dev, ptr, dptr, ptr + head, n, page, page, stride, stream.cuda_stream)
+        return
+    r = runs(offs, page, flat.numel())
+    if r is not None and len(r) <= MAX_RUNS:
+        rows, a = flat.view(-1, page), 0
+        for p, c in r:
+            host, device = buf[a:a + c * page].view(c, page), rows[p:p + c]
+            if to_host:
+                host.copy_(device, non_blocking=True)
+            else:
+                device.copy_(host, non_blocking=True)
+            a += c * page
+        return
+    base = flat.view(-1, page) if r is not None else flat
+    idx = _index_tensor(flat, offs, page, r is not None)
+    if to_host:
+        buf[:nb].copy_(base.index_select(0, idx).reshape(-1), non_blocking=True)
+    else:
+        pages = buf[:nb].to(flat.device, non_blocking=True)
+        base.index_copy_(0, idx, pages.view(-1, page) if r is not None else pages)
+
+
+def _room(n: int, page: int) -> int:
+    """Bytes of a staging buffer for `n` pages and their 2n indices (`_copy`)."""
+    nb = n * page
+    return nb + (-nb) % 8 + 16 * n
+
+
 def stage_pages(flat: Any, offs: np.ndarray, page: int) -> tuple[Any, Any]:
     """(a pinned host copy of the pages of the device bytes `flat` at byte offsets `offs`, the CUDA event after it),
     queued on the current stream of `flat`'s device (after the kernels that wrote them)."""
     import torch
 
-    n, dev = len(offs), flat.device.index
-    nb = n * page
-    head = nb + (-nb) % 8
-    buf = torch.empty(head + 16 * n, dtype=torch.uint8, pin_memory=True)
+    buf = torch.empty(_room(len(offs), page), dtype=torch.uint8, pin_memory=True)
     stream = torch.cuda.current_stream(flat.device)
-    k = _kernel(dev)
-    if k is not None:
-        words = buf.numpy()[head:].view(np.int64)
-        ptr = int(buf.data_ptr())
-        if _whole_pages(offs, page, flat.numel()):
-            _fill(words, n, offs // page, _arange(n))
-            _launch(k, dev, int(flat.data_ptr()), ptr, ptr + head, n, page, page, page, stream.cuda_stream)
-        else:
-            _fill(words, n, offs, _arange(n))
-            _launch(k, dev, int(flat.data_ptr()), ptr, ptr + head, n, page, 1, page, stream.cuda_stream)
-    elif (r := runs(offs, page, flat.numel())) is not None and len(r) <= MAX_RUNS:
-        rows, a = flat.view(-1, page), 0
-        for p, c in r:
-            buf[a:a + c * page].view(c, page).copy_(rows[p:p + c], non_blocking=True)
-            a += c * page
-    else:
-        base = flat.view(-1, page) if r is not None else flat
-        buf[:nb].copy_(base.index_select(0, _index_tensor(flat, offs, page, r is not None)).reshape(-1),
-                       non_blocking=True)
+    _copy(flat, offs, page, buf, stream, to_host=True)
     event = torch.cuda.Event()
     event.record(stream)
     with _HELD_LOCK:
         while _HELD and _HELD[0][1].query():
             _HELD.popleft()
         _HELD.append((buf, event))
-    return buf[:nb], event
+    return buf[:len(offs) * page], event
 
 
 def land_pages(read_into: Any, flat: Any, offs: np.ndarray, page: int) -> None:
     """Receive `len(offs)` pages (`read_into(memoryview)` reads them) into this thread's pinned buffer and copy them
     to the device bytes `flat` at byte offsets `offs`, on this thread's own stream (beside, not behind, the kernels
     the region's owner queued); returns once they are there."""
-
-    n, dev = len(offs), flat.device.index
-    nb = n * page
-    head = nb + (-nb) % 8
-    buf = _recv_buffer(head + 16 * n)
-    read_into(memoryview(buf.numpy())[:nb])
+    buf = _recv_buffer(_room(len(offs), page))
+    read_into(memoryview(buf.numpy())[:len(offs) * page])
     stream = _recv_stream(flat.device)
-    k = _kernel(dev)
-    if k is not None:
-        words = buf.numpy()[head:head + 16 * n].view(np.int64)
-        ptr = int(buf.data_ptr())
-        if _whole_pages(offs, page, flat.numel()):
-            _fill(words, n, _arange(n), offs // page)
-            _launch(k, dev, ptr, int(flat.data_ptr()), ptr + head, n, page, page, page, stream.cuda_stream)
-        else:
-            _fill(words, n, _arange(n), offs)
-            _launch(k, dev, ptr, int(flat.data_ptr()), ptr + head, n, page, page, 1, stream.cuda_stream)
-    elif (r := runs(offs, page, flat.numel())) is not None and len(r) <= MAX_RUNS:
-        rows, a = flat.view(-1, page), 0
-        for p, c in r:
-            rows[p:p + c].copy_(buf[a:a + c * page].view(c, page), non_blocking=True)
-            a += c * page
-    else:
-        base = flat.view(-1, page) if r is not None else flat
-        pages = buf[:nb].to(flat.device, non_blocking=True)
-        base.index_copy_(0, _index_tensor(flat, offs, page, r is not None),
-                         pages.view(-1, page) if r is not None else pages)
+    _copy(flat, offs, page, buf, stream, to_host=False)
     stream.synchronize()  # the GIL released while the device copies; the buffer is free again after it
 
 
