@@ -110,6 +110,27 @@ def test_engine_with_graphs_generates_the_same_tokens(tmp_path: Path, device: st
     assert with_pieces == plain and graph_steps2 == graph_steps and piece_steps >= 3
 
 
+@pytest.mark.gpu
+def test_engine_reads_results_through_pinned_memory(tmp_path: Path) -> None:
+    """A step's results come to the host through the engine's pinned buffers (an event wait, not a blocking copy to
+    pageable memory): the values `.cpu()` gives, for strided and growing inputs of two dtypes; sampling with a seed
+    draws the same tokens from them as from `.cpu()`'s rows."""
+    from workbench.serve.engine import Engine, EngineConfig
+    from workbench.serve.sampling import SamplingParams, sample
+
+    ckpt = random_llama(tmp_path, hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128, dtype="float32")
+    eng = Engine(Model.load(ckpt, device="cuda"), EngineConfig(num_pages=8, page_size=4))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for rows in (3, 2000):
+        logits = torch.randn((rows, 512), device="cuda", generator=g)[:, :258]   # strided, like a vocab slice
+        host = eng._to_host(logits)
+        assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, logits.cpu())
+        ids = eng._to_host(logits.argmax(-1))
+        assert ids.dtype == torch.long and ids.tolist() == logits.argmax(-1).tolist()
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+        assert [sample(host[i], params, 0) for i in range(3)] == [sample(r, params, 0) for r in logits.cpu()[:3]]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_piece_graphs_equal_the_plain_forward(tmp_path: Path, device: str) -> None:
     """Steps with prefill chunks — alone, beside decodes, several of different lengths, a chunk that continues a

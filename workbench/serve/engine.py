@@ -91,6 +91,7 @@ class Engine:
         self.on_batch: Callable[[list[Any]], None] | None = None
         self.graphs: Any = None              # DecodeGraphs once `use_cuda_graphs` captured them
         self.pieces: Any = None              # PieceGraphs (the other steps) once `use_cuda_graphs` captured them
+        self._pinned: dict[torch.dtype, torch.Tensor] = {}   # host buffers the step's results are read into
 
     def use_cuda_graphs(self, max_context: int | None = None, pieces: bool = True) -> int:
         """Capture the decode-only steps as CUDA graphs (batches up to `max_seqs`, contexts up to `max_context`
@@ -243,7 +244,7 @@ class Engine:
         t3 = time.perf_counter()
         self.last_batch = (len(plan), sum(len(ids) for ids, _, _ in items))
         outs: list[Output] = []
-        greedy = logits.argmax(-1).tolist()            # one device→host copy for every greedy row (waits for the GPU)
+        greedy = self._to_host(logits.argmax(-1)).tolist()   # one device→host copy for every row (waits for the GPU)
         t4 = time.perf_counter()
         rows = None
         for i, (seq, n) in enumerate(plan):
@@ -254,7 +255,7 @@ class Engine:
             if seq.params.greedy:
                 tok = int(greedy[i])
             else:
-                rows = logits.cpu() if rows is None else rows
+                rows = self._to_host(logits) if rows is None else rows
                 tok = sample(rows[i], seq.params, index)
             seq.out.append(tok)
             finish = self._finish_reason(seq, tok)
@@ -271,6 +272,24 @@ class Engine:
         self.last_step = comp | {"t_schedule": t1 - t0, "t_build": t2 - t1, "t_forward": t3 - t2, "t_sync": t4 - t3,
                                  "t_finish": t5 - t4, "sampled": float(len(outs))}
         return outs
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the host; from a GPU through a pinned buffer of this engine's (valid until the next step), copied
+        asynchronously and waited for on an event. A blocking copy to pageable memory keeps the CUDA driver busy
+        in this thread until the GPU finishes the step, and other threads' kernel launches in the process wait
+        behind it (a tcp receiver landing KV pages beside a decode engine waited ~half a step per launch)."""
+        if t.device.type != "cuda":
+            return t
+        n = t.numel()
+        buf = self._pinned.get(t.dtype)
+        if buf is None or buf.numel() < n:
+            buf = self._pinned[t.dtype] = torch.empty(max(n, 1024), dtype=t.dtype, pin_memory=True)
+        out = buf[:n].view(t.shape)
+        out.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(t.device))
+        done.synchronize()  # the GIL released, the driver free for other threads' launches
+        return out
 
     def _finish_reason(self, seq: Seq, tok: int) -> str | None:
         p = seq.params
