@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.serve.host import HostReader
 from workbench.serve.kv import KVCache, PageAllocator
 from workbench.serve.model import Batch, Model
 from workbench.serve.sampling import SamplingParams, sample
@@ -91,7 +92,9 @@ class Engine:
         self.on_batch: Callable[[list[Any]], None] | None = None
         self.graphs: Any = None              # DecodeGraphs once `use_cuda_graphs` captured them
         self.pieces: Any = None              # PieceGraphs (the other steps) once `use_cuda_graphs` captured them
-        self._pinned: dict[torch.dtype, torch.Tensor] = {}   # host buffers the step's results are read into
+        # a step's results come to the host through pinned buffers (`HostReader`: no blocking copy that would stall
+        # other threads' kernel launches, e.g. a transport receiver's)
+        self._to_host = HostReader()
 
     def use_cuda_graphs(self, max_context: int | None = None, pieces: bool = True) -> int:
         """Capture the decode-only steps as CUDA graphs (batches up to `max_seqs`, contexts up to `max_context`
@@ -272,24 +275,6 @@ class Engine:
         self.last_step = comp | {"t_schedule": t1 - t0, "t_build": t2 - t1, "t_forward": t3 - t2, "t_sync": t4 - t3,
                                  "t_finish": t5 - t4, "sampled": float(len(outs))}
         return outs
-
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` on the host; from a GPU through a pinned buffer of this engine's (valid until the next step), copied
-        asynchronously and waited for on an event. A blocking copy to pageable memory keeps the CUDA driver busy
-        in this thread until the GPU finishes the step, and other threads' kernel launches in the process wait
-        behind it (a tcp receiver landing KV pages beside a decode engine waited ~half a step per launch)."""
-        if t.device.type != "cuda":
-            return t
-        n = t.numel()
-        buf = self._pinned.get(t.dtype)
-        if buf is None or buf.numel() < n:
-            buf = self._pinned[t.dtype] = torch.empty(max(n, 1024), dtype=t.dtype, pin_memory=True)
-        out = buf[:n].view(t.shape)
-        out.copy_(t, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(t.device))
-        done.synchronize()  # the GIL released, the driver free for other threads' launches
-        return out
 
     def _finish_reason(self, seq: Seq, tok: int) -> str | None:
         p = seq.params

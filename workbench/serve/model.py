@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
+from workbench.serve.host import HostReader
 
 # Model.merge_pairs on a GPU: a chosen bound, not a fitted one (the H200 step profile's mixed steps added up to
 # ~117 k pairs and each ran faster merged; 60 decodes at 1024 beside a 128-token chunk would add ~8 M)
@@ -291,6 +292,7 @@ class Model:
         #: pairs per head (`Batch.build`): on a GPU the step is bound by the host's launches, and one call saves
         #: ~5 of them per layer; on a CPU the padded queries cost real compute (0: two calls)
         self.merge_pairs = MERGE_PAIRS if self.device.type == "cuda" else 0
+        self._host = HostReader()   # the forward's few device→host reads (MoE routing counts)
 
     # ----- loading -----
     @classmethod
@@ -455,8 +457,18 @@ class Model:
         top_w, top_i = torch.topk(probs, c.experts_per_tok, dim=-1)
         top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
-        for e in torch.unique(top_i).tolist():
-            tok, slot = torch.where(top_i == e)
+        # the (token, slot) pairs grouped by expert, in token order within each (as `torch.where(top_i == e)` gives
+        # them), with one read of the experts' counts instead of a blocking copy per expert
+        flat = top_i.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = self._host(torch.bincount(flat, minlength=c.num_experts)).tolist()
+        toks, slots = order // c.experts_per_tok, order % c.experts_per_tok
+        a = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            tok, slot = toks[a:a + n], slots[a:a + n]
+            a += n
             q = f"{p}block_sparse_moe.experts.{e}."
             xe = x[tok]
             y = F.linear(F.silu(F.linear(xe, w[q + "w1.weight"])) * F.linear(xe, w[q + "w3.weight"]), w[q + "w2.weight"])
