@@ -1263,12 +1263,16 @@ def _stage_out(lane: wire.Lane, src: Region, off: int, n: int) -> Iterable[tuple
 
 
 def _recv_cuda(lane: wire.Lane, r: Region, offset: int, length: int) -> None:
+    """A plain write into device memory: through the lane's pinned buffer, copied on this thread's own stream
+    (beside, not behind, the kernels the region's owner queued; as `staging.land_pages` does for pages)."""
     st, mv = _staging(lane)
+    stream = staging.recv_stream(r.flat.device)
     o = 0
     while o < length:
         k = min(wire.STAGE_BYTES, length - o)
         lane.reader.read_into(mv[:k])
-        r.flat[offset + o:offset + o + k].copy_(st[:k])
+        r.flat[offset + o:offset + o + k].copy_(st[:k], non_blocking=True)
+        stream.synchronize()  # the pinned buffer is read again for the next piece
         o += k
 
 

@@ -173,7 +173,7 @@ def land_pages(read_into: Any, flat: Any, offs: np.ndarray, page: int) -> None:
     the region's owner queued); returns once they are there."""
     buf = _recv_buffer(_room(len(offs), page))
     read_into(memoryview(buf.numpy())[:len(offs) * page])
-    stream = _recv_stream(flat.device)
+    stream = recv_stream(flat.device)
     _copy(flat, offs, page, buf, stream, to_host=False)
     stream.synchronize()  # the GIL released while the device copies; the buffer is free again after it
 
@@ -189,7 +189,7 @@ def _recv_buffer(nbytes: int) -> Any:
     return buf
 
 
-def _recv_stream(device: Any) -> Any:
+def recv_stream(device: Any) -> Any:
     """This receiving thread's stream on `device` (made on first use), made its current stream there."""
     import torch
 
