@@ -91,14 +91,16 @@ def main() -> None:
     from workbench.units import parse_size
 
     t_begin = time.time()
-    model = checkpoint(args.model_shape, gpu=args.runs == "gpu")
-    rows = []
     gpus, gpu = 0, ""
     if args.runs == "gpu":
         import torch
 
         gpus = torch.cuda.device_count()
-        gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0] if gpus else "GPU"
+        if not gpus:
+            ap.error("--runs gpu: no GPU here (use --runs cpu)")
+        gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
+    model = checkpoint(args.model_shape, gpu=args.runs == "gpu")
+    rows = []
     for label, mode, spec in runs(args.runs, gpus, gpu):
         if time.time() - t_begin > args.budget:
             rows.append({"run": label, "error": "skipped: out of time budget"})

@@ -27,12 +27,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--transport", default="tcp")
+    ap.add_argument("--transport", default="tcp", choices=["tcp", "cuda_ipc", "nixl"])
     ap.add_argument("--profile", default="", help="a folder: sample both workers with py-spy in the sustained loop")
     args = ap.parse_args()
 
     import torch
     from serve_bench import checkpoint, kv_stats
+
+    if not torch.cuda.is_available():
+        ap.error("needs a GPU (the prefill worker on cuda:0, decode on cuda:1 or, with one GPU, on cuda:0)")
 
     from workbench.serve.backend import Backend
     from workbench.serve.sampling import SamplingParams

@@ -4,7 +4,7 @@ A blocking copy from a GPU to pageable memory (`.tolist()`, `.cpu()`, `.item()`)
 everything queued before it, and meanwhile other threads of the process that launch kernels wait too: beside a
 serving engine, a transport's receiver landing KV pages waited ~half a decode step per launch
 (`benchmarks/results/serve-h200.md`). An asynchronous copy into pinned memory and a wait on an event after it
-leave the driver free (and release the GIL as well).
+leave the driver free for them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 
 class HostReader:
-    """Reads device tensors into pinned buffers of its own (one per dtype, grown as needed): what `read` returns is
-    valid until the next read of the same dtype. CPU tensors pass through as they are."""
+    """Called with a device tensor, returns it on the host, in a pinned buffer of this reader's (one per dtype, grown
+    by doubling): valid until the next call with the same dtype. CPU tensors pass through as they are."""
 
     def __init__(self) -> None:
         self._bufs: dict[torch.dtype, torch.Tensor] = {}
@@ -25,7 +25,8 @@ class HostReader:
         n = t.numel()
         buf = self._bufs.get(t.dtype)
         if buf is None or buf.numel() < n:
-            buf = self._bufs[t.dtype] = torch.empty(max(n, 1024), dtype=t.dtype, pin_memory=True)
+            size = max(n, 1024, 2 * (buf.numel() if buf is not None else 0))
+            buf = self._bufs[t.dtype] = torch.empty(size, dtype=t.dtype, pin_memory=True)
         out = buf[:n].view(t.shape)
         out.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
